@@ -1,0 +1,33 @@
+# One task runner for developers and CI. Every target installs what it needs first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: demo test lint venv clean bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[quantize,dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP)
+
+## demo: build, verify, render and publish the embedded demo release (tiny model, local data, local git remote)
+demo: $(STAMP)
+	$(BIN)/glmrel demo-assets
+	$(BIN)/glmrel build-all --config configs/demo.yaml
+
+## test: run the test suite
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check release tests
+	$(BIN)/ruff format --check release tests
+
+clean:
+	rm -rf out .cache .pytest_cache

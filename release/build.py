@@ -1,0 +1,77 @@
+"""build-all: every branch of a release, built the same way, verified before anything ships."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ReleaseConfig
+from .errors import ReleaseError
+from .quantize import BranchBuild, quantize_branch, resolve_base_model
+from .verify import VERIFY_FILE, BaseReference, QualityReport, load_heldout, verify_branch
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    builds: list[BranchBuild]
+    quality: dict[str, dict[str, Any]]
+
+    @property
+    def passed(self) -> bool:
+        return all(q.get("passed") for q in self.quality.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"branches": [b.to_json() for b in self.builds], "quality": self.quality, "passed": self.passed}
+
+
+def build_all(
+    cfg: ReleaseConfig,
+    *,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Quantize (or skip, when unchanged) and verify each branch in config order.
+
+    A branch that is skipped keeps its earlier verification unless that is missing. Raises
+    ReleaseError naming every branch that failed verification, so nothing after it runs.
+    """
+    builds: list[BranchBuild] = []
+    for branch in cfg.branches:
+        if progress:
+            progress(branch.name)
+        b = quantize_branch(cfg, branch.name, force=force, echo=echo)
+        echo(f"[{b.branch}] {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'}")
+        builds.append(b)
+
+    quality: dict[str, dict[str, Any]] = {}
+    reference: BaseReference | None = None
+    for b in builds:
+        existing = b.path / VERIFY_FILE
+        if b.skipped and existing.is_file():
+            quality[b.branch] = json.loads(existing.read_text())
+            continue
+        if reference is None:
+            reference = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)
+        report: QualityReport = verify_branch(cfg, b.branch, b.path, reference)
+        echo(
+            f"[{b.branch}] verify: KL {report.mean_kl:.5f}, top-1 {report.top1_agreement:.3f}, "
+            f"ppl {report.branch_perplexity:.2f} (base {report.base_perplexity:.2f}) -> "
+            f"{'PASSED' if report.passed else 'FAILED'}"
+        )
+        quality[b.branch] = report.to_json()
+    result = BuildResult(builds, quality)
+    failed = [name for name, q in quality.items() if not q.get("passed")]
+    if failed:
+        reasons = "; ".join(f"{n}: {', '.join(quality[n]['failures'])}" for n in failed)
+        raise ReleaseError(
+            f"verification failed for {', '.join(failed)}: {reasons}",
+            hint="inspect verify.json in the branch; fix the recipe or loosen verify thresholds deliberately",
+        )
+    return result
+
+
+def branch_dirs(cfg: ReleaseConfig) -> dict[str, Path]:
+    return {b.name: cfg.output_dir / b.name for b in cfg.branches}

@@ -1,0 +1,177 @@
+"""The `glmrel` command line: parse options, call one library function, format its result.
+
+Library errors (`ReleaseError`) become `Error: ...` / `Hint: ...` and exit status 1; set
+GLMREL_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import ReleaseError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+class GlmrelGroup(click.Group):
+    """Turns ReleaseError into one clear message plus a hint, and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ReleaseError as e:
+            if os.environ.get("GLMREL_DEBUG"):
+                raise
+            click.secho(f"Error: {e.message}", fg="red", err=True)
+            if e.hint:
+                click.echo(f"Hint: {e.hint}", err=True)
+            ctx.exit(1)
+
+
+def _config_option(f):
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path),
+        default=lambda: os.environ.get("GLMREL_CONFIG", str(DEFAULT_CONFIG)),
+        show_default="$GLMREL_CONFIG or configs/demo.yaml",
+        help="Release config (YAML).",
+    )(f)
+
+
+def _load(config_path: Path):
+    from .config import load_config
+
+    return load_config(config_path)
+
+
+def _emit(data, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+@click.group(cls=GlmrelGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="glmrel")
+def cli() -> None:
+    """Build, verify, describe and publish quantized GLM-4-MoE releases for vLLM.
+
+    A release is one base model quantized into several Hub branches (e.g. W4A16_GS32,
+    W4A16_GS64, W4A16_GS128) plus a landing page on main. Typical flow:
+
+    \b
+      glmrel build-all          # quantize + verify every branch (skips unchanged ones)
+      glmrel check out/demo/W4A16_GS64
+      glmrel render
+      glmrel publish --changelog v1 --dry-run
+
+    Every command reads the release config given by --config (default: the embedded demo).
+    """
+
+
+@cli.command("demo-assets")
+def demo_assets_cmd() -> None:
+    """Build the embedded demo's tiny GLM-4-MoE, calibration file and held-out text.
+
+    Built once (about a minute on 2 cores) and cached under .cache/; configs/demo.yaml
+    reads them through the .cache/demo link.
+    """
+    from .tiny import default_cache_root, ensure_demo_assets
+
+    assets = ensure_demo_assets(log=click.echo)
+    link = default_cache_root() / "demo"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(assets.root.name)
+    click.echo(f"demo assets: {assets.root}")
+
+
+@cli.command()
+@_config_option
+@click.option("--branch", "branch_name", required=True, help="Branch name from the config, e.g. W4A16_GS64.")
+@click.option("--force", is_flag=True, help="Rebuild even if the branch is up to date.")
+def quantize(config_path: Path, branch_name: str, force: bool) -> None:
+    """Quantize one branch with MoE-aware AWQ + W4A16 (llm-compressor oneshot).
+
+    The branch is written to a hidden temporary folder and moved into
+    <output_dir>/<branch> only when complete. Unchanged inputs mean no work.
+    """
+    from .quantize import quantize_branch
+
+    cfg = _load(config_path)
+    b = quantize_branch(cfg, branch_name, force=force, echo=click.echo)
+    click.echo(f"{b.branch}: {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'} -> {b.path}")
+
+
+@cli.command()
+@_config_option
+@click.option("--branch", "branch_name", required=True, help="Branch name from the config.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(config_path: Path, branch_name: str, as_json: bool) -> None:
+    """Reload a built branch and compare it with the base model on held-out text.
+
+    Reports mean next-token KL divergence, top-1 agreement and perplexity, decodes a short
+    reply, and fails (exit 1) above the config's verify thresholds.
+    """
+    from .quantize import resolve_base_model
+    from .verify import BaseReference, load_heldout, verify_branch
+
+    cfg = _load(config_path)
+    branch = cfg.branch(branch_name)
+    ref = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)
+    r = verify_branch(cfg, branch.name, cfg.output_dir / branch.name, ref)
+    text = (
+        f"{r.branch}: {'PASSED' if r.passed else 'FAILED'}\n"
+        f"  mean KL {r.mean_kl:.6f} (max {r.max_kl}), top-1 agreement {r.top1_agreement:.4f} (min {r.min_top1})\n"
+        f"  perplexity {r.branch_perplexity:.3f} vs base {r.base_perplexity:.3f} on {r.heldout_tokens} tokens\n"
+        f"  {r.vllm}"
+        + "".join(f"\n  FAIL: {f}" for f in r.failures)
+    )
+    _emit(r.to_json(), as_json, text)
+    if not r.passed:
+        sys.exit(1)
+
+
+@cli.command("build-all")
+@_config_option
+@click.option("--force", is_flag=True, help="Rebuild every branch even if up to date.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def build_all_cmd(config_path: Path, force: bool, as_json: bool) -> None:
+    """Quantize and verify every branch of the release, in config order.
+
+    Branches whose inputs (config, recipe, calibration data, base model, tool and library
+    versions) are unchanged and whose output is complete are skipped; --force redoes them.
+    Stops with exit 1 if any branch fails verification.
+    """
+    from .build import build_all
+
+    cfg = _load(config_path)
+    with click.progressbar(length=len(cfg.branches), label="branches", file=sys.stderr) as bar:
+        seen: list[str] = []
+
+        def progress(name: str) -> None:
+            if seen:
+                bar.update(1)
+            seen.append(name)
+
+        result = build_all(cfg, force=force, echo=click.echo, progress=progress)
+        bar.update(1)
+    lines = [
+        f"{b.branch}: {'skipped (up to date)' if b.skipped else f'built in {b.seconds:.0f}s'}, "
+        f"KL {result.quality[b.branch]['mean_kl']:.5f}, top-1 {result.quality[b.branch]['top1_agreement']:.3f}"
+        for b in result.builds
+    ]
+    _emit(result.to_json(), as_json, "\n".join(lines))
+
+
+def main() -> None:
+    cli(prog_name="glmrel")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,208 @@
+"""Release configuration: YAML -> validated pydantic models.
+
+Every model forbids unknown fields, so a typo in a config fails with the field's name
+instead of being silently ignored. Relative paths are resolved against the config file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ReleaseError
+
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+BRANCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# group sizes that compressed-tensors packs and vLLM's Marlin kernels accept (-1 = per channel)
+SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelSpec(_Strict):
+    """The unquantized parent: a local folder, or a Hub id pinned to a revision."""
+
+    path: Path | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+    license: str | None = Field(default=None, description="SPDX-like Hub license id of the parent")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BaseModelSpec:
+        if (self.path is None) == (self.hub_id is None):
+            raise ValueError("set exactly one of base_model.path or base_model.hub_id")
+        if self.hub_id is not None and not HUB_REPO_ID.match(self.hub_id):
+            raise ValueError(f"base_model.hub_id {self.hub_id!r} is not of the form owner/name")
+        if self.hub_id is not None and not self.revision:
+            raise ValueError("base_model.revision is required with hub_id (pin the parent you quantize)")
+        return self
+
+    @property
+    def display_id(self) -> str:
+        return self.hub_id if self.hub_id else str(self.path)
+
+
+class CalibrationSpec(_Strict):
+    """Where calibration conversations come from and how many are used."""
+
+    dataset: str | None = Field(default=None, description="Hub dataset id, loaded with datasets.load_dataset")
+    path: Path | None = Field(default=None, description="local JSON lines or parquet file with a messages column")
+    split: str = "train"
+    revision: str | None = None
+    messages_column: str = "messages"
+    num_samples: int = Field(default=512, ge=1)
+    max_seq_length: int = Field(default=2048, ge=8)
+    min_tokens: int = Field(default=16, ge=1, description="samples shorter than this after rendering are dropped")
+    seed: int = 42
+    moe_calibrate_all_experts: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CalibrationSpec:
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("set exactly one of calibration.dataset or calibration.path")
+        return self
+
+    @property
+    def source_id(self) -> str:
+        return self.dataset if self.dataset else self.path.name  # type: ignore[union-attr]
+
+
+class BranchSpec(_Strict):
+    """One Hub branch of the release: a scheme at one group size."""
+
+    name: str
+    scheme: Literal["W4A16"] = "W4A16"
+    group_size: int
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        if not BRANCH_NAME.match(v) or v == "main":
+            raise ValueError(f"branch name {v!r} must be letters, digits, '.', '_' or '-' and not 'main'")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _supported_group(cls, v: int) -> int:
+        if v not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size {v} is not one of {SUPPORTED_GROUP_SIZES}")
+        return v
+
+
+class AwqSpec(_Strict):
+    n_grid: int = Field(default=20, ge=1)
+    duo_scaling: bool = True
+
+
+class VerifySpec(_Strict):
+    """Held-out text and the thresholds a branch must meet against the base model."""
+
+    heldout: Path | None = Field(default=None, description="JSON list of held-out texts")
+    max_tokens: int = Field(default=256, ge=8)
+    max_kl: float = Field(default=0.5, gt=0)
+    min_top1: float = Field(default=0.5, ge=0, le=1)
+
+
+class ReleaseConfig(_Strict):
+    name: str
+    base_model: BaseModelSpec
+    hub_repo: str
+    output_dir: Path
+    recipe: Path
+    calibration: CalibrationSpec
+    awq: AwqSpec = AwqSpec()
+    branches: list[BranchSpec] = Field(min_length=1)
+    verify: VerifySpec = VerifySpec()
+    templates: Path | None = None
+    changelog: Path | None = None
+    publish_remote: str | None = Field(default=None, description="git URL or path for the git backend")
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
+
+    @field_validator("hub_repo")
+    @classmethod
+    def _repo_id(cls, v: str) -> str:
+        if not HUB_REPO_ID.match(v):
+            raise ValueError(f"hub_repo {v!r} is not of the form owner/name")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_branches(self) -> ReleaseConfig:
+        names = [b.name for b in self.branches]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"branch names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def branch(self, name: str) -> BranchSpec:
+        for b in self.branches:
+            if b.name == name:
+                return b
+        raise ReleaseError(
+            f"unknown branch {name!r}",
+            hint=f"branches in this config: {', '.join(b.name for b in self.branches)}",
+        )
+
+
+_PATH_FIELDS = {
+    ("base_model", "path"),
+    ("calibration", "path"),
+    ("verify", "heldout"),
+    ("output_dir",),
+    ("recipe",),
+    ("templates",),
+    ("changelog",),
+}
+
+
+def _resolve_paths(raw: dict, root: Path) -> dict:
+    for keys in _PATH_FIELDS:
+        node = raw
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            p = Path(node[keys[-1]]).expanduser()
+            node[keys[-1]] = str(p if p.is_absolute() else (root / p).resolve())
+    remote = raw.get("publish_remote")
+    if isinstance(remote, str) and not re.match(r"^[a-z+]+://|^[^/]+@", remote) and not Path(remote).is_absolute():
+        raw["publish_remote"] = str((root / remote).resolve())
+    return raw
+
+
+def _format_validation_error(err: ValidationError, source: Path) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (typo?)"
+        lines.append(f"{loc}: {msg}")
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path) -> ReleaseConfig:
+    """Read and validate a release config; raise ReleaseError naming each bad field."""
+    source = Path(path)
+    if not source.is_file():
+        raise ReleaseError(f"config file {source} does not exist", hint="pass --config PATH to a release YAML")
+    try:
+        raw = yaml.safe_load(source.read_text())
+    except yaml.YAMLError as e:
+        raise ReleaseError(f"config {source} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ReleaseError(f"config {source} must be a YAML mapping at the top level")
+    raw = _resolve_paths(raw, source.resolve().parent)
+    try:
+        return ReleaseConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ReleaseError(
+            _format_validation_error(e, source), hint="fix the fields above; see configs/glm-4.7.yaml for a full example"
+        ) from e

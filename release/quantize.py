@@ -1,0 +1,287 @@
+"""Quantize one branch: MoE-aware AWQ + W4A16 with llm-compressor, saved as compressed-tensors.
+
+The pipeline of `quantize_branch`, in order: resolve and validate the base model, pick and
+tokenize the calibration set, load and linearize the experts, run `oneshot` with the branch's
+rendered recipe while counting expert coverage, save compressed, carry the MTP layer over,
+write recipe/provenance/coverage, then move the finished folder into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .architecture import Glm4MoeArch
+from .config import BranchSpec, ReleaseConfig
+from .errors import ReleaseError
+from .recipe import render_recipe
+
+log = logging.getLogger(__name__)
+Log = Callable[[str], None]
+
+PROVENANCE_FILE = "provenance.json"
+COVERAGE_FILE = "expert_coverage.json"
+RECIPE_FILE = "recipe.yaml"
+PROVENANCE_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class BranchBuild:
+    branch: str
+    path: Path
+    skipped: bool
+    seconds: float
+    inputs_fingerprint: str
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def resolve_base_model(cfg: ReleaseConfig) -> Path:
+    """A local folder holding the base model (downloaded from the Hub when given an id)."""
+    spec = cfg.base_model
+    if spec.path is not None:
+        if not spec.path.is_dir():
+            raise ReleaseError(
+                f"base model folder {spec.path} does not exist",
+                hint="set base_model.path to a model folder, or run `make demo` to build the demo model",
+            )
+        return spec.path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec.hub_id, revision=spec.revision, allow_patterns=None))
+    except Exception as e:
+        raise ReleaseError(
+            f"could not download {spec.hub_id}@{spec.revision}: {e}",
+            hint="check network access and HF_TOKEN, or download it and set base_model.path",
+        ) from e
+
+
+def base_model_fingerprint(model_dir: Path) -> str:
+    """Identity of the base weights without reading them: config, tokenizer and every
+    safetensors header (names, dtypes, shapes, offsets) with each file's size."""
+    h = hashlib.sha256()
+    for f in sorted(model_dir.iterdir()):
+        if f.suffix == ".safetensors":
+            with f.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(min(n, 1 << 28)))
+        elif f.name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def inputs_fingerprint(cfg: ReleaseConfig, branch: BranchSpec, recipe_text: str, base_fp: str, calib_fp: str) -> str:
+    payload = {
+        "tool": __version__,
+        "branch": branch.model_dump(mode="json"),
+        "calibration": cfg.calibration.model_dump(mode="json", exclude={"path"}),
+        "calibration_data": calib_fp,
+        "awq": cfg.awq.model_dump(mode="json"),
+        "dtype": cfg.dtype,
+        "recipe": recipe_text,
+        "base_model": base_fp,
+        "libraries": library_versions(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def calibration_fingerprint(cfg: ReleaseConfig) -> str:
+    spec = cfg.calibration
+    if spec.path is not None:
+        if not spec.path.is_file():
+            raise ReleaseError(f"calibration file {spec.path} does not exist", hint="set calibration.path to a .jsonl or .parquet file")
+        return hashlib.sha256(spec.path.read_bytes()).hexdigest()
+    return f"{spec.dataset}@{spec.revision or 'unpinned'}:{spec.split}"
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("llmcompressor", "compressed-tensors", "transformers", "torch", "datasets", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def project_commit() -> dict[str, Any]:
+    try:
+        import git
+
+        repo = git.Repo(Path(__file__).resolve().parent.parent, search_parent_directories=False)
+        return {"commit": repo.head.commit.hexsha, "dirty": repo.is_dirty(untracked_files=False)}
+    except Exception as e:  # not a git checkout (e.g. installed from a wheel)
+        return {"commit": None, "dirty": None, "note": type(e).__name__}
+
+
+def prepare_branch(cfg: ReleaseConfig, branch: BranchSpec) -> tuple[Path, Glm4MoeArch, str, str]:
+    """Everything that can fail fast, before torch is imported: model folder, architecture,
+    group size, recipe. Returns (base_dir, arch, recipe_text, inputs_fingerprint)."""
+    base_dir = resolve_base_model(cfg)
+    arch = Glm4MoeArch.from_dir(base_dir)
+    arch.check_group_size(branch.group_size, branch.name)
+    if not any(base_dir.glob("*.safetensors")):
+        raise ReleaseError(f"{base_dir} holds no *.safetensors weights", hint="glmrel reads safetensors checkpoints only")
+    recipe_text = render_recipe(cfg.recipe, arch, branch, cfg.awq)
+    fp = inputs_fingerprint(cfg, branch, recipe_text, base_model_fingerprint(base_dir), calibration_fingerprint(cfg))
+    return base_dir, arch, recipe_text, fp
+
+
+def branch_is_current(out_dir: Path, fingerprint: str) -> bool:
+    prov = out_dir / PROVENANCE_FILE
+    if not prov.is_file():
+        return False
+    try:
+        return json.loads(prov.read_text()).get("inputs_fingerprint") == fingerprint
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def quantize_branch(cfg: ReleaseConfig, branch_name: str, *, force: bool = False, echo: Log = print) -> BranchBuild:
+    """Build one branch into `<output_dir>/<branch>`; skip it when its inputs are unchanged."""
+    branch = cfg.branch(branch_name)
+    out_dir = cfg.output_dir / branch.name
+    t_start = time.time()
+    base_dir, arch, recipe_text, fingerprint = prepare_branch(cfg, branch)
+    if not force and branch_is_current(out_dir, fingerprint):
+        return BranchBuild(branch.name, out_dir, True, 0.0, fingerprint)
+
+    tmp = cfg.output_dir / f".{branch.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        timings = _run_oneshot(cfg, branch, base_dir, arch, recipe_text, tmp, echo)
+        provenance = {
+            "schema": PROVENANCE_SCHEMA,
+            "tool": {"name": "glmrel", "version": __version__, **project_commit()},
+            "libraries": library_versions(),
+            "release": cfg.name,
+            "branch": branch.model_dump(mode="json"),
+            "base_model": {
+                "id": cfg.base_model.display_id,
+                "revision": cfg.base_model.revision,
+                "fingerprint": base_model_fingerprint(base_dir),
+                "architecture": asdict(arch),
+            },
+            "calibration": json.loads((tmp / ".calibration.json").read_text()),
+            "moe_calibrate_all_experts": cfg.calibration.moe_calibrate_all_experts,
+            "awq": cfg.awq.model_dump(mode="json"),
+            "dtype": cfg.dtype,
+            "inputs_fingerprint": fingerprint,
+            "timings_s": timings,
+        }
+        (tmp / ".calibration.json").unlink()
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        # Swap in only a complete folder: an interrupted run leaves a hidden .partial, never a branch.
+        if out_dir.exists():
+            old = cfg.output_dir / f".{branch.name}.old-{os.getpid()}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
+
+
+def _run_oneshot(
+    cfg: ReleaseConfig, branch: BranchSpec, base_dir: Path, arch: Glm4MoeArch, recipe_text: str, out: Path, echo: Log
+) -> dict[str, float]:
+    import torch
+    from compressed_tensors.utils import save_mtp_tensors_to_checkpoint
+    from llmcompressor import oneshot
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .calibration import build_calibration_set
+    from .compat import patch_cpu_only_awq
+    from .coverage import ExpertCoverage, count_expert_tokens
+
+    timings: dict[str, float] = {}
+    patch_cpu_only_awq()
+    t = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    dataset, calib_prov = build_calibration_set(cfg.calibration, tokenizer)
+    timings["calibration_data"] = round(time.time() - t, 2)
+
+    echo(f"[{branch.name}] loading {cfg.base_model.display_id}")
+    t = time.time()
+    dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    model.eval()
+    linearize_moe(model)  # per-expert Linears: what AWQ smooths, what gets quantized and saved
+    timings["load"] = round(time.time() - t, 2)
+
+    echo(
+        f"[{branch.name}] AWQ W4A16 group {branch.group_size} on {len(dataset)} samples "
+        f"(MoE-aware: {cfg.calibration.moe_calibrate_all_experts})"
+    )
+    t = time.time()
+    torch.manual_seed(cfg.calibration.seed)
+    with count_expert_tokens(model, arch.n_routed_experts, calls_per_module=len(dataset)) as counts:
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            dataset=dataset,
+            recipe=recipe_text,
+            num_calibration_samples=len(dataset),
+            max_seq_length=cfg.calibration.max_seq_length,
+            shuffle_calibration_samples=False,  # the seeded choice above is the order
+            moe_calibrate_all_experts=cfg.calibration.moe_calibrate_all_experts,
+            pipeline="sequential",
+        )
+    timings["oneshot"] = round(time.time() - t, 2)
+
+    t = time.time()
+    model.save_pretrained(out, save_compressed=True)
+    tokenizer.save_pretrained(out)
+    for name in ("generation_config.json",):
+        if (base_dir / name).is_file() and not (out / name).exists():
+            shutil.copy2(base_dir / name, out / name)
+    _carry_mtp_layers(base_dir, out, arch)
+    (out / RECIPE_FILE).write_text(recipe_text)
+    timings["save"] = round(time.time() - t, 2)
+
+    coverage = ExpertCoverage(
+        total_tokens=calib_prov.total_tokens,
+        routed={k: v for k, v in sorted(counts["routed"].items())},
+        calibrated={k: v for k, v in sorted(counts["calibrated"].items())},
+        moe_calibrate_all_experts=cfg.calibration.moe_calibrate_all_experts,
+    )
+    (out / COVERAGE_FILE).write_text(json.dumps(coverage.to_json(), indent=1) + "\n")
+    (out / ".calibration.json").write_text(json.dumps(calib_prov.to_json()))
+    return timings
+
+
+def _carry_mtp_layers(base_dir: Path, out: Path, arch: Glm4MoeArch) -> None:
+    """Put GLM's MTP layer(s) back: transformers does not model them, so llm-compressor's save
+    drops `model.layers.{num_hidden_layers}.*`. compressed-tensors copies them unquantized and
+    lists them in `ignore`; its ignore entry leaves the dots unescaped, so glmrel writes an exact one."""
+    from compressed_tensors.utils import save_mtp_tensors_to_checkpoint
+
+    for layer in arch.mtp_layers:
+        prefix = f"model.layers.{layer}."
+        save_mtp_tensors_to_checkpoint(str(base_dir), str(out), mtp_prefix=prefix, shard_name=f"model-mtp-{layer}.safetensors")
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        qc = cfg["quantization_config"]
+        loose = f"re:^{prefix}.*"
+        exact = "re:^model\\.layers\\." + str(layer) + "\\."
+        qc["ignore"] = [exact if x == loose else x for x in qc.get("ignore", [])]
+        if exact not in qc["ignore"]:
+            raise ReleaseError(f"MTP layer {layer} was not found in {base_dir}", hint="the base checkpoint lacks model.layers.{N}.* tensors named by num_nextn_predict_layers")
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")

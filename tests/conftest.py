@@ -1,0 +1,94 @@
+"""Shared fixtures: an isolated Hugging Face home, the tiny demo model, and one demo build per session."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_hf_home(tmp_path_factory):
+    """Keep tests off the user's Hub cache and token, and off the network."""
+    home = tmp_path_factory.mktemp("hf_home")
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    os.environ.pop("HF_TOKEN", None)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def demo_assets():
+    from release.tiny import ensure_demo_assets
+
+    return ensure_demo_assets(log=lambda s: None)
+
+
+def demo_raw_config(assets) -> dict:
+    raw = yaml.safe_load(DEMO_CONFIG.read_text())
+    raw["base_model"]["path"] = str(assets.model)
+    raw["calibration"]["path"] = str(assets.calibration)
+    raw["verify"]["heldout"] = str(assets.heldout)
+    raw["recipe"] = str(REPO / "recipes" / "glm4moe_awq_w4a16.yaml.j2")
+    return raw
+
+
+@pytest.fixture()
+def write_config(tmp_path, demo_assets):
+    """Write a demo-based config into tmp_path, with nested overrides; returns its path."""
+
+    def _write(overrides: dict | None = None, name: str = "release.yaml", output_dir: Path | None = None) -> Path:
+        raw = demo_raw_config(demo_assets)
+        raw["output_dir"] = str(output_dir or tmp_path / "out")
+        raw["publish_remote"] = str(tmp_path / "remote.git")
+        for key, value in (overrides or {}).items():
+            node = raw
+            *parents, last = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            if value is _DELETE:
+                node.pop(last, None)
+            else:
+                node[last] = copy.deepcopy(value)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    return _write
+
+
+_DELETE = object()
+
+
+@pytest.fixture()
+def DELETE():
+    return _DELETE
+
+
+@pytest.fixture(scope="session")
+def demo_release(tmp_path_factory, demo_assets):
+    """The demo release built once for the whole session (three branches, verified)."""
+    from release.build import build_all
+    from release.config import load_config
+
+    root = tmp_path_factory.mktemp("demo_release")
+    raw = demo_raw_config(demo_assets)
+    raw["output_dir"] = str(root / "out")
+    raw["publish_remote"] = str(root / "remote.git")
+    path = root / "release.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = load_config(path)
+    logs: list[str] = []
+    result = build_all(cfg, echo=logs.append)
+    return {"config_path": path, "config": cfg, "result": result, "logs": logs}

@@ -1,0 +1,156 @@
+"""build-all on the demo release: real compressed-tensors branches that reload, decode and carry MTP."""
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from release.build import build_all
+
+pytestmark = pytest.mark.slow
+
+BRANCH_FILES = {
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-mtp-4.safetensors",
+    "recipe.yaml",
+    "provenance.json",
+    "expert_coverage.json",
+    "verify.json",
+}
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def test_three_branches_with_the_declared_files(demo_release):
+    cfg = demo_release["config"]
+    for b in cfg.branches:
+        folder = cfg.output_dir / b.name
+        assert BRANCH_FILES <= {p.name for p in folder.iterdir()}, sorted(p.name for p in folder.iterdir())
+    assert not [p for p in cfg.output_dir.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_quantization_config_matches_the_branch(demo_release):
+    cfg = demo_release["config"]
+    for b in cfg.branches:
+        qc = json.loads((cfg.output_dir / b.name / "config.json").read_text())["quantization_config"]
+        assert (qc["quant_method"], qc["format"], qc["quantization_status"]) == (
+            "compressed-tensors",
+            "pack-quantized",
+            "compressed",
+        )
+        w = qc["config_groups"]["group_0"]["weights"]
+        assert (w["num_bits"], w["type"], w["symmetric"], w["strategy"], w["group_size"]) == (4, "int", True, "group", b.group_size)
+        assert qc["config_groups"]["group_0"]["input_activations"] is None
+        assert "lm_head" in qc["ignore"]
+        assert {f"model.layers.{i}.mlp.gate" for i in (1, 2, 3)} <= set(qc["ignore"])
+        assert "re:^model\\.layers\\.4\\." in qc["ignore"]
+
+
+def test_packed_weights_per_expert(demo_release):
+    cfg = demo_release["config"]
+    t = _tensors(cfg.output_dir / "W4A16_GS64")
+    p = "model.layers.1.mlp.experts.3.down_proj."
+    assert t[p + "weight_packed"].dtype == torch.int32 and tuple(t[p + "weight_packed"].shape) == (256, 128 // 8)
+    assert tuple(t[p + "weight_scale"].shape) == (256, 128 // 64)
+    assert t[p + "weight_shape"].tolist() == [256, 128]
+    assert p + "weight" not in t
+    assert "model.layers.1.mlp.gate.weight" in t and "lm_head.weight" in t
+    assert not any(".experts.gate_up_proj" in k for k in t), "experts must be stored per expert, never fused"
+
+
+def test_mtp_layer_survives_unquantized(demo_release, demo_assets):
+    cfg = demo_release["config"]
+    base = {k: v for k, v in _tensors(demo_assets.model).items() if k.startswith("model.layers.4.")}
+    assert len(base) > 20 and "model.layers.4.eh_proj.weight" in base
+    for b in cfg.branches:
+        branch = _tensors(cfg.output_dir / b.name)
+        mtp = {k: v for k, v in branch.items() if k.startswith("model.layers.4.")}
+        assert mtp.keys() == base.keys()
+        assert all(torch.equal(mtp[k], base[k]) for k in base)
+
+
+def test_expert_coverage_report(demo_release):
+    cfg = demo_release["config"]
+    cov = json.loads((cfg.output_dir / "W4A16_GS32" / "expert_coverage.json").read_text())
+    total = cov["total_tokens"]
+    assert sorted(cov["layers"]) == ["1", "2", "3"]
+    for layer in cov["layers"].values():
+        assert layer["calibrated"] == [total] * 8
+        assert sum(layer["routed"]) == total * 2  # top-2
+    assert cov["summary"]["routed_min"] < cov["summary"]["routed_max"]
+
+
+def test_provenance_records_inputs(demo_release):
+    cfg = demo_release["config"]
+    prov = json.loads((cfg.output_dir / "W4A16_GS128" / "provenance.json").read_text())
+    assert prov["branch"]["group_size"] == 128
+    assert prov["calibration"]["num_samples"] == 32 and prov["calibration"]["seed"] == 42
+    assert len(prov["calibration"]["file_sha256"]) == 64 and len(prov["calibration"]["indices_sha256"]) == 64
+    assert prov["libraries"]["llmcompressor"] == "0.14.0.1"
+    assert prov["moe_calibrate_all_experts"] is True
+    assert set(prov["timings_s"]) >= {"load", "oneshot", "save"}
+    assert "commit" in prov["tool"]
+
+
+def test_each_branch_reloads_decodes_and_is_close_to_base(demo_release):
+    quality = demo_release["result"].quality
+    for name, q in quality.items():
+        assert q["passed"], (name, q["failures"])
+        assert 0 <= q["mean_kl"] < 0.02 and q["top1_agreement"] > 0.9
+        assert q["decode_text"] != "" or q["passed"]
+        assert q["vllm"].startswith("vLLM check skipped:")
+    print({n: (q["mean_kl"], q["top1_agreement"], q["branch_perplexity"], q["base_perplexity"]) for n, q in quality.items()})
+
+
+def test_build_all_twice_does_the_work_once(demo_release):
+    cfg = demo_release["config"]
+    stamps = {b.name: (cfg.output_dir / b.name / "model.safetensors").stat().st_mtime_ns for b in cfg.branches}
+    t0 = time.time()
+    again = build_all(cfg, echo=lambda s: None)
+    assert all(b.skipped for b in again.builds)
+    assert time.time() - t0 < 30
+    assert stamps == {b.name: (cfg.output_dir / b.name / "model.safetensors").stat().st_mtime_ns for b in cfg.branches}
+
+
+def test_smoothed_norms_are_compensated_in_the_saved_branch(demo_release, demo_assets, tmp_path):
+    """Dequantize the branch: every consumer of each smoothed post-attention norm carries the
+    inverse scale (W_q ~ W * s), the router exactly, and no consumer is left uncompensated."""
+    from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer, convert_checkpoint
+
+    cfg = demo_release["config"]
+    branch = cfg.output_dir / "W4A16_GS32"
+    convert_checkpoint(
+        model_stub=str(branch), save_directory=str(tmp_path), converter=CompressedTensorsDequantizer(str(branch), dtype=torch.float32)
+    )
+    orig, deq = _tensors(demo_assets.model), _tensors(tmp_path)
+    checked = 0
+    for layer in (1, 2, 3):
+        p = f"model.layers.{layer}."
+        s = orig[p + "post_attention_layernorm.weight"].float() / deq[p + "post_attention_layernorm.weight"].float()
+        assert (s - 1).abs().max() > 0.05, f"layer {layer}: norm was not smoothed"
+        router = p + "mlp.gate.weight"
+        torch.testing.assert_close(deq[router].float(), orig[router].float() * s, rtol=2e-2, atol=1e-3)
+        names = [f"mlp.experts.{e}.{proj}.weight" for e in range(8) for proj in ("gate_proj", "up_proj")]
+        names += ["mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"]
+        for n in names:
+            w, wq = orig[p + n].float(), deq[p + n].float()
+            err_comp = ((wq - w * s).norm() / (w * s).norm()).item()
+            err_plain = ((wq - w).norm() / w.norm()).item()
+            assert err_comp < err_plain, f"{p + n} is not compensated ({err_comp:.3f} vs {err_plain:.3f})"
+            checked += 1
+    assert checked == 3 * 18

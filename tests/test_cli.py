@@ -1,0 +1,116 @@
+"""The CLI's contract: help everywhere, and one clear error (exit 1, nothing written) for bad input."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from release.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_every_command_has_help():
+    res = run("--help")
+    assert res.exit_code == 0
+    for name, cmd in cli.commands.items():
+        assert cmd.help and len(cmd.help.strip()) > 20, name
+        sub = run(name, "--help")
+        assert sub.exit_code == 0 and "Usage: cli " + name in sub.output or "Usage:" in sub.output
+
+
+def _assert_clean_failure(res, message, out_dir):
+    assert res.exit_code == 1, res.output
+    assert f"Error: {message}" in res.output
+    assert "Hint:" in res.output
+    assert "Traceback" not in res.output
+    leftovers = list(out_dir.iterdir()) if out_dir.exists() else []
+    assert leftovers == [], f"partial output left: {leftovers}"
+
+
+@pytest.fixture()
+def fake_model(tmp_path, demo_assets):
+    """A copy of the demo model folder that a test may break."""
+    d = tmp_path / "model"
+    shutil.copytree(demo_assets.model, d)
+    return d
+
+
+def test_unknown_branch(write_config, tmp_path):
+    res = run("quantize", "--config", write_config(), "--branch", "W4A16_GS16")
+    _assert_clean_failure(res, "unknown branch 'W4A16_GS16'", tmp_path / "out")
+
+
+def test_typo_in_config(write_config, tmp_path):
+    res = run("quantize", "--config", write_config({"calibration.num_sample": 4}), "--branch", "W4A16_GS32")
+    _assert_clean_failure(res, "invalid config", tmp_path / "out")
+    assert "calibration.num_sample: unknown field (typo?)" in res.output
+
+
+def test_missing_model_folder(write_config, tmp_path):
+    res = run("quantize", "--config", write_config({"base_model.path": str(tmp_path / "nope")}), "--branch", "W4A16_GS32")
+    _assert_clean_failure(res, f"base model folder {tmp_path / 'nope'} does not exist", tmp_path / "out")
+
+
+def test_unreadable_model_folder(write_config, tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = run("quantize", "--config", write_config({"base_model.path": str(tmp_path / "empty")}), "--branch", "W4A16_GS32")
+    _assert_clean_failure(res, f"{tmp_path / 'empty'} has no config.json", tmp_path / "out")
+
+
+def test_not_a_glm4_moe_model(write_config, fake_model, tmp_path):
+    cfg = json.loads((fake_model / "config.json").read_text())
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (fake_model / "config.json").write_text(json.dumps(cfg))
+    res = run("quantize", "--config", write_config({"base_model.path": str(fake_model)}), "--branch", "W4A16_GS32")
+    _assert_clean_failure(res, "", tmp_path / "out")
+    assert "not a GLM-4-MoE model" in res.output
+
+
+def test_group_size_that_does_not_divide(write_config, fake_model, tmp_path):
+    cfg = json.loads((fake_model / "config.json").read_text())
+    cfg["moe_intermediate_size"] = 96
+    (fake_model / "config.json").write_text(json.dumps(cfg))
+    res = run("quantize", "--config", write_config({"base_model.path": str(fake_model)}), "--branch", "W4A16_GS64")
+    _assert_clean_failure(res, "group_size 64 of branch W4A16_GS64 does not divide the input dimension 96", tmp_path / "out")
+
+
+def test_empty_calibration_file(write_config, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    res = run("quantize", "--config", write_config({"calibration.path": str(empty)}), "--branch", "W4A16_GS32")
+    _assert_clean_failure(res, f"the calibration file {empty} is empty", tmp_path / "out")
+
+
+def test_too_short_calibration_set(write_config, tmp_path, demo_assets):
+    short = tmp_path / "short.jsonl"
+    short.write_text("\n".join(demo_assets.calibration.read_text().splitlines()[:3]) + "\n")
+    res = run("quantize", "--config", write_config({"calibration.path": str(short)}), "--branch", "W4A16_GS32")
+    _assert_clean_failure(res, "the calibration set has 3 rows, fewer than calibration.num_samples=32", tmp_path / "out")
+
+
+def test_calibration_without_messages_column(write_config, tmp_path):
+    bad = tmp_path / "text.jsonl"
+    bad.write_text("\n".join(json.dumps({"text": f"row {i}"}) for i in range(40)) + "\n")
+    res = run("quantize", "--config", write_config({"calibration.path": str(bad)}), "--branch", "W4A16_GS32")
+    _assert_clean_failure(res, "calibration data has no 'messages' column (columns: text)", tmp_path / "out")
+
+
+def test_missing_chat_template(write_config, fake_model, tmp_path):
+    (fake_model / "chat_template.jinja").unlink()
+    tc = json.loads((fake_model / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (fake_model / "tokenizer_config.json").write_text(json.dumps(tc))
+    res = run("quantize", "--config", write_config({"base_model.path": str(fake_model)}), "--branch", "W4A16_GS32")
+    _assert_clean_failure(res, "the base model's tokenizer has no chat template", tmp_path / "out")
+
+
+def test_debug_variable_shows_the_traceback(write_config, monkeypatch):
+    from release.errors import ReleaseError
+
+    monkeypatch.setenv("GLMREL_DEBUG", "1")
+    with pytest.raises(ReleaseError):
+        CliRunner().invoke(cli, ["quantize", "--config", str(write_config()), "--branch", "nope"], catch_exceptions=False)

@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from release.config import load_config
+from release.errors import ReleaseError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_reference_release_config_is_the_published_recipe():
+    cfg = load_config(REPO / "configs" / "glm-4.7.yaml")
+    assert cfg.base_model.hub_id == "zai-org/GLM-4.7"
+    assert [(b.name, b.group_size) for b in cfg.branches] == [
+        ("W4A16_GS32", 32),
+        ("W4A16_GS64", 64),
+        ("W4A16_GS128", 128),
+    ]
+    c = cfg.calibration
+    assert (c.dataset, c.split, c.num_samples, c.max_seq_length) == (
+        "neuralmagic/LLM_compression_calibration",
+        "train",
+        512,
+        2048,
+    )
+    assert c.moe_calibrate_all_experts is True
+    assert cfg.dtype == "bfloat16"
+
+
+def test_demo_config_loads_and_resolves_paths_against_its_folder():
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.output_dir == (REPO / "out" / "demo").resolve()
+    assert cfg.recipe.is_file()
+    assert [b.group_size for b in cfg.branches] == [32, 64, 128]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"calibraton": {}}, "calibraton: unknown field (typo?)"),
+        ({"calibration.num_sampels": 3}, "calibration.num_sampels: unknown field (typo?)"),
+        ({"branches": [{"name": "A", "group_size": 48}]}, "group_size 48 is not one of"),
+        ({"branches": [{"name": "A", "group_size": 32}, {"name": "A", "group_size": 64}]}, "repeated: A"),
+        ({"branches": [{"name": "main", "group_size": 32}]}, "not 'main'"),
+        ({"hub_repo": "no-slash"}, "hub_repo 'no-slash' is not of the form owner/name"),
+        ({"base_model": {"hub_id": "zai-org/GLM-4.7"}}, "base_model.revision is required"),
+        ({"calibration.num_samples": 0}, "calibration.num_samples: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_config_names_the_field(write_config, overrides, expected):
+    with pytest.raises(ReleaseError) as e:
+        load_config(write_config(overrides))
+    assert expected in e.value.message
+
+
+def test_missing_and_non_mapping_configs(tmp_path):
+    with pytest.raises(ReleaseError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ReleaseError, match="YAML mapping"):
+        load_config(p)
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(ReleaseError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_unknown_branch_lists_the_known_ones():
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    with pytest.raises(ReleaseError) as e:
+        cfg.branch("W4A16_GS16")
+    assert "W4A16_GS32, W4A16_GS64, W4A16_GS128" in e.value.hint
