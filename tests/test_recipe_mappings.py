@@ -55,9 +55,12 @@ def tiny_linearized(demo_assets):
     linearize_moe(model)
     arch = Glm4MoeArch.from_dir(demo_assets.model)
     text = render_recipe(TEMPLATE, arch, BranchSpec(name="B", group_size=32), AwqSpec())
+    # find the consumers on the clean model: the quantization config below adds fake-quant
+    # with uninitialised scales to the forward pass
+    consumers = {layer: _norm_consumers(model, layer) for layer in range(arch.num_hidden_layers)}
     qm = yaml.safe_load(text)["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
     apply_quantization_config(model, QuantizationConfig(config_groups=qm["config_groups"], ignore=qm["ignore"]))
-    return model, arch, text
+    return model, arch, text, consumers
 
 
 def _resolve(model, mappings):
@@ -72,7 +75,7 @@ def test_stock_registry_mappings_fail_on_a_dense_prefix(tiny_linearized):
     """The bug glmrel works around (llm-compressor 0.14.0.1)."""
     from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY
 
-    model, arch, _ = tiny_linearized
+    model, arch, _, _ = tiny_linearized
     assert arch.first_k_dense_replace == 1
     with pytest.raises(ValueError, match="AWQ needs to match a single smoothlayer"):
         _resolve(model, AWQ_MAPPING_REGISTRY["Glm4MoeForCausalLM"])
@@ -105,11 +108,11 @@ def _norm_consumers(model, layer: int) -> set[str]:
 
 
 def test_glmrel_mappings_compensate_every_consumer_of_each_smoothed_norm(tiny_linearized):
-    model, arch, text = tiny_linearized
+    model, arch, text, all_consumers = tiny_linearized
     resolved = _resolve(model, _mappings(text))
     for layer in range(arch.num_hidden_layers):
         norm = f"model.layers.{layer}.post_attention_layernorm"
-        consumers = _norm_consumers(model, layer)
+        consumers = all_consumers[layer]
         assert consumers, f"no consumers found for {norm}"
         assert resolved[norm] == consumers, f"{norm}: smoothed {sorted(resolved[norm])} != consumers {sorted(consumers)}"
         if layer in arch.moe_layers:
