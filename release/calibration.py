@@ -56,9 +56,14 @@ def load_messages(spec: CalibrationSpec):
     else:
         path = Path(spec.path)  # type: ignore[arg-type]
         if not path.is_file():
-            raise ReleaseError(f"calibration file {path} does not exist", hint="set calibration.path to a .jsonl or .parquet file")
+            raise ReleaseError(
+                f"calibration file {path} does not exist", hint="set calibration.path to a .jsonl or .parquet file"
+            )
         if path.stat().st_size == 0:
-            raise ReleaseError(f"the calibration file {path} is empty", hint="add chat conversations, one JSON object with a messages list per line")
+            raise ReleaseError(
+                f"the calibration file {path} is empty",
+                hint="add chat conversations, one JSON object with a messages list per line",
+            )
         builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
         if builder is None:
             raise ReleaseError(f"calibration file {path} must be .jsonl, .json or .parquet")

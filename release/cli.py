@@ -129,8 +129,7 @@ def verify(config_path: Path, branch_name: str, as_json: bool) -> None:
         f"{r.branch}: {'PASSED' if r.passed else 'FAILED'}\n"
         f"  mean KL {r.mean_kl:.6f} (max {r.max_kl}), top-1 agreement {r.top1_agreement:.4f} (min {r.min_top1})\n"
         f"  perplexity {r.branch_perplexity:.3f} vs base {r.base_perplexity:.3f} on {r.heldout_tokens} tokens\n"
-        f"  {r.vllm}"
-        + "".join(f"\n  FAIL: {f}" for f in r.failures)
+        f"  {r.vllm}" + "".join(f"\n  FAIL: {f}" for f in r.failures)
     )
     _emit(r.to_json(), as_json, text)
     if not r.passed:

@@ -204,5 +204,6 @@ def load_config(path: str | Path) -> ReleaseConfig:
         return ReleaseConfig.model_validate(raw)
     except ValidationError as e:
         raise ReleaseError(
-            _format_validation_error(e, source), hint="fix the fields above; see configs/glm-4.7.yaml for a full example"
+            _format_validation_error(e, source),
+            hint="fix the fields above; see configs/glm-4.7.yaml for a full example",
         ) from e

@@ -14,9 +14,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__
 from .architecture import Glm4MoeArch
@@ -101,7 +102,9 @@ def calibration_fingerprint(cfg: ReleaseConfig) -> str:
     spec = cfg.calibration
     if spec.path is not None:
         if not spec.path.is_file():
-            raise ReleaseError(f"calibration file {spec.path} does not exist", hint="set calibration.path to a .jsonl or .parquet file")
+            raise ReleaseError(
+                f"calibration file {spec.path} does not exist", hint="set calibration.path to a .jsonl or .parquet file"
+            )
         return hashlib.sha256(spec.path.read_bytes()).hexdigest()
     return f"{spec.dataset}@{spec.revision or 'unpinned'}:{spec.split}"
 
@@ -116,6 +119,19 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def resource_peaks() -> dict[str, float]:
+    """Peak host RSS of this process and, on a GPU, peak allocated device memory (GiB)."""
+    import resource
+
+    import torch
+
+    peaks = {"peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if torch.cuda.is_available():
+        peaks["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        peaks["gpu"] = torch.cuda.get_device_name()  # type: ignore[assignment]
+    return peaks
 
 
 def project_commit() -> dict[str, Any]:
@@ -135,7 +151,9 @@ def prepare_branch(cfg: ReleaseConfig, branch: BranchSpec) -> tuple[Path, Glm4Mo
     arch = Glm4MoeArch.from_dir(base_dir)
     arch.check_group_size(branch.group_size, branch.name)
     if not any(base_dir.glob("*.safetensors")):
-        raise ReleaseError(f"{base_dir} holds no *.safetensors weights", hint="glmrel reads safetensors checkpoints only")
+        raise ReleaseError(
+            f"{base_dir} holds no *.safetensors weights", hint="glmrel reads safetensors checkpoints only"
+        )
     recipe_text = render_recipe(cfg.recipe, arch, branch, cfg.awq)
     fp = inputs_fingerprint(cfg, branch, recipe_text, base_model_fingerprint(base_dir), calibration_fingerprint(cfg))
     return base_dir, arch, recipe_text, fp
@@ -200,9 +218,8 @@ def quantize_branch(cfg: ReleaseConfig, branch_name: str, *, force: bool = False
 
 def _run_oneshot(
     cfg: ReleaseConfig, branch: BranchSpec, base_dir: Path, arch: Glm4MoeArch, recipe_text: str, out: Path, echo: Log
-) -> dict[str, float]:
+) -> dict[str, Any]:
     import torch
-    from compressed_tensors.utils import save_mtp_tensors_to_checkpoint
     from llmcompressor import oneshot
     from llmcompressor.modeling.moe.linearize import linearize_moe
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -211,7 +228,7 @@ def _run_oneshot(
     from .compat import patch_cpu_only_awq
     from .coverage import ExpertCoverage, count_expert_tokens
 
-    timings: dict[str, float] = {}
+    timings: dict[str, Any] = {}
     patch_cpu_only_awq()
     t = time.time()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -255,6 +272,7 @@ def _run_oneshot(
     _carry_mtp_layers(base_dir, out, arch)
     (out / RECIPE_FILE).write_text(recipe_text)
     timings["save"] = round(time.time() - t, 2)
+    timings.update(resource_peaks())
 
     coverage = ExpertCoverage(
         total_tokens=calib_prov.total_tokens,
@@ -275,7 +293,9 @@ def _carry_mtp_layers(base_dir: Path, out: Path, arch: Glm4MoeArch) -> None:
 
     for layer in arch.mtp_layers:
         prefix = f"model.layers.{layer}."
-        save_mtp_tensors_to_checkpoint(str(base_dir), str(out), mtp_prefix=prefix, shard_name=f"model-mtp-{layer}.safetensors")
+        save_mtp_tensors_to_checkpoint(
+            str(base_dir), str(out), mtp_prefix=prefix, shard_name=f"model-mtp-{layer}.safetensors"
+        )
         cfg_path = out / "config.json"
         cfg = json.loads(cfg_path.read_text())
         qc = cfg["quantization_config"]
@@ -283,5 +303,8 @@ def _carry_mtp_layers(base_dir: Path, out: Path, arch: Glm4MoeArch) -> None:
         exact = "re:^model\\.layers\\." + str(layer) + "\\."
         qc["ignore"] = [exact if x == loose else x for x in qc.get("ignore", [])]
         if exact not in qc["ignore"]:
-            raise ReleaseError(f"MTP layer {layer} was not found in {base_dir}", hint="the base checkpoint lacks model.layers.{N}.* tensors named by num_nextn_predict_layers")
+            raise ReleaseError(
+                f"MTP layer {layer} was not found in {base_dir}",
+                hint="the base checkpoint lacks model.layers.{N}.* tensors named by num_nextn_predict_layers",
+            )
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")

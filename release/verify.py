@@ -110,7 +110,9 @@ def verify_branch(cfg: ReleaseConfig, branch: str, branch_dir: Path, reference: 
 
     t0 = time.time()
     if not (branch_dir / "config.json").is_file():
-        raise ReleaseError(f"branch folder {branch_dir} has no config.json", hint=f"run `glmrel quantize --branch {branch}` first")
+        raise ReleaseError(
+            f"branch folder {branch_dir} has no config.json", hint=f"run `glmrel quantize --branch {branch}` first"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(branch_dir, dtype=torch.float32).eval()
     except Exception as e:

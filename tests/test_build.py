@@ -54,7 +54,13 @@ def test_quantization_config_matches_the_branch(demo_release):
             "compressed",
         )
         w = qc["config_groups"]["group_0"]["weights"]
-        assert (w["num_bits"], w["type"], w["symmetric"], w["strategy"], w["group_size"]) == (4, "int", True, "group", b.group_size)
+        assert (w["num_bits"], w["type"], w["symmetric"], w["strategy"], w["group_size"]) == (
+            4,
+            "int",
+            True,
+            "group",
+            b.group_size,
+        )
         assert qc["config_groups"]["group_0"]["input_activations"] is None
         assert "lm_head" in qc["ignore"]
         assert {f"model.layers.{i}.mlp.gate" for i in (1, 2, 3)} <= set(qc["ignore"])
@@ -114,7 +120,12 @@ def test_each_branch_reloads_decodes_and_is_close_to_base(demo_release):
         assert 0 <= q["mean_kl"] < 0.02 and q["top1_agreement"] > 0.9
         assert q["decode_text"] != "" or q["passed"]
         assert q["vllm"].startswith("vLLM check skipped:")
-    print({n: (q["mean_kl"], q["top1_agreement"], q["branch_perplexity"], q["base_perplexity"]) for n, q in quality.items()})
+    print(
+        {
+            n: (q["mean_kl"], q["top1_agreement"], q["branch_perplexity"], q["base_perplexity"])
+            for n, q in quality.items()
+        }
+    )
 
 
 def test_build_all_twice_does_the_work_once(demo_release):
@@ -135,7 +146,9 @@ def test_smoothed_norms_are_compensated_in_the_saved_branch(demo_release, demo_a
     cfg = demo_release["config"]
     branch = cfg.output_dir / "W4A16_GS32"
     convert_checkpoint(
-        model_stub=str(branch), save_directory=str(tmp_path), converter=CompressedTensorsDequantizer(str(branch), dtype=torch.float32)
+        model_stub=str(branch),
+        save_directory=str(tmp_path),
+        converter=CompressedTensorsDequantizer(str(branch), dtype=torch.float32),
     )
     orig, deq = _tensors(demo_assets.model), _tensors(tmp_path)
     checked = 0

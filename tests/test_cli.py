@@ -51,13 +51,17 @@ def test_typo_in_config(write_config, tmp_path):
 
 
 def test_missing_model_folder(write_config, tmp_path):
-    res = run("quantize", "--config", write_config({"base_model.path": str(tmp_path / "nope")}), "--branch", "W4A16_GS32")
+    res = run(
+        "quantize", "--config", write_config({"base_model.path": str(tmp_path / "nope")}), "--branch", "W4A16_GS32"
+    )
     _assert_clean_failure(res, f"base model folder {tmp_path / 'nope'} does not exist", tmp_path / "out")
 
 
 def test_unreadable_model_folder(write_config, tmp_path):
     (tmp_path / "empty").mkdir()
-    res = run("quantize", "--config", write_config({"base_model.path": str(tmp_path / "empty")}), "--branch", "W4A16_GS32")
+    res = run(
+        "quantize", "--config", write_config({"base_model.path": str(tmp_path / "empty")}), "--branch", "W4A16_GS32"
+    )
     _assert_clean_failure(res, f"{tmp_path / 'empty'} has no config.json", tmp_path / "out")
 
 
@@ -75,7 +79,9 @@ def test_group_size_that_does_not_divide(write_config, fake_model, tmp_path):
     cfg["moe_intermediate_size"] = 96
     (fake_model / "config.json").write_text(json.dumps(cfg))
     res = run("quantize", "--config", write_config({"base_model.path": str(fake_model)}), "--branch", "W4A16_GS64")
-    _assert_clean_failure(res, "group_size 64 of branch W4A16_GS64 does not divide the input dimension 96", tmp_path / "out")
+    _assert_clean_failure(
+        res, "group_size 64 of branch W4A16_GS64 does not divide the input dimension 96", tmp_path / "out"
+    )
 
 
 def test_empty_calibration_file(write_config, tmp_path):
@@ -89,7 +95,9 @@ def test_too_short_calibration_set(write_config, tmp_path, demo_assets):
     short = tmp_path / "short.jsonl"
     short.write_text("\n".join(demo_assets.calibration.read_text().splitlines()[:3]) + "\n")
     res = run("quantize", "--config", write_config({"calibration.path": str(short)}), "--branch", "W4A16_GS32")
-    _assert_clean_failure(res, "the calibration set has 3 rows, fewer than calibration.num_samples=32", tmp_path / "out")
+    _assert_clean_failure(
+        res, "the calibration set has 3 rows, fewer than calibration.num_samples=32", tmp_path / "out"
+    )
 
 
 def test_calibration_without_messages_column(write_config, tmp_path):
@@ -113,4 +121,6 @@ def test_debug_variable_shows_the_traceback(write_config, monkeypatch):
 
     monkeypatch.setenv("GLMREL_DEBUG", "1")
     with pytest.raises(ReleaseError):
-        CliRunner().invoke(cli, ["quantize", "--config", str(write_config()), "--branch", "nope"], catch_exceptions=False)
+        CliRunner().invoke(
+            cli, ["quantize", "--config", str(write_config()), "--branch", "nope"], catch_exceptions=False
+        )

@@ -34,7 +34,14 @@ def test_glm47_recipe_is_layer_aware():
         "re:.*mlp.shared_experts.up_proj$",
     }
     w = recipe_weight_args(text)
-    assert w == {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64, "dynamic": False}
+    assert w == {
+        "num_bits": 4,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group",
+        "group_size": 64,
+        "dynamic": False,
+    }
     ignore = yaml.safe_load(text)["quant_stage"]["quant_modifiers"]["QuantizationModifier"]["ignore"]
     assert "lm_head" in ignore
 
@@ -114,7 +121,9 @@ def test_glmrel_mappings_compensate_every_consumer_of_each_smoothed_norm(tiny_li
         norm = f"model.layers.{layer}.post_attention_layernorm"
         consumers = all_consumers[layer]
         assert consumers, f"no consumers found for {norm}"
-        assert resolved[norm] == consumers, f"{norm}: smoothed {sorted(resolved[norm])} != consumers {sorted(consumers)}"
+        assert resolved[norm] == consumers, (
+            f"{norm}: smoothed {sorted(resolved[norm])} != consumers {sorted(consumers)}"
+        )
         if layer in arch.moe_layers:
             assert f"model.layers.{layer}.mlp.gate" in consumers
             assert f"model.layers.{layer}.mlp.shared_experts.up_proj" in consumers
