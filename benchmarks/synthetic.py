@@ -63,7 +63,9 @@ PRESETS = {
 }
 
 
-def build(preset: str, out: Path, layers: int | None, device: str, group_sizes: list[int], samples: int, seq: int) -> Path:
+def build(
+    preset: str, out: Path, layers: int | None, device: str, group_sizes: list[int], samples: int, seq: int
+) -> Path:
     import torch
     from transformers import AutoTokenizer, Glm4MoeConfig, Glm4MoeForCausalLM
 
@@ -153,7 +155,11 @@ def _append_mtp_sharded(model_dir: Path, cfg) -> None:
         if key.startswith(f"model.layers.{last}.") or key in ("lm_head.weight", "model.embed_tokens.weight"):
             with safe_open(str(model_dir / shard), "pt") as h:
                 sd[key] = h.get_tensor(key)
-    mtp = {k.replace(f"model.layers.{last}.", f"model.layers.{n}.", 1): v for k, v in sd.items() if k.startswith("model.layers.")}
+    mtp = {
+        k.replace(f"model.layers.{last}.", f"model.layers.{n}.", 1): v
+        for k, v in sd.items()
+        if k.startswith("model.layers.")
+    }
     h = cfg.hidden_size
     p = f"model.layers.{n}."
     mtp[p + "eh_proj.weight"] = (torch.randn(h, 2 * h) * 0.02).to(torch.bfloat16)

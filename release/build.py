@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import ReleaseConfig
 from .errors import ReleaseError
+from .manifest import write_manifest
 from .quantize import BranchBuild, quantize_branch, resolve_base_model
 from .verify import VERIFY_FILE, BaseReference, QualityReport, load_heldout, verify_branch
 
@@ -63,6 +64,8 @@ def build_all(
             f"{'PASSED' if report.passed else 'FAILED'}"
         )
         quality[b.branch] = report.to_json()
+    for b in builds:
+        write_manifest(b.path, b.branch)
     result = BuildResult(builds, quality)
     failed = [name for name, q in quality.items() if not q.get("passed")]
     if failed:

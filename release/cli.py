@@ -168,6 +168,43 @@ def build_all_cmd(config_path: Path, force: bool, as_json: bool) -> None:
     _emit(result.to_json(), as_json, "\n".join(lines))
 
 
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--group-size", type=int, default=None, help="Expected group size (default: from the folder's _GS<n> suffix)."
+)
+@click.option("--no-hash", is_flag=True, help="Compare file sizes with the manifest but skip sha256.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Also list passed checks and every GPU target.")
+def check(path: Path, group_size: int | None, no_hash: bool, as_json: bool, verbose: bool) -> None:
+    """Check a branch folder without loading weights (no torch needed).
+
+    Validates config.json's quantization_config, the files against the index and the
+    manifest, every safetensors header, the full tensor inventory derived from the model's
+    config, and which tensor-parallel sizes vLLM can serve the branch at (and with which
+    kernel). Exit 0 only when every check passes.
+    """
+    from .check import check_branch
+
+    report = check_branch(path, group_size=group_size, no_hash=no_hash)
+    _emit(report.to_json(), as_json, report.to_text(verbose))
+    if not report.passed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path, exists=True, file_okay=False))
+def manifest(path: Path) -> None:
+    """Write (or refresh) PATH/manifest.json: every file's size and sha256.
+
+    Files whose size and mtime are unchanged since the last manifest are not hashed again.
+    """
+    from .manifest import write_manifest
+
+    m = write_manifest(path)
+    click.echo(f"{path}/manifest.json: {len(m.files)} files, {m.total_bytes} bytes")
+
+
 def main() -> None:
     cli(prog_name="glmrel")
 

@@ -1,0 +1,477 @@
+"""glmrel check: is a branch folder complete, consistent and servable? Light: no torch.
+
+Reads config.json, the safetensors index and each shard's header (never tensor data), the
+manifest, and replays vLLM's kernel rules. Every problem becomes one failed check naming the
+file or tensor and what was expected; nothing here raises a traceback for a bad branch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import parse_local_safetensors_file_metadata
+from huggingface_hub.utils import SafetensorsFileMetadata
+
+from .architecture import Glm4MoeArch
+from .errors import ReleaseError
+from .manifest import MANIFEST_FILE, Manifest, branch_files, sha256_file
+from .vllm_rules import ServeVerdict, serve_verdicts
+
+INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 << 20
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+FLOATS = frozenset({"F32", "F16", "BF16"})
+TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "recipe.yaml",
+    "provenance.json",
+)
+BRANCH_GROUP = re.compile(r"_GS(\d+)$")
+
+
+@dataclass(frozen=True)
+class CheckItem:
+    check: str
+    ok: bool
+    message: str
+
+
+@dataclass
+class CheckReport:
+    path: str
+    group_size: int | None
+    items: list[CheckItem] = field(default_factory=list)
+    vllm: list[ServeVerdict] = field(default_factory=list)
+    tensors: int = 0
+    shards: int = 0
+    hashed: bool = True
+
+    @property
+    def failures(self) -> list[CheckItem]:
+        return [i for i in self.items if not i.ok]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def fail(self, check: str, message: str) -> None:
+        self.items.append(CheckItem(check, False, message))
+
+    def ok(self, check: str, message: str) -> None:
+        self.items.append(CheckItem(check, True, message))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "passed": self.passed,
+            "group_size": self.group_size,
+            "tensors": self.tensors,
+            "shards": self.shards,
+            "hashed": self.hashed,
+            "checks": [asdict(i) for i in self.items],
+            "vllm": [v.to_json() for v in self.vllm],
+        }
+
+    def to_text(self, verbose: bool = False) -> str:
+        lines = [
+            f"{self.path}: {'PASSED' if self.passed else 'FAILED'} ({self.tensors} tensors in {self.shards} shards)"
+        ]
+        for i in self.items:
+            if verbose or not i.ok:
+                lines.append(f"  {'ok  ' if i.ok else 'FAIL'} [{i.check}] {i.message}")
+        if not self.hashed:
+            lines.append("  hashes: skipped (--no-hash); sizes were compared")
+        if self.vllm:
+            lines.append("  vLLM serving (bf16 activations), per tensor-parallel size:")
+            for v in self.vllm:
+                if v.target.startswith("Hopper") or verbose:
+                    lines.append(f"    [{v.target}] {v.summary()}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- safetensors headers
+
+
+def read_shard(path: Path) -> tuple[SafetensorsFileMetadata | None, list[str]]:
+    """Parse one shard's header and validate its layout against the file's real size."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return None, [f"{path.name}: cannot stat ({e.strerror})"]
+    if size < 8:
+        return None, [f"{path.name}: truncated ({size} bytes; a safetensors file starts with an 8-byte header length)"]
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    if n > MAX_HEADER_BYTES:
+        return None, [f"{path.name}: header length {n} is absurdly large (limit {MAX_HEADER_BYTES})"]
+    if n > size - 8:
+        return None, [f"{path.name}: header length {n} runs past the end of the file ({size} bytes)"]
+    try:
+        meta = parse_local_safetensors_file_metadata(path)
+    except Exception as e:  # huggingface_hub raises SafetensorsParsingError, JSON and key errors
+        return None, [f"{path.name}: header is not valid safetensors JSON ({type(e).__name__}: {e})"]
+    data_size = size - 8 - n
+    errors: list[str] = []
+    spans = []
+    for name, t in meta.tensors.items():
+        begin, end = t.data_offsets
+        if t.dtype not in DTYPE_BYTES:
+            errors.append(f"{path.name}: tensor {name} has unknown dtype {t.dtype}")
+            continue
+        numel = 1
+        for d in t.shape:
+            numel *= d
+        if not 0 <= begin <= end:
+            errors.append(f"{path.name}: tensor {name} has offsets [{begin}, {end}] out of order")
+        elif end > data_size:
+            errors.append(
+                f"{path.name}: tensor {name} ends at byte {end} but the data region holds {data_size} bytes "
+                "(truncated shard or out-of-range offsets)"
+            )
+        elif end - begin != numel * DTYPE_BYTES[t.dtype]:
+            errors.append(
+                f"{path.name}: tensor {name} spans {end - begin} bytes, {t.dtype}{t.shape} needs {numel * DTYPE_BYTES[t.dtype]}"
+            )
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            errors.append(f"{path.name}: tensors {n0} and {n1} overlap (bytes {b1}..{e0})")
+            break
+    return meta, errors
+
+
+# ---------------------------------------------------------------- expected inventory
+
+Expect = tuple[frozenset[str], tuple[int, ...]]
+
+
+def expected_inventory(arch: Glm4MoeArch, group_size: int, model_dtype: str) -> tuple[dict[str, Expect], set[str]]:
+    """Every tensor a W4A16 GLM-4-MoE branch must hold: name -> (allowed dtypes, shape).
+
+    Returns (required, optional). Quantized Linears carry weight_packed/scale/shape; embeddings,
+    norms, routers, lm_head and the MTP layer(s) stay unquantized in the model's dtype (MTP
+    tensors are copied from the base checkpoint, so any float dtype is accepted there).
+    """
+    md = frozenset({model_dtype})
+    h, v = arch.hidden_size, arch.vocab_size
+    inv: dict[str, Expect] = {
+        "model.embed_tokens.weight": (md, (v, h)),
+        "model.norm.weight": (md, (h,)),
+    }
+    optional: set[str] = set()
+    if not arch.tie_word_embeddings:
+        inv["lm_head.weight"] = (md, (v, h))
+
+    def common(p: str, dtypes: frozenset[str]) -> None:
+        inv[p + "input_layernorm.weight"] = (dtypes, (h,))
+        inv[p + "post_attention_layernorm.weight"] = (dtypes, (h,))
+        if arch.use_qk_norm:
+            inv[p + "self_attn.q_norm.weight"] = (dtypes, (arch.head_dim,))
+            inv[p + "self_attn.k_norm.weight"] = (dtypes, (arch.head_dim,))
+
+    def router(p: str, dtypes: frozenset[str]) -> None:
+        inv[p + "mlp.gate.weight"] = (dtypes, (arch.n_routed_experts, h))
+        inv[p + "mlp.gate.e_score_correction_bias"] = (
+            frozenset({"F32"}) if dtypes == md else FLOATS,
+            (arch.n_routed_experts,),
+        )
+
+    for layer in range(arch.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        common(p, md)
+        shapes = arch.quantized_linear_shapes(layer)
+        for mod, (out, inp) in shapes.items():
+            groups = 1 if group_size == -1 else inp // group_size
+            inv[p + mod + ".weight_packed"] = (frozenset({"I32"}), (out, inp // 8))
+            inv[p + mod + ".weight_scale"] = (md, (out, groups))
+            inv[p + mod + ".weight_shape"] = (frozenset({"I64"}), (2,))
+            if arch.attention_bias and mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                inv[p + mod + ".bias"] = (md, (out,))
+        if layer >= arch.first_k_dense_replace:
+            router(p, md)
+    for layer in arch.mtp_layers:
+        p = f"model.layers.{layer}."
+        common(p, FLOATS)
+        router(p, FLOATS)
+        for mod, (out, inp) in arch.quantized_linear_shapes(arch.num_hidden_layers - 1).items():
+            inv[p + mod + ".weight"] = (FLOATS, (out, inp))
+            if arch.attention_bias and mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                inv[p + mod + ".bias"] = (FLOATS, (out,))
+        inv[p + "eh_proj.weight"] = (FLOATS, (h, 2 * h))
+        for norm in ("enorm", "hnorm", "shared_head.norm"):
+            inv[p + norm + ".weight"] = (FLOATS, (h,))
+        for shared in ("shared_head.head.weight", "embed_tokens.weight"):  # some GLM releases share these
+            inv[p + shared] = (FLOATS, (v, h))
+            optional.add(p + shared)
+    return inv, optional
+
+
+QUANT_SUFFIX = re.compile(r"\.(weight_packed|weight_scale|weight_shape|weight_zero_point|weight_g_idx)$")
+FUSED_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)(_\w+)?$")
+
+
+def _compare_inventory(
+    report: CheckReport, found: dict[str, tuple[str, tuple[int, ...]]], expected: dict[str, Expect], optional: set[str]
+) -> None:
+    problems: list[str] = []
+    quantized_modules = {QUANT_SUFFIX.sub("", k) for k in expected if k.endswith(".weight_packed")}
+    for name, (dtypes, shape) in expected.items():
+        got = found.get(name)
+        if got is None:
+            if name not in optional:
+                problems.append(f"missing tensor {name} (expected {'/'.join(sorted(dtypes))}{list(shape)})")
+            continue
+        if got[0] not in dtypes or got[1] != shape:
+            problems.append(
+                f"tensor {name} is {got[0]}{list(got[1])}, expected {'/'.join(sorted(dtypes))}{list(shape)}"
+            )
+    for name in found.keys() - expected.keys():
+        if FUSED_EXPERTS.search(name):
+            problems.append(
+                f"tensor {name} is a fused expert tensor; vLLM maps experts stored per expert (mlp.experts.{{e}}.*)"
+            )
+        elif name.endswith(".weight") and name[: -len(".weight")] in quantized_modules:
+            problems.append(f"tensor {name} is a dense weight left beside the packed one of a quantized module")
+        else:
+            problems.append(f"unexpected tensor {name}")
+    for p in problems[:50]:
+        report.fail("inventory", p)
+    if len(problems) > 50:
+        report.fail("inventory", f"... and {len(problems) - 50} more inventory problems")
+    if not problems:
+        report.ok(
+            "inventory",
+            f"all {len(expected) - len(optional & (expected.keys() - found.keys()))} expected tensors present with the right dtypes and shapes",
+        )
+
+
+# ---------------------------------------------------------------- config metadata
+
+
+def _ignored(name: str, ignore: list[str]) -> bool:
+    for entry in ignore:
+        if entry.startswith("re:"):
+            if re.match(entry[3:], name):
+                return True
+        elif entry == name:
+            return True
+    return False
+
+
+def _check_quantization_config(report: CheckReport, cfg: dict, arch: Glm4MoeArch, group_size: int | None) -> int | None:
+    before = len(report.failures)
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict):
+        report.fail("config", "config.json has no quantization_config (is this an unquantized checkpoint?)")
+        return None
+    expect_top = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed"}
+    for k, want in expect_top.items():
+        if qc.get(k) != want:
+            report.fail("config", f"quantization_config.{k} is {qc.get(k)!r}, expected {want!r}")
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        report.fail("config", f"quantization_config.config_groups has {len(groups)} groups, expected exactly 1")
+        return None
+    ((gname, group),) = groups.items()
+    w = group.get("weights") or {}
+    want_w = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group"}
+    for k, want in want_w.items():
+        if w.get(k) != want:
+            report.fail("config", f"config_groups.{gname}.weights.{k} is {w.get(k)!r}, expected {want!r}")
+    found_gs = w.get("group_size")
+    if group_size is not None and found_gs != group_size:
+        report.fail(
+            "config", f"config_groups.{gname}.weights.group_size is {found_gs!r}, but the branch is GS{group_size}"
+        )
+    for act in ("input_activations", "output_activations"):
+        if group.get(act) is not None:
+            report.fail("config", f"config_groups.{gname}.{act} is set; W4A16 keeps activations unquantized")
+    if group.get("targets") != ["Linear"]:
+        report.fail("config", f"config_groups.{gname}.targets is {group.get('targets')!r}, expected ['Linear']")
+    ignore = qc.get("ignore") or []
+    needed = ["lm_head"] + [f"model.layers.{i}.mlp.gate" for i in arch.moe_layers]
+    needed += [f"model.layers.{i}.self_attn.q_proj" for i in arch.mtp_layers]
+    missing = [n for n in needed if not _ignored(n, ignore)]
+    if missing:
+        report.fail(
+            "config",
+            f"quantization_config.ignore does not cover {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}",
+        )
+    if len(report.failures) == before:
+        report.ok(
+            "config",
+            f"compressed-tensors pack-quantized INT4 symmetric group {found_gs}; lm_head, routers and MTP ignored",
+        )
+    return found_gs if isinstance(found_gs, int) else None
+
+
+# ---------------------------------------------------------------- files
+
+
+def _check_files(report: CheckReport, folder: Path, manifest: Manifest | None, no_hash: bool) -> list[Path]:
+    """Required files, index vs shards, path safety, manifest sizes/hashes. Returns the shards to read."""
+    root = folder.resolve()
+    for p in folder.iterdir():
+        if p.is_symlink():
+            target = p.resolve()
+            if root not in target.parents:
+                report.fail("files", f"{p.name} is a symbolic link pointing outside the branch folder ({target})")
+            else:
+                report.fail("files", f"{p.name} is a symbolic link; a branch must hold regular files")
+    names = {p.name for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
+    for req in REQUIRED_FILES:
+        if req not in names:
+            report.fail("files", f"required file {req} is missing")
+    if not ({"tokenizer.json", "tokenizer.model"} & names):
+        report.fail("files", "no tokenizer (tokenizer.json or tokenizer.model)")
+    if "chat_template.jinja" not in names:
+        try:
+            tc = json.loads((folder / "tokenizer_config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            tc = {}
+        if not tc.get("chat_template"):
+            report.fail("files", "no chat template (chat_template.jinja or tokenizer_config.json's chat_template)")
+
+    shards_on_disk = sorted(n for n in names if n.endswith(".safetensors"))
+    shards: list[Path] = []
+    if INDEX_FILE in names:
+        try:
+            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (OSError, json.JSONDecodeError, KeyError, AssertionError) as e:
+            report.fail("files", f"{INDEX_FILE} is unreadable or has no weight_map ({e!r})")
+            weight_map = {}
+        referenced = sorted(set(weight_map.values()))
+        for shard in referenced:
+            target = (folder / shard).resolve()
+            if "/" in shard or "\\" in shard or shard.startswith("..") or target.parent != root:
+                report.fail("files", f"{INDEX_FILE} names shard {shard!r} outside the branch folder")
+            elif shard not in names:
+                report.fail("files", f"{INDEX_FILE} names shard {shard} which is missing")
+            else:
+                shards.append(folder / shard)
+        for stray in sorted(set(shards_on_disk) - set(referenced)):
+            report.fail("files", f"shard {stray} is not referenced by {INDEX_FILE} (stray shard)")
+        report._weight_map = weight_map  # type: ignore[attr-defined]
+    elif len(shards_on_disk) == 1:
+        shards = [folder / shards_on_disk[0]]
+    elif not shards_on_disk:
+        report.fail("files", "no *.safetensors weights")
+    else:
+        report.fail("files", f"{len(shards_on_disk)} shards but no {INDEX_FILE}")
+
+    if manifest is None:
+        report.fail(
+            "manifest", f"no {MANIFEST_FILE} in the branch (build-all writes it; or run `glmrel manifest PATH`)"
+        )
+    else:
+        files = {p.name: p for p in branch_files(folder)}
+        for extra in sorted(files.keys() - manifest.files.keys()):
+            report.fail("manifest", f"file {extra} is not in the manifest")
+        for gone in sorted(manifest.files.keys() - files.keys()):
+            report.fail("manifest", f"file {gone} is listed in the manifest but missing")
+        for name in sorted(files.keys() & manifest.files.keys()):
+            entry, p = manifest.files[name], files[name]
+            size = p.stat().st_size
+            if size != entry.size:
+                report.fail(
+                    "manifest",
+                    f"file {name} is {size} bytes, the manifest says {entry.size} (changed after the manifest was written)",
+                )
+            elif not no_hash and sha256_file(p) != entry.sha256:
+                report.fail(
+                    "manifest",
+                    f"file {name} has a different sha256 than the manifest (changed after the manifest was written)",
+                )
+        if not any(i.check == "manifest" and not i.ok for i in report.items):
+            report.ok(
+                "manifest", f"{len(files)} files match the manifest ({'sizes' if no_hash else 'sizes and sha256'})"
+            )
+    return shards
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def expected_group_size(folder: Path, explicit: int | None) -> int | None:
+    if explicit is not None:
+        return explicit
+    m = BRANCH_GROUP.search(folder.name)
+    return int(m[1]) if m else None
+
+
+def check_branch(path: Path, *, group_size: int | None = None, no_hash: bool = False) -> CheckReport:
+    """Check one branch folder. The group size comes from the argument or the folder's `_GS<n>` suffix."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ReleaseError(
+            f"{folder} is not a folder", hint="pass the path of a built branch, e.g. out/demo/W4A16_GS64"
+        )
+    report = CheckReport(str(folder), expected_group_size(folder, group_size), hashed=not no_hash)
+    manifest = None
+    if (folder / MANIFEST_FILE).is_file():
+        try:
+            manifest = Manifest.load(folder / MANIFEST_FILE)
+        except ReleaseError as e:
+            report.fail("manifest", e.message)
+    shards = _check_files(report, folder, manifest, no_hash)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        arch = Glm4MoeArch.from_config(cfg, str(folder / "config.json"))
+    except (OSError, json.JSONDecodeError) as e:
+        report.fail("config", f"config.json is unreadable: {e}")
+        return report
+    except ReleaseError as e:
+        report.fail("config", e.message)
+        return report
+    gs = _check_quantization_config(report, cfg, arch, report.group_size)
+    if report.group_size is None:
+        report.group_size = gs
+    found = _read_all_shards(report, shards)
+    weight_map = getattr(report, "_weight_map", None)
+    if weight_map is not None:
+        mapped, present = set(weight_map), set(found)
+        for name in sorted(mapped - present)[:20]:
+            report.fail("files", f"{INDEX_FILE} maps tensor {name} but no shard holds it")
+        for name in sorted(present - mapped)[:20]:
+            report.fail("files", f"tensor {name} is in a shard but not in {INDEX_FILE}")
+        for name in sorted(mapped & present):
+            if weight_map[name] != found[name][2]:
+                report.fail("files", f"{INDEX_FILE} maps {name} to {weight_map[name]} but it is in {found[name][2]}")
+                break
+    model_dtype = TORCH_TO_ST.get(str(cfg.get("dtype") or cfg.get("torch_dtype")), "BF16")
+    if report.group_size is not None:
+        expected, optional = expected_inventory(arch, report.group_size, model_dtype)
+        _compare_inventory(report, {k: (v[0], v[1]) for k, v in found.items()}, expected, optional)
+        report.vllm = serve_verdicts(arch, report.group_size, act_dtype={"F16": "float16"}.get(model_dtype, "bfloat16"))
+    else:
+        report.fail("config", "cannot tell the branch's group size (no _GS<n> suffix and no group_size in config)")
+    return report
+
+
+def _read_all_shards(report: CheckReport, shards: list[Path]) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    found: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    errors = 0
+    for shard in shards:
+        meta, problems = read_shard(shard)
+        for p in problems:
+            report.fail("headers", p)
+        errors += len(problems)
+        if meta is None:
+            continue
+        for name, t in meta.tensors.items():
+            if name in found:
+                report.fail("headers", f"tensor {name} appears in both {found[name][2]} and {shard.name}")
+            found[name] = (t.dtype, tuple(t.shape), shard.name)
+    report.tensors, report.shards = len(found), len(shards)
+    if not errors and shards:
+        report.ok("headers", f"{len(shards)} shard headers valid")
+    return found

@@ -1,0 +1,290 @@
+"""glmrel check: a good branch passes; each corruption fails with its own message, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from release.architecture import Glm4MoeArch
+from release.check import check_branch
+from release.cli import cli
+from release.manifest import Manifest, build_manifest, write_manifest
+from release.vllm_rules import servable_tp, serve_verdicts
+from tests.test_architecture import GLM47
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def branch(demo_release, tmp_path) -> Path:
+    """A private copy of the demo's GS64 branch that a test may corrupt."""
+    src = demo_release["config"].output_dir / "W4A16_GS64"
+    dst = tmp_path / "W4A16_GS64"
+    shutil.copytree(src, dst)
+    write_manifest(dst)  # copying changed mtimes; sizes and hashes are the same
+    return dst
+
+
+def run_check(path: Path, *extra: str):
+    res = CliRunner().invoke(cli, ["check", str(path), *extra], catch_exceptions=False)
+    assert "Traceback" not in res.output
+    return res
+
+
+def failures(path: Path, **kw) -> list[str]:
+    report = check_branch(path, **kw)
+    assert not report.passed
+    return [f"[{i.check}] {i.message}" for i in report.failures]
+
+
+def rewrite_header(shard: Path, edit) -> None:
+    """Apply `edit(header_dict)` and write the header back at the same length (space padded)."""
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    assert len(new) <= n, "edited header must not grow"
+    shard.write_bytes(raw[:8] + new + b" " * (n - len(new)) + raw[8 + n :])
+
+
+def test_demo_branches_pass(demo_release):
+    cfg = demo_release["config"]
+    for b in cfg.branches:
+        res = run_check(cfg.output_dir / b.name)
+        assert res.exit_code == 0, res.output
+        assert res.output.startswith(f"{cfg.output_dir / b.name}: PASSED")
+
+
+def test_json_report(branch):
+    res = run_check(branch, "--json")
+    data = json.loads(res.output)
+    assert data["passed"] and data["group_size"] == 64 and data["tensors"] == 383
+    assert {c["check"] for c in data["checks"]} == {"manifest", "config", "headers", "inventory"}
+
+
+def test_check_does_not_import_torch(branch):
+    code = (
+        "import sys; from click.testing import CliRunner; from release.cli import cli;"
+        f"r = CliRunner().invoke(cli, ['check', {str(branch)!r}, '--no-hash']);"
+        "assert r.exit_code == 0, r.output;"
+        "heavy = [m for m in ('torch', 'llmcompressor', 'transformers', 'compressed_tensors') if m in sys.modules];"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_truncated_shard(branch):
+    shard = branch / "model.safetensors"
+    with shard.open("r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    msgs = failures(branch, no_hash=True)
+    assert any(
+        "[headers] model.safetensors: tensor" in m and "truncated shard or out-of-range offsets" in m for m in msgs
+    )
+    assert any("[manifest] file model.safetensors is" in m for m in msgs)
+
+
+def test_header_length_past_end_of_file(branch):
+    shard = branch / "model.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[:8] = (len(raw) + 10).to_bytes(8, "little")
+    shard.write_bytes(bytes(raw))
+    assert any("header length" in m and "runs past the end of the file" in m for m in failures(branch))
+
+
+def test_absurdly_large_header(branch):
+    shard = branch / "model.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[:8] = (1 << 40).to_bytes(8, "little")
+    shard.write_bytes(bytes(raw))
+    assert any("is absurdly large" in m for m in failures(branch))
+
+
+def test_header_not_json(branch):
+    shard = branch / "model.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[8:20] = b"this is not "
+    shard.write_bytes(bytes(raw))
+    assert any("header is not valid safetensors JSON" in m for m in failures(branch))
+
+
+def test_overlapping_offsets(branch):
+    def edit(h):
+        names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+        a, b = h[names[0]], h[names[1]]
+        size = b["data_offsets"][1] - b["data_offsets"][0]
+        start = a["data_offsets"][0]
+        b["data_offsets"] = [start, start + size]
+
+    rewrite_header(branch / "model.safetensors", edit)
+    assert any("overlap" in m for m in failures(branch, no_hash=True))
+
+
+def test_out_of_range_offsets(branch):
+    def edit(h):
+        name = max((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+        b, e = h[name]["data_offsets"]
+        h[name]["data_offsets"] = [b + 50_000_000, e + 50_000_000]  # past the ~10 MB data region, same digits
+
+    rewrite_header(branch / "model.safetensors", edit)
+    assert any("ends at byte" in m and "out-of-range" in m for m in failures(branch, no_hash=True))
+
+
+def test_wrong_dtype_and_shape(branch):
+    name = "model.layers.1.mlp.experts.0.up_proj.weight_scale"
+
+    def edit(h):
+        t = h[name]
+        assert t["dtype"] == "F32"
+        t["dtype"], t["shape"] = "F16", [t["shape"][0], t["shape"][1] * 2]  # same bytes, wrong tensor
+
+    rewrite_header(branch / "model.safetensors", edit)
+    msgs = failures(branch, no_hash=True)
+    assert f"[inventory] tensor {name} is F16[128, 8], expected F32[128, 4]" in msgs
+
+
+def test_file_changed_after_manifest(branch):
+    p = branch / "tokenizer.json"
+    data = bytearray(p.read_bytes())
+    data[-2] = ord(" ") if data[-2] != ord(" ") else ord("\t")
+    p.write_bytes(bytes(data))
+    msgs = failures(branch)
+    assert (
+        "[manifest] file tokenizer.json has a different sha256 than the manifest (changed after the manifest was written)"
+        in msgs
+    )
+    assert run_check(branch, "--no-hash").exit_code == 0  # same size: only the hash can tell
+
+
+def test_index_naming_a_shard_outside_the_folder(branch):
+    idx = branch / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    key = next(iter(data["weight_map"]))
+    data["weight_map"][key] = "../elsewhere.safetensors"
+    idx.write_text(json.dumps(data))
+    write_manifest(branch)
+    msgs = failures(branch)
+    assert (
+        "[files] model.safetensors.index.json names shard '../elsewhere.safetensors' outside the branch folder" in msgs
+    )
+
+
+def test_symlink_pointing_out(branch, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("x")
+    os.symlink(outside, branch / "notes.txt")
+    msgs = failures(branch)
+    assert any("notes.txt is a symbolic link pointing outside the branch folder" in m for m in msgs)
+
+
+def test_config_without_quantization_config(branch):
+    cfg = json.loads((branch / "config.json").read_text())
+    del cfg["quantization_config"]
+    (branch / "config.json").write_text(json.dumps(cfg))
+    write_manifest(branch)
+    msgs = failures(branch)
+    assert "[config] config.json has no quantization_config (is this an unquantized checkpoint?)" in msgs
+
+
+def test_group_size_that_does_not_match_the_branch(branch):
+    assert "[config] config_groups.group_0.weights.group_size is 64, but the branch is GS32" in failures(
+        branch, group_size=32
+    )
+
+
+def test_missing_and_stray_shards(branch):
+    (branch / "model-mtp-4.safetensors").rename(branch / "stray.safetensors")
+    msgs = failures(branch)
+    assert "[files] model.safetensors.index.json names shard model-mtp-4.safetensors which is missing" in msgs
+    assert "[files] shard stray.safetensors is not referenced by model.safetensors.index.json (stray shard)" in msgs
+
+
+def test_dropped_mtp_layer_is_caught(branch):
+    (branch / "model-mtp-4.safetensors").unlink()
+    idx = branch / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    data["weight_map"] = {k: v for k, v in data["weight_map"].items() if not k.startswith("model.layers.4.")}
+    idx.write_text(json.dumps(data))
+    write_manifest(branch)
+    msgs = failures(branch)
+    assert "[inventory] missing tensor model.layers.4.eh_proj.weight (expected BF16/F16/F32[256, 512])" in msgs
+
+
+def test_leftover_dense_weight_and_fused_experts(branch):
+    def edit(h):
+        h["model.layers.1.self_attn.q_proj.weight"] = h.pop("model.layers.1.self_attn.q_norm.weight")
+        h["model.layers.2.mlp.experts.down_proj_x"] = h.pop("model.layers.2.self_attn.k_norm.weight")  # same length
+
+    rewrite_header(branch / "model.safetensors", edit)
+    idx = branch / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    data["weight_map"]["model.layers.1.self_attn.q_proj.weight"] = data["weight_map"].pop(
+        "model.layers.1.self_attn.q_norm.weight"
+    )
+    data["weight_map"]["model.layers.2.mlp.experts.down_proj_x"] = data["weight_map"].pop(
+        "model.layers.2.self_attn.k_norm.weight"
+    )
+    idx.write_text(json.dumps(data))
+    msgs = failures(branch, no_hash=True)
+    assert (
+        "[inventory] tensor model.layers.1.self_attn.q_proj.weight is a dense weight left beside the packed one of a quantized module"
+        in msgs
+    )
+    assert any("model.layers.2.mlp.experts.down_proj_x is a fused expert tensor" in m for m in msgs)
+
+
+def test_not_a_folder_is_a_clean_error(tmp_path):
+    res = CliRunner().invoke(cli, ["check", str(tmp_path / "nope")])
+    assert res.exit_code == 1 and "Error:" in res.output and "Hint:" in res.output
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def test_manifest_reuses_hashes_of_unchanged_files(branch, monkeypatch):
+    import release.manifest as manifest_mod
+
+    first = Manifest.load(branch / "manifest.json")
+    hashed: list[str] = []
+    real = manifest_mod.sha256_file
+    monkeypatch.setattr(manifest_mod, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    (branch / "recipe.yaml").write_text((branch / "recipe.yaml").read_text() + "# edited\n")
+    second = build_manifest(branch)
+    assert hashed == ["recipe.yaml"]
+    assert second.files["model.safetensors"] == first.files["model.safetensors"]
+    assert second.files["recipe.yaml"].sha256 != first.files["recipe.yaml"].sha256
+
+
+# ---------------------------------------------------------------- vLLM rules at GLM-4.7 size
+
+
+def test_glm47_moe_marlin_rule_at_tp8():
+    """(1536 / 8) = 192: GS32 and GS64 pass vLLM's MoE Marlin rule at TP8, GS128 does not."""
+    arch = Glm4MoeArch.from_config(GLM47)
+    routed = {}
+    for gs in (32, 64, 128):
+        v = next(
+            x for x in serve_verdicts(arch, gs) if x.tp == 8 and not x.expert_parallel and x.target.startswith("Hopper")
+        )
+        routed[gs] = next(layer for layer in v.layers if layer.layer == "routed experts")
+    assert routed[32].kernel == "MarlinMoE" and routed[64].kernel == "MarlinMoE"
+    assert routed[128].kernel != "MarlinMoE"
+    assert "moe_intermediate_size per rank 192 % max(64, 128) != 0" in routed[128].rule
+
+
+def test_glm47_servable_sizes_follow_vllm_rules():
+    arch = Glm4MoeArch.from_config(GLM47)
+    hopper = {gs: servable_tp(serve_verdicts(arch, gs)) for gs in (32, 64, 128)}
+    # the shared expert's down_proj has 192 inputs per rank at TP8: only Machete (SM90, groups
+    # -1/64/128) takes it in bf16, and GS128's group scales cannot be split 12 groups over 8 ranks
+    assert hopper == {32: [1, 2, 4], 64: [1, 2, 4, 8], 128: [1, 2, 4]}
+    ep = {gs: servable_tp(serve_verdicts(arch, gs), expert_parallel=True) for gs in (32, 64, 128)}
+    assert ep == hopper  # EP keeps experts whole, but the shared expert stays tensor-parallel
