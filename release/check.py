@@ -141,7 +141,7 @@ def read_shard(path: Path) -> tuple[SafetensorsFileMetadata | None, list[str]]:
             )
         spans.append((begin, end, name))
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             errors.append(f"{path.name}: tensors {n0} and {n1} overlap (bytes {b1}..{e0})")
             break
