@@ -80,9 +80,8 @@ class CheckReport:
         }
 
     def to_text(self, verbose: bool = False) -> str:
-        lines = [
-            f"{self.path}: {'PASSED' if self.passed else 'FAILED'} ({self.tensors} tensors in {self.shards} shards)"
-        ]
+        counts = f" ({self.tensors} tensors in {self.shards} shards)" if self.shards else ""
+        lines = [f"{self.path}: {'PASSED' if self.passed else 'FAILED'}{counts}"]
         for i in self.items:
             if verbose or not i.ok:
                 lines.append(f"  {'ok  ' if i.ok else 'FAIL'} [{i.check}] {i.message}")
@@ -475,3 +474,42 @@ def _read_all_shards(report: CheckReport, shards: list[Path]) -> dict[str, tuple
     if not errors and shards:
         report.ok("headers", f"{len(shards)} shard headers valid")
     return found
+
+
+def check_manifest_file(path: Path, group_size: int | None = None) -> CheckReport:
+    """CI's light check of a committed manifest: schema, required files, quantization metadata."""
+    report = CheckReport(str(path), group_size)
+    try:
+        m = Manifest.load(Path(path))
+    except ReleaseError as e:
+        report.fail("manifest", e.message)
+        return report
+    gs = group_size if group_size is not None else expected_group_size(Path(m.branch), None)
+    report.group_size = gs
+    for req in REQUIRED_FILES + ("model.safetensors.index.json",):
+        if req not in m.files:
+            report.fail("manifest", f"required file {req} is not listed")
+    if not any(n.endswith(".safetensors") for n in m.files):
+        report.fail("manifest", "no *.safetensors shard is listed")
+    for name, e in m.files.items():
+        if "/" in name or name.startswith(".") or not re.fullmatch(r"[0-9a-f]{64}", e.sha256) or e.size < 0:
+            report.fail("manifest", f"entry {name!r} is malformed (name, size or sha256)")
+    q = m.quantization
+    want = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "num_bits": 4,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group",
+    }
+    for k, v in want.items():
+        if q.get(k) != v:
+            report.fail("quantization", f"{k} is {q.get(k)!r}, expected {v!r}")
+    if gs is not None and q.get("group_size") != gs:
+        report.fail("quantization", f"group_size is {q.get('group_size')!r}, but the branch is GS{gs}")
+    if "lm_head" not in (q.get("ignore") or []):
+        report.fail("quantization", "lm_head is not in ignore")
+    if report.passed:
+        report.ok("manifest", f"{len(m.files)} files, {m.total_bytes} bytes, GS{q.get('group_size')}")
+    return report

@@ -192,9 +192,31 @@ def check(path: Path, group_size: int | None, no_hash: bool, as_json: bool, verb
         sys.exit(1)
 
 
+@cli.command("check-manifest")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+def check_manifest_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
+    """Check committed manifest files (CI's light job): schema, files, quantization metadata.
+
+    The group size is read from each manifest's branch name (..._GS<n>).
+    """
+    from .check import check_manifest_file
+
+    reports = [check_manifest_file(p) for p in paths]
+    _emit([r.to_json() for r in reports], as_json, "\n".join(r.to_text() for r in reports))
+    if not all(r.passed for r in reports):
+        sys.exit(1)
+
+
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path, exists=True, file_okay=False))
-def manifest(path: Path) -> None:
+@click.option(
+    "--export",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Also copy it to EXPORT/<branch>.json (e.g. manifests/<release>).",
+)
+def manifest(path: Path, export: Path | None) -> None:
     """Write (or refresh) PATH/manifest.json: every file's size and sha256.
 
     Files whose size and mtime are unchanged since the last manifest are not hashed again.
@@ -203,6 +225,10 @@ def manifest(path: Path) -> None:
 
     m = write_manifest(path)
     click.echo(f"{path}/manifest.json: {len(m.files)} files, {m.total_bytes} bytes")
+    if export:
+        export.mkdir(parents=True, exist_ok=True)
+        m.write(export / f"{m.branch}.json")
+        click.echo(f"exported to {export / (m.branch + '.json')}")
 
 
 def main() -> None:

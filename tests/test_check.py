@@ -288,3 +288,17 @@ def test_glm47_servable_sizes_follow_vllm_rules():
     assert hopper == {32: [1, 2, 4], 64: [1, 2, 4, 8], 128: [1, 2, 4]}
     ep = {gs: servable_tp(serve_verdicts(arch, gs), expert_parallel=True) for gs in (32, 64, 128)}
     assert ep == hopper  # EP keeps experts whole, but the shared expert stays tensor-parallel
+
+
+def test_committed_manifests_pass_and_a_mislabelled_one_fails(tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    committed = sorted((repo / "manifests" / "demo").glob("*.json"))
+    assert len(committed) == 3
+    assert CliRunner().invoke(cli, ["check-manifest", *map(str, committed)]).exit_code == 0
+    data = json.loads((repo / "manifests" / "demo" / "W4A16_GS64.json").read_text())
+    data["branch"] = "W4A16_GS32"
+    bad = tmp_path / "W4A16_GS32.json"
+    bad.write_text(json.dumps(data))
+    res = CliRunner().invoke(cli, ["check-manifest", str(bad)])
+    assert res.exit_code == 1
+    assert "[quantization] group_size is 64, but the branch is GS32" in res.output
