@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .check import check_branch
 from .config import ReleaseConfig
 from .errors import ReleaseError
 from .manifest import write_manifest
 from .quantize import BranchBuild, quantize_branch, resolve_base_model
+from .render import render_release
 from .verify import VERIFY_FILE, BaseReference, QualityReport, load_heldout, verify_branch
 
 
@@ -35,10 +37,11 @@ def build_all(
     echo: Callable[[str], None] = print,
     progress: Callable[[str], None] | None = None,
 ) -> BuildResult:
-    """Quantize (or skip, when unchanged) and verify each branch in config order.
+    """Quantize (or skip, when unchanged), verify, render, manifest and check each branch.
 
     A branch that is skipped keeps its earlier verification unless that is missing. Raises
-    ReleaseError naming every branch that failed verification, so nothing after it runs.
+    ReleaseError naming every branch that failed verification (before anything is rendered)
+    or check, so nothing that failed can be published.
     """
     builds: list[BranchBuild] = []
     for branch in cfg.branches:
@@ -64,9 +67,6 @@ def build_all(
             f"{'PASSED' if report.passed else 'FAILED'}"
         )
         quality[b.branch] = report.to_json()
-    for b in builds:
-        write_manifest(b.path, b.branch)
-    result = BuildResult(builds, quality)
     failed = [name for name, q in quality.items() if not q.get("passed")]
     if failed:
         reasons = "; ".join(f"{n}: {', '.join(quality[n]['failures'])}" for n in failed)
@@ -74,7 +74,22 @@ def build_all(
             f"verification failed for {', '.join(failed)}: {reasons}",
             hint="inspect verify.json in the branch; fix the recipe or loosen verify thresholds deliberately",
         )
-    return result
+    if cfg.changelog is not None:
+        rendered = render_release(cfg)
+        echo(f"rendered {len(rendered.cards)} cards for {rendered.version}")
+    checks = {}
+    for b in builds:
+        write_manifest(b.path, b.branch)
+        checked = check_branch(b.path, group_size=cfg.branch(b.branch).group_size)
+        checks[b.branch] = checked
+        echo(f"[{b.branch}] check: {'PASSED' if checked.passed else 'FAILED'} ({checked.tensors} tensors)")
+    bad = {n: r for n, r in checks.items() if not r.passed}
+    if bad:
+        raise ReleaseError(
+            "check failed for " + "; ".join(f"{n}: {r.failures[0].message}" for n, r in bad.items()),
+            hint="run `glmrel check PATH` on the branch for the full report",
+        )
+    return BuildResult(builds, quality)
 
 
 def branch_dirs(cfg: ReleaseConfig) -> dict[str, Path]:

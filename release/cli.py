@@ -113,26 +113,37 @@ def quantize(config_path: Path, branch_name: str, force: bool) -> None:
 @click.option("--branch", "branch_name", required=True, help="Branch name from the config.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(config_path: Path, branch_name: str, as_json: bool) -> None:
-    """Reload a built branch and compare it with the base model on held-out text.
+    """Everything `check` does, plus the numerical checks that need torch.
 
-    Reports mean next-token KL divergence, top-1 agreement and perplexity, decodes a short
-    reply, and fails (exit 1) above the config's verify thresholds.
+    Reloads the branch with transformers + compressed-tensors, reports mean next-token KL
+    divergence, top-1 agreement and perplexity against the base model on held-out text,
+    decodes a short reply, tries vLLM where a GPU and vllm exist (else says why it skipped),
+    and fails (exit 1) above the config's verify thresholds or on any failed check.
     """
+    from .check import check_branch
+    from .manifest import write_manifest
     from .quantize import resolve_base_model
     from .verify import BaseReference, load_heldout, verify_branch
 
     cfg = _load(config_path)
     branch = cfg.branch(branch_name)
     ref = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)
-    r = verify_branch(cfg, branch.name, cfg.output_dir / branch.name, ref)
+    folder = cfg.output_dir / branch.name
+    r = verify_branch(cfg, branch.name, folder, ref)
+    write_manifest(folder, branch.name)  # verify.json changed
+    report = check_branch(folder, group_size=branch.group_size)
     text = (
-        f"{r.branch}: {'PASSED' if r.passed else 'FAILED'}\n"
-        f"  mean KL {r.mean_kl:.6f} (max {r.max_kl}), top-1 agreement {r.top1_agreement:.4f} (min {r.min_top1})\n"
-        f"  perplexity {r.branch_perplexity:.3f} vs base {r.base_perplexity:.3f} on {r.heldout_tokens} tokens\n"
-        f"  {r.vllm}" + "".join(f"\n  FAIL: {f}" for f in r.failures)
+        report.to_text()
+        + "\n"
+        + (
+            f"{r.branch}: {'PASSED' if r.passed else 'FAILED'}\n"
+            f"  mean KL {r.mean_kl:.6f} (max {r.max_kl}), top-1 agreement {r.top1_agreement:.4f} (min {r.min_top1})\n"
+            f"  perplexity {r.branch_perplexity:.3f} vs base {r.base_perplexity:.3f} on {r.heldout_tokens} tokens\n"
+            f"  {r.vllm}" + "".join(f"\n  FAIL: {f}" for f in r.failures)
+        )
     )
-    _emit(r.to_json(), as_json, text)
-    if not r.passed:
+    _emit({"quality": r.to_json(), "check": report.to_json()}, as_json, text)
+    if not (r.passed and report.passed):
         sys.exit(1)
 
 
@@ -190,6 +201,30 @@ def check(path: Path, group_size: int | None, no_hash: bool, as_json: bool, verb
     _emit(report.to_json(), as_json, report.to_text(verbose))
     if not report.passed:
         sys.exit(1)
+
+
+@cli.command()
+@_config_option
+@click.option(
+    "--changelog", "version", default=None, help="Changelog version the cards describe (default: the latest)."
+)
+def render(config_path: Path, version: str | None) -> None:
+    """Render every branch's README.md (and expert-coverage plot) and the landing page.
+
+    Cards are built from the branch's own records (config, provenance, verify, coverage,
+    file sizes) through the Jinja templates in templates/ (or the config's `templates`),
+    with Hub metadata from huggingface_hub's ModelCardData. Writes <output_dir>/main/README.md
+    for the landing page and refreshes each branch's manifest.
+    """
+    from .manifest import write_manifest
+    from .render import render_release
+
+    cfg = _load(config_path)
+    result = render_release(cfg, version)
+    for b in cfg.branches:
+        write_manifest(cfg.output_dir / b.name, b.name)
+    for name, path in result.cards.items():
+        click.echo(f"{name}: {path}")
 
 
 @cli.command("check-manifest")

@@ -32,6 +32,7 @@ class BaseModelSpec(_Strict):
     hub_id: str | None = None
     revision: str | None = None
     license: str | None = Field(default=None, description="SPDX-like Hub license id of the parent")
+    card_id: str | None = Field(default=None, description="Hub id to name as base_model in cards when `path` is local")
 
     @model_validator(mode="after")
     def _one_source(self) -> BaseModelSpec:
@@ -46,6 +47,10 @@ class BaseModelSpec(_Strict):
     @property
     def display_id(self) -> str:
         return self.hub_id if self.hub_id else str(self.path)
+
+    @property
+    def card_base_model(self) -> str | None:
+        return self.hub_id or self.card_id
 
 
 class CalibrationSpec(_Strict):

@@ -1,0 +1,308 @@
+"""Model cards for every branch and the landing page on main, from Jinja templates and build records.
+
+Every figure on a card comes from a file in the branch: config.json, provenance.json,
+verify.json, expert_coverage.json and the safetensors sizes; the vLLM verdicts are recomputed
+from config.json with the same rules `check` uses. Rendering is deterministic: the same
+records give byte-identical cards.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from .architecture import Glm4MoeArch
+from .config import BranchSpec, ReleaseConfig
+from .coverage import ExpertCoverage
+from .errors import ReleaseError
+from .vllm_rules import TARGETS, servable_tp, serve_verdicts
+
+DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+CARD_FILE = "README.md"
+PLOT_FILE = "expert_coverage.png"
+COMMON_TP = (4, 8)
+# License ids the Hub accepts in model-card metadata (huggingface.co/docs/hub/repositories-licenses).
+HUB_LICENSES = frozenset(
+    """apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0
+    bigcode-openrail-m afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear
+    c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0
+    cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0
+    cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0 cdla-permissive-1.0 cdla-permissive-2.0 wtfpl
+    ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl
+    lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple-amlr mpl-2.0
+    odc-by odbl openmdw-1.0 openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl
+    lgpl-lr deepfloyd-if-license fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2
+    llama3.3 llama4 gemma unknown other""".split()
+)
+TAGS = ["compressed-tensors", "awq", "w4a16", "int4", "moe", "glm4_moe", "vllm", "quantized"]
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    cards: dict[str, Path]
+    version: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "cards": {k: str(v) for k, v in self.cards.items()}}
+
+
+# ---------------------------------------------------------------- changelog
+
+
+def load_changelog(path: Path | None, version: str | None) -> tuple[str, list[dict[str, Any]]]:
+    """Entries up to and including `version` (default: the latest), oldest first."""
+    if path is None:
+        raise ReleaseError(
+            "the config has no changelog", hint="set changelog: to a YAML list of {version, summary, changes}"
+        )
+    try:
+        entries = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ReleaseError(f"cannot read changelog {path}: {e}") from e
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and "version" in e and "summary" in e for e in entries
+    ):
+        raise ReleaseError(f"changelog {path} must be a YAML list of entries with version and summary")
+    versions = [str(e["version"]) for e in entries]
+    if version is None:
+        version = versions[-1]
+    if version not in versions:
+        raise ReleaseError(
+            f"changelog {path} has no version {version!r} (it has: {', '.join(versions)})",
+            hint="add an entry for this version to the release changelog, or pass one that exists",
+        )
+    return version, entries[: versions.index(version) + 1]
+
+
+# ---------------------------------------------------------------- records
+
+
+def _read_json(folder: Path, name: str, required: bool = True) -> dict[str, Any] | None:
+    path = folder / name
+    if not path.is_file():
+        if required:
+            raise ReleaseError(f"{path} is missing", hint="run `glmrel build-all` to produce the branch records first")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReleaseError(f"{path} is not valid JSON: {e}") from e
+
+
+def branch_record(cfg: ReleaseConfig, branch: BranchSpec) -> dict[str, Any]:
+    """Everything a card says about one branch, read from the branch's own files."""
+    folder = cfg.output_dir / branch.name
+    model_cfg = _read_json(folder, "config.json")
+    prov = _read_json(folder, "provenance.json")
+    quality = _read_json(folder, "verify.json", required=False)
+    coverage_raw = _read_json(folder, "expert_coverage.json", required=False)
+    assert model_cfg is not None and prov is not None
+    arch = Glm4MoeArch.from_config(model_cfg, str(folder / "config.json"))
+    qc = model_cfg.get("quantization_config") or {}
+    weights = ((qc.get("config_groups") or {}).get("group_0") or {}).get("weights") or {}
+    if weights.get("group_size") != branch.group_size:
+        raise ReleaseError(
+            f"{folder}/config.json has group_size {weights.get('group_size')}, the config says {branch.group_size}",
+            hint="rebuild the branch with `glmrel build-all --force`",
+        )
+    shards = sorted(folder.glob("*.safetensors"))
+    weight_bytes = sum(p.stat().st_size for p in shards)
+    verdicts = serve_verdicts(arch, branch.group_size)
+    hopper = TARGETS[0][0]
+    tp = servable_tp(verdicts, hopper)
+    tp_ep = servable_tp(verdicts, hopper, expert_parallel=True)
+    unsupported = [n for n in COMMON_TP if n not in tp and n <= arch.num_attention_heads]
+    reasons = {v.tp: v.summary() for v in verdicts if v.target == hopper and not v.expert_parallel and not v.servable}
+    coverage = ExpertCoverage.from_json(coverage_raw) if coverage_raw else None
+    cov = None
+    if coverage:
+        s = coverage.summary()
+        cov = {
+            "total_tokens": coverage.total_tokens,
+            "experts": s["experts"],
+            "layers": len(coverage.routed),
+            "routed_min": s["routed_min"],
+            "routed_max": s["routed_max"],
+            "calibrated_min": s["calibrated_min"],
+            "calibrated_max": s["calibrated_max"],
+            "routed_zero": s["routed_below"]["0"],
+            "routed_below_16": s["routed_below"]["16"],
+            "routed_below_128": s["routed_below"]["128"],
+            "all_experts": coverage.moe_calibrate_all_experts,
+        }
+    return {
+        "name": branch.name,
+        "description": branch.description,
+        "group_size": branch.group_size,
+        "bits": weights.get("num_bits"),
+        "symmetric": weights.get("symmetric"),
+        "strategy": weights.get("strategy"),
+        "format": qc.get("format"),
+        "ignore": qc.get("ignore") or [],
+        "weight_gib": round(weight_bytes / 2**30, 3),
+        "weight_mib": round(weight_bytes / 2**20, 1),
+        "shards": len(shards),
+        "tp": tp,
+        "tp_ep": tp_ep,
+        "tp_serve": max([n for n in tp if n <= 8], default=None),
+        "unsupported_common_tp": unsupported,
+        "unsupported_reasons": {n: reasons.get(n, "") for n in unsupported},
+        "quality": quality,
+        "coverage": cov,
+        "has_plot": (folder / PLOT_FILE).is_file(),
+        "calibration": prov["calibration"],
+        "moe_calibrate_all_experts": prov.get("moe_calibrate_all_experts"),
+        "libraries": prov.get("libraries", {}),
+        "tool": prov.get("tool", {}),
+        "arch": prov["base_model"]["architecture"],
+        "dtype": model_cfg.get("dtype") or model_cfg.get("torch_dtype"),
+    }
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def card_data(cfg: ReleaseConfig) -> ModelCardData:
+    license_id = cfg.base_model.license or "other"
+    if license_id not in HUB_LICENSES:
+        raise ReleaseError(
+            f"license {license_id!r} is not a license id the Hub accepts",
+            hint="use a Hub license id (e.g. apache-2.0, mit) or `other` with license_name/license_link",
+        )
+    datasets = [cfg.calibration.dataset] if cfg.calibration.dataset else None
+    return ModelCardData(
+        base_model=cfg.base_model.card_base_model,
+        base_model_relation="quantized" if cfg.base_model.card_base_model else None,
+        license=license_id,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(TAGS),
+        datasets=datasets,
+    )
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _environment(templates: Path) -> jinja2.Environment:
+    if not templates.is_dir():
+        raise ReleaseError(
+            f"templates folder {templates} does not exist",
+            hint="set templates: in the config or drop it for the defaults",
+        )
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+
+
+def _render(env: jinja2.Environment, name: str, context: dict[str, Any]) -> str:
+    try:
+        return env.get_template(name).render(**context)
+    except jinja2.TemplateSyntaxError as e:
+        raise ReleaseError(f"template {e.filename or name} line {e.lineno}: {e.message}") from e
+    except jinja2.UndefinedError as e:
+        where = name
+        for frame in reversed(traceback.extract_tb(e.__traceback__)):
+            if frame.filename.endswith(".j2"):
+                where = f"{Path(frame.filename).name} line {frame.lineno}"
+                break
+        raise ReleaseError(
+            f"template {where}: {e.message}", hint="the build records lack this value; rebuild or fix the template"
+        ) from e
+
+
+def compose_card(data: ModelCardData, body: str) -> str:
+    """Front matter from ModelCardData, then the body; checked to round-trip through ModelCard."""
+    text = f"---\n{data.to_yaml()}\n---\n{body}"
+    parsed = ModelCard(text).data.to_dict()
+    for key, value in data.to_dict().items():
+        if parsed.get(key) != value:
+            raise ReleaseError(
+                f"card metadata {key} does not round-trip through ModelCard ({value!r} -> {parsed.get(key)!r})"
+            )
+    return text
+
+
+def render_release(cfg: ReleaseConfig, version: str | None = None) -> RenderResult:
+    """Write README.md (+ expert-coverage plot) into every branch and the landing page into main/."""
+    version, changelog = load_changelog(cfg.changelog, version)
+    env = _environment(cfg.templates or DEFAULT_TEMPLATES)
+    data = card_data(cfg)
+    branches = [branch_record(cfg, b) for b in cfg.branches]
+    context = {
+        "release": {
+            "name": cfg.name,
+            "repo": cfg.hub_repo,
+            "base_model": cfg.base_model.card_base_model or cfg.base_model.display_id,
+            "base_revision": cfg.base_model.revision,
+            "license": data.license,
+        },
+        "version": version,
+        "changelog": changelog,
+        "branches": branches,
+    }
+    cards: dict[str, Path] = {}
+    for record in branches:
+        folder = cfg.output_dir / record["name"]
+        if record["coverage"]:
+            write_coverage_plot(
+                ExpertCoverage.from_json(_read_json(folder, "expert_coverage.json") or {}), folder / PLOT_FILE
+            )
+            record["has_plot"] = True
+        text = compose_card(data, _render(env, "branch.md.j2", {**context, "b": record}))
+        (folder / CARD_FILE).write_text(text)
+        cards[record["name"]] = folder / CARD_FILE
+    main = cfg.output_dir / "main"
+    main.mkdir(parents=True, exist_ok=True)
+    (main / CARD_FILE).write_text(compose_card(data, _render(env, "landing.md.j2", context)))
+    cards["main"] = main / CARD_FILE
+    return RenderResult(cards, version)
+
+
+def write_coverage_plot(coverage: ExpertCoverage, path: Path) -> None:
+    """Tokens per expert under plain top-k routing (sorted, per MoE layer) vs. MoE-aware calibration."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ReleaseError(
+            "matplotlib is needed to draw the expert-coverage plot", hint="pip install 'glmrel[quantize]'"
+        ) from e
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=100)
+    n_experts = 0
+    for layer in sorted(coverage.routed):
+        counts = sorted(coverage.routed[layer], reverse=True)
+        n_experts = len(counts)
+        ax.plot(range(1, n_experts + 1), [max(c, 0.8) for c in counts], color="tab:blue", alpha=0.5, lw=1)
+    calibrated = min(min(v) for v in coverage.calibrated.values()) if coverage.calibrated else 0
+    ax.axhline(
+        calibrated,
+        color="tab:green",
+        lw=2.5,
+        label=f"MoE-aware calibration: every expert sees all {calibrated:,} tokens",
+    )
+    ax.plot([], [], color="tab:blue", label=f"plain top-k routing, one line per MoE layer ({len(coverage.routed)})")
+    ax.set_yscale("log")
+    ax.set_xlabel("experts, sorted by routed tokens")
+    ax.set_ylabel("calibration tokens (0 drawn at the bottom)")
+    ax.set_title("Calibration tokens per expert")
+    ax.set_xlim(1, max(n_experts, 2))
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
