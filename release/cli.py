@@ -266,6 +266,47 @@ def manifest(path: Path, export: Path | None) -> None:
         click.echo(f"exported to {export / (m.branch + '.json')}")
 
 
+@cli.command()
+@_config_option
+@click.option(
+    "--changelog",
+    "version",
+    required=True,
+    help="Release version to publish, e.g. v1 (must be in the release changelog).",
+)
+@click.option("--remote", default=None, help="Git remote URL or path (default: the config's publish_remote).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan (and results) as JSON.")
+def publish(config_path: Path, version: str, remote: str | None, dry_run: bool, as_json: bool) -> None:
+    """Publish the built release: one orphan branch per quant branch, main, and tags.
+
+    First compares the local release with the remote's refs and prints a plan (repo to
+    create, per branch the files to add / change / delete, tags to create). Refuses a branch
+    that fails `check`. A second run with nothing changed does nothing; a run interrupted
+    midway resumes. After pushing, reads every revision back and checks it.
+    """
+    from .publish import apply_plan, plan_publish, verify_published
+
+    cfg = _load(config_path)
+    plan, backend = plan_publish(cfg, version, remote)
+    if as_json and dry_run:
+        _emit(plan.to_json(), True, "")
+        return
+    click.echo(plan.to_text())
+    if dry_run:
+        return
+    if not plan.empty:
+        apply_plan(plan, backend, echo=click.echo)
+    results = verify_published(cfg, backend, plan.version)
+    for r in results:
+        click.echo(f"  {'ok  ' if r.passed else 'FAIL'} {r.ref}: {r.detail}")
+    if not all(r.passed for r in results):
+        raise ReleaseError("a published revision failed its read-back check", hint="see the FAIL lines above")
+    click.echo(
+        f"published {plan.version} to {plan.remote}: {'nothing to do' if plan.empty else 'done'}; all revisions verified"
+    )
+
+
 def main() -> None:
     cli(prog_name="glmrel")
 

@@ -41,6 +41,7 @@ def demo_raw_config(assets) -> dict:
     raw["calibration"]["path"] = str(assets.calibration)
     raw["verify"]["heldout"] = str(assets.heldout)
     raw["recipe"] = str(REPO / "recipes" / "glm4moe_awq_w4a16.yaml.j2")
+    raw["changelog"] = str(REPO / "releases" / "demo-changelog.yaml")
     return raw
 
 

@@ -1,0 +1,167 @@
+"""glmrel publish (git backend) against a real local bare repository."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import git
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import release.publish as publish_mod
+from release.cli import cli
+from release.config import load_config
+from release.errors import ReleaseError
+from release.manifest import MANIFEST_FILE, branch_files
+from release.publish import apply_plan, plan_publish, verify_published
+
+pytestmark = pytest.mark.slow
+BRANCHES = ("W4A16_GS32", "W4A16_GS64", "W4A16_GS128")
+
+
+@pytest.fixture()
+def release_copy(demo_release, tmp_path):
+    """The demo build copied (so a test may change it), with a fresh remote path."""
+    out = tmp_path / "out"
+    shutil.copytree(demo_release["config"].output_dir, out, ignore=shutil.ignore_patterns(".publish-cache.git"))
+    raw = yaml.safe_load(demo_release["config_path"].read_text())
+    raw["output_dir"] = str(out)
+    raw["publish_remote"] = str(tmp_path / "remote.git")
+    path = tmp_path / "release.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def refs(remote: Path) -> dict[str, str]:
+    out = subprocess.run(
+        ["git", "--git-dir", str(remote), "for-each-ref", "--format=%(refname) %(objectname)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(line.split() for line in out.splitlines())
+
+
+def publish(config: Path, *extra: str):
+    return CliRunner().invoke(
+        cli, ["publish", "--config", str(config), "--changelog", "v1", *extra], catch_exceptions=False
+    )
+
+
+def test_publish_clones_back_byte_for_byte_with_tags(release_copy, tmp_path):
+    res = publish(release_copy)
+    assert res.exit_code == 0, res.output
+    assert "all revisions verified" in res.output
+    cfg = load_config(release_copy)
+    remote = Path(cfg.publish_remote)
+    for name in (*BRANCHES, "main"):
+        clone = tmp_path / f"clone-{name}"
+        git.Repo.clone_from(str(remote), clone, branch=name, single_branch=True)
+        published = {p.name: p.read_bytes() for p in clone.iterdir() if p.name != ".git"}
+        folder = cfg.output_dir / name
+        expected = {p.name: p.read_bytes() for p in branch_files(folder)}
+        if name != "main":
+            expected[MANIFEST_FILE] = (folder / MANIFEST_FILE).read_bytes()
+        assert published == expected, name
+        assert not any(p.suffix == ".safetensors" for p in clone.iterdir()) if name == "main" else True
+        commits = list(git.Repo(clone).iter_commits())
+        assert len(commits) == 1 and not commits[0].parents, f"{name} must be an orphan branch with one commit"
+        assert commits[0].message.startswith("tiny-GLM-4-MoE-W4A16 v1: First release")
+    r = git.Repo(str(remote))
+    assert r.tags["v1"].commit.hexsha == r.heads["main"].commit.hexsha
+    for b in BRANCHES:
+        assert r.tags[f"v1-{b}"].commit.hexsha == r.heads[b].commit.hexsha
+        assert r.tags[f"v1-{b}"].tag is not None, "tags are annotated"
+
+
+def test_second_publish_makes_no_commit(release_copy):
+    assert publish(release_copy).exit_code == 0
+    remote = Path(load_config(release_copy).publish_remote)
+    before = refs(remote)
+    res = publish(release_copy)
+    assert res.exit_code == 0 and "nothing to do" in res.output
+    assert refs(remote) == before
+
+
+def test_dry_run_writes_nothing(release_copy, tmp_path):
+    res = publish(release_copy, "--dry-run")
+    assert res.exit_code == 0
+    assert "create repository" in res.output and "W4A16_GS32: create orphan branch; 15 to add" in res.output
+    assert not (tmp_path / "remote.git").exists()
+
+
+def test_interrupted_publish_resumes(release_copy, monkeypatch):
+    cfg = load_config(release_copy)
+    real_push = publish_mod.GitRemote.push_branch
+    pushed = []
+
+    def flaky(self, branch, commit, expected):
+        if pushed:
+            raise KeyboardInterrupt("connection lost")
+        pushed.append(branch)
+        real_push(self, branch, commit, expected)
+
+    monkeypatch.setattr(publish_mod.GitRemote, "push_branch", flaky)
+    plan, backend = plan_publish(cfg, "v1")
+    with pytest.raises(KeyboardInterrupt):
+        apply_plan(plan, backend, echo=lambda s: None)
+    monkeypatch.setattr(publish_mod.GitRemote, "push_branch", real_push)
+    first = refs(Path(cfg.publish_remote))
+    assert list(first) == ["refs/heads/W4A16_GS32"]
+    plan, backend = plan_publish(cfg, "v1")
+    assert [b.name for b in plan.branches if b.up_to_date] == ["W4A16_GS32"]
+    apply_plan(plan, backend, echo=lambda s: None)
+    after = refs(Path(cfg.publish_remote))
+    assert after["refs/heads/W4A16_GS32"] == first["refs/heads/W4A16_GS32"], "the finished branch is not redone"
+    assert all(r.passed for r in verify_published(cfg, backend, "v1"))
+
+
+def test_remote_that_moved_since_the_plan(release_copy, tmp_path):
+    cfg = load_config(release_copy)
+    plan, backend = plan_publish(cfg, "v1")
+    # another publisher creates the branch after our plan was made
+    other = tmp_path / "other"
+    git.Repo.init(other, initial_branch="W4A16_GS32")
+    (other / "x.txt").write_text("x")
+    r = git.Repo(other)
+    r.index.add(["x.txt"])
+    r.index.commit("someone else")
+    git.Repo.init(cfg.publish_remote, bare=True, initial_branch="main")
+    r.git.push(cfg.publish_remote, "W4A16_GS32:refs/heads/W4A16_GS32")
+    plan.create_repo = False
+    with pytest.raises(ReleaseError) as e:
+        apply_plan(plan, backend, echo=lambda s: None)
+    assert "the remote's branch W4A16_GS32 moved since the plan" in e.value.message
+    assert refs(Path(cfg.publish_remote))["refs/heads/W4A16_GS32"] == r.head.commit.hexsha, "their commit was kept"
+
+
+def test_tag_at_a_different_commit_is_never_moved(release_copy):
+    cfg = load_config(release_copy)
+    assert publish(release_copy).exit_code == 0
+    card = cfg.output_dir / "W4A16_GS64" / "README.md"
+    card.write_text(card.read_text() + "\nA later fix to the card.\n")
+    from release.manifest import write_manifest
+
+    write_manifest(cfg.output_dir / "W4A16_GS64")
+    before = refs(Path(cfg.publish_remote))
+    res = CliRunner().invoke(cli, ["publish", "--config", str(release_copy), "--changelog", "v1"])
+    assert res.exit_code == 1
+    assert "Error: tag v1-W4A16_GS64 already exists on the remote" in res.output
+    assert "published tags never move" in res.output
+    assert refs(Path(cfg.publish_remote)) == before, "nothing was pushed"
+
+
+def test_branch_failing_check_is_refused(release_copy):
+    cfg = load_config(release_copy)
+    (cfg.output_dir / "W4A16_GS32" / "config.json").write_text("{}")
+    res = CliRunner().invoke(cli, ["publish", "--config", str(release_copy), "--changelog", "v1"])
+    assert res.exit_code == 1 and "Error: branch W4A16_GS32 fails check" in res.output
+    assert not Path(cfg.publish_remote).exists()
+
+
+def test_unknown_version_is_refused(release_copy):
+    res = CliRunner().invoke(cli, ["publish", "--config", str(release_copy), "--changelog", "v7"])
+    assert res.exit_code == 1 and "has no version 'v7'" in res.output
