@@ -20,6 +20,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/glmrel demo-assets
 	$(BIN)/glmrel build-all --config configs/demo.yaml
+	$(BIN)/glmrel publish --config configs/demo.yaml --changelog v1
+
+## bench: the light benchmarks (check speed on a GLM-4.7-shaped branch, hashing throughput)
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.check_speed
+	$(BIN)/python -m benchmarks.check_speed --hash-bench
 
 ## test: run the test suite
 test: $(STAMP)
