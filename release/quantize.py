@@ -23,6 +23,7 @@ from . import __version__
 from .architecture import Glm4MoeArch
 from .config import BranchSpec, ReleaseConfig
 from .errors import ReleaseError
+from .manifest import write_manifest
 from .recipe import render_recipe
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ def quantize_branch(cfg: ReleaseConfig, branch_name: str, *, force: bool = False
         }
         (tmp / ".calibration.json").unlink()
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        write_manifest(tmp, branch.name)
         # Swap in only a complete folder: an interrupted run leaves a hidden .partial, never a branch.
         if out_dir.exists():
             old = cfg.output_dir / f".{branch.name}.old-{os.getpid()}"

@@ -88,19 +88,35 @@ def _perplexity(logprobs, batches) -> float:
     return math.exp(nll / n)
 
 
-def vllm_status() -> str:
-    """Run vLLM only where it can run; otherwise say plainly why it was skipped."""
+def vllm_check(branch_dir: Path) -> tuple[str, bool]:
+    """Load the branch in vLLM and generate a short chat reply, where vLLM and a GPU exist.
+
+    Returns (status line, failed). Where it cannot run, the line says "skipped" and why —
+    never "passed".
+    """
     try:
         import torch
     except ImportError:
-        return "vLLM check skipped: torch is not installed"
+        return "vLLM check skipped: torch is not installed", False
     if not torch.cuda.is_available():
-        return "vLLM check skipped: no CUDA GPU on this machine"
+        return "vLLM check skipped: no CUDA GPU on this machine", False
     try:
-        import vllm  # noqa: F401
+        from vllm import LLM, SamplingParams
     except ImportError:
-        return "vLLM check skipped: vllm is not installed"
-    return "vLLM check skipped: vLLM serving check is not implemented yet"
+        return "vLLM check skipped: vllm is not installed", False
+    try:
+        llm = LLM(model=str(branch_dir), quantization="compressed-tensors", max_model_len=1024, enforce_eager=True)
+        out = llm.chat(
+            [{"role": "user", "content": "Say hello in one sentence."}],
+            SamplingParams(max_tokens=16, temperature=0.0),
+        )
+        n = len(out[0].outputs[0].token_ids)
+        del llm
+    except Exception as e:  # any load or kernel error is the finding this check exists for
+        return f"vLLM check FAILED: {type(e).__name__}: {e}", True
+    if n == 0:
+        return "vLLM check FAILED: generated no tokens", True
+    return f"vLLM check passed: loaded with --quantization compressed-tensors and generated {n} tokens", False
 
 
 def verify_branch(cfg: ReleaseConfig, branch: str, branch_dir: Path, reference: BaseReference) -> QualityReport:
@@ -137,7 +153,11 @@ def verify_branch(cfg: ReleaseConfig, branch: str, branch_dir: Path, reference: 
         out = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)
     decoded = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
+    del model
+    vllm_line, vllm_failed = vllm_check(branch_dir)
     failures = []
+    if vllm_failed:
+        failures.append(vllm_line)
     if not math.isfinite(mean_kl) or mean_kl > cfg.verify.max_kl:
         failures.append(f"mean KL {mean_kl:.4f} exceeds verify.max_kl {cfg.verify.max_kl}")
     if agreement < cfg.verify.min_top1:
@@ -157,7 +177,7 @@ def verify_branch(cfg: ReleaseConfig, branch: str, branch_dir: Path, reference: 
         min_top1=cfg.verify.min_top1,
         decode_prompt=prompt,
         decode_text=decoded,
-        vllm=vllm_status(),
+        vllm=vllm_line,
         failures=failures,
         seconds=round(time.time() - t0, 2),
     )
