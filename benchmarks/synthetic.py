@@ -69,7 +69,7 @@ def build(
     import torch
     from transformers import AutoTokenizer, Glm4MoeConfig, Glm4MoeForCausalLM
 
-    from release.tiny import _append_mtp_layer, ensure_demo_assets
+    from release.tiny import GLM4MOE_FEATURES, _append_mtp_layer, ensure_demo_assets
 
     assets = ensure_demo_assets(log=print)
     p = dict(PRESETS[preset])
@@ -80,18 +80,8 @@ def build(
     cfg = Glm4MoeConfig(
         vocab_size=vocab,
         num_hidden_layers=n_layers,
-        first_k_dense_replace=1,
-        n_shared_experts=1,
-        n_group=1,
-        topk_group=1,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-        attention_bias=True,
-        use_qk_norm=True,
-        partial_rotary_factor=0.5,
         max_position_embeddings=max(4096, seq),
-        tie_word_embeddings=False,
-        num_nextn_predict_layers=1,
+        **GLM4MOE_FEATURES,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,

@@ -39,17 +39,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-TINY_ARCH = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    moe_intermediate_size=128,
-    num_hidden_layers=4,
+# What every glmrel-built GLM-4-MoE shares with GLM-4.7's architecture, whatever its size
+# (a dense prefix of one layer here; GLM-4.7 has three).
+GLM4MOE_FEATURES = dict(
     first_k_dense_replace=1,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
     n_shared_experts=1,
     n_group=1,
     topk_group=1,
@@ -58,9 +51,21 @@ TINY_ARCH = dict(
     attention_bias=True,
     use_qk_norm=True,
     partial_rotary_factor=0.5,
-    max_position_embeddings=2048,
     tie_word_embeddings=False,
     num_nextn_predict_layers=1,
+)
+TINY_ARCH = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=2048,
+    **GLM4MOE_FEATURES,
 )
 VOCAB_SIZE = 4096
 TRAIN_STEPS = 160
