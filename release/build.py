@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .check import check_branch
@@ -90,7 +89,3 @@ def build_all(
             hint="run `glmrel check PATH` on the branch for the full report",
         )
     return BuildResult(builds, quality)
-
-
-def branch_dirs(cfg: ReleaseConfig) -> dict[str, Path]:
-    return {b.name: cfg.output_dir / b.name for b in cfg.branches}
