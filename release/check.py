@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,35 +117,40 @@ def read_shard(path: Path) -> tuple[SafetensorsFileMetadata | None, list[str]]:
         meta = parse_local_safetensors_file_metadata(path)
     except Exception as e:  # huggingface_hub raises SafetensorsParsingError, JSON and key errors
         return None, [f"{path.name}: header is not valid safetensors JSON ({type(e).__name__}: {e})"]
-    data_size = size - 8 - n
+    return meta, validate_layout(path.name, meta, size - 8 - n)
+
+
+def validate_layout(fname: str, meta: SafetensorsFileMetadata, data_size: int) -> list[str]:
+    """Every tensor has a known dtype, spans exactly its bytes, ends inside the data region, and
+    no two tensors overlap. `data_size` is the file size less the 8-byte length and the header."""
     errors: list[str] = []
     spans = []
     for name, t in meta.tensors.items():
         begin, end = t.data_offsets
         if t.dtype not in DTYPE_BYTES:
-            errors.append(f"{path.name}: tensor {name} has unknown dtype {t.dtype}")
+            errors.append(f"{fname}: tensor {name} has unknown dtype {t.dtype}")
             continue
         numel = 1
         for d in t.shape:
             numel *= d
         if not 0 <= begin <= end:
-            errors.append(f"{path.name}: tensor {name} has offsets [{begin}, {end}] out of order")
+            errors.append(f"{fname}: tensor {name} has offsets [{begin}, {end}] out of order")
         elif end > data_size:
             errors.append(
-                f"{path.name}: tensor {name} ends at byte {end} but the data region holds {data_size} bytes "
+                f"{fname}: tensor {name} ends at byte {end} but the data region holds {data_size} bytes "
                 "(truncated shard or out-of-range offsets)"
             )
         elif end - begin != numel * DTYPE_BYTES[t.dtype]:
             errors.append(
-                f"{path.name}: tensor {name} spans {end - begin} bytes, {t.dtype}{t.shape} needs {numel * DTYPE_BYTES[t.dtype]}"
+                f"{fname}: tensor {name} spans {end - begin} bytes, {t.dtype}{t.shape} needs {numel * DTYPE_BYTES[t.dtype]}"
             )
         spans.append((begin, end, name))
     spans.sort()
     for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            errors.append(f"{path.name}: tensors {n0} and {n1} overlap (bytes {b1}..{e0})")
+            errors.append(f"{fname}: tensors {n0} and {n1} overlap (bytes {b1}..{e0})")
             break
-    return meta, errors
+    return errors
 
 
 # ---------------------------------------------------------------- expected inventory
@@ -315,8 +321,59 @@ def _check_quantization_config(report: CheckReport, cfg: dict, arch: Glm4MoeArch
 # ---------------------------------------------------------------- files
 
 
-def _check_files(report: CheckReport, folder: Path, manifest: Manifest | None, no_hash: bool) -> list[Path]:
-    """Required files, index vs shards, path safety, manifest sizes/hashes. Returns the shards to read."""
+def _check_required(report: CheckReport, names: set[str], tokenizer_config: Callable[[], dict]) -> None:
+    for req in REQUIRED_FILES:
+        if req not in names:
+            report.fail("files", f"required file {req} is missing")
+    if not ({"tokenizer.json", "tokenizer.model"} & names):
+        report.fail("files", "no tokenizer (tokenizer.json or tokenizer.model)")
+    if "chat_template.jinja" not in names and not tokenizer_config().get("chat_template"):
+        report.fail("files", "no chat template (chat_template.jinja or tokenizer_config.json's chat_template)")
+
+
+def _check_index(
+    report: CheckReport, names: set[str], read_index: Callable[[], Any]
+) -> tuple[list[str], dict[str, str] | None]:
+    """Which shards to read: those the index names (each must exist, no stray shard), or the
+    single shard when there is no index. Returns (shard names, weight map or None)."""
+    shards_present = sorted(n for n in names if n.endswith(".safetensors"))
+    if INDEX_FILE not in names:
+        if len(shards_present) == 1:
+            return shards_present, None
+        if not shards_present:
+            report.fail("files", "no *.safetensors weights")
+        else:
+            report.fail("files", f"{len(shards_present)} shards but no {INDEX_FILE}")
+        return [], None
+    try:
+        weight_map = read_index()["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
+        report.fail("files", f"{INDEX_FILE} is unreadable or has no weight_map ({e!r})")
+        weight_map = {}
+    referenced = sorted(set(weight_map.values()))
+    shards = []
+    for shard in referenced:
+        if "/" in shard or "\\" in shard or shard.startswith(".."):
+            report.fail("files", f"{INDEX_FILE} names shard {shard!r} outside the branch folder")
+        elif shard not in names:
+            report.fail("files", f"{INDEX_FILE} names shard {shard} which is missing")
+        else:
+            shards.append(shard)
+    for stray in sorted(set(shards_present) - set(referenced)):
+        report.fail("files", f"shard {stray} is not referenced by {INDEX_FILE} (stray shard)")
+    return shards, weight_map
+
+
+def _json_file(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _check_files(
+    report: CheckReport, folder: Path, manifest: Manifest | None, no_hash: bool
+) -> tuple[list[Path], dict[str, str] | None]:
+    """Required files, index vs shards, path safety, manifest sizes/hashes.
+    Returns the shards to read and the index's weight map (None without an index)."""
     root = folder.resolve()
     for p in folder.iterdir():
         if p.is_symlink():
@@ -326,46 +383,16 @@ def _check_files(report: CheckReport, folder: Path, manifest: Manifest | None, n
             else:
                 report.fail("files", f"{p.name} is a symbolic link; a branch must hold regular files")
     names = {p.name for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
-    for req in REQUIRED_FILES:
-        if req not in names:
-            report.fail("files", f"required file {req} is missing")
-    if not ({"tokenizer.json", "tokenizer.model"} & names):
-        report.fail("files", "no tokenizer (tokenizer.json or tokenizer.model)")
-    if "chat_template.jinja" not in names:
-        try:
-            tc = json.loads((folder / "tokenizer_config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            tc = {}
-        if not tc.get("chat_template"):
-            report.fail("files", "no chat template (chat_template.jinja or tokenizer_config.json's chat_template)")
 
-    shards_on_disk = sorted(n for n in names if n.endswith(".safetensors"))
-    shards: list[Path] = []
-    if INDEX_FILE in names:
+    def tokenizer_config() -> dict:
         try:
-            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (OSError, json.JSONDecodeError, KeyError, AssertionError) as e:
-            report.fail("files", f"{INDEX_FILE} is unreadable or has no weight_map ({e!r})")
-            weight_map = {}
-        referenced = sorted(set(weight_map.values()))
-        for shard in referenced:
-            target = (folder / shard).resolve()
-            if "/" in shard or "\\" in shard or shard.startswith("..") or target.parent != root:
-                report.fail("files", f"{INDEX_FILE} names shard {shard!r} outside the branch folder")
-            elif shard not in names:
-                report.fail("files", f"{INDEX_FILE} names shard {shard} which is missing")
-            else:
-                shards.append(folder / shard)
-        for stray in sorted(set(shards_on_disk) - set(referenced)):
-            report.fail("files", f"shard {stray} is not referenced by {INDEX_FILE} (stray shard)")
-        report._weight_map = weight_map  # type: ignore[attr-defined]
-    elif len(shards_on_disk) == 1:
-        shards = [folder / shards_on_disk[0]]
-    elif not shards_on_disk:
-        report.fail("files", "no *.safetensors weights")
-    else:
-        report.fail("files", f"{len(shards_on_disk)} shards but no {INDEX_FILE}")
+            return dict(_json_file(folder / "tokenizer_config.json"))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError):
+            return {}
+
+    _check_required(report, names, tokenizer_config)
+    shard_names, weight_map = _check_index(report, names, lambda: _json_file(folder / INDEX_FILE))
+    shards = [folder / n for n in shard_names]
 
     if manifest is None:
         report.fail(
@@ -394,7 +421,7 @@ def _check_files(report: CheckReport, folder: Path, manifest: Manifest | None, n
             report.ok(
                 "manifest", f"{len(files)} files match the manifest ({'sizes' if no_hash else 'sizes and sha256'})"
             )
-    return shards
+    return shards, weight_map
 
 
 # ---------------------------------------------------------------- entry point
@@ -421,21 +448,33 @@ def check_branch(path: Path, *, group_size: int | None = None, no_hash: bool = F
             manifest = Manifest.load(folder / MANIFEST_FILE)
         except ReleaseError as e:
             report.fail("manifest", e.message)
-    shards = _check_files(report, folder, manifest, no_hash)
+    shards, weight_map = _check_files(report, folder, manifest, no_hash)
+    found = _read_all_shards(report, [(p.name, lambda p=p: read_shard(p)) for p in shards])
     try:
-        cfg = json.loads((folder / "config.json").read_text())
-        arch = Glm4MoeArch.from_config(cfg, str(folder / "config.json"))
+        cfg = _json_file(folder / "config.json")
     except (OSError, json.JSONDecodeError) as e:
         report.fail("config", f"config.json is unreadable: {e}")
         return report
+    _check_model(report, cfg, str(folder / "config.json"), found, weight_map)
+    return report
+
+
+Found = dict[str, tuple[str, tuple[int, ...], str]]
+
+
+def _check_model(
+    report: CheckReport, cfg: dict, cfg_source: str, found: Found, weight_map: dict[str, str] | None
+) -> None:
+    """What a branch holds against what its config.json says it must: quantization metadata,
+    index vs shard headers, the full tensor inventory, and vLLM's kernel rules."""
+    try:
+        arch = Glm4MoeArch.from_config(cfg, cfg_source)
     except ReleaseError as e:
         report.fail("config", e.message)
-        return report
+        return
     gs = _check_quantization_config(report, cfg, arch, report.group_size)
     if report.group_size is None:
         report.group_size = gs
-    found = _read_all_shards(report, shards)
-    weight_map = getattr(report, "_weight_map", None)
     if weight_map is not None:
         mapped, present = set(weight_map), set(found)
         for name in sorted(mapped - present)[:20]:
@@ -453,14 +492,16 @@ def check_branch(path: Path, *, group_size: int | None = None, no_hash: bool = F
         report.vllm = serve_verdicts(arch, report.group_size, act_dtype={"F16": "float16"}.get(model_dtype, "bfloat16"))
     else:
         report.fail("config", "cannot tell the branch's group size (no _GS<n> suffix and no group_size in config)")
-    return report
 
 
-def _read_all_shards(report: CheckReport, shards: list[Path]) -> dict[str, tuple[str, tuple[int, ...], str]]:
-    found: dict[str, tuple[str, tuple[int, ...], str]] = {}
+ShardReader = Callable[[], tuple[SafetensorsFileMetadata | None, list[str]]]
+
+
+def _read_all_shards(report: CheckReport, shards: list[tuple[str, ShardReader]]) -> Found:
+    found: Found = {}
     errors = 0
-    for shard in shards:
-        meta, problems = read_shard(shard)
+    for shard, read in shards:
+        meta, problems = read()
         for p in problems:
             report.fail("headers", p)
         errors += len(problems)
@@ -468,8 +509,8 @@ def _read_all_shards(report: CheckReport, shards: list[Path]) -> dict[str, tuple
             continue
         for name, t in meta.tensors.items():
             if name in found:
-                report.fail("headers", f"tensor {name} appears in both {found[name][2]} and {shard.name}")
-            found[name] = (t.dtype, tuple(t.shape), shard.name)
+                report.fail("headers", f"tensor {name} appears in both {found[name][2]} and {shard}")
+            found[name] = (t.dtype, tuple(t.shape), shard)
     report.tensors, report.shards = len(found), len(shards)
     if not errors and shards:
         report.ok("headers", f"{len(shards)} shard headers valid")
@@ -512,4 +553,119 @@ def check_manifest_file(path: Path, group_size: int | None = None) -> CheckRepor
         report.fail("quantization", "lm_head is not in ignore")
     if report.passed:
         report.ok("manifest", f"{len(m.files)} files, {m.total_bytes} bytes, GS{q.get('group_size')}")
+    return report
+
+
+# ---------------------------------------------------------------- a published revision
+
+
+def check_remote(
+    repo_id: str, revision: str, *, group_size: int | None = None, api: Any = None, token: str | None = None
+) -> CheckReport:
+    """Check a published Hub revision without downloading weights.
+
+    The file list, sizes and LFS sha256 come from `list_repo_tree`; small (non-LFS) files are
+    downloaded and hashed; shard headers are read with `parse_safetensors_file_metadata` (HTTP
+    Range requests). Shards are taken from the index rather than `get_safetensors_metadata`,
+    which reads only `model.safetensors` when that file exists — and compressed-tensors writes
+    the MTP layer to a second shard beside it, listed in the index.
+    """
+    import os
+    import tempfile
+
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    api = api or HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    report = CheckReport(f"{repo_id}@{revision}", expected_group_size(Path(revision), group_size))
+    try:
+        tree = {
+            f.path: f
+            for f in api.list_repo_tree(repo_id, revision=revision, recursive=True)
+            if getattr(f, "size", None) is not None and f.path != ".gitattributes"
+        }
+    except RepositoryNotFoundError as e:
+        raise ReleaseError(
+            f"repository {repo_id} was not found (or the token cannot read it)",
+            hint="check the repo id, and HF_TOKEN for a private repo",
+        ) from e
+    except RevisionNotFoundError as e:
+        raise ReleaseError(
+            f"{repo_id} has no revision {revision}",
+            hint=f"list its branches and tags with `hf repo-refs {repo_id}` or publish first",
+        ) from e
+    except (HfHubHTTPError, httpx.HTTPError) as e:
+        raise ReleaseError(
+            f"cannot list {repo_id}@{revision} on {api.endpoint}: {type(e).__name__}: {e}",
+            hint="check the network and HF_ENDPOINT",
+        ) from e
+    names = {p for p in tree if "/" not in p}
+    for nested in sorted(set(tree) - names):
+        report.fail("files", f"{nested} is in a subfolder; a branch holds a flat set of files")
+
+    with tempfile.TemporaryDirectory(prefix="glmrel-remote-") as tmp:
+
+        def fetch(name: str) -> Path:
+            return Path(api.hf_hub_download(repo_id, name, revision=revision, cache_dir=tmp))
+
+        def json_of(name: str) -> Any:
+            try:
+                return _json_file(fetch(name))
+            except (HfHubHTTPError, httpx.HTTPError) as e:
+                raise OSError(f"cannot download {name}: {e}") from e
+
+        def tokenizer_config() -> dict:
+            try:
+                return dict(json_of("tokenizer_config.json"))
+            except (OSError, json.JSONDecodeError, TypeError, ValueError):
+                return {}
+
+        _check_required(report, names, tokenizer_config)
+        shard_names, weight_map = _check_index(report, names, lambda: json_of(INDEX_FILE))
+
+        manifest = None
+        if MANIFEST_FILE not in names:
+            report.fail("manifest", f"no {MANIFEST_FILE} in the revision")
+        else:
+            try:
+                manifest = Manifest.from_json(json_of(MANIFEST_FILE), f"{revision}:{MANIFEST_FILE}")
+            except (OSError, json.JSONDecodeError, ReleaseError) as e:
+                report.fail("manifest", getattr(e, "message", str(e)))
+        if manifest is not None:
+            published = {n: tree[n] for n in names if n != MANIFEST_FILE}
+            for extra in sorted(published.keys() - manifest.files.keys()):
+                report.fail("manifest", f"file {extra} is published but not in the manifest")
+            for gone in sorted(manifest.files.keys() - published.keys()):
+                report.fail("manifest", f"file {gone} is in the manifest but not published")
+            for name in sorted(published.keys() & manifest.files.keys()):
+                entry, f = manifest.files[name], published[name]
+                if f.size != entry.size:
+                    report.fail("manifest", f"{name} is {f.size} bytes on the Hub, the manifest says {entry.size}")
+                elif f.lfs is not None and f.lfs.sha256 != entry.sha256:
+                    report.fail("manifest", f"{name}: the Hub's LFS sha256 differs from the manifest")
+                elif f.lfs is None and sha256_file(fetch(name)) != entry.sha256:
+                    report.fail("manifest", f"{name}: the published bytes' sha256 differs from the manifest")
+            if not any(i.check == "manifest" and not i.ok for i in report.items):
+                report.ok("manifest", f"{len(published)} files match the manifest (sizes; LFS and file sha256)")
+
+        def header(shard: str) -> ShardReader:
+            def read() -> tuple[SafetensorsFileMetadata | None, list[str]]:
+                try:
+                    meta = api.parse_safetensors_file_metadata(repo_id, shard, revision=revision)
+                except Exception as e:  # huggingface_hub raises SafetensorsParsingError and HTTP errors
+                    return None, [f"{shard}: header cannot be read ({type(e).__name__}: {e})"]
+                # The header's own length is not returned, so size - 8 bounds the data region from
+                # above; the LFS sha256 matched against the manifest pins the exact bytes.
+                return meta, validate_layout(shard, meta, tree[shard].size - 8)
+
+            return read
+
+        found = _read_all_shards(report, [(s, header(s)) for s in shard_names])
+        try:
+            cfg = json_of("config.json")
+        except (OSError, json.JSONDecodeError) as e:
+            report.fail("config", f"config.json is unreadable: {e}")
+            return report
+        _check_model(report, cfg, f"{revision}:config.json", found, weight_map)
     return report

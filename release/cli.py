@@ -180,24 +180,56 @@ def build_all_cmd(config_path: Path, force: bool, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path), required=False)
+@click.option("--remote", "repo_id", default=None, help="Check a published Hub repo (owner/name) instead of a folder.")
+@click.option("--revision", default=None, help="With --remote: the branch, tag or commit to check.")
 @click.option(
-    "--group-size", type=int, default=None, help="Expected group size (default: from the folder's _GS<n> suffix)."
+    "--group-size",
+    type=int,
+    default=None,
+    help="Expected group size (default: from the folder's or revision's _GS<n> suffix).",
 )
 @click.option("--no-hash", is_flag=True, help="Compare file sizes with the manifest but skip sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Also list passed checks and every GPU target.")
-def check(path: Path, group_size: int | None, no_hash: bool, as_json: bool, verbose: bool) -> None:
-    """Check a branch folder without loading weights (no torch needed).
+def check(
+    path: Path | None,
+    repo_id: str | None,
+    revision: str | None,
+    group_size: int | None,
+    no_hash: bool,
+    as_json: bool,
+    verbose: bool,
+) -> None:
+    """Check a branch folder, or a published Hub revision, without loading weights (no torch).
 
     Validates config.json's quantization_config, the files against the index and the
     manifest, every safetensors header, the full tensor inventory derived from the model's
     config, and which tensor-parallel sizes vLLM can serve the branch at (and with which
-    kernel). Exit 0 only when every check passes.
+    kernel). With --remote REPO --revision REF the same checks run against the Hub: file
+    list, sizes and LFS sha256 against the published manifest, and shard headers read with
+    HTTP range requests; weights are never downloaded. Exit 0 only when every check passes.
     """
-    from .check import check_branch
+    from .check import check_branch, check_remote
 
-    report = check_branch(path, group_size=group_size, no_hash=no_hash)
+    if (path is None) == (repo_id is None):
+        raise ReleaseError(
+            "check needs exactly one of PATH or --remote REPO",
+            hint="glmrel check out/demo/W4A16_GS64, or glmrel check --remote owner/name --revision W4A16_GS64",
+        )
+    if repo_id is not None:
+        if not revision:
+            raise ReleaseError(
+                "--remote needs --revision", hint="name the branch or tag, e.g. --revision v1-W4A16_GS64"
+            )
+        from huggingface_hub import get_token
+
+        report = check_remote(repo_id.removeprefix("hf://"), revision, group_size=group_size, token=get_token())
+    elif revision is not None:
+        raise ReleaseError("--revision only applies with --remote", hint="drop --revision to check a local folder")
+    else:
+        assert path is not None
+        report = check_branch(path, group_size=group_size, no_hash=no_hash)
     _emit(report.to_json(), as_json, report.to_text(verbose))
     if not report.passed:
         sys.exit(1)
@@ -274,16 +306,25 @@ def manifest(path: Path, export: Path | None) -> None:
     required=True,
     help="Release version to publish, e.g. v1 (must be in the release changelog).",
 )
-@click.option("--remote", default=None, help="Git remote URL or path (default: the config's publish_remote).")
+@click.option(
+    "--remote",
+    default=None,
+    help="hf://owner/name for the Hub, or a git URL or path (default: the config's publish_remote).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and results) as JSON.")
 def publish(config_path: Path, version: str, remote: str | None, dry_run: bool, as_json: bool) -> None:
-    """Publish the built release: one orphan branch per quant branch, main, and tags.
+    """Publish the built release: one branch per quant branch, main, and tags.
 
     First compares the local release with the remote's refs and prints a plan (repo to
     create, per branch the files to add / change / delete, tags to create). Refuses a branch
     that fails `check`. A second run with nothing changed does nothing; a run interrupted
     midway resumes. After pushing, reads every revision back and checks it.
+
+    Remotes: hf://owner/name publishes to the Hugging Face Hub with HfApi (token from
+    HF_TOKEN or `hf auth login`, never printed); quant branches start from the repo's
+    initial commit, so they carry no landing-page files. Any other value is a git remote
+    (a URL or a local path), where quant branches are orphan branches.
     """
     from .publish import apply_plan, plan_publish, verify_published
 

@@ -127,7 +127,10 @@ class ReleaseConfig(_Strict):
     verify: VerifySpec = VerifySpec()
     templates: Path | None = None
     changelog: Path | None = None
-    publish_remote: str | None = Field(default=None, description="git URL or path for the git backend")
+    publish_remote: str | None = Field(
+        default=None,
+        description="hf://owner/name for the Hub, or a git URL or path (default: hf://<hub_repo>)",
+    )
     dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
 
     @field_validator("hub_repo")

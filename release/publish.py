@@ -1,17 +1,22 @@
-"""glmrel publish: a plan against the remote's refs, then its application — git backend.
+"""glmrel publish: a plan against the remote's refs, then its application (git or Hub).
 
-Each quant branch is an orphan branch holding exactly its folder's files; `main` holds the
-landing page; a repo-wide annotated tag (`v1`) and one immutable tag per branch
-(`v1-W4A16_GS64`). Commits are built with git plumbing (hash-object, mktree, commit-tree) in
-a local cache repository, and pushed with `--force-with-lease` naming the commit the plan saw,
-so a concurrent publisher makes the push fail instead of interleaving. A tree that equals the
-remote's is not committed again, so a second run does nothing and an interrupted run resumes.
+Each quant branch holds exactly its folder's files (no landing page); `main` holds the
+landing page; a repo-wide tag (`v1`) and one immutable tag per branch (`v1-W4A16_GS64`).
+Both backends commit on top of the head the plan saw and fail if it moved (a concurrent
+publisher), skip what the remote already has (a second run does nothing, an interrupted run
+resumes), and never move a published tag.
+
+- git (`GitRemote`, any URL or path): orphan branches built with git plumbing in a local
+  cache repository, pushed with `--force-with-lease`; annotated tags.
+- Hub (`HubRemote`, `hf://owner/name`): huggingface_hub's HfApi; branches start from the
+  repo's initial commit; one `create_commit` per branch with `parent_commit`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,10 +25,10 @@ from typing import Any
 
 import git
 
-from .check import check_branch
+from .check import check_branch, check_remote
 from .config import ReleaseConfig
 from .errors import ReleaseError
-from .manifest import MANIFEST_FILE, branch_files
+from .manifest import MANIFEST_FILE, Manifest, branch_files, sha256_file
 from .render import CARD_FILE, load_changelog
 
 Echo = Callable[[str], None]
@@ -59,6 +64,7 @@ class TagPlan:
 @dataclass
 class Plan:
     remote: str
+    backend: str  # git | hub
     version: str
     message: str
     create_repo: bool
@@ -77,14 +83,15 @@ class Plan:
         return {**asdict(self), "empty": self.empty}
 
     def to_text(self) -> str:
-        lines = [f"publish {self.version} -> {self.remote} (git)"]
+        lines = [f"publish {self.version} -> {self.remote} ({self.backend})"]
         if self.create_repo:
             lines.append("  create repository")
         for b in self.branches:
             if b.up_to_date:
                 lines.append(f"  {b.name}: up to date")
                 continue
-            head = "create orphan branch" if b.remote_commit is None else f"update from {b.remote_commit[:10]}"
+            new = "create orphan branch" if self.backend == "git" else "create branch from the initial commit"
+            head = new if b.remote_commit is None else f"update from {b.remote_commit[:10]}"
             counts = {a: [c for c in b.changes if c.action == a] for a in ("add", "change", "delete")}
             parts = [f"{len(v)} to {a} ({sum(c.bytes for c in v):,} bytes)" for a, v in counts.items() if v]
             lines.append(f"  {b.name}: {head}; " + ", ".join(parts))
@@ -97,8 +104,24 @@ class Plan:
         return "\n".join(lines)
 
 
+def _changes(local: dict[str, tuple[str, int]], remote: dict[str, tuple[str, int]]) -> list[FileChange]:
+    """add / change / delete per path, from (content id, size) pairs on each side."""
+    changes = []
+    for path, (oid, size) in sorted(local.items()):
+        if path not in remote:
+            changes.append(FileChange(path, "add", size))
+        elif remote[path] != (oid, size):
+            changes.append(FileChange(path, "change", size))
+    for path, (_oid, size) in sorted(remote.items()):
+        if path not in local:
+            changes.append(FileChange(path, "delete", size))
+    return changes
+
+
 class GitRemote:
     """A git remote (URL or local path) seen through a local bare cache repository."""
+
+    kind = "git"
 
     def __init__(self, url: str, cache: Path) -> None:
         self.url = url
@@ -126,8 +149,8 @@ class GitRemote:
                 out.setdefault(ref, sha)
         return out
 
-    def fetch(self) -> None:
-        if self.exists() and self.refs():
+    def fetch(self, refs: dict[str, str]) -> None:
+        if refs:
             self.repo.git.fetch(self.url, "+refs/heads/*:refs/remote-heads/*", "--no-tags", "--quiet")
 
     def tree_of(self, commit: str) -> dict[str, tuple[str, int]]:
@@ -179,6 +202,34 @@ class GitRemote:
                 hint="someone else published meanwhile: run `glmrel publish --dry-run` again to see the new plan",
             ) from e
 
+    def diff(self, head: str | None, name: str, files: list[Path]) -> tuple[list[FileChange], str]:
+        """Changes from the remote branch head to `files`, and the tree to commit."""
+        tree, local = self.write_tree(files)
+        if head and self.tree_sha(head) == tree:
+            return [], tree
+        remote_files = self.tree_of(head) if head else {}
+        return _changes({p: (sha, size) for p, (sha, size) in local.items()}, remote_files), tree
+
+    def check_revision(self, name: str, head: str, group_size: int) -> RemoteCheck:
+        """Materialize the pushed commit's files and run the full local `check` on them."""
+        with tempfile.TemporaryDirectory() as tmp:
+            checkout = Path(tmp) / name
+            checkout.mkdir()
+            for path in self.tree_of(head):
+                blob = self.repo.git.cat_file(
+                    "blob", f"{head}:{path}", stdout_as_string=False, strip_newline_in_stdout=False
+                )
+                (checkout / path).write_bytes(blob)
+            report = check_branch(checkout, group_size=group_size)
+        return RemoteCheck(
+            name, report.passed, "read back and checked" if report.passed else report.failures[0].message
+        )
+
+    def publish_branch(self, b: BranchPlan, message: str) -> str:
+        commit = self.commit(b.tree, b.remote_commit, message)
+        self.push_branch(b.name, commit, b.remote_commit)
+        return commit
+
     def push_tag(self, name: str, commit: str, message: str) -> None:
         env = {"GIT_COMMITTER_NAME": "glmrel", "GIT_COMMITTER_EMAIL": "glmrel@localhost"}
         with self.repo.git.custom_environment(**env):
@@ -187,6 +238,184 @@ class GitRemote:
             self.repo.git.push(self.url, f"refs/tags/{name}:refs/tags/{name}", "--quiet")
         except git.GitCommandError as e:
             raise ReleaseError(f"tag {name} could not be pushed (it exists on the remote at another commit?)") from e
+
+
+HUB_SCHEME = "hf://"
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+class HubRemote:
+    """A Hugging Face Hub model repo through huggingface_hub's `HfApi`.
+
+    Quant branches start from the repo's initial commit (only `.gitattributes`), never from
+    `main`, so they carry no landing-page files. Each branch gets one commit per publish with
+    `parent_commit` set to the head the plan saw: a concurrent publisher makes it fail (412)
+    instead of interleaving. Unchanged files are left out of the commit, and LFS objects the
+    Hub already holds are not uploaded again, so an interrupted publish resumes.
+    `.gitattributes` is the repo's own LFS configuration and is never added or deleted.
+    """
+
+    kind = "hub"
+
+    def __init__(self, repo_id: str, token: str, endpoint: str | None = None) -> None:
+        from huggingface_hub import HfApi
+
+        self.repo_id = repo_id
+        self.api = HfApi(endpoint=endpoint, token=token)
+
+    def exists(self) -> bool:
+        return self.api.repo_exists(self.repo_id)
+
+    def create(self) -> None:
+        self.api.create_repo(self.repo_id, exist_ok=True)
+
+    def refs(self) -> dict[str, str]:
+        r = self.api.list_repo_refs(self.repo_id)
+        return {g.ref: g.target_commit for g in [*r.branches, *r.tags]}
+
+    def fetch(self, refs: dict[str, str]) -> None:
+        pass  # every read goes to the Hub
+
+    def remote_files(self, head: str) -> dict[str, tuple[str, int]]:
+        """path -> ("sha256:<lfs oid>" or git blob id, size), `.gitattributes` left out."""
+        from huggingface_hub.hf_api import RepoFile
+
+        out = {}
+        for f in self.api.list_repo_tree(self.repo_id, revision=head, recursive=True):
+            if isinstance(f, RepoFile) and f.path != ".gitattributes":
+                out[f.path] = (f"sha256:{f.lfs.sha256}" if f.lfs else f.blob_id, f.size)
+        return out
+
+    def diff(self, head: str | None, name: str, files: list[Path]) -> tuple[list[FileChange], str]:
+        remote = self.remote_files(head) if head else {}
+        known = _manifest_hashes(files)
+        local = {}
+        for p in files:
+            r = remote.get(p.name)
+            if r is None:
+                local[p.name] = ("", p.stat().st_size)  # new: no id needed
+            elif r[0].startswith("sha256:"):
+                local[p.name] = (f"sha256:{known.get(p.name) or sha256_file(p)}", p.stat().st_size)
+            else:
+                local[p.name] = (_git_blob_sha(p), p.stat().st_size)
+        return _changes(local, remote), ""
+
+    def initial_commit(self) -> str:
+        return self.api.list_repo_commits(self.repo_id, revision="main")[-1].commit_id
+
+    def publish_branch(self, b: BranchPlan, message: str) -> str:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        from huggingface_hub.errors import HfHubHTTPError
+
+        parent = b.remote_commit
+        if parent is None:
+            parent = self.initial_commit()
+            if b.name != "main":
+                try:
+                    self.api.create_branch(self.repo_id, branch=b.name, revision=parent)
+                except HfHubHTTPError as e:
+                    if e.response is not None and e.response.status_code == 409:
+                        raise _moved(b.name, None) from e
+                    raise ReleaseError(f"the Hub refused to create branch {b.name}: {e}") from e
+        ops: list[Any] = [
+            CommitOperationDelete(c.path)
+            if c.action == "delete"
+            else CommitOperationAdd(c.path, str(Path(b.folder) / c.path))
+            for c in b.changes
+        ]
+        title, _, body = message.partition("\n\n")
+        try:
+            info = self.api.create_commit(
+                self.repo_id,
+                ops,
+                commit_message=title,
+                commit_description=body.strip() or None,
+                revision=b.name,
+                parent_commit=parent,
+            )
+        except HfHubHTTPError as e:
+            if e.response is not None and e.response.status_code == 412:
+                raise _moved(b.name, b.remote_commit) from e
+            raise _interrupted(b.name, e) from e
+        except (RuntimeError, OSError) as e:  # huggingface_hub wraps a failed LFS upload in RuntimeError
+            raise _interrupted(b.name, e) from e
+        return info.oid
+
+    def push_tag(self, name: str, commit: str, message: str) -> None:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            self.api.create_tag(self.repo_id, tag=name, revision=commit, tag_message=message)
+        except HfHubHTTPError as e:
+            raise ReleaseError(
+                f"tag {name} could not be created on {self.repo_id} ({e.response.status_code if e.response is not None else e}); "
+                "it may exist at another commit",
+                hint="published tags never move: run `glmrel publish --dry-run` to see the remote's state",
+            ) from e
+
+    def check_revision(self, name: str, head: str, group_size: int) -> RemoteCheck:
+        report = check_remote(self.repo_id, head, group_size=group_size, api=self.api)
+        return RemoteCheck(
+            name,
+            report.passed,
+            "checked on the Hub (`check --remote`)" if report.passed else report.failures[0].message,
+        )
+
+
+def _moved(branch: str, expected: str | None) -> ReleaseError:
+    return ReleaseError(
+        f"the remote's branch {branch} moved since the plan (expected {expected or 'no branch'}); nothing was overwritten",
+        hint="someone else published meanwhile: run `glmrel publish --dry-run` again to see the new plan",
+    )
+
+
+def _interrupted(branch: str, e: Exception) -> ReleaseError:
+    return ReleaseError(
+        f"publishing {branch} stopped before its commit ({type(e).__name__}: {e}); the branch is unchanged",
+        hint="run the same `glmrel publish` again: it resumes, and files the Hub already has are not uploaded again",
+    )
+
+
+def _git_blob_sha(p: Path) -> str:
+    h = hashlib.sha1(b"blob %d\0" % p.stat().st_size)
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest_hashes(files: list[Path]) -> dict[str, str]:
+    """sha256 per file from the branch's manifest (which `check` verified), to avoid rehashing."""
+    m = next((p for p in files if p.name == MANIFEST_FILE), None)
+    return {n: e.sha256 for n, e in Manifest.load(m).files.items()} if m else {}
+
+
+def hub_token() -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise ReleaseError(
+            "no Hugging Face token: publishing to the Hub needs a token with write access",
+            hint="set HF_TOKEN, or run `hf auth login` once on this machine",
+        )
+    return token
+
+
+def open_remote(url: str, cache: Path) -> Remote:
+    """`hf://owner/name` is a Hub model repo; anything else is a git URL or path."""
+    if not url.startswith(HUB_SCHEME):
+        return GitRemote(url, cache)
+    repo_id = url[len(HUB_SCHEME) :].strip("/")
+    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
+        raise ReleaseError(
+            f"{repo_id!r} is not a Hub repo id of the form owner/name",
+            hint="write the remote as hf://owner/name, e.g. hf://my-org/GLM-4.7-W4A16",
+        )
+    return HubRemote(repo_id, hub_token(), endpoint=os.environ.get("HF_ENDPOINT") or None)
+
+
+Remote = GitRemote | HubRemote
 
 
 def _branch_sources(cfg: ReleaseConfig) -> list[tuple[str, Path]]:
@@ -204,11 +433,9 @@ def _publish_files(name: str, folder: Path) -> list[Path]:
 
 def plan_publish(
     cfg: ReleaseConfig, version: str, remote: str | None = None, cache: Path | None = None
-) -> tuple[Plan, GitRemote]:
+) -> tuple[Plan, Remote]:
     """Compare the local release with the remote; refuse anything that fails `check`."""
-    url = remote or cfg.publish_remote
-    if not url:
-        raise ReleaseError("no publish remote", hint="set publish_remote: in the config or pass --remote")
+    url = remote or cfg.publish_remote or f"{HUB_SCHEME}{cfg.hub_repo}"
     version, entries = load_changelog(cfg.changelog, version)
     entry = entries[-1]
     message = f"{cfg.name} {version}: {entry['summary']}\n\n" + "".join(f"- {c}\n" for c in entry.get("changes", []))
@@ -227,26 +454,14 @@ def plan_publish(
     if not (cfg.output_dir / "main" / CARD_FILE).is_file():
         raise ReleaseError("the landing page main/README.md is missing", hint="run `glmrel render` first")
 
-    backend = GitRemote(url, cache or cfg.output_dir / ".publish-cache.git")
+    backend = open_remote(url, cache or cfg.output_dir / ".publish-cache.git")
     exists = backend.exists()
     refs = backend.refs() if exists else {}
-    backend.fetch()
+    backend.fetch(refs)
     branches = []
     for name, folder in _branch_sources(cfg):
-        files = _publish_files(name, folder)
-        tree, local = backend.write_tree(files)
         head = refs.get(f"refs/heads/{name}")
-        remote_files = backend.tree_of(head) if head else {}
-        changes = []
-        if not head or backend.tree_sha(head) != tree:
-            for path, (sha, size) in sorted(local.items()):
-                if path not in remote_files:
-                    changes.append(FileChange(path, "add", size))
-                elif remote_files[path][0] != sha:
-                    changes.append(FileChange(path, "change", size))
-            for path, (_sha, size) in sorted(remote_files.items()):
-                if path not in local:
-                    changes.append(FileChange(path, "delete", size))
+        changes, tree = backend.diff(head, name, _publish_files(name, folder))
         branches.append(BranchPlan(name, str(folder), head, tree, changes))
     tags = []
     for name, branch in [(version, "main")] + [(f"{version}-{b.name}", b.name) for b in cfg.branches]:
@@ -262,7 +477,7 @@ def plan_publish(
                 f"tag {name} already exists on the remote at {existing[:10]}, not at {branch}'s new content",
                 hint=f"published tags never move: add a new changelog version (e.g. {_next_version(version)}) and publish that",
             )
-    return Plan(url, version, message, not exists, branches, tags), backend
+    return Plan(url, backend.kind, version, message, not exists, branches, tags), backend
 
 
 def _next_version(v: str) -> str:
@@ -270,7 +485,7 @@ def _next_version(v: str) -> str:
     return f"{m[1]}{int(m[2]) + 1}" if m else f"{v}.1"
 
 
-def apply_plan(plan: Plan, backend: GitRemote, echo: Echo = print) -> dict[str, str]:
+def apply_plan(plan: Plan, backend: Remote, echo: Echo = print) -> dict[str, str]:
     """Create the repo, commit and push each changed branch, then the tags. Returns branch -> commit."""
     if plan.create_repo:
         backend.create()
@@ -280,8 +495,7 @@ def apply_plan(plan: Plan, backend: GitRemote, echo: Echo = print) -> dict[str, 
         if b.up_to_date:
             heads[b.name] = b.remote_commit  # type: ignore[assignment]
             continue
-        commit = backend.commit(b.tree, b.remote_commit, plan.message)
-        backend.push_branch(b.name, commit, b.remote_commit)
+        commit = backend.publish_branch(b, plan.message)
         heads[b.name] = commit
         echo(f"pushed {b.name} -> {commit[:10]}")
     for t in plan.tags:
@@ -298,40 +512,27 @@ class RemoteCheck:
     detail: str
 
 
-def verify_published(cfg: ReleaseConfig, backend: GitRemote, version: str) -> list[RemoteCheck]:
+def verify_published(cfg: ReleaseConfig, backend: Remote, version: str) -> list[RemoteCheck]:
     """Read every published branch back from the remote and check it against its folder:
-    byte-identical files (git blob ids) and, for quant branches, a full `check` of the checkout."""
+    the same files, and for quant branches a full `check` of what the remote holds; then
+    every tag must point at its branch's head."""
     results = []
     refs = backend.refs()
-    backend.fetch()
+    backend.fetch(refs)
     for name, folder in _branch_sources(cfg):
         head = refs.get(f"refs/heads/{name}")
         if head is None:
             results.append(RemoteCheck(name, False, "branch missing on the remote"))
             continue
-        remote_files = backend.tree_of(head)
-        _tree, local = backend.write_tree(_publish_files(name, folder))
-        if remote_files != local:
-            diff = sorted(set(remote_files.items()) ^ set(local.items()))
-            results.append(RemoteCheck(name, False, f"remote files differ from {folder}: {[d[0] for d in diff][:5]}"))
-            continue
-        if name == "main":
-            results.append(RemoteCheck(name, True, f"{len(local)} file(s) identical to {folder}"))
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            checkout = Path(tmp) / name
-            checkout.mkdir()
-            for path in remote_files:
-                (checkout / path).write_bytes(
-                    backend.repo.git.cat_file(
-                        "blob", f"{head}:{path}", stdout_as_string=False, strip_newline_in_stdout=False
-                    )
-                )
-            report = check_branch(checkout, group_size=cfg.branch(name).group_size)
-            shutil.rmtree(checkout)
-        results.append(
-            RemoteCheck(name, report.passed, "read back and checked" if report.passed else report.failures[0].message)
-        )
+        changes, _tree = backend.diff(head, name, _publish_files(name, folder))
+        if changes:
+            results.append(
+                RemoteCheck(name, False, f"remote files differ from {folder}: {[c.path for c in changes][:5]}")
+            )
+        elif name == "main":
+            results.append(RemoteCheck(name, True, f"files identical to {folder}"))
+        else:
+            results.append(backend.check_revision(name, head, cfg.branch(name).group_size))
     for tag, branch in [(version, "main")] + [(f"{version}-{b.name}", b.name) for b in cfg.branches]:
         at, head = refs.get(f"refs/tags/{tag}"), refs.get(f"refs/heads/{branch}")
         ok = at is not None and at == head
