@@ -104,6 +104,17 @@ class BranchSpec(_Strict):
 class AwqSpec(_Strict):
     n_grid: int = Field(default=20, ge=1)
     duo_scaling: bool = True
+    engine: Literal["glmrel", "stock"] = Field(
+        default="glmrel",
+        description="glmrel: llm-compressor's AWQ with release/awq_scale.py's memory and MoE patches; "
+        "stock: llm-compressor as released (for comparison)",
+    )
+    max_expert_tokens: int | None = Field(
+        default=16384,
+        ge=256,
+        description="rows of each expert's down_proj input kept for its AWQ scale search (null: every token, "
+        "as stock); the activation mean still uses every token",
+    )
 
 
 class VerifySpec(_Strict):

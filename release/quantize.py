@@ -21,6 +21,7 @@ from typing import Any
 
 from . import __version__
 from .architecture import Glm4MoeArch
+from .awq_scale import ScaleOptions, ScaleStats
 from .config import BranchSpec, ReleaseConfig
 from .errors import ReleaseError
 from .manifest import write_manifest
@@ -33,6 +34,7 @@ PROVENANCE_FILE = "provenance.json"
 COVERAGE_FILE = "expert_coverage.json"
 RECIPE_FILE = "recipe.yaml"
 PROVENANCE_SCHEMA = 1
+LAST_SCALE_STATS: list[ScaleStats | None] = [None]  # the most recent oneshot's AWQ records (tests, benchmarks)
 
 
 @dataclass(frozen=True)
@@ -170,8 +172,16 @@ def branch_is_current(out_dir: Path, fingerprint: str) -> bool:
         return False
 
 
-def quantize_branch(cfg: ReleaseConfig, branch_name: str, *, force: bool = False, echo: Log = print) -> BranchBuild:
-    """Build one branch into `<output_dir>/<branch>`; skip it when its inputs are unchanged."""
+def quantize_branch(
+    cfg: ReleaseConfig,
+    branch_name: str,
+    *,
+    force: bool = False,
+    echo: Log = print,
+    scale_options: ScaleOptions | None = None,
+) -> BranchBuild:
+    """Build one branch into `<output_dir>/<branch>`; skip it when its inputs are unchanged.
+    `scale_options` overrides the AWQ patches the config's `awq` section chooses (tests)."""
     branch = cfg.branch(branch_name)
     out_dir = cfg.output_dir / branch.name
     t_start = time.time()
@@ -182,7 +192,7 @@ def quantize_branch(cfg: ReleaseConfig, branch_name: str, *, force: bool = False
     tmp = cfg.output_dir / f".{branch.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        timings = _run_oneshot(cfg, branch, base_dir, arch, recipe_text, tmp, echo)
+        timings = _run_oneshot(cfg, branch, base_dir, arch, recipe_text, tmp, echo, scale_options)
         provenance = {
             "schema": PROVENANCE_SCHEMA,
             "tool": {"name": "glmrel", "version": __version__, **project_commit()},
@@ -218,14 +228,28 @@ def quantize_branch(cfg: ReleaseConfig, branch_name: str, *, force: bool = False
     return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
 
 
+def scale_options_for(cfg: ReleaseConfig) -> ScaleOptions:
+    if cfg.awq.engine == "stock":
+        return ScaleOptions.stock()
+    return ScaleOptions(max_expert_tokens=cfg.awq.max_expert_tokens)
+
+
 def _run_oneshot(
-    cfg: ReleaseConfig, branch: BranchSpec, base_dir: Path, arch: Glm4MoeArch, recipe_text: str, out: Path, echo: Log
+    cfg: ReleaseConfig,
+    branch: BranchSpec,
+    base_dir: Path,
+    arch: Glm4MoeArch,
+    recipe_text: str,
+    out: Path,
+    echo: Log,
+    options: ScaleOptions | None = None,
 ) -> dict[str, Any]:
     import torch
     from llmcompressor import oneshot
     from llmcompressor.modeling.moe.linearize import linearize_moe
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .awq_scale import scaled_awq
     from .calibration import build_calibration_set
     from .compat import patch_cpu_only_awq
     from .coverage import ExpertCoverage, count_expert_tokens
@@ -251,7 +275,11 @@ def _run_oneshot(
     )
     t = time.time()
     torch.manual_seed(cfg.calibration.seed)
-    with count_expert_tokens(model, arch.n_routed_experts, calls_per_module=len(dataset)) as counts:
+    options = options or scale_options_for(cfg)
+    with (
+        scaled_awq(options, num_batches=len(dataset)) as scale_stats,
+        count_expert_tokens(model, arch.n_routed_experts, calls_per_module=len(dataset)) as counts,
+    ):
         oneshot(
             model=model,
             processor=tokenizer,
@@ -264,6 +292,8 @@ def _run_oneshot(
             pipeline="sequential",
         )
     timings["oneshot"] = round(time.time() - t, 2)
+    timings["awq_engine"] = {"engine": cfg.awq.engine, **options.to_json(), **scale_stats.to_json()}
+    LAST_SCALE_STATS[0] = scale_stats
 
     t = time.time()
     model.save_pretrained(out, save_compressed=True)

@@ -1,0 +1,274 @@
+"""glmrel's extension of llm-compressor's AWQ for MoE calibration at GLM-4.7 size.
+
+Targets llmcompressor 0.14.0.1 (`llmcompressor/modifiers/transform/awq/base.py`); every patch
+is a wrapper around one `AWQModifier` method, applied inside `scaled_awq()` and removed when it
+exits, and `scaled_awq` refuses any other llm-compressor version rather than patching blind.
+
+What stock 0.14.0.1 does and what each patch changes:
+
+1. `_run_samples` builds a list of each batch's *whole* output before keeping element 0. Under
+   the eager attention llm-compressor forces during calibration, the attention parent's output
+   holds the [heads, seq, seq] attention weights: all N batches of them are alive at once
+   (0.79 GiB per 2048-token sample at GLM-4.7 size). Patched: element 0 is kept as each batch
+   finishes. Same values, bit for bit.
+2. The grid search keeps the quantized outputs of all N batches for each grid point, then
+   computes the loss. Patched: the loss is accumulated batch by batch as the outputs are made,
+   in the same order with the same arithmetic. Bit for bit.
+3. With `moe_calibrate_all_experts`, the MoE block's forward runs every expert on every token,
+   and stays that way inside AWQ's grid search, although the block's output (what the loss
+   compares) only uses each token's top-k experts. Patched: inside the smoothing step the
+   block runs each expert on its routed tokens only — 160/8 = 20x fewer expert FLOPs for
+   GLM-4.7. Calibration statistics (activation means, cached inputs) still see every token
+   for every expert. The arithmetic differs only in GEMM row blocking, which can change the
+   last bits of an expert's output; the AWQ scales and KL are compared with stock in tests.
+4. For each expert's `up_proj -> down_proj` mapping, AWQ caches the `down_proj` input of every
+   calibration token (160 x 2048 x 1536 bf16 per sample: ~1.1 GiB per sample, offloaded to
+   host RAM). Patched: at most `max_expert_tokens` rows per expert are kept, an evenly spread
+   deterministic subset, for the scale search only; the activation mean that shapes the
+   candidate scales still comes from every token. `None` keeps every token (stock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+TARGET_VERSION = "0.14.0.1"
+
+
+@dataclass
+class ScaleOptions:
+    """Which patches are on. `stock()` is llm-compressor as released."""
+
+    keep_first_output: bool = True
+    stream_loss: bool = True
+    routed_experts_in_search: bool = True
+    max_expert_tokens: int | None = 16384
+    record_scales: bool = False  # keep every chosen scale vector (tests, small models only)
+
+    @classmethod
+    def stock(cls, record_scales: bool = False) -> ScaleOptions:
+        return cls(False, False, False, None, record_scales)
+
+    @classmethod
+    def memory_only(cls, record_scales: bool = False) -> ScaleOptions:
+        """Only the patches that leave AWQ's arithmetic unchanged (1 and 2)."""
+        return cls(True, True, False, None, record_scales)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "keep_first_output": self.keep_first_output,
+            "stream_loss": self.stream_loss,
+            "routed_experts_in_search": self.routed_experts_in_search,
+            "max_expert_tokens": self.max_expert_tokens,
+        }
+
+
+@dataclass
+class LayerRecord:
+    """One sequential-pipeline layer: calibration forward (from the end of the previous
+    layer's smoothing) and AWQ smoothing, with the peaks over that window."""
+
+    mappings: int
+    calib_s: float
+    smooth_s: float
+    peak_gpu_gib: float
+    peak_host_gib: float
+
+
+@dataclass
+class ScaleStats:
+    """What the patches observed, for provenance and the benchmark."""
+
+    sampled_caches: int = 0
+    tokens_seen: int = 0
+    tokens_kept: int = 0
+    layers: list[LayerRecord] = field(default_factory=list)
+    scales: dict[str, Any] = field(default_factory=dict)  # smooth layer name -> chosen scales
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sampled_expert_caches": self.sampled_caches,
+            "expert_tokens_seen": self.tokens_seen,
+            "expert_tokens_kept": self.tokens_kept,
+            "layers": [vars(r) for r in self.layers],
+        }
+
+
+class _HostPeak:
+    """Peak resident set size of this process, sampled every 50 ms on a daemon thread."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def take(self) -> float:
+        """The peak since the last take(), in GiB; restarts the window."""
+        peak = max(self.peak, self._proc.memory_info().rss)
+        self.peak = self._proc.memory_info().rss
+        return peak / 2**30
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _first(output: Any) -> Any:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _Lazy:
+    """Marks `_run_samples` calls made from inside the grid search (patch 2)."""
+
+    active = False
+
+
+def _subsample_rows(x: Any, keep: int, salt: int) -> Any:
+    """`keep` rows of x (flattened to [tokens, features]), evenly spread with a fixed offset."""
+    import torch
+
+    flat = x.reshape(-1, x.shape[-1])
+    n = flat.shape[0]
+    if keep >= n:
+        return x
+    offset = salt % max(1, n // keep)
+    idx = (torch.arange(keep, device=flat.device) * n) // keep + offset
+    return flat.index_select(0, idx.clamp_(max=n - 1)).unsqueeze(0)
+
+
+@contextlib.contextmanager
+def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
+    """Apply the chosen patches to AWQModifier for the duration of one `oneshot` call."""
+    import llmcompressor
+    import torch
+    from llmcompressor.modeling.moe import context as moe_context
+    from llmcompressor.modifiers.transform.awq import base as awq_base
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if llmcompressor.__version__ != TARGET_VERSION:
+        raise RuntimeError(
+            f"glmrel's AWQ patches target llmcompressor {TARGET_VERSION}, found {llmcompressor.__version__}; "
+            "re-read llmcompressor/modifiers/transform/awq/base.py and update release/awq_scale.py"
+        )
+    cls = awq_base.AWQModifier
+    stats = ScaleStats()
+    saved = {
+        name: getattr(cls, name)
+        for name in (
+            "_run_samples",
+            "_compute_best_scale",
+            "_compute_loss",
+            "_apply_smoothing",
+            "_setup_activation_cache_hooks",
+        )
+    }
+
+    def _run_samples(self: Any, module: Any) -> Any:
+        cache = self._parent_args_cache[module]
+        use_prefetch = awq_base.active_session().state.sequential_prefetch
+        batches = cache.iter_prefetch() if use_prefetch else cache
+        outputs = (_first(module(**batch)) for batch in batches)
+        if options.stream_loss and _Lazy.active:
+            return outputs  # consumed one batch at a time by _compute_loss
+        return list(outputs)
+
+    def _compute_best_scale(self: Any, mapping: Any, fp16_outputs: Any, orig_layer_weights: Any) -> Any:
+        _Lazy.active = options.stream_loss
+        try:
+            best = saved["_compute_best_scale"](self, mapping, fp16_outputs, orig_layer_weights)
+        finally:
+            _Lazy.active = False
+        if options.record_scales:
+            stats.scales[mapping.smooth_name] = best.detach().float().cpu().clone()
+        return best
+
+    clock = {"last": time.perf_counter()}
+
+    def _apply_smoothing(self: Any, model: Any) -> None:
+        t = time.perf_counter()
+        mappings = len(self._smooth_activation_stats)
+        flag = moe_context._CALIBRATE_ALL_EXPERTS
+        if options.routed_experts_in_search:
+            moe_context._CALIBRATE_ALL_EXPERTS = False
+        try:
+            saved["_apply_smoothing"](self, model)
+        finally:
+            moe_context._CALIBRATE_ALL_EXPERTS = flag
+            end = time.perf_counter()
+            gpu = 0.0
+            if torch.cuda.is_available():
+                gpu = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+            if mappings:
+                stats.layers.append(
+                    LayerRecord(
+                        mappings, round(t - clock["last"], 3), round(end - t, 3), round(gpu, 3), round(host.take(), 3)
+                    )
+                )
+            clock["last"] = end
+
+    class SampledCache(IntermediatesCache):
+        """Keeps at most `budget` rows of a Linear's `input` across all batches."""
+
+        def __init__(self, offload_device: Any, budget: int, salt: int) -> None:
+            super().__init__(None, offload_device)
+            self.per_batch = max(1, math.ceil(budget / max(1, num_batches)))
+            self.salt = salt
+
+        def append(self, values: dict[str, Any]) -> None:
+            x = values.get("input")
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                rows = x.numel() // x.shape[-1]
+                stats.tokens_seen += rows
+                x = _subsample_rows(x, self.per_batch, self.salt + len(self))
+                stats.tokens_kept += x.numel() // x.shape[-1]
+                values = {**values, "input": x}
+            super().append(values)
+
+    def _setup_activation_cache_hooks(self: Any) -> None:
+        saved["_setup_activation_cache_hooks"](self)
+        if options.max_expert_tokens is None:
+            return
+        for i, mapping in enumerate(self._resolved_mappings):
+            parent = mapping.parent
+            # An expert's up->down mapping: the parent is the down_proj Linear itself.
+            if isinstance(parent, torch.nn.Linear) and ".experts." in mapping.parent_name:
+                old = self._parent_args_cache[parent]
+                if not isinstance(old, SampledCache) and len(old) == 0:
+                    self._parent_args_cache[parent] = SampledCache(old.offload_device, options.max_expert_tokens, i)
+                    stats.sampled_caches += 1
+
+    patches = {"_run_samples": _run_samples, "_apply_smoothing": _apply_smoothing}
+    if options.stream_loss or options.record_scales:
+        patches["_compute_best_scale"] = _compute_best_scale
+    if options.max_expert_tokens is not None:
+        patches["_setup_activation_cache_hooks"] = _setup_activation_cache_hooks
+    if not options.keep_first_output and not options.stream_loss:
+        patches.pop("_run_samples")
+    host = _HostPeak()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        for name, fn in patches.items():
+            setattr(cls, name, fn)
+        clock["last"] = time.perf_counter()
+        yield stats
+    finally:
+        for name, fn in saved.items():
+            setattr(cls, name, fn)
+        _Lazy.active = False
+        host.stop()

@@ -1,0 +1,137 @@
+"""glmrel's AWQ patches (release/awq_scale.py) against stock llm-compressor 0.14.0.1, on the
+tiny demo model with the same recipe and data:
+
+- the memory patches (first output only, streamed grid-search loss) give a branch equal to
+  stock's bit for bit;
+- the full engine (experts on routed tokens in the grid search, a bounded token sample for
+  each expert's down_proj scale search) chooses scales close to stock's, and its KL against
+  the base model stays within 2 % of stock's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from release.awq_scale import ScaleOptions
+from release.config import load_config
+from release.quantize import LAST_SCALE_STATS, quantize_branch
+from release.verify import BaseReference, load_heldout, verify_branch
+
+pytestmark = pytest.mark.slow
+BRANCH = "W4A16_GS64"
+# Small enough for CI, big enough that the token sample below really drops tokens:
+# 12 samples of up to 128 tokens: ~1,500 tokens per expert under MoE-aware calibration.
+SAMPLE_BUDGET = 48
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory, demo_assets):
+    """Three builds of one branch with identical inputs: stock, memory patches, full engine."""
+    import yaml
+    from conftest import demo_raw_config
+
+    root = tmp_path_factory.mktemp("awq_scale")
+    runs = {
+        "stock": ScaleOptions.stock(record_scales=True),
+        "memory": ScaleOptions.memory_only(record_scales=True),
+        "glmrel": ScaleOptions(max_expert_tokens=SAMPLE_BUDGET, record_scales=True),
+    }
+    out = {}
+    for name, options in runs.items():
+        raw = demo_raw_config(demo_assets)
+        raw["output_dir"] = str(root / name)
+        raw["calibration"].update(num_samples=12, max_seq_length=128)
+        raw["awq"] = {"n_grid": 10, "duo_scaling": True}
+        raw["branches"] = [b for b in raw["branches"] if b["name"] == BRANCH]
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        cfg = load_config(path)
+        build = quantize_branch(cfg, BRANCH, echo=lambda s: None, scale_options=options)
+        out[name] = {"cfg": cfg, "dir": build.path, "stats": LAST_SCALE_STATS[0]}
+    ref_cfg = out["stock"]["cfg"]
+    reference = BaseReference(ref_cfg.base_model.path, load_heldout(ref_cfg), ref_cfg.verify.max_tokens)
+    for run in out.values():
+        run["quality"] = verify_branch(run["cfg"], BRANCH, run["dir"], reference)
+    return out
+
+
+def test_memory_patches_are_bit_for_bit(builds):
+    for f in ("model.safetensors", "model-mtp-4.safetensors"):
+        stock = (builds["stock"]["dir"] / f).read_bytes()
+        assert (builds["memory"]["dir"] / f).read_bytes() == stock, f
+    s, m = builds["stock"]["stats"].scales, builds["memory"]["stats"].scales
+    assert s.keys() == m.keys() and len(s) > 10
+    assert all(torch.equal(s[k], m[k]) for k in s)
+
+
+def test_full_engine_samples_expert_tokens_and_keeps_moe_awareness(builds):
+    import json
+
+    stats = builds["glmrel"]["stats"]
+    total = json.loads((builds["glmrel"]["dir"] / "provenance.json").read_text())["calibration"]["total_tokens"]
+    assert stats.sampled_caches == 3 * 8, "one bounded cache per routed expert of the 3 MoE layers"
+    assert stats.tokens_seen == 3 * 8 * total, "every expert saw every calibration token"
+    assert stats.tokens_kept <= 3 * 8 * SAMPLE_BUDGET < stats.tokens_seen
+    coverage = (builds["glmrel"]["dir"] / "expert_coverage.json").read_text()
+    assert '"moe_calibrate_all_experts": true' in coverage
+
+
+def test_full_engine_scales_stay_close_to_stock(builds):
+    s, g = builds["stock"]["stats"].scales, builds["glmrel"]["stats"].scales
+    assert s.keys() == g.keys()
+    untouched = [k for k in s if ".experts." not in k]
+    assert all(torch.allclose(s[k], g[k], rtol=1e-3, atol=1e-5) for k in untouched), (
+        "attention and shared mappings pick the same grid point (their inputs drift only through upstream changes)"
+    )
+    sampled = [k for k in s if ".experts." in k]
+    assert any(not torch.equal(s[k], g[k]) for k in sampled), "the sample must really change some choices"
+    cos = torch.stack([torch.nn.functional.cosine_similarity(s[k], g[k], dim=0) for k in sampled])
+    assert cos.min() > 0.97, f"sampled experts' scales diverge: min cosine {cos.min():.4f}"
+
+
+def test_full_engine_kl_within_two_percent_of_stock(builds):
+    stock, ours = builds["stock"]["quality"], builds["glmrel"]["quality"]
+    print(
+        f"KL stock {stock.mean_kl:.6f} glmrel {ours.mean_kl:.6f}; top-1 {stock.top1_agreement:.4f} {ours.top1_agreement:.4f}"
+    )
+    assert ours.mean_kl <= stock.mean_kl * 1.02
+    assert builds["memory"]["quality"].mean_kl == stock.mean_kl
+
+
+def test_branch_records_the_engine(builds):
+    import json
+
+    prov = json.loads((builds["glmrel"]["dir"] / "provenance.json").read_text())
+    engine = prov["timings_s"]["awq_engine"]
+    assert engine["max_expert_tokens"] == SAMPLE_BUDGET and engine["routed_experts_in_search"] is True
+    assert len(engine["layers"]) == 4 and all(layer["smooth_s"] > 0 for layer in engine["layers"])
+
+
+def test_patches_are_removed_after_oneshot(builds):
+    from llmcompressor.modifiers.transform.awq import base
+
+    assert base.AWQModifier._run_samples.__module__ == base.__name__
+    assert base.AWQModifier._apply_smoothing.__module__ == base.__name__
+
+
+def test_unknown_llmcompressor_version_is_refused(monkeypatch):
+    import llmcompressor
+
+    from release.awq_scale import scaled_awq
+
+    monkeypatch.setattr(llmcompressor, "__version__", "0.99.0")
+    with pytest.raises(RuntimeError, match="target llmcompressor 0.14.0.1"):
+        with scaled_awq(ScaleOptions(), 1):
+            pass
+
+
+def test_sample_rows_is_deterministic_and_spread():
+    from release.awq_scale import _subsample_rows
+
+    x = torch.arange(100.0).reshape(100, 1)
+    a, b = _subsample_rows(x, 10, 3), _subsample_rows(x, 10, 3)
+    assert torch.equal(a, b) and a.shape == (1, 10, 1)
+    rows = a.flatten().tolist()
+    assert rows == sorted(rows) and rows[0] < 10 and rows[-1] >= 90
+    assert _subsample_rows(x, 200, 0) is x
