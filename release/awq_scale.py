@@ -90,6 +90,10 @@ class ScaleStats:
     layers: list[LayerRecord] = field(default_factory=list)
     scales: dict[str, Any] = field(default_factory=dict)  # smooth layer name -> chosen scales
 
+    @property
+    def peak_gpu_gib(self) -> float:
+        return max((r.peak_gpu_gib for r in self.layers), default=0.0)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "sampled_expert_caches": self.sampled_caches,

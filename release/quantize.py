@@ -234,16 +234,29 @@ def scale_options_for(cfg: ReleaseConfig) -> ScaleOptions:
     return ScaleOptions(max_expert_tokens=cfg.awq.max_expert_tokens)
 
 
-def _run_oneshot(
+@dataclass
+class Calibrated:
+    """A model after `oneshot`, with what the run recorded."""
+
+    model: Any
+    tokenizer: Any
+    timings: dict[str, Any]
+    stats: ScaleStats
+    counts: dict[str, dict[str, int]]
+    calibration: Any  # CalibrationProvenance
+
+
+def calibrate(
     cfg: ReleaseConfig,
     branch: BranchSpec,
     base_dir: Path,
     arch: Glm4MoeArch,
     recipe_text: str,
-    out: Path,
-    echo: Log,
+    echo: Log = print,
     options: ScaleOptions | None = None,
-) -> dict[str, Any]:
+) -> Calibrated:
+    """Load the base model, linearize its experts and run `oneshot` (AWQ + W4A16) on the
+    release's calibration set, with the AWQ patches `options` (default: the config's)."""
     import torch
     from llmcompressor import oneshot
     from llmcompressor.modeling.moe.linearize import linearize_moe
@@ -252,7 +265,7 @@ def _run_oneshot(
     from .awq_scale import scaled_awq
     from .calibration import build_calibration_set
     from .compat import patch_cpu_only_awq
-    from .coverage import ExpertCoverage, count_expert_tokens
+    from .coverage import count_expert_tokens
 
     timings: dict[str, Any] = {}
     patch_cpu_only_awq()
@@ -269,13 +282,13 @@ def _run_oneshot(
     linearize_moe(model)  # per-expert Linears: what AWQ smooths, what gets quantized and saved
     timings["load"] = round(time.time() - t, 2)
 
+    options = options or scale_options_for(cfg)
     echo(
         f"[{branch.name}] AWQ W4A16 group {branch.group_size} on {len(dataset)} samples "
-        f"(MoE-aware: {cfg.calibration.moe_calibrate_all_experts})"
+        f"(MoE-aware: {cfg.calibration.moe_calibrate_all_experts}; AWQ engine: {cfg.awq.engine})"
     )
     t = time.time()
     torch.manual_seed(cfg.calibration.seed)
-    options = options or scale_options_for(cfg)
     with (
         scaled_awq(options, num_batches=len(dataset)) as scale_stats,
         count_expert_tokens(model, arch.n_routed_experts, calls_per_module=len(dataset)) as counts,
@@ -294,10 +307,26 @@ def _run_oneshot(
     timings["oneshot"] = round(time.time() - t, 2)
     timings["awq_engine"] = {"engine": cfg.awq.engine, **options.to_json(), **scale_stats.to_json()}
     LAST_SCALE_STATS[0] = scale_stats
+    return Calibrated(model, tokenizer, timings, scale_stats, counts, calib_prov)
 
+
+def _run_oneshot(
+    cfg: ReleaseConfig,
+    branch: BranchSpec,
+    base_dir: Path,
+    arch: Glm4MoeArch,
+    recipe_text: str,
+    out: Path,
+    echo: Log,
+    options: ScaleOptions | None = None,
+) -> dict[str, Any]:
+    from .coverage import ExpertCoverage
+
+    run = calibrate(cfg, branch, base_dir, arch, recipe_text, echo, options)
+    timings = run.timings
     t = time.time()
-    model.save_pretrained(out, save_compressed=True)
-    tokenizer.save_pretrained(out)
+    run.model.save_pretrained(out, save_compressed=True)
+    run.tokenizer.save_pretrained(out)
     for name in ("generation_config.json",):
         if (base_dir / name).is_file() and not (out / name).exists():
             shutil.copy2(base_dir / name, out / name)
@@ -305,15 +334,17 @@ def _run_oneshot(
     (out / RECIPE_FILE).write_text(recipe_text)
     timings["save"] = round(time.time() - t, 2)
     timings.update(resource_peaks())
+    if "peak_gpu_gib" in timings:  # the AWQ records reset the device's peak counter per layer
+        timings["peak_gpu_gib"] = max(timings["peak_gpu_gib"], round(run.stats.peak_gpu_gib, 2))
 
     coverage = ExpertCoverage(
-        total_tokens=calib_prov.total_tokens,
-        routed={k: v for k, v in sorted(counts["routed"].items())},
-        calibrated={k: v for k, v in sorted(counts["calibrated"].items())},
+        total_tokens=run.calibration.total_tokens,
+        routed={k: v for k, v in sorted(run.counts["routed"].items())},
+        calibrated={k: v for k, v in sorted(run.counts["calibrated"].items())},
         moe_calibrate_all_experts=cfg.calibration.moe_calibrate_all_experts,
     )
     (out / COVERAGE_FILE).write_text(json.dumps(coverage.to_json(), indent=1) + "\n")
-    (out / ".calibration.json").write_text(json.dumps(calib_prov.to_json()))
+    (out / ".calibration.json").write_text(json.dumps(run.calibration.to_json()))
     return timings
 
 
