@@ -23,9 +23,17 @@ What stock 0.14.0.1 does and what each patch changes:
    last bits of an expert's output; the AWQ scales and KL are compared with stock in tests.
 4. For each expert's `up_proj -> down_proj` mapping, AWQ caches the `down_proj` input of every
    calibration token (160 x 2048 x 1536 bf16 per sample: ~1.1 GiB per sample, offloaded to
-   host RAM). Patched: at most `max_expert_tokens` rows per expert are kept, an evenly spread
-   deterministic subset, for the scale search only; the activation mean that shapes the
-   candidate scales still comes from every token. `None` keeps every token (stock).
+   host RAM), and its grid search runs 21 x N small forwards per expert, each an onload from
+   host memory. Patched: at most `max_expert_tokens` rows per expert are kept, an evenly
+   spread deterministic subset, as one batch (21 forwards per expert); the activation mean
+   that shapes the candidate scales still comes from every token. `None` keeps every token
+   in N batches (stock).
+5. Inside the smoothing step, the MoE block's experts run as three batched matrix products
+   (tokens grouped by expert, padded to the busiest expert) instead of stock's Python loop
+   over 160 experts with ~10 small kernels each. Expert weights are stacked once per
+   grid point (they change only between grid points) with the same fake quantization the
+   Linear's own forward would apply. The first call per layer is checked against the
+   stock loop; a mismatch turns the batched path off for the rest of the run.
 """
 
 from __future__ import annotations
@@ -48,16 +56,17 @@ class ScaleOptions:
     stream_loss: bool = True
     routed_experts_in_search: bool = True
     max_expert_tokens: int | None = 16384
+    batched_experts: bool = True
     record_scales: bool = False  # keep every chosen scale vector (tests, small models only)
 
     @classmethod
     def stock(cls, record_scales: bool = False) -> ScaleOptions:
-        return cls(False, False, False, None, record_scales)
+        return cls(False, False, False, None, False, record_scales)
 
     @classmethod
     def memory_only(cls, record_scales: bool = False) -> ScaleOptions:
         """Only the patches that leave AWQ's arithmetic unchanged (1 and 2)."""
-        return cls(True, True, False, None, record_scales)
+        return cls(True, True, False, None, False, record_scales)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +74,7 @@ class ScaleOptions:
             "stream_loss": self.stream_loss,
             "routed_experts_in_search": self.routed_experts_in_search,
             "max_expert_tokens": self.max_expert_tokens,
+            "batched_experts": self.batched_experts,
         }
 
 
@@ -85,6 +95,8 @@ class ScaleStats:
     """What the patches observed, for provenance and the benchmark."""
 
     sampled_caches: int = 0
+    batched_expert_calls: int = 0
+    batched_experts_disabled: str | None = None  # why, when the first-call check failed
     tokens_seen: int = 0
     tokens_kept: int = 0
     layers: list[LayerRecord] = field(default_factory=list)
@@ -97,6 +109,8 @@ class ScaleStats:
     def to_json(self) -> dict[str, Any]:
         return {
             "sampled_expert_caches": self.sampled_caches,
+            "batched_expert_calls": self.batched_expert_calls,
+            "batched_experts_disabled": self.batched_experts_disabled,
             "expert_tokens_seen": self.tokens_seen,
             "expert_tokens_kept": self.tokens_kept,
             "layers": [vars(r) for r in self.layers],
@@ -141,6 +155,78 @@ class _Lazy:
     active = False
 
 
+class _Search:
+    """Patch 5's state: inside AWQ smoothing?, the weight generation, stacked weights."""
+
+    active = False
+    generation = 0
+    stacked: dict[int, tuple[int, Any]] = {}
+    checked: set[int] = set()
+
+
+def _effective_weight(linear: Any) -> Any:
+    """The weight a compressed-tensors Linear's forward would multiply by (fake-quantized
+    when its quantization is enabled), as `set_forward_quantized` computes it."""
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    scheme = getattr(linear, "quantization_scheme", None)
+    status = getattr(linear, "quantization_status", None)
+    enabled = getattr(linear, "quantization_enabled", True) and scheme is not None and status is not None
+    w = linear.weight.data
+    if enabled and scheme.weights and status < QuantizationStatus.COMPRESSED:
+        w = forward_quantize(linear, w, "weight", scheme.weights)
+    return w
+
+
+def _batchable(experts: Any) -> bool:
+    first = experts[0]
+    for lin in (getattr(first, "gate_proj", None), getattr(first, "up_proj", None), first.down_proj):
+        if lin is None or lin.bias is not None:
+            return False
+        scheme = getattr(lin, "quantization_scheme", None)
+        if scheme is not None and (scheme.input_activations or scheme.output_activations):
+            return False
+    return True
+
+
+def _grouped_experts_forward(experts: Any, hidden: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+    """The routed (top-k) output of a LinearExperts2D with gated experts, as batched matmuls."""
+    import torch
+
+    n_exp = experts.num_experts
+    key = id(experts)
+    cached = _Search.stacked.get(key)
+    if cached is None or cached[0] != _Search.generation:
+        members = [experts[i] for i in range(n_exp)]
+        w_gate = torch.stack([_effective_weight(m.gate_proj) for m in members])  # [E, I, H]
+        w_up = torch.stack([_effective_weight(m.up_proj) for m in members])
+        w_down = torch.stack([_effective_weight(m.down_proj) for m in members])  # [E, H, I]
+        _Search.stacked = {key: (_Search.generation, (w_gate, w_up, w_down))}  # one layer at a time
+        cached = _Search.stacked[key]
+    w_gate, w_up, w_down = cached[1]
+    n_tok, k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    expert_of = flat[order]
+    token_of = order // k
+    slot_of = order % k
+    counts = torch.bincount(flat, minlength=n_exp)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(flat.numel(), device=flat.device) - starts[expert_of]
+    width = int(counts.max().item())
+    x = hidden.new_zeros(n_exp, width, hidden.shape[-1])
+    x[expert_of, rank] = hidden[token_of].to(x.dtype)
+    act = experts[0]._apply_gate(
+        torch.cat([torch.bmm(x, w_gate.transpose(1, 2)), torch.bmm(x, w_up.transpose(1, 2))], dim=-1)
+    )
+    y = torch.bmm(act, w_down.transpose(1, 2))[expert_of, rank]
+    weights = top_k_weights[token_of, slot_of, None]
+    out = torch.zeros_like(hidden)
+    out.index_add_(0, token_of, (y * weights).to(out.dtype))
+    return out
+
+
 def _subsample_rows(x: Any, keep: int, salt: int) -> Any:
     """`keep` rows of x (flattened to [tokens, features]), evenly spread with a fixed offset."""
     import torch
@@ -160,6 +246,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
     import llmcompressor
     import torch
     from llmcompressor.modeling.moe import context as moe_context
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
     from llmcompressor.modifiers.transform.awq import base as awq_base
     from llmcompressor.pipelines.cache import IntermediatesCache
 
@@ -182,6 +269,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
     }
 
     def _run_samples(self: Any, module: Any) -> Any:
+        _Search.generation += 1  # balance weights change only between _run_samples calls
         cache = self._parent_args_cache[module]
         use_prefetch = awq_base.active_session().state.sequential_prefetch
         batches = cache.iter_prefetch() if use_prefetch else cache
@@ -208,10 +296,23 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
         flag = moe_context._CALIBRATE_ALL_EXPERTS
         if options.routed_experts_in_search:
             moe_context._CALIBRATE_ALL_EXPERTS = False
+        _Search.active = options.routed_experts_in_search
+        # compressed-tensors' offload wrapper calls the forward it captured at load time
+        # (`_original_forward_func`), so the class-level patch alone does not reach it.
+        swapped = []
+        if options.batched_experts:
+            for m in model.modules():
+                if isinstance(m, LinearExperts2D) and m.__dict__.get("_original_forward_func") is stock_experts_forward:
+                    m._original_forward_func = experts_forward
+                    swapped.append(m)
         try:
             saved["_apply_smoothing"](self, model)
         finally:
             moe_context._CALIBRATE_ALL_EXPERTS = flag
+            _Search.active = False
+            _Search.stacked = {}
+            for m in swapped:
+                m._original_forward_func = stock_experts_forward
             end = time.perf_counter()
             gpu = 0.0
             if torch.cuda.is_available():
@@ -226,22 +327,54 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             clock["last"] = end
 
     class SampledCache(IntermediatesCache):
-        """Keeps at most `budget` rows of a Linear's `input` across all batches."""
+        """An expert down_proj's cached inputs: at most `budget` rows over all batches, kept as
+        ONE batch. Stock keeps N batches, so each of the 21 grid points runs N small forwards
+        (each an onload from host memory); one batch makes that 21 forwards per expert
+        whatever N is. The loss is the same sum of squared errors over the same rows,
+        summed in a different order."""
 
         def __init__(self, offload_device: Any, budget: int, salt: int) -> None:
             super().__init__(None, offload_device)
             self.per_batch = max(1, math.ceil(budget / max(1, num_batches)))
             self.salt = salt
+            self.appended = 0
+            self.pending: list[Any] = []
 
         def append(self, values: dict[str, Any]) -> None:
             x = values.get("input")
-            if isinstance(x, torch.Tensor) and x.dim() >= 2:
-                rows = x.numel() // x.shape[-1]
-                stats.tokens_seen += rows
-                x = _subsample_rows(x, self.per_batch, self.salt + len(self))
-                stats.tokens_kept += x.numel() // x.shape[-1]
-                values = {**values, "input": x}
-            super().append(values)
+            if set(values) != {"input"} or not isinstance(x, torch.Tensor) or x.dim() < 2:
+                super().append(values)
+                return
+            rows = x.numel() // x.shape[-1]
+            stats.tokens_seen += rows
+            x = _subsample_rows(x, self.per_batch, self.salt + self.appended).reshape(-1, x.shape[-1])
+            stats.tokens_kept += x.shape[0]
+            self.appended += 1
+            self.pending.append(x.to(self.offload_device) if self.offload_device is not None else x.clone())
+
+        def _flush(self) -> None:
+            if not self.pending:
+                return
+            state = awq_base.active_session().state
+            if state is not None and getattr(state, "loss_masks", None):
+                raise RuntimeError(
+                    "glmrel's expert token sample does not support loss masks; set awq.max_expert_tokens: null"
+                )
+            rows = torch.cat(self.pending)
+            self.pending = []
+            super().append({"input": rows.unsqueeze(0)})
+
+        def __len__(self) -> int:
+            self._flush()
+            return super().__len__()
+
+        def iter(self, input_names: Any = None) -> Any:
+            self._flush()
+            return super().iter(input_names)
+
+        def iter_prefetch(self, input_names: Any = None) -> Any:
+            self._flush()
+            return super().iter_prefetch(input_names)
 
     def _setup_activation_cache_hooks(self: Any) -> None:
         saved["_setup_activation_cache_hooks"](self)
@@ -252,9 +385,27 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             # An expert's up->down mapping: the parent is the down_proj Linear itself.
             if isinstance(parent, torch.nn.Linear) and ".experts." in mapping.parent_name:
                 old = self._parent_args_cache[parent]
-                if not isinstance(old, SampledCache) and len(old) == 0:
+                if not isinstance(old, SampledCache) and not old.batch_intermediates:
                     self._parent_args_cache[parent] = SampledCache(old.offload_device, options.max_expert_tokens, i)
                     stats.sampled_caches += 1
+
+    stock_experts_forward = LinearExperts2D.forward
+
+    def experts_forward(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+        if not (_Search.active and options.batched_experts and stats.batched_experts_disabled is None):
+            return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        if not self.has_gate or not _batchable(self):
+            return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        out = _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        if id(self) not in _Search.checked:  # first call for this layer: compare with the loop
+            _Search.checked.add(id(self))
+            ref = stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+            err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+            if not err < 2e-2:
+                stats.batched_experts_disabled = f"relative difference {err:.3g} against the loop"
+                return ref
+        stats.batched_expert_calls += 1
+        return out
 
     patches = {"_run_samples": _run_samples, "_apply_smoothing": _apply_smoothing}
     if options.stream_loss or options.record_scales:
@@ -266,13 +417,19 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
     host = _HostPeak()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    _Search.checked = set()
     try:
         for name, fn in patches.items():
             setattr(cls, name, fn)
+        if options.batched_experts:
+            LinearExperts2D.forward = experts_forward
         clock["last"] = time.perf_counter()
         yield stats
     finally:
         for name, fn in saved.items():
             setattr(cls, name, fn)
+        LinearExperts2D.forward = stock_experts_forward
         _Lazy.active = False
+        _Search.active = False
+        _Search.stacked = {}
         host.stop()

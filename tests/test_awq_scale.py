@@ -73,6 +73,9 @@ def test_full_engine_samples_expert_tokens_and_keeps_moe_awareness(builds):
     assert stats.sampled_caches == 3 * 8, "one bounded cache per routed expert of the 3 MoE layers"
     assert stats.tokens_seen == 3 * 8 * total, "every expert saw every calibration token"
     assert stats.tokens_kept <= 3 * 8 * SAMPLE_BUDGET < stats.tokens_seen
+    assert stats.batched_experts_disabled is None, stats.batched_experts_disabled
+    assert stats.batched_expert_calls > 0, "the MoE grid search ran the batched experts"
+    assert builds["stock"]["stats"].batched_expert_calls == 0
     coverage = (builds["glmrel"]["dir"] / "expert_coverage.json").read_text()
     assert '"moe_calibrate_all_experts": true' in coverage
 
@@ -135,3 +138,28 @@ def test_sample_rows_is_deterministic_and_spread():
     rows = a.flatten().tolist()
     assert rows == sorted(rows) and rows[0] < 10 and rows[-1] >= 90
     assert _subsample_rows(x, 200, 0) is x
+
+
+def test_batched_experts_equal_the_loop_on_uneven_routing():
+    """Patch 5 against llm-compressor's own loop, with an idle expert and a busy one."""
+    from transformers import Glm4MoeConfig
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeExperts
+
+    from release.awq_scale import _grouped_experts_forward, _Search
+
+    torch.manual_seed(0)
+    cfg = Glm4MoeConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=6, num_experts_per_tok=2)
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+
+    fused = Glm4MoeExperts(cfg)
+    for p in fused.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    experts = LinearExperts2D.get_linear_experts_cls(type(fused)).from_experts_module(fused, cfg)
+    hidden = torch.randn(40, 32)
+    idx = torch.stack([torch.randint(0, 5, (40,)), torch.full((40,), 1)], dim=1)  # expert 5 idle, 1 busy
+    idx[:, 1] = torch.where(idx[:, 0] == 1, 2, 1)
+    weights = torch.rand(40, 2)
+    _Search.generation += 1
+    ours = _grouped_experts_forward(experts, hidden, idx, weights)
+    ref = LinearExperts2D.forward(experts, hidden, idx, weights)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5)
