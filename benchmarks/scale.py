@@ -27,12 +27,19 @@ from pathlib import Path
 ENGINES = ("stock", "glmrel")
 
 
-def run_one(release_yaml: Path, engine: str, samples: int, seq: int) -> dict:
-    """One calibration in this process; returns its records (no branch is saved)."""
+def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out: Path | None = None) -> dict | None:
+    """One calibration in this process (or on every torchrun rank); returns rank 0's records.
+    No branch is saved. With `scales_out`, every chosen AWQ scale vector is saved there."""
+    import dataclasses
+
     import yaml
 
+    from release import distributed
     from release.config import load_config
-    from release.quantize import calibrate, prepare_branch
+    from release.quantize import calibrate, prepare_branch, scale_options_for
+
+    if distributed.in_worker():
+        distributed.init()
 
     raw = yaml.safe_load(release_yaml.read_text())
     raw["calibration"].update(num_samples=samples, max_seq_length=seq)
@@ -43,12 +50,20 @@ def run_one(release_yaml: Path, engine: str, samples: int, seq: int) -> dict:
     branch = cfg.branches[0]
     base_dir, arch, recipe_text, _fp = prepare_branch(cfg, branch)
     t = time.time()
-    run = calibrate(cfg, branch, base_dir, arch, recipe_text, echo=lambda s: print(s, file=sys.stderr))
+    options = dataclasses.replace(scale_options_for(cfg), record_scales=scales_out is not None)
+    run = calibrate(cfg, branch, base_dir, arch, recipe_text, lambda s: print(s, file=sys.stderr), options)
     import resource
 
     import torch
 
+    if distributed.rank() != 0:
+        distributed.barrier_and_close()
+        return None
+    if scales_out is not None:
+        torch.save(run.stats.scales, scales_out)
+    distributed.barrier_and_close()
     return {
+        "gpus": int(os.environ.get("WORLD_SIZE", "1")) if distributed.in_worker() else 1,
         "engine": engine,
         "samples": samples,
         "seq": seq,
@@ -62,6 +77,7 @@ def run_one(release_yaml: Path, engine: str, samples: int, seq: int) -> dict:
         "layers": [vars(r) for r in run.stats.layers],
         "expert_tokens_seen": run.stats.tokens_seen,
         "expert_tokens_kept": run.stats.tokens_kept,
+        "mapping_s": run.stats.to_json()["mapping_s"],
     }
 
 
@@ -97,6 +113,14 @@ def table(records: list[dict]) -> str:
             f"| {r['engine']} | {r['samples']} | {r['tokens']} | {r['oneshot_s']:.1f} | {r['peak_gpu_gib']:.2f} "
             f"| {r['peak_host_gib']:.2f} |"
         )
+    out.append("")
+    out.append(
+        "AWQ smoothing time by mapping kind (s): "
+        + "; ".join(
+            f"{r['engine']} N={r['samples']}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["mapping_s"].items()))
+            for r in records
+        )
+    )
     ns = sorted({r["samples"] for r in records})
     if len(ns) > 1:
         out.append("")
@@ -111,6 +135,31 @@ def table(records: list[dict]) -> str:
     return "\n".join(out)
 
 
+def compare_gpus(records: list[dict], gpus: int) -> str:
+    """Multi-GPU against one GPU: time per layer, and how far the chosen AWQ scales moved."""
+    import torch
+
+    out = [f"| samples | layer | kind | 1 GPU s | {gpus} GPUs s | speed-up |", "| --- | --- | --- | --- | --- | --- |"]
+    notes = []
+    by = {(r["engine"], r["samples"], r.get("gpus", 1)): r for r in records}
+    for n in sorted({r["samples"] for r in records}):
+        one, many = by.get(("glmrel", n, 1)), by.get(("glmrel", n, gpus))
+        if not (one and many):
+            continue
+        for i, (l1, ln) in enumerate(zip(one["layers"], many["layers"])):
+            t1, tn = l1["calib_s"] + l1["smooth_s"], ln["calib_s"] + ln["smooth_s"]
+            kind = "dense" if i < one["dense_layers"] else "MoE"
+            out.append(f"| {n} | {i} | {kind} | {t1:.1f} | {tn:.1f} | {t1 / tn:.2f}x |")
+        s1, sn = torch.load(one["scales_file"]), torch.load(many["scales_file"])
+        cos = [torch.nn.functional.cosine_similarity(s1[k].flatten(), sn[k].flatten(), dim=0).item() for k in s1]
+        same = sum(torch.allclose(s1[k], sn[k], rtol=1e-2, atol=1e-4) for k in s1)
+        notes.append(
+            f"N={n}: {same}/{len(s1)} mappings chose the same scales (1e-2) on {gpus} GPUs as on one; "
+            f"min cosine {min(cos):.5f}; peak GPU per rank {many['peak_gpu_gib']:.2f} GiB vs {one['peak_gpu_gib']:.2f}"
+        )
+    return "\n".join(out + [""] + notes)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", help="benchmarks.synthetic preset (tiny, medium, glm47)")
@@ -122,47 +171,67 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--work", type=Path, default=Path("out/bench-scale"))
     ap.add_argument("--json", type=Path, default=None, help="also write the records here")
+    ap.add_argument(
+        "--gpus", type=int, default=1, help="also run glmrel data-parallel on this many GPUs and compare with one GPU"
+    )
     ap.add_argument("--run-one", nargs=4, metavar=("RELEASE_YAML", "ENGINE", "SAMPLES", "SEQ"), help=argparse.SUPPRESS)
+    ap.add_argument("--scales-out", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
 
     if a.run_one:
         yaml_path, engine, n, seq = a.run_one
-        print("RECORD " + json.dumps(run_one(Path(yaml_path), engine, int(n), int(seq))), flush=True)
+        rec = run_one(Path(yaml_path), engine, int(n), int(seq), a.scales_out)
+        if rec is not None:
+            print("RECORD " + json.dumps(rec), flush=True)
         return
 
     from benchmarks.synthetic import build
 
     samples = [int(x) for x in a.samples.split(",")]
-    work = a.work / f"{a.preset}-{a.layers or 'default'}"
+    work = a.work / f"{a.preset}-{a.layers or 'default'}-n{max(samples)}-s{a.seq}"
     release_yaml = work / "release.yaml"
     if not release_yaml.is_file():
         build(a.preset, work, a.layers, a.device, [a.group_size], max(samples), a.seq)
     records = []
-    for n in samples:
-        for engine in a.engines.split(","):
-            t = time.time()
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.scale", "--run-one", str(release_yaml), engine, str(n), str(a.seq)],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            lines = [x for x in proc.stdout.splitlines() if x.startswith("RECORD ")]
-            if proc.returncode != 0 or not lines:
-                sys.stderr.write(proc.stderr[-4000:])
-                raise SystemExit(f"{engine} with {n} samples failed (exit {proc.returncode})")
-            rec = json.loads(lines[-1][len("RECORD ") :])
-            records.append(rec)
-            if a.json:  # after every run, so a run cut short still leaves its records
-                a.json.parent.mkdir(parents=True, exist_ok=True)
-                a.json.write_text(json.dumps(records, indent=1) + "\n")
-            print(
-                f"{engine:6} N={n:<4} oneshot {rec['oneshot_s']:.1f}s  peak GPU {rec['peak_gpu_gib']:.2f} GiB  "
-                f"peak host {rec['peak_host_gib']:.2f} GiB  ({time.time() - t:.0f}s with load)",
-                flush=True,
-            )
+    runs = [(n, e, 1) for n in samples for e in a.engines.split(",")]
+    if a.gpus > 1:
+        runs += [(n, "glmrel", a.gpus) for n in samples]
+    for n, engine, gpus in runs:
+        t = time.time()
+        scales = work / f"scales-{engine}-{n}-{gpus}gpu.pt"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
+        cmd = (launcher if gpus > 1 else [sys.executable]) + [
+            "-m",
+            "benchmarks.scale",
+            "--run-one",
+            str(release_yaml),
+            engine,
+            str(n),
+            str(a.seq),
+        ]
+        if engine == "glmrel":
+            cmd += ["--scales-out", str(scales)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RECORD ")]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"{engine} with {n} samples failed (exit {proc.returncode})")
+        rec = json.loads(lines[-1][len("RECORD ") :])
+        rec["scales_file"] = str(scales) if engine == "glmrel" else None
+        records.append(rec)
+        if a.json:  # after every run, so a run cut short still leaves its records
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps(records, indent=1) + "\n")
+        print(
+            f"{engine:6} {gpus} GPU N={n:<4} oneshot {rec['oneshot_s']:.1f}s  peak GPU {rec['peak_gpu_gib']:.2f} GiB  "
+            f"peak host {rec['peak_host_gib']:.2f} GiB  ({time.time() - t:.0f}s with load)",
+            flush=True,
+        )
     print()
-    print(table(records))
+    print(table([r for r in records if r.get("gpus", 1) == 1]))
+    if a.gpus > 1:
+        print()
+        print(compare_gpus(records, a.gpus))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ class ScaleStats:
     tokens_kept: int = 0
     layers: list[LayerRecord] = field(default_factory=list)
     scales: dict[str, Any] = field(default_factory=dict)  # smooth layer name -> chosen scales
+    mapping_s: dict[str, float] = field(default_factory=dict)  # seconds per kind of mapping
 
     @property
     def peak_gpu_gib(self) -> float:
@@ -114,6 +115,7 @@ class ScaleStats:
             "expert_tokens_seen": self.tokens_seen,
             "expert_tokens_kept": self.tokens_kept,
             "layers": [vars(r) for r in self.layers],
+            "mapping_s": {k: round(v, 2) for k, v in self.mapping_s.items()},
         }
 
 
@@ -162,6 +164,21 @@ class _Search:
     generation = 0
     stacked: dict[int, tuple[int, Any]] = {}
     checked: set[int] = set()
+
+
+def mapping_kind(smooth_name: str) -> str:
+    """What a mapping smooths, for the time breakdown."""
+    if ".experts." in smooth_name:
+        return "routed_expert_down"
+    if ".shared_experts." in smooth_name:
+        return "shared_expert_down"
+    if smooth_name.endswith("input_layernorm"):
+        return "attention_qkv"
+    if smooth_name.endswith("post_attention_layernorm"):
+        return "mlp_or_moe_block"
+    if smooth_name.endswith("up_proj"):
+        return "dense_mlp_down"
+    return "other"
 
 
 def _effective_weight(linear: Any) -> Any:
@@ -284,14 +301,21 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             best = saved["_compute_best_scale"](self, mapping, fp16_outputs, orig_layer_weights)
         finally:
             _Lazy.active = False
+            # from the end of the previous mapping's search: its smoothing, this one's setup,
+            # reference forward and grid search
+            now = time.perf_counter()
+            kind = mapping_kind(mapping.smooth_name)
+            stats.mapping_s[kind] = stats.mapping_s.get(kind, 0.0) + now - clock["mapping"]
+            clock["mapping"] = now
         if options.record_scales:
             stats.scales[mapping.smooth_name] = best.detach().float().cpu().clone()
         return best
 
-    clock = {"last": time.perf_counter()}
+    clock = {"last": time.perf_counter(), "mapping": time.perf_counter()}
 
     def _apply_smoothing(self: Any, model: Any) -> None:
         t = time.perf_counter()
+        clock["mapping"] = t
         mappings = len(self._smooth_activation_stats)
         flag = moe_context._CALIBRATE_ALL_EXPERTS
         if options.routed_experts_in_search:
@@ -408,8 +432,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
         return out
 
     patches = {"_run_samples": _run_samples, "_apply_smoothing": _apply_smoothing}
-    if options.stream_loss or options.record_scales:
-        patches["_compute_best_scale"] = _compute_best_scale
+    patches["_compute_best_scale"] = _compute_best_scale  # also times each mapping
     if options.max_expert_tokens is not None:
         patches["_setup_activation_cache_hooks"] = _setup_activation_cache_hooks
     if not options.keep_first_output and not options.stream_loss:

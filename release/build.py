@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .check import check_branch
@@ -35,6 +36,8 @@ def build_all(
     force: bool = False,
     echo: Callable[[str], None] = print,
     progress: Callable[[str], None] | None = None,
+    gpus: int = 1,
+    config_path: Path | None = None,
 ) -> BuildResult:
     """Quantize (or skip, when unchanged), verify, render, manifest and check each branch.
 
@@ -46,7 +49,14 @@ def build_all(
     for branch in cfg.branches:
         if progress:
             progress(branch.name)
-        b = quantize_branch(cfg, branch.name, force=force, echo=echo)
+        if gpus > 1:
+            from .distributed import quantize_on_gpus
+
+            if config_path is None:
+                raise ReleaseError("a multi-GPU build needs the config's path to hand to torchrun")
+            b = quantize_on_gpus(cfg, config_path, branch.name, gpus, force=force, echo=echo)
+        else:
+            b = quantize_branch(cfg, branch.name, force=force, echo=echo)
         echo(f"[{b.branch}] {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'}")
         builds.append(b)
 

@@ -95,16 +95,31 @@ def demo_assets_cmd() -> None:
 @_config_option
 @click.option("--branch", "branch_name", required=True, help="Branch name from the config, e.g. W4A16_GS64.")
 @click.option("--force", is_flag=True, help="Rebuild even if the branch is up to date.")
-def quantize(config_path: Path, branch_name: str, force: bool) -> None:
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Calibrate data-parallel on this many GPUs (llm-compressor's engine, launched with torchrun).",
+)
+def quantize(config_path: Path, branch_name: str, force: bool, gpus: int) -> None:
     """Quantize one branch with MoE-aware AWQ + W4A16 (llm-compressor oneshot).
 
     The branch is written to a hidden temporary folder and moved into
-    <output_dir>/<branch> only when complete. Unchanged inputs mean no work.
+    <output_dir>/<branch> only when complete. Unchanged inputs mean no work. With
+    --gpus N each GPU calibrates its share of the samples and AWQ all-reduces its
+    statistics, so every rank picks the same scales; rank 0 writes the branch.
     """
+    from . import distributed
     from .quantize import quantize_branch
 
     cfg = _load(config_path)
-    b = quantize_branch(cfg, branch_name, force=force, echo=click.echo)
+    if gpus > 1 and not distributed.in_worker():
+        b = distributed.quantize_on_gpus(cfg, config_path, branch_name, gpus, force=force, echo=click.echo)
+    else:
+        b = quantize_branch(cfg, branch_name, force=force, echo=click.echo)
+        if distributed.rank() != 0:
+            return
     click.echo(f"{b.branch}: {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'} -> {b.path}")
 
 
@@ -150,8 +165,15 @@ def verify(config_path: Path, branch_name: str, as_json: bool) -> None:
 @cli.command("build-all")
 @_config_option
 @click.option("--force", is_flag=True, help="Rebuild every branch even if up to date.")
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Calibrate data-parallel on this many GPUs (llm-compressor's engine, launched with torchrun).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def build_all_cmd(config_path: Path, force: bool, as_json: bool) -> None:
+def build_all_cmd(config_path: Path, force: bool, gpus: int, as_json: bool) -> None:
     """Quantize and verify every branch of the release, in config order.
 
     Branches whose inputs (config, recipe, calibration data, base model, tool and library
@@ -169,7 +191,9 @@ def build_all_cmd(config_path: Path, force: bool, as_json: bool) -> None:
                 bar.update(1)
             seen.append(name)
 
-        result = build_all(cfg, force=force, echo=click.echo, progress=progress)
+        result = build_all(
+            cfg, force=force, echo=click.echo, progress=progress, gpus=gpus, config_path=Path(config_path)
+        )
         bar.update(1)
     lines = [
         f"{b.branch}: {'skipped (up to date)' if b.skipped else f'built in {b.seconds:.0f}s'}, "

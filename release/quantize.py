@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, distributed
 from .architecture import Glm4MoeArch
 from .awq_scale import ScaleOptions, ScaleStats
 from .config import BranchSpec, ReleaseConfig
@@ -189,6 +189,13 @@ def quantize_branch(
     if not force and branch_is_current(out_dir, fingerprint):
         return BranchBuild(branch.name, out_dir, True, 0.0, fingerprint)
 
+    if distributed.in_worker():
+        distributed.init()
+        if distributed.rank() != 0:  # calibrate its share of the samples; rank 0 writes the branch
+            calibrate(cfg, branch, base_dir, arch, recipe_text, lambda s: None, scale_options)
+            distributed.barrier_and_close()
+            return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
+
     tmp = cfg.output_dir / f".{branch.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -209,6 +216,7 @@ def quantize_branch(
             "moe_calibrate_all_experts": cfg.calibration.moe_calibrate_all_experts,
             "awq": cfg.awq.model_dump(mode="json"),
             "dtype": cfg.dtype,
+            "gpus": int(os.environ.get("WORLD_SIZE", "1")) if distributed.in_worker() else 1,
             "inputs_fingerprint": fingerprint,
             "timings_s": timings,
         }
@@ -225,6 +233,7 @@ def quantize_branch(
             tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier_and_close()
     return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
 
 
@@ -305,6 +314,7 @@ def calibrate(
             pipeline="sequential",
         )
     timings["oneshot"] = round(time.time() - t, 2)
+    counts = distributed.sum_counts(counts)  # each rank counted its own samples
     timings["awq_engine"] = {"engine": cfg.awq.engine, **options.to_json(), **scale_stats.to_json()}
     LAST_SCALE_STATS[0] = scale_stats
     return Calibrated(model, tokenizer, timings, scale_stats, counts, calib_prov)

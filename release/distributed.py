@@ -1,0 +1,124 @@
+"""`glmrel quantize --gpus N`: llm-compressor's own data-parallel calibration, launched for the user.
+
+llm-compressor 0.14.0.1 runs `oneshot` data-parallel when every rank calls
+`compressed_tensors.distributed.init_dist()` under `torchrun`: each rank calibrates a
+disjoint part of the samples (the dataset is partitioned when all ranks hold the same one)
+and AWQ all-reduces its activation statistics and grid-search losses, so every rank chooses
+the same scales and ends with the same weights. glmrel adds only the launch, the sums that
+its own records need (expert coverage), and "rank 0 writes the branch".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import ReleaseError
+
+
+def in_worker() -> bool:
+    """True inside a torchrun worker."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0")) if in_worker() else 0
+
+
+def check_gpus(gpus: int) -> None:
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > have:
+        raise ReleaseError(
+            f"--gpus {gpus} asks for more GPUs than this machine has ({have})",
+            hint="pass --gpus with at most the number of GPUs nvidia-smi lists, or leave it out for one GPU",
+        )
+    if shutil.which("torchrun") is None and not _torchrun_module_available():
+        raise ReleaseError("torchrun is not available", hint="install torch with its distributed launcher")
+
+
+def _torchrun_module_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch.distributed.run") is not None
+
+
+def launch(gpus: int, argv: list[str]) -> None:
+    """Run `python -m release.cli <argv>` on `gpus` ranks with torchrun; raise if any rank fails."""
+    check_gpus(gpus)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={gpus}",
+        "-m",
+        "release.cli",
+        *argv,
+    ]
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        raise ReleaseError(
+            f"the {gpus}-GPU run failed (torchrun exit {proc.returncode}); no branch was written",
+            hint="see the rank logs above; run once without --gpus to rule out the multi-GPU path",
+        )
+
+
+def init() -> None:
+    """Join the process group (inside a torchrun worker)."""
+    from compressed_tensors.distributed import init_dist
+
+    init_dist()
+
+
+def sum_counts(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Expert-coverage counts summed over ranks (each rank saw its own samples)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return counts
+    out: dict[str, dict[str, int]] = {}
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    for kind, per_module in counts.items():
+        keys = sorted(per_module)
+        t = torch.tensor([per_module[k] for k in keys], dtype=torch.int64, device=device)
+        dist.all_reduce(t)
+        out[kind] = dict(zip(keys, t.tolist()))
+    return out
+
+
+def barrier_and_close() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def worker_argv(config: Path, branch: str, gpus: int) -> list[str]:
+    return ["quantize", "--config", str(config), "--branch", branch, "--gpus", str(gpus), "--force"]
+
+
+def quantize_on_gpus(cfg, config_path: Path, branch: str, gpus: int, *, force: bool = False, echo=print):  # type: ignore[no-untyped-def]
+    """Build one branch on `gpus` GPUs (rank 0 writes it); skip it when its inputs are unchanged."""
+    import time
+
+    from .quantize import BranchBuild, branch_is_current, prepare_branch
+
+    spec = cfg.branch(branch)
+    _base, _arch, _recipe, fingerprint = prepare_branch(cfg, spec)
+    out = cfg.output_dir / spec.name
+    if not force and branch_is_current(out, fingerprint):
+        return BranchBuild(spec.name, out, True, 0.0, fingerprint)
+    check_gpus(gpus)
+    t = time.time()
+    echo(f"[{spec.name}] launching {gpus} ranks with torchrun")
+    launch(gpus, worker_argv(config_path, spec.name, gpus))
+    if not branch_is_current(out, fingerprint):
+        raise ReleaseError(f"the {gpus}-GPU run of {spec.name} finished but wrote no current branch at {out}")
+    return BranchBuild(spec.name, out, False, round(time.time() - t, 1), fingerprint)
