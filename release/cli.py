@@ -100,7 +100,8 @@ def demo_assets_cmd() -> None:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Calibrate data-parallel on this many GPUs (llm-compressor's engine, launched with torchrun).",
+    help="Calibrate data-parallel on this many GPUs (llm-compressor's engine, launched with torchrun). "
+    "Experimental: not yet seen to finish on a GPU machine.",
 )
 def quantize(config_path: Path, branch_name: str, force: bool, gpus: int) -> None:
     """Quantize one branch with MoE-aware AWQ + W4A16 (llm-compressor oneshot).
@@ -170,7 +171,8 @@ def verify(config_path: Path, branch_name: str, as_json: bool) -> None:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Calibrate data-parallel on this many GPUs (llm-compressor's engine, launched with torchrun).",
+    help="Calibrate data-parallel on this many GPUs (llm-compressor's engine, launched with torchrun). "
+    "Experimental: not yet seen to finish on a GPU machine.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def build_all_cmd(config_path: Path, force: bool, gpus: int, as_json: bool) -> None:

@@ -117,7 +117,7 @@ def quantize_on_gpus(cfg, config_path: Path, branch: str, gpus: int, *, force: b
         return BranchBuild(spec.name, out, True, 0.0, fingerprint)
     check_gpus(gpus)
     t = time.time()
-    echo(f"[{spec.name}] launching {gpus} ranks with torchrun")
+    echo(f"[{spec.name}] launching {gpus} ranks with torchrun (experimental: not yet seen to finish on GPUs)")
     launch(gpus, worker_argv(config_path, spec.name, gpus))
     if not branch_is_current(out, fingerprint):
         raise ReleaseError(f"the {gpus}-GPU run of {spec.name} finished but wrote no current branch at {out}")

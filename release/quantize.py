@@ -189,14 +189,17 @@ def quantize_branch(
     if not force and branch_is_current(out_dir, fingerprint):
         return BranchBuild(branch.name, out_dir, True, 0.0, fingerprint)
 
+    tmp = cfg.output_dir / f".{branch.name}.partial-{os.getpid()}"
     if distributed.in_worker():
         distributed.init()
+        # llm-compressor's save compresses the model across ranks (only rank 0 writes), so
+        # every rank calls it, with the same folder.
+        tmp = cfg.output_dir / f".{branch.name}.partial-dist-{os.environ['TORCHELASTIC_RUN_ID']}"
         if distributed.rank() != 0:  # calibrate its share of the samples; rank 0 writes the branch
-            calibrate(cfg, branch, base_dir, arch, recipe_text, lambda s: None, scale_options)
+            run = calibrate(cfg, branch, base_dir, arch, recipe_text, lambda s: None, scale_options)
+            run.model.save_pretrained(tmp, save_compressed=True)
             distributed.barrier_and_close()
             return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
-
-    tmp = cfg.output_dir / f".{branch.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         timings = _run_oneshot(cfg, branch, base_dir, arch, recipe_text, tmp, echo, scale_options)

@@ -124,3 +124,19 @@ def test_debug_variable_shows_the_traceback(write_config, monkeypatch):
         CliRunner().invoke(
             cli, ["quantize", "--config", str(write_config()), "--branch", "nope"], catch_exceptions=False
         )
+
+
+def test_quantize_gpus_beyond_the_machine_is_refused(write_config):
+    res = CliRunner().invoke(
+        cli, ["quantize", "--config", str(write_config()), "--branch", "W4A16_GS64", "--gpus", "2"]
+    )
+    assert res.exit_code == 1
+    assert "--gpus 2 asks for more GPUs than this machine has" in res.output
+    assert "Hint:" in res.output
+
+
+def test_quantize_gpus_must_be_positive(write_config):
+    res = CliRunner().invoke(
+        cli, ["quantize", "--config", str(write_config()), "--branch", "W4A16_GS64", "--gpus", "0"]
+    )
+    assert res.exit_code == 2 and "--gpus" in res.output
