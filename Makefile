@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test lint venv clean bench
+.PHONY: demo test lint venv clean bench bench-scale
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.check_speed
 	$(BIN)/python -m benchmarks.check_speed --hash-bench
+
+# glmrel's AWQ against stock llm-compressor, side by side, on the tiny model (CPU, ~80 s).
+# At GLM-4.7 layer size on a GPU: see benchmarks/results/README.md.
+bench-scale: $(STAMP)
+	$(BIN)/python -m benchmarks.scale --preset tiny --samples 1,2 --seq 32 --work out/bench-scale
 
 ## test: run the test suite
 test: $(STAMP)

@@ -114,13 +114,16 @@ def table(records: list[dict]) -> str:
             f"| {r['peak_host_gib']:.2f} |"
         )
     out.append("")
-    out.append(
-        "AWQ smoothing time by mapping kind (s): "
-        + "; ".join(
-            f"{r['engine']} N={r['samples']}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["mapping_s"].items()))
-            for r in records
+    timed = [r for r in records if r.get("mapping_s")]
+    if timed:
+        out.append(
+            "AWQ smoothing time by mapping kind (s): "
+            + "; ".join(
+                f"{r['engine']} N={r['samples']}: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["mapping_s"].items()))
+                for r in timed
+            )
         )
-    )
     ns = sorted({r["samples"] for r in records})
     if len(ns) > 1:
         out.append("")
