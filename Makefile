@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test lint venv clean bench bench-scale
+.PHONY: demo test lint venv clean bench bench-scale git-lfs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+## git-lfs: publish's git backend stores weights as LFS objects when git-lfs is installed.
+## Installed here from Debian's packages where that is possible (root + apt); otherwise the
+## backend publishes plain blobs and the git-lfs test says it was skipped.
+git-lfs:
+	@command -v git-lfs >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get install -y -q git-lfs >/dev/null 2>&1 && echo "installed git-lfs"; } || \
+	  echo "note: git-lfs is not installed; the git backend publishes plain blobs and its LFS test is skipped"
+
 ## demo: build, verify, render and publish the embedded demo release (tiny model, local data, local git remote)
-demo: $(STAMP)
+demo: $(STAMP) git-lfs
 	$(BIN)/glmrel demo-assets
 	$(BIN)/glmrel build-all --config configs/demo.yaml
 	$(BIN)/glmrel publish --config configs/demo.yaml --changelog v1
@@ -33,7 +41,7 @@ bench-scale: $(STAMP)
 	$(BIN)/python -m benchmarks.scale --preset tiny --samples 1,2 --seq 32 --work out/bench-scale
 
 ## test: run the test suite
-test: $(STAMP)
+test: $(STAMP) git-lfs
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -118,15 +119,47 @@ def _changes(local: dict[str, tuple[str, int]], remote: dict[str, tuple[str, int
     return changes
 
 
+LFS_SUFFIXES = (".safetensors", ".png", ".bin")
+GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES)
+LFS_FILTERS = [
+    "-c",
+    "filter.lfs.smudge=git-lfs smudge -- %f",
+    "-c",
+    "filter.lfs.process=git-lfs filter-process",
+    "-c",
+    "filter.lfs.required=true",
+]
+
+
+def git_lfs_available() -> bool:
+    """git-lfs on PATH, unless GLMREL_GIT_LFS=0 turns it off."""
+    return os.environ.get("GLMREL_GIT_LFS", "1") != "0" and shutil.which("git-lfs") is not None
+
+
+def lfs_pointer(oid: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n".encode()
+
+
 class GitRemote:
-    """A git remote (URL or local path) seen through a local bare cache repository."""
+    """A git remote (URL or local path) seen through a local bare cache repository.
+
+    With git-lfs installed, weights and images are LFS objects (a pointer blob in the tree,
+    the bytes pushed with `git lfs push`) and each branch carries the `.gitattributes` that
+    says so — the layout the Hub's own git endpoint expects. Without git-lfs they are plain
+    blobs, and the read-back says which."""
 
     kind = "git"
 
-    def __init__(self, url: str, cache: Path) -> None:
+    def __init__(self, url: str, cache: Path, lfs: bool | None = None) -> None:
         self.url = url
         cache.mkdir(parents=True, exist_ok=True)
         self.repo = git.Repo.init(cache, bare=True) if not (cache / "HEAD").exists() else git.Repo(cache)
+        self.lfs = git_lfs_available() if lfs is None else lfs
+        self.tree_lfs: dict[str, list[str]] = {}  # tree sha -> LFS oids it references
+
+    @property
+    def lfs_url(self) -> str:
+        return self.url if re.match(r"^[a-z+]+://|^[^/]+@", self.url) else Path(self.url).resolve().as_uri()
 
     def exists(self) -> bool:
         if re.match(r"^[a-z+]+://|^[^/]+@", self.url):
@@ -164,17 +197,52 @@ class GitRemote:
     def tree_sha(self, commit: str) -> str:
         return self.repo.git.rev_parse(f"{commit}^{{tree}}")
 
+    def _blob(self, data: bytes) -> str:
+        with tempfile.TemporaryFile("w+b") as f:
+            f.write(data)
+            f.seek(0)
+            return self.repo.git.hash_object("-w", "--no-filters", "--stdin", istream=f)
+
+    def _lfs_store(self, p: Path, oid: str) -> None:
+        """Copy the file into the cache's LFS object store. Never a hard link: git-lfs links
+        objects onward into a local remote, and a later in-place rewrite of the branch file
+        (a re-render) would then change published content."""
+        obj = Path(self.repo.git_dir) / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+        if obj.is_file() and obj.stat().st_size == p.stat().st_size:
+            return
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        tmp = obj.with_name(obj.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        shutil.copyfile(p, tmp)
+        tmp.replace(obj)
+
     def write_tree(self, files: list[Path]) -> tuple[str, dict[str, tuple[str, int]]]:
+        """Blobs (or LFS pointers) for `files` and the tree holding them; path -> (blob, size)."""
         entries = {}
         listing = []
+        oids = []
+        known = _manifest_hashes(files) if self.lfs else {}
         for p in files:
-            sha = self.repo.git.hash_object("-w", "--no-filters", str(p))
-            entries[p.name] = (sha, p.stat().st_size)
+            size = p.stat().st_size
+            if self.lfs and p.suffix in LFS_SUFFIXES:
+                oid = known.get(p.name) or sha256_file(p)
+                self._lfs_store(p, oid)
+                sha = self._blob(lfs_pointer(oid, size))
+                oids.append(oid)
+            else:
+                sha = self.repo.git.hash_object("-w", "--no-filters", str(p))
+            entries[p.name] = (sha, size)
             listing.append(f"100644 blob {sha}\t{p.name}")
+        if self.lfs:
+            data = GITATTRIBUTES.encode()
+            sha = self._blob(data)
+            entries[".gitattributes"] = (sha, len(data))
+            listing.append(f"100644 blob {sha}\t.gitattributes")
         with tempfile.TemporaryFile("w+") as f:
-            f.write("\n".join(listing) + "\n")
+            f.write("\n".join(sorted(listing, key=lambda x: x.split("\t")[1])) + "\n")
             f.seek(0)
             tree = self.repo.git.mktree(istream=f)
+        self.tree_lfs[tree] = oids
         return tree, entries
 
     def commit(self, tree: str, parent: str | None, message: str) -> str:
@@ -207,25 +275,56 @@ class GitRemote:
         tree, local = self.write_tree(files)
         if head and self.tree_sha(head) == tree:
             return [], tree
-        remote_files = self.tree_of(head) if head else {}
-        return _changes({p: (sha, size) for p, (sha, size) in local.items()}, remote_files), tree
+        remote = self.tree_of(head) if head else {}
+        # compare blob ids only: ls-tree's size of an LFS file is its pointer's
+        same_size = {
+            p: (sha, local[p][1] if p in local and local[p][0] == sha else size) for p, (sha, size) in remote.items()
+        }
+        return _changes(local, same_size), tree
 
     def check_revision(self, name: str, head: str, group_size: int) -> RemoteCheck:
-        """Materialize the pushed commit's files and run the full local `check` on them."""
+        """Clone the branch back from the remote (LFS content included) and run the full
+        local `check` on the checkout."""
         with tempfile.TemporaryDirectory() as tmp:
             checkout = Path(tmp) / name
-            checkout.mkdir()
-            for path in self.tree_of(head):
-                blob = self.repo.git.cat_file(
-                    "blob", f"{head}:{path}", stdout_as_string=False, strip_newline_in_stdout=False
-                )
-                (checkout / path).write_bytes(blob)
+            filters = LFS_FILTERS if self.lfs else []
+            cmd = [
+                "git",
+                *filters,
+                "clone",
+                "--quiet",
+                "--branch",
+                name,
+                "--single-branch",
+                self.lfs_url,
+                str(checkout),
+            ]
+            try:
+                git.Git().execute(cmd)
+            except git.GitCommandError as e:
+                return RemoteCheck(name, False, f"cannot clone {name} back: {e.stderr.strip() if e.stderr else e}")
+            if git.Repo(checkout).head.commit.hexsha != head:
+                return RemoteCheck(name, False, f"the clone of {name} is not at {head[:10]}")
+            shutil.rmtree(checkout / ".git")
+            (checkout / ".gitattributes").unlink(missing_ok=True)
             report = check_branch(checkout, group_size=group_size)
-        return RemoteCheck(
-            name, report.passed, "read back and checked" if report.passed else report.failures[0].message
-        )
+        how = "cloned back with its LFS objects and checked" if self.lfs else "cloned back and checked (plain blobs)"
+        return RemoteCheck(name, report.passed, how if report.passed else report.failures[0].message)
+
+    def push_lfs(self, tree: str) -> None:
+        oids = self.tree_lfs.get(tree) or []
+        if not oids:
+            return
+        try:
+            self.repo.git.lfs("push", "--object-id", self.lfs_url, *oids)
+        except git.GitCommandError as e:
+            raise ReleaseError(
+                f"git lfs push to {self.url} failed: {e.stderr.strip() if e.stderr else e}; no branch was moved",
+                hint="check that the remote accepts LFS objects (or set GLMREL_GIT_LFS=0 to publish plain blobs)",
+            ) from e
 
     def publish_branch(self, b: BranchPlan, message: str) -> str:
+        self.push_lfs(b.tree)  # the objects first: a branch never points at missing LFS content
         commit = self.commit(b.tree, b.remote_commit, message)
         self.push_branch(b.name, commit, b.remote_commit)
         return commit

@@ -51,7 +51,21 @@ def publish(config: Path, *extra: str):
     )
 
 
-def test_publish_clones_back_byte_for_byte_with_tags(release_copy, tmp_path):
+def clone_branch(remote: Path, name: str, dest: Path) -> None:
+    """What a user gets: `git clone`, with git-lfs's filters where git-lfs is installed."""
+    filters = publish_mod.LFS_FILTERS if publish_mod.git_lfs_available() else []
+    subprocess.run(
+        ["git", *filters, "clone", "-q", "--branch", name, "--single-branch", remote.resolve().as_uri(), str(dest)],
+        check=True,
+    )
+
+
+@pytest.mark.parametrize("lfs", ["git-lfs", "plain"])
+def test_publish_clones_back_byte_for_byte_with_tags(release_copy, tmp_path, monkeypatch, lfs):
+    if lfs == "plain":
+        monkeypatch.setenv("GLMREL_GIT_LFS", "0")
+    elif not publish_mod.git_lfs_available():
+        pytest.skip("git-lfs is not installed here (make git-lfs installs it); the plain-blob run covers the rest")
     res = publish(release_copy)
     assert res.exit_code == 0, res.output
     assert "all revisions verified" in res.output
@@ -59,7 +73,17 @@ def test_publish_clones_back_byte_for_byte_with_tags(release_copy, tmp_path):
     remote = Path(cfg.publish_remote)
     for name in (*BRANCHES, "main"):
         clone = tmp_path / f"clone-{name}"
-        git.Repo.clone_from(str(remote), clone, branch=name, single_branch=True)
+        clone_branch(remote, name, clone)
+        attributes = clone / ".gitattributes"
+        if lfs == "git-lfs":
+            assert "*.safetensors filter=lfs" in attributes.read_text()
+            attributes.unlink()
+            if name != "main":
+                blob = git.Repo(clone).git.cat_file("blob", "HEAD:model.safetensors")
+                assert blob.startswith("version https://git-lfs.github.com/spec/v1"), "weights are LFS pointers in git"
+                assert (remote / "lfs" / "objects").is_dir(), "the LFS objects reached the remote"
+        else:
+            assert not attributes.exists()
         published = {p.name: p.read_bytes() for p in clone.iterdir() if p.name != ".git"}
         folder = cfg.output_dir / name
         expected = {p.name: p.read_bytes() for p in branch_files(folder)}
@@ -89,7 +113,8 @@ def test_second_publish_makes_no_commit(release_copy):
 def test_dry_run_writes_nothing(release_copy, tmp_path):
     res = publish(release_copy, "--dry-run")
     assert res.exit_code == 0
-    assert "create repository" in res.output and "W4A16_GS32: create orphan branch; 15 to add" in res.output
+    n = 16 if publish_mod.git_lfs_available() else 15  # .gitattributes rides along with git-lfs
+    assert "create repository" in res.output and f"W4A16_GS32: create orphan branch; {n} to add" in res.output
     assert not (tmp_path / "remote.git").exists()
 
 
