@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.scale import table
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "2026-11-27-h200-scale-glm47-2layer"
@@ -24,3 +26,35 @@ def test_recorded_runs_are_the_engines_they_claim():
             if r["engine"] == "stock":
                 assert r["expert_tokens_kept"] == 0, "stock keeps every token (no sampled caches)"
             assert "H200" in (r["gpu"] or ""), f"{f.name}: recorded on {r['gpu']}"
+
+
+@pytest.mark.slow
+def test_tiny_side_by_side_runs(tmp_path):
+    """The benchmark itself, on the tiny model on CPU, as CI runs it (`make bench-scale`)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "records.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale", "--preset", "tiny", "--samples", "1,2", "--seq", "32"]
+        + ["--work", str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert sorted((r["engine"], r["samples"]) for r in records) == [
+        ("glmrel", 1),
+        ("glmrel", 2),
+        ("stock", 1),
+        ("stock", 2),
+    ]
+    for r in records:
+        assert [layer["mappings"] for layer in r["layers"]] == [3, 11, 11, 11], (
+            "1 dense + 3 MoE layers, every one timed"
+        )
+        assert r["oneshot_s"] > 0 and r["peak_host_gib"] > 0
+    assert "| 2 | 1 | MoE |" in proc.stdout and "stock / glmrel" in proc.stdout
+    assert "stock: per extra sample" in proc.stdout and "glmrel: per extra sample" in proc.stdout
