@@ -215,11 +215,21 @@ def _grouped_experts_forward(experts: Any, hidden: Any, top_k_index: Any, top_k_
     key = id(experts)
     cached = _Search.stacked.get(key)
     if cached is None or cached[0] != _Search.generation:
+        # One buffer per projection for the layer, refilled in place at each grid point:
+        # torch.stack of freshly fake-quantized weights held two copies at once.
         members = [experts[i] for i in range(n_exp)]
-        w_gate = torch.stack([_effective_weight(m.gate_proj) for m in members])  # [E, I, H]
-        w_up = torch.stack([_effective_weight(m.up_proj) for m in members])
-        w_down = torch.stack([_effective_weight(m.down_proj) for m in members])  # [E, H, I]
-        _Search.stacked = {key: (_Search.generation, (w_gate, w_up, w_down))}  # one layer at a time
+        if cached is None:
+            ref = members[0]
+            bufs = tuple(
+                torch.empty((n_exp, *lin.weight.shape), dtype=lin.weight.dtype, device=lin.weight.device)
+                for lin in (ref.gate_proj, ref.up_proj, ref.down_proj)
+            )
+        else:
+            bufs = cached[1]
+        for i, m in enumerate(members):
+            for buf, lin in zip(bufs, (m.gate_proj, m.up_proj, m.down_proj)):
+                buf[i].copy_(_effective_weight(lin))
+        _Search.stacked = {key: (_Search.generation, bufs)}  # one layer at a time
         cached = _Search.stacked[key]
     w_gate, w_up, w_down = cached[1]
     n_tok, k = top_k_index.shape
