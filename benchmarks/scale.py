@@ -36,7 +36,7 @@ def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out:
 
     from release import distributed
     from release.config import load_config
-    from release.quantize import calibrate, prepare_branch, scale_options_for
+    from release.quantize import calibrate, prepare_branch, resource_peaks, scale_options_for
 
     if distributed.in_worker():
         distributed.init()
@@ -52,8 +52,6 @@ def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out:
     t = time.time()
     options = dataclasses.replace(scale_options_for(cfg), record_scales=scales_out is not None)
     run = calibrate(cfg, branch, base_dir, arch, recipe_text, lambda s: print(s, file=sys.stderr), options)
-    import resource
-
     import torch
 
     if distributed.rank() != 0:
@@ -62,8 +60,9 @@ def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out:
     if scales_out is not None:
         torch.save(run.stats.scales, scales_out)
     distributed.barrier_and_close()
+    stats = run.stats.to_json()
     return {
-        "gpus": int(os.environ.get("WORLD_SIZE", "1")) if distributed.in_worker() else 1,
+        "gpus": distributed.world_size(),
         "engine": engine,
         "samples": samples,
         "seq": seq,
@@ -71,14 +70,21 @@ def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out:
         "dense_layers": len(arch.dense_layers),
         "oneshot_s": run.timings["oneshot"],
         "wall_s": round(time.time() - t, 1),
-        "peak_host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_host_gib": resource_peaks()["peak_host_rss_gib"],
         "peak_gpu_gib": round(run.stats.peak_gpu_gib, 2),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "layers": [vars(r) for r in run.stats.layers],
-        "expert_tokens_seen": run.stats.tokens_seen,
-        "expert_tokens_kept": run.stats.tokens_kept,
-        "mapping_s": run.stats.to_json()["mapping_s"],
+        **{k: stats[k] for k in ("layers", "expert_tokens_seen", "expert_tokens_kept", "mapping_s")},
     }
+
+
+def _ratio_rows(n: int, base: dict, other: dict) -> list[str]:
+    """Per layer: base time, other time, base / other (time = calibration forward + smoothing)."""
+    rows = []
+    for i, (lb, lo) in enumerate(zip(base["layers"], other["layers"])):
+        tb, to = lb["calib_s"] + lb["smooth_s"], lo["calib_s"] + lo["smooth_s"]
+        kind = "dense" if i < base["dense_layers"] else "MoE"
+        rows.append(f"| {n} | {i} | {kind} | {tb:.1f} | {to:.1f} | {tb / to:.2f}x |")
+    return rows
 
 
 def table(records: list[dict]) -> str:
@@ -101,10 +107,7 @@ def table(records: list[dict]) -> str:
         s, g = by.get(("stock", n)), by.get(("glmrel", n))
         if not (s and g):
             continue
-        for i, (ls, lg) in enumerate(zip(s["layers"], g["layers"])):
-            ts, tg = ls["calib_s"] + ls["smooth_s"], lg["calib_s"] + lg["smooth_s"]
-            kind = "dense" if i < s["dense_layers"] else "MoE"
-            out.append(f"| {n} | {i} | {kind} | {ts:.1f} | {tg:.1f} | {ts / tg:.2f}x |")
+        out += _ratio_rows(n, s, g)
     out.append("")
     out.append("| engine | samples | tokens | oneshot s | peak GPU GiB | peak host GiB (process) |")
     out.append("| --- | --- | --- | --- | --- | --- |")
@@ -149,10 +152,7 @@ def compare_gpus(records: list[dict], gpus: int) -> str:
         one, many = by.get(("glmrel", n, 1)), by.get(("glmrel", n, gpus))
         if not (one and many):
             continue
-        for i, (l1, ln) in enumerate(zip(one["layers"], many["layers"])):
-            t1, tn = l1["calib_s"] + l1["smooth_s"], ln["calib_s"] + ln["smooth_s"]
-            kind = "dense" if i < one["dense_layers"] else "MoE"
-            out.append(f"| {n} | {i} | {kind} | {t1:.1f} | {tn:.1f} | {t1 / tn:.2f}x |")
+        out += _ratio_rows(n, one, many)
         s1, sn = torch.load(one["scales_file"]), torch.load(many["scales_file"])
         cos = [torch.nn.functional.cosine_similarity(s1[k].flatten(), sn[k].flatten(), dim=0).item() for k in s1]
         same = sum(torch.allclose(s1[k], sn[k], rtol=1e-2, atol=1e-4) for k in s1)

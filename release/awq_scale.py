@@ -42,7 +42,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 TARGET_VERSION = "0.14.0.1"
@@ -69,13 +69,7 @@ class ScaleOptions:
         return cls(True, True, False, None, False, record_scales)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "keep_first_output": self.keep_first_output,
-            "stream_loss": self.stream_loss,
-            "routed_experts_in_search": self.routed_experts_in_search,
-            "max_expert_tokens": self.max_expert_tokens,
-            "batched_experts": self.batched_experts,
-        }
+        return {k: v for k, v in asdict(self).items() if k != "record_scales"}
 
 
 @dataclass

@@ -91,11 +91,7 @@ def demo_assets_cmd() -> None:
     click.echo(f"demo assets: {assets.root}")
 
 
-@cli.command()
-@_config_option
-@click.option("--branch", "branch_name", required=True, help="Branch name from the config, e.g. W4A16_GS64.")
-@click.option("--force", is_flag=True, help="Rebuild even if the branch is up to date.")
-@click.option(
+_gpus_option = click.option(
     "--gpus",
     type=click.IntRange(min=1),
     default=1,
@@ -103,6 +99,13 @@ def demo_assets_cmd() -> None:
     help="Calibrate data-parallel on this many GPUs (llm-compressor's engine, launched with torchrun). "
     "Experimental: not yet seen to finish on a GPU machine.",
 )
+
+
+@cli.command()
+@_config_option
+@click.option("--branch", "branch_name", required=True, help="Branch name from the config, e.g. W4A16_GS64.")
+@click.option("--force", is_flag=True, help="Rebuild even if the branch is up to date.")
+@_gpus_option
 def quantize(config_path: Path, branch_name: str, force: bool, gpus: int) -> None:
     """Quantize one branch with MoE-aware AWQ + W4A16 (llm-compressor oneshot).
 
@@ -166,14 +169,7 @@ def verify(config_path: Path, branch_name: str, as_json: bool) -> None:
 @cli.command("build-all")
 @_config_option
 @click.option("--force", is_flag=True, help="Rebuild every branch even if up to date.")
-@click.option(
-    "--gpus",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Calibrate data-parallel on this many GPUs (llm-compressor's engine, launched with torchrun). "
-    "Experimental: not yet seen to finish on a GPU machine.",
-)
+@_gpus_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def build_all_cmd(config_path: Path, force: bool, gpus: int, as_json: bool) -> None:
     """Quantize and verify every branch of the release, in config order.

@@ -191,9 +191,14 @@ def _resolve_paths(raw: dict, root: Path) -> dict:
             p = Path(node[keys[-1]]).expanduser()
             node[keys[-1]] = str(p if p.is_absolute() else (root / p).resolve())
     remote = raw.get("publish_remote")
-    if isinstance(remote, str) and not re.match(r"^[a-z+]+://|^[^/]+@", remote) and not Path(remote).is_absolute():
+    if isinstance(remote, str) and not is_network_url(remote) and not Path(remote).is_absolute():
         raw["publish_remote"] = str((root / remote).resolve())
     return raw
+
+
+def is_network_url(remote: str) -> bool:
+    """A remote given as a URL (scheme:// or user@host:), not as a local path."""
+    return re.match(r"^[a-z+]+://|^[^/]+@", remote) is not None
 
 
 def _format_validation_error(err: ValidationError, source: Path) -> str:

@@ -28,6 +28,11 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0")) if in_worker() else 0
 
 
+def world_size() -> int:
+    """Ranks calibrating together (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if in_worker() else 1
+
+
 def check_gpus(gpus: int) -> None:
     import torch
 
@@ -48,8 +53,8 @@ def _torchrun_module_available() -> bool:
 
 
 def launch(gpus: int, argv: list[str]) -> None:
-    """Run `python -m release.cli <argv>` on `gpus` ranks with torchrun; raise if any rank fails."""
-    check_gpus(gpus)
+    """Run `python -m release.cli <argv>` on `gpus` ranks with torchrun (after `check_gpus`);
+    raise if any rank fails."""
     cmd = [
         sys.executable,
         "-m",

@@ -27,7 +27,7 @@ from typing import Any
 import git
 
 from .check import check_branch, check_remote
-from .config import ReleaseConfig
+from .config import ReleaseConfig, is_network_url
 from .errors import ReleaseError
 from .manifest import MANIFEST_FILE, Manifest, branch_files, sha256_file
 from .render import CARD_FILE, load_changelog
@@ -106,12 +106,14 @@ class Plan:
 
 
 def _changes(local: dict[str, tuple[str, int]], remote: dict[str, tuple[str, int]]) -> list[FileChange]:
-    """add / change / delete per path, from (content id, size) pairs on each side."""
+    """add / change / delete per path, from (content id, size) pairs on each side. The ids
+    (git blob ids, LFS sha256) name the content, size included; the sizes only label the
+    change (the local file's, or the deleted remote file's)."""
     changes = []
     for path, (oid, size) in sorted(local.items()):
         if path not in remote:
             changes.append(FileChange(path, "add", size))
-        elif remote[path] != (oid, size):
+        elif remote[path][0] != oid:
             changes.append(FileChange(path, "change", size))
     for path, (_oid, size) in sorted(remote.items()):
         if path not in local:
@@ -159,10 +161,10 @@ class GitRemote:
 
     @property
     def lfs_url(self) -> str:
-        return self.url if re.match(r"^[a-z+]+://|^[^/]+@", self.url) else Path(self.url).resolve().as_uri()
+        return self.url if is_network_url(self.url) else Path(self.url).resolve().as_uri()
 
     def exists(self) -> bool:
-        if re.match(r"^[a-z+]+://|^[^/]+@", self.url):
+        if is_network_url(self.url):
             return True  # a network remote: assume it exists, pushes will say otherwise
         return Path(self.url).exists()
 
@@ -265,22 +267,14 @@ class GitRemote:
                 "--quiet",
             )
         except git.GitCommandError as e:
-            raise ReleaseError(
-                f"the remote's branch {branch} moved since the plan (expected {expected or 'no branch'}); nothing was overwritten",
-                hint="someone else published meanwhile: run `glmrel publish --dry-run` again to see the new plan",
-            ) from e
+            raise _moved(branch, expected) from e
 
     def diff(self, head: str | None, name: str, files: list[Path]) -> tuple[list[FileChange], str]:
         """Changes from the remote branch head to `files`, and the tree to commit."""
         tree, local = self.write_tree(files)
         if head and self.tree_sha(head) == tree:
             return [], tree
-        remote = self.tree_of(head) if head else {}
-        # compare blob ids only: ls-tree's size of an LFS file is its pointer's
-        same_size = {
-            p: (sha, local[p][1] if p in local and local[p][0] == sha else size) for p, (sha, size) in remote.items()
-        }
-        return _changes(local, same_size), tree
+        return _changes(local, self.tree_of(head) if head else {}), tree
 
     def check_revision(self, name: str, head: str, group_size: int) -> RemoteCheck:
         """Clone the branch back from the remote (LFS content included) and run the full

@@ -219,7 +219,7 @@ def quantize_branch(
             "moe_calibrate_all_experts": cfg.calibration.moe_calibrate_all_experts,
             "awq": cfg.awq.model_dump(mode="json"),
             "dtype": cfg.dtype,
-            "gpus": int(os.environ.get("WORLD_SIZE", "1")) if distributed.in_worker() else 1,
+            "gpus": distributed.world_size(),
             "inputs_fingerprint": fingerprint,
             "timings_s": timings,
         }
