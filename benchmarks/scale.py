@@ -27,12 +27,26 @@ from pathlib import Path
 ENGINES = ("stock", "glmrel")
 
 
+def bench_config(release_yaml: Path, engine: str, samples: int, seq: int, write: bool = False) -> Path:
+    """The release config of one run. The parent writes it (`write`) before launching; torchrun's
+    ranks only read it: two ranks writing one file let a rank read it half-written."""
+    import yaml
+
+    path = release_yaml.with_name(f".bench-{engine}-{samples}-s{seq}.yaml")
+    if write:
+        raw = yaml.safe_load(release_yaml.read_text())
+        raw["calibration"].update(num_samples=samples, max_seq_length=seq)
+        raw.setdefault("awq", {})["engine"] = engine
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+        tmp.replace(path)
+    return path
+
+
 def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out: Path | None = None) -> dict | None:
     """One calibration in this process (or on every torchrun rank); returns rank 0's records.
     No branch is saved. With `scales_out`, every chosen AWQ scale vector is saved there."""
     import dataclasses
-
-    import yaml
 
     from release import distributed
     from release.config import load_config
@@ -41,12 +55,7 @@ def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out:
     if distributed.in_worker():
         distributed.init()
 
-    raw = yaml.safe_load(release_yaml.read_text())
-    raw["calibration"].update(num_samples=samples, max_seq_length=seq)
-    raw.setdefault("awq", {})["engine"] = engine
-    path = release_yaml.with_name(f".bench-{engine}-{samples}.yaml")
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    cfg = load_config(path)
+    cfg = load_config(bench_config(release_yaml, engine, samples, seq))
     branch = cfg.branches[0]
     base_dir, arch, recipe_text, _fp = prepare_branch(cfg, branch)
     t = time.time()
@@ -201,6 +210,7 @@ def main() -> None:
         runs += [(n, "glmrel", a.gpus) for n in samples]
     for n, engine, gpus in runs:
         t = time.time()
+        bench_config(release_yaml, engine, n, a.seq, write=True)  # before any rank reads it
         scales = work / f"scales-{engine}-{n}-{gpus}gpu.pt"
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
         cmd = (launcher if gpus > 1 else [sys.executable]) + [

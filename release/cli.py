@@ -122,8 +122,8 @@ def quantize(config_path: Path, branch_name: str, force: bool, gpus: int) -> Non
         b = distributed.quantize_on_gpus(cfg, config_path, branch_name, gpus, force=force, echo=click.echo)
     else:
         b = quantize_branch(cfg, branch_name, force=force, echo=click.echo)
-        if distributed.rank() != 0:
-            return
+        if distributed.in_worker():
+            return  # the launcher reports the branch
     click.echo(f"{b.branch}: {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'} -> {b.path}")
 
 

@@ -4,8 +4,10 @@ tiny demo model with the same recipe and data:
 - the memory patches (first output only, streamed grid-search loss) give a branch equal to
   stock's bit for bit;
 - the full engine (experts on routed tokens in the grid search, a bounded token sample for
-  each expert's down_proj scale search) chooses scales close to stock's, and its KL against
-  the base model stays within 2 % of stock's.
+  each expert's down_proj scale search, SDPA attention and merged sample batches in the
+  search) chooses scales close to stock's, and its KL against the base model stays within
+  2 % of stock's;
+- a merged search forward gives what one forward per sample gives.
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ def test_full_engine_samples_expert_tokens_and_keeps_moe_awareness(builds):
     assert stats.batched_experts_disabled is None, stats.batched_experts_disabled
     assert stats.batched_expert_calls > 0, "the MoE grid search ran the batched experts"
     assert builds["stock"]["stats"].batched_expert_calls == 0
+    merged = stats.merged_forwards
+    assert merged.get("Glm4MoeMoE", 0) > 0 and merged.get("Glm4MoeMLP", 0) > 0, merged
+    assert merged.get("Glm4MoeAttention", 0) > 0, "equal-length samples are stacked for SDPA"
+    assert not builds["stock"]["stats"].merged_forwards and not builds["memory"]["stats"].merged_forwards
     coverage = (builds["glmrel"]["dir"] / "expert_coverage.json").read_text()
     assert '"moe_calibrate_all_experts": true' in coverage
 
@@ -116,6 +122,7 @@ def test_patches_are_removed_after_oneshot(builds):
 
     assert base.AWQModifier._run_samples.__module__ == base.__name__
     assert base.AWQModifier._apply_smoothing.__module__ == base.__name__
+    assert base.calibration_forward_context.__module__ == "llmcompressor.utils.helpers"
 
 
 def test_unknown_llmcompressor_version_is_refused(monkeypatch):
@@ -163,3 +170,80 @@ def test_batched_experts_equal_the_loop_on_uneven_routing():
     ours = _grouped_experts_forward(experts, hidden, idx, weights)
     ref = LinearExperts2D.forward(experts, hidden, idx, weights)
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_layer():
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Glm4MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        n_routed_experts=6,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = Glm4MoeForCausalLM(cfg).eval()
+    return model, model.model.layers[1]
+
+
+def _attention_batch(model, length: int, seed: int) -> dict:
+    """What AWQ caches for a self_attn parent: hidden states, RoPE, the eager additive mask."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(1, length, 32, generator=g)
+    pos = torch.arange(length).unsqueeze(0)
+    mask = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)[None, None]
+    return {
+        "hidden_states": h,
+        "position_embeddings": model.model.rotary_emb(h, pos),
+        "attention_mask": mask,
+        "position_ids": pos,
+        "past_key_values": None,
+    }
+
+
+def test_merged_attention_forward_equals_one_per_sample():
+    """Patch 7, attention: equal-length samples stacked on the batch axis (RoPE and masks too),
+    a different length starts a new forward, and the outputs are those of separate forwards."""
+    from release.awq_scale import _merged_batches
+
+    model, layer = _tiny_layer()
+    batches = [_attention_batch(model, n, i) for i, n in enumerate((12, 12, 12, 7, 12))]
+    counts: dict[str, int] = {}
+    with torch.no_grad():
+        separate = [layer.self_attn(**b)[0] for b in batches]
+        merged = list(_merged_batches(iter(batches), False, 10**6, counts, "attn"))
+        assert [m["hidden_states"].shape[0] for m in merged] == [3, 1, 1]
+        outs = [layer.self_attn(**m)[0] for m in merged]
+    assert counts == {"attn": 1}
+    assert torch.allclose(torch.cat(outs[:1]), torch.cat(separate[:3]), atol=1e-5)
+    assert torch.allclose(outs[1], separate[3], atol=1e-6) and torch.allclose(outs[2], separate[4], atol=1e-6)
+    # the token budget splits groups
+    assert [m["hidden_states"].shape[0] for m in _merged_batches(iter(batches[:3]), False, 24, {}, "a")] == [2, 1]
+
+
+def test_merged_moe_block_forward_equals_one_per_sample():
+    """Patch 7, token-wise parents: samples of any length concatenated on the token axis."""
+    from release.awq_scale import _mergeable, _merged_batches
+
+    _model, layer = _tiny_layer()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"hidden_states": torch.randn(1, n, 32, generator=g)} for n in (12, 5, 9)]
+    with torch.no_grad():
+        separate = torch.cat([layer.mlp(**b) for b in batches], dim=1)
+        merged = list(_merged_batches(iter(batches), True, 10**6, {}, "moe"))
+        assert len(merged) == 1 and merged[0]["hidden_states"].shape == (1, 26, 32)
+        out = layer.mlp(**merged[0])
+    assert torch.allclose(out, separate, atol=1e-5)
+    # a value without a batch axis must be equal to merge; two tensor inputs are not token-wise
+    a, b = {"x": torch.ones(1, 3, 4), "ids": torch.arange(3)}, {"x": torch.ones(1, 3, 4), "ids": torch.arange(3) + 1}
+    assert not _mergeable(a, b, False) and _mergeable(a, dict(a), False) and not _mergeable(a, dict(a), True)
