@@ -150,26 +150,44 @@ def table(records: list[dict]) -> str:
     return "\n".join(out)
 
 
-def compare_gpus(records: list[dict], gpus: int) -> str:
-    """Multi-GPU against one GPU: time per layer, and how far the chosen AWQ scales moved."""
+def scales_agreement(one_file: str, many_file: str) -> dict:
+    """How far the AWQ scales chosen on N GPUs are from those chosen on one."""
     import torch
 
-    out = [f"| samples | layer | kind | 1 GPU s | {gpus} GPUs s | speed-up |", "| --- | --- | --- | --- | --- | --- |"]
+    s1, sn = torch.load(one_file), torch.load(many_file)
+    cos = [torch.nn.functional.cosine_similarity(s1[k].flatten(), sn[k].flatten(), dim=0).item() for k in s1]
+    same = sum(bool(torch.allclose(s1[k], sn[k], rtol=1e-2, atol=1e-4)) for k in s1)
+    return {"mappings": len(s1), "same_1e-2": same, "min_cosine": round(min(cos), 6)}
+
+
+def compare_gpus(records: list[dict]) -> str:
+    """Multi-GPU against one GPU: time per layer, and how far the chosen AWQ scales moved."""
+    out = [
+        "| samples | GPUs | layer | kind | 1 GPU s | N GPUs s | speed-up |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     notes = []
-    by = {(r["engine"], r["samples"], r.get("gpus", 1)): r for r in records}
-    for n in sorted({r["samples"] for r in records}):
-        one, many = by.get(("glmrel", n, 1)), by.get(("glmrel", n, gpus))
-        if not (one and many):
+    one = {r["samples"]: r for r in records if r["engine"] == "glmrel" and r.get("gpus", 1) == 1}
+    for many in records:
+        gpus, n = many.get("gpus", 1), many["samples"]
+        if gpus == 1 or n not in one:
             continue
-        out += _ratio_rows(n, one, many)
-        s1, sn = torch.load(one["scales_file"]), torch.load(many["scales_file"])
-        cos = [torch.nn.functional.cosine_similarity(s1[k].flatten(), sn[k].flatten(), dim=0).item() for k in s1]
-        same = sum(torch.allclose(s1[k], sn[k], rtol=1e-2, atol=1e-4) for k in s1)
-        notes.append(
-            f"N={n}: {same}/{len(s1)} mappings chose the same scales (1e-2) on {gpus} GPUs as on one; "
-            f"min cosine {min(cos):.5f}; peak GPU per rank {many['peak_gpu_gib']:.2f} GiB vs {one['peak_gpu_gib']:.2f}"
-        )
+        out += [row.replace(f"| {n} |", f"| {n} | {gpus} |", 1) for row in _ratio_rows(n, one[n], many)]
+        a = many.get("scales_vs_1gpu")
+        if a:
+            notes.append(
+                f"N={n}, {gpus} GPUs: {a['same_1e-2']}/{a['mappings']} mappings chose the same scales (1e-2) as on one "
+                f"GPU; min cosine {a['min_cosine']:.5f}; peak GPU per rank {many['peak_gpu_gib']:.2f} GiB vs "
+                f"{one[n]['peak_gpu_gib']:.2f}"
+            )
     return "\n".join(out + [""] + notes)
+
+
+def report(records: list[dict]) -> str:
+    text = table([r for r in records if r.get("gpus", 1) == 1])
+    if any(r.get("gpus", 1) > 1 for r in records):
+        text += "\n\n" + compare_gpus(records)
+    return text
 
 
 def main() -> None:
@@ -186,10 +204,14 @@ def main() -> None:
     ap.add_argument(
         "--gpus", type=int, default=1, help="also run glmrel data-parallel on this many GPUs and compare with one GPU"
     )
+    ap.add_argument("--report", type=Path, default=None, help="print the tables of a --json file and exit")
     ap.add_argument("--run-one", nargs=4, metavar=("RELEASE_YAML", "ENGINE", "SAMPLES", "SEQ"), help=argparse.SUPPRESS)
     ap.add_argument("--scales-out", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
 
+    if a.report:
+        print(report(json.loads(a.report.read_text())))
+        return
     if a.run_one:
         yaml_path, engine, n, seq = a.run_one
         rec = run_one(Path(yaml_path), engine, int(n), int(seq), a.scales_out)
@@ -205,9 +227,13 @@ def main() -> None:
     if not release_yaml.is_file():
         build(a.preset, work, a.layers, a.device, [a.group_size], max(samples), a.seq)
     records = []
-    runs = [(n, e, 1) for n in samples for e in a.engines.split(",")]
+    engines = a.engines.split(",")
+    # glmrel first, then data-parallel glmrel, stock (the slow baseline) last: a run cut short
+    # by a time limit still has the records that came before (--json is written after each)
+    runs = [(n, e, 1) for n in samples for e in engines if e != "stock"]
     if a.gpus > 1:
         runs += [(n, "glmrel", a.gpus) for n in samples]
+    runs += [(n, "stock", 1) for n in samples if "stock" in engines]
     for n, engine, gpus in runs:
         t = time.time()
         bench_config(release_yaml, engine, n, a.seq, write=True)  # before any rank reads it
@@ -231,6 +257,9 @@ def main() -> None:
             raise SystemExit(f"{engine} with {n} samples failed (exit {proc.returncode})")
         rec = json.loads(lines[-1][len("RECORD ") :])
         rec["scales_file"] = str(scales) if engine == "glmrel" else None
+        one = work / f"scales-glmrel-{n}-1gpu.pt"
+        if gpus > 1 and one.is_file():
+            rec["scales_vs_1gpu"] = scales_agreement(str(one), str(scales))
         records.append(rec)
         if a.json:  # after every run, so a run cut short still leaves its records
             a.json.parent.mkdir(parents=True, exist_ok=True)
@@ -241,10 +270,7 @@ def main() -> None:
             flush=True,
         )
     print()
-    print(table([r for r in records if r.get("gpus", 1) == 1]))
-    if a.gpus > 1:
-        print()
-        print(compare_gpus(records, a.gpus))
+    print(report(records))
 
 
 if __name__ == "__main__":

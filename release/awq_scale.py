@@ -32,7 +32,9 @@ What stock 0.14.0.1 does and what each patch changes:
    (tokens grouped by expert, padded to the busiest expert) instead of stock's Python loop
    over 160 experts with ~10 small kernels each. Expert weights are stacked once per
    grid point (they change only between grid points) with the same fake quantization the
-   Linear's own forward would apply. The first call per layer is checked against the
+   Linear's own forward would apply; each token's k weighted expert outputs are summed in
+   fp32 and rounded once (the loop adds them into bf16 one expert at a time with atomic
+   index_add_). The first call per layer is checked against the
    stock loop; a mismatch turns the batched path off for the rest of the run.
 6. Inside the smoothing step, attention runs through PyTorch's SDPA instead of the eager
    attention llm-compressor forces for calibration (eager materialises the [heads, seq, seq]
@@ -271,9 +273,11 @@ def _grouped_experts_forward(experts: Any, hidden: Any, top_k_index: Any, top_k_
     )
     y = torch.bmm(act, w_down.transpose(1, 2))[expert_of, rank]
     weights = top_k_weights[token_of, slot_of, None]
-    out = torch.zeros_like(hidden)
-    out.index_add_(0, token_of, (y * weights).to(out.dtype))
-    return out
+    # Each (token, slot) is written once, then the k slots are summed in fp32: no atomic
+    # index_add_ of 16k x 8 rows into bf16 (the loop's way; same terms, rounded once here).
+    slots = hidden.new_zeros(n_tok, k, hidden.shape[-1])
+    slots[token_of, slot_of] = (y * weights).to(slots.dtype)
+    return slots.sum(dim=1, dtype=torch.float32).to(hidden.dtype)
 
 
 TOKEN_WISE_PARENTS = ("Linear", "Glm4MoeMLP", "Glm4MoeMoE")  # output row t depends on input row t only
@@ -486,6 +490,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             self.appended = 0
             self.pending: list[Any] = []
             self.resident: list[dict[str, Any]] | None = None
+            self.device: Any = None  # where the rows were computed: the grid search runs there
 
         def append(self, values: dict[str, Any]) -> None:
             x = values.get("input")
@@ -493,6 +498,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
                 super().append(values)
                 return
             rows = x.numel() // x.shape[-1]
+            self.device = x.device
             stats.tokens_seen += rows
             x = _subsample_rows(x, self.per_batch, self.salt + self.appended).reshape(-1, x.shape[-1])
             stats.tokens_kept += x.shape[0]
@@ -522,7 +528,14 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             # the grid search reads these rows 22 times: onload them once (patch 7); the
             # copy goes with this cache when AWQ deletes it after the mapping
             if self.resident is None:
-                self.resident = [self.fetch(i) for i in range(len(self.batch_intermediates))]
+                # flushed rows sit on the offload device, so fetch() would return them there
+                self.resident = [
+                    {
+                        k: v.to(self.device or v.device) if isinstance(v, torch.Tensor) else v
+                        for k, v in self.fetch(i).items()
+                    }
+                    for i in range(len(self.batch_intermediates))
+                ]
             return iter(self.resident)
 
         def iter_prefetch(self, input_names: Any = None) -> Any:

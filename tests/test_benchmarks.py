@@ -58,3 +58,18 @@ def test_tiny_side_by_side_runs(tmp_path):
         assert r["oneshot_s"] > 0 and r["peak_host_gib"] > 0
     assert "| 2 | 1 | MoE |" in proc.stdout and "stock / glmrel" in proc.stdout
     assert "stock: per extra sample" in proc.stdout and "glmrel: per extra sample" in proc.stdout
+
+
+def test_multi_gpu_report_pairs_each_run_with_one_gpu():
+    from benchmarks.scale import report
+
+    layer = {"calib_s": 1.0, "smooth_s": 3.0, "peak_gpu_gib": 1.0, "peak_host_gib": 2.0, "mappings": 3}
+    base = {"engine": "glmrel", "samples": 8, "tokens": 100, "dense_layers": 1, "oneshot_s": 5.0}
+    base |= {"peak_gpu_gib": 1.0, "peak_host_gib": 2.0, "layers": [layer]}
+    fast = dict(layer, calib_s=0.5, smooth_s=1.5)
+    agreement = {"mappings": 3, "same_1e-2": 3, "min_cosine": 0.99999}
+    records = [dict(base, gpus=1), dict(base, gpus=2, layers=[fast], scales_vs_1gpu=agreement)]
+    text = report(records)
+    assert "| 8 | 2 | 0 | dense | 4.0 | 2.0 | 2.00x |" in text
+    assert "N=8, 2 GPUs: 3/3 mappings chose the same scales (1e-2) as on one GPU; min cosine 0.99999" in text
+    assert "| glmrel | 8 | 0 | dense |" in text.split("| samples | GPUs |")[0], "the 1-GPU table lists 1-GPU runs"
