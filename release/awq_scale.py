@@ -364,6 +364,56 @@ def _merged_batches(
         yield _merge(group, token_wise)
 
 
+class _SharedSmoothFix:
+    """Ranks on CPU only (the test of the data-parallel path): compressed-tensors offloads the
+    weights of a distributed run to shared CPU memory and, when the execution device is the
+    CPU too, onloads them without a copy, so stock's in-place `smooth_layer.weight.div_(scales)`
+    runs once per rank on the same memory. Each rank snapshots the smooth layer before the
+    grid search (no rank divides before every rank has joined the search's all-reduces) and,
+    once the mapping is smoothed, writes the single division back; every rank writes the same
+    value. On GPUs each rank divides its own onloaded copy, and none of this runs."""
+
+    def __init__(self) -> None:
+        self.pending: tuple[Any, Any, Any, Any] | None = None
+
+    def before(self, mapping: Any) -> None:
+        self.flush()
+        layer = mapping.smooth_layer
+        bias = getattr(layer, "bias", None)
+        self.pending = (layer, layer.weight.detach().clone(), None if bias is None else bias.detach().clone(), None)
+
+    def chosen(self, scales: Any) -> None:
+        if self.pending is not None:
+            self.pending = (*self.pending[:3], scales)
+
+    def flush(self) -> None:
+        from compressed_tensors.offload import update_offload_parameter
+
+        if self.pending is None or self.pending[3] is None:
+            self.pending = None
+            return
+        layer, weight, bias, scales = self.pending
+        self.pending = None
+        scales = scales.to(weight.device)
+        if weight.ndim == 1:
+            fixed = weight.div(scales)
+        else:  # stock divides the last rows (v_proj smoothed for o_proj, up_proj for down_proj)
+            fixed = weight.clone()
+            fixed[-scales.size(0) :] = weight[-scales.size(0) :].div(scales.view(-1, 1))
+        update_offload_parameter(layer, "weight", fixed)
+        if bias is not None:
+            update_offload_parameter(layer, "bias", bias.div(scales))
+
+
+def _cpu_allreduce_sum(data: list[Any]) -> list[Any]:
+    import torch.distributed as dist
+
+    data = [datum.clone() for datum in data]
+    for datum in data:
+        dist.all_reduce(datum, op=dist.ReduceOp.SUM)
+    return data
+
+
 def _subsample_rows(x: Any, keep: int, salt: int) -> Any:
     """`keep` rows of x (flattened to [tokens, features]), evenly spread with a fixed offset."""
     import torch
@@ -422,8 +472,12 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
 
     def _compute_best_scale(self: Any, mapping: Any, fp16_outputs: Any, orig_layer_weights: Any) -> Any:
         _Lazy.active = options.stream_loss
+        if shared_fix is not None:
+            shared_fix.before(mapping)
         try:
             best = saved["_compute_best_scale"](self, mapping, fp16_outputs, orig_layer_weights)
+            if shared_fix is not None:
+                shared_fix.chosen(best)
         finally:
             _Lazy.active = False
             # from the end of the previous mapping's search: its smoothing, this one's setup,
@@ -437,6 +491,8 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
         return best
 
     clock = {"last": time.perf_counter(), "mapping": time.perf_counter()}
+    cpu_ranks = torch.accelerator.current_accelerator() is None and awq_base.is_distributed()
+    shared_fix = _SharedSmoothFix() if cpu_ranks else None
 
     def _apply_smoothing(self: Any, model: Any) -> None:
         t = time.perf_counter()
@@ -457,6 +513,11 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
                     swapped.append(m)
         try:
             saved["_apply_smoothing"](self, model)
+            if shared_fix is not None:
+                import torch.distributed as dist
+
+                shared_fix.flush()
+                dist.barrier()  # every rank's last write lands before the layer's outputs propagate
         finally:
             moe_context._CALIBRATE_ALL_EXPERTS = flag
             _Search.active = _Search.smoothing = False
@@ -560,6 +621,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
 
     stock_experts_forward = LinearExperts2D.forward
     stock_forward_context = awq_base.calibration_forward_context
+    stock_allreduce = awq_base._allreduce_data_sum
 
     @contextlib.contextmanager
     def search_forward_context(model: Any) -> Iterator[None]:
@@ -606,6 +668,10 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             LinearExperts2D.forward = experts_forward
         if options.sdpa_in_search:
             awq_base.calibration_forward_context = search_forward_context
+        if cpu_ranks:
+            # ranks on CPU (the test of the data-parallel path): stock moves the sums to the
+            # accelerator before all-reducing them, and there is none; gloo sums CPU tensors
+            awq_base._allreduce_data_sum = _cpu_allreduce_sum
         clock["last"] = time.perf_counter()
         yield stats
     finally:
@@ -613,6 +679,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             setattr(cls, name, fn)
         LinearExperts2D.forward = stock_experts_forward
         awq_base.calibration_forward_context = stock_forward_context
+        awq_base._allreduce_data_sum = stock_allreduce
         _Lazy.active = False
         _Search.active = _Search.smoothing = False
         _Search.stacked = {}

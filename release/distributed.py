@@ -2,10 +2,17 @@
 
 llm-compressor 0.14.0.1 runs `oneshot` data-parallel when every rank calls
 `compressed_tensors.distributed.init_dist()` under `torchrun`: each rank calibrates a
-disjoint part of the samples (the dataset is partitioned when all ranks hold the same one)
-and AWQ all-reduces its activation statistics and grid-search losses, so every rank chooses
-the same scales and ends with the same weights. glmrel adds only the launch, the sums that
-its own records need (expert coverage), and "rank 0 writes the branch".
+disjoint part of the samples and AWQ all-reduces its activation statistics and grid-search
+losses, so every rank chooses the same scales and ends with the same weights. glmrel adds the
+launch, the sums that its own records need (expert coverage), "rank 0 writes the branch", and
+the partition of the samples (`partition`):
+
+llm-compressor 0.14.0.1's automatic partition (`datasets/utils.py`, `_make_sampler`, when all
+ranks hold the same dataset) builds its sampler over the rank's `select`ed slice but hands the
+DataLoader the whole dataset, so every rank calibrates the first 1/N of the samples and the rest
+are never seen (measured: on 2 ranks both ranks' activation sums were equal, and their total
+differed from the one-process sum). glmrel gives each rank its own slice instead; the slices
+differ, so llm-compressor does not partition again.
 """
 
 from __future__ import annotations
@@ -33,8 +40,20 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1")) if in_worker() else 1
 
 
-def check_gpus(gpus: int) -> None:
+def partition(n: int) -> tuple[int, int]:
+    """This rank's contiguous share [start, end) of n samples (llm-compressor's own bounds)."""
+    r, w = rank(), world_size()
+    return (n * r) // w, (n * (r + 1)) // w
+
+
+def check_gpus(gpus: int, num_samples: int | None = None) -> None:
     import torch
+
+    if num_samples is not None and num_samples < gpus:
+        raise ReleaseError(
+            f"--gpus {gpus} needs at least one calibration sample per GPU; calibration.num_samples is {num_samples}",
+            hint=f"raise calibration.num_samples to {gpus} or more, or pass fewer --gpus",
+        )
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus > have:
@@ -74,7 +93,16 @@ def launch(gpus: int, argv: list[str]) -> None:
 
 
 def init() -> None:
-    """Join the process group (inside a torchrun worker)."""
+    """Join the process group (inside a torchrun worker). compressed-tensors' `init_dist` needs
+    an accelerator; without one (the CPU test of this path) the ranks join over gloo."""
+    import torch
+
+    if torch.accelerator.current_accelerator() is None:
+        import torch.distributed as dist
+
+        dist.init_process_group(backend="gloo", init_method="env://", rank=rank(), world_size=world_size())
+        dist.barrier()
+        return
     from compressed_tensors.distributed import init_dist
 
     init_dist()
@@ -120,9 +148,9 @@ def quantize_on_gpus(cfg, config_path: Path, branch: str, gpus: int, *, force: b
     out = cfg.output_dir / spec.name
     if not force and branch_is_current(out, fingerprint):
         return BranchBuild(spec.name, out, True, 0.0, fingerprint)
-    check_gpus(gpus)
+    check_gpus(gpus, cfg.calibration.num_samples)
     t = time.time()
-    echo(f"[{spec.name}] launching {gpus} ranks with torchrun (experimental: not yet seen to finish on GPUs)")
+    echo(f"[{spec.name}] launching {gpus} ranks with torchrun")
     launch(gpus, worker_argv(config_path, spec.name, gpus))
     if not branch_is_current(out, fingerprint):
         raise ReleaseError(f"the {gpus}-GPU run of {spec.name} finished but wrote no current branch at {out}")

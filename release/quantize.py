@@ -284,6 +284,8 @@ def calibrate(
     t = time.time()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     dataset, calib_prov = build_calibration_set(cfg.calibration, tokenizer)
+    if distributed.world_size() > 1:  # this rank's share (see distributed.py for why not llm-compressor's)
+        dataset = dataset.select(range(*distributed.partition(len(dataset))))
     timings["calibration_data"] = round(time.time() - t, 2)
 
     echo(f"[{branch.name}] loading {cfg.base_model.display_id}")

@@ -135,6 +135,28 @@ def test_quantize_gpus_beyond_the_machine_is_refused(write_config):
     assert "Hint:" in res.output
 
 
+def test_quantize_gpus_needs_a_sample_per_gpu(write_config):
+    cfg = write_config({"calibration.num_samples": 1})
+    res = CliRunner().invoke(cli, ["quantize", "--config", str(cfg), "--branch", "W4A16_GS64", "--gpus", "2"])
+    assert res.exit_code == 1
+    assert "--gpus 2 needs at least one calibration sample per GPU; calibration.num_samples is 1" in res.output
+    assert "Hint: raise calibration.num_samples to 2 or more" in res.output
+
+
+def test_rank_partition_covers_every_sample_once(monkeypatch):
+    from release import distributed
+
+    for n, world in ((12, 2), (13, 4), (512, 8), (3, 3)):
+        spans = []
+        for r in range(world):
+            monkeypatch.setenv("TORCHELASTIC_RUN_ID", "t")
+            monkeypatch.setenv("WORLD_SIZE", str(world))
+            monkeypatch.setenv("RANK", str(r))
+            spans.append(distributed.partition(n))
+        assert [i for a, b in spans for i in range(a, b)] == list(range(n)), (n, world, spans)
+        assert max(b - a for a, b in spans) - min(b - a for a, b in spans) <= 1
+
+
 def test_quantize_gpus_must_be_positive(write_config):
     res = CliRunner().invoke(
         cli, ["quantize", "--config", str(write_config()), "--branch", "W4A16_GS64", "--gpus", "0"]
