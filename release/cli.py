@@ -96,8 +96,8 @@ _gpus_option = click.option(
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Calibrate data-parallel on this many GPUs (llm-compressor's engine, launched with torchrun). "
-    "Experimental: not yet seen to finish on a GPU machine.",
+    help="Calibrate data-parallel on this many GPUs (llm-compressor's engine, launched with torchrun; "
+    "each GPU calibrates its share of the samples, rank 0 writes the branch).",
 )
 
 

@@ -73,3 +73,13 @@ def test_multi_gpu_report_pairs_each_run_with_one_gpu():
     assert "| 8 | 2 | 0 | dense | 4.0 | 2.0 | 2.00x |" in text
     assert "N=8, 2 GPUs: 3/3 mappings chose the same scales (1e-2) as on one GPU; min cosine 0.99999" in text
     assert "| glmrel | 8 | 0 | dense |" in text.split("| samples | GPUs |")[0], "the 1-GPU table lists 1-GPU runs"
+
+
+def test_report_of_the_same_run_comparison_at_64_samples():
+    """The figures the README quotes for N=64 come from these records."""
+    from benchmarks.scale import report
+
+    text = report(json.loads((RESULTS / "n64-stock-vs-glmrel.json").read_text()))
+    assert "| 64 | 1 | MoE | 247.2 | 76.4 | 3.24x |" in text and "| 64 | 0 | dense | 25.6 | 21.6 | 1.18x |" in text
+    gpus = report(json.loads((RESULTS / "n64-1-vs-2gpu-glmrel.json").read_text()))
+    assert "| 64 | 2 | 1 | MoE | 69.1 | 54.4 | 1.27x |" in gpus and "| 64 | 2 | 0 | dense | 27.0 | 14.6 | 1.85x |" in gpus
