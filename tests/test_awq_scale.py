@@ -221,21 +221,18 @@ def test_batched_experts_equal_the_loop_on_uneven_routing():
 def _tiny_layer():
     from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
+    from release.tiny import GLM4MOE_FEATURES
+
     torch.manual_seed(0)
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, head_dim=8)
     cfg = Glm4MoeConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=16,
+        **small,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
         n_routed_experts=6,
         num_experts_per_tok=2,
         num_hidden_layers=2,
-        first_k_dense_replace=1,
-        n_group=1,
-        topk_group=1,
+        **GLM4MOE_FEATURES,
     )
     cfg._attn_implementation = "sdpa"
     model = Glm4MoeForCausalLM(cfg).eval()

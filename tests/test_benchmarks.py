@@ -82,4 +82,6 @@ def test_report_of_the_same_run_comparison_at_64_samples():
     text = report(json.loads((RESULTS / "n64-stock-vs-glmrel.json").read_text()))
     assert "| 64 | 1 | MoE | 247.2 | 76.4 | 3.24x |" in text and "| 64 | 0 | dense | 25.6 | 21.6 | 1.18x |" in text
     gpus = report(json.loads((RESULTS / "n64-1-vs-2gpu-glmrel.json").read_text()))
-    assert "| 64 | 2 | 1 | MoE | 69.1 | 54.4 | 1.27x |" in gpus and "| 64 | 2 | 0 | dense | 27.0 | 14.6 | 1.85x |" in gpus
+    assert (
+        "| 64 | 2 | 1 | MoE | 69.1 | 54.4 | 1.27x |" in gpus and "| 64 | 2 | 0 | dense | 27.0 | 14.6 | 1.85x |" in gpus
+    )
