@@ -405,6 +405,12 @@ class _SharedSmoothFix:
             update_offload_parameter(layer, "bias", bias.div(scales))
 
 
+def _ranks() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _cpu_allreduce_sum(data: list[Any]) -> list[Any]:
     import torch.distributed as dist
 
@@ -546,7 +552,9 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
 
         def __init__(self, offload_device: Any, budget: int, salt: int) -> None:
             super().__init__(None, offload_device)
-            self.per_batch = max(1, math.ceil(budget / max(1, num_batches)))
+            # the budget is for the whole run: under data parallelism each rank keeps its share
+            # (the grid-search loss is all-reduced over the ranks' rows)
+            self.per_batch = max(1, math.ceil(budget / max(1, num_batches * _ranks())))
             self.salt = salt
             self.appended = 0
             self.pending: list[Any] = []

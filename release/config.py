@@ -112,8 +112,8 @@ class AwqSpec(_Strict):
     max_expert_tokens: int | None = Field(
         default=16384,
         ge=256,
-        description="rows of each expert's down_proj input kept for its AWQ scale search (null: every token, "
-        "as stock); the activation mean still uses every token",
+        description="rows of each expert's down_proj input kept for its AWQ scale search, over all GPUs "
+        "(null: every token, as stock); the activation mean still uses every token",
     )
 
 

@@ -28,6 +28,7 @@ BRANCH = "W4A16_GS64"
 # Small enough for CI, big enough that the token sample below really drops tokens:
 # 12 samples of up to 128 tokens: ~1,500 tokens per expert under MoE-aware calibration.
 SAMPLE_BUDGET = 48
+CONFIG_BUDGET = 256
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,8 @@ def builds(tmp_path_factory, demo_assets):
         raw["output_dir"] = str(root / name)
         raw["calibration"].update(num_samples=12, max_seq_length=128)
         raw["awq"] = {"n_grid": 10, "duo_scaling": True}
+        if name == "config":  # the smallest budget the config allows: the expert sample is really taken
+            raw["awq"]["max_expert_tokens"] = CONFIG_BUDGET
         raw["branches"] = [b for b in raw["branches"] if b["name"] == BRANCH]
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -91,7 +94,15 @@ def test_two_ranks_match_one_process(builds, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     out, one_dir = tmp_path / "out" / BRANCH, builds["config"]["dir"]
-    assert json.loads((out / "provenance.json").read_text())["gpus"] == 2
+    prov, one_prov = (json.loads((d / "provenance.json").read_text()) for d in (out, one_dir))
+    assert prov["gpus"] == 2
+    # the expert-row budget is for the whole run: rank 0 keeps about half of it
+    kept, one_kept = (
+        prov["timings_s"]["awq_engine"]["expert_tokens_kept"],
+        one_prov["timings_s"]["awq_engine"]["expert_tokens_kept"],
+    )
+    print(f"expert rows kept: one process {one_kept}, rank 0 of 2 {kept}")
+    assert kept <= one_kept / 2 + 3 * 8 * 6, (kept, one_kept)
     one = json.loads((one_dir / "expert_coverage.json").read_text())
     assert json.loads((out / "expert_coverage.json").read_text()) == one, "every sample seen once over the ranks"
     a, b = load_file(one_dir / "model.safetensors"), load_file(out / "model.safetensors")
