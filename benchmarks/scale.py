@@ -27,7 +27,9 @@ from pathlib import Path
 ENGINES = ("stock", "glmrel")
 
 
-def bench_config(release_yaml: Path, engine: str, samples: int, seq: int, write: bool = False) -> Path:
+def bench_config(
+    release_yaml: Path, engine: str, samples: int, seq: int, write: bool = False, batched: bool = False
+) -> Path:
     """The release config of one run. The parent writes it (`write`) before launching; torchrun's
     ranks only read it: two ranks writing one file let a rank read it half-written."""
     import yaml
@@ -37,6 +39,8 @@ def bench_config(release_yaml: Path, engine: str, samples: int, seq: int, write:
         raw = yaml.safe_load(release_yaml.read_text())
         raw["calibration"].update(num_samples=samples, max_seq_length=seq)
         raw.setdefault("awq", {})["engine"] = engine
+        if engine == "glmrel" and batched:
+            raw["awq"]["batched_expert_search"] = True
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
         tmp.replace(path)
@@ -73,6 +77,7 @@ def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out:
     return {
         "gpus": distributed.world_size(),
         "engine": engine,
+        "batched_expert_search": options.batched_expert_search,
         "samples": samples,
         "seq": seq,
         "tokens": run.calibration.total_tokens,
@@ -204,6 +209,9 @@ def main() -> None:
     ap.add_argument(
         "--gpus", type=int, default=1, help="also run glmrel data-parallel on this many GPUs and compare with one GPU"
     )
+    ap.add_argument(
+        "--batched-expert-search", action="store_true", help="glmrel runs with awq.batched_expert_search: true"
+    )
     ap.add_argument("--report", type=Path, default=None, help="print the tables of a --json file and exit")
     ap.add_argument("--run-one", nargs=4, metavar=("RELEASE_YAML", "ENGINE", "SAMPLES", "SEQ"), help=argparse.SUPPRESS)
     ap.add_argument("--scales-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -236,7 +244,9 @@ def main() -> None:
     runs += [(n, "stock", 1) for n in samples if "stock" in engines]
     for n, engine, gpus in runs:
         t = time.time()
-        bench_config(release_yaml, engine, n, a.seq, write=True)  # before any rank reads it
+        bench_config(
+            release_yaml, engine, n, a.seq, write=True, batched=a.batched_expert_search
+        )  # before any rank reads it
         scales = work / f"scales-{engine}-{n}-{gpus}gpu.pt"
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
         cmd = (launcher if gpus > 1 else [sys.executable]) + [

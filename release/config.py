@@ -115,6 +115,11 @@ class AwqSpec(_Strict):
         description="rows of each expert's down_proj input kept for its AWQ scale search, over all GPUs "
         "(null: every token, as stock); the activation mean still uses every token",
     )
+    batched_expert_search: bool = Field(
+        default=False,
+        description="search the routed experts' down_proj scales of a layer together (glmrel engine; "
+        "same choices as the per-expert search on the tiny model, not yet timed on a GPU)",
+    )
 
 
 class VerifySpec(_Strict):

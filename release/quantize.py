@@ -243,7 +243,9 @@ def quantize_branch(
 def scale_options_for(cfg: ReleaseConfig) -> ScaleOptions:
     if cfg.awq.engine == "stock":
         return ScaleOptions.stock()
-    return ScaleOptions(max_expert_tokens=cfg.awq.max_expert_tokens)
+    return ScaleOptions(
+        max_expert_tokens=cfg.awq.max_expert_tokens, batched_expert_search=cfg.awq.batched_expert_search
+    )
 
 
 @dataclass

@@ -34,7 +34,8 @@ CONFIG_BUDGET = 256
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory, demo_assets):
     """Builds of one branch with identical inputs: stock, memory patches, full engine (harsh
-    expert sample), and the engine as the config sets it."""
+    expert sample), the engine as the config sets it, and the full engine with the routed
+    experts' searches batched (patch 8)."""
     import yaml
     from conftest import demo_raw_config
 
@@ -44,6 +45,7 @@ def builds(tmp_path_factory, demo_assets):
         "memory": ScaleOptions.memory_only(record_scales=True),
         "glmrel": ScaleOptions(max_expert_tokens=SAMPLE_BUDGET, record_scales=True),
         "config": None,  # the engine as the config chooses it: what `quantize --gpus` workers run
+        "batched": ScaleOptions(max_expert_tokens=SAMPLE_BUDGET, record_scales=True, batched_expert_search=True),
     }
     out = {}
     for name, options in runs.items():
@@ -154,6 +156,26 @@ def test_full_engine_scales_stay_close_to_stock(builds):
     assert any(not torch.equal(s[k], g[k]) for k in sampled), "the sample must really change some choices"
     cos = torch.stack([torch.nn.functional.cosine_similarity(s[k], g[k], dim=0) for k in sampled])
     assert cos.min() > 0.97, f"sampled experts' scales diverge: min cosine {cos.min():.4f}"
+
+
+def test_batched_expert_search_chooses_what_the_per_expert_search_chooses(builds):
+    """Patch 8 against patch 4's per-expert searches, same options otherwise: the same scale for
+    every routed expert (fp32 tiny model), every other mapping untouched, KL unchanged."""
+    loop, batched = builds["glmrel"]["stats"], builds["batched"]["stats"]
+    assert batched.batched_expert_searches == 3 * 8 and loop.batched_expert_searches == 0
+    assert loop.scales.keys() == batched.scales.keys()
+    experts = [k for k in loop.scales if ".experts." in k]
+    assert len(experts) == 3 * 8
+    for k in loop.scales:
+        if k in experts:
+            assert torch.allclose(loop.scales[k], batched.scales[k], rtol=1e-5, atol=1e-6), k
+        else:
+            assert torch.equal(loop.scales[k], batched.scales[k]), k
+    assert builds["batched"]["quality"].mean_kl == builds["glmrel"]["quality"].mean_kl
+    print(
+        f"routed experts' down_proj search: per expert {loop.mapping_s['routed_expert_down']:.2f} s, "
+        f"batched {batched.mapping_s['routed_expert_down']:.2f} s (tiny model, CPU)"
+    )
 
 
 def test_full_engine_kl_within_two_percent_of_stock(builds):
