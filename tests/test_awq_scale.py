@@ -69,7 +69,8 @@ def builds(tmp_path_factory, demo_assets):
     return out
 
 
-def test_two_ranks_match_one_process(builds, tmp_path):
+@pytest.mark.parametrize("batched_search", [False, True], ids=["per-expert-search", "batched-expert-search"])
+def test_two_ranks_match_one_process(builds, tmp_path, batched_search):
     """The worker side of `glmrel quantize --gpus 2`, on two CPU ranks (gloo): each rank
     calibrates its half of the samples, AWQ all-reduces, rank 0 writes. Same config as the
     one-process build.
@@ -89,6 +90,7 @@ def test_two_ranks_match_one_process(builds, tmp_path):
 
     raw = yaml.safe_load(builds["config"]["yaml"].read_text())
     raw["output_dir"] = str(tmp_path / "out")
+    raw["awq"]["batched_expert_search"] = batched_search  # patch 8 all-reduces its own losses
     path = tmp_path / "two-ranks.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -98,6 +100,7 @@ def test_two_ranks_match_one_process(builds, tmp_path):
     out, one_dir = tmp_path / "out" / BRANCH, builds["config"]["dir"]
     prov, one_prov = (json.loads((d / "provenance.json").read_text()) for d in (out, one_dir))
     assert prov["gpus"] == 2
+    assert prov["timings_s"]["awq_engine"]["batched_expert_searches"] == (3 * 8 if batched_search else 0)
     # the expert-row budget is for the whole run: rank 0 keeps about half of it
     kept, one_kept = (
         prov["timings_s"]["awq_engine"]["expert_tokens_kept"],
