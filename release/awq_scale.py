@@ -375,6 +375,17 @@ def _merged_batches(
         yield _merge(group, token_wise)
 
 
+def _divided_smooth_weight(weight: Any, scales: Any) -> Any:
+    """Stock's smoothing of a smooth layer's weight (`_apply_smoothing._smooth`), out of place:
+    a norm is divided by the scales; a Linear has its last rows divided (v_proj smoothed for
+    o_proj, up_proj for down_proj)."""
+    if weight.ndim == 1:
+        return weight.div(scales)
+    fixed = weight.clone()
+    fixed[-scales.size(0) :] = weight[-scales.size(0) :].div(scales.view(-1, 1))
+    return fixed
+
+
 class _SharedSmoothFix:
     """Ranks on CPU only (the test of the data-parallel path): compressed-tensors offloads the
     weights of a distributed run to shared CPU memory and, when the execution device is the
@@ -406,12 +417,7 @@ class _SharedSmoothFix:
         layer, weight, bias, scales = self.pending
         self.pending = None
         scales = scales.to(weight.device)
-        if weight.ndim == 1:
-            fixed = weight.div(scales)
-        else:  # stock divides the last rows (v_proj smoothed for o_proj, up_proj for down_proj)
-            fixed = weight.clone()
-            fixed[-scales.size(0) :] = weight[-scales.size(0) :].div(scales.view(-1, 1))
-        update_offload_parameter(layer, "weight", fixed)
+        update_offload_parameter(layer, "weight", _divided_smooth_weight(weight, scales))
         if bias is not None:
             update_offload_parameter(layer, "bias", bias.div(scales))
 
@@ -423,7 +429,7 @@ def _expert_chunk(rows: int, out_features: int, budget_bytes: int = 4 * 2**30) -
 
 def _batched_expert_search(
     modifier: Any, maps: list[Any], stats_of: dict[str, Any], allreduce: Any, stats: ScaleStats, record: bool
-) -> None:
+) -> bool:
     """Patch 8: the routed experts' down_proj scale searches of one layer, batched across
     experts, then smoothing with stock's formulas (see the module docstring)."""
     import torch
@@ -432,14 +438,15 @@ def _batched_expert_search(
     from compressed_tensors.quantization.utils import calculate_qparams
     from llmcompressor.observers.helpers import flatten_for_calibration
 
-    shapes = {tuple(next(iter(modifier._parent_args_cache[m.parent]))["input"].shape) for m in maps}
-    shapes |= {(tuple(m.parent.weight.shape), m.parent.bias is None) for m in maps}
-    if len(shapes) != 2 or not all(getattr(m.parent, "quantization_scheme", None) for m in maps):
+    # shapes of the (offloaded) sampled rows: onloading them is left to each chunk
+    rows = {tuple(modifier._parent_args_cache[m.parent].batch_intermediates[0]["input"].value.shape) for m in maps}
+    weights = {(tuple(m.parent.weight.shape), m.parent.bias is None) for m in maps}
+    if len(rows) != 1 or len(weights) != 1 or not all(getattr(m.parent, "quantization_scheme", None) for m in maps):
         return False  # experts with different row counts or shapes: stock's loop does them
     grid = modifier._get_grid_search_params()
     distributed = _ranks() > 1
-    first_rows = next(iter(modifier._parent_args_cache[maps[0].parent]))["input"]
-    chunk = _expert_chunk(first_rows.numel() // first_rows.shape[-1], maps[0].parent.weight.shape[0])
+    (row_shape,) = rows
+    chunk = _expert_chunk(math.prod(row_shape[:-1]), maps[0].parent.weight.shape[0])
     for start in range(0, len(maps), chunk):
         group = maps[start : start + chunk]
         downs, ups = [m.parent for m in group], [m.smooth_layer for m in group]
@@ -496,9 +503,7 @@ def _batched_expert_search(
             for i, (m, d, u) in enumerate(zip(group, downs, ups)):
                 s_i = best[i]
                 update_offload_parameter(d, "weight", w[i] * s_i.view(1, -1))
-                fixed = up_orig[i].clone()
-                fixed[-s_i.size(0) :] = up_orig[i][-s_i.size(0) :].div(s_i.view(-1, 1))
-                update_offload_parameter(u, "weight", fixed)
+                update_offload_parameter(u, "weight", _divided_smooth_weight(up_orig[i], s_i))
                 modifier._error_metrics.append(
                     {
                         "layer_name": m.smooth_name,

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .check import check_branch
 from .config import ReleaseConfig
 from .errors import ReleaseError
 from .manifest import write_manifest
-from .quantize import BranchBuild, quantize_branch, resolve_base_model
+from .quantize import BranchBuild, resolve_base_model
 from .render import render_release
 from .verify import VERIFY_FILE, BaseReference, QualityReport, load_heldout, verify_branch
 
@@ -49,14 +50,7 @@ def build_all(
     for branch in cfg.branches:
         if progress:
             progress(branch.name)
-        if gpus > 1:
-            from .distributed import quantize_on_gpus
-
-            if config_path is None:
-                raise ReleaseError("a multi-GPU build needs the config's path to hand to torchrun")
-            b = quantize_on_gpus(cfg, config_path, branch.name, gpus, force=force, echo=echo)
-        else:
-            b = quantize_branch(cfg, branch.name, force=force, echo=echo)
+        b = distributed.quantize(cfg, branch.name, gpus, config_path, force=force, echo=echo)
         echo(f"[{b.branch}] {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'}")
         builds.append(b)
 

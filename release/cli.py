@@ -115,15 +115,11 @@ def quantize(config_path: Path, branch_name: str, force: bool, gpus: int) -> Non
     statistics, so every rank picks the same scales; rank 0 writes the branch.
     """
     from . import distributed
-    from .quantize import quantize_branch
 
     cfg = _load(config_path)
-    if gpus > 1 and not distributed.in_worker():
-        b = distributed.quantize_on_gpus(cfg, config_path, branch_name, gpus, force=force, echo=click.echo)
-    else:
-        b = quantize_branch(cfg, branch_name, force=force, echo=click.echo)
-        if distributed.in_worker():
-            return  # the launcher reports the branch
+    b = distributed.quantize(cfg, branch_name, gpus, Path(config_path), force=force, echo=click.echo)
+    if distributed.in_worker():
+        return  # the launcher reports the branch
     click.echo(f"{b.branch}: {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'} -> {b.path}")
 
 

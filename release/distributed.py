@@ -137,6 +137,17 @@ def worker_argv(config: Path, branch: str, gpus: int) -> list[str]:
     return ["quantize", "--config", str(config), "--branch", branch, "--gpus", str(gpus), "--force"]
 
 
+def quantize(cfg, branch: str, gpus: int, config_path: Path | None, *, force: bool = False, echo=print):  # type: ignore[no-untyped-def]
+    """One branch: in this process (one GPU, or as a torchrun worker) or launched on `gpus` GPUs."""
+    from .quantize import quantize_branch
+
+    if gpus == 1 or in_worker():
+        return quantize_branch(cfg, branch, force=force, echo=echo)
+    if config_path is None:
+        raise ReleaseError("a multi-GPU build needs the config's path to hand to torchrun")
+    return quantize_on_gpus(cfg, config_path, branch, gpus, force=force, echo=echo)
+
+
 def quantize_on_gpus(cfg, config_path: Path, branch: str, gpus: int, *, force: bool = False, echo=print):  # type: ignore[no-untyped-def]
     """Build one branch on `gpus` GPUs (rank 0 writes it); skip it when its inputs are unchanged."""
     import time

@@ -257,19 +257,11 @@ def test_batched_experts_equal_the_loop_on_uneven_routing():
 def _tiny_layer():
     from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
-    from release.tiny import GLM4MOE_FEATURES
+    from release.tiny import TINY_ARCH
 
     torch.manual_seed(0)
-    small = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, head_dim=8)
-    cfg = Glm4MoeConfig(
-        **small,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        n_routed_experts=6,
-        num_experts_per_tok=2,
-        num_hidden_layers=2,
-        **GLM4MOE_FEATURES,
-    )
+    smaller = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, head_dim=8)
+    cfg = Glm4MoeConfig(**{**TINY_ARCH, **smaller, "n_routed_experts": 6, "num_hidden_layers": 2})
     cfg._attn_implementation = "sdpa"
     model = Glm4MoeForCausalLM(cfg).eval()
     return model, model.model.layers[1]
