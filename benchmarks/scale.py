@@ -27,11 +27,25 @@ from pathlib import Path
 ENGINES = ("stock", "glmrel")
 
 
+def awq_overrides(pairs: list[str]) -> dict:
+    """`--awq KEY=VALUE` pairs as the config's `awq` section reads them (VALUE parsed as YAML)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--awq {pair!r}: expected KEY=VALUE, e.g. --awq batched_expert_search=true")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def bench_config(
-    release_yaml: Path, engine: str, samples: int, seq: int, write: bool = False, batched: bool = False
+    release_yaml: Path, engine: str, samples: int, seq: int, write: bool = False, awq: dict | None = None
 ) -> Path:
-    """The release config of one run. The parent writes it (`write`) before launching; torchrun's
-    ranks only read it: two ranks writing one file let a rank read it half-written."""
+    """The release config of one run; `awq` overrides the glmrel engine's settings. The parent
+    writes it (`write`) before launching; torchrun's ranks only read it: two ranks writing one
+    file let a rank read it half-written."""
     import yaml
 
     path = release_yaml.with_name(f".bench-{engine}-{samples}-s{seq}.yaml")
@@ -39,8 +53,8 @@ def bench_config(
         raw = yaml.safe_load(release_yaml.read_text())
         raw["calibration"].update(num_samples=samples, max_seq_length=seq)
         raw.setdefault("awq", {})["engine"] = engine
-        if engine == "glmrel" and batched:
-            raw["awq"]["batched_expert_search"] = True
+        if engine == "glmrel":
+            raw["awq"].update(awq or {})
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
         tmp.replace(path)
@@ -78,6 +92,8 @@ def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out:
         "gpus": distributed.world_size(),
         "engine": engine,
         "batched_expert_search": options.batched_expert_search,
+        "awq_options": options.to_json(),
+        "resident_cache": stats["resident_cache"],
         "samples": samples,
         "seq": seq,
         "tokens": run.calibration.total_tokens,
@@ -103,15 +119,20 @@ def _ratio_rows(n: int, base: dict, other: dict) -> list[str]:
 
 def table(records: list[dict]) -> str:
     out = []
-    out.append("| engine | samples | layer | kind | calibrate s | smooth s | total s | peak GPU GiB | peak host GiB |")
-    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    out.append(
+        "| engine | samples | layer | kind | calibrate s | smooth s | total s | peak GPU GiB | peak host GiB "
+        "| of it pinned GiB |"
+    )
+    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in records:
         for i, layer in enumerate(r["layers"]):
             kind = "dense" if i < r["dense_layers"] else "MoE"
             total = layer["calib_s"] + layer["smooth_s"]
+            pinned = layer.get("pinned_host_gib")  # recorded from patch 9 on
             out.append(
                 f"| {r['engine']} | {r['samples']} | {i} | {kind} | {layer['calib_s']:.1f} | {layer['smooth_s']:.1f} "
-                f"| {total:.1f} | {layer['peak_gpu_gib']:.2f} | {layer['peak_host_gib']:.2f} |"
+                f"| {total:.1f} | {layer['peak_gpu_gib']:.2f} | {layer['peak_host_gib']:.2f} "
+                f"| {'-' if pinned is None else f'{pinned:.2f}'} |"
             )
     out.append("")
     out.append("| samples | layer | kind | stock s | glmrel s | stock / glmrel |")
@@ -212,6 +233,16 @@ def main() -> None:
     ap.add_argument(
         "--batched-expert-search", action="store_true", help="glmrel runs with awq.batched_expert_search: true"
     )
+    ap.add_argument(
+        "--awq",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the config's awq section for the glmrel runs (repeatable), e.g. resident_cache_gib=0",
+    )
+    ap.add_argument(
+        "--stock-samples", default=None, help="comma-separated sample counts for stock (default: --samples)"
+    )
     ap.add_argument("--report", type=Path, default=None, help="print the tables of a --json file and exit")
     ap.add_argument("--run-one", nargs=4, metavar=("RELEASE_YAML", "ENGINE", "SAMPLES", "SEQ"), help=argparse.SUPPRESS)
     ap.add_argument("--scales-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -230,10 +261,15 @@ def main() -> None:
     from benchmarks.synthetic import build
 
     samples = [int(x) for x in a.samples.split(",")]
-    work = a.work / f"{a.preset}-{a.layers or 'default'}-n{max(samples)}-s{a.seq}"
+    stock_samples = [int(x) for x in a.stock_samples.split(",")] if a.stock_samples else samples
+    awq = awq_overrides(a.awq)
+    if a.batched_expert_search:
+        awq["batched_expert_search"] = True
+    most = max(samples + stock_samples)
+    work = a.work / f"{a.preset}-{a.layers or 'default'}-n{most}-s{a.seq}"
     release_yaml = work / "release.yaml"
     if not release_yaml.is_file():
-        build(a.preset, work, a.layers, a.device, [a.group_size], max(samples), a.seq)
+        build(a.preset, work, a.layers, a.device, [a.group_size], most, a.seq)
     records = []
     engines = a.engines.split(",")
     # glmrel first, then data-parallel glmrel, stock (the slow baseline) last: a run cut short
@@ -241,12 +277,10 @@ def main() -> None:
     runs = [(n, e, 1) for n in samples for e in engines if e != "stock"]
     if a.gpus > 1:
         runs += [(n, "glmrel", a.gpus) for n in samples]
-    runs += [(n, "stock", 1) for n in samples if "stock" in engines]
+    runs += [(n, "stock", 1) for n in stock_samples if "stock" in engines]
     for n, engine, gpus in runs:
         t = time.time()
-        bench_config(
-            release_yaml, engine, n, a.seq, write=True, batched=a.batched_expert_search
-        )  # before any rank reads it
+        bench_config(release_yaml, engine, n, a.seq, write=True, awq=awq)  # before any rank reads it
         scales = work / f"scales-{engine}-{n}-{gpus}gpu.pt"
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
         cmd = (launcher if gpus > 1 else [sys.executable]) + [

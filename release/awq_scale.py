@@ -56,6 +56,16 @@ What stock 0.14.0.1 does and what each patch changes:
    framework time per expert and grid point, measured on CPU). Quantization is disabled during
    AWQ's search, so Q(W*s)/s is the whole weight, as in stock. The loss is summed in fp32 per
    expert (stock rounds each batch's sum to bf16); smoothing is applied with stock's formulas.
+9. Where AWQ's cached parent inputs live. Stock offloads every cached input of a MoE model to
+   host RAM, then for each mapping copies the parent's cache into pinned memory, which
+   PyTorch's pinned allocator rounds up to a power of two (a 20 MiB sample takes a 32 MiB
+   block) and keeps after the mapping, block sizes apart: the dense layer's 64 MiB blocks
+   stayed reserved through every later layer. Patched: a parent's inputs stay on the GPU
+   where they were computed (copied, so nothing the model does later can change them) while
+   the run's `resident_cache_gib` lasts; the rest go to host RAM as in stock. A value equal to
+   the same input of the previous sample (the causal mask and RoPE tables of equal-length
+   samples) is stored once, in AWQ's caches and in the pipeline's. After each mapping the
+   pinned blocks and freed host memory go back to the system. Same values, bit for bit.
 """
 
 from __future__ import annotations
@@ -64,6 +74,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -83,6 +94,7 @@ class ScaleOptions:
     sdpa_in_search: bool = True
     search_batch_tokens: int | None = 16384
     batched_expert_search: bool = False  # patch 8 (not yet measured on a GPU: off by default)
+    resident_cache_gib: float | None = None  # patch 9: None = 20 % of the GPU's memory; 0 = stock
     record_scales: bool = False  # keep every chosen scale vector (tests, small models only)
 
     @classmethod
@@ -96,13 +108,16 @@ class ScaleOptions:
             sdpa_in_search=False,
             search_batch_tokens=None,
             batched_expert_search=False,
+            resident_cache_gib=0,
             record_scales=record_scales,
         )
 
     @classmethod
     def memory_only(cls, record_scales: bool = False) -> ScaleOptions:
-        """Only the patches that leave AWQ's arithmetic unchanged (1 and 2)."""
-        return dataclasses.replace(cls.stock(record_scales), keep_first_output=True, stream_loss=True)
+        """Only the patches that leave AWQ's arithmetic unchanged (1, 2 and 9)."""
+        return dataclasses.replace(
+            cls.stock(record_scales), keep_first_output=True, stream_loss=True, resident_cache_gib=None
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "record_scales"}
@@ -118,6 +133,7 @@ class LayerRecord:
     smooth_s: float
     peak_gpu_gib: float
     peak_host_gib: float
+    pinned_host_gib: float = 0.0  # peak of PyTorch's pinned host allocator (part of peak_host_gib)
 
 
 @dataclass
@@ -131,6 +147,11 @@ class ScaleStats:
     batched_experts_disabled: str | None = None  # why, when the first-call check failed
     tokens_seen: int = 0
     tokens_kept: int = 0
+    resident_batches: int = 0  # patch 9: cached parent inputs kept on the GPU ...
+    offloaded_batches: int = 0  # ... and sent to host RAM
+    resident_peak_gib: float = 0.0
+    deduplicated_values: int = 0  # values stored once for consecutive equal samples
+    resident_expert_caches: int = 0  # expert down_proj row samples kept on the GPU
     layers: list[LayerRecord] = field(default_factory=list)
     scales: dict[str, Any] = field(default_factory=dict)  # smooth layer name -> chosen scales
     mapping_s: dict[str, float] = field(default_factory=dict)  # seconds per kind of mapping
@@ -148,6 +169,13 @@ class ScaleStats:
             "batched_experts_disabled": self.batched_experts_disabled,
             "expert_tokens_seen": self.tokens_seen,
             "expert_tokens_kept": self.tokens_kept,
+            "resident_cache": {
+                "resident_batches": self.resident_batches,
+                "offloaded_batches": self.offloaded_batches,
+                "resident_peak_gib": round(self.resident_peak_gib, 3),
+                "deduplicated_values": self.deduplicated_values,
+                "resident_expert_caches": self.resident_expert_caches,
+            },
             "layers": [vars(r) for r in self.layers],
             "mapping_s": {k: round(v, 2) for k, v in self.mapping_s.items()},
         }
@@ -548,6 +576,143 @@ def _subsample_rows(x: Any, keep: int, salt: int) -> Any:
     return flat.index_select(0, idx.clamp_(max=n - 1)).unsqueeze(0)
 
 
+DEDUPLICATED_INPUTS = ("attention_mask", "position_embeddings", "position_ids")  # patch 9
+
+
+def _deduplicate(new: Any, prev: Any) -> int:
+    """Patch 9: point the tensors of IntermediateValue `new` (nested in tuples or lists) at
+    `prev`'s where they are equal; returns the bytes no longer held twice."""
+    import torch
+
+    a, b = new.value, prev.value
+    if isinstance(a, torch.Tensor):
+        if (
+            isinstance(b, torch.Tensor)
+            and a is not b
+            and (a.device, a.dtype, a.shape) == (b.device, b.dtype, b.shape)
+            and torch.equal(a, b)
+        ):
+            new.value = b
+            return a.nbytes
+        return 0
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return sum(_deduplicate(x, y) for x, y in zip(a, b))
+    return 0
+
+
+def _deduplicate_batch(cache: Any, batch_index: int) -> tuple[int, int]:
+    """Patch 9: store the DEDUPLICATED_INPUTS of batch `batch_index` once where they equal the
+    previous batch's; returns (values, bytes) saved."""
+    if batch_index < 1 or batch_index >= len(cache.batch_intermediates):
+        return 0, 0
+    new, prev = cache.batch_intermediates[batch_index], cache.batch_intermediates[batch_index - 1]
+    values = saved = 0
+    for key in DEDUPLICATED_INPUTS:
+        if key in new and key in prev:
+            n = _deduplicate(new[key], prev[key])
+            values += n > 0
+            saved += n
+    return values, saved
+
+
+def _tensor_bytes(value: Any) -> int:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    return 0
+
+
+def _cloned(value: Any) -> Any:
+    """A copy of every tensor in `value` (tuples, lists and dicts kept): a resident cache must not
+    share memory with anything the model may later change in place."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple):
+        return tuple(_cloned(v) for v in value)
+    if isinstance(value, list):
+        return [_cloned(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    return value
+
+
+def _give_back(ledger: _Ledger, held: list[int]) -> None:
+    ledger.give(held[0])
+
+
+class _Ledger:
+    """Patch 9: GPU bytes held by resident caches, against the run's budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self.peak = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.budget:
+            return False
+        self.used += n
+        self.peak = max(self.peak, self.used)
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+def _resident_budget(gib: float | None) -> int:
+    """Bytes of GPU memory patch 9 may hold: `gib`, or (None) 20 % of this process's GPU; none
+    without one."""
+    import torch
+
+    if gib is not None:
+        return int(gib * 2**30)
+    if not torch.cuda.is_available():
+        return 0
+    return int(0.2 * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
+_LIBC: list[Any] = []
+
+
+def _release_host_memory() -> None:
+    """Patch 9: give the pinned blocks PyTorch keeps cached, and the freed pages glibc keeps in
+    its heaps, back to the system."""
+    import ctypes
+
+    import torch
+
+    if torch.cuda.is_available() and hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
+
+
+def _pinned_peak_gib() -> float:
+    """Peak bytes of PyTorch's pinned host allocator since the last call, in GiB."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    try:
+        peak = torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0)
+        torch.cuda.reset_peak_host_memory_stats()
+    except (AttributeError, RuntimeError):
+        return 0.0
+    return peak / 2**30
+
+
 @contextlib.contextmanager
 def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
     """Apply the chosen patches to AWQModifier for the duration of one `oneshot` call."""
@@ -575,6 +740,9 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             "_setup_activation_cache_hooks",
         )
     }
+    stock_update = IntermediatesCache.update
+    deduplicating = options.resident_cache_gib != 0
+    ledger = _Ledger(_resident_budget(options.resident_cache_gib) if deduplicating else 0)
 
     def _run_samples(self: Any, module: Any) -> Any:
         _Search.generation += 1  # balance weights change only between _run_samples calls
@@ -592,6 +760,8 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
         return list(outputs)
 
     def _compute_best_scale(self: Any, mapping: Any, fp16_outputs: Any, orig_layer_weights: Any) -> Any:
+        if deduplicating and not isinstance(self._parent_args_cache.get(mapping.parent), SampledCache):
+            _release_host_memory()  # what earlier mappings pinned and freed
         _Lazy.active = options.stream_loss
         if shared_fix is not None:
             shared_fix.before(mapping)
@@ -674,6 +844,8 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             _Search.stacked = {}
             for m in swapped:
                 m._original_forward_func = stock_experts_forward
+            if deduplicating:
+                _release_host_memory()
             end = time.perf_counter()
             gpu = 0.0
             if torch.cuda.is_available():
@@ -682,7 +854,12 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             if mappings:
                 stats.layers.append(
                     LayerRecord(
-                        mappings, round(t - clock["last"], 3), round(end - t, 3), round(gpu, 3), round(host.take(), 3)
+                        mappings,
+                        round(t - clock["last"], 3),
+                        round(end - t, 3),
+                        round(gpu, 3),
+                        round(host.take(), 3),
+                        round(_pinned_peak_gib(), 3),
                     )
                 )
             clock["last"] = end
@@ -704,6 +881,8 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             self.pending: list[Any] = []
             self.resident: list[dict[str, Any]] | None = None
             self.device: Any = None  # where the rows were computed: the grid search runs there
+            self.held = [0]  # patch 9: bytes of rows kept on that device, against the ledger
+            self._finalizer = weakref.finalize(self, _give_back, ledger, self.held)
 
         def append(self, values: dict[str, Any]) -> None:
             x = values.get("input")
@@ -716,7 +895,14 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             x = _subsample_rows(x, self.per_batch, self.salt + self.appended).reshape(-1, x.shape[-1])
             stats.tokens_kept += x.shape[0]
             self.appended += 1
-            self.pending.append(x.to(self.offload_device) if self.offload_device is not None else x.clone())
+            if self.offload_device is None:
+                self.pending.append(x.clone())
+            elif deduplicating and ledger.take(x.nbytes):
+                self.pending.append(x.clone())  # patch 9: stays on the GPU (no copy to host and back)
+                self.held[0] += x.nbytes
+                stats.resident_peak_gib = max(stats.resident_peak_gib, ledger.peak / 2**30)
+            else:
+                self.pending.append(x.to(self.offload_device))
 
         def _flush(self) -> None:
             if not self.pending:
@@ -726,7 +912,22 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
                 raise RuntimeError(
                     "glmrel's expert token sample does not support loss masks; set awq.max_expert_tokens: null"
                 )
-            rows = torch.cat(self.pending)
+            if self.held[0] and all(p.device == self.device for p in self.pending):
+                rows = torch.cat(self.pending)  # every row stayed on the GPU: keep them there
+                self.pending = []
+                offload, self.offload_device = self.offload_device, None
+                try:
+                    super().append({"input": rows.unsqueeze(0)})
+                finally:
+                    self.offload_device = offload
+                stats.resident_expert_caches += 1
+                return
+            if self.held[0]:  # the budget ran out part way: all rows to the offload device, as stock
+                ledger.give(self.held[0])
+                self.held[0] = 0
+            rows = torch.cat(
+                [p.to(self.offload_device) if self.offload_device is not None else p for p in self.pending]
+            )
             self.pending = []
             super().append({"input": rows.unsqueeze(0)})
 
@@ -758,18 +959,81 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             if not options.search_batch_tokens:  # else onloaded once: pinning would cost more
                 super().pin_memory(batch_index, input_names)
 
+    class ResidentCache(IntermediatesCache):
+        """Patch 9: a parent's cached inputs stay on the device they were computed on while the
+        run's budget lasts, the rest go to the offload device (stock); inputs equal to the
+        previous sample's are stored once."""
+
+        def __init__(self, offload_device: Any) -> None:
+            super().__init__(None, offload_device)
+            self.held = [0]  # bytes this cache holds against the ledger, given back when it goes
+            self._finalizer = weakref.finalize(self, _give_back, ledger, self.held)
+
+        def update(self, batch_index: int, values: dict[str, Any]) -> None:
+            nbytes = _tensor_bytes(values)
+            resident = self.offload_device is not None and ledger.take(nbytes)
+            if resident:
+                offload, self.offload_device = self.offload_device, None
+                try:
+                    stock_update(self, batch_index, _cloned(values))
+                finally:
+                    self.offload_device = offload
+                self.held[0] += nbytes
+                stats.resident_batches += 1
+            else:
+                stock_update(self, batch_index, values)
+                stats.offloaded_batches += 1
+            count, saved_bytes = _deduplicate_batch(self, batch_index)
+            stats.deduplicated_values += count
+            if resident:
+                ledger.give(saved_bytes)
+                self.held[0] -= saved_bytes
+            stats.resident_peak_gib = max(stats.resident_peak_gib, ledger.peak / 2**30)
+
+        def pin_memory(self, batch_index: int, input_names: Any = None) -> None:
+            """Stock pins each batch's values one by one: a value stored once for several
+            batches is pinned once here. (Without an accelerator there is nothing to pin.)"""
+            if not torch.accelerator.is_available():
+                return
+            pinned = self.__dict__.setdefault("_pinned", {})
+
+            def pin(value: Any) -> None:
+                v = value.value
+                if isinstance(v, torch.Tensor):
+                    if v.device.type == "cpu" and not v.is_pinned():
+                        # ids of values not yet pinned are unique: all of them are alive (cached);
+                        # a freed one's id can only come back as a pinned copy, never looked up
+                        if id(v) not in pinned:
+                            pinned[id(v)] = v.pin_memory()
+                        value.value = pinned[id(v)]
+                elif isinstance(v, (list, tuple)):
+                    for x in v:
+                        pin(x)
+
+            for key, value in self.batch_intermediates[batch_index].items():
+                if input_names is None or key in input_names:
+                    pin(value)
+
+    def update(self: Any, batch_index: int, values: dict[str, Any]) -> None:
+        """Every other cache (the pipeline's layer inputs among them): stock, then patch 9's
+        deduplication."""
+        stock_update(self, batch_index, values)
+        stats.deduplicated_values += _deduplicate_batch(self, batch_index)[0]
+
     def _setup_activation_cache_hooks(self: Any) -> None:
         saved["_setup_activation_cache_hooks"](self)
-        if options.max_expert_tokens is None:
-            return
         for i, mapping in enumerate(self._resolved_mappings):
             parent = mapping.parent
+            old = self._parent_args_cache[parent]
+            if type(old) is not IntermediatesCache or old.batch_intermediates:
+                continue  # already replaced (a parent shared by several mappings) or in use
             # An expert's up->down mapping: the parent is the down_proj Linear itself.
-            if isinstance(parent, torch.nn.Linear) and ".experts." in mapping.parent_name:
-                old = self._parent_args_cache[parent]
-                if not isinstance(old, SampledCache) and not old.batch_intermediates:
-                    self._parent_args_cache[parent] = SampledCache(old.offload_device, options.max_expert_tokens, i)
-                    stats.sampled_caches += 1
+            expert = isinstance(parent, torch.nn.Linear) and ".experts." in mapping.parent_name
+            if expert and options.max_expert_tokens is not None:
+                self._parent_args_cache[parent] = SampledCache(old.offload_device, options.max_expert_tokens, i)
+                stats.sampled_caches += 1
+            elif deduplicating:
+                self._parent_args_cache[parent] = ResidentCache(old.offload_device)
 
     stock_experts_forward = LinearExperts2D.forward
     stock_forward_context = awq_base.calibration_forward_context
@@ -805,7 +1069,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
 
     patches = {"_run_samples": _run_samples, "_apply_smoothing": _apply_smoothing}
     patches["_compute_best_scale"] = _compute_best_scale  # also times each mapping
-    if options.max_expert_tokens is not None:
+    if options.max_expert_tokens is not None or deduplicating:
         patches["_setup_activation_cache_hooks"] = _setup_activation_cache_hooks
     if not options.keep_first_output and not options.stream_loss:
         patches.pop("_run_samples")
@@ -816,6 +1080,8 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
     try:
         for name, fn in patches.items():
             setattr(cls, name, fn)
+        if deduplicating:
+            IntermediatesCache.update = update
         if options.batched_experts:
             LinearExperts2D.forward = experts_forward
         if options.sdpa_in_search:
@@ -830,6 +1096,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
         for name, fn in saved.items():
             setattr(cls, name, fn)
         LinearExperts2D.forward = stock_experts_forward
+        IntermediatesCache.update = stock_update
         awq_base.calibration_forward_context = stock_forward_context
         awq_base._allreduce_data_sum = stock_allreduce
         _Lazy.active = False

@@ -120,6 +120,13 @@ class AwqSpec(_Strict):
         description="search the routed experts' down_proj scales of a layer together (glmrel engine; "
         "same choices as the per-expert search on the tiny model, not yet timed on a GPU)",
     )
+    resident_cache_gib: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPU memory (GiB, per GPU) in which AWQ's cached layer inputs stay between the "
+        "calibration forward and the scale search; the rest go to host RAM (glmrel engine; null: 20 % of "
+        "the GPU's memory; 0: host RAM for all, as stock)",
+    )
 
 
 class VerifySpec(_Strict):

@@ -244,7 +244,9 @@ def scale_options_for(cfg: ReleaseConfig) -> ScaleOptions:
     if cfg.awq.engine == "stock":
         return ScaleOptions.stock()
     return ScaleOptions(
-        max_expert_tokens=cfg.awq.max_expert_tokens, batched_expert_search=cfg.awq.batched_expert_search
+        max_expert_tokens=cfg.awq.max_expert_tokens,
+        batched_expert_search=cfg.awq.batched_expert_search,
+        resident_cache_gib=cfg.awq.resident_cache_gib,
     )
 
 

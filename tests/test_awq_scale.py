@@ -15,6 +15,8 @@ tiny demo model with the same recipe and data:
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -29,6 +31,7 @@ BRANCH = "W4A16_GS64"
 # 12 samples of up to 128 tokens: ~1,500 tokens per expert under MoE-aware calibration.
 SAMPLE_BUDGET = 48
 CONFIG_BUDGET = 256
+RESIDENT_GIB = 2**-10  # 1 MiB: a few samples of each parent's inputs
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +45,15 @@ def builds(tmp_path_factory, demo_assets):
     root = tmp_path_factory.mktemp("awq_scale")
     runs = {
         "stock": ScaleOptions.stock(record_scales=True),
-        "memory": ScaleOptions.memory_only(record_scales=True),
+        # patch 9 with a budget that keeps some cached inputs "resident" (cloned) and sends the rest
+        # to the offload device, as a GPU run past its budget does
+        "memory": dataclasses.replace(ScaleOptions.memory_only(record_scales=True), resident_cache_gib=RESIDENT_GIB),
         "glmrel": ScaleOptions(max_expert_tokens=SAMPLE_BUDGET, record_scales=True),
         "config": None,  # the engine as the config chooses it: what `quantize --gpus` workers run
-        "batched": ScaleOptions(max_expert_tokens=SAMPLE_BUDGET, record_scales=True, batched_expert_search=True),
+        # (and patch 9 keeping the expert rows "resident": the per-expert build offloads them)
+        "batched": ScaleOptions(
+            max_expert_tokens=SAMPLE_BUDGET, record_scales=True, batched_expert_search=True, resident_cache_gib=1.0
+        ),
     }
     out = {}
     for name, options in runs.items():
@@ -127,6 +135,16 @@ def test_memory_patches_are_bit_for_bit(builds):
     s, m = builds["stock"]["stats"].scales, builds["memory"]["stats"].scales
     assert s.keys() == m.keys() and len(s) > 10
     assert all(torch.equal(s[k], m[k]) for k in s)
+    # patch 9 really ran both ways, and stored equal masks and RoPE tables once
+    stats = builds["memory"]["stats"]
+    print(
+        f"resident {stats.resident_batches}, offloaded {stats.offloaded_batches}, "
+        f"deduplicated {stats.deduplicated_values}, resident peak {stats.resident_peak_gib * 2**10:.2f} MiB"
+    )
+    assert stats.resident_batches > 0 and stats.offloaded_batches > 0
+    assert stats.deduplicated_values > 0
+    assert 0 < stats.resident_peak_gib <= RESIDENT_GIB
+    assert builds["stock"]["stats"].resident_batches == builds["stock"]["stats"].deduplicated_values == 0
 
 
 def test_full_engine_samples_expert_tokens_and_keeps_moe_awareness(builds):
@@ -162,10 +180,14 @@ def test_full_engine_scales_stay_close_to_stock(builds):
 
 
 def test_batched_expert_search_chooses_what_the_per_expert_search_chooses(builds):
-    """Patch 8 against patch 4's per-expert searches, same options otherwise: the same scale for
-    every routed expert (fp32 tiny model), every other mapping untouched, KL unchanged."""
+    """Patch 8 against patch 4's per-expert searches: the same scale for every routed expert (fp32
+    tiny model), every other mapping untouched, KL unchanged. The batched build also keeps its
+    cached inputs and expert rows in memory budgeted for the GPU (patch 9), where the per-expert
+    build offloads them: the equal choices show patch 9 leaves the values alone too."""
     loop, batched = builds["glmrel"]["stats"], builds["batched"]["stats"]
     assert batched.batched_expert_searches == 3 * 8 and loop.batched_expert_searches == 0
+    assert batched.resident_expert_caches == 3 * 8 and loop.resident_expert_caches == 0
+    assert batched.offloaded_batches == 0 < batched.resident_batches and loop.resident_batches == 0
     assert loop.scales.keys() == batched.scales.keys()
     experts = [k for k in loop.scales if ".experts." in k]
     assert len(experts) == 3 * 8
