@@ -35,7 +35,7 @@ def awq_overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--awq {pair!r}: expected KEY=VALUE, e.g. --awq batched_expert_search=true")
+            raise SystemExit(f"--awq {pair!r}: expected KEY=VALUE, e.g. --awq expert_search=sampled")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
@@ -91,7 +91,7 @@ def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out:
     return {
         "gpus": distributed.world_size(),
         "engine": engine,
-        "batched_expert_search": options.batched_expert_search,
+        "expert_search": options.expert_search,
         "awq_options": options.to_json(),
         "resident_cache": stats["resident_cache"],
         "samples": samples,
@@ -231,9 +231,6 @@ def main() -> None:
         "--gpus", type=int, default=1, help="also run glmrel data-parallel on this many GPUs and compare with one GPU"
     )
     ap.add_argument(
-        "--batched-expert-search", action="store_true", help="glmrel runs with awq.batched_expert_search: true"
-    )
-    ap.add_argument(
         "--awq",
         action="append",
         default=[],
@@ -263,8 +260,6 @@ def main() -> None:
     samples = [int(x) for x in a.samples.split(",")]
     stock_samples = [int(x) for x in a.stock_samples.split(",")] if a.stock_samples else samples
     awq = awq_overrides(a.awq)
-    if a.batched_expert_search:
-        awq["batched_expert_search"] = True
     most = max(samples + stock_samples)
     work = a.work / f"{a.preset}-{a.layers or 'default'}-n{most}-s{a.seq}"
     release_yaml = work / "release.yaml"

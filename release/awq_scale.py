@@ -49,7 +49,7 @@ What stock 0.14.0.1 does and what each patch changes:
    attention would hold N x [heads, seq, seq] fp32 scores). The loss is the same sum of
    squared errors over the same elements, grouped differently. Each expert's sampled
    `down_proj` rows (patch 4) are moved to the GPU once per mapping, not once per grid point.
-8. (`batched_expert_search`, off by default until measured on a GPU.) The routed experts'
+8. (`expert_search: sampled-batched`, and under patch 10.) The routed experts'
    `up_proj -> down_proj` searches of a layer run together: per grid point one scale
    computation, one min/max, one `calculate_qparams`, one `fake_quantize` and one batched
    matmul for a chunk of experts, instead of llm-compressor's per-mapping machinery (~5 ms of
@@ -66,6 +66,17 @@ What stock 0.14.0.1 does and what each patch changes:
    the same input of the previous sample (the causal mask and RoPE tables of equal-length
    samples) is stored once, in AWQ's caches and in the pipeline's. After each mapping the
    pinned blocks and freed host memory go back to the system. Same values, bit for bit.
+10. (`expert_search: gram`, the default.) A routed expert's `down_proj` is a Linear: its grid
+   search loss is ||X (Wq - W)^T||^2 / (rows * out) over the cached inputs X, with
+   Wq = Q(W*s)/s. That equals tr(D G D^T) / (rows * out) with D = Wq - W and G = X^T X. So
+   instead of keeping rows (stock: every token; patch 4: a sample), the calibration forward
+   adds each batch's X^T X into one fp32 [in, in] matrix per expert (9 MiB at GLM-4.7 size,
+   whatever the number of samples), and patch 8's batched search evaluates every grid point
+   for a chunk of experts from G: one [E, out, in] x [E, in, in] product instead of replaying
+   the rows. Every calibration token counts in every expert's search, memory does not grow
+   with the samples, and the cost per grid point does not grow with the tokens. The loss is
+   exact in fp32 where stock's compares bf16 outputs (each batch's sum rounded to bf16), so
+   near-tied grid points can resolve differently: measured in tests/test_awq_scale.py.
 """
 
 from __future__ import annotations
@@ -80,6 +91,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 TARGET_VERSION = "0.14.0.1"
+EXPERT_SEARCHES = ("gram", "sampled", "sampled-batched")
 
 
 @dataclass
@@ -93,7 +105,9 @@ class ScaleOptions:
     batched_experts: bool = True
     sdpa_in_search: bool = True
     search_batch_tokens: int | None = 16384
-    batched_expert_search: bool = False  # patch 8 (not yet measured on a GPU: off by default)
+    # routed experts' down_proj scale search: "gram" (patch 10: every token, no rows kept),
+    # "sampled" (patch 4's rows, stock's per-expert loop), "sampled-batched" (patch 4 + patch 8)
+    expert_search: str = "gram"
     resident_cache_gib: float | None = None  # patch 9: None = 20 % of the GPU's memory; 0 = stock
     record_scales: bool = False  # keep every chosen scale vector (tests, small models only)
 
@@ -107,10 +121,23 @@ class ScaleOptions:
             batched_experts=False,
             sdpa_in_search=False,
             search_batch_tokens=None,
-            batched_expert_search=False,
+            expert_search="sampled",  # with max_expert_tokens None: every token, as stock
             resident_cache_gib=0,
             record_scales=record_scales,
         )
+
+    def __post_init__(self) -> None:
+        if self.expert_search not in EXPERT_SEARCHES:
+            raise ValueError(f"expert_search {self.expert_search!r} is not one of {EXPERT_SEARCHES}")
+
+    @property
+    def batched_expert_search(self) -> bool:
+        return self.expert_search in ("gram", "sampled-batched")
+
+    @property
+    def sampled_expert_rows(self) -> int | None:
+        """Patch 4's row budget, where the expert search replays rows."""
+        return None if self.expert_search == "gram" else self.max_expert_tokens
 
     @classmethod
     def memory_only(cls, record_scales: bool = False) -> ScaleOptions:
@@ -120,7 +147,10 @@ class ScaleOptions:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "record_scales"}
+        out = {k: v for k, v in asdict(self).items() if k != "record_scales"}
+        if self.expert_search == "gram":
+            out["max_expert_tokens"] = None  # unused: the Gram search keeps no rows
+        return out
 
 
 @dataclass
@@ -152,6 +182,7 @@ class ScaleStats:
     resident_peak_gib: float = 0.0
     deduplicated_values: int = 0  # values stored once for consecutive equal samples
     resident_expert_caches: int = 0  # expert down_proj row samples kept on the GPU
+    gram_gib: float = 0.0  # patch 10: GPU memory of the experts' Gram matrices (all layers' peak)
     layers: list[LayerRecord] = field(default_factory=list)
     scales: dict[str, Any] = field(default_factory=dict)  # smooth layer name -> chosen scales
     mapping_s: dict[str, float] = field(default_factory=dict)  # seconds per kind of mapping
@@ -166,6 +197,7 @@ class ScaleStats:
             "batched_expert_calls": self.batched_expert_calls,
             "merged_search_forwards": dict(self.merged_forwards),
             "batched_expert_searches": self.batched_expert_searches,
+            "gram_gib": round(self.gram_gib, 3),
             "batched_experts_disabled": self.batched_experts_disabled,
             "expert_tokens_seen": self.tokens_seen,
             "expert_tokens_kept": self.tokens_kept,
@@ -227,6 +259,11 @@ class _Search:
     generation = 0
     stacked: dict[int, tuple[int, Any]] = {}
     checked: set[int] = set()
+    gram_bytes = 0  # patch 10: Gram matrices alive
+
+    @classmethod
+    def release_gram(cls, nbytes: int) -> None:
+        cls.gram_bytes -= nbytes
 
 
 def mapping_kind(smooth_name: str) -> str:
@@ -450,44 +487,81 @@ class _SharedSmoothFix:
             update_offload_parameter(layer, "bias", bias.div(scales))
 
 
-def _expert_chunk(rows: int, out_features: int, budget_bytes: int = 4 * 2**30) -> int:
-    """Experts per batched search step: reference, output and fp32 error of [E, rows, out]."""
-    return max(1, budget_bytes // max(1, rows * out_features * 12))
+def _expert_chunk(bytes_per_expert: int, budget_bytes: int = 4 * 2**30) -> int:
+    """Experts per batched search step, for the step's temporaries to fit `budget_bytes`."""
+    return max(1, budget_bytes // max(1, bytes_per_expert))
+
+
+def _gram(x: Any) -> Any:
+    """X^T X in fp32 for rows X [tokens, in] (patch 10): bf16 products are exact in fp32, and
+    on a GPU the sum runs on the tensor cores with fp32 accumulation."""
+    import torch
+
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    x = x.float()
+    return x.T @ x
 
 
 def _batched_expert_search(
     modifier: Any, maps: list[Any], stats_of: dict[str, Any], allreduce: Any, stats: ScaleStats, record: bool
 ) -> bool:
-    """Patch 8: the routed experts' down_proj scale searches of one layer, batched across
-    experts, then smoothing with stock's formulas (see the module docstring)."""
+    """Patches 8 and 10: the routed experts' down_proj scale searches of one layer, batched
+    across experts, then smoothing with stock's formulas (see the module docstring). The loss
+    comes from each expert's Gram matrix (patch 10's GramCache) or from its sampled rows."""
     import torch
     from compressed_tensors.offload import align_modules, update_offload_parameter
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import calculate_qparams
     from llmcompressor.observers.helpers import flatten_for_calibration
 
-    # shapes of the (offloaded) sampled rows: onloading them is left to each chunk
-    rows = {tuple(modifier._parent_args_cache[m.parent].batch_intermediates[0]["input"].value.shape) for m in maps}
+    caches = [modifier._parent_args_cache[m.parent] for m in maps]
+    gram = all(hasattr(c, "gram") for c in caches)
+    if gram:
+        inputs = {tuple(c.gram.shape) for c in caches}
+    else:  # shapes of the (offloaded) sampled rows: onloading them is left to each chunk
+        inputs = {tuple(c.batch_intermediates[0]["input"].value.shape) for c in caches}
     weights = {(tuple(m.parent.weight.shape), m.parent.bias is None) for m in maps}
-    if len(rows) != 1 or len(weights) != 1 or not all(getattr(m.parent, "quantization_scheme", None) for m in maps):
+    if len(inputs) != 1 or len(weights) != 1 or not all(getattr(m.parent, "quantization_scheme", None) for m in maps):
+        if gram:
+            raise RuntimeError(
+                "glmrel's Gram expert search needs experts of one shape, each quantized; set awq.expert_search: sampled"
+            )
         return False  # experts with different row counts or shapes: stock's loop does them
     grid = modifier._get_grid_search_params()
     distributed = _ranks() > 1
-    (row_shape,) = rows
-    chunk = _expert_chunk(math.prod(row_shape[:-1]), maps[0].parent.weight.shape[0])
+    (input_shape,) = inputs
+    out_f, in_f = maps[0].parent.weight.shape
+    if gram:  # w, w*s, its fake quantization, Wq, D and D@G, at most 4 bytes an element
+        chunk = _expert_chunk(out_f * in_f * 22)
+    else:  # reference, output and fp32 error of [rows, out]
+        chunk = _expert_chunk(math.prod(input_shape[:-1]) * out_f * 12)
     for start in range(0, len(maps), chunk):
         group = maps[start : start + chunk]
         downs, ups = [m.parent for m in group], [m.smooth_layer for m in group]
         args = downs[0].quantization_scheme.weights
         with torch.no_grad(), align_modules(downs + ups):
-            x = torch.stack(
-                [next(iter(modifier._parent_args_cache[d]))["input"].reshape(-1, d.in_features) for d in downs]
-            )
             w = torch.stack([d.weight.detach() for d in downs])  # [E, out, in], the original weights
             up_orig = [u.weight.detach().clone() for u in ups]
             dev = w.device
-            x = x.to(dev)
-            ref = torch.bmm(x, w.transpose(1, 2))
+            if gram:
+                g = torch.stack([modifier._parent_args_cache[d].gram.to(dev) for d in downs])
+                rows = torch.tensor([float(modifier._parent_args_cache[d].rows) for d in downs], device=dev)
+                if distributed:  # every rank then runs the same search on the whole run's G
+                    g, rows = allreduce([g, rows])
+                numel = rows * out_f
+                w32 = w.float()
+            else:
+                x = torch.stack(
+                    [next(iter(modifier._parent_args_cache[d]))["input"].reshape(-1, d.in_features) for d in downs]
+                ).to(dev)
+                ref = torch.bmm(x, w.transpose(1, 2))
+                numel = torch.full((len(group),), float(ref[0].numel()), device=dev)
+                if distributed:
+                    (numel,) = allreduce([numel])
             sums = [allreduce(list(stats_of[m.smooth_name])) if distributed else stats_of[m.smooth_name] for m in group]
             x_mean = torch.stack([xs.to(dev) / n.to(dev) for xs, n in sums])
             w_mean = (
@@ -495,13 +569,10 @@ def _batched_expert_search(
                 if modifier.duo_scaling
                 else None
             )
-            numel = torch.full((len(group),), float(ref[0].numel()), device=dev)
-            if distributed:
-                (numel,) = allreduce([numel])
             best_loss = torch.full((len(group),), float("inf"), device=dev)
             first_loss = None
             best = None
-            e, out_f, in_f = w.shape
+            e = w.shape[0]
             for ratio, duo in grid:
                 if duo:
                     sc = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
@@ -518,16 +589,24 @@ def _batched_expert_search(
                 qscale = qscale.to(downs[0].weight_scale.dtype)
                 qzero = qzero.to(downs[0].weight_zero_point.dtype)
                 wq = (fake_quantize(ws, qscale, qzero, args).reshape(e, out_f, in_f) / sc[:, None, :]).to(w.dtype)
-                err = (ref - torch.bmm(x, wq.transpose(1, 2))).float().pow(2).sum(dim=(1, 2))
-                if distributed:
-                    (err,) = allreduce([err])
+                if gram:
+                    diff = wq.float() - w32
+                    err = (torch.bmm(diff, g) * diff).sum(dim=(1, 2))  # tr(D G D^T), per expert
+                    del diff
+                else:
+                    err = (ref - torch.bmm(x, wq.transpose(1, 2))).float().pow(2).sum(dim=(1, 2))
+                    if distributed:
+                        (err,) = allreduce([err])
                 loss = err / numel
                 first_loss = loss.clone() if first_loss is None else first_loss
                 better = loss < best_loss
                 best_loss = torch.where(better, loss, best_loss)
                 best = torch.where(better[:, None], sc, sc if best is None else best)
             if not torch.isfinite(best_loss).all():
-                raise RuntimeError("glmrel's batched expert search found no finite loss; set batched_expert_search off")
+                raise RuntimeError(
+                    "glmrel's batched expert search found no finite loss; set awq.expert_search: sampled"
+                )
+            first, best_err = first_loss.tolist(), best_loss.tolist()
             for i, (m, d, u) in enumerate(zip(group, downs, ups)):
                 s_i = best[i]
                 update_offload_parameter(d, "weight", w[i] * s_i.view(1, -1))
@@ -536,9 +615,9 @@ def _batched_expert_search(
                     {
                         "layer_name": m.smooth_name,
                         "parent_name": m.parent_name,
-                        "initial_error": first_loss[i].item(),
-                        "best_error": best_loss[i].item(),
-                        "reduction": (best_loss[i] / first_loss[i]).item() if first_loss[i] > 0 else 1.0,
+                        "initial_error": first[i],
+                        "best_error": best_err[i],
+                        "reduction": best_err[i] / first[i] if first[i] > 0 else 1.0,
                     }
                 )
                 if record:
@@ -760,7 +839,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
         return list(outputs)
 
     def _compute_best_scale(self: Any, mapping: Any, fp16_outputs: Any, orig_layer_weights: Any) -> Any:
-        if deduplicating and not isinstance(self._parent_args_cache.get(mapping.parent), SampledCache):
+        if deduplicating and not isinstance(self._parent_args_cache.get(mapping.parent), (SampledCache, GramCache)):
             _release_host_memory()  # what earlier mappings pinned and freed
         _Lazy.active = options.stream_loss
         if shared_fix is not None:
@@ -809,16 +888,14 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
                 cache = self._parent_args_cache.get(m.parent)
                 if (
                     m.smooth_name in self._smooth_activation_stats
-                    and isinstance(cache, SampledCache)
+                    and isinstance(cache, (SampledCache, GramCache))
                     and len(m.balance_layers) == 1
                     and m.balance_layers[0] is m.parent
                     and len(cache) == 1
                 ):
                     batched.append(m)
-            if len(batched) > 1:  # stock's loop skips what it has no statistics for
-                held = {m.smooth_name: self._smooth_activation_stats.pop(m.smooth_name) for m in batched}
-            else:
-                batched = []
+            # stock's loop skips what it has no statistics for
+            held = {m.smooth_name: self._smooth_activation_stats.pop(m.smooth_name) for m in batched}
         try:
             saved["_apply_smoothing"](self, model)
             if batched:
@@ -959,6 +1036,55 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             if not options.search_batch_tokens:  # else onloaded once: pinning would cost more
                 super().pin_memory(batch_index, input_names)
 
+    class GramCache(IntermediatesCache):
+        """Patch 10: an expert down_proj's cached inputs, kept as the fp32 sum of X^T X over every
+        calibration token (and the token count), on the device they were computed on. It holds
+        no rows: the batched search (patches 8 and 10) reads `gram` and `rows`."""
+
+        def __init__(self, offload_device: Any) -> None:
+            super().__init__(None, offload_device)
+            self.gram: Any = None
+            self.rows = 0
+
+        def append(self, values: dict[str, Any]) -> None:
+            x = values.get("input")
+            if set(values) != {"input"} or not isinstance(x, torch.Tensor) or x.dim() < 2:
+                raise RuntimeError(
+                    "glmrel's Gram expert search expects a Linear's single input; set awq.expert_search: sampled"
+                )
+            state = awq_base.active_session().state
+            if state is not None and getattr(state, "loss_masks", None):
+                raise RuntimeError(
+                    "glmrel's Gram expert search does not support loss masks; set awq.expert_search: sampled "
+                    "and awq.max_expert_tokens: null"
+                )
+            flat = x.reshape(-1, x.shape[-1])
+            g = _gram(flat)
+            if self.gram is None:
+                self.gram = g
+                _Search.gram_bytes += g.nbytes
+                stats.gram_gib = max(stats.gram_gib, _Search.gram_bytes / 2**30)
+                weakref.finalize(self, _Search.release_gram, g.nbytes)
+            else:
+                self.gram += g
+            self.rows += flat.shape[0]
+            stats.tokens_seen += flat.shape[0]
+            stats.tokens_kept += flat.shape[0]
+
+        def __len__(self) -> int:
+            return 1 if self.rows else 0
+
+        def iter(self, input_names: Any = None) -> Any:
+            if self.rows:
+                raise RuntimeError("glmrel: a Gram-matrix cache has no rows to replay (the batched search reads it)")
+            return iter(())
+
+        def iter_prefetch(self, input_names: Any = None) -> Any:
+            return self.iter(input_names)
+
+        def pin_memory(self, batch_index: int, input_names: Any = None) -> None:
+            return None
+
     class ResidentCache(IntermediatesCache):
         """Patch 9: a parent's cached inputs stay on the device they were computed on while the
         run's budget lasts, the rest go to the offload device (stock); inputs equal to the
@@ -1029,8 +1155,10 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
                 continue  # already replaced (a parent shared by several mappings) or in use
             # An expert's up->down mapping: the parent is the down_proj Linear itself.
             expert = isinstance(parent, torch.nn.Linear) and ".experts." in mapping.parent_name
-            if expert and options.max_expert_tokens is not None:
-                self._parent_args_cache[parent] = SampledCache(old.offload_device, options.max_expert_tokens, i)
+            if expert and options.expert_search == "gram":
+                self._parent_args_cache[parent] = GramCache(old.offload_device)
+            elif expert and options.sampled_expert_rows is not None:
+                self._parent_args_cache[parent] = SampledCache(old.offload_device, options.sampled_expert_rows, i)
                 stats.sampled_caches += 1
             elif deduplicating:
                 self._parent_args_cache[parent] = ResidentCache(old.offload_device)
@@ -1069,7 +1197,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
 
     patches = {"_run_samples": _run_samples, "_apply_smoothing": _apply_smoothing}
     patches["_compute_best_scale"] = _compute_best_scale  # also times each mapping
-    if options.max_expert_tokens is not None or deduplicating:
+    if options.sampled_expert_rows is not None or options.expert_search == "gram" or deduplicating:
         patches["_setup_activation_cache_hooks"] = _setup_activation_cache_hooks
     if not options.keep_first_output and not options.stream_loss:
         patches.pop("_run_samples")

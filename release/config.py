@@ -109,16 +109,19 @@ class AwqSpec(_Strict):
         description="glmrel: llm-compressor's AWQ with release/awq_scale.py's memory and MoE patches; "
         "stock: llm-compressor as released (for comparison)",
     )
+    expert_search: Literal["gram", "sampled", "sampled-batched"] = Field(
+        default="gram",
+        description="how each routed expert's down_proj AWQ scale is searched (glmrel engine). gram: on the "
+        "fp32 Gram matrix X^T X of every calibration token, all experts of a layer together (no rows kept); "
+        "sampled: on max_expert_tokens rows per expert, one expert at a time (stock's loop); "
+        "sampled-batched: the same rows, all experts together",
+    )
     max_expert_tokens: int | None = Field(
         default=16384,
         ge=256,
-        description="rows of each expert's down_proj input kept for its AWQ scale search, over all GPUs "
-        "(null: every token, as stock); the activation mean still uses every token",
-    )
-    batched_expert_search: bool = Field(
-        default=False,
-        description="search the routed experts' down_proj scales of a layer together (glmrel engine; "
-        "same choices as the per-expert search on the tiny model, not yet timed on a GPU)",
+        description="rows of each expert's down_proj input kept for its AWQ scale search, over all GPUs, "
+        "with expert_search sampled or sampled-batched (null: every token, as stock); the activation mean "
+        "still uses every token",
     )
     resident_cache_gib: float | None = Field(
         default=None,

@@ -245,7 +245,7 @@ def scale_options_for(cfg: ReleaseConfig) -> ScaleOptions:
         return ScaleOptions.stock()
     return ScaleOptions(
         max_expert_tokens=cfg.awq.max_expert_tokens,
-        batched_expert_search=cfg.awq.batched_expert_search,
+        expert_search=cfg.awq.expert_search,
         resident_cache_gib=cfg.awq.resident_cache_gib,
     )
 
