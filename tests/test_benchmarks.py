@@ -85,3 +85,16 @@ def test_report_of_the_same_run_comparison_at_64_samples():
     assert (
         "| 64 | 2 | 1 | MoE | 69.1 | 54.4 | 1.27x |" in gpus and "| 64 | 2 | 0 | dense | 27.0 | 14.6 | 1.85x |" in gpus
     )
+
+
+def test_report_of_the_gram_engine_against_stock():
+    """Run E: the default engine and stock in one run, N=64 (the figures the README quotes)."""
+    from benchmarks.scale import report
+
+    records = json.loads((RESULTS / "n64-stock-vs-glmrel-gram.json").read_text())
+    assert {r["engine"]: r.get("expert_search") for r in records} == {"glmrel": "gram", "stock": "sampled"}
+    text = report(records)
+    assert "| 64 | 1 | MoE | 274.8 | 64.5 | 4.26x |" in text
+    gpus = report(json.loads((RESULTS / "n32-1-vs-2gpu-gram.json").read_text()))
+    assert "| 32 | 2 | 1 | MoE | 42.1 | 43.7 | 0.96x |" in gpus
+    assert "164/166 mappings chose the same scales" in gpus
