@@ -96,6 +96,26 @@ def _read_json(folder: Path, name: str, required: bool = True) -> dict[str, Any]
         raise ReleaseError(f"{path} is not valid JSON: {e}") from e
 
 
+def awq_engine_text(prov: dict[str, Any]) -> str | None:
+    """What the card says of the AWQ engine a branch was built with (its provenance's record);
+    None for branches recorded before glmrel wrote one."""
+    engine = (prov.get("timings_s") or {}).get("awq_engine") or {}
+    if engine.get("engine") == "stock":
+        return "llm-compressor's AWQ as released"
+    if engine.get("engine") != "glmrel":
+        return None
+    text = "glmrel's patches to llm-compressor's AWQ (`release/awq_scale.py`)"
+    search = engine.get("expert_search")
+    if search == "gram":
+        return text + "; each routed expert's `down_proj` scale searched on the Gram matrix of every calibration token"
+    if engine.get("max_expert_tokens"):
+        return text + (
+            f"; each routed expert's `down_proj` scale searched on a sample of at most "
+            f"{engine['max_expert_tokens']} of its calibration tokens"
+        )
+    return text
+
+
 def branch_record(cfg: ReleaseConfig, branch: BranchSpec) -> dict[str, Any]:
     """Everything a card says about one branch, read from the branch's own files."""
     folder = cfg.output_dir / branch.name
@@ -145,6 +165,7 @@ def branch_record(cfg: ReleaseConfig, branch: BranchSpec) -> dict[str, Any]:
         "symmetric": weights.get("symmetric"),
         "strategy": weights.get("strategy"),
         "format": qc.get("format"),
+        "awq_engine": awq_engine_text(prov),
         "ignore": qc.get("ignore") or [],
         "weight_gib": round(weight_bytes / 2**30, 3),
         "weight_mib": round(weight_bytes / 2**20, 1),

@@ -129,3 +129,15 @@ def test_license_the_hub_would_reject(recorded_release):
     recorded_release.write_text(yaml.safe_dump(raw))
     with pytest.raises(ReleaseError, match="license 'MIT License' is not a license id the Hub accepts"):
         render_release(load_config(recorded_release))
+
+
+def test_card_names_the_awq_engine_the_branch_was_built_with():
+    """Read from the branch's provenance; branches recorded before it was written say nothing."""
+    from release.render import awq_engine_text
+
+    gram = {"timings_s": {"awq_engine": {"engine": "glmrel", "expert_search": "gram", "max_expert_tokens": None}}}
+    assert "Gram matrix of every calibration token" in awq_engine_text(gram)
+    sampled = {"timings_s": {"awq_engine": {"engine": "glmrel", "expert_search": "sampled", "max_expert_tokens": 256}}}
+    assert "at most 256 of its calibration tokens" in awq_engine_text(sampled)
+    assert awq_engine_text({"timings_s": {"awq_engine": {"engine": "stock"}}}) == "llm-compressor's AWQ as released"
+    assert awq_engine_text({"timings_s": {}}) is None
