@@ -91,7 +91,6 @@ def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out:
     return {
         "gpus": distributed.world_size(),
         "engine": engine,
-        "expert_search": options.expert_search,
         "awq_options": options.to_json(),
         "resident_cache": stats["resident_cache"],
         "samples": samples,

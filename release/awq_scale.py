@@ -88,10 +88,11 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 TARGET_VERSION = "0.14.0.1"
-EXPERT_SEARCHES = ("gram", "sampled", "sampled-batched")
+ExpertSearch = Literal["gram", "sampled", "sampled-batched"]  # also the config's awq.expert_search
+EXPERT_SEARCHES = get_args(ExpertSearch)
 
 
 @dataclass
@@ -107,7 +108,7 @@ class ScaleOptions:
     search_batch_tokens: int | None = 16384
     # routed experts' down_proj scale search: "gram" (patch 10: every token, no rows kept),
     # "sampled" (patch 4's rows, stock's per-expert loop), "sampled-batched" (patch 4 + patch 8)
-    expert_search: str = "gram"
+    expert_search: ExpertSearch = "gram"
     resident_cache_gib: float | None = None  # patch 9: None = 20 % of the GPU's memory; 0 = stock
     record_scales: bool = False  # keep every chosen scale vector (tests, small models only)
 
@@ -259,11 +260,6 @@ class _Search:
     generation = 0
     stacked: dict[int, tuple[int, Any]] = {}
     checked: set[int] = set()
-    gram_bytes = 0  # patch 10: Gram matrices alive
-
-    @classmethod
-    def release_gram(cls, nbytes: int) -> None:
-        cls.gram_bytes -= nbytes
 
 
 def mapping_kind(smooth_name: str) -> str:
@@ -694,55 +690,37 @@ def _deduplicate_batch(cache: Any, batch_index: int) -> tuple[int, int]:
     return values, saved
 
 
-def _tensor_bytes(value: Any) -> int:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.nbytes
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    return 0
-
-
-def _cloned(value: Any) -> Any:
-    """A copy of every tensor in `value` (tuples, lists and dicts kept): a resident cache must not
-    share memory with anything the model may later change in place."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, tuple):
-        return tuple(_cloned(v) for v in value)
-    if isinstance(value, list):
-        return [_cloned(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _cloned(v) for k, v in value.items()}
-    return value
-
-
 def _give_back(ledger: _Ledger, held: list[int]) -> None:
-    ledger.give(held[0])
+    ledger.used -= held[0]
 
 
 class _Ledger:
-    """Patch 9: GPU bytes held by resident caches, against the run's budget."""
+    """GPU bytes held by caches (patch 9's resident inputs against the run's budget; patch 10's
+    Gram matrices, unbounded), and their peak. Each holder's bytes come back when it is
+    collected."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: float) -> None:
         self.budget = budget
         self.used = 0
         self.peak = 0
 
-    def take(self, n: int) -> bool:
+    def holder(self, owner: Any) -> list[int]:
+        """The count of bytes `owner` holds, given back when `owner` goes."""
+        held = [0]
+        weakref.finalize(owner, _give_back, self, held)
+        return held
+
+    def take(self, n: int, held: list[int]) -> bool:
         if self.used + n > self.budget:
             return False
         self.used += n
+        held[0] += n
         self.peak = max(self.peak, self.used)
         return True
 
-    def give(self, n: int) -> None:
+    def give(self, n: int, held: list[int]) -> None:
         self.used -= n
+        held[0] -= n
 
 
 def _resident_budget(gib: float | None) -> int:
@@ -801,6 +779,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
     from llmcompressor.modifiers.transform.awq import base as awq_base
     from llmcompressor.pipelines.cache import IntermediatesCache
+    from torch.utils._pytree import tree_leaves, tree_map
 
     if llmcompressor.__version__ != TARGET_VERSION:
         raise RuntimeError(
@@ -822,6 +801,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
     stock_update = IntermediatesCache.update
     deduplicating = options.resident_cache_gib != 0
     ledger = _Ledger(_resident_budget(options.resident_cache_gib) if deduplicating else 0)
+    grams = _Ledger(math.inf)
 
     def _run_samples(self: Any, module: Any) -> Any:
         _Search.generation += 1  # balance weights change only between _run_samples calls
@@ -958,8 +938,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             self.pending: list[Any] = []
             self.resident: list[dict[str, Any]] | None = None
             self.device: Any = None  # where the rows were computed: the grid search runs there
-            self.held = [0]  # patch 9: bytes of rows kept on that device, against the ledger
-            self._finalizer = weakref.finalize(self, _give_back, ledger, self.held)
+            self.held = ledger.holder(self)  # patch 9: bytes of rows kept on that device
 
         def append(self, values: dict[str, Any]) -> None:
             x = values.get("input")
@@ -974,10 +953,8 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             self.appended += 1
             if self.offload_device is None:
                 self.pending.append(x.clone())
-            elif deduplicating and ledger.take(x.nbytes):
+            elif deduplicating and ledger.take(x.nbytes, self.held):
                 self.pending.append(x.clone())  # patch 9: stays on the GPU (no copy to host and back)
-                self.held[0] += x.nbytes
-                stats.resident_peak_gib = max(stats.resident_peak_gib, ledger.peak / 2**30)
             else:
                 self.pending.append(x.to(self.offload_device))
 
@@ -1000,8 +977,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
                 stats.resident_expert_caches += 1
                 return
             if self.held[0]:  # the budget ran out part way: all rows to the offload device, as stock
-                ledger.give(self.held[0])
-                self.held[0] = 0
+                ledger.give(self.held[0], self.held)
             rows = torch.cat(
                 [p.to(self.offload_device) if self.offload_device is not None else p for p in self.pending]
             )
@@ -1062,9 +1038,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             g = _gram(flat)
             if self.gram is None:
                 self.gram = g
-                _Search.gram_bytes += g.nbytes
-                stats.gram_gib = max(stats.gram_gib, _Search.gram_bytes / 2**30)
-                weakref.finalize(self, _Search.release_gram, g.nbytes)
+                grams.take(g.nbytes, grams.holder(self))
             else:
                 self.gram += g
             self.rows += flat.shape[0]
@@ -1092,19 +1066,20 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
 
         def __init__(self, offload_device: Any) -> None:
             super().__init__(None, offload_device)
-            self.held = [0]  # bytes this cache holds against the ledger, given back when it goes
-            self._finalizer = weakref.finalize(self, _give_back, ledger, self.held)
+            self.held = ledger.holder(self)
 
         def update(self, batch_index: int, values: dict[str, Any]) -> None:
-            nbytes = _tensor_bytes(values)
-            resident = self.offload_device is not None and ledger.take(nbytes)
+            nbytes = sum(v.nbytes for v in tree_leaves(values) if isinstance(v, torch.Tensor))
+            resident = self.offload_device is not None and ledger.take(nbytes, self.held)
             if resident:
+                # copied: a resident cache must not share memory with anything the model may
+                # later change in place
+                copy = tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, values)
                 offload, self.offload_device = self.offload_device, None
                 try:
-                    stock_update(self, batch_index, _cloned(values))
+                    stock_update(self, batch_index, copy)
                 finally:
                     self.offload_device = offload
-                self.held[0] += nbytes
                 stats.resident_batches += 1
             else:
                 stock_update(self, batch_index, values)
@@ -1112,9 +1087,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             count, saved_bytes = _deduplicate_batch(self, batch_index)
             stats.deduplicated_values += count
             if resident:
-                ledger.give(saved_bytes)
-                self.held[0] -= saved_bytes
-            stats.resident_peak_gib = max(stats.resident_peak_gib, ledger.peak / 2**30)
+                ledger.give(saved_bytes, self.held)
 
         def pin_memory(self, batch_index: int, input_names: Any = None) -> None:
             """Stock pins each batch's values one by one: a value stored once for several
@@ -1231,3 +1204,5 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
         _Search.active = _Search.smoothing = False
         _Search.stacked = {}
         host.stop()
+        stats.resident_peak_gib = ledger.peak / 2**30
+        stats.gram_gib = grams.peak / 2**30

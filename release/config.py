@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .awq_scale import ExpertSearch
 from .errors import ReleaseError
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -109,7 +110,7 @@ class AwqSpec(_Strict):
         description="glmrel: llm-compressor's AWQ with release/awq_scale.py's memory and MoE patches; "
         "stock: llm-compressor as released (for comparison)",
     )
-    expert_search: Literal["gram", "sampled", "sampled-batched"] = Field(
+    expert_search: ExpertSearch = Field(
         default="gram",
         description="how each routed expert's down_proj AWQ scale is searched (glmrel engine). gram: on the "
         "fp32 Gram matrix X^T X of every calibration token, all experts of a layer together (no rows kept); "

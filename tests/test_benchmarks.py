@@ -92,7 +92,7 @@ def test_report_of_the_gram_engine_against_stock():
     from benchmarks.scale import report
 
     records = json.loads((RESULTS / "n64-stock-vs-glmrel-gram.json").read_text())
-    assert {r["engine"]: r.get("expert_search") for r in records} == {"glmrel": "gram", "stock": "sampled"}
+    assert {r["engine"]: r["awq_options"]["expert_search"] for r in records} == {"glmrel": "gram", "stock": "sampled"}
     text = report(records)
     assert "| 64 | 1 | MoE | 274.8 | 64.5 | 4.26x |" in text
     gpus = report(json.loads((RESULTS / "n32-1-vs-2gpu-gram.json").read_text()))
