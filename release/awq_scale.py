@@ -77,6 +77,19 @@ What stock 0.14.0.1 does and what each patch changes:
    with the samples, and the cost per grid point does not grow with the tokens. The loss is
    exact in fp32 where stock's compares bf16 outputs (each batch's sum rounded to bf16), so
    near-tied grid points can resolve differently: measured in tests/test_awq_scale.py.
+11. Where smoothed weights are written. The sequential pipeline keeps the layer being
+   calibrated onloaded on the GPU (compressed-tensors' `disable_offloading`), and stock's
+   `update_offload_parameter` writes every smoothed weight twice: into that GPU copy and, with
+   a synchronous copy from the GPU into pageable memory, into the CPU offload (an expert's
+   `up_proj` twice a layer, as a balance layer and as a smooth layer). Profiled at GLM-4.7 size
+   this write-back was a third of the layer's AWQ time, paid whole by every data-parallel rank
+   into the one shared CPU copy. Patched (`deferred_write_back`): inside AWQ's smoothing a
+   write lands on the GPU copy only and the weight is marked; at the end of the layer's
+   smoothing each marked weight is copied to its CPU offload once, through two pinned staging
+   buffers (the copy from the GPU of one overlaps the host copy of the other), and under data
+   parallelism each rank copies its share of the layers' weights into the shared CPU memory,
+   then waits for the others. Until then nothing reads the CPU copies: the layer stays
+   onloaded through its smoothing and the propagation pass. Same values, bit for bit.
 """
 
 from __future__ import annotations
@@ -110,6 +123,7 @@ class ScaleOptions:
     # "sampled" (patch 4's rows, stock's per-expert loop), "sampled-batched" (patch 4 + patch 8)
     expert_search: ExpertSearch = "gram"
     resident_cache_gib: float | None = None  # patch 9: None = 20 % of the GPU's memory; 0 = stock
+    deferred_write_back: bool = True  # patch 11: smoothed weights reach the CPU offload once a layer
     record_scales: bool = False  # keep every chosen scale vector (tests, small models only)
 
     @classmethod
@@ -124,6 +138,7 @@ class ScaleOptions:
             search_batch_tokens=None,
             expert_search="sampled",  # with max_expert_tokens None: every token, as stock
             resident_cache_gib=0,
+            deferred_write_back=False,
             record_scales=record_scales,
         )
 
@@ -142,9 +157,13 @@ class ScaleOptions:
 
     @classmethod
     def memory_only(cls, record_scales: bool = False) -> ScaleOptions:
-        """Only the patches that leave AWQ's arithmetic unchanged (1, 2 and 9)."""
+        """Only the patches that leave AWQ's arithmetic unchanged (1, 2, 9 and 11)."""
         return dataclasses.replace(
-            cls.stock(record_scales), keep_first_output=True, stream_loss=True, resident_cache_gib=None
+            cls.stock(record_scales),
+            keep_first_output=True,
+            stream_loss=True,
+            resident_cache_gib=None,
+            deferred_write_back=True,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -184,6 +203,9 @@ class ScaleStats:
     deduplicated_values: int = 0  # values stored once for consecutive equal samples
     resident_expert_caches: int = 0  # expert down_proj row samples kept on the GPU
     gram_gib: float = 0.0  # patch 10: GPU memory of the experts' Gram matrices (all layers' peak)
+    deferred_writes: int = 0  # patch 11: weight writes that landed on the onloaded copy only ...
+    written_back_gib: float = 0.0  # ... what this rank then copied to the CPU offload
+    write_back_s: float = 0.0  # ... and how long that took
     layers: list[LayerRecord] = field(default_factory=list)
     scales: dict[str, Any] = field(default_factory=dict)  # smooth layer name -> chosen scales
     mapping_s: dict[str, float] = field(default_factory=dict)  # seconds per kind of mapping
@@ -199,6 +221,11 @@ class ScaleStats:
             "merged_search_forwards": dict(self.merged_forwards),
             "batched_expert_searches": self.batched_expert_searches,
             "gram_gib": round(self.gram_gib, 3),
+            "write_back": {
+                "deferred_writes": self.deferred_writes,
+                "written_back_gib": round(self.written_back_gib, 3),
+                "write_back_s": round(self.write_back_s, 2),
+            },
             "batched_experts_disabled": self.batched_experts_disabled,
             "expert_tokens_seen": self.tokens_seen,
             "expert_tokens_kept": self.tokens_kept,
@@ -470,7 +497,7 @@ class _SharedSmoothFix:
             self.pending = (*self.pending[:3], scales)
 
     def flush(self) -> None:
-        from compressed_tensors.offload import update_offload_parameter
+        from llmcompressor.modifiers.transform.awq import base as awq_base
 
         if self.pending is None or self.pending[3] is None:
             self.pending = None
@@ -478,9 +505,9 @@ class _SharedSmoothFix:
         layer, weight, bias, scales = self.pending
         self.pending = None
         scales = scales.to(weight.device)
-        update_offload_parameter(layer, "weight", _divided_smooth_weight(weight, scales))
+        awq_base.update_offload_parameter(layer, "weight", _divided_smooth_weight(weight, scales))
         if bias is not None:
-            update_offload_parameter(layer, "bias", bias.div(scales))
+            awq_base.update_offload_parameter(layer, "bias", bias.div(scales))
 
 
 def _expert_chunk(bytes_per_expert: int, budget_bytes: int = 4 * 2**30) -> int:
@@ -509,9 +536,10 @@ def _batched_expert_search(
     across experts, then smoothing with stock's formulas (see the module docstring). The loss
     comes from each expert's Gram matrix (patch 10's GramCache) or from its sampled rows."""
     import torch
-    from compressed_tensors.offload import align_modules, update_offload_parameter
+    from compressed_tensors.offload import align_modules
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import calculate_qparams
+    from llmcompressor.modifiers.transform.awq import base as awq_base
     from llmcompressor.observers.helpers import flatten_for_calibration
 
     caches = [modifier._parent_args_cache[m.parent] for m in maps]
@@ -605,8 +633,9 @@ def _batched_expert_search(
             first, best_err = first_loss.tolist(), best_loss.tolist()
             for i, (m, d, u) in enumerate(zip(group, downs, ups)):
                 s_i = best[i]
-                update_offload_parameter(d, "weight", w[i] * s_i.view(1, -1))
-                update_offload_parameter(u, "weight", _divided_smooth_weight(up_orig[i], s_i))
+                # through AWQ's module: patch 11 defers these writes as it does stock's
+                awq_base.update_offload_parameter(d, "weight", w[i] * s_i.view(1, -1))
+                awq_base.update_offload_parameter(u, "weight", _divided_smooth_weight(up_orig[i], s_i))
                 modifier._error_metrics.append(
                     {
                         "layer_name": m.smooth_name,
@@ -723,6 +752,125 @@ class _Ledger:
         held[0] -= n
 
 
+class _WriteBack:
+    """Patch 11: smoothed weights written to the onloaded (GPU) copy during a layer's AWQ
+    smoothing, and copied to their CPU offload once, at the end of it."""
+
+    def __init__(self, stage_bytes: int = 256 * 2**20) -> None:
+        self.stage_bytes = stage_bytes
+        self.dirty: dict[int, tuple[Any, Any, bool]] = {}  # id(offloaded) -> (offloaded, onloaded, shared)
+        self.stages: list[Any] = []
+        self.deferred = 0
+        self.bytes = 0
+        self.seconds = 0.0
+
+    def defer(self, module: Any, name: str, data: Any) -> bool:
+        """Write `data` to the onloaded copy of `module.<name>` only, if it has one distinct from
+        a CPU offload (else False: the caller writes as stock does)."""
+        import torch
+        from compressed_tensors.offload.cache.base import OffloadCache
+        from compressed_tensors.offload.cache.cpu import CPUCache
+        from compressed_tensors.offload.cache.dist_cpu import DistributedCPUCache
+
+        if not OffloadCache.offloading_disabled or OffloadCache.onloading_disabled:
+            return False
+        cache = next(
+            (
+                c
+                for c in (module.__dict__.get("_parameters"), module.__dict__.get("_buffers"))
+                if c is not None and name in c
+            ),
+            None,
+        )
+        if not isinstance(cache, CPUCache):  # disk and device offloads write as stock
+            return False
+        offloaded = cache.offloaded_values.get(name)
+        onloaded = None if offloaded is None else OffloadCache.keep_onloaded_values.get(offloaded)
+        if (
+            onloaded is None
+            or onloaded.untyped_storage().data_ptr() == offloaded.untyped_storage().data_ptr()
+            or not torch.is_same_size(offloaded, data)
+        ):
+            return False  # not onloaded, or onloaded without a copy (execution on the CPU)
+        if data is not onloaded:
+            with torch.no_grad():
+                onloaded.copy_(data)
+        self.dirty[id(offloaded)] = (offloaded, onloaded, isinstance(cache, DistributedCPUCache))
+        self.deferred += 1
+        return True
+
+    def flush(self) -> None:
+        """Copy every marked weight to its CPU offload. Under data parallelism every rank holds
+        the same smoothed weights (the grid-search losses are all-reduced); weights offloaded to
+        shared memory are split between the ranks, and each waits for the others."""
+        import torch
+
+        items = list(self.dirty.values())
+        self.dirty.clear()
+        ranks = _ranks()
+        shared = ranks > 1 and any(s for _o, _g, s in items)
+        if shared:
+            import torch.distributed as dist
+
+            rank = dist.get_rank()
+            items = [it for i, it in enumerate(items) if not it[2] or i % ranks == rank]
+        t = time.perf_counter()
+        with torch.no_grad():
+            self._copy([(o, g) for o, g, _s in items])
+        if shared:
+            dist.barrier()
+        self.seconds += time.perf_counter() - t
+
+    def _copy(self, pairs: list[tuple[Any, Any]]) -> None:
+        import torch
+
+        pieces = []
+        for dst, src in pairs:
+            self.bytes += dst.nbytes
+            if not (dst.is_contiguous() and src.is_contiguous() and dst.dtype == src.dtype):
+                dst.copy_(src)
+                continue
+            d, s = dst.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)
+            pieces += [
+                (d[i : i + self.stage_bytes], s[i : i + self.stage_bytes])
+                for i in range(0, d.numel(), self.stage_bytes)
+            ]
+        if not pieces:
+            return
+        if not self.stages:
+            pin = torch.cuda.is_available()
+            self.stages = [torch.empty(self.stage_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        loads: list[list[tuple[Any, Any]]] = [[]]
+        used = 0
+        for d, s in pieces:  # pack pieces into loads of at most one staging buffer each
+            if used + s.numel() > self.stage_bytes:
+                loads.append([])
+                used = 0
+            loads[-1].append((d, s))
+            used += s.numel()
+        previous = None
+        for i, load in enumerate(loads):
+            stage, at, moves = self.stages[i % 2], 0, []
+            for d, s in load:
+                stage[at : at + s.numel()].copy_(s, non_blocking=True)
+                moves.append((d, stage[at : at + s.numel()]))
+                at += s.numel()
+            done = torch.cuda.Event() if load[0][1].is_cuda else None
+            if done is not None:
+                done.record()
+            if previous is not None:  # the host copies of the other buffer, while this one fills
+                _land(*previous)
+            previous = (done, moves)
+        _land(*previous)
+
+
+def _land(done: Any, moves: list[tuple[Any, Any]]) -> None:
+    if done is not None:
+        done.synchronize()
+    for d, staged in moves:
+        d.copy_(staged)
+
+
 def _resident_budget(gib: float | None) -> int:
     """Bytes of GPU memory patch 9 may hold: `gib`, or (None) 20 % of this process's GPU; none
     without one."""
@@ -799,6 +947,14 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
         )
     }
     stock_update = IntermediatesCache.update
+    stock_write = awq_base.update_offload_parameter
+    write_back = _WriteBack() if options.deferred_write_back else None
+
+    def update_offload_parameter(module: Any, name: str, data: Any) -> None:
+        """Patch 11: inside the smoothing step a write lands on the onloaded copy only."""
+        if not (write_back is not None and _Search.smoothing and write_back.defer(module, name, data)):
+            stock_write(module, name, data)
+
     deduplicating = options.resident_cache_gib != 0
     ledger = _Ledger(_resident_budget(options.resident_cache_gib) if deduplicating else 0)
     grams = _Ledger(math.inf)
@@ -895,12 +1051,18 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
 
                 shared_fix.flush()
                 dist.barrier()  # every rank's last write lands before the layer's outputs propagate
+            if write_back is not None:
+                t_write = time.perf_counter()
+                write_back.flush()  # the layer's smoothed weights, to the CPU offload once
+                stats.mapping_s["write_back"] = stats.mapping_s.get("write_back", 0.0) + time.perf_counter() - t_write
         finally:
             moe_context._CALIBRATE_ALL_EXPERTS = flag
             _Search.active = _Search.smoothing = False
             _Search.stacked = {}
             for m in swapped:
                 m._original_forward_func = stock_experts_forward
+            if write_back is not None:
+                write_back.dirty.clear()  # flushed above; a failed smoothing leaves the CPU copies as they were
             if deduplicating:
                 _release_host_memory()
             end = time.perf_counter()
@@ -1187,6 +1349,8 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             LinearExperts2D.forward = experts_forward
         if options.sdpa_in_search:
             awq_base.calibration_forward_context = search_forward_context
+        if write_back is not None:
+            awq_base.update_offload_parameter = update_offload_parameter
         if cpu_ranks:
             # ranks on CPU (the test of the data-parallel path): stock moves the sums to the
             # accelerator before all-reducing them, and there is none; gloo sums CPU tensors
@@ -1200,9 +1364,15 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
         IntermediatesCache.update = stock_update
         awq_base.calibration_forward_context = stock_forward_context
         awq_base._allreduce_data_sum = stock_allreduce
+        awq_base.update_offload_parameter = stock_write
         _Lazy.active = False
         _Search.active = _Search.smoothing = False
         _Search.stacked = {}
         host.stop()
         stats.resident_peak_gib = ledger.peak / 2**30
         stats.gram_gib = grams.peak / 2**30
+        if write_back is not None:
+            stats.deferred_writes = write_back.deferred
+            stats.written_back_gib = write_back.bytes / 2**30
+            stats.write_back_s = write_back.seconds
+            write_back.stages = []

@@ -131,6 +131,12 @@ class AwqSpec(_Strict):
         "calibration forward and the scale search; the rest go to host RAM (glmrel engine; null: 20 % of "
         "the GPU's memory; 0: host RAM for all, as stock)",
     )
+    deferred_write_back: bool = Field(
+        default=True,
+        description="copy each smoothed weight of a layer to its CPU offload once, at the end of the layer's "
+        "AWQ smoothing, through pinned buffers (and split between data-parallel ranks) instead of at every "
+        "write (glmrel engine; false: as stock). Same weights either way",
+    )
 
 
 class VerifySpec(_Strict):

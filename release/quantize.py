@@ -247,6 +247,7 @@ def scale_options_for(cfg: ReleaseConfig) -> ScaleOptions:
         max_expert_tokens=cfg.awq.max_expert_tokens,
         expert_search=cfg.awq.expert_search,
         resident_cache_gib=cfg.awq.resident_cache_gib,
+        deferred_write_back=cfg.awq.deferred_write_back,
     )
 
 

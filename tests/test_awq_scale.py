@@ -34,12 +34,24 @@ CONFIG_BUDGET = 256
 RESIDENT_GIB = 2**-10  # 1 MiB: a few samples of each parent's inputs
 
 
+def _onload_as_a_copy(self, offloaded):
+    """compressed-tensors' CPU offload onloads to the execution device with a copy; on a CPU-only
+    machine the "onloaded" tensor is the offloaded one. This makes the copy, as a GPU would."""
+    from compressed_tensors.offload.utils import send_tensors
+
+    return None if offloaded is None else send_tensors(offloaded, device=self.onload_device, copy=True)
+
+
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory, demo_assets):
     """Builds of one branch with identical inputs: stock, memory patches, full engine (harsh
     expert sample, per-expert search), the engine as the config sets it (the default: patch 10's
-    Gram search), and the harsh expert sample with the routed experts' searches batched (patch 8)."""
+    Gram search), and the harsh expert sample with the routed experts' searches batched (patch 8).
+    The memory build onloads weights as copies, as on a GPU, so patch 11 defers its writes."""
+    from unittest import mock
+
     import yaml
+    from compressed_tensors.offload.cache.cpu import CPUCache
     from conftest import demo_raw_config
 
     root = tmp_path_factory.mktemp("awq_scale")
@@ -67,7 +79,9 @@ def builds(tmp_path_factory, demo_assets):
         cfg = load_config(path)
         if options is None:  # the config's own choice, with the scales recorded for the tests
             options = dataclasses.replace(scale_options_for(cfg), record_scales=True)
-        build = quantize_branch(cfg, BRANCH, echo=lambda s: None, scale_options=options)
+        onload = mock.patch.object(CPUCache, "onload", _onload_as_a_copy) if name == "memory" else mock.MagicMock()
+        with onload:
+            build = quantize_branch(cfg, BRANCH, echo=lambda s: None, scale_options=options)
         out[name] = {"cfg": cfg, "dir": build.path, "stats": LAST_SCALE_STATS[0], "yaml": path}
     ref_cfg = out["stock"]["cfg"]
     reference = BaseReference(ref_cfg.base_model.path, load_heldout(ref_cfg), ref_cfg.verify.max_tokens)
@@ -147,6 +161,46 @@ def test_memory_patches_are_bit_for_bit(builds):
     assert stats.deduplicated_values > 0
     assert 0 < stats.resident_peak_gib <= RESIDENT_GIB
     assert builds["stock"]["stats"].resident_batches == builds["stock"]["stats"].deduplicated_values == 0
+    # patch 11 held the smoothed weights on the onloaded copies, and wrote each back once a layer
+    print(f"deferred writes {stats.deferred_writes}, written back {stats.written_back_gib * 2**20:.0f} KiB")
+    assert stats.deferred_writes > stats.written_back_gib > 0
+    assert builds["stock"]["stats"].deferred_writes == 0
+
+
+def test_deferred_write_back_lands_once_through_the_staging_buffers():
+    """Patch 11 on one offloaded Linear: writes inside the pipeline's `disable_offloading` land on
+    the onloaded copy only; `flush` copies them to the CPU offload, in staging-buffer pieces."""
+    from unittest import mock
+
+    from compressed_tensors.offload import disable_offloading, offload_module
+    from compressed_tensors.offload.cache.cpu import CPUCache
+
+    from release.awq_scale import _WriteBack
+
+    with mock.patch.object(CPUCache, "onload", _onload_as_a_copy):
+        lin = torch.nn.Linear(40, 30, bias=True)
+        offload_module(lin, "cpu", "cpu")
+        offloaded = lin._parameters.offloaded_values
+        before = {k: v.clone() for k, v in offloaded.items()}
+        wb = _WriteBack(stage_bytes=1000)  # the weight is 2,400 bytes: pieces over both buffers
+        new_w, new_b = torch.randn(30, 40), torch.randn(30)
+        assert not wb.defer(lin, "weight", new_w), "outside disable_offloading: written as stock"
+        with disable_offloading():
+            onloaded = (lin.weight, lin.bias)  # onloaded, and kept while offloading is disabled
+            assert onloaded[0].data_ptr() != offloaded["weight"].data_ptr()
+            assert wb.defer(lin, "weight", new_w) and wb.defer(lin, "weight", new_w * 2)
+            assert wb.defer(lin, "bias", new_b)
+            assert torch.equal(lin.weight, new_w * 2) and torch.equal(lin.bias, new_b)
+            assert all(torch.equal(offloaded[k], before[k]) for k in before), "the CPU copy waits"
+            assert len(wb.dirty) == 2
+            wb.flush()
+            assert torch.equal(offloaded["weight"], new_w * 2) and torch.equal(offloaded["bias"], new_b)
+            assert not wb.dirty and wb.deferred == 3 and wb.bytes == (30 * 40 + 30) * 4
+    plain = torch.nn.Linear(4, 4)
+    offload_module(plain, "cpu", "cpu")
+    with disable_offloading():
+        assert plain.weight.data_ptr() == plain._parameters.offloaded_values["weight"].data_ptr()
+        assert not wb.defer(plain, "weight", torch.zeros(4, 4)), "onloaded without a copy: written as stock"
 
 
 def test_full_engine_samples_expert_tokens_and_keeps_moe_awareness(builds):
