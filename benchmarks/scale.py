@@ -61,9 +61,41 @@ def bench_config(
     return path
 
 
-def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out: Path | None = None) -> dict | None:
+def weights_digest(model) -> str:
+    """A digest of every parameter and buffer as stored (the CPU offload of an offloaded model,
+    which is what gets saved): equal digests, equal weights bit for bit."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from compressed_tensors.offload import disable_onloading
+
+    with disable_onloading():
+        tensors = sorted(model.state_dict(keep_vars=True).items())
+
+    def one(item):
+        name, t = item
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        h = hashlib.blake2b(name.encode(), digest_size=16)
+        h.update(data)  # releases the GIL: the threads hash in parallel
+        return h.digest()
+
+    with ThreadPoolExecutor(8) as pool:
+        parts = list(pool.map(one, tensors))
+    return hashlib.blake2b(b"".join(parts), digest_size=16).hexdigest()
+
+
+def run_one(
+    release_yaml: Path,
+    engine: str,
+    samples: int,
+    seq: int,
+    scales_out: Path | None = None,
+    memory_trace: Path | None = None,
+) -> dict | None:
     """One calibration in this process (or on every torchrun rank); returns rank 0's records.
-    No branch is saved. With `scales_out`, every chosen AWQ scale vector is saved there."""
+    No branch is saved. With `scales_out`, every chosen AWQ scale vector is saved there; with
+    `memory_trace` (one GPU), the breakdown of the GPU memory peak is written there as JSON."""
     import dataclasses
 
     from release import distributed
@@ -78,8 +110,16 @@ def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out:
     base_dir, arch, recipe_text, _fp = prepare_branch(cfg, branch)
     t = time.time()
     options = dataclasses.replace(scale_options_for(cfg), record_scales=scales_out is not None)
+    if memory_trace is not None:
+        from benchmarks import gpu_memory
+
+        gpu_memory.record()
     run = calibrate(cfg, branch, base_dir, arch, recipe_text, lambda s: print(s, file=sys.stderr), options)
     import torch
+
+    if memory_trace is not None:
+        memory_trace.write_text(json.dumps(gpu_memory.finish(), indent=1) + "\n")
+    digest = weights_digest(run.model) if distributed.rank() == 0 else None
 
     if distributed.rank() != 0:
         distributed.barrier_and_close()
@@ -102,6 +142,8 @@ def run_one(release_yaml: Path, engine: str, samples: int, seq: int, scales_out:
         "peak_host_gib": resource_peaks()["peak_host_rss_gib"],
         "peak_gpu_gib": round(run.stats.peak_gpu_gib, 2),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "weights_digest": digest,
+        "write_back": stats["write_back"],
         **{k: stats[k] for k in ("layers", "expert_tokens_seen", "expert_tokens_kept", "mapping_s")},
     }
 
@@ -239,9 +281,16 @@ def main() -> None:
     ap.add_argument(
         "--stock-samples", default=None, help="comma-separated sample counts for stock (default: --samples)"
     )
+    ap.add_argument(
+        "--memory-trace",
+        action="store_true",
+        help="one GPU: also trace the allocator in each glmrel run and print what was alive at the peak "
+        "(slower: do not read timings from these runs)",
+    )
     ap.add_argument("--report", type=Path, default=None, help="print the tables of a --json file and exit")
     ap.add_argument("--run-one", nargs=4, metavar=("RELEASE_YAML", "ENGINE", "SAMPLES", "SEQ"), help=argparse.SUPPRESS)
     ap.add_argument("--scales-out", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--trace-out", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
 
     if a.report:
@@ -249,7 +298,7 @@ def main() -> None:
         return
     if a.run_one:
         yaml_path, engine, n, seq = a.run_one
-        rec = run_one(Path(yaml_path), engine, int(n), int(seq), a.scales_out)
+        rec = run_one(Path(yaml_path), engine, int(n), int(seq), a.scales_out, a.trace_out)
         if rec is not None:
             print("RECORD " + json.dumps(rec), flush=True)
         return
@@ -288,6 +337,9 @@ def main() -> None:
         ]
         if engine == "glmrel":
             cmd += ["--scales-out", str(scales)]
+        trace = work / f"memory-{engine}-{n}.json"
+        if a.memory_trace and engine == "glmrel" and gpus == 1:
+            cmd += ["--trace-out", str(trace)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RECORD ")]
         if proc.returncode != 0 or not lines:
@@ -295,6 +347,8 @@ def main() -> None:
             raise SystemExit(f"{engine} with {n} samples failed (exit {proc.returncode})")
         rec = json.loads(lines[-1][len("RECORD ") :])
         rec["scales_file"] = str(scales) if engine == "glmrel" else None
+        if "--trace-out" in cmd:
+            rec["memory_trace"] = json.loads(trace.read_text())
         one = work / f"scales-glmrel-{n}-1gpu.pt"
         if gpus > 1 and one.is_file():
             rec["scales_vs_1gpu"] = scales_agreement(str(one), str(scales))
@@ -309,6 +363,21 @@ def main() -> None:
         )
     print()
     print(report(records))
+    traced = sorted((r for r in records if r.get("memory_trace")), key=lambda r: r["samples"])
+    for r in traced:
+        t = r["memory_trace"]
+        print(
+            f"\nGPU memory at the peak, {r['engine']} N={r['samples']}: {t['peak_gib']:.2f} GiB traced "
+            f"(max allocated {t['max_allocated_gib']:.2f})"
+        )
+        for site in t["sites"]:
+            print(f"  {site['gib']:8.3f} GiB {site['count']:6d}x  {site['site']}")
+    if len(traced) > 1:
+        from benchmarks.gpu_memory import compare
+
+        lo, hi = traced[0], traced[-1]
+        print(f"\nWhat grows with the samples, N={lo['samples']} -> {hi['samples']}:")
+        print("\n".join(compare(lo["memory_trace"], hi["memory_trace"], lo["samples"], hi["samples"])))
 
 
 if __name__ == "__main__":

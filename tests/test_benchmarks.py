@@ -56,6 +56,7 @@ def test_tiny_side_by_side_runs(tmp_path):
             "1 dense + 3 MoE layers, every one timed"
         )
         assert r["oneshot_s"] > 0 and r["peak_host_gib"] > 0
+        assert len(r["weights_digest"]) == 32
     assert "| 2 | 1 | MoE |" in proc.stdout and "stock / glmrel" in proc.stdout
     assert "stock: per extra sample" in proc.stdout and "glmrel: per extra sample" in proc.stdout
 
@@ -98,3 +99,33 @@ def test_report_of_the_gram_engine_against_stock():
     gpus = report(json.loads((RESULTS / "n32-1-vs-2gpu-gram.json").read_text()))
     assert "| 32 | 2 | 1 | MoE | 42.1 | 43.7 | 0.96x |" in gpus
     assert "164/166 mappings chose the same scales" in gpus
+
+
+def _frame(name, line=1):
+    return {"filename": f"/site/release/{name}.py", "line": line, "name": name}
+
+
+def test_memory_trace_breakdown_finds_the_peak_and_what_was_alive():
+    """benchmarks/gpu_memory.py on a hand-made allocator trace: the peak is the most bytes alive
+    at once, and what was alive then is grouped by the code that allocated it."""
+    from benchmarks.gpu_memory import breakdown, compare
+
+    torch_frame = {"filename": "/site/torch/nn/functional.py", "line": 9, "name": "linear"}
+    events = [
+        {"action": "free_requested", "addr": 99, "size": 5, "frames": []},  # allocated before the trace
+        {"action": "alloc", "addr": 1, "size": 100, "frames": [torch_frame, _frame("cache")]},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": [_frame("search")]},
+        {"action": "free_requested", "addr": 2, "size": 50, "frames": []},
+        {"action": "alloc", "addr": 3, "size": 70, "frames": [_frame("cache")]},  # peak: 170
+        {"action": "free_completed", "addr": 2, "size": 50, "frames": []},
+        {"action": "free_requested", "addr": 3, "size": 70, "frames": []},
+        {"action": "alloc", "addr": 4, "size": 60, "frames": [_frame("search")]},  # 160: not the peak
+    ]
+    out = breakdown({"device_traces": [events]}, depth=1)
+    assert out["peak_event"] == 4 and out["unmatched_frees"] == 1
+    assert [(s["site"], s["count"]) for s in out["sites"]] == [("release/cache.py:1 cache", 2)]
+    assert out["sites"][0]["gib"] == round(170 / 2**30, 3)
+    a = {"sites": [{"site": "x", "gib": 1.0}, {"site": "y", "gib": 2.0}]}
+    b = {"sites": [{"site": "x", "gib": 1.0}, {"site": "y", "gib": 4.0}]}
+    rows = compare(a, b, 16, 32)
+    assert rows[0].split()[0] == "+128.0" and rows[0].endswith("y")
