@@ -86,9 +86,7 @@ def finish(top: int = 25) -> dict[str, Any]:
 
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
-    out = breakdown(snap, top)
-    out["max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    return out
+    return breakdown(snap, top)
 
 
 def compare(a: dict[str, Any], b: dict[str, Any], na: int, nb: int, top: int = 15) -> list[str]:

@@ -366,10 +366,7 @@ def main() -> None:
     traced = sorted((r for r in records if r.get("memory_trace")), key=lambda r: r["samples"])
     for r in traced:
         t = r["memory_trace"]
-        print(
-            f"\nGPU memory at the peak, {r['engine']} N={r['samples']}: {t['peak_gib']:.2f} GiB traced "
-            f"(max allocated {t['max_allocated_gib']:.2f})"
-        )
+        print(f"\nGPU memory at the peak, {r['engine']} N={r['samples']}: {t['peak_gib']:.2f} GiB traced")
         for site in t["sites"]:
             print(f"  {site['gib']:8.3f} GiB {site['count']:6d}x  {site['site']}")
     if len(traced) > 1:

@@ -29,7 +29,8 @@ What stock 0.14.0.1 does and what each patch changes:
    that shapes the candidate scales still comes from every token. `None` keeps every token
    in N batches (stock).
 5. Inside the smoothing step, the MoE block's experts run as three batched matrix products
-   (tokens grouped by expert, padded to the busiest expert) instead of stock's Python loop
+   (tokens grouped by expert, padded to the busiest expert of each run of consecutive experts;
+   the runs sized so the padded temporaries stay within 4 GiB) instead of stock's Python loop
    over 160 experts with ~10 small kernels each. Expert weights are stacked once per
    grid point (they change only between grid points) with the same fake quantization the
    Linear's own forward would apply; each token's k weighted expert outputs are summed in
@@ -96,6 +97,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import time
 import weakref
@@ -330,7 +332,25 @@ def _batchable(experts: Any) -> bool:
     return True
 
 
-def _grouped_experts_forward(experts: Any, hidden: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+def _expert_chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, int]]:
+    """Runs [first, last) of consecutive experts with their padded width (the most rows of any
+    expert in the run), each with at most `max_rows` padded rows (experts x width), or a single
+    expert where one alone has more."""
+    chunks: list[tuple[int, int, int]] = []
+    first, width = 0, 0
+    for e, c in enumerate(counts):
+        if e > first and (e + 1 - first) * max(width, c) > max_rows:
+            chunks.append((first, e, width))
+            first, width = e, 0
+        width = max(width, c)
+    if counts:
+        chunks.append((first, len(counts), width))
+    return chunks
+
+
+def _grouped_experts_forward(
+    experts: Any, hidden: Any, top_k_index: Any, top_k_weights: Any, padded_bytes: int = 4 * 2**30
+) -> Any:
     """The routed (top-k) output of a LinearExperts2D with gated experts, as batched matmuls."""
     import torch
 
@@ -364,13 +384,29 @@ def _grouped_experts_forward(experts: Any, hidden: Any, top_k_index: Any, top_k_
     counts = torch.bincount(flat, minlength=n_exp)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(flat.numel(), device=flat.device) - starts[expert_of]
-    width = int(counts.max().item())
-    x = hidden.new_zeros(n_exp, width, hidden.shape[-1])
-    x[expert_of, rank] = hidden[token_of].to(x.dtype)
-    act = experts[0]._apply_gate(
-        torch.cat([torch.bmm(x, w_gate.transpose(1, 2)), torch.bmm(x, w_up.transpose(1, 2))], dim=-1)
-    )
-    y = torch.bmm(act, w_down.transpose(1, 2))[expert_of, rank]
+    # [expert, row] products padded to the busiest expert of each chunk of consecutive experts,
+    # the chunks sized so their temporaries stay within `padded_bytes`: padding to the busiest
+    # expert of the whole layer grew with routing skew (the most tokens one expert got in a
+    # merged batch), 33 GiB at GLM-4.7 size on random-init routing
+    hid, inter = hidden.shape[-1], w_gate.shape[1]
+    row_bytes = (2 * hid + 5 * inter) * hidden.element_size()  # x, gate, up, cat, act, down out
+    y = hidden.new_empty(flat.numel(), hid)
+    per_expert = counts.tolist()
+    ends = list(itertools.accumulate(per_expert))
+    for first, last, width in _expert_chunks(per_expert, max(1, padded_bytes // row_bytes)):
+        lo, hi = ends[first] - per_expert[first], ends[last - 1]
+        if hi == lo:
+            continue
+        e_of, r_of = expert_of[lo:hi] - first, rank[lo:hi]
+        x = hidden.new_zeros(last - first, width, hid)
+        x[e_of, r_of] = hidden[token_of[lo:hi]].to(x.dtype)
+        gate_up = torch.cat(
+            [torch.bmm(x, w_gate[first:last].transpose(1, 2)), torch.bmm(x, w_up[first:last].transpose(1, 2))], dim=-1
+        )
+        act = experts[0]._apply_gate(gate_up)
+        del x, gate_up
+        y[lo:hi] = torch.bmm(act, w_down[first:last].transpose(1, 2))[e_of, r_of]
+        del act
     weights = top_k_weights[token_of, slot_of, None]
     # Each (token, slot) is written once, then the k slots are summed in fp32: no atomic
     # index_add_ of 16k x 8 rows into bf16 (the loop's way; same terms, rounded once here).

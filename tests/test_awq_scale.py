@@ -370,6 +370,24 @@ def test_batched_experts_equal_the_loop_on_uneven_routing():
     ours = _grouped_experts_forward(experts, hidden, idx, weights)
     ref = LinearExperts2D.forward(experts, hidden, idx, weights)
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    # padded temporaries for 20 rows a chunk: the busy expert alone, the others in runs
+    row_bytes = (2 * hidden.shape[-1] + 5 * experts[0].up_proj.out_features) * hidden.element_size()
+    chunked = _grouped_experts_forward(experts, hidden, idx, weights, padded_bytes=20 * row_bytes)
+    assert torch.allclose(chunked, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_chunks_bound_the_padded_rows():
+    """Patch 5's runs of consecutive experts: each within the row budget unless one expert alone
+    is over it, every expert in exactly one run, idle experts included."""
+    from release.awq_scale import _expert_chunks
+
+    counts = [3, 0, 9, 2, 2, 40, 1, 1, 1, 0]
+    chunks = _expert_chunks(counts, 12)
+    assert chunks == [(0, 2, 3), (2, 3, 9), (3, 5, 2), (5, 6, 40), (6, 10, 1)]
+    assert [e for a, b, _w in chunks for e in range(a, b)] == list(range(len(counts)))
+    for a, b, w in chunks:
+        assert w == max(counts[a:b]) and ((b - a) * w <= 12 or b - a == 1)
+    assert _expert_chunks(counts, 10**9) == [(0, 10, 40)], "a large budget pads all experts together, as before"
 
 
 def _tiny_layer():
