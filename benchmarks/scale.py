@@ -161,19 +161,20 @@ def _ratio_rows(n: int, base: dict, other: dict) -> list[str]:
 def table(records: list[dict]) -> str:
     out = []
     out.append(
-        "| engine | samples | layer | kind | calibrate s | smooth s | total s | peak GPU GiB | peak host GiB "
-        "| of it pinned GiB |"
+        "| engine | samples | layer | kind | calibrate s | smooth s | total s | peak GPU GiB | reserved GiB "
+        "| peak host GiB | of it pinned GiB |"
     )
-    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in records:
         for i, layer in enumerate(r["layers"]):
             kind = "dense" if i < r["dense_layers"] else "MoE"
             total = layer["calib_s"] + layer["smooth_s"]
             pinned = layer.get("pinned_host_gib")  # recorded from patch 9 on
+            reserved = layer.get("reserved_gpu_gib")  # from patch 11 on
             out.append(
                 f"| {r['engine']} | {r['samples']} | {i} | {kind} | {layer['calib_s']:.1f} | {layer['smooth_s']:.1f} "
-                f"| {total:.1f} | {layer['peak_gpu_gib']:.2f} | {layer['peak_host_gib']:.2f} "
-                f"| {'-' if pinned is None else f'{pinned:.2f}'} |"
+                f"| {total:.1f} | {layer['peak_gpu_gib']:.2f} | {'-' if reserved is None else f'{reserved:.2f}'} "
+                f"| {layer['peak_host_gib']:.2f} | {'-' if pinned is None else f'{pinned:.2f}'} |"
             )
     out.append("")
     out.append("| samples | layer | kind | stock s | glmrel s | stock / glmrel |")

@@ -186,6 +186,7 @@ class LayerRecord:
     peak_gpu_gib: float
     peak_host_gib: float
     pinned_host_gib: float = 0.0  # peak of PyTorch's pinned host allocator (part of peak_host_gib)
+    reserved_gpu_gib: float = 0.0  # peak the CUDA caching allocator held (what must fit the card)
 
 
 @dataclass
@@ -1102,9 +1103,10 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             if deduplicating:
                 _release_host_memory()
             end = time.perf_counter()
-            gpu = 0.0
+            gpu = reserved = 0.0
             if torch.cuda.is_available():
                 gpu = torch.cuda.max_memory_allocated() / 2**30
+                reserved = torch.cuda.max_memory_reserved() / 2**30
                 torch.cuda.reset_peak_memory_stats()
             if mappings:
                 stats.layers.append(
@@ -1115,6 +1117,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
                         round(gpu, 3),
                         round(host.take(), 3),
                         round(_pinned_peak_gib(), 3),
+                        round(reserved, 3),
                     )
                 )
             clock["last"] = end
