@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 ENGINES = ("stock", "glmrel")
+ALLOC_CONF = "expandable_segments:True"
 
 
 def awq_overrides(pairs: list[str]) -> dict:
@@ -304,8 +305,6 @@ def main() -> None:
             print("RECORD " + json.dumps(rec), flush=True)
         return
 
-    from benchmarks.synthetic import build
-
     samples = [int(x) for x in a.samples.split(",")]
     stock_samples = [int(x) for x in a.stock_samples.split(",")] if a.stock_samples else samples
     awq = awq_overrides(a.awq)
@@ -313,7 +312,10 @@ def main() -> None:
     work = a.work / f"{a.preset}-{a.layers or 'default'}-n{most}-s{a.seq}"
     release_yaml = work / "release.yaml"
     if not release_yaml.is_file():
-        build(a.preset, work, a.layers, a.device, [a.group_size], most, a.seq)
+        # in a child process: GPU memory the build's allocator keeps would be missing from every run
+        cmd = [sys.executable, "-m", "benchmarks.synthetic", "--preset", a.preset, "--out", str(work)]
+        cmd += ["--device", a.device, "--group-size", str(a.group_size), "--samples", str(most), "--seq", str(a.seq)]
+        subprocess.run(cmd + (["--layers", str(a.layers)] if a.layers else []), check=True)
     records = []
     engines = a.engines.split(",")
     # glmrel first, then data-parallel glmrel, stock (the slow baseline) last: a run cut short
@@ -341,7 +343,9 @@ def main() -> None:
         trace = work / f"memory-{engine}-{n}.json"
         if a.memory_trace and engine == "glmrel" and gpus == 1:
             cmd += ["--trace-out", str(trace)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)  # as `glmrel quantize` runs
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RECORD ")]
         if proc.returncode != 0 or not lines:
             sys.stderr.write(proc.stderr[-4000:])

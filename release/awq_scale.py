@@ -412,7 +412,7 @@ def _grouped_experts_forward(
     # Each (token, slot) is written once, then the k slots are summed in fp32: no atomic
     # index_add_ of 16k x 8 rows into bf16 (the loop's way; same terms, rounded once here).
     slots = hidden.new_zeros(n_tok, k, hidden.shape[-1])
-    slots[token_of, slot_of] = (y * weights).to(slots.dtype)
+    slots[token_of, slot_of] = y.mul_(weights)  # computed in fp32, stored in y's dtype: no fp32 copy of y
     return slots.sum(dim=1, dtype=torch.float32).to(hidden.dtype)
 
 
