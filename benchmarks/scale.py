@@ -110,7 +110,11 @@ def run_one(
     branch = cfg.branches[0]
     base_dir, arch, recipe_text, _fp = prepare_branch(cfg, branch)
     t = time.time()
-    options = dataclasses.replace(scale_options_for(cfg), record_scales=scales_out is not None)
+    options = dataclasses.replace(
+        scale_options_for(cfg),
+        record_scales=scales_out is not None,
+        check_write_back=bool(os.environ.get("GLMREL_CHECK_WRITE_BACK")),  # patch 11 against the GPU copies
+    )
     if memory_trace is not None:
         from benchmarks import gpu_memory
 
@@ -289,6 +293,12 @@ def main() -> None:
         help="one GPU: also trace the allocator in each glmrel run and print what was alive at the peak "
         "(slower: do not read timings from these runs)",
     )
+    ap.add_argument(
+        "--check-write-back",
+        action="store_true",
+        help="with --gpus: after each layer, every rank compares the shared CPU copy of each smoothed weight with "
+        "its own (patch 11's split write-back; adds that copy's time to the multi-GPU runs)",
+    )
     ap.add_argument("--report", type=Path, default=None, help="print the tables of a --json file and exit")
     ap.add_argument("--run-one", nargs=4, metavar=("RELEASE_YAML", "ENGINE", "SAMPLES", "SEQ"), help=argparse.SUPPRESS)
     ap.add_argument("--scales-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -345,6 +355,8 @@ def main() -> None:
             cmd += ["--trace-out", str(trace)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)  # as `glmrel quantize` runs
+        if a.check_write_back and gpus > 1:  # costs a copy of each layer's weights: not in 1-GPU timings
+            env["GLMREL_CHECK_WRITE_BACK"] = "1"
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RECORD ")]
         if proc.returncode != 0 or not lines:

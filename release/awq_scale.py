@@ -126,6 +126,7 @@ class ScaleOptions:
     expert_search: ExpertSearch = "gram"
     resident_cache_gib: float | None = None  # patch 9: None = 20 % of the GPU's memory; 0 = stock
     deferred_write_back: bool = True  # patch 11: smoothed weights reach the CPU offload once a layer
+    check_write_back: bool = False  # patch 11, benchmarks: compare every CPU copy with the GPU's after each layer
     record_scales: bool = False  # keep every chosen scale vector (tests, small models only)
 
     @classmethod
@@ -169,7 +170,7 @@ class ScaleOptions:
         )
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "record_scales"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("record_scales", "check_write_back")}
         if self.expert_search == "gram":
             out["max_expert_tokens"] = None  # unused: the Gram search keeps no rows
         return out
@@ -207,6 +208,8 @@ class ScaleStats:
     resident_expert_caches: int = 0  # expert down_proj row samples kept on the GPU
     gram_gib: float = 0.0  # patch 10: GPU memory of the experts' Gram matrices (all layers' peak)
     deferred_writes: int = 0  # patch 11: weight writes that landed on the onloaded copy only ...
+    write_back_checked: int = 0  # ... (check_write_back) CPU copies compared after the flush ...
+    write_back_mismatches: int = 0  # ... and how many differed from the onloaded copy
     written_back_gib: float = 0.0  # ... what this rank then copied to the CPU offload
     write_back_s: float = 0.0  # ... and how long that took
     layers: list[LayerRecord] = field(default_factory=list)
@@ -228,6 +231,8 @@ class ScaleStats:
                 "deferred_writes": self.deferred_writes,
                 "written_back_gib": round(self.written_back_gib, 3),
                 "write_back_s": round(self.write_back_s, 2),
+                "checked": self.write_back_checked,
+                "mismatches": self.write_back_mismatches,
             },
             "batched_experts_disabled": self.batched_experts_disabled,
             "expert_tokens_seen": self.tokens_seen,
@@ -793,8 +798,10 @@ class _WriteBack:
     """Patch 11: smoothed weights written to the onloaded (GPU) copy during a layer's AWQ
     smoothing, and copied to their CPU offload once, at the end of it."""
 
-    def __init__(self, stage_bytes: int = 256 * 2**20) -> None:
+    def __init__(self, stage_bytes: int = 256 * 2**20, check: bool = False) -> None:
         self.stage_bytes = stage_bytes
+        self.check = check  # after each flush, compare every CPU copy (all ranks' shares) with ours
+        self.checked = self.mismatches = 0
         self.dirty: dict[int, tuple[Any, Any, bool]] = {}  # id(offloaded) -> (offloaded, onloaded, shared)
         self.stages: list[Any] = []
         self.deferred = 0
@@ -843,6 +850,7 @@ class _WriteBack:
         import torch
 
         items = list(self.dirty.values())
+        everything = items
         self.dirty.clear()
         ranks = _ranks()
         shared = ranks > 1 and any(s for _o, _g, s in items)
@@ -857,6 +865,10 @@ class _WriteBack:
         if shared:
             dist.barrier()
         self.seconds += time.perf_counter() - t
+        if self.check:
+            for o, g, _s in everything:
+                self.checked += 1
+                self.mismatches += not torch.equal(o, g.to(o.device))
 
     def _copy(self, pairs: list[tuple[Any, Any]]) -> None:
         import torch
@@ -985,7 +997,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
     }
     stock_update = IntermediatesCache.update
     stock_write = awq_base.update_offload_parameter
-    write_back = _WriteBack() if options.deferred_write_back else None
+    write_back = _WriteBack(check=options.check_write_back) if options.deferred_write_back else None
 
     def update_offload_parameter(module: Any, name: str, data: Any) -> None:
         """Patch 11: inside the smoothing step a write lands on the onloaded copy only."""
@@ -1414,4 +1426,5 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             stats.deferred_writes = write_back.deferred
             stats.written_back_gib = write_back.bytes / 2**30
             stats.write_back_s = write_back.seconds
+            stats.write_back_checked, stats.write_back_mismatches = write_back.checked, write_back.mismatches
             write_back.stages = []

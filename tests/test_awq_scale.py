@@ -182,7 +182,7 @@ def test_deferred_write_back_lands_once_through_the_staging_buffers():
         offload_module(lin, "cpu", "cpu")
         offloaded = lin._parameters.offloaded_values
         before = {k: v.clone() for k, v in offloaded.items()}
-        wb = _WriteBack(stage_bytes=1000)  # the weight is 2,400 bytes: pieces over both buffers
+        wb = _WriteBack(stage_bytes=1000, check=True)  # the weight is 4,800 bytes: pieces over both buffers
         new_w, new_b = torch.randn(30, 40), torch.randn(30)
         assert not wb.defer(lin, "weight", new_w), "outside disable_offloading: written as stock"
         with disable_offloading():
@@ -196,6 +196,7 @@ def test_deferred_write_back_lands_once_through_the_staging_buffers():
             wb.flush()
             assert torch.equal(offloaded["weight"], new_w * 2) and torch.equal(offloaded["bias"], new_b)
             assert not wb.dirty and wb.deferred == 3 and wb.bytes == (30 * 40 + 30) * 4
+            assert (wb.checked, wb.mismatches) == (2, 0)
     plain = torch.nn.Linear(4, 4)
     offload_module(plain, "cpu", "cpu")
     with disable_offloading():
