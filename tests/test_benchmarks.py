@@ -101,6 +101,37 @@ def test_report_of_the_gram_engine_against_stock():
     assert "164/166 mappings chose the same scales" in gpus
 
 
+def test_report_of_the_deferred_write_back_runs():
+    """Runs H, I, J and K (the figures the README quotes): the write-back alone, same weights;
+    glmrel against stock in one run; 512 samples on an 80 GiB H100; 2 GPUs with the split
+    write-back checked."""
+    from benchmarks.scale import report
+
+    off, on = (json.loads((RESULTS / f"n32-patch11-{x}-783e310.json").read_text())[0] for x in ("off", "on"))
+    assert off["weights_digest"] == on["weights_digest"], "the deferred write-back leaves the weights bit for bit"
+    assert off["awq_options"]["deferred_write_back"] is False and on["awq_options"]["deferred_write_back"] is True
+    assert on["write_back"]["deferred_writes"] == 659 and off["write_back"]["deferred_writes"] == 0
+    moe = [sum(r["layers"][1][k] for k in ("calib_s", "smooth_s")) for r in (off, on)]
+    assert round(moe[0], 1) == 57.0 and round(moe[1], 1) == 25.5
+    text = report(json.loads((RESULTS / "n16-64-stock64-patch11-601c064.json").read_text()))
+    assert "| 64 | 1 | MoE | 252.3 | 31.9 | 7.91x |" in text and "| 64 | 0 | dense | 25.4 | 8.6 | 2.94x |" in text
+    assert "glmrel: per extra sample, peak GPU +49.3 MiB" in text
+    (big,) = json.loads(
+        (RESULTS.parent / "2026-11-27-h100-scale-glm47-2layer" / "n512-glmrel-f089bd1.json").read_text()
+    )
+    assert "H100" in big["gpu"] and big["samples"] == 512 and big["seq"] == 2048
+    moe_layer = big["layers"][1]
+    assert moe_layer["reserved_gpu_gib"] < 80 and moe_layer["peak_host_gib"] < 64
+    gpus = json.loads((RESULTS / "n64-128-1-vs-2gpu-patch11-a27bcfc.json").read_text())
+    text = report(gpus)
+    assert (
+        "| 64 | 2 | 1 | MoE | 42.5 | 26.6 | 1.60x |" in text and "| 64 | 2 | 0 | dense | 12.3 | 6.1 | 2.00x |" in text
+    )
+    (two,) = [r for r in gpus if r["gpus"] == 2]
+    assert two["write_back"]["checked"] == 497 and two["write_back"]["mismatches"] == 0
+    assert "165/166 mappings chose the same scales" in text
+
+
 def _frame(name, line=1):
     return {"filename": f"/site/release/{name}.py", "line": line, "name": name}
 
