@@ -75,7 +75,9 @@ What stock 0.14.0.1 does and what each patch changes:
    whatever the number of samples), and patch 8's batched search evaluates every grid point
    for a chunk of experts from G: one [E, out, in] x [E, in, in] product instead of replaying
    the rows. Every calibration token counts in every expert's search, memory does not grow
-   with the samples, and the cost per grid point does not grow with the tokens. The loss is
+   with the samples, and the cost per grid point does not grow with the tokens. Under data
+   parallelism G is all-reduced, so each rank searches its share of the experts and the chosen
+   scales are all-reduced (one rank's value plus zeros: exact). The loss is
    exact in fp32 where stock's compares bf16 outputs (each batch's sum rounded to bf16), so
    near-tied grid points can resolve differently: measured in tests/test_awq_scale.py.
 11. Where smoothed weights are written. The sequential pipeline keeps the layer being
@@ -197,6 +199,7 @@ class ScaleStats:
     sampled_caches: int = 0
     batched_expert_calls: int = 0
     batched_expert_searches: int = 0  # patch 8: expert mappings searched together
+    expert_searches_run: int = 0  # ... of which this rank ran the grid search (its share, under patch 10)
     merged_forwards: dict[str, int] = field(default_factory=dict)  # patch 7: parent type -> merged forwards
     batched_experts_disabled: str | None = None  # why, when the first-call check failed
     tokens_seen: int = 0
@@ -226,6 +229,7 @@ class ScaleStats:
             "batched_expert_calls": self.batched_expert_calls,
             "merged_search_forwards": dict(self.merged_forwards),
             "batched_expert_searches": self.batched_expert_searches,
+            "expert_searches_run": self.expert_searches_run,
             "gram_gib": round(self.gram_gib, 3),
             "write_back": {
                 "deferred_writes": self.deferred_writes,
@@ -571,6 +575,74 @@ def _gram(x: Any) -> Any:
     return x.T @ x
 
 
+def _rows_of(t: Any, rows: list[int]) -> Any:
+    """Rows `rows` of t's first axis (t itself when that is all of them)."""
+    import torch
+
+    if len(rows) == t.shape[0]:
+        return t
+    return t.index_select(0, torch.tensor(rows, dtype=torch.long, device=t.device))
+
+
+def _search_experts(
+    grid: Any,
+    w: Any,
+    x_mean: Any,
+    w_mean: Any,
+    numel: Any,
+    args: Any,
+    like: Any,
+    gram: tuple[Any, Any] | None,
+    rows: tuple[Any, Any] | None,
+    allreduce: Any,
+) -> tuple[Any, Any, Any]:
+    """AWQ's grid search for a batch of experts' down_proj (patches 8 and 10): per grid point one
+    scale computation, one min/max, one `calculate_qparams`, one fake quantization and one batched
+    product. The loss is tr(D G D^T) from `gram` = (G, fp32 W), or the error over `rows` = (X,
+    X W^T), all-reduced with `allreduce` when ranks hold different rows. Returns the best scales,
+    the first grid point's loss and the best loss, per expert."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from llmcompressor.observers.helpers import flatten_for_calibration
+
+    e, out_f, in_f = w.shape
+    best_loss = torch.full((e,), float("inf"), device=w.device)
+    first_loss = best = None
+    if e == 0:
+        return x_mean, best_loss, best_loss
+    for ratio, duo in grid:
+        if duo:
+            sc = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+        else:
+            sc = x_mean.pow(ratio).clamp(min=1e-4)
+        sc = sc / (sc.amax(dim=1, keepdim=True) * sc.amin(dim=1, keepdim=True)).sqrt()
+        sc[torch.isinf(sc)] = 1
+        sc[torch.isnan(sc)] = 1
+        ws = (w * sc[:, None, :]).to(w.dtype).reshape(e * out_f, in_f)
+        observed = flatten_for_calibration(ws, "weight", args)
+        qscale, qzero = calculate_qparams(torch.amin(observed, dim=(0, -1)), torch.amax(observed, dim=(0, -1)), args)
+        qscale = qscale.to(like.weight_scale.dtype)
+        qzero = qzero.to(like.weight_zero_point.dtype)
+        wq = (fake_quantize(ws, qscale, qzero, args).reshape(e, out_f, in_f) / sc[:, None, :]).to(w.dtype)
+        if gram is not None:
+            g, w32 = gram
+            diff = wq.float() - w32
+            err = (torch.bmm(diff, g) * diff).sum(dim=(1, 2))  # tr(D G D^T), per expert
+            del diff
+        else:
+            x, ref = rows
+            err = (ref - torch.bmm(x, wq.transpose(1, 2))).float().pow(2).sum(dim=(1, 2))
+            if allreduce is not None:
+                (err,) = allreduce([err])
+        loss = err / numel
+        first_loss = loss.clone() if first_loss is None else first_loss
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        best = torch.where(better[:, None], sc, sc if best is None else best)
+    return best, first_loss, best_loss
+
+
 def _batched_expert_search(
     modifier: Any, maps: list[Any], stats_of: dict[str, Any], allreduce: Any, stats: ScaleStats, record: bool
 ) -> bool:
@@ -579,10 +651,7 @@ def _batched_expert_search(
     comes from each expert's Gram matrix (patch 10's GramCache) or from its sampled rows."""
     import torch
     from compressed_tensors.offload import align_modules
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-    from compressed_tensors.quantization.utils import calculate_qparams
     from llmcompressor.modifiers.transform.awq import base as awq_base
-    from llmcompressor.observers.helpers import flatten_for_calibration
 
     caches = [modifier._parent_args_cache[m.parent] for m in maps]
     gram = all(hasattr(c, "gram") for c in caches)
@@ -598,7 +667,13 @@ def _batched_expert_search(
             )
         return False  # experts with different row counts or shapes: stock's loop does them
     grid = modifier._get_grid_search_params()
-    distributed = _ranks() > 1
+    ranks = _ranks()
+    distributed = ranks > 1
+    rank = 0
+    if distributed:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
     (input_shape,) = inputs
     out_f, in_f = maps[0].parent.weight.shape
     if gram:  # w, w*s, its fake quantization, Wq, D and D@G, at most 4 bytes an element
@@ -620,6 +695,7 @@ def _batched_expert_search(
                     g, rows = allreduce([g, rows])
                 numel = rows * out_f
                 w32 = w.float()
+                x = ref = None
             else:
                 x = torch.stack(
                     [next(iter(modifier._parent_args_cache[d]))["input"].reshape(-1, d.in_features) for d in downs]
@@ -635,39 +711,37 @@ def _batched_expert_search(
                 if modifier.duo_scaling
                 else None
             )
-            best_loss = torch.full((len(group),), float("inf"), device=dev)
-            first_loss = None
-            best = None
-            e = w.shape[0]
-            for ratio, duo in grid:
-                if duo:
-                    sc = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
-                else:
-                    sc = x_mean.pow(ratio).clamp(min=1e-4)
-                sc = sc / (sc.amax(dim=1, keepdim=True) * sc.amin(dim=1, keepdim=True)).sqrt()
-                sc[torch.isinf(sc)] = 1
-                sc[torch.isnan(sc)] = 1
-                ws = (w * sc[:, None, :]).to(w.dtype).reshape(e * out_f, in_f)
-                observed = flatten_for_calibration(ws, "weight", args)
-                qscale, qzero = calculate_qparams(
-                    torch.amin(observed, dim=(0, -1)), torch.amax(observed, dim=(0, -1)), args
-                )
-                qscale = qscale.to(downs[0].weight_scale.dtype)
-                qzero = qzero.to(downs[0].weight_zero_point.dtype)
-                wq = (fake_quantize(ws, qscale, qzero, args).reshape(e, out_f, in_f) / sc[:, None, :]).to(w.dtype)
-                if gram:
-                    diff = wq.float() - w32
-                    err = (torch.bmm(diff, g) * diff).sum(dim=(1, 2))  # tr(D G D^T), per expert
-                    del diff
-                else:
-                    err = (ref - torch.bmm(x, wq.transpose(1, 2))).float().pow(2).sum(dim=(1, 2))
-                    if distributed:
-                        (err,) = allreduce([err])
-                loss = err / numel
-                first_loss = loss.clone() if first_loss is None else first_loss
-                better = loss < best_loss
-                best_loss = torch.where(better, loss, best_loss)
-                best = torch.where(better[:, None], sc, sc if best is None else best)
+            # The Gram search has the whole run's G on every rank: each rank searches its share
+            # of the experts, and the chosen scales are summed over the ranks (one rank's
+            # nonzero, the others' zeros). With sampled rows each rank's loss covers only its rows.
+            own = list(range(len(group)))
+            if gram and distributed:
+                own = [i for i in own if (start + i) % ranks == rank]
+            stats.expert_searches_run += len(own)
+            best, first_loss, best_loss = _search_experts(
+                grid,
+                _rows_of(w, own),
+                _rows_of(x_mean, own),
+                None if w_mean is None else _rows_of(w_mean, own),
+                _rows_of(numel, own),
+                args,
+                downs[0],
+                (_rows_of(g, own), _rows_of(w32, own)) if gram else None,
+                None if gram else (x, ref),
+                allreduce if distributed and not gram else None,
+            )
+            if len(own) < len(group):
+                sc_dtype = x_mean.dtype if w_mean is None else torch.promote_types(x_mean.dtype, w_mean.dtype)
+                full = [
+                    torch.zeros(len(group), in_f, device=dev, dtype=sc_dtype),
+                    torch.zeros(len(group), device=dev, dtype=torch.float32),
+                    torch.zeros(len(group), device=dev, dtype=torch.float32),
+                ]
+                if own:
+                    idx = torch.tensor(own, device=dev)
+                    for t, part in zip(full, (best, first_loss, best_loss)):
+                        t[idx] = part.to(t.dtype)
+                best, first_loss, best_loss = allreduce(full)
             if not torch.isfinite(best_loss).all():
                 raise RuntimeError(
                     "glmrel's batched expert search found no finite loss; set awq.expert_search: sampled"

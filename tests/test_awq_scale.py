@@ -126,6 +126,9 @@ def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
     assert prov["gpus"] == 2
     engine, one_engine = prov["timings_s"]["awq_engine"], one_prov["timings_s"]["awq_engine"]
     assert engine["batched_expert_searches"] == 3 * 8 and engine["expert_search"] == expert_search
+    # the Gram search has every rank's G: each rank searches half of the experts; sampled rows
+    # are per rank, so every rank joins every expert's search
+    assert engine["expert_searches_run"] == (3 * 4 if expert_search == "gram" else 3 * 8)
     if expert_search == "gram":  # every token of this rank's half, in each expert's Gram matrix
         assert engine["expert_tokens_kept"] == engine["expert_tokens_seen"] < one_engine["expert_tokens_seen"]
     else:  # the row budget is for the whole run: rank 0 keeps about half of it
@@ -270,7 +273,7 @@ def test_gram_search_sees_every_token_and_stays_with_stock(builds):
     gram, stock = builds["config"], builds["stock"]
     stats = gram["stats"]
     total = json.loads((gram["dir"] / "provenance.json").read_text())["calibration"]["total_tokens"]
-    assert stats.sampled_caches == 0 and stats.batched_expert_searches == 3 * 8
+    assert stats.sampled_caches == 0 and stats.batched_expert_searches == stats.expert_searches_run == 3 * 8
     assert stats.tokens_seen == stats.tokens_kept == 3 * 8 * total, "every expert's search saw every token"
     assert stats.gram_gib > 0
     s, g = stock["stats"].scales, stats.scales
