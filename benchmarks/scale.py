@@ -315,6 +315,14 @@ def main() -> None:
             print("RECORD " + json.dumps(rec), flush=True)
         return
 
+    if a.memory_trace:
+        import torch
+
+        if not torch.cuda.is_available():  # checked before building anything
+            raise SystemExit(
+                "--memory-trace traces the CUDA allocator, and this machine has no GPU "
+                "(torch.cuda.is_available() is False): run it on a GPU machine, or drop --memory-trace"
+            )
     samples = [int(x) for x in a.samples.split(",")]
     stock_samples = [int(x) for x in a.stock_samples.split(",")] if a.stock_samples else samples
     awq = awq_overrides(a.awq)

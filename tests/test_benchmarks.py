@@ -132,6 +132,25 @@ def test_report_of_the_deferred_write_back_runs():
     assert "165/166 mappings chose the same scales" in text
 
 
+def test_memory_trace_without_a_gpu_says_so(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the trace would run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale", "--preset", "tiny", "--memory-trace", "--work", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "--memory-trace traces the CUDA allocator" in proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing built"
+
+
 def _frame(name, line=1):
     return {"filename": f"/site/release/{name}.py", "line": line, "name": name}
 
