@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 ENGINES = ("stock", "glmrel")
-ALLOC_CONF = "expandable_segments:True"
 
 
 def awq_overrides(pairs: list[str]) -> dict:
@@ -124,11 +123,10 @@ def run_one(
 
     if memory_trace is not None:
         memory_trace.write_text(json.dumps(gpu_memory.finish(), indent=1) + "\n")
-    digest = weights_digest(run.model) if distributed.rank() == 0 else None
-
     if distributed.rank() != 0:
         distributed.barrier_and_close()
         return None
+    digest = weights_digest(run.model)
     if scales_out is not None:
         torch.save(run.stats.scales, scales_out)
     distributed.barrier_and_close()
@@ -315,6 +313,8 @@ def main() -> None:
             print("RECORD " + json.dumps(rec), flush=True)
         return
 
+    from release.cli import CUDA_ALLOC_CONF
+
     if a.memory_trace:
         import torch
 
@@ -362,7 +362,7 @@ def main() -> None:
         if a.memory_trace and engine == "glmrel" and gpus == 1:
             cmd += ["--trace-out", str(trace)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)  # as `glmrel quantize` runs
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # as `glmrel quantize` runs
         if a.check_write_back and gpus > 1:  # costs a copy of each layer's weights: not in 1-GPU timings
             env["GLMREL_CHECK_WRITE_BACK"] = "1"
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -575,15 +575,6 @@ def _gram(x: Any) -> Any:
     return x.T @ x
 
 
-def _rows_of(t: Any, rows: list[int]) -> Any:
-    """Rows `rows` of t's first axis (t itself when that is all of them)."""
-    import torch
-
-    if len(rows) == t.shape[0]:
-        return t
-    return t.index_select(0, torch.tensor(rows, dtype=torch.long, device=t.device))
-
-
 def _search_experts(
     grid: Any,
     w: Any,
@@ -609,8 +600,6 @@ def _search_experts(
     e, out_f, in_f = w.shape
     best_loss = torch.full((e,), float("inf"), device=w.device)
     first_loss = best = None
-    if e == 0:
-        return x_mean, best_loss, best_loss
     for ratio, duo in grid:
         if duo:
             sc = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
@@ -674,6 +663,7 @@ def _batched_expert_search(
         import torch.distributed as dist
 
         rank = dist.get_rank()
+    split = gram and distributed  # the whole run's G on every rank: each searches its share of the experts
     (input_shape,) = inputs
     out_f, in_f = maps[0].parent.weight.shape
     if gram:  # w, w*s, its fake quantization, Wq, D and D@G, at most 4 bytes an element
@@ -691,11 +681,10 @@ def _batched_expert_search(
             if gram:
                 g = torch.stack([modifier._parent_args_cache[d].gram.to(dev) for d in downs])
                 rows = torch.tensor([float(modifier._parent_args_cache[d].rows) for d in downs], device=dev)
-                if distributed:  # every rank then runs the same search on the whole run's G
+                if distributed:  # every rank holds the whole run's G, and searches its share of the experts
                     g, rows = allreduce([g, rows])
                 numel = rows * out_f
                 w32 = w.float()
-                x = ref = None
             else:
                 x = torch.stack(
                     [next(iter(modifier._parent_args_cache[d]))["input"].reshape(-1, d.in_features) for d in downs]
@@ -714,34 +703,38 @@ def _batched_expert_search(
             # The Gram search has the whole run's G on every rank: each rank searches its share
             # of the experts, and the chosen scales are summed over the ranks (one rank's
             # nonzero, the others' zeros). With sampled rows each rank's loss covers only its rows.
-            own = list(range(len(group)))
-            if gram and distributed:
-                own = [i for i in own if (start + i) % ranks == rank]
+            own = [i for i in range(len(group)) if not split or (start + i) % ranks == rank]
             stats.expert_searches_run += len(own)
-            best, first_loss, best_loss = _search_experts(
-                grid,
-                _rows_of(w, own),
-                _rows_of(x_mean, own),
-                None if w_mean is None else _rows_of(w_mean, own),
-                _rows_of(numel, own),
-                args,
-                downs[0],
-                (_rows_of(g, own), _rows_of(w32, own)) if gram else None,
-                None if gram else (x, ref),
-                allreduce if distributed and not gram else None,
-            )
-            if len(own) < len(group):
+            idx = torch.tensor(own, dtype=torch.long, device=dev)
+
+            def mine(t: Any, idx: Any = idx) -> Any:
+                return t.index_select(0, idx) if split else t
+
+            found = None
+            if own:
+                found = _search_experts(
+                    grid,
+                    mine(w),
+                    mine(x_mean),
+                    None if w_mean is None else mine(w_mean),
+                    mine(numel),
+                    args,
+                    downs[0],
+                    (mine(g), mine(w32)) if gram else None,
+                    None if gram else (x, ref),
+                    allreduce if distributed and not gram else None,
+                )
+            if split:
                 sc_dtype = x_mean.dtype if w_mean is None else torch.promote_types(x_mean.dtype, w_mean.dtype)
                 full = [
                     torch.zeros(len(group), in_f, device=dev, dtype=sc_dtype),
                     torch.zeros(len(group), device=dev, dtype=torch.float32),
                     torch.zeros(len(group), device=dev, dtype=torch.float32),
                 ]
-                if own:
-                    idx = torch.tensor(own, device=dev)
-                    for t, part in zip(full, (best, first_loss, best_loss)):
-                        t[idx] = part.to(t.dtype)
-                best, first_loss, best_loss = allreduce(full)
+                for t, part in zip(full, found or ()):
+                    t[idx] = part.to(t.dtype)
+                found = allreduce(full)
+            best, first_loss, best_loss = found
             if not torch.isfinite(best_loss).all():
                 raise RuntimeError(
                     "glmrel's batched expert search found no finite loss; set awq.expert_search: sampled"
@@ -1049,6 +1042,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
     """Apply the chosen patches to AWQModifier for the duration of one `oneshot` call."""
     import llmcompressor
     import torch
+    from compressed_tensors.utils import patch_attr
     from llmcompressor.modeling.moe import context as moe_context
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
     from llmcompressor.modifiers.transform.awq import base as awq_base
@@ -1263,11 +1257,8 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             if self.held[0] and all(p.device == self.device for p in self.pending):
                 rows = torch.cat(self.pending)  # every row stayed on the GPU: keep them there
                 self.pending = []
-                offload, self.offload_device = self.offload_device, None
-                try:
+                with patch_attr(self, "offload_device", None):
                     super().append({"input": rows.unsqueeze(0)})
-                finally:
-                    self.offload_device = offload
                 stats.resident_expert_caches += 1
                 return
             if self.held[0]:  # the budget ran out part way: all rows to the offload device, as stock
@@ -1369,11 +1360,8 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
                 # copied: a resident cache must not share memory with anything the model may
                 # later change in place
                 copy = tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, values)
-                offload, self.offload_device = self.offload_device, None
-                try:
+                with patch_attr(self, "offload_device", None):
                     stock_update(self, batch_index, copy)
-                finally:
-                    self.offload_device = offload
                 stats.resident_batches += 1
             else:
                 stock_update(self, batch_index, values)
@@ -1437,8 +1425,6 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
     @contextlib.contextmanager
     def search_forward_context(model: Any) -> Iterator[None]:
         """Stock's calibration context (which forces eager attention), then SDPA (patch 6)."""
-        from llmcompressor.utils.helpers import patch_attr
-
         with stock_forward_context(model):
             if _Search.smoothing and getattr(getattr(model, "config", None), "_attn_implementation", None) == "eager":
                 with patch_attr(model.config, "_attn_implementation", "sdpa"):

@@ -48,6 +48,7 @@ def builds(tmp_path_factory, demo_assets):
     expert sample, per-expert search), the engine as the config sets it (the default: patch 10's
     Gram search), and the harsh expert sample with the routed experts' searches batched (patch 8).
     The memory build onloads weights as copies, as on a GPU, so patch 11 defers its writes."""
+    from contextlib import nullcontext
     from unittest import mock
 
     import yaml
@@ -79,7 +80,7 @@ def builds(tmp_path_factory, demo_assets):
         cfg = load_config(path)
         if options is None:  # the config's own choice, with the scales recorded for the tests
             options = dataclasses.replace(scale_options_for(cfg), record_scales=True)
-        onload = mock.patch.object(CPUCache, "onload", _onload_as_a_copy) if name == "memory" else mock.MagicMock()
+        onload = mock.patch.object(CPUCache, "onload", _onload_as_a_copy) if name == "memory" else nullcontext()
         with onload:
             build = quantize_branch(cfg, BRANCH, echo=lambda s: None, scale_options=options)
         out[name] = {"cfg": cfg, "dir": build.path, "stats": LAST_SCALE_STATS[0], "yaml": path}
