@@ -93,6 +93,18 @@ What stock 0.14.0.1 does and what each patch changes:
    parallelism each rank copies its share of the layers' weights into the shared CPU memory,
    then waits for the others. Until then nothing reads the CPU copies: the layer stays
    onloaded through its smoothing and the propagation pass. Same values, bit for bit.
+12. At each grid point stock quantizes the mapping's balance layers one by one: for each
+   Linear a scaled copy, an observer pass (min/max), `update_qparams` and `forward_quantize`,
+   ~30 small kernels and their framework calls. The MoE block's mapping has 322 balance
+   layers at GLM-4.7 size (160 experts' gate and up projections and the shared expert's), so
+   that loop ran ~6,800 times per layer, on every data-parallel rank alike. Patched
+   (`batched_balance_layers`): stock's grid search for the mapping, with the balance layers of
+   one shape and quantization scheme scaled, observed (min/max), given quantization
+   parameters and fake-quantized together, in chunks of layers whose temporaries stay within
+   2 GiB; each layer's weight (and its onloaded scale and zero point, as stock's
+   `update_qparams(only_update_onload=True)` sets them) becomes a copy of its rows. Per
+   group rows are quantized independently (channel and group strategies only; any other
+   scheme keeps stock's loop), so the values are the same, bit for bit.
 """
 
 from __future__ import annotations
@@ -128,6 +140,7 @@ class ScaleOptions:
     expert_search: ExpertSearch = "gram"
     resident_cache_gib: float | None = None  # patch 9: None = 20 % of the GPU's memory; 0 = stock
     deferred_write_back: bool = True  # patch 11: smoothed weights reach the CPU offload once a layer
+    batched_balance_layers: bool = True  # patch 12: a grid point quantizes same-shape balance layers together
     check_write_back: bool = False  # patch 11, benchmarks: compare every CPU copy with the GPU's after each layer
     record_scales: bool = False  # keep every chosen scale vector (tests, small models only)
 
@@ -144,6 +157,7 @@ class ScaleOptions:
             expert_search="sampled",  # with max_expert_tokens None: every token, as stock
             resident_cache_gib=0,
             deferred_write_back=False,
+            batched_balance_layers=False,
             record_scales=record_scales,
         )
 
@@ -162,13 +176,14 @@ class ScaleOptions:
 
     @classmethod
     def memory_only(cls, record_scales: bool = False) -> ScaleOptions:
-        """Only the patches that leave AWQ's arithmetic unchanged (1, 2, 9 and 11)."""
+        """Only the patches that leave AWQ's arithmetic unchanged (1, 2, 9, 11 and 12)."""
         return dataclasses.replace(
             cls.stock(record_scales),
             keep_first_output=True,
             stream_loss=True,
             resident_cache_gib=None,
             deferred_write_back=True,
+            batched_balance_layers=True,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -215,6 +230,8 @@ class ScaleStats:
     write_back_mismatches: int = 0  # ... and how many differed from the onloaded copy
     written_back_gib: float = 0.0  # ... what this rank then copied to the CPU offload
     write_back_s: float = 0.0  # ... and how long that took
+    batched_balance_mappings: int = 0  # patch 12: grid searches that quantized their balance layers together
+    batched_balance_layers: int = 0  # ... over this many balance layers
     layers: list[LayerRecord] = field(default_factory=list)
     scales: dict[str, Any] = field(default_factory=dict)  # smooth layer name -> chosen scales
     mapping_s: dict[str, float] = field(default_factory=dict)  # seconds per kind of mapping
@@ -238,6 +255,7 @@ class ScaleStats:
                 "checked": self.write_back_checked,
                 "mismatches": self.write_back_mismatches,
             },
+            "batched_balance": {"mappings": self.batched_balance_mappings, "layers": self.batched_balance_layers},
             "batched_experts_disabled": self.batched_experts_disabled,
             "expert_tokens_seen": self.tokens_seen,
             "expert_tokens_kept": self.tokens_kept,
@@ -761,6 +779,139 @@ def _batched_expert_search(
     return True
 
 
+def _balance_groups(layers: list[Any]) -> list[list[Any]] | None:
+    """Patch 12: the balance layers stock's grid search quantizes (those with a weight scheme),
+    grouped by weight shape, dtype, device and quantization arguments. None where one of them is
+    not quantized row by row from its min/max (a per-tensor, block, global or dynamic scale, or
+    an already compressed weight): stock's loop then runs."""
+    import torch
+    from compressed_tensors.quantization import QuantizationStatus, QuantizationStrategy
+
+    row_wise = (QuantizationStrategy.CHANNEL, QuantizationStrategy.GROUP)
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for layer in layers:
+        args = getattr(getattr(layer, "quantization_scheme", None), "weights", None)
+        if args is None:
+            continue  # stock leaves its weight alone during the search
+        w = getattr(layer, "weight", None)
+        status = getattr(layer, "quantization_status", None)
+        if (
+            not isinstance(w, torch.Tensor)
+            or w.dim() != 2
+            or args.strategy not in row_wise
+            or args.dynamic is not False
+            or status is None
+            or status >= QuantizationStatus.COMPRESSED
+            or not hasattr(layer, "weight_scale")
+            or getattr(layer, "weight_global_scale", None) is not None
+        ):
+            return None
+        groups.setdefault((tuple(w.shape), w.dtype, w.device, repr(args)), []).append(layer)
+    return list(groups.values())
+
+
+def _quantize_balance_group(
+    layers: list[Any], orig: dict[Any, Any], scales: Any, budget_bytes: int = 2 * 2**30
+) -> None:
+    """Patch 12, one grid point for layers of one shape and scheme: what stock does layer by layer
+    (W*s rounded to the weight's dtype, min/max observer, `calculate_qparams`, `forward_quantize`,
+    then /s), for a chunk of layers at a time. Each layer's weight, and its onloaded scale and
+    zero point, become tensors of their own, as stock's are: compressed-tensors' offload assumes
+    a parameter owns its storage (on CPU ranks, whose onloaded parameter is the shared offloaded
+    one, views of a chunk left the ranks' quantization scales unshared at the layer's end)."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from llmcompressor.observers.helpers import flatten_for_calibration
+
+    first = layers[0]
+    args = first.quantization_scheme.weights
+    out_f, in_f = first.weight.shape
+    dtype = first.weight.dtype
+    # the stacked weights, W*s in fp32 and in the weight's dtype, the fake quantization's
+    # intermediates and Q(W*s)/s in fp32: at most ~20 bytes an element at once
+    chunk = _expert_chunk(out_f * in_f * 20, budget_bytes)
+    for start in range(0, len(layers), chunk):
+        group = layers[start : start + chunk]
+        w = torch.stack([orig[layer].to(scales.device) for layer in group])
+        ws = (w * scales).to(dtype).reshape(len(group) * out_f, in_f)
+        del w
+        observed = flatten_for_calibration(ws, "weight", args)
+        qscale, qzero = calculate_qparams(torch.amin(observed, dim=(0, -1)), torch.amax(observed, dim=(0, -1)), args)
+        wq = (fake_quantize(ws, qscale, qzero, args) / scales).to(dtype)
+        del ws, observed
+        for i, layer in enumerate(group):
+            rows = slice(i * out_f, (i + 1) * out_f)
+            layer.weight.data = wq[rows].clone()  # stock: a new tensor per layer
+            layer.weight_scale.data = qscale[rows].clone()  # as update_qparams(only_update_onload=True)
+            if getattr(layer, "weight_zero_point", None) is not None:
+                layer.weight_zero_point.data = qzero[rows].clone()
+
+
+def _batched_balance_search(
+    modifier: Any, mapping: Any, fp16_outputs: Any, orig_layer_weights: dict[Any, Any], groups: list[list[Any]]
+) -> Any:
+    """Patch 12: llm-compressor 0.14.0.1's `AWQModifier._compute_best_scale`, line for line, but
+    for the balance layers' quantization at each grid point (`_quantize_balance_group`). Stock
+    swaps in min/max weight observers for the search and fuses observers of TENSOR_GROUP layers
+    only: `_balance_groups` admits neither observer state nor such layers, so neither applies."""
+    import torch
+    from llmcompressor.modifiers.transform.awq import base as awq_base
+
+    history = []
+    best_ratio = -1
+    best_scales = None
+    best_error = float("inf")
+    initial_error = None
+    device = awq_base.get_execution_device(mapping.parent)
+    x_sum, count = modifier._smooth_activation_stats[mapping.smooth_name]
+    if awq_base.is_distributed():
+        x_sum, count = awq_base._allreduce_data_sum([x_sum, count])
+    x_mean = x_sum.to(device) / count.to(device)
+    if modifier.duo_scaling:
+        w_mean = modifier._compute_layer_means(mapping.balance_layers).to(device)
+    for ratio, use_duo_scaling in modifier._get_grid_search_params():
+        if use_duo_scaling:
+            scales = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+        else:
+            scales = x_mean.pow(ratio).clamp(min=1e-4).view(-1)
+        scales = scales / (scales.max() * scales.min()).sqrt()
+        scales[torch.isinf(scales)] = 1
+        scales[torch.isnan(scales)] = 1
+        scales_view = scales.view(1, -1).to(device)
+        for group in groups:
+            _quantize_balance_group(group, orig_layer_weights, scales_view)
+        int_w_outputs = modifier._run_samples(mapping.parent)
+        loss = modifier._compute_loss(fp16_outputs, int_w_outputs)
+        del int_w_outputs
+        if initial_error is None:
+            initial_error = loss
+        history.append({"ratio": ratio, "duo_scaling": use_duo_scaling, "error": loss})
+        if loss < best_error:
+            best_error = loss
+            best_ratio = ratio
+            best_scales = scales.clone()
+    if best_ratio == -1:
+        awq_base.logger.debug(history)
+        raise RuntimeError(
+            f"No finite loss was found in the AWQ grid search for {mapping.smooth_name}: NaN values in the "
+            f"forward pass of {mapping.parent_name} (llm-compressor raises the same)"
+        )
+    err_reduction = best_error / initial_error if initial_error > 0 else 1.0
+    modifier._error_metrics.append(
+        {
+            "layer_name": mapping.smooth_name,
+            "parent_name": mapping.parent_name,
+            "initial_error": initial_error,
+            "best_error": best_error,
+            "reduction": err_reduction,
+        }
+    )
+    if torch.isnan(best_scales).sum() != 0:
+        raise RuntimeError(f"NaN found in the AWQ scales of {mapping.smooth_name}")
+    return best_scales.detach().cpu()
+
+
 def _ranks() -> int:
     import torch.distributed as dist
 
@@ -1101,7 +1252,13 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
         if shared_fix is not None:
             shared_fix.before(mapping)
         try:
-            best = saved["_compute_best_scale"](self, mapping, fp16_outputs, orig_layer_weights)
+            groups = _balance_groups(mapping.balance_layers) if options.batched_balance_layers else None
+            if groups:
+                best = _batched_balance_search(self, mapping, fp16_outputs, orig_layer_weights, groups)
+                stats.batched_balance_mappings += 1
+                stats.batched_balance_layers += sum(len(g) for g in groups)
+            else:
+                best = saved["_compute_best_scale"](self, mapping, fp16_outputs, orig_layer_weights)
             if shared_fix is not None:
                 shared_fix.chosen(best)
         finally:

@@ -137,6 +137,12 @@ class AwqSpec(_Strict):
         "AWQ smoothing, through pinned buffers (and split between data-parallel ranks) instead of at every "
         "write (glmrel engine; false: as stock). Same weights either way",
     )
+    batched_balance_layers: bool = Field(
+        default=True,
+        description="at each AWQ grid point, quantize a mapping's balance layers of one shape together (the MoE "
+        "block's 322 expert projections at GLM-4.7 size) instead of one by one (glmrel engine; false: as stock). "
+        "Same weights either way",
+    )
 
 
 class VerifySpec(_Strict):

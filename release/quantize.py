@@ -248,6 +248,7 @@ def scale_options_for(cfg: ReleaseConfig) -> ScaleOptions:
         expert_search=cfg.awq.expert_search,
         resident_cache_gib=cfg.awq.resident_cache_gib,
         deferred_write_back=cfg.awq.deferred_write_back,
+        batched_balance_layers=cfg.awq.batched_balance_layers,
     )
 
 

@@ -169,6 +169,10 @@ def test_memory_patches_are_bit_for_bit(builds):
     print(f"deferred writes {stats.deferred_writes}, written back {stats.written_back_gib * 2**20:.0f} KiB")
     assert stats.deferred_writes > stats.written_back_gib > 0
     assert builds["stock"]["stats"].deferred_writes == 0
+    # patch 12 quantized every mapping's balance layers together (the MoE block's experts among them)
+    print(f"batched balance searches {stats.batched_balance_mappings} over {stats.batched_balance_layers} layers")
+    assert stats.batched_balance_mappings == len(s) and stats.batched_balance_layers > 2 * len(s)
+    assert builds["stock"]["stats"].batched_balance_mappings == 0
 
 
 def test_deferred_write_back_lands_once_through_the_staging_buffers():
@@ -206,6 +210,73 @@ def test_deferred_write_back_lands_once_through_the_staging_buffers():
     with disable_offloading():
         assert plain.weight.data_ptr() == plain._parameters.offloaded_values["weight"].data_ptr()
         assert not wb.defer(plain, "weight", torch.zeros(4, 4)), "onloaded without a copy: written as stock"
+
+
+def _quantized_linears(shapes: list[tuple[int, int]], preset: str = "W4A16", group_size: int | None = 16) -> list:
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+
+    torch.manual_seed(0)
+    layers = []
+    for out_f, in_f in shapes:
+        lin = torch.nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16)
+        torch.nn.init.normal_(lin.weight, std=0.3)
+        scheme = preset_name_to_scheme(preset, ["Linear"])
+        if group_size is not None:
+            scheme.weights.group_size = group_size
+        initialize_module_for_quantization(lin, scheme)
+        lin.quantization_status = QuantizationStatus.CALIBRATION
+        layers.append(lin)
+    return layers
+
+
+def test_batched_balance_quantization_is_stocks_bit_for_bit():
+    """Patch 12 against llm-compressor's per-layer grid-point step (scaled copy, min/max observer,
+    update_qparams, forward_quantize, /s), on two shapes and chunks that split a group."""
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+    from llmcompressor.modifiers.quantization.calibration import observe, update_qparams
+    from llmcompressor.observers.base import Observer
+
+    from release.awq_scale import _balance_groups, _quantize_balance_group
+
+    shapes = [(24, 64)] * 5 + [(8, 64)] * 2
+    stock, ours = _quantized_linears(shapes), _quantized_linears(shapes)
+    orig = {lin: lin.weight.detach().clone() for lin in stock + ours}
+    scales = (torch.rand(1, 64) * 3 + 0.05).float()
+    for lin in stock:  # llmcompressor 0.14.0.1's _compute_best_scale, one grid point
+        args = lin.quantization_scheme.weights
+        lin.register_module(
+            "weight_observer", Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)
+        )
+        lin.weight.data.copy_(orig[lin] * scales)
+        lin.weight_observer.delete_statistics(check_fused=False)
+    observe(stock, "weight")
+    update_qparams(stock, "weight", only_update_onload=True)
+    for lin in stock:
+        lin.weight.data = (forward_quantize(lin, lin.weight, "weight", lin.quantization_scheme.weights) / scales).to(
+            lin.weight.dtype
+        )
+    groups = _balance_groups(ours)
+    assert [len(g) for g in groups] == [5, 2]
+    per_layer = 24 * 64 * 20
+    for group in groups:
+        _quantize_balance_group(group, orig, scales, budget_bytes=2 * per_layer)  # chunks of 2 layers
+    for a, b in zip(stock, ours):
+        assert torch.equal(a.weight, b.weight)
+        assert torch.equal(a.weight_scale, b.weight_scale) and torch.equal(a.weight_zero_point, b.weight_zero_point)
+        assert a.weight.dtype == b.weight.dtype == torch.bfloat16
+    assert not torch.equal(ours[0].weight, orig[ours[0]]), "the weights really were quantized"
+
+
+def test_batched_balance_quantization_leaves_other_schemes_to_stock():
+    from release.awq_scale import _balance_groups
+
+    assert _balance_groups(_quantized_linears([(8, 32)], "NVFP4", None)) is None, "a global scale: stock's loop"
+    channel = _quantized_linears([(8, 32), (8, 32)], "W8A16", None)  # per-channel scales: row by row
+    assert _balance_groups(channel) == [channel]
+    plain = torch.nn.Linear(32, 8)  # no quantization scheme: stock leaves it alone in the search
+    assert _balance_groups([plain]) == []
 
 
 def test_full_engine_samples_expert_tokens_and_keeps_moe_awareness(builds):
