@@ -147,6 +147,8 @@ def run_one(
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "weights_digest": digest,
         "write_back": stats["write_back"],
+        "batched_balance": stats["batched_balance"],  # patch 12
+        "expert_searches_run": stats["expert_searches_run"],  # this rank's share of the Gram searches
         **{k: stats[k] for k in ("layers", "expert_tokens_seen", "expert_tokens_kept", "mapping_s")},
     }
 
