@@ -148,6 +148,8 @@ def run_one(
         "weights_digest": digest,
         "write_back": stats["write_back"],
         "batched_balance": stats["batched_balance"],  # patch 12
+        "search_phase_s": stats["search_phase_s"],
+        "allreduce_wait_s": stats["allreduce_wait_s"],
         "expert_searches_run": stats["expert_searches_run"],  # this rank's share of the Gram searches
         **{k: stats[k] for k in ("layers", "expert_tokens_seen", "expert_tokens_kept", "mapping_s")},
     }
@@ -207,6 +209,15 @@ def table(records: list[dict]) -> str:
                 f"{r['engine']} N={r['samples']}: "
                 + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["mapping_s"].items()))
                 for r in timed
+            )
+        )
+    phased = [r for r in records if r.get("search_phase_s")]
+    for r in phased:  # patch 12's grid searches, by phase
+        out.append(
+            f"Grid-search phases (s), {r['engine']} N={r['samples']} {r.get('gpus', 1)} GPU: "
+            + "; ".join(
+                f"{kind} " + ", ".join(f"{p} {v:.1f}" for p, v in phases.items())
+                for kind, phases in sorted(r["search_phase_s"].items())
             )
         )
     ns = sorted({r["samples"] for r in records})

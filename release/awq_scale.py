@@ -232,6 +232,11 @@ class ScaleStats:
     write_back_s: float = 0.0  # ... and how long that took
     batched_balance_mappings: int = 0  # patch 12: grid searches that quantized their balance layers together
     batched_balance_layers: int = 0  # ... over this many balance layers
+    # seconds per kind of mapping and phase of patch 12's search: "prepare" (from the previous mapping's end
+    # to the search: its smoothing writes, this one's reference forward and weight copies), "quantize"
+    # (the balance layers at every grid point, timed to the GPU's completion) and "forward_loss"
+    search_phase_s: dict[str, dict[str, float]] = field(default_factory=dict)
+    allreduce_wait_s: float = 0.0  # data parallel on GPUs: time in AWQ's all-reduces once this rank's work is done
     layers: list[LayerRecord] = field(default_factory=list)
     scales: dict[str, Any] = field(default_factory=dict)  # smooth layer name -> chosen scales
     mapping_s: dict[str, float] = field(default_factory=dict)  # seconds per kind of mapping
@@ -256,6 +261,8 @@ class ScaleStats:
                 "mismatches": self.write_back_mismatches,
             },
             "batched_balance": {"mappings": self.batched_balance_mappings, "layers": self.batched_balance_layers},
+            "search_phase_s": {k: {p: round(v, 2) for p, v in d.items()} for k, d in self.search_phase_s.items()},
+            "allreduce_wait_s": round(self.allreduce_wait_s, 2),
             "batched_experts_disabled": self.batched_experts_disabled,
             "expert_tokens_seen": self.tokens_seen,
             "expert_tokens_kept": self.tokens_kept,
@@ -849,7 +856,12 @@ def _quantize_balance_group(
 
 
 def _batched_balance_search(
-    modifier: Any, mapping: Any, fp16_outputs: Any, orig_layer_weights: dict[Any, Any], groups: list[list[Any]]
+    modifier: Any,
+    mapping: Any,
+    fp16_outputs: Any,
+    orig_layer_weights: dict[Any, Any],
+    groups: list[list[Any]],
+    phases: dict[str, float] | None = None,
 ) -> Any:
     """Patch 12: llm-compressor 0.14.0.1's `AWQModifier._compute_best_scale`, line for line, but
     for the balance layers' quantization at each grid point (`_quantize_balance_group`). Stock
@@ -879,11 +891,20 @@ def _batched_balance_search(
         scales[torch.isinf(scales)] = 1
         scales[torch.isnan(scales)] = 1
         scales_view = scales.view(1, -1).to(device)
+        t = time.perf_counter()
         for group in groups:
             _quantize_balance_group(group, orig_layer_weights, scales_view)
+        if phases is not None:
+            if scales_view.is_cuda:
+                torch.cuda.synchronize(scales_view.device)
+            now = time.perf_counter()
+            phases["quantize"] = phases.get("quantize", 0.0) + now - t
+            t = now
         int_w_outputs = modifier._run_samples(mapping.parent)
-        loss = modifier._compute_loss(fp16_outputs, int_w_outputs)
+        loss = modifier._compute_loss(fp16_outputs, int_w_outputs)  # .item(): waits for the GPU
         del int_w_outputs
+        if phases is not None:
+            phases["forward_loss"] = phases.get("forward_loss", 0.0) + time.perf_counter() - t
         if initial_error is None:
             initial_error = loss
         history.append({"ratio": ratio, "duo_scaling": use_duo_scaling, "error": loss})
@@ -1254,7 +1275,9 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
         try:
             groups = _balance_groups(mapping.balance_layers) if options.batched_balance_layers else None
             if groups:
-                best = _batched_balance_search(self, mapping, fp16_outputs, orig_layer_weights, groups)
+                phases = stats.search_phase_s.setdefault(mapping_kind(mapping.smooth_name), {})
+                phases["prepare"] = phases.get("prepare", 0.0) + time.perf_counter() - clock["mapping"]
+                best = _batched_balance_search(self, mapping, fp16_outputs, orig_layer_weights, groups, phases)
                 stats.batched_balance_mappings += 1
                 stats.batched_balance_layers += sum(len(g) for g in groups)
             else:
@@ -1579,6 +1602,16 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
     stock_forward_context = awq_base.calibration_forward_context
     stock_allreduce = awq_base._allreduce_data_sum
 
+    def timed_allreduce(data: list[Any]) -> list[Any]:
+        """Stock's all-reduce, timed from when this rank's GPU work is done: the time this rank
+        waits for the others (and the transfer) at AWQ's statistics and grid-search losses."""
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = stock_allreduce(data)
+        torch.cuda.synchronize()
+        stats.allreduce_wait_s += time.perf_counter() - t
+        return out
+
     @contextlib.contextmanager
     def search_forward_context(model: Any) -> Iterator[None]:
         """Stock's calibration context (which forces eager attention), then SDPA (patch 6)."""
@@ -1630,6 +1663,8 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             # ranks on CPU (the test of the data-parallel path): stock moves the sums to the
             # accelerator before all-reducing them, and there is none; gloo sums CPU tensors
             awq_base._allreduce_data_sum = _cpu_allreduce_sum
+        elif awq_base.is_distributed() and torch.cuda.is_available():
+            awq_base._allreduce_data_sum = timed_allreduce
         clock["last"] = time.perf_counter()
         yield stats
     finally:
