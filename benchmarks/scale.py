@@ -123,6 +123,18 @@ def run_one(
 
     if memory_trace is not None:
         memory_trace.write_text(json.dumps(gpu_memory.finish(), indent=1) + "\n")
+    # every rank's own timings: a rank that waits at AWQ's all-reduces waits for a slower one
+    mine = {
+        "rank": distributed.rank(),
+        "allreduce_wait_s": round(run.stats.allreduce_wait_s, 2),
+        "layers": [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in run.stats.layers],
+    }
+    ranks = [mine]
+    if distributed.world_size() > 1:
+        import torch.distributed as dist
+
+        ranks = [None] * distributed.world_size()
+        dist.all_gather_object(ranks, mine)
     if distributed.rank() != 0:
         distributed.barrier_and_close()
         return None
@@ -150,6 +162,7 @@ def run_one(
         "batched_balance": stats["batched_balance"],  # patch 12
         "search_phase_s": stats["search_phase_s"],
         "allreduce_wait_s": stats["allreduce_wait_s"],
+        "ranks": ranks,
         "expert_searches_run": stats["expert_searches_run"],  # this rank's share of the Gram searches
         **{k: stats[k] for k in ("layers", "expert_tokens_seen", "expert_tokens_kept", "mapping_s")},
     }
@@ -263,6 +276,17 @@ def compare_gpus(records: list[dict]) -> str:
                 f"N={n}, {gpus} GPUs: {a['same_1e-2']}/{a['mappings']} mappings chose the same scales (1e-2) as on one "
                 f"GPU; min cosine {a['min_cosine']:.5f}; peak GPU per rank {many['peak_gpu_gib']:.2f} GiB vs "
                 f"{one[n]['peak_gpu_gib']:.2f}"
+            )
+        if len(many.get("ranks") or []) > 1:
+            notes.append(
+                f"Per rank, N={n} on {gpus} GPUs (each layer's calibrate + smooth s; time waiting at AWQ's "
+                "all-reduces s): "
+                + "; ".join(
+                    f"rank {x['rank']}: "
+                    + " / ".join(f"{la['calib_s']:.1f} + {la['smooth_s']:.1f}" for la in x["layers"])
+                    + f", wait {x['allreduce_wait_s']:.1f}"
+                    for x in many["ranks"]
+                )
             )
     return "\n".join(out + [""] + notes)
 

@@ -834,25 +834,30 @@ def _quantize_balance_group(
     first = layers[0]
     args = first.quantization_scheme.weights
     out_f, in_f = first.weight.shape
-    dtype = first.weight.dtype
-    # the stacked weights, W*s in fp32 and in the weight's dtype, the fake quantization's
-    # intermediates and Q(W*s)/s in fp32: at most ~20 bytes an element at once
-    chunk = _expert_chunk(out_f * in_f * 20, budget_bytes)
+    dtype, device = first.weight.dtype, scales.device
+    # W*s in the weight's dtype and the fake quantization's intermediates: ~12 bytes an element.
+    # Products and quotients are written straight into tensors of the weight's dtype (`out=`): the
+    # arithmetic runs in the promoted dtype and is rounded once on the write, as stock's
+    # `(orig * s)` copied into the weight and `(Q(W*s) / s).to(dtype)` are, without their
+    # full-size fp32 temporaries.
+    chunk = _expert_chunk(out_f * in_f * 12, budget_bytes)
     for start in range(0, len(layers), chunk):
         group = layers[start : start + chunk]
-        w = torch.stack([orig[layer].to(scales.device) for layer in group])
-        ws = (w * scales).to(dtype).reshape(len(group) * out_f, in_f)
-        del w
+        ws = torch.empty((len(group) * out_f, in_f), dtype=dtype, device=device)
+        for i, layer in enumerate(group):
+            torch.mul(orig[layer].to(device), scales, out=ws[i * out_f : (i + 1) * out_f])
         observed = flatten_for_calibration(ws, "weight", args)
         qscale, qzero = calculate_qparams(torch.amin(observed, dim=(0, -1)), torch.amax(observed, dim=(0, -1)), args)
-        wq = (fake_quantize(ws, qscale, qzero, args) / scales).to(dtype)
+        fq = fake_quantize(ws, qscale, qzero, args)
         del ws, observed
         for i, layer in enumerate(group):
             rows = slice(i * out_f, (i + 1) * out_f)
-            layer.weight.data = wq[rows].clone()  # stock: a new tensor per layer
+            weight = torch.empty((out_f, in_f), dtype=dtype, device=device)  # stock: a new tensor per layer
+            layer.weight.data = torch.div(fq[rows], scales, out=weight)
             layer.weight_scale.data = qscale[rows].clone()  # as update_qparams(only_update_onload=True)
             if getattr(layer, "weight_zero_point", None) is not None:
                 layer.weight_zero_point.data = qzero[rows].clone()
+        del fq
 
 
 def _batched_balance_search(

@@ -259,7 +259,7 @@ def test_batched_balance_quantization_is_stocks_bit_for_bit():
         )
     groups = _balance_groups(ours)
     assert [len(g) for g in groups] == [5, 2]
-    per_layer = 24 * 64 * 20
+    per_layer = 24 * 64 * 12
     for group in groups:
         _quantize_balance_group(group, orig, scales, budget_bytes=2 * per_layer)  # chunks of 2 layers
     for a, b in zip(stock, ours):

@@ -69,8 +69,13 @@ def test_multi_gpu_report_pairs_each_run_with_one_gpu():
     base |= {"peak_gpu_gib": 1.0, "peak_host_gib": 2.0, "layers": [layer]}
     fast = dict(layer, calib_s=0.5, smooth_s=1.5)
     agreement = {"mappings": 3, "same_1e-2": 3, "min_cosine": 0.99999}
-    records = [dict(base, gpus=1), dict(base, gpus=2, layers=[fast], scales_vs_1gpu=agreement)]
+    ranks = [
+        {"rank": 0, "allreduce_wait_s": 0.4, "layers": [{"calib_s": 0.5, "smooth_s": 1.5}]},
+        {"rank": 1, "allreduce_wait_s": 0.0, "layers": [{"calib_s": 0.9, "smooth_s": 1.1}]},
+    ]
+    records = [dict(base, gpus=1), dict(base, gpus=2, layers=[fast], scales_vs_1gpu=agreement, ranks=ranks)]
     text = report(records)
+    assert "rank 0: 0.5 + 1.5, wait 0.4; rank 1: 0.9 + 1.1, wait 0.0" in text
     assert "| 8 | 2 | 0 | dense | 4.0 | 2.0 | 2.00x |" in text
     assert "N=8, 2 GPUs: 3/3 mappings chose the same scales (1e-2) as on one GPU; min cosine 0.99999" in text
     assert "| glmrel | 8 | 0 | dense |" in text.split("| samples | GPUs |")[0], "the 1-GPU table lists 1-GPU runs"
@@ -179,3 +184,33 @@ def test_memory_trace_breakdown_finds_the_peak_and_what_was_alive():
     b = {"sites": [{"site": "x", "gib": 1.0}, {"site": "y", "gib": 4.0}]}
     rows = compare(a, b, 16, 32)
     assert rows[0].split()[0] == "+128.0" and rows[0].endswith("y")
+
+
+def test_balance_quantization_benchmark_on_cpu():
+    """benchmarks.balance_quant at toy size: stock's per-layer grid-point step and patch 12's give
+    the same weights, scales and zero points."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.balance_quant",
+            "--experts",
+            "6",
+            "--out",
+            "16",
+            "--in",
+            "256",
+            "--reps",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "14 balance layers [16, 256] bf16" in proc.stdout
+    assert "ms per grid point" in proc.stdout and "bit for bit: True" in proc.stdout
