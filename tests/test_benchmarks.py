@@ -137,6 +137,35 @@ def test_report_of_the_deferred_write_back_runs():
     assert "165/166 mappings chose the same scales" in text
 
 
+def test_report_of_the_batched_balance_runs():
+    """Runs L, N and O (the figures the README quotes): patch 12 on and off with the same weights,
+    one GPU against two at N=64 and 256, and each rank's times."""
+    from benchmarks.scale import report
+
+    (off,) = json.loads((RESULTS / "n64-patch12-off-790b3d4.json").read_text())
+    on = [r for r in json.loads((RESULTS / "n64-1-vs-2gpu-patch12-790b3d4.json").read_text()) if r["gpus"] == 1][0]
+    assert off["weights_digest"] == on["weights_digest"], "patch 12 leaves the weights bit for bit"
+    assert off["awq_options"]["batched_balance_layers"] is False and on["awq_options"]["batched_balance_layers"]
+    assert off["batched_balance"]["mappings"] == 0 and on["batched_balance"] == {"mappings": 6, "layers": 332}
+    assert (off["mapping_s"]["mlp_or_moe_block"], on["mapping_s"]["mlp_or_moe_block"]) == (18.27, 15.15)
+    assert "| 64 | 2 | 1 | MoE | 34.2 | 22.4 | 1.53x |" in report(
+        json.loads((RESULTS / "n64-1-vs-2gpu-patch12-790b3d4.json").read_text())
+    )
+    big = json.loads((RESULTS / "n256-1-vs-2gpu-993d808.json").read_text())
+    text = report(big)
+    assert (
+        "| 256 | 2 | 1 | MoE | 104.4 | 59.1 | 1.77x |" in text
+        and "| 256 | 2 | 0 | dense | 33.5 | 16.9 | 1.98x |" in text
+    )
+    assert "166/166 mappings chose the same scales" in text
+    assert [r["expert_searches_run"] for r in big] == [160, 80], "each of 2 ranks ran half of the Gram searches"
+    ranks = json.loads((RESULTS / "n64-1-vs-2gpu-ranks-1dc78ed.json").read_text())
+    text = report(ranks)
+    assert "| 64 | 2 | 1 | MoE | 31.5 | 20.3 | 1.55x |" in text
+    assert "rank 0: 1.6 + 4.5 / 6.9 + 13.5, wait 2.3; rank 1: 1.9 + 3.7 / 8.1 + 12.2, wait 0.3" in text
+    assert ranks[0]["weights_digest"] == on["weights_digest"], "patch 12 without temporaries: the same weights"
+
+
 def test_memory_trace_without_a_gpu_says_so(tmp_path):
     import subprocess
     import sys
