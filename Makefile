@@ -35,10 +35,12 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.check_speed
 	$(BIN)/python -m benchmarks.check_speed --hash-bench
 
-# glmrel's AWQ against stock llm-compressor, side by side, on the tiny model (CPU, ~80 s).
+# glmrel's AWQ against stock llm-compressor, side by side, on the tiny model, and one grid point's
+# balance-layer quantization, stock's against patch 12's (CPU, ~90 s).
 # At GLM-4.7 layer size on a GPU: see benchmarks/results/README.md.
 bench-scale: $(STAMP)
 	$(BIN)/python -m benchmarks.scale --preset tiny --samples 1,2 --seq 32 --work out/bench-scale
+	$(BIN)/python -m benchmarks.balance_quant --experts 16 --out 64 --in 512
 
 ## test: run the test suite
 test: $(STAMP) git-lfs

@@ -71,6 +71,7 @@ def build(
 
     from release.tiny import GLM4MOE_FEATURES, _append_mtp_layer, ensure_demo_assets
 
+    out = out.resolve()  # the release config holds these paths, and reads them relative to itself
     assets = ensure_demo_assets(log=print)
     p = dict(PRESETS[preset])
     n_layers = layers or p.pop("layers")

@@ -31,16 +31,19 @@ def test_recorded_runs_are_the_engines_they_claim():
 @pytest.mark.slow
 def test_tiny_side_by_side_runs(tmp_path):
     """The benchmark itself, on the tiny model on CPU, as CI runs it (`make bench-scale`)."""
+    import os
     import subprocess
     import sys
 
     out = tmp_path / "records.json"
-    proc = subprocess.run(
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(  # --work relative to the working directory, as `make bench-scale` passes it
         [sys.executable, "-m", "benchmarks.scale", "--preset", "tiny", "--samples", "1,2", "--seq", "32"]
-        + ["--work", str(tmp_path / "work"), "--json", str(out)],
+        + ["--work", "work", "--json", str(out)],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))},
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
