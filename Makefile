@@ -47,8 +47,8 @@ test: $(STAMP) git-lfs
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check release tests
-	$(BIN)/ruff format --check release tests
+	$(BIN)/ruff check release tests benchmarks
+	$(BIN)/ruff format --check release tests benchmarks
 
 clean:
 	rm -rf out .cache .pytest_cache
