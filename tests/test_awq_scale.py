@@ -212,8 +212,10 @@ def test_deferred_write_back_lands_once_through_the_staging_buffers():
         assert not wb.defer(plain, "weight", torch.zeros(4, 4)), "onloaded without a copy: written as stock"
 
 
-def _quantized_linears(shapes: list[tuple[int, int]], preset: str = "W4A16", group_size: int | None = 16) -> list:
-    from compressed_tensors.quantization import QuantizationStatus
+def _quantized_linears(shapes: list[tuple[int, int]], preset: str = "W4A16", group_size: int | str | None = 16) -> list:
+    """bf16 Linears initialised for quantization with `preset`, its weights' group size set to
+    `group_size` (None: the preset's; "channel": one scale per output row)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
     from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
     from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
 
@@ -223,7 +225,9 @@ def _quantized_linears(shapes: list[tuple[int, int]], preset: str = "W4A16", gro
         lin = torch.nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16)
         torch.nn.init.normal_(lin.weight, std=0.3)
         scheme = preset_name_to_scheme(preset, ["Linear"])
-        if group_size is not None:
+        if group_size == "channel":
+            scheme.weights = QuantizationArgs(num_bits=scheme.weights.num_bits, symmetric=True, strategy="channel")
+        elif group_size is not None:
             scheme.weights.group_size = group_size
         initialize_module_for_quantization(lin, scheme)
         lin.quantization_status = QuantizationStatus.CALIBRATION
@@ -231,9 +235,15 @@ def _quantized_linears(shapes: list[tuple[int, int]], preset: str = "W4A16", gro
     return layers
 
 
-def test_batched_balance_quantization_is_stocks_bit_for_bit():
+@pytest.mark.parametrize(
+    ("preset", "group_size"),
+    [("W4A16", 16), ("W4A16_ASYM", 16), ("W8A16", "channel"), ("MXFP4A16", None)],
+    ids=["int4-group-symmetric", "int4-group-asymmetric", "int8-channel", "mxfp4-group"],
+)
+def test_batched_balance_quantization_is_stocks_bit_for_bit(preset, group_size):
     """Patch 12 against llm-compressor's per-layer grid-point step (scaled copy, min/max observer,
-    update_qparams, forward_quantize, /s), on two shapes and chunks that split a group."""
+    update_qparams, forward_quantize, /s), on two shapes and chunks that split a group, for the
+    strategies it takes (group, channel; symmetric, asymmetric, MX scales)."""
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
     from llmcompressor.modifiers.quantization.calibration import observe, update_qparams
     from llmcompressor.observers.base import Observer
@@ -241,7 +251,7 @@ def test_batched_balance_quantization_is_stocks_bit_for_bit():
     from release.awq_scale import _balance_groups, _quantize_balance_group
 
     shapes = [(24, 64)] * 5 + [(8, 64)] * 2
-    stock, ours = _quantized_linears(shapes), _quantized_linears(shapes)
+    stock, ours = _quantized_linears(shapes, preset, group_size), _quantized_linears(shapes, preset, group_size)
     orig = {lin: lin.weight.detach().clone() for lin in stock + ours}
     scales = (torch.rand(1, 64) * 3 + 0.05).float()
     for lin in stock:  # llmcompressor 0.14.0.1's _compute_best_scale, one grid point
@@ -264,7 +274,9 @@ def test_batched_balance_quantization_is_stocks_bit_for_bit():
         _quantize_balance_group(group, orig, scales, budget_bytes=2 * per_layer)  # chunks of 2 layers
     for a, b in zip(stock, ours):
         assert torch.equal(a.weight, b.weight)
-        assert torch.equal(a.weight_scale, b.weight_scale) and torch.equal(a.weight_zero_point, b.weight_zero_point)
+        assert torch.equal(a.weight_scale, b.weight_scale) and a.weight_scale.dtype == b.weight_scale.dtype
+        zero_points = [getattr(x, "weight_zero_point", None) for x in (a, b)]
+        assert zero_points[0] is None or torch.equal(*zero_points)
         assert a.weight.dtype == b.weight.dtype == torch.bfloat16
     assert not torch.equal(ours[0].weight, orig[ours[0]]), "the weights really were quantized"
 
@@ -273,7 +285,7 @@ def test_batched_balance_quantization_leaves_other_schemes_to_stock():
     from release.awq_scale import _balance_groups
 
     assert _balance_groups(_quantized_linears([(8, 32)], "NVFP4", None)) is None, "a global scale: stock's loop"
-    channel = _quantized_linears([(8, 32), (8, 32)], "W8A16", None)  # per-channel scales: row by row
+    channel = _quantized_linears([(8, 32), (8, 32)], "W8A16", "channel")  # one scale per row
     assert _balance_groups(channel) == [channel]
     plain = torch.nn.Linear(32, 8)  # no quantization scheme: stock leaves it alone in the search
     assert _balance_groups([plain]) == []
