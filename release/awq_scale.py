@@ -602,6 +602,21 @@ def _gram(x: Any) -> Any:
     return x.T @ x
 
 
+def _candidate_scales(x_mean: Any, w_mean: Any, ratio: float, duo: bool) -> Any:
+    """AWQ's scales for one grid point (llm-compressor 0.14.0.1's `_compute_best_scale`), over
+    the last dimension: one mapping's [in] or a batch of experts' [E, in]."""
+    import torch
+
+    if duo:
+        sc = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    else:
+        sc = x_mean.pow(ratio).clamp(min=1e-4)
+    sc = sc / (sc.amax(dim=-1, keepdim=True) * sc.amin(dim=-1, keepdim=True)).sqrt()
+    sc[torch.isinf(sc)] = 1
+    sc[torch.isnan(sc)] = 1
+    return sc
+
+
 def _search_experts(
     grid: Any,
     w: Any,
@@ -628,13 +643,7 @@ def _search_experts(
     best_loss = torch.full((e,), float("inf"), device=w.device)
     first_loss = best = None
     for ratio, duo in grid:
-        if duo:
-            sc = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
-        else:
-            sc = x_mean.pow(ratio).clamp(min=1e-4)
-        sc = sc / (sc.amax(dim=1, keepdim=True) * sc.amin(dim=1, keepdim=True)).sqrt()
-        sc[torch.isinf(sc)] = 1
-        sc[torch.isnan(sc)] = 1
+        sc = _candidate_scales(x_mean, w_mean, ratio, duo)
         ws = (w * sc[:, None, :]).to(w.dtype).reshape(e * out_f, in_f)
         observed = flatten_for_calibration(ws, "weight", args)
         qscale, qzero = calculate_qparams(torch.amin(observed, dim=(0, -1)), torch.amax(observed, dim=(0, -1)), args)
@@ -868,7 +877,7 @@ def _batched_balance_search(
     fp16_outputs: Any,
     orig_layer_weights: dict[Any, Any],
     groups: list[list[Any]],
-    phases: dict[str, float] | None = None,
+    phases: dict[str, float],
 ) -> Any:
     """Patch 12: llm-compressor 0.14.0.1's `AWQModifier._compute_best_scale`, step for step (less
     its progress bar and debug log), but for the balance layers' quantization at each grid point
@@ -888,31 +897,21 @@ def _batched_balance_search(
     if awq_base.is_distributed():
         x_sum, count = awq_base._allreduce_data_sum([x_sum, count])
     x_mean = x_sum.to(device) / count.to(device)
-    if modifier.duo_scaling:
-        w_mean = modifier._compute_layer_means(mapping.balance_layers).to(device)
+    w_mean = modifier._compute_layer_means(mapping.balance_layers).to(device) if modifier.duo_scaling else None
     for ratio, use_duo_scaling in modifier._get_grid_search_params():
-        if use_duo_scaling:
-            scales = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
-        else:
-            scales = x_mean.pow(ratio).clamp(min=1e-4).view(-1)
-        scales = scales / (scales.max() * scales.min()).sqrt()
-        scales[torch.isinf(scales)] = 1
-        scales[torch.isnan(scales)] = 1
+        scales = _candidate_scales(x_mean.view(-1), w_mean, ratio, use_duo_scaling)
         scales_view = scales.view(1, -1).to(device)
         t = time.perf_counter()
         for group in groups:
             _quantize_balance_group(group, orig_layer_weights, scales_view)
-        if phases is not None:
-            if scales_view.is_cuda:
-                torch.cuda.synchronize(scales_view.device)
-            now = time.perf_counter()
-            phases["quantize"] = phases.get("quantize", 0.0) + now - t
-            t = now
+        if scales_view.is_cuda:
+            torch.cuda.synchronize(scales_view.device)
+        now = time.perf_counter()
+        phases["quantize"] = phases.get("quantize", 0.0) + now - t
         int_w_outputs = modifier._run_samples(mapping.parent)
         loss = modifier._compute_loss(fp16_outputs, int_w_outputs)  # .item(): waits for the GPU
         del int_w_outputs
-        if phases is not None:
-            phases["forward_loss"] = phases.get("forward_loss", 0.0) + time.perf_counter() - t
+        phases["forward_loss"] = phases.get("forward_loss", 0.0) + time.perf_counter() - now
         if initial_error is None:
             initial_error = loss
         history.append({"ratio": ratio, "duo_scaling": use_duo_scaling, "error": loss})
