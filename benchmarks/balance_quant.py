@@ -19,30 +19,43 @@ import argparse
 import time
 
 
-def build(experts: int, out_f: int, in_f: int, group_size: int, device: str) -> list:
-    """2 x experts + 2 bf16 Linears (gate and up of each expert and of one shared expert), W4A16
-    at `group_size`, as llm-compressor leaves them for AWQ's grid search."""
+def quantized_linears(
+    shapes: list[tuple[int, int]],
+    preset: str = "W4A16",
+    group_size: int | str | None = None,
+    device: str = "cpu",
+    std: float = 0.02,
+) -> list:
+    """bf16 Linears [out, in] initialised for `preset` (group size `group_size`; None: the
+    preset's; "channel": one scale per output row), with the min/max weight observers AWQ's
+    grid search gives them: as llm-compressor leaves balance layers for that search."""
     import torch
-    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
     from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
     from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
     from llmcompressor.observers.base import Observer
 
     torch.manual_seed(0)
     layers = []
-    for _ in range(2 * experts + 2):
+    for out_f, in_f in shapes:
         lin = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=torch.bfloat16)
-        torch.nn.init.normal_(lin.weight, std=0.02)
-        scheme = preset_name_to_scheme("W4A16", ["Linear"])
-        scheme.weights.group_size = group_size
+        torch.nn.init.normal_(lin.weight, std=std)
+        scheme = preset_name_to_scheme(preset, ["Linear"])
+        if group_size == "channel":
+            scheme.weights = QuantizationArgs(num_bits=scheme.weights.num_bits, symmetric=True, strategy="channel")
+        elif group_size is not None:
+            scheme.weights.group_size = group_size
         initialize_module_for_quantization(lin, scheme)
         lin.quantization_status = QuantizationStatus.CALIBRATION
-        args = scheme.weights
-        lin.register_module(
-            "weight_observer", Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)
-        )
+        observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=scheme.weights)
+        lin.register_module("weight_observer", observer)
         layers.append(lin)
     return layers
+
+
+def build(experts: int, out_f: int, in_f: int, group_size: int, device: str) -> list:
+    """2 x experts + 2 balance layers: gate and up of each expert and of one shared expert."""
+    return quantized_linears([(out_f, in_f)] * (2 * experts + 2), "W4A16", group_size, device)
 
 
 def stock_step(layers: list, orig: dict, scales) -> None:

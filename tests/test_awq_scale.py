@@ -212,29 +212,6 @@ def test_deferred_write_back_lands_once_through_the_staging_buffers():
         assert not wb.defer(plain, "weight", torch.zeros(4, 4)), "onloaded without a copy: written as stock"
 
 
-def _quantized_linears(shapes: list[tuple[int, int]], preset: str = "W4A16", group_size: int | str | None = 16) -> list:
-    """bf16 Linears initialised for quantization with `preset`, its weights' group size set to
-    `group_size` (None: the preset's; "channel": one scale per output row)."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
-    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
-    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
-
-    torch.manual_seed(0)
-    layers = []
-    for out_f, in_f in shapes:
-        lin = torch.nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16)
-        torch.nn.init.normal_(lin.weight, std=0.3)
-        scheme = preset_name_to_scheme(preset, ["Linear"])
-        if group_size == "channel":
-            scheme.weights = QuantizationArgs(num_bits=scheme.weights.num_bits, symmetric=True, strategy="channel")
-        elif group_size is not None:
-            scheme.weights.group_size = group_size
-        initialize_module_for_quantization(lin, scheme)
-        lin.quantization_status = QuantizationStatus.CALIBRATION
-        layers.append(lin)
-    return layers
-
-
 @pytest.mark.parametrize(
     ("preset", "group_size"),
     [("W4A16", 16), ("W4A16_ASYM", 16), ("W8A16", "channel"), ("MXFP4A16", None)],
@@ -244,29 +221,14 @@ def test_batched_balance_quantization_is_stocks_bit_for_bit(preset, group_size):
     """Patch 12 against llm-compressor's per-layer grid-point step (scaled copy, min/max observer,
     update_qparams, forward_quantize, /s), on two shapes and chunks that split a group, for the
     strategies it takes (group, channel; symmetric, asymmetric, MX scales)."""
-    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
-    from llmcompressor.modifiers.quantization.calibration import observe, update_qparams
-    from llmcompressor.observers.base import Observer
-
+    from benchmarks.balance_quant import quantized_linears, stock_step
     from release.awq_scale import _balance_groups, _quantize_balance_group
 
     shapes = [(24, 64)] * 5 + [(8, 64)] * 2
-    stock, ours = _quantized_linears(shapes, preset, group_size), _quantized_linears(shapes, preset, group_size)
+    stock, ours = (quantized_linears(shapes, preset, group_size, std=0.3) for _ in range(2))
     orig = {lin: lin.weight.detach().clone() for lin in stock + ours}
     scales = (torch.rand(1, 64) * 3 + 0.05).float()
-    for lin in stock:  # llmcompressor 0.14.0.1's _compute_best_scale, one grid point
-        args = lin.quantization_scheme.weights
-        lin.register_module(
-            "weight_observer", Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)
-        )
-        lin.weight.data.copy_(orig[lin] * scales)
-        lin.weight_observer.delete_statistics(check_fused=False)
-    observe(stock, "weight")
-    update_qparams(stock, "weight", only_update_onload=True)
-    for lin in stock:
-        lin.weight.data = (forward_quantize(lin, lin.weight, "weight", lin.quantization_scheme.weights) / scales).to(
-            lin.weight.dtype
-        )
+    stock_step(stock, orig, scales)  # llmcompressor 0.14.0.1's _compute_best_scale, one grid point
     groups = _balance_groups(ours)
     assert [len(g) for g in groups] == [5, 2]
     per_layer = 24 * 64 * 12
@@ -282,10 +244,11 @@ def test_batched_balance_quantization_is_stocks_bit_for_bit(preset, group_size):
 
 
 def test_batched_balance_quantization_leaves_other_schemes_to_stock():
+    from benchmarks.balance_quant import quantized_linears
     from release.awq_scale import _balance_groups
 
-    assert _balance_groups(_quantized_linears([(8, 32)], "NVFP4", None)) is None, "a global scale: stock's loop"
-    channel = _quantized_linears([(8, 32), (8, 32)], "W8A16", "channel")  # one scale per row
+    assert _balance_groups(quantized_linears([(8, 32)], "NVFP4")) is None, "a global scale: stock's loop"
+    channel = quantized_linears([(8, 32), (8, 32)], "W8A16", "channel")  # one scale per row
     assert _balance_groups(channel) == [channel]
     plain = torch.nn.Linear(32, 8)  # no quantization scheme: stock leaves it alone in the search
     assert _balance_groups([plain]) == []
