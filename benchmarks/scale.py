@@ -9,6 +9,8 @@ the stock/glmrel time ratio per layer, and how peak memory moves with the sample
 
   python -m benchmarks.scale --preset tiny --samples 4,8 --seq 128           # CPU, CI
   python -m benchmarks.scale --preset glm47 --layers 2 --samples 16,64 --seq 2048 --device cuda
+  python -m benchmarks.scale --preset glm47 --layers 2 --samples 512 --seq 2048 --device cuda \
+      --engines glmrel --gpus 1,2,4     # the same runs on 1, 2 and 4 GPUs, compared
 
 `--json FILE` also writes every record. Nothing here asserts a speed: the figures are
 printed for people (and the README) to read.
@@ -257,6 +259,21 @@ def scales_agreement(one_file: str, many_file: str) -> dict:
     return {"mappings": len(s1), "same_1e-2": same, "min_cosine": round(min(cos), 6)}
 
 
+def _compare_scales(records: list[dict]) -> None:
+    """Fill in `scales_vs_1gpu` on every multi-GPU record whose 1-GPU run of the same N has saved
+    its scales, whichever of the two ran first (--gpus 4,2,1, or --append across device calls)."""
+    one = {
+        r["samples"]: r["scales_file"]
+        for r in records
+        if r["engine"] == "glmrel" and r.get("gpus", 1) == 1 and r.get("scales_file")
+    }
+    for r in records:
+        n, f = r["samples"], r.get("scales_file")
+        if r.get("gpus", 1) > 1 and "scales_vs_1gpu" not in r and f and n in one:
+            if Path(f).is_file() and Path(one[n]).is_file():
+                r["scales_vs_1gpu"] = scales_agreement(one[n], f)
+
+
 def compare_gpus(records: list[dict]) -> str:
     """Multi-GPU against one GPU: time per layer, and how far the chosen AWQ scales moved."""
     out = [
@@ -310,7 +327,16 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("out/bench-scale"))
     ap.add_argument("--json", type=Path, default=None, help="also write the records here")
     ap.add_argument(
-        "--gpus", type=int, default=1, help="also run glmrel data-parallel on this many GPUs and compare with one GPU"
+        "--gpus",
+        default="1",
+        help="comma-separated GPU counts for the glmrel runs, in the order given (e.g. 1,2,4 or 4,2); each count "
+        "above 1 runs data-parallel and is compared with the 1-GPU run of the same N, from this run or --append's",
+    )
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the records already in --json and add this run's (one report over both: e.g. the multi-GPU "
+        "runs in one device call and the 1-GPU run in the next, when one call's time limit cannot hold all)",
     )
     ap.add_argument(
         "--awq",
@@ -360,6 +386,11 @@ def main() -> None:
                 "--memory-trace traces the CUDA allocator, and this machine has no GPU "
                 "(torch.cuda.is_available() is False): run it on a GPU machine, or drop --memory-trace"
             )
+    gpu_counts = [int(x) for x in a.gpus.split(",")]
+    if not gpu_counts or min(gpu_counts) < 1:
+        raise SystemExit(f"--gpus takes GPU counts of 1 or more, e.g. 1,2,4; got {a.gpus!r}")
+    if a.append and not a.json:
+        raise SystemExit("--append adds to the records of --json FILE: pass --json too")
     samples = [int(x) for x in a.samples.split(",")]
     stock_samples = [int(x) for x in a.stock_samples.split(",")] if a.stock_samples else samples
     awq = awq_overrides(a.awq)
@@ -371,13 +402,11 @@ def main() -> None:
         cmd = [sys.executable, "-m", "benchmarks.synthetic", "--preset", a.preset, "--out", str(work)]
         cmd += ["--device", a.device, "--group-size", str(a.group_size), "--samples", str(most), "--seq", str(a.seq)]
         subprocess.run(cmd + (["--layers", str(a.layers)] if a.layers else []), check=True)
-    records = []
+    records = json.loads(a.json.read_text()) if a.append and a.json.is_file() else []
     engines = a.engines.split(",")
     # glmrel first, then data-parallel glmrel, stock (the slow baseline) last: a run cut short
     # by a time limit still has the records that came before (--json is written after each)
-    runs = [(n, e, 1) for n in samples for e in engines if e != "stock"]
-    if a.gpus > 1:
-        runs += [(n, "glmrel", a.gpus) for n in samples]
+    runs = [(n, "glmrel", g) for n in samples for g in gpu_counts if "glmrel" in engines]
     runs += [(n, "stock", 1) for n in stock_samples if "stock" in engines]
     for n, engine, gpus in runs:
         t = time.time()
@@ -411,10 +440,8 @@ def main() -> None:
         rec["scales_file"] = str(scales) if engine == "glmrel" else None
         if "--trace-out" in cmd:
             rec["memory_trace"] = json.loads(trace.read_text())
-        one = work / f"scales-glmrel-{n}-1gpu.pt"
-        if gpus > 1 and one.is_file():
-            rec["scales_vs_1gpu"] = scales_agreement(str(one), str(scales))
         records.append(rec)
+        _compare_scales(records)
         if a.json:  # after every run, so a run cut short still leaves its records
             a.json.parent.mkdir(parents=True, exist_ok=True)
             a.json.write_text(json.dumps(records, indent=1) + "\n")

@@ -1,6 +1,8 @@
 """The scale benchmark's report, from the records of its GPU runs committed in benchmarks/results."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,8 +34,6 @@ def test_recorded_runs_are_the_engines_they_claim():
 def test_tiny_side_by_side_runs(tmp_path):
     """The benchmark itself, on the tiny model on CPU, as CI runs it (`make bench-scale`)."""
     import os
-    import subprocess
-    import sys
 
     out = tmp_path / "records.json"
     repo = Path(__file__).resolve().parent.parent
@@ -82,6 +82,43 @@ def test_multi_gpu_report_pairs_each_run_with_one_gpu():
     assert "| 8 | 2 | 0 | dense | 4.0 | 2.0 | 2.00x |" in text
     assert "N=8, 2 GPUs: 3/3 mappings chose the same scales (1e-2) as on one GPU; min cosine 0.99999" in text
     assert "| glmrel | 8 | 0 | dense |" in text.split("| samples | GPUs |")[0], "the 1-GPU table lists 1-GPU runs"
+
+
+def test_multi_gpu_scales_are_compared_whichever_run_came_first(tmp_path):
+    """--gpus 4,1 or --append across device calls: the 1-GPU scales may be saved after the
+    multi-GPU run's; each multi-GPU record is compared once both files exist."""
+    import torch
+
+    from benchmarks.scale import _compare_scales
+
+    one, four = tmp_path / "one.pt", tmp_path / "four.pt"
+    torch.save({"a": torch.ones(4), "b": torch.ones(4)}, one)
+    torch.save({"a": torch.ones(4), "b": torch.tensor([1.0, 1.0, 1.0, 2.0])}, four)
+    records = [{"engine": "glmrel", "samples": 8, "gpus": 4, "scales_file": str(four)}]
+    _compare_scales(records)  # no 1-GPU run yet: nothing to compare with
+    assert "scales_vs_1gpu" not in records[0]
+    records.append({"engine": "glmrel", "samples": 8, "gpus": 1, "scales_file": str(one)})
+    _compare_scales(records)
+    assert records[0]["scales_vs_1gpu"]["same_1e-2"] == 1 and records[0]["scales_vs_1gpu"]["mappings"] == 2
+    assert "scales_vs_1gpu" not in records[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpus", "0"], "--gpus takes GPU counts of 1 or more"),
+        (["--append"], "--append adds to the records of --json FILE: pass --json too"),
+    ],
+)
+def test_scale_benchmark_rejects_bad_gpu_options(tmp_path, args, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale", "--work", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode != 0 and message in proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing built before the options are checked"
 
 
 def test_report_of_the_same_run_comparison_at_64_samples():
