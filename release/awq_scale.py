@@ -140,7 +140,7 @@ class ScaleOptions:
     # routed experts' down_proj scale search: "gram" (patch 10: every token, no rows kept),
     # "sampled" (patch 4's rows, stock's per-expert loop), "sampled-batched" (patch 4 + patch 8)
     expert_search: ExpertSearch = "gram"
-    resident_cache_gib: float | None = None  # patch 9: None = 20 % of the GPU's memory; 0 = stock
+    resident_cache_gib: float | None = None  # patch 9: None = 35 % of the GPU's memory; 0 = stock
     deferred_write_back: bool = True  # patch 11: smoothed weights reach the CPU offload once a layer
     batched_balance_layers: bool = True  # patch 12: a grid point quantizes same-shape balance layers together
     check_write_back: bool = False  # patch 11, benchmarks: compare every CPU copy with the GPU's after each layer
@@ -1170,15 +1170,16 @@ def _land(done: Any, moves: list[tuple[Any, Any]]) -> None:
 
 
 def _resident_budget(gib: float | None) -> int:
-    """Bytes of GPU memory patch 9 may hold: `gib`, or (None) 20 % of this process's GPU; none
-    without one."""
+    """Bytes of GPU memory patch 9 may hold: `gib`, or (None) 35 % of this process's GPU; none
+    without one. 35 %: at 512 x 2048 on an H100 80GB, 28 GiB kept the dense layer's host window
+    at 55.4 GiB (72.0 GiB at 20 %) with the GPU peak at 54.1 GiB allocated, 65.1 reserved."""
     import torch
 
     if gib is not None:
         return int(gib * 2**30)
     if not torch.cuda.is_available():
         return 0
-    return int(0.2 * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return int(0.35 * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
 
 
 _LIBC: list[Any] = []

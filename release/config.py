@@ -128,7 +128,7 @@ class AwqSpec(_Strict):
         default=None,
         ge=0,
         description="GPU memory (GiB, per GPU) in which AWQ's cached layer inputs stay between the "
-        "calibration forward and the scale search; the rest go to host RAM (glmrel engine; null: 20 % of "
+        "calibration forward and the scale search; the rest go to host RAM (glmrel engine; null: 35 % of "
         "the GPU's memory; 0: host RAM for all, as stock)",
     )
     deferred_write_back: bool = Field(

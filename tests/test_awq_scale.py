@@ -505,3 +505,22 @@ def test_merged_moe_block_forward_equals_one_per_sample():
     # a value without a batch axis must be equal to merge; two tensor inputs are not token-wise
     a, b = {"x": torch.ones(1, 3, 4), "ids": torch.arange(3)}, {"x": torch.ones(1, 3, 4), "ids": torch.arange(3) + 1}
     assert not _mergeable(a, b, False) and _mergeable(a, dict(a), False) and not _mergeable(a, dict(a), True)
+
+
+def test_resident_budget_defaults_to_35_percent_of_the_gpu(monkeypatch):
+    """Patch 9's budget: the recipe's GiB when set, else 35 % of the card (the share measured at
+    512 x 2048 on an H100 80GB: README, run Q); none on a machine without a GPU."""
+    import types
+
+    import torch
+
+    from release.awq_scale import _resident_budget
+
+    assert _resident_budget(1.5) == int(1.5 * 2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _resident_budget(None) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    card = types.SimpleNamespace(total_memory=81559 * 2**20)  # what nvidia-smi lists for an H100 80GB
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: card)
+    assert round(_resident_budget(None) / 2**30, 1) == 27.9
