@@ -283,3 +283,36 @@ def test_balance_quantization_benchmark_on_cpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "14 balance layers [16, 256] bf16" in proc.stdout
     assert "ms per grid point" in proc.stdout and "bit for bit: True" in proc.stdout
+
+
+def test_report_of_the_512_sample_scaling_runs():
+    """Runs P and Q (the figures the README quotes): the recipe's 512 x 2048 on 1, 2 and 4 GPUs of
+    one 4xH200 machine; one H100 80GB with a 28 GiB resident cache."""
+    from benchmarks.scale import report
+
+    records = json.loads((RESULTS / "n512-1-2-4gpu-ec296b7.json").read_text())
+    assert sorted(r["gpus"] for r in records) == [1, 2, 4] and {r["samples"] for r in records} == {512}
+    text = report(records)
+    assert (
+        "| 512 | 4 | 1 | MoE | 221.5 | 55.6 | 3.99x |" in text
+        and "| 512 | 4 | 0 | dense | 108.0 | 17.6 | 6.14x |" in text
+    )
+    assert (
+        "| 512 | 2 | 1 | MoE | 221.5 | 106.4 | 2.08x |" in text
+        and "| 512 | 2 | 0 | dense | 108.0 | 32.2 | 3.35x |" in text
+    )
+    assert text.count("166/166 mappings chose the same scales") == 2
+    by = {r["gpus"]: r for r in records}
+    # one GPU sent 560 of its cached batches to host RAM; two and four kept all on the card
+    assert by[1]["resident_cache"]["offloaded_batches"] == 560
+    assert by[2]["resident_cache"]["offloaded_batches"] == by[4]["resident_cache"]["offloaded_batches"] == 0
+    # the MoE block's grid-search forward, which never touches host RAM, scales linearly
+    fwd = [by[g]["search_phase_s"]["mlp_or_moe_block"]["forward_loss"] for g in (1, 2, 4)]
+    assert fwd == [89.23, 44.53, 22.42]
+    (h100,) = json.loads(
+        (RESULTS.parent / "2026-11-27-h100-scale-glm47-2layer" / "n512-resident28-ec296b7.json").read_text()
+    )
+    assert "H100" in h100["gpu"] and h100["awq_options"]["resident_cache_gib"] == 28.0
+    dense, moe = h100["layers"]
+    assert round(dense["peak_host_gib"], 1) == 55.4 and round(moe["reserved_gpu_gib"], 1) == 65.1
+    assert h100["weights_digest"] == by[1]["weights_digest"], "H100 and H200, either budget: the same weights"
