@@ -259,19 +259,21 @@ def scales_agreement(one_file: str, many_file: str) -> dict:
     return {"mappings": len(s1), "same_1e-2": same, "min_cosine": round(min(cos), 6)}
 
 
+def _one_gpu_runs(records: list[dict]) -> dict[int, dict]:
+    """glmrel's 1-GPU record for each sample count: what the multi-GPU runs are compared with."""
+    return {r["samples"]: r for r in records if r["engine"] == "glmrel" and r.get("gpus", 1) == 1}
+
+
 def _compare_scales(records: list[dict]) -> None:
     """Fill in `scales_vs_1gpu` on every multi-GPU record whose 1-GPU run of the same N has saved
     its scales, whichever of the two ran first (--gpus 4,2,1, or --append across device calls)."""
-    one = {
-        r["samples"]: r["scales_file"]
-        for r in records
-        if r["engine"] == "glmrel" and r.get("gpus", 1) == 1 and r.get("scales_file")
-    }
+    one = _one_gpu_runs(records)
     for r in records:
         n, f = r["samples"], r.get("scales_file")
-        if r.get("gpus", 1) > 1 and "scales_vs_1gpu" not in r and f and n in one:
-            if Path(f).is_file() and Path(one[n]).is_file():
-                r["scales_vs_1gpu"] = scales_agreement(one[n], f)
+        base = one[n].get("scales_file") if n in one else None
+        if r.get("gpus", 1) > 1 and "scales_vs_1gpu" not in r and f and base:
+            if Path(f).is_file() and Path(base).is_file():
+                r["scales_vs_1gpu"] = scales_agreement(base, f)
 
 
 def compare_gpus(records: list[dict]) -> str:
@@ -281,7 +283,7 @@ def compare_gpus(records: list[dict]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     notes = []
-    one = {r["samples"]: r for r in records if r["engine"] == "glmrel" and r.get("gpus", 1) == 1}
+    one = _one_gpu_runs(records)
     for many in records:
         gpus, n = many.get("gpus", 1), many["samples"]
         if gpus == 1 or n not in one:
@@ -386,7 +388,10 @@ def main() -> None:
                 "--memory-trace traces the CUDA allocator, and this machine has no GPU "
                 "(torch.cuda.is_available() is False): run it on a GPU machine, or drop --memory-trace"
             )
-    gpu_counts = [int(x) for x in a.gpus.split(",")]
+    try:
+        gpu_counts = [int(x) for x in a.gpus.split(",")]
+    except ValueError:
+        gpu_counts = []
     if not gpu_counts or min(gpu_counts) < 1:
         raise SystemExit(f"--gpus takes GPU counts of 1 or more, e.g. 1,2,4; got {a.gpus!r}")
     if a.append and not a.json:
@@ -404,8 +409,8 @@ def main() -> None:
         subprocess.run(cmd + (["--layers", str(a.layers)] if a.layers else []), check=True)
     records = json.loads(a.json.read_text()) if a.append and a.json.is_file() else []
     engines = a.engines.split(",")
-    # glmrel first, then data-parallel glmrel, stock (the slow baseline) last: a run cut short
-    # by a time limit still has the records that came before (--json is written after each)
+    # glmrel on each of --gpus' counts in their order, stock (the slow baseline) last: a run cut
+    # short by a time limit still has the records that came before (--json is written after each)
     runs = [(n, "glmrel", g) for n in samples for g in gpu_counts if "glmrel" in engines]
     runs += [(n, "stock", 1) for n in stock_samples if "stock" in engines]
     for n, engine, gpus in runs:

@@ -107,6 +107,7 @@ def test_multi_gpu_scales_are_compared_whichever_run_came_first(tmp_path):
     ("args", "message"),
     [
         (["--gpus", "0"], "--gpus takes GPU counts of 1 or more"),
+        (["--gpus", "two"], "--gpus takes GPU counts of 1 or more"),
         (["--append"], "--append adds to the records of --json FILE: pass --json too"),
     ],
 )
