@@ -242,6 +242,10 @@ class ScaleStats:
     layers: list[LayerRecord] = field(default_factory=list)
     scales: dict[str, Any] = field(default_factory=dict)  # smooth layer name -> chosen scales
     mapping_s: dict[str, float] = field(default_factory=dict)  # seconds per kind of mapping
+    # patch 12's grid searches: smooth layer name -> the loss at every grid point, in the order of
+    # `_get_grid_search_params` (the first point, ratio 0 without duo scaling, leaves the weights
+    # unsmoothed: it depends only on the data the ranks saw together)
+    grid_losses: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def peak_gpu_gib(self) -> float:
@@ -277,6 +281,7 @@ class ScaleStats:
             },
             "layers": [vars(r) for r in self.layers],
             "mapping_s": {k: round(v, 2) for k, v in self.mapping_s.items()},
+            "grid_losses": {k: list(v) for k, v in self.grid_losses.items()},
         }
 
 
@@ -878,6 +883,7 @@ def _batched_balance_search(
     orig_layer_weights: dict[Any, Any],
     groups: list[list[Any]],
     phases: dict[str, float],
+    losses: list[float] | None = None,
 ) -> Any:
     """Patch 12: llm-compressor 0.14.0.1's `AWQModifier._compute_best_scale`, step for step (less
     its progress bar and debug log), but for the balance layers' quantization at each grid point
@@ -915,6 +921,8 @@ def _batched_balance_search(
         if initial_error is None:
             initial_error = loss
         history.append({"ratio": ratio, "duo_scaling": use_duo_scaling, "error": loss})
+        if losses is not None:
+            losses.append(float(loss))
         if loss < best_error:
             best_error = loss
             best_ratio = ratio
@@ -1285,7 +1293,9 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
             if groups:
                 phases = stats.search_phase_s.setdefault(mapping_kind(mapping.smooth_name), {})
                 phases["prepare"] = phases.get("prepare", 0.0) + time.perf_counter() - clock["mapping"]
-                best = _batched_balance_search(self, mapping, fp16_outputs, orig_layer_weights, groups, phases)
+                losses: list[float] = []
+                best = _batched_balance_search(self, mapping, fp16_outputs, orig_layer_weights, groups, phases, losses)
+                stats.grid_losses[mapping.smooth_name] = losses
                 stats.batched_balance_mappings += 1
                 stats.batched_balance_layers += sum(len(g) for g in groups)
             else:

@@ -12,7 +12,7 @@ from . import distributed
 from .check import check_branch
 from .config import ReleaseConfig
 from .errors import ReleaseError
-from .manifest import write_manifest
+from .manifest import folder_content_digest, write_manifest
 from .quantize import BranchBuild, resolve_base_model
 from .render import render_release
 from .verify import VERIFY_FILE, BaseReference, QualityReport, load_heldout, verify_branch
@@ -29,6 +29,18 @@ class BuildResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"branches": [b.to_json() for b in self.builds], "quality": self.quality, "passed": self.passed}
+
+
+def _verification_of_this_content(folder: Path) -> dict[str, Any] | None:
+    """The branch's verify.json when it is about the files as they are now; None when it is
+    missing, unreadable, or about other content (then the branch is verified again)."""
+    try:
+        record = json.loads((folder / VERIFY_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("content_sha256") != folder_content_digest(folder):
+        return None
+    return record
 
 
 def build_all(
@@ -57,9 +69,9 @@ def build_all(
     quality: dict[str, dict[str, Any]] = {}
     reference: BaseReference | None = None
     for b in builds:
-        existing = b.path / VERIFY_FILE
-        if b.skipped and existing.is_file():
-            quality[b.branch] = json.loads(existing.read_text())
+        earlier = _verification_of_this_content(b.path) if b.skipped else None
+        if earlier is not None:
+            quality[b.branch] = earlier
             continue
         if reference is None:
             reference = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)

@@ -41,6 +41,64 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+MESSAGES_HINT = (
+    'each row\'s {col} must be a list of messages like [{{"role": "user", "content": "..."}}, '
+    '{{"role": "assistant", "content": "..."}}], with string role and content'
+)
+
+
+def message_problem(messages: Any) -> str | None:
+    """What is wrong with one row's chat messages, or None: a non-empty list of
+    {role, content} objects whose role and content are strings."""
+    if not isinstance(messages, list):
+        return f"is a {type(messages).__name__}, not a list of messages"
+    if not messages:
+        return "is an empty list"
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"message {j} is a {type(m).__name__}, not an object with role and content"
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                got = "missing" if key not in m else f"a {type(m[key]).__name__}"
+                return f"message {j}'s {key} is {got}, not a string"
+    return None
+
+
+def _bad_row(where: str, column: str, problem: str) -> ReleaseError:
+    return ReleaseError(
+        f"calibration {where}: {column} {problem}",
+        hint=MESSAGES_HINT.format(col=column) + "; fix or drop that row (set calibration.messages_column if the "
+        "conversations are in another column)",
+    )
+
+
+def _scan_jsonl(path: Path, column: str) -> None:
+    """Validate a .jsonl file line by line before `datasets` reads it, so a bad line is named
+    (datasets only says "An error occurred while generating the dataset")."""
+    with path.open(encoding="utf-8", errors="strict") as f:
+        try:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ReleaseError(
+                        f"calibration file {path} line {n} is not valid JSON ({e.msg}, column {e.colno})",
+                        hint=f'each line of a .jsonl file is one JSON object, e.g. {{"{column}": [{{"role": "user", '
+                        '"content": "..."}]}',
+                    ) from e
+                if not isinstance(row, dict):
+                    raise _bad_row(f"file {path} line {n}", "the line", f"is a {type(row).__name__}, not an object")
+                if column in row and (problem := message_problem(row[column])):
+                    raise _bad_row(f"file {path} line {n}", column, problem)
+        except UnicodeDecodeError as e:
+            raise ReleaseError(
+                f"calibration file {path} is not UTF-8 text ({e.reason} at byte {e.start})",
+                hint="write the .jsonl file as UTF-8",
+            ) from e
+
+
 def load_messages(spec: CalibrationSpec):
     """Load the raw conversations as a `datasets.Dataset` (Hub id or local file)."""
     import datasets
@@ -67,15 +125,23 @@ def load_messages(spec: CalibrationSpec):
         builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
         if builder is None:
             raise ReleaseError(f"calibration file {path} must be .jsonl, .json or .parquet")
+        if path.suffix == ".jsonl":
+            _scan_jsonl(path, spec.messages_column)
         try:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:
-            raise ReleaseError(f"could not read calibration file {path}: {e}") from e
+            raise ReleaseError(
+                f"could not read calibration file {path}: {e}",
+                hint="a .json file is one JSON array or JSON lines; a .parquet file needs a messages column",
+            ) from e
     if spec.messages_column not in ds.column_names:
         raise ReleaseError(
             f"calibration data has no {spec.messages_column!r} column (columns: {', '.join(ds.column_names)})",
             hint="set calibration.messages_column to the column holding chat messages",
         )
+    for i, messages in enumerate(ds[spec.messages_column]):
+        if problem := message_problem(messages):
+            raise _bad_row(f"row {i} of {spec.source_id}", spec.messages_column, problem)
     return ds
 
 

@@ -8,7 +8,9 @@ file or tensor and what was expected; nothing here raises a traceback for a bad 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from huggingface_hub.utils import SafetensorsFileMetadata
 
 from .architecture import Glm4MoeArch
 from .errors import ReleaseError
-from .manifest import MANIFEST_FILE, Manifest, branch_files, sha256_file
+from .manifest import MANIFEST_FILE, Manifest, sha256_file
 from .vllm_rules import ServeVerdict, serve_verdicts
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -27,14 +29,16 @@ MAX_HEADER_BYTES = 100 << 20
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOATS = frozenset({"F32", "F16", "BF16"})
 TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-REQUIRED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer_config.json",
-    "recipe.yaml",
-    "provenance.json",
-)
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
+# glmrel's own records: a branch glmrel built carries them; a third-party branch does not.
+RECORD_FILES = ("recipe.yaml", "provenance.json")
+REQUIRED_FILES = MODEL_FILES + RECORD_FILES
+VERIFY_FILE = "verify.json"
 BRANCH_GROUP = re.compile(r"_GS(\d+)$")
+# group sizes glmrel builds and checks (the config's SUPPORTED_GROUP_SIZES; no import of the
+# config module here, which keeps `check` light)
+CHECKED_GROUP_SIZES = (-1, 32, 64, 128)
+THIRD_PARTY_HINT = "a branch glmrel did not build has none of its records: check it with --third-party"
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class CheckItem:
     check: str
     ok: bool
     message: str
+    skipped: bool = False
 
 
 @dataclass
@@ -56,7 +61,11 @@ class CheckReport:
 
     @property
     def failures(self) -> list[CheckItem]:
-        return [i for i in self.items if not i.ok]
+        return [i for i in self.items if not i.ok and not i.skipped]
+
+    @property
+    def skipped(self) -> list[CheckItem]:
+        return [i for i in self.items if i.skipped]
 
     @property
     def passed(self) -> bool:
@@ -68,6 +77,15 @@ class CheckReport:
     def ok(self, check: str, message: str) -> None:
         self.items.append(CheckItem(check, True, message))
 
+    def skip(self, check: str, why: str) -> None:
+        """A check that did not run, and why (never counted as passed)."""
+        self.items.append(CheckItem(check, False, why, skipped=True))
+
+    def diagnose(self, check: str, message: str) -> None:
+        """A failure that explains others: listed before every other failure."""
+        first = next((n for n, i in enumerate(self.items) if not i.ok and not i.skipped), len(self.items))
+        self.items.insert(first, CheckItem(check, False, message))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "path": self.path,
@@ -77,6 +95,7 @@ class CheckReport:
             "shards": self.shards,
             "hashed": self.hashed,
             "checks": [asdict(i) for i in self.items],
+            "skipped": [f"{i.check}: {i.message}" for i in self.skipped],
             "vllm": [v.to_json() for v in self.vllm],
         }
 
@@ -84,7 +103,9 @@ class CheckReport:
         counts = f" ({self.tensors} tensors in {self.shards} shards)" if self.shards else ""
         lines = [f"{self.path}: {'PASSED' if self.passed else 'FAILED'}{counts}"]
         for i in self.items:
-            if verbose or not i.ok:
+            if i.skipped:
+                lines.append(f"  skip [{i.check}] skipped: {i.message}")
+            elif verbose or not i.ok:
                 lines.append(f"  {'ok  ' if i.ok else 'FAIL'} [{i.check}] {i.message}")
         if not self.hashed:
             lines.append("  hashes: skipped (--no-hash); sizes were compared")
@@ -247,6 +268,18 @@ def _compare_inventory(
             problems.append(f"tensor {name} is a dense weight left beside the packed one of a quantized module")
         else:
             problems.append(f"unexpected tensor {name}")
+    fused = sorted(n for n in found if FUSED_EXPERTS.search(n))
+    if fused:
+        report.diagnose(
+            "inventory",
+            f"the routed experts are stored fused ({len(fused)} tensors such as {fused[0]}): vLLM's compressed-tensors "
+            "MoE loader maps experts stored one by one (mlp.experts.{e}.gate_proj/up_proj/down_proj); the missing "
+            "per-expert tensors below follow from this",
+        )
+        problems = [p for p in problems if not (p.startswith("missing tensor") and ".mlp.experts." in p)] + [
+            f"missing {sum(1 for p in problems if p.startswith('missing tensor') and '.mlp.experts.' in p)} "
+            "per-expert tensors (mlp.experts.{e}.*), stored fused instead"
+        ]
     for p in problems[:50]:
         report.fail("inventory", p)
     if len(problems) > 50:
@@ -321,10 +354,19 @@ def _check_quantization_config(report: CheckReport, cfg: dict, arch: Glm4MoeArch
 # ---------------------------------------------------------------- files
 
 
-def _check_required(report: CheckReport, names: set[str], tokenizer_config: Callable[[], dict]) -> None:
-    for req in REQUIRED_FILES:
+def _check_required(
+    report: CheckReport, names: set[str], tokenizer_config: Callable[[], dict], third_party: bool = False
+) -> None:
+    for req in MODEL_FILES if third_party else REQUIRED_FILES:
         if req not in names:
             report.fail("files", f"required file {req} is missing")
+    if third_party:
+        report.skip("records", f"{', '.join(RECORD_FILES)}: glmrel's build records (--third-party)")
+    elif not (set(RECORD_FILES) | {MANIFEST_FILE, VERIFY_FILE}) & names:
+        report.diagnose(
+            "records",
+            f"none of glmrel's records (recipe.yaml, provenance.json, manifest.json, verify.json); {THIRD_PARTY_HINT}",
+        )
     if not ({"tokenizer.json", "tokenizer.model"} & names):
         report.fail("files", "no tokenizer (tokenizer.json or tokenizer.model)")
     if "chat_template.jinja" not in names and not tokenizer_config().get("chat_template"):
@@ -369,20 +411,91 @@ def _json_file(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def _folder_entries(report: CheckReport, folder: Path) -> set[str]:
+    """Names of the regular files a branch folder publishes; every symbolic link, sub-folder or
+    other entry is a failure (publish refuses them too: nothing outside the folder is read)."""
+    names = set()
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        mode = p.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            report.fail(
+                "files", f"{p.name} is a symbolic link (to {os.readlink(p)}); a branch holds regular files only"
+            )
+        elif stat.S_ISDIR(mode):
+            report.fail("files", f"{p.name}/ is a sub-folder; a branch holds a flat set of files (move it out)")
+        elif not stat.S_ISREG(mode):
+            report.fail("files", f"{p.name} is not a regular file")
+        else:
+            names.add(p.name)
+    return names
+
+
+def _check_manifest_entries(
+    report: CheckReport, manifest: Manifest, sizes: dict[str, int], digest: Callable[[str], str | None], how: str
+) -> None:
+    """The files against the manifest: the same names, sizes and (where `digest` gives one) sha256."""
+    before = len(report.failures)
+    for extra in sorted(sizes.keys() - manifest.files.keys()):
+        report.fail("manifest", f"file {extra} is not in the manifest")
+    for gone in sorted(manifest.files.keys() - sizes.keys()):
+        report.fail("manifest", f"file {gone} is listed in the manifest but missing")
+    for name in sorted(sizes.keys() & manifest.files.keys()):
+        entry = manifest.files[name]
+        if sizes[name] != entry.size:
+            report.fail(
+                "manifest",
+                f"file {name} is {sizes[name]} bytes, the manifest says {entry.size} (changed after the manifest was written)",
+            )
+            continue
+        got = digest(name)
+        if got is not None and got != entry.sha256:
+            report.fail(
+                "manifest",
+                f"file {name} has a different sha256 than the manifest (changed after the manifest was written)",
+            )
+    if len(report.failures) == before:
+        report.ok("manifest", f"{len(sizes)} files match the manifest ({how})")
+
+
+def _check_verification(report: CheckReport, record: Any, manifest: Manifest | None, branch: str) -> None:
+    """verify.json must exist, record a passed verification, and be about this very content:
+    the digest it names equals the manifest's digest of the branch's files."""
+    rerun = f"run `glmrel verify --branch {branch}` (or `glmrel build-all`)"
+    if record is None:
+        report.fail("verification", f"no {VERIFY_FILE}: this content was never verified; {rerun}")
+        return
+    if not isinstance(record, dict):
+        report.fail("verification", f"{VERIFY_FILE} is not a JSON object; {rerun}")
+        return
+    if record.get("passed") is not True:
+        why = "; ".join(str(f) for f in record.get("failures") or []) or "passed is not true"
+        report.fail("verification", f"{VERIFY_FILE} records a FAILED verification ({why}); a failed branch never ships")
+        return
+    if manifest is None:
+        report.fail("verification", f"without a manifest the content {VERIFY_FILE} names cannot be compared")
+        return
+    verified, now = record.get("content_sha256"), manifest.content_digest()
+    if verified != now:
+        report.fail(
+            "verification",
+            f"{VERIFY_FILE} is about other content (it verified {str(verified)[:12] or 'an unnamed digest'}, "
+            f"the files are {now[:12]}): the branch changed after it was verified; {rerun}",
+        )
+        return
+    report.ok(
+        "verification",
+        f"verified this content ({now[:12]}): mean KL {record.get('mean_kl')}, top-1 {record.get('top1_agreement')}",
+    )
+
+
 def _check_files(
-    report: CheckReport, folder: Path, manifest: Manifest | None, no_hash: bool
-) -> tuple[list[Path], dict[str, str] | None]:
-    """Required files, index vs shards, path safety, manifest sizes/hashes.
-    Returns the shards to read and the index's weight map (None without an index)."""
-    root = folder.resolve()
-    for p in folder.iterdir():
-        if p.is_symlink():
-            target = p.resolve()
-            if root not in target.parents:
-                report.fail("files", f"{p.name} is a symbolic link pointing outside the branch folder ({target})")
-            else:
-                report.fail("files", f"{p.name} is a symbolic link; a branch must hold regular files")
-    names = {p.name for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
+    report: CheckReport, folder: Path, no_hash: bool, third_party: bool
+) -> tuple[list[Path], dict[str, str] | None, Manifest | None]:
+    """Entry safety, required files, index vs shards, manifest sizes/hashes. Returns the shards
+    to read, the index's weight map (None without an index) and the manifest (if usable)."""
+    names = _folder_entries(report, folder)
 
     def tokenizer_config() -> dict:
         try:
@@ -390,38 +503,33 @@ def _check_files(
         except (OSError, json.JSONDecodeError, TypeError, ValueError):
             return {}
 
-    _check_required(report, names, tokenizer_config)
+    _check_required(report, names, tokenizer_config, third_party)
     shard_names, weight_map = _check_index(report, names, lambda: _json_file(folder / INDEX_FILE))
     shards = [folder / n for n in shard_names]
 
-    if manifest is None:
+    manifest = None
+    if third_party:
+        report.skip("manifest", f"{MANIFEST_FILE}: glmrel's file record (--third-party)")
+        return shards, weight_map, None
+    if MANIFEST_FILE not in names:
         report.fail(
             "manifest", f"no {MANIFEST_FILE} in the branch (build-all writes it; or run `glmrel manifest PATH`)"
         )
-    else:
-        files = {p.name: p for p in branch_files(folder)}
-        for extra in sorted(files.keys() - manifest.files.keys()):
-            report.fail("manifest", f"file {extra} is not in the manifest")
-        for gone in sorted(manifest.files.keys() - files.keys()):
-            report.fail("manifest", f"file {gone} is listed in the manifest but missing")
-        for name in sorted(files.keys() & manifest.files.keys()):
-            entry, p = manifest.files[name], files[name]
-            size = p.stat().st_size
-            if size != entry.size:
-                report.fail(
-                    "manifest",
-                    f"file {name} is {size} bytes, the manifest says {entry.size} (changed after the manifest was written)",
-                )
-            elif not no_hash and sha256_file(p) != entry.sha256:
-                report.fail(
-                    "manifest",
-                    f"file {name} has a different sha256 than the manifest (changed after the manifest was written)",
-                )
-        if not any(i.check == "manifest" and not i.ok for i in report.items):
-            report.ok(
-                "manifest", f"{len(files)} files match the manifest ({'sizes' if no_hash else 'sizes and sha256'})"
-            )
-    return shards, weight_map
+        return shards, weight_map, None
+    try:
+        manifest = Manifest.load(folder / MANIFEST_FILE)
+    except ReleaseError as e:
+        report.fail("manifest", e.message)
+        return shards, weight_map, None
+    files = sorted(names - {MANIFEST_FILE})
+    _check_manifest_entries(
+        report,
+        manifest,
+        {n: (folder / n).stat().st_size for n in files},
+        (lambda n: None) if no_hash else (lambda n: sha256_file(folder / n)),
+        "sizes" if no_hash else "sizes and sha256",
+    )
+    return shards, weight_map, manifest
 
 
 # ---------------------------------------------------------------- entry point
@@ -434,21 +542,27 @@ def expected_group_size(folder: Path, explicit: int | None) -> int | None:
     return int(m[1]) if m else None
 
 
-def check_branch(path: Path, *, group_size: int | None = None, no_hash: bool = False) -> CheckReport:
-    """Check one branch folder. The group size comes from the argument or the folder's `_GS<n>` suffix."""
+def check_branch(
+    path: Path, *, group_size: int | None = None, no_hash: bool = False, third_party: bool = False
+) -> CheckReport:
+    """Check one branch folder. The group size comes from the argument or the folder's `_GS<n>` suffix.
+    `third_party`: a branch glmrel did not build; its records (manifest, provenance, recipe,
+    verification) are listed as skipped instead of required."""
     folder = Path(path)
-    if not folder.is_dir():
+    if not folder.is_dir() or folder.is_symlink():
         raise ReleaseError(
             f"{folder} is not a folder", hint="pass the path of a built branch, e.g. out/demo/W4A16_GS64"
         )
     report = CheckReport(str(folder), expected_group_size(folder, group_size), hashed=not no_hash)
-    manifest = None
-    if (folder / MANIFEST_FILE).is_file():
+    shards, weight_map, manifest = _check_files(report, folder, no_hash, third_party)
+    if third_party:
+        report.skip("verification", f"{VERIFY_FILE}: glmrel's verification record (--third-party)")
+    else:
         try:
-            manifest = Manifest.load(folder / MANIFEST_FILE)
-        except ReleaseError as e:
-            report.fail("manifest", e.message)
-    shards, weight_map = _check_files(report, folder, manifest, no_hash)
+            record = _json_file(folder / VERIFY_FILE) if (folder / VERIFY_FILE).is_file() else None
+        except (OSError, json.JSONDecodeError):
+            record = "unreadable"
+        _check_verification(report, record, manifest, folder.name)
     found = _read_all_shards(report, [(p.name, lambda p=p: read_shard(p)) for p in shards])
     try:
         cfg = _json_file(folder / "config.json")
@@ -462,19 +576,48 @@ def check_branch(path: Path, *, group_size: int | None = None, no_hash: bool = F
 Found = dict[str, tuple[str, tuple[int, ...], str]]
 
 
+def group_size_from_scales(arch: Glm4MoeArch, found: Found) -> int | None:
+    """The group size the stored scales imply (input dim / scale columns), when every
+    quantized Linear's scales agree; None when there are none or they disagree."""
+    seen = set()
+    for layer in range(arch.num_hidden_layers):
+        for mod, (_out, inp) in arch.quantized_linear_shapes(layer).items():
+            got = found.get(f"model.layers.{layer}.{mod}.weight_scale")
+            if got is None or len(got[1]) != 2 or got[1][1] < 1:
+                continue
+            groups = got[1][1]
+            seen.add(-1 if groups == 1 else inp // groups if inp % groups == 0 else 0)
+    return seen.pop() if len(seen) == 1 and 0 not in seen else None
+
+
 def _check_model(
     report: CheckReport, cfg: dict, cfg_source: str, found: Found, weight_map: dict[str, str] | None
 ) -> None:
     """What a branch holds against what its config.json says it must: quantization metadata,
-    index vs shard headers, the full tensor inventory, and vLLM's kernel rules."""
+    index vs shard headers, the full tensor inventory, and vLLM's kernel rules. Where the
+    config's group size disagrees with the scales, that is said first, and the inventory is
+    read at the scales' group size (so it lists real problems, not that one 50 times)."""
     try:
         arch = Glm4MoeArch.from_config(cfg, cfg_source)
     except ReleaseError as e:
         report.fail("config", e.message)
         return
-    gs = _check_quantization_config(report, cfg, arch, report.group_size)
+    gs_config = _check_quantization_config(report, cfg, arch, report.group_size)
+    gs_scales = group_size_from_scales(arch, found)
+    if gs_config is not None and gs_scales is not None and gs_config != gs_scales:
+        report.diagnose(
+            "config",
+            f"config.json says group_size {gs_config}, the scales say {gs_scales}: the quantization_config does not "
+            "describe these weights (vLLM would read them wrongly)",
+        )
+    if gs_config is not None and gs_config not in CHECKED_GROUP_SIZES:
+        report.diagnose(
+            "config",
+            f"group_size {gs_config} is not one glmrel builds and checks ({', '.join(map(str, CHECKED_GROUP_SIZES))}); "
+            "vLLM's Marlin kernels take -1, 32, 64 and 128",
+        )
     if report.group_size is None:
-        report.group_size = gs
+        report.group_size = gs_scales if gs_scales is not None else gs_config
     if weight_map is not None:
         mapped, present = set(weight_map), set(found)
         for name in sorted(mapped - present)[:20]:
@@ -527,7 +670,7 @@ def check_manifest_file(path: Path, group_size: int | None = None) -> CheckRepor
         return report
     gs = group_size if group_size is not None else expected_group_size(Path(m.branch), None)
     report.group_size = gs
-    for req in REQUIRED_FILES + ("model.safetensors.index.json",):
+    for req in REQUIRED_FILES + (VERIFY_FILE, INDEX_FILE):
         if req not in m.files:
             report.fail("manifest", f"required file {req} is not listed")
     if not any(n.endswith(".safetensors") for n in m.files):
@@ -560,7 +703,13 @@ def check_manifest_file(path: Path, group_size: int | None = None) -> CheckRepor
 
 
 def check_remote(
-    repo_id: str, revision: str, *, group_size: int | None = None, api: Any = None, token: str | None = None
+    repo_id: str,
+    revision: str,
+    *,
+    group_size: int | None = None,
+    api: Any = None,
+    token: str | None = None,
+    third_party: bool = False,
 ) -> CheckReport:
     """Check a published Hub revision without downloading weights.
 
@@ -621,11 +770,14 @@ def check_remote(
             except (OSError, json.JSONDecodeError, TypeError, ValueError):
                 return {}
 
-        _check_required(report, names, tokenizer_config)
+        _check_required(report, names, tokenizer_config, third_party)
         shard_names, weight_map = _check_index(report, names, lambda: json_of(INDEX_FILE))
 
         manifest = None
-        if MANIFEST_FILE not in names:
+        if third_party:
+            report.skip("manifest", f"{MANIFEST_FILE}: glmrel's file record (--third-party)")
+            report.skip("verification", f"{VERIFY_FILE}: glmrel's verification record (--third-party)")
+        elif MANIFEST_FILE not in names:
             report.fail("manifest", f"no {MANIFEST_FILE} in the revision")
         else:
             try:
@@ -634,20 +786,20 @@ def check_remote(
                 report.fail("manifest", getattr(e, "message", str(e)))
         if manifest is not None:
             published = {n: tree[n] for n in names if n != MANIFEST_FILE}
-            for extra in sorted(published.keys() - manifest.files.keys()):
-                report.fail("manifest", f"file {extra} is published but not in the manifest")
-            for gone in sorted(manifest.files.keys() - published.keys()):
-                report.fail("manifest", f"file {gone} is in the manifest but not published")
-            for name in sorted(published.keys() & manifest.files.keys()):
-                entry, f = manifest.files[name], published[name]
-                if f.size != entry.size:
-                    report.fail("manifest", f"{name} is {f.size} bytes on the Hub, the manifest says {entry.size}")
-                elif f.lfs is not None and f.lfs.sha256 != entry.sha256:
-                    report.fail("manifest", f"{name}: the Hub's LFS sha256 differs from the manifest")
-                elif f.lfs is None and sha256_file(fetch(name)) != entry.sha256:
-                    report.fail("manifest", f"{name}: the published bytes' sha256 differs from the manifest")
-            if not any(i.check == "manifest" and not i.ok for i in report.items):
-                report.ok("manifest", f"{len(published)} files match the manifest (sizes; LFS and file sha256)")
+
+            def digest(name: str) -> str:
+                f = published[name]
+                return f.lfs.sha256 if f.lfs is not None else sha256_file(fetch(name))
+
+            _check_manifest_entries(
+                report, manifest, {n: f.size for n, f in published.items()}, digest, "sizes; LFS and file sha256"
+            )
+        if not third_party:
+            try:
+                record = json_of(VERIFY_FILE) if VERIFY_FILE in names else None
+            except (OSError, json.JSONDecodeError):
+                record = "unreadable"
+            _check_verification(report, record, manifest, revision)
 
         def header(shard: str) -> ShardReader:
             def read() -> tuple[SafetensorsFileMetadata | None, list[str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -49,11 +50,22 @@ def _config_option(f):
 def _load(config_path: Path):
     from .config import load_config
 
-    return load_config(config_path)
+    cfg = load_config(config_path)
+    if cfg.cpu_numerics == "reproducible":
+        from .numerics import pin_reproducible_cpu
+
+        pin_reproducible_cpu()
+    return cfg
 
 
 def _emit(data, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+def _progress(as_json: bool):
+    """Where progress lines go: stdout for people, stderr under --json (stdout then holds
+    exactly one JSON document)."""
+    return (lambda s: click.echo(s, err=True)) if as_json else click.echo
 
 
 @click.group(cls=GlmrelGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -177,6 +189,7 @@ def build_all_cmd(config_path: Path, force: bool, gpus: int, as_json: bool) -> N
     from .build import build_all
 
     cfg = _load(config_path)
+    echo = _progress(as_json)
     with click.progressbar(length=len(cfg.branches), label="branches", file=sys.stderr) as bar:
         seen: list[str] = []
 
@@ -185,9 +198,7 @@ def build_all_cmd(config_path: Path, force: bool, gpus: int, as_json: bool) -> N
                 bar.update(1)
             seen.append(name)
 
-        result = build_all(
-            cfg, force=force, echo=click.echo, progress=progress, gpus=gpus, config_path=Path(config_path)
-        )
+        result = build_all(cfg, force=force, echo=echo, progress=progress, gpus=gpus, config_path=Path(config_path))
         bar.update(1)
     lines = [
         f"{b.branch}: {'skipped (up to date)' if b.skipped else f'built in {b.seconds:.0f}s'}, "
@@ -208,6 +219,12 @@ def build_all_cmd(config_path: Path, force: bool, gpus: int, as_json: bool) -> N
     help="Expected group size (default: from the folder's or revision's _GS<n> suffix).",
 )
 @click.option("--no-hash", is_flag=True, help="Compare file sizes with the manifest but skip sha256.")
+@click.option(
+    "--third-party",
+    is_flag=True,
+    help="The branch was not built by glmrel: run every check that applies to any compressed-tensors GLM-4-MoE "
+    "branch and list glmrel's records (manifest, provenance, recipe, verification) as skipped.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Also list passed checks and every GPU target.")
 def check(
@@ -216,6 +233,7 @@ def check(
     revision: str | None,
     group_size: int | None,
     no_hash: bool,
+    third_party: bool,
     as_json: bool,
     verbose: bool,
 ) -> None:
@@ -242,12 +260,14 @@ def check(
             )
         from huggingface_hub import get_token
 
-        report = check_remote(repo_id.removeprefix("hf://"), revision, group_size=group_size, token=get_token())
+        report = check_remote(
+            repo_id.removeprefix("hf://"), revision, group_size=group_size, token=get_token(), third_party=third_party
+        )
     elif revision is not None:
         raise ReleaseError("--revision only applies with --remote", hint="drop --revision to check a local folder")
     else:
         assert path is not None
-        report = check_branch(path, group_size=group_size, no_hash=no_hash)
+        report = check_branch(path, group_size=group_size, no_hash=no_hash, third_party=third_party)
     _emit(report.to_json(), as_json, report.to_text(verbose))
     if not report.passed:
         sys.exit(1)
@@ -347,23 +367,30 @@ def publish(config_path: Path, version: str, remote: str | None, dry_run: bool, 
     from .publish import apply_plan, plan_publish, verify_published
 
     cfg = _load(config_path)
+    echo = _progress(as_json)
     plan, backend = plan_publish(cfg, version, remote)
-    if as_json and dry_run:
-        _emit(plan.to_json(), True, "")
-        return
-    click.echo(plan.to_text())
-    if dry_run:
-        return
-    if not plan.empty:
-        apply_plan(plan, backend, echo=click.echo)
-    results = verify_published(cfg, backend, plan.version)
-    for r in results:
-        click.echo(f"  {'ok  ' if r.passed else 'FAIL'} {r.ref}: {r.detail}")
-    if not all(r.passed for r in results):
-        raise ReleaseError("a published revision failed its read-back check", hint="see the FAIL lines above")
-    click.echo(
-        f"published {plan.version} to {plan.remote}: {'nothing to do' if plan.empty else 'done'}; all revisions verified"
-    )
+    document: dict = {"plan": plan.to_json(), "dry_run": dry_run, "published": False, "read_back": []}
+    if not as_json:
+        click.echo(plan.to_text())
+    try:
+        plan.refuse_conflicts()  # shown first: the user sees what changed
+        if dry_run:
+            return
+        heads = {} if plan.empty else apply_plan(plan, backend, echo=echo)
+        results = verify_published(cfg, backend, plan.version)
+        document.update(heads=heads, read_back=[asdict(r) for r in results])
+        for r in results:
+            echo(f"  {'ok  ' if r.passed else 'FAIL'} {r.ref}: {r.detail}")
+        if not all(r.passed for r in results):
+            raise ReleaseError("a published revision failed its read-back check", hint="see the FAIL lines above")
+        document["published"] = True
+        echo(
+            f"published {plan.version} to {plan.remote}: {'nothing to do' if plan.empty else 'done'}; "
+            "all revisions verified"
+        )
+    finally:
+        if as_json:
+            click.echo(json.dumps(document, indent=2, sort_keys=True))
 
 
 # Calibration allocates tensors of many sizes for hours (sample batches, padded expert

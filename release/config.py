@@ -171,6 +171,11 @@ class ReleaseConfig(_Strict):
         description="hf://owner/name for the Hub, or a git URL or path (default: hf://<hub_repo>)",
     )
     dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
+    cpu_numerics: Literal["native", "reproducible"] = Field(
+        default="native",
+        description="reproducible: pin torch's and MKL's CPU kernels to AVX2 and two threads, so a CPU build "
+        "gives the same bits on every x86 machine (the demo); native: the host's fastest kernels",
+    )
 
     @field_validator("hub_repo")
     @classmethod
@@ -248,7 +253,13 @@ def load_config(path: str | Path) -> ReleaseConfig:
     try:
         raw = yaml.safe_load(source.read_text())
     except yaml.YAMLError as e:
-        raise ReleaseError(f"config {source} is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ReleaseError(
+            f"config {source} is not valid YAML{where}: {getattr(e, 'problem', None) or e}",
+            hint="fix the YAML at that line (indentation, a missing ':' or an unquoted ': ' inside a value); "
+            "configs/glm-4.7.yaml is a full example",
+        ) from e
     if not isinstance(raw, dict):
         raise ReleaseError(f"config {source} must be a YAML mapping at the top level")
     raw = _resolve_paths(raw, source.resolve().parent)

@@ -1,8 +1,13 @@
 """Branch manifests: every file with its size and sha256, plus the branch's quantization metadata.
 
-Hashing streams each file once in fixed-size blocks (constant memory), hashes files in
-parallel (hashlib releases the GIL on large updates), and reuses a previous manifest's hash
-for any file whose size and mtime are unchanged.
+A manifest is published content, so it holds only what describes the content (path, size,
+sha256): writing it twice over unchanged files gives the same bytes. Re-hashing large shards
+is avoided by a hash cache that lives beside the release, never in it
+(`<output_dir>/.glmrel-cache/hashes/<branch>.json`, keyed by size, mtime and inode).
+
+`release_files` is the one way to list what a branch (or `main/`) publishes: it refuses
+symbolic links, sub-folders and anything that is not a regular file, so nothing outside the
+release folder is ever read or published.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,15 +24,18 @@ from typing import Any
 from .errors import ReleaseError
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = 2
 BLOCK = 8 << 20
+CACHE_DIR = ".glmrel-cache"
+# Files written after a branch is verified (the record of the verification itself, the card,
+# its plot, the manifest): everything else is the content `verify` measured.
+WRITTEN_AFTER_VERIFY = frozenset({"verify.json", "README.md", "expert_coverage.png", MANIFEST_FILE})
 
 
 @dataclass(frozen=True)
 class FileEntry:
     size: int
     sha256: str
-    mtime_ns: int
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,9 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
 
+    def content_digest(self) -> str:
+        return content_digest({n: e.sha256 for n, e in self.files.items()})
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": self.schema,
@@ -51,19 +63,21 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str = "manifest") -> Manifest:
-        if data.get("schema") != MANIFEST_SCHEMA:
+        if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else None
             raise ReleaseError(
-                f"{source} has schema {data.get('schema')!r}; this glmrel reads schema {MANIFEST_SCHEMA}",
-                hint="rebuild the manifest with `glmrel manifest`",
+                f"{source} has schema {found!r}; this glmrel reads schema {MANIFEST_SCHEMA}",
+                hint="rebuild the manifest with `glmrel manifest PATH`",
             )
         try:
-            files = {
-                n: FileEntry(int(e["size"]), str(e["sha256"]), int(e.get("mtime_ns", 0)))
-                for n, e in data["files"].items()
-            }
+            files = {}
+            for n, e in data["files"].items():
+                if set(e) != {"size", "sha256"}:
+                    raise ValueError(f"entry {n!r} has fields {sorted(e)}, expected size and sha256")
+                files[str(n)] = FileEntry(int(e["size"]), str(e["sha256"]))
             return cls(MANIFEST_SCHEMA, str(data["branch"]), files, dict(data.get("quantization") or {}))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ReleaseError(f"{source} is malformed: {e!r}") from e
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ReleaseError(f"{source} is malformed: {e}", hint="rebuild it with `glmrel manifest PATH`") from e
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
@@ -72,15 +86,43 @@ class Manifest:
         except (OSError, json.JSONDecodeError) as e:
             raise ReleaseError(f"cannot read manifest {path}: {e}") from e
 
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
+
     def write(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)
+        write_if_changed(path, self.dumps())
+
+
+def write_if_changed(path: Path, text: str | bytes) -> bool:
+    """Write atomically, and only when the bytes differ: unchanged records keep their mtime,
+    so nothing downstream (hash cache, publish) sees a change that is not one."""
+    data = text.encode() if isinstance(text, str) else text
+    try:
+        if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return True
+
+
+def content_digest(hashes: dict[str, str]) -> str:
+    """One sha256 over the files `verify` measured (name and sha256 of each), so a
+    verification record can name exactly the content it is about."""
+    h = hashlib.sha256()
+    for name in sorted(hashes):
+        if name not in WRITTEN_AFTER_VERIFY:
+            h.update(f"{name}\0{hashes[name]}\n".encode())
+    return h.hexdigest()
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a regular file, opened without following a symbolic link."""
     h = hashlib.sha256()
-    with path.open("rb", buffering=0) as f:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb", buffering=0) as f:
         buf = bytearray(BLOCK)
         view = memoryview(buf)
         while n := f.readinto(buf):
@@ -94,17 +136,36 @@ def hash_files(paths: list[Path], workers: int | None = None) -> dict[Path, str]
         return dict(zip(paths, pool.map(sha256_file, paths)))
 
 
-def branch_files(folder: Path) -> list[Path]:
-    """The files a branch publishes: every regular file except the manifest and hidden files."""
-    return sorted(
-        p for p in folder.iterdir() if p.name != MANIFEST_FILE and not p.name.startswith(".") and not p.is_dir()
-    )
+def release_files(folder: Path, *, what: str = "branch") -> list[Path]:
+    """The files a branch (or `main/`) publishes, sorted: every regular file but the manifest
+    and hidden entries (temporary files, caches). A symbolic link, a sub-folder or any other
+    kind of entry is refused: publish never reads outside the folder, and a branch is the
+    flat set of files transformers and vLLM load."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.name == MANIFEST_FILE:
+            continue
+        mode = p.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            raise ReleaseError(
+                f"{p} is a symbolic link (to {os.readlink(p)}); a {what} folder holds regular files only",
+                hint=f"replace the link with the file itself, or remove it: nothing outside {folder} is published",
+            )
+        if stat.S_ISDIR(mode):
+            raise ReleaseError(
+                f"{p} is a sub-folder; a {what} folder holds a flat set of files",
+                hint=f"move {p.name}/ out of {folder} (transformers and vLLM load a flat folder)",
+            )
+        if not stat.S_ISREG(mode):
+            raise ReleaseError(f"{p} is not a regular file", hint=f"remove it from {folder}")
+        out.append(p)
+    return out
 
 
 def quantization_summary(folder: Path) -> dict[str, Any]:
     try:
         qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, AttributeError):
         return {}
     w = (qc.get("config_groups") or {}).get("group_0", {}).get("weights") or {}
     return {
@@ -119,28 +180,51 @@ def quantization_summary(folder: Path) -> dict[str, Any]:
     }
 
 
-def build_manifest(folder: Path, branch: str | None = None, previous: Manifest | None = None) -> Manifest:
-    """Describe `folder`; hash only files that are new or whose size or mtime changed."""
-    if previous is None and (folder / MANIFEST_FILE).is_file():
+class HashCache:
+    """sha256 of a folder's files, reused while a file's size, mtime and inode are unchanged.
+    Kept beside the release (`<parent>/.glmrel-cache/hashes/<folder>.json`), never published;
+    a missing or unreadable cache only means hashing again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder.resolve().parent / CACHE_DIR / "hashes" / f"{folder.name}.json"
         try:
-            previous = Manifest.load(folder / MANIFEST_FILE)
-        except ReleaseError:
-            previous = None
-    entries: dict[str, FileEntry] = {}
-    to_hash: list[Path] = []
-    stats = {}
-    for p in branch_files(folder):
-        if p.is_symlink():
-            raise ReleaseError(f"{p} is a symbolic link", hint="a branch folder must hold regular files only")
-        st = p.stat()
-        stats[p] = st
-        old = previous.files.get(p.name) if previous else None
-        if old and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
-            entries[p.name] = old
-        else:
-            to_hash.append(p)
-    for p, digest in hash_files(to_hash).items():
-        entries[p.name] = FileEntry(stats[p].st_size, digest, stats[p].st_mtime_ns)
+            self.entries: dict[str, list] = dict(json.loads(self.path.read_text()))
+        except (OSError, ValueError, TypeError):
+            self.entries = {}
+
+    @staticmethod
+    def _key(st: os.stat_result) -> list:
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def hashes(self, files: list[Path]) -> dict[str, tuple[int, str]]:
+        """name -> (size, sha256) for `files`, hashing only what the cache cannot vouch for."""
+        stats = {p: p.lstat() for p in files}
+        out: dict[str, tuple[int, str]] = {}
+        todo = []
+        for p, st in stats.items():
+            cached = self.entries.get(p.name)
+            if cached and cached[:3] == self._key(st):
+                out[p.name] = (st.st_size, cached[3])
+            else:
+                todo.append(p)
+        for p, digest in hash_files(todo).items():
+            out[p.name] = (stats[p].st_size, digest)
+        fresh = {p.name: [*self._key(stats[p]), out[p.name][1]] for p in files}
+        if fresh != self.entries:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_if_changed(self.path, json.dumps(fresh, sort_keys=True))
+            except OSError:
+                pass  # a cache that cannot be written costs time, not correctness
+        return out
+
+
+def build_manifest(folder: Path, branch: str | None = None) -> Manifest:
+    """Describe `folder`: every file's size and sha256 (from the hash cache where it vouches)."""
+    entries = {
+        name: FileEntry(size, digest)
+        for name, (size, digest) in HashCache(folder).hashes(release_files(folder)).items()
+    }
     return Manifest(MANIFEST_SCHEMA, branch or folder.name, entries, quantization_summary(folder))
 
 
@@ -148,3 +232,8 @@ def write_manifest(folder: Path, branch: str | None = None) -> Manifest:
     m = build_manifest(folder, branch)
     m.write(folder / MANIFEST_FILE)
     return m
+
+
+def folder_content_digest(folder: Path) -> str:
+    """`content_digest` of a branch folder as it is now (what `verify` records)."""
+    return content_digest({n: d for n, (_s, d) in HashCache(folder).hashes(release_files(folder)).items()})

@@ -14,6 +14,7 @@ resumes), and never move a published tag.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -28,9 +29,14 @@ import git
 
 from .check import check_branch, check_remote
 from .config import ReleaseConfig, is_network_url
-from .errors import ReleaseError
-from .manifest import MANIFEST_FILE, Manifest, branch_files, sha256_file
+from .errors import ReleaseError, hub_error
+from .manifest import BLOCK, MANIFEST_FILE, Manifest, release_files, sha256_file
 from .render import CARD_FILE, load_changelog
+
+# What a landing page (`main/`) may hold: its card and the pictures it shows. Weights,
+# configs or anything else on main would be served as the repo's default revision.
+LANDING_SUFFIXES = frozenset({".md", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"})
+LANDING_MAX_BYTES = 10 << 20  # the Hub's limit for a non-LFS file; cards and plots are far below
 
 Echo = Callable[[str], None]
 
@@ -49,6 +55,9 @@ class BranchPlan:
     remote_commit: str | None
     tree: str
     changes: list[FileChange] = field(default_factory=list)
+    # path -> sha256 of the content that was checked (the manifest's, which `check` matched
+    # against the files); publishing anything else is refused
+    expected_sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def up_to_date(self) -> bool:
@@ -59,7 +68,8 @@ class BranchPlan:
 class TagPlan:
     name: str
     branch: str
-    action: str  # create | exists
+    action: str  # create | exists | conflict (a published tag that would have to move)
+    at: str | None = None
 
 
 @dataclass
@@ -80,8 +90,25 @@ class Plan:
             and all(t.action == "exists" for t in self.tags)
         )
 
+    @property
+    def conflicts(self) -> list[TagPlan]:
+        return [t for t in self.tags if t.action == "conflict"]
+
+    def refuse_conflicts(self) -> None:
+        """Published tags never move: a plan that would move one is shown, then refused."""
+        if self.conflicts:
+            t = self.conflicts[0]
+            raise ReleaseError(
+                f"tag {t.name} already exists on the remote at {(t.at or '?')[:10]}, not at {t.branch}'s new content",
+                hint=f"published tags never move: add a new changelog version (e.g. {_next_version(self.version)}) "
+                "and publish that",
+            )
+
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "empty": self.empty}
+        data = asdict(self)
+        for b in data["branches"]:
+            b.pop("expected_sha256")
+        return {**data, "empty": self.empty}
 
     def to_text(self) -> str:
         lines = [f"publish {self.version} -> {self.remote} ({self.backend})"]
@@ -99,7 +126,10 @@ class Plan:
             for c in b.changes:
                 lines.append(f"      {c.action:6} {c.path} ({c.bytes:,} bytes)")
         for t in self.tags:
-            lines.append(f"  tag {t.name} -> {t.branch}: {'create' if t.action == 'create' else 'exists, same commit'}")
+            what = {"create": "create", "exists": "exists, same commit"}.get(
+                t.action, f"REFUSED: exists at {(t.at or '?')[:10]} and published tags never move"
+            )
+            lines.append(f"  tag {t.name} -> {t.branch}: {what}")
         if self.empty:
             lines.append("  nothing to do")
         return "\n".join(lines)
@@ -169,14 +199,32 @@ class GitRemote:
         return Path(self.url).exists()
 
     def create(self) -> None:
-        git.Repo.init(self.url, bare=True, initial_branch="main")
+        """Create the bare repository. Another publisher may create it at the same moment
+        (`git init` then fails on "File exists"): a repository that exists afterwards is fine,
+        the branch leases decide who publishes."""
+        try:
+            git.Repo.init(self.url, bare=True, initial_branch="main")
+        except (git.GitCommandError, OSError) as e:
+            if (Path(self.url) / "HEAD").is_file():
+                return
+            raise ReleaseError(
+                f"cannot create the git repository {self.url}: {getattr(e, 'stderr', '') or e}".strip(),
+                hint="check that the parent folder exists and is writable, or create the bare repo yourself",
+            ) from e
 
     def refs(self) -> dict[str, str]:
         """ref name -> commit sha; annotated tags are peeled to the commit they name."""
         if not self.exists():
             return {}
         out: dict[str, str] = {}
-        for line in self.repo.git.ls_remote(self.url).splitlines():
+        try:
+            listing = self.repo.git.ls_remote(self.url)
+        except git.GitCommandError as e:
+            raise ReleaseError(
+                f"cannot read the refs of {self.url}: {(e.stderr or '').strip() or e}",
+                hint="check the remote's URL or path and your access to it",
+            ) from e
+        for line in listing.splitlines():
             sha, ref = line.split("\t")
             if ref.endswith("^{}"):
                 out[ref[:-3]] = sha
@@ -206,33 +254,43 @@ class GitRemote:
             return self.repo.git.hash_object("-w", "--no-filters", "--stdin", istream=f)
 
     def _lfs_store(self, p: Path, oid: str) -> None:
-        """Copy the file into the cache's LFS object store. Never a hard link: git-lfs links
-        objects onward into a local remote, and a later in-place rewrite of the branch file
-        (a re-render) would then change published content."""
+        """Copy the file into the cache's LFS object store, and keep the copy only if its
+        sha256 is `oid` (the checked content): what is pushed is what was checked, even if the
+        file changes meanwhile. Never a hard link: git-lfs links objects onward into a local
+        remote, and a later in-place rewrite of the branch file would change published content."""
         obj = Path(self.repo.git_dir) / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
-        if obj.is_file() and obj.stat().st_size == p.stat().st_size:
+        if obj.is_file() and obj.stat().st_size == p.stat().st_size and sha256_file(obj) == oid:
             return
         obj.parent.mkdir(parents=True, exist_ok=True)
         tmp = obj.with_name(obj.name + ".tmp")
         tmp.unlink(missing_ok=True)
-        shutil.copyfile(p, tmp)
+        with _open_regular(p) as src, tmp.open("wb") as dst:
+            shutil.copyfileobj(src, dst, BLOCK)
+        if sha256_file(tmp) != oid:
+            tmp.unlink()
+            raise _changed_since_check(p)
         tmp.replace(obj)
 
-    def write_tree(self, files: list[Path]) -> tuple[str, dict[str, tuple[str, int]]]:
-        """Blobs (or LFS pointers) for `files` and the tree holding them; path -> (blob, size)."""
+    def write_tree(self, files: list[Path], expected: dict[str, str]) -> tuple[str, dict[str, tuple[str, int]]]:
+        """Blobs (or LFS pointers) for `files` and the tree holding them; path -> (blob, size).
+        Every file's content must have the sha256 in `expected` (what was checked)."""
         entries = {}
         listing = []
         oids = []
-        known = _manifest_hashes(files) if self.lfs else {}
         for p in files:
             size = p.stat().st_size
             if self.lfs and p.suffix in LFS_SUFFIXES:
-                oid = known.get(p.name) or sha256_file(p)
+                oid = expected[p.name]
                 self._lfs_store(p, oid)
                 sha = self._blob(lfs_pointer(oid, size))
                 oids.append(oid)
             else:
+                digest, blob = _digests(p)
+                if digest != expected[p.name]:
+                    raise _changed_since_check(p)
                 sha = self.repo.git.hash_object("-w", "--no-filters", str(p))
+                if sha != blob:  # the file changed between our read and git's
+                    raise _changed_since_check(p)
             entries[p.name] = (sha, size)
             listing.append(f"100644 blob {sha}\t{p.name}")
         if self.lfs:
@@ -269,9 +327,11 @@ class GitRemote:
         except git.GitCommandError as e:
             raise _moved(branch, expected) from e
 
-    def diff(self, head: str | None, name: str, files: list[Path]) -> tuple[list[FileChange], str]:
+    def diff(
+        self, head: str | None, name: str, files: list[Path], expected: dict[str, str]
+    ) -> tuple[list[FileChange], str]:
         """Changes from the remote branch head to `files`, and the tree to commit."""
-        tree, local = self.write_tree(files)
+        tree, local = self.write_tree(files, expected)
         if head and self.tree_sha(head) == tree:
             return [], tree
         return _changes(local, self.tree_of(head) if head else {}), tree
@@ -354,16 +414,28 @@ class HubRemote:
         from huggingface_hub import HfApi
 
         self.repo_id = repo_id
+        self.token = token
         self.api = HfApi(endpoint=endpoint, token=token)
 
+    def _call(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One HfApi call; auth, permission, not-found, rate-limit and network failures become
+        one ReleaseError with a hint (the token never printed)."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            mapped = hub_error(e, action, f"{self.repo_id} ({self.api.endpoint})", self.token)
+            if mapped is None:
+                raise
+            raise mapped from e
+
     def exists(self) -> bool:
-        return self.api.repo_exists(self.repo_id)
+        return bool(self._call("looking the repo up", self.api.repo_exists, self.repo_id))
 
     def create(self) -> None:
-        self.api.create_repo(self.repo_id, exist_ok=True)
+        self._call("creating the repo", self.api.create_repo, self.repo_id, exist_ok=True)
 
     def refs(self) -> dict[str, str]:
-        r = self.api.list_repo_refs(self.repo_id)
+        r = self._call("listing its branches and tags", self.api.list_repo_refs, self.repo_id)
         return {g.ref: g.target_commit for g in [*r.branches, *r.tags]}
 
     def fetch(self, refs: dict[str, str]) -> None:
@@ -374,30 +446,34 @@ class HubRemote:
         from huggingface_hub.hf_api import RepoFile
 
         out = {}
-        for f in self.api.list_repo_tree(self.repo_id, revision=head, recursive=True):
+        listing = self._call(
+            "listing files", lambda: list(self.api.list_repo_tree(self.repo_id, revision=head, recursive=True))
+        )
+        for f in listing:
             if isinstance(f, RepoFile) and f.path != ".gitattributes":
                 out[f.path] = (f"sha256:{f.lfs.sha256}" if f.lfs else f.blob_id, f.size)
         return out
 
-    def diff(self, head: str | None, name: str, files: list[Path]) -> tuple[list[FileChange], str]:
+    def diff(
+        self, head: str | None, name: str, files: list[Path], expected: dict[str, str]
+    ) -> tuple[list[FileChange], str]:
         remote = self.remote_files(head) if head else {}
-        known = _manifest_hashes(files)
         local = {}
         for p in files:
             r = remote.get(p.name)
             if r is None:
                 local[p.name] = ("", p.stat().st_size)  # new: no id needed
             elif r[0].startswith("sha256:"):
-                local[p.name] = (f"sha256:{known.get(p.name) or sha256_file(p)}", p.stat().st_size)
+                local[p.name] = (f"sha256:{expected[p.name]}", p.stat().st_size)
             else:
-                local[p.name] = (_git_blob_sha(p), p.stat().st_size)
+                local[p.name] = (_digests(p)[1], p.stat().st_size)
         return _changes(local, remote), ""
 
     def initial_commit(self) -> str:
-        return self.api.list_repo_commits(self.repo_id, revision="main")[-1].commit_id
+        commits = self._call("reading main's history", self.api.list_repo_commits, self.repo_id, revision="main")
+        return commits[-1].commit_id
 
     def publish_branch(self, b: BranchPlan, message: str) -> str:
-        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
         from huggingface_hub.errors import HfHubHTTPError
 
         parent = b.remote_commit
@@ -409,13 +485,31 @@ class HubRemote:
                 except HfHubHTTPError as e:
                     if e.response is not None and e.response.status_code == 409:
                         raise _moved(b.name, None) from e
-                    raise ReleaseError(f"the Hub refused to create branch {b.name}: {e}") from e
-        ops: list[Any] = [
-            CommitOperationDelete(c.path)
-            if c.action == "delete"
-            else CommitOperationAdd(c.path, str(Path(b.folder) / c.path))
-            for c in b.changes
-        ]
+                    raise hub_error(e, f"creating branch {b.name}", self.repo_id, self.token) or e from e
+        with contextlib.ExitStack() as opened:
+            ops = self._operations(b, opened)
+            return self._commit(b, ops, message, parent)
+
+    def _operations(self, b: BranchPlan, opened: contextlib.ExitStack) -> list[Any]:
+        """Commit operations reading through descriptors opened without following links:
+        huggingface_hub hashes what it will upload, and that must be the checked content."""
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        ops: list[Any] = []
+        for c in b.changes:
+            if c.action == "delete":
+                ops.append(CommitOperationDelete(c.path))
+                continue
+            p = Path(b.folder) / c.path
+            op = CommitOperationAdd(c.path, opened.enter_context(_open_regular(p)))
+            if op.upload_info.sha256.hex() != b.expected_sha256[c.path]:
+                raise _changed_since_check(p)
+            ops.append(op)
+        return ops
+
+    def _commit(self, b: BranchPlan, ops: list[Any], message: str, parent: str) -> str:
+        from huggingface_hub.errors import HfHubHTTPError
+
         title, _, body = message.partition("\n\n")
         try:
             info = self.api.create_commit(
@@ -427,8 +521,11 @@ class HubRemote:
                 parent_commit=parent,
             )
         except HfHubHTTPError as e:
-            if e.response is not None and e.response.status_code == 412:
+            status = e.response.status_code if e.response is not None else None
+            if status == 412:
                 raise _moved(b.name, b.remote_commit) from e
+            if status in (401, 403, 404, 429):
+                raise hub_error(e, f"committing to {b.name}", self.repo_id, self.token) or e from e
             raise _interrupted(b.name, e) from e
         except (RuntimeError, OSError) as e:  # huggingface_hub wraps a failed LFS upload in RuntimeError
             raise _interrupted(b.name, e) from e
@@ -440,9 +537,11 @@ class HubRemote:
         try:
             self.api.create_tag(self.repo_id, tag=name, revision=commit, tag_message=message)
         except HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if status in (401, 403, 429) or (status or 0) >= 500:
+                raise hub_error(e, f"creating tag {name}", self.repo_id, self.token) or e from e
             raise ReleaseError(
-                f"tag {name} could not be created on {self.repo_id} ({e.response.status_code if e.response is not None else e}); "
-                "it may exist at another commit",
+                f"tag {name} could not be created on {self.repo_id} ({status}); it may exist at another commit",
                 hint="published tags never move: run `glmrel publish --dry-run` to see the remote's state",
             ) from e
 
@@ -469,18 +568,35 @@ def _interrupted(branch: str, e: Exception) -> ReleaseError:
     )
 
 
-def _git_blob_sha(p: Path) -> str:
-    h = hashlib.sha1(b"blob %d\0" % p.stat().st_size)
-    with p.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _open_regular(p: Path):  # type: ignore[no-untyped-def]
+    """Open a file for reading without following a symbolic link (publish reads nothing
+    outside the release folder, even if a file is swapped for a link after the plan)."""
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise ReleaseError(
+            f"cannot open {p} as a regular file ({e.strerror}); nothing was published from it",
+            hint="a release folder holds regular files only: replace links with the files themselves",
+        ) from e
+    return os.fdopen(fd, "rb")
 
 
-def _manifest_hashes(files: list[Path]) -> dict[str, str]:
-    """sha256 per file from the branch's manifest (which `check` verified), to avoid rehashing."""
-    m = next((p for p in files if p.name == MANIFEST_FILE), None)
-    return {n: e.sha256 for n, e in Manifest.load(m).files.items()} if m else {}
+def _digests(p: Path) -> tuple[str, str]:
+    """(sha256, git blob sha1) of a file, in one read."""
+    size = p.stat().st_size
+    sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
+    with _open_regular(p) as f:
+        for block in iter(lambda: f.read(BLOCK), b""):
+            sha256.update(block)
+            sha1.update(block)
+    return sha256.hexdigest(), sha1.hexdigest()
+
+
+def _changed_since_check(p: Path) -> ReleaseError:
+    return ReleaseError(
+        f"{p} changed after it was checked; nothing from it was published",
+        hint="run `glmrel check` on the branch and publish again once nothing else writes to the release",
+    )
 
 
 def hub_token() -> str:
@@ -495,7 +611,7 @@ def hub_token() -> str:
     return token
 
 
-def open_remote(url: str, cache: Path) -> Remote:
+def open_remote(url: str, cache: Path) -> Remote:  # noqa: F821 (Remote is defined below)
     """`hf://owner/name` is a Hub model repo; anything else is a git URL or path."""
     if not url.startswith(HUB_SCHEME):
         return GitRemote(url, cache)
@@ -518,16 +634,55 @@ def _branch_sources(cfg: ReleaseConfig) -> list[tuple[str, Path]]:
 
 
 def _publish_files(name: str, folder: Path) -> list[Path]:
-    files = branch_files(folder)
+    files = release_files(folder, what="landing page" if name == "main" else "branch")
     if name != "main" and (folder / MANIFEST_FILE).is_file():
         files.append(folder / MANIFEST_FILE)
     return sorted(files, key=lambda p: p.name)
 
 
+def check_landing(folder: Path) -> list[Path]:
+    """What `main/` may hold: README.md and the pictures it shows, regular files under 10 MiB.
+    Returns its files; raises ReleaseError naming the first thing that may not be there."""
+    if not folder.is_dir() or folder.is_symlink():
+        raise ReleaseError(f"the landing page folder {folder} is missing", hint="run `glmrel render` first")
+    files = release_files(folder, what="landing page")
+    if CARD_FILE not in {p.name for p in files}:
+        raise ReleaseError("the landing page main/README.md is missing", hint="run `glmrel render` first")
+    for p in files:
+        if p.suffix.lower() not in LANDING_SUFFIXES:
+            raise ReleaseError(
+                f"{p} may not be published on main: a landing page holds its README.md and images "
+                f"({', '.join(sorted(LANDING_SUFFIXES))})",
+                hint=f"remove {p.name} from {folder}; model files belong in a quant branch",
+            )
+        if p.stat().st_size > LANDING_MAX_BYTES:
+            raise ReleaseError(f"{p} is larger than 10 MiB; a landing page holds a card and small images")
+    return files
+
+
+def _expected_hashes(name: str, folder: Path, files: list[Path]) -> dict[str, str]:
+    """sha256 of the content publish may send: a quant branch's files as its (checked)
+    manifest lists them, plus the manifest itself; main's files as they are now (checked by
+    `check_landing`)."""
+    if name == "main":
+        return {p.name: sha256_file(p) for p in files}
+    manifest = Manifest.load(folder / MANIFEST_FILE)
+    out = {n: e.sha256 for n, e in manifest.files.items()}
+    out[MANIFEST_FILE] = sha256_file(folder / MANIFEST_FILE)
+    if set(out) != {p.name for p in files}:
+        raise ReleaseError(
+            f"the files of {folder} changed after it was checked", hint="run `glmrel check` and publish again"
+        )
+    return out
+
+
 def plan_publish(
     cfg: ReleaseConfig, version: str, remote: str | None = None, cache: Path | None = None
 ) -> tuple[Plan, Remote]:
-    """Compare the local release with the remote; refuse anything that fails `check`."""
+    """Compare the local release with the remote. Refuses a branch that fails `check`
+    (unverified, failed, or verified on other content included) and a landing page with
+    anything but its card and images. A tag that would have to move is planned as a
+    conflict: the caller shows the plan, then `Plan.refuse_conflicts`."""
     url = remote or cfg.publish_remote or f"{HUB_SCHEME}{cfg.hub_repo}"
     version, entries = load_changelog(cfg.changelog, version)
     entry = entries[-1]
@@ -544,8 +699,7 @@ def plan_publish(
             )
         if not (folder / CARD_FILE).is_file():
             raise ReleaseError(f"branch {b.name} has no {CARD_FILE}", hint="run `glmrel render` first")
-    if not (cfg.output_dir / "main" / CARD_FILE).is_file():
-        raise ReleaseError("the landing page main/README.md is missing", hint="run `glmrel render` first")
+    check_landing(cfg.output_dir / "main")
 
     backend = open_remote(url, cache or cfg.output_dir / ".publish-cache.git")
     exists = backend.exists()
@@ -554,8 +708,10 @@ def plan_publish(
     branches = []
     for name, folder in _branch_sources(cfg):
         head = refs.get(f"refs/heads/{name}")
-        changes, tree = backend.diff(head, name, _publish_files(name, folder))
-        branches.append(BranchPlan(name, str(folder), head, tree, changes))
+        files = _publish_files(name, folder)
+        expected = _expected_hashes(name, folder, files)
+        changes, tree = backend.diff(head, name, files, expected)
+        branches.append(BranchPlan(name, str(folder), head, tree, changes, expected))
     tags = []
     for name, branch in [(version, "main")] + [(f"{version}-{b.name}", b.name) for b in cfg.branches]:
         existing = refs.get(f"refs/tags/{name}")
@@ -564,12 +720,9 @@ def plan_publish(
         if existing is None:
             tags.append(TagPlan(name, branch, "create"))
         elif existing == head and bplan.up_to_date:
-            tags.append(TagPlan(name, branch, "exists"))
+            tags.append(TagPlan(name, branch, "exists", existing))
         else:
-            raise ReleaseError(
-                f"tag {name} already exists on the remote at {existing[:10]}, not at {branch}'s new content",
-                hint=f"published tags never move: add a new changelog version (e.g. {_next_version(version)}) and publish that",
-            )
+            tags.append(TagPlan(name, branch, "conflict", existing))
     return Plan(url, backend.kind, version, message, not exists, branches, tags), backend
 
 
@@ -580,6 +733,7 @@ def _next_version(v: str) -> str:
 
 def apply_plan(plan: Plan, backend: Remote, echo: Echo = print) -> dict[str, str]:
     """Create the repo, commit and push each changed branch, then the tags. Returns branch -> commit."""
+    plan.refuse_conflicts()
     if plan.create_repo:
         backend.create()
         echo(f"created repository {plan.remote}")
@@ -617,7 +771,8 @@ def verify_published(cfg: ReleaseConfig, backend: Remote, version: str) -> list[
         if head is None:
             results.append(RemoteCheck(name, False, "branch missing on the remote"))
             continue
-        changes, _tree = backend.diff(head, name, _publish_files(name, folder))
+        files = _publish_files(name, folder)
+        changes, _tree = backend.diff(head, name, files, _expected_hashes(name, folder, files))
         if changes:
             results.append(
                 RemoteCheck(name, False, f"remote files differ from {folder}: {[c.path for c in changes][:5]}")

@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -172,6 +174,58 @@ def branch_is_current(out_dir: Path, fingerprint: str) -> bool:
         return False
 
 
+def _owner_pid() -> int:
+    """The process whose life a temporary branch folder belongs to: this one, or under torchrun
+    the launcher agent that all local ranks share."""
+    return os.getppid() if distributed.in_worker() else os.getpid()
+
+
+def partial_folder(output_dir: Path, branch: str, kind: str = "partial") -> Path:
+    """`.<branch>.<kind>-<pid>@<host>`: named by its owner, so a later run can tell whether
+    the process that left it is gone."""
+    return output_dir / f".{branch}.{kind}-{_owner_pid()}@{socket.gethostname()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def remove_stale_partials(output_dir: Path, branch: str, echo: Log = print) -> list[Path]:
+    """Remove the temporary folders of `branch` that a killed run left (`.partial-` and
+    `.old-` of a process on this host that no longer exists) and say so; a folder of a live
+    process, or of another host, is left alone and named."""
+    removed: list[Path] = []
+    if not output_dir.is_dir():
+        return removed
+    pattern = re.compile(rf"^\.{re.escape(branch)}\.(partial|old)-(\d+)(?:@(.+))?$")
+    host = socket.gethostname()
+    for p in sorted(output_dir.iterdir()):
+        m = pattern.match(p.name)
+        if not m or p.is_symlink() or not p.is_dir():
+            continue
+        pid, owner_host = int(m[2]), m[3] or host
+        if owner_host != host:
+            echo(f"[{branch}] leaving {p.name}: it belongs to a process on {owner_host}")
+        elif pid == _owner_pid() or _alive(pid):
+            echo(f"[{branch}] leaving {p.name}: process {pid} is still running (another build of this branch?)")
+        else:
+            size = _folder_bytes(p)
+            shutil.rmtree(p)
+            removed.append(p)
+            echo(f"[{branch}] removed {p.name} ({size / 2**30:.2f} GiB), left by process {pid}, which is gone")
+    return removed
+
+
 def quantize_branch(
     cfg: ReleaseConfig,
     branch_name: str,
@@ -186,15 +240,16 @@ def quantize_branch(
     out_dir = cfg.output_dir / branch.name
     t_start = time.time()
     base_dir, arch, recipe_text, fingerprint = prepare_branch(cfg, branch)
+    if distributed.rank() == 0:
+        remove_stale_partials(cfg.output_dir, branch.name, echo)
     if not force and branch_is_current(out_dir, fingerprint):
         return BranchBuild(branch.name, out_dir, True, 0.0, fingerprint)
 
-    tmp = cfg.output_dir / f".{branch.name}.partial-{os.getpid()}"
+    # llm-compressor's save compresses the model across ranks (only rank 0 writes), so under
+    # torchrun every rank calls it with the same folder: named by the launcher they share.
+    tmp = partial_folder(cfg.output_dir, branch.name)
     if distributed.in_worker():
         distributed.init()
-        # llm-compressor's save compresses the model across ranks (only rank 0 writes), so
-        # every rank calls it, with the same folder.
-        tmp = cfg.output_dir / f".{branch.name}.partial-dist-{os.environ['TORCHELASTIC_RUN_ID']}"
         if distributed.rank() != 0:  # calibrate its share of the samples; rank 0 writes the branch
             run = calibrate(cfg, branch, base_dir, arch, recipe_text, lambda s: None, scale_options)
             run.model.save_pretrained(tmp, save_compressed=True)
@@ -228,7 +283,7 @@ def quantize_branch(
         write_manifest(tmp, branch.name)
         # Swap in only a complete folder: an interrupted run leaves a hidden .partial, never a branch.
         if out_dir.exists():
-            old = cfg.output_dir / f".{branch.name}.old-{os.getpid()}"
+            old = partial_folder(cfg.output_dir, branch.name, "old")
             out_dir.rename(old)
             tmp.rename(out_dir)
             shutil.rmtree(old)

@@ -8,7 +8,9 @@ records give byte-identical cards.
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,13 @@ from typing import Any
 import jinja2
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .architecture import Glm4MoeArch
 from .config import BranchSpec, ReleaseConfig
 from .coverage import ExpertCoverage
 from .errors import ReleaseError
+from .manifest import write_if_changed
 from .vllm_rules import TARGETS, servable_tp, serve_verdicts
 
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -56,21 +60,62 @@ class RenderResult:
 # ---------------------------------------------------------------- changelog
 
 
+class ChangelogEntry(BaseModel):
+    """One version of the release's changelog: what changed in the published model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    summary: str = Field(min_length=1)
+    changes: list[str] = []
+
+
+def _changelog_error(path: Path, entries: Any, err: ValidationError) -> ReleaseError:
+    lines = []
+    for e in err.errors():
+        index, *field_path = e["loc"]
+        entry = entries[index] if isinstance(index, int) and isinstance(entries, list) else None
+        version = entry.get("version", f"#{index}") if isinstance(entry, dict) else f"#{index}"
+        where = ".".join(str(x) for x in field_path) or "(the entry)"
+        got = e.get("input")
+        if isinstance(got, dict) and len(got) == 1 and e["type"] == "string_type":
+            ((k, v),) = got.items()
+            msg = f"is a mapping ({k!r}: ...), not a string: YAML read its ': ' as a key; quote the whole line"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field (typo?)"
+        else:
+            msg = e["msg"]
+        lines.append(f"{version}: {where} {msg}")
+    return ReleaseError(
+        f"invalid changelog {path}:\n  " + "\n  ".join(lines),
+        hint="each entry is {version, summary, changes: [strings]}; quote a change that contains ': '",
+    )
+
+
 def load_changelog(path: Path | None, version: str | None) -> tuple[str, list[dict[str, Any]]]:
-    """Entries up to and including `version` (default: the latest), oldest first."""
+    """Entries up to and including `version` (default: the latest), oldest first. Every
+    entry is validated (`ChangelogEntry`): a change YAML parsed as a mapping is an error."""
     if path is None:
         raise ReleaseError(
             "the config has no changelog", hint="set changelog: to a YAML list of {version, summary, changes}"
         )
     try:
-        entries = yaml.safe_load(Path(path).read_text())
+        raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise ReleaseError(f"cannot read changelog {path}: {e}") from e
-    if not isinstance(entries, list) or not all(
-        isinstance(e, dict) and "version" in e and "summary" in e for e in entries
-    ):
-        raise ReleaseError(f"changelog {path} must be a YAML list of entries with version and summary")
-    versions = [str(e["version"]) for e in entries]
+        raise ReleaseError(f"cannot read changelog {path}: {e}", hint="fix the YAML of the release changelog") from e
+    if not isinstance(raw, list) or not raw:
+        raise ReleaseError(
+            f"changelog {path} must be a non-empty YAML list of entries",
+            hint="- version: v1\n  summary: ...\n  changes: [...]",
+        )
+    try:
+        entries = TypeAdapter(list[ChangelogEntry]).validate_python(raw)
+    except ValidationError as e:
+        raise _changelog_error(Path(path), raw, e) from e
+    versions = [e.version for e in entries]
+    dupes = sorted({v for v in versions if versions.count(v) > 1})
+    if dupes:
+        raise ReleaseError(f"changelog {path} repeats version {', '.join(dupes)}", hint="each version appears once")
     if version is None:
         version = versions[-1]
     if version not in versions:
@@ -78,7 +123,7 @@ def load_changelog(path: Path | None, version: str | None) -> tuple[str, list[di
             f"changelog {path} has no version {version!r} (it has: {', '.join(versions)})",
             hint="add an entry for this version to the release changelog, or pass one that exists",
         )
-    return version, entries[: versions.index(version) + 1]
+    return version, [e.model_dump() for e in entries[: versions.index(version) + 1]]
 
 
 # ---------------------------------------------------------------- records
@@ -114,6 +159,25 @@ def awq_engine_text(prov: dict[str, Any]) -> str | None:
             f"{engine['max_expert_tokens']} of its calibration tokens"
         )
     return text
+
+
+def describe_ignore(ignore: list[str], arch: Glm4MoeArch) -> list[str]:
+    """quantization_config.ignore in words: the routers as one item, the MTP layer's regex as
+    what it is, anything else by name (Markdown)."""
+    routers = [n for n in ignore if re.fullmatch(r"model\.layers\.\d+\.mlp\.gate", n)]
+    mtp = {f"re:^model\\.layers\\.{n}\\.": n for n in arch.mtp_layers}
+    out = []
+    for name in ignore:
+        if name in routers:
+            if name == routers[0]:
+                out.append(f"the {len(routers)} MoE routers (`model.layers.N.mlp.gate`)")
+        elif name in mtp:
+            out.append(f"the MTP layer (`model.layers.{mtp[name]}.*`, all its tensors)")
+        elif name.startswith("re:"):
+            out.append(f"tensors matching the regex `{name[3:]}`")
+        else:
+            out.append(f"`{name}`")
+    return out
 
 
 def branch_record(cfg: ReleaseConfig, branch: BranchSpec) -> dict[str, Any]:
@@ -167,6 +231,7 @@ def branch_record(cfg: ReleaseConfig, branch: BranchSpec) -> dict[str, Any]:
         "format": qc.get("format"),
         "awq_engine": awq_engine_text(prov),
         "ignore": qc.get("ignore") or [],
+        "kept": describe_ignore(qc.get("ignore") or [], arch),
         "weight_gib": round(weight_bytes / 2**30, 3),
         "weight_mib": round(weight_bytes / 2**20, 1),
         "shards": len(shards),
@@ -283,11 +348,11 @@ def render_release(cfg: ReleaseConfig, version: str | None = None) -> RenderResu
             )
             record["has_plot"] = True
         text = compose_card(data, _render(env, "branch.md.j2", {**context, "b": record}))
-        (folder / CARD_FILE).write_text(text)
+        write_if_changed(folder / CARD_FILE, text)
         cards[record["name"]] = folder / CARD_FILE
     main = cfg.output_dir / "main"
     main.mkdir(parents=True, exist_ok=True)
-    (main / CARD_FILE).write_text(compose_card(data, _render(env, "landing.md.j2", context)))
+    write_if_changed(main / CARD_FILE, compose_card(data, _render(env, "landing.md.j2", context)))
     cards["main"] = main / CARD_FILE
     return RenderResult(cards, version)
 
@@ -325,5 +390,7 @@ def write_coverage_plot(coverage: ExpertCoverage, path: Path) -> None:
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, format="png", metadata={"Software": None})
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
     plt.close(fig)
+    write_if_changed(path, buf.getvalue())

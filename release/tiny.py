@@ -3,24 +3,30 @@
 It is GLM-4.7's architecture scaled down (dense prefix layer, sigmoid router with
 ``e_score_correction_bias``, shared expert, qk-norm, attention bias, one MTP layer stored
 GLM-style as ``model.layers.{num_hidden_layers}.*``), with a byte-level BPE tokenizer and a
-short language-model training run on the Python standard library's own sources, so its
-logits mean something and its routing is uneven. The result is cached by a key over this
-file's source, so tests and ``make demo`` build it once.
+short language-model training run, so its logits mean something and its routing is uneven.
+
+Everything comes from one fixed corpus shipped with glmrel (``release/data/demo_corpus.json.xz``,
+Python standard-library modules, sha256 pinned below) and runs with reproducible CPU numerics
+(``release/numerics.py``), so the demo's weights are the same bits on every x86 machine. The
+result is cached by a key over this file, the corpus and the torch version.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
+import lzma
 import os
 import random
 import shutil
-import sys
-import sysconfig
 import time
 from dataclasses import dataclass
+from importlib import resources
+from importlib.metadata import version
 from pathlib import Path
+
+from .errors import ReleaseError
+from .numerics import pin_reproducible_cpu
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -72,6 +78,8 @@ TRAIN_STEPS = 160
 TRAIN_SEQ, TRAIN_BATCH = 128, 8
 N_CALIBRATION = 48
 N_HELDOUT = 8
+CORPUS_FILE = "demo_corpus.json.xz"
+CORPUS_SHA256 = "0bd0fcf962c1ea880e7aa947811d3b4261c2a8851ce1275e07ede960bd8a2157"
 
 
 @dataclass(frozen=True)
@@ -91,9 +99,22 @@ class DemoAssets:
         return self.root / "heldout.json"
 
 
+def corpus_bytes() -> bytes:
+    """The demo corpus as shipped, checked against its pinned sha256."""
+    data = resources.files("release").joinpath("data", CORPUS_FILE).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != CORPUS_SHA256:
+        raise ReleaseError(
+            f"the demo corpus release/data/{CORPUS_FILE} has sha256 {digest[:12]}, not the pinned {CORPUS_SHA256[:12]}",
+            hint="restore it with `git checkout release/data` (the demo's weights are pinned to these bytes)",
+        )
+    return data
+
+
 def _cache_key() -> str:
     h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update(f"{sys.version_info[:2]}".encode())
+    h.update(CORPUS_SHA256.encode())
+    h.update(version("torch").encode())
     return h.hexdigest()[:16]
 
 
@@ -108,6 +129,7 @@ def ensure_demo_assets(root: Path | None = None, log=print) -> DemoAssets:
     assets = DemoAssets(base)
     if (base / "DONE").exists():
         return assets
+    pin_reproducible_cpu()
     tmp = base.with_name(base.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -121,18 +143,10 @@ def ensure_demo_assets(root: Path | None = None, log=print) -> DemoAssets:
     return assets
 
 
-def _stdlib_sources() -> tuple[list[str], list[str]]:
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    random.Random(0).shuffle(files)
-
-    def read(f: str) -> str:
-        try:
-            return Path(f).read_text(encoding="utf-8", errors="ignore")
-        except OSError:
-            return ""
-
-    texts = [read(f) for f in files]
-    return texts[:150], texts[150:]
+def corpus_texts() -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts) of the shipped demo corpus."""
+    doc = json.loads(lzma.decompress(corpus_bytes()))
+    return [d["text"] for d in doc["train"]], [d["text"] for d in doc["heldout"]]
 
 
 def _train_tokenizer(texts: list[str]):
@@ -178,7 +192,7 @@ def _build(assets: DemoAssets, log) -> None:
 
     torch.manual_seed(0)
     random.seed(0)
-    train_text, heldout_text = _stdlib_sources()
+    train_text, heldout_text = corpus_texts()
     tok = _train_tokenizer(train_text)
     cfg = Glm4MoeConfig(
         vocab_size=len(tok),

@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import ReleaseConfig
 from .errors import ReleaseError
+from .manifest import folder_content_digest, write_if_changed
 
 VERIFY_FILE = "verify.json"
 
@@ -37,6 +38,9 @@ class QualityReport:
     vllm: str
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # what was measured: `manifest.content_digest` of the branch's files (all but the records
+    # written after verification); check and publish refuse a verify.json about other content
+    content_sha256: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +133,7 @@ def verify_branch(cfg: ReleaseConfig, branch: str, branch_dir: Path, reference: 
         raise ReleaseError(
             f"branch folder {branch_dir} has no config.json", hint=f"run `glmrel quantize --branch {branch}` first"
         )
+    content = folder_content_digest(branch_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(branch_dir, dtype=torch.float32).eval()
     except Exception as e:
@@ -180,6 +185,12 @@ def verify_branch(cfg: ReleaseConfig, branch: str, branch_dir: Path, reference: 
         vllm=vllm_line,
         failures=failures,
         seconds=round(time.time() - t0, 2),
+        content_sha256=content,
     )
-    (branch_dir / VERIFY_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if folder_content_digest(branch_dir) != content:
+        raise ReleaseError(
+            f"the files of {branch_dir} changed while it was being verified; no verify.json was written",
+            hint=f"run `glmrel verify --branch {branch}` again once nothing else writes to the branch",
+        )
+    write_if_changed(branch_dir / VERIFY_FILE, json.dumps(report.to_json(), indent=2) + "\n")
     return report

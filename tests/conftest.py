@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from release.numerics import REPRODUCIBLE_CPU_ENV
+
+# Before anything imports torch: the demo's reproducible CPU numerics (release/numerics.py),
+# so the demo weights the tests build are the same bits on every x86 machine.
+os.environ.update(REPRODUCIBLE_CPU_ENV)
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
