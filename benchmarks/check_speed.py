@@ -91,7 +91,7 @@ def build_sparse_branch(out: Path, group_size: int) -> Path:
     for p in sorted(folder.iterdir()):
         st = p.stat()
         digest = sha256_file(p) if not p.name.endswith(".safetensors") else "0" * 64  # not hashed: --no-hash only
-        files[p.name] = FileEntry(st.st_size, digest, st.st_mtime_ns)
+        files[p.name] = FileEntry(st.st_size, digest)
     Manifest(1, folder.name, files, {}).write(folder / "manifest.json")
     return folder
 

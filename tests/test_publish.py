@@ -15,7 +15,7 @@ import release.publish as publish_mod
 from release.cli import cli
 from release.config import load_config
 from release.errors import ReleaseError
-from release.manifest import MANIFEST_FILE, branch_files
+from release.manifest import MANIFEST_FILE, release_files
 from release.publish import apply_plan, plan_publish, verify_published
 
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ def test_publish_clones_back_byte_for_byte_with_tags(release_copy, tmp_path, mon
             assert not attributes.exists()
         published = {p.name: p.read_bytes() for p in clone.iterdir() if p.name != ".git"}
         folder = cfg.output_dir / name
-        expected = {p.name: p.read_bytes() for p in branch_files(folder)}
+        expected = {p.name: p.read_bytes() for p in release_files(folder)}
         if name != "main":
             expected[MANIFEST_FILE] = (folder / MANIFEST_FILE).read_bytes()
         assert published == expected, name

@@ -16,7 +16,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from release.cli import cli
 from release.config import load_config
 from release.errors import ReleaseError
-from release.manifest import MANIFEST_FILE, branch_files, write_manifest
+from release.manifest import MANIFEST_FILE, release_files, write_manifest
 from release.publish import apply_plan, plan_publish, verify_published
 
 TOKEN = "hf_glmrel_test_token_never_printed"
@@ -103,7 +103,7 @@ def publish(config, *extra):
 
 
 def expected_files(folder, name):
-    files = {p.name: p.read_bytes() for p in branch_files(folder)}
+    files = {p.name: p.read_bytes() for p in release_files(folder)}
     if name != "main":
         files[MANIFEST_FILE] = (folder / MANIFEST_FILE).read_bytes()
     return files
