@@ -756,7 +756,8 @@ def check_remote(
     with tempfile.TemporaryDirectory(prefix="glmrel-remote-") as tmp:
 
         def fetch(name: str) -> Path:
-            return Path(api.hf_hub_download(repo_id, name, revision=revision, cache_dir=tmp))
+            # the cache's snapshot entry is a link into its blob store (inside `tmp`)
+            return Path(api.hf_hub_download(repo_id, name, revision=revision, cache_dir=tmp)).resolve()
 
         def json_of(name: str) -> Any:
             try:

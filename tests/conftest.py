@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,26 @@ def demo_release(tmp_path_factory, demo_assets):
     logs: list[str] = []
     result = build_all(cfg, echo=logs.append)
     return {"config_path": path, "config": cfg, "result": result, "logs": logs}
+
+
+@pytest.fixture()
+def release_copy(demo_release, tmp_path):
+    """The demo build copied (so a test may change it), with a fresh remote path."""
+    out = tmp_path / "out"
+    shutil.copytree(demo_release["config"].output_dir, out, ignore=shutil.ignore_patterns(".publish-cache.git"))
+    raw = yaml.safe_load(demo_release["config_path"].read_text())
+    raw["output_dir"] = str(out)
+    raw["publish_remote"] = str(tmp_path / "remote.git")
+    path = tmp_path / "release.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def refs(remote: Path) -> dict[str, str]:
+    out = subprocess.run(
+        ["git", "--git-dir", str(remote), "for-each-ref", "--format=%(refname) %(objectname)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(line.split() for line in out.splitlines())

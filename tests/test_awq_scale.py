@@ -92,6 +92,13 @@ def builds(tmp_path_factory, demo_assets):
     return out
 
 
+TIE = 0.01  # grid losses this close are a tie under rank-order rounding (measured: 0.1-0.4 %)
+
+
+def _argmin(values: list[float]) -> int:
+    return min(range(len(values)), key=values.__getitem__)
+
+
 @pytest.mark.parametrize("expert_search", ["gram", "sampled-batched"])
 def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
     """The worker side of `glmrel quantize --gpus 2`, on two CPU ranks (gloo): each rank
@@ -99,12 +106,24 @@ def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
     build of the config's default engine (the Gram search): same config, or with the sampled,
     batched expert search (which all-reduces its own losses and splits the row budget).
 
-    Ranks change the order of floating-point sums (activation statistics, losses), which moves
-    the first layer's smoothed weights by an ulp and can flip near-tied grid points later on:
-    measured here, KL 0.000897 on two ranks against 0.000858 in one process (+4.5 %). So the
-    checks are: every sample calibrated exactly once (coverage sums to the one-process count),
-    the first layer's smoothing equal to float rounding (a rank smoothing twice or a wrong
-    partition moves it by percents), and KL within 10 %."""
+    Ranks change the order of floating-point sums: the all-reduced activation mean differs by an
+    ulp, so the candidate scales do, which flips a few INT4 roundings and moves every smoothed
+    grid point's loss by ~0.1-0.4 % (measured on this model). Where two grid points are that
+    close, the two runs may choose differently: on Python 3.11.7's stdlib corpus, layer 0's
+    `input_layernorm` had ratio 0.0 (duo) at 1.0949e-4 against 0.125 at 1.0909e-4, 0.37 %
+    apart, and one run took each (its norm then differs by 4.7 %). That is a tie, not a bug.
+
+    So the checks separate ties from the bugs this test exists for:
+    - every sample calibrated exactly once (coverage sums to the one-process count);
+    - the data: the grid's first point leaves the weights unsmoothed, so its loss depends only
+      on the samples the ranks saw together; it equals the one-process loss to float rounding
+      (a wrong partition, a missed or doubled sample, or a loss that is not all-reduced moves
+      it by percents);
+    - the choice: wherever the runs chose different grid points, each run's losses at the two
+      points are within `TIE` of each other (a near-tie in both runs);
+    - the smoothing: where layer 0's choice agrees, its smoothed norm equals the one-process
+      norm to float rounding (a rank smoothing twice moves it by percents);
+    - KL within 10 % of the one-process build."""
     import json
     import subprocess
     import sys
@@ -138,9 +157,21 @@ def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
         assert kept <= 3 * 8 * (CONFIG_BUDGET // 2 + 6), kept
     one = json.loads((one_dir / "expert_coverage.json").read_text())
     assert json.loads((out / "expert_coverage.json").read_text()) == one, "every sample seen once over the ranks"
+    grid, one_grid = engine["grid_losses"], one_engine["grid_losses"]
+    assert grid.keys() == one_grid.keys() and len(grid) > 10
+    first = "model.layers.0.input_layernorm"
+    assert grid[first][0] == pytest.approx(one_grid[first][0], rel=1e-5), "the ranks saw the same samples once"
+    chosen = {name: (_argmin(grid[name]), _argmin(one_grid[name])) for name in grid}
+    for name, (ours, theirs) in chosen.items():
+        if ours != theirs:
+            gaps = (grid[name][theirs] / grid[name][ours] - 1, one_grid[name][ours] / one_grid[name][theirs] - 1)
+            print(f"{name}: grid point {ours} on 2 ranks, {theirs} in one process; loss gaps {gaps}")
+            assert max(gaps) <= TIE, f"{name}: different choices {gaps} apart, not a near-tie"
     a, b = load_file(one_dir / "model.safetensors"), load_file(out / "model.safetensors")
-    for name in ("model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight"):
-        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        if chosen[f"model.layers.0.{norm}"][0] == chosen[f"model.layers.0.{norm}"][1]:
+            name = f"model.layers.0.{norm}.weight"
+            assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
     cfg = load_config(path)
     ours, single = verify_branch(cfg, BRANCH, out, builds["reference"]), builds["config"]["quality"]
     print(f"KL 1 process {single.mean_kl:.6f}, 2 ranks ({expert_search}) {ours.mean_kl:.6f}")

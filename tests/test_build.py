@@ -27,6 +27,45 @@ BRANCH_FILES = {
 }
 
 
+# The demo's bytes on any x86 machine with the pinned stack: the corpus is shipped
+# (release/data, sha256 pinned in release/tiny.py) and the CPU numerics are pinned to AVX2 and
+# two threads (release/numerics.py). Measured equal here between `make demo` and the suite.
+# If this fails on another machine, the demo is not reproducible there: say which CPU.
+DEMO_DIGESTS = {
+    "base model.safetensors": "21fb9bce5b0ee1a7214fd73dacba8b1416478309d8e1d59c3dec5616ae61819b",
+    "calibration.jsonl": "87380934fa3329eb532041a2a03994abed6a33a4d6e565c8764a51651b9f980f",
+    "heldout.json": "f9fab9d04e82683ff14b4476bcdb8ef9a24256e09f7a7a703cc33d2fcf202dcf",
+    "W4A16_GS32 model.safetensors": "c2ccfd929a5306f264a4c0feaeca21cdf738a49d3b4be4945665f20e40608140",
+    "W4A16_GS64 model.safetensors": "5c873c3c1ec6487a528d69112ebc869e83c03b085d7d9ade8b590593d51578f4",
+    "W4A16_GS128 model.safetensors": "56c8514eeb2c84091e5362ff6b6b9e9f07d827016cf28528f6c71817acd4447b",
+    "MTP layer model-mtp-4.safetensors": "17464058733faecf10a1ea8d691ca9284957126b63d740b05cd2d9f41cf2e4ef",
+}
+
+
+def test_demo_weights_are_the_same_bits_on_every_machine(demo_release, demo_assets):
+    import platform
+
+    from release.manifest import sha256_file
+
+    cfg = demo_release["config"]
+    got = {
+        "base model.safetensors": sha256_file(demo_assets.model / "model.safetensors"),
+        "calibration.jsonl": sha256_file(demo_assets.calibration),
+        "heldout.json": sha256_file(demo_assets.heldout),
+        **{
+            f"{b.name} model.safetensors": sha256_file(cfg.output_dir / b.name / "model.safetensors")
+            for b in cfg.branches
+        },
+    }
+    mtp = {sha256_file(cfg.output_dir / b.name / "model-mtp-4.safetensors") for b in cfg.branches}
+    assert len(mtp) == 1, "the MTP layer is copied unchanged into every branch"
+    got["MTP layer model-mtp-4.safetensors"] = mtp.pop()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    assert got == DEMO_DIGESTS, (
+        f"demo digests differ on {platform.python_version()} / {cpu} / torch {torch.__version__}"
+    )
+
+
 def _tensors(folder):
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
@@ -41,7 +80,8 @@ def test_three_branches_with_the_declared_files(demo_release):
     for b in cfg.branches:
         folder = cfg.output_dir / b.name
         assert BRANCH_FILES <= {p.name for p in folder.iterdir()}, sorted(p.name for p in folder.iterdir())
-    assert not [p for p in cfg.output_dir.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+    hidden = [p.name for p in cfg.output_dir.iterdir() if p.name.startswith(".")]
+    assert hidden == [".glmrel-cache"], f"temporary folders left behind: {hidden} (only the hash cache belongs there)"
 
 
 def test_quantization_config_matches_the_branch(demo_release):
@@ -118,7 +158,7 @@ def test_each_branch_reloads_decodes_and_is_close_to_base(demo_release):
     for name, q in quality.items():
         assert q["passed"], (name, q["failures"])
         assert 0 <= q["mean_kl"] < 0.02 and q["top1_agreement"] > 0.9
-        assert q["decode_text"] != "" or q["passed"]
+        assert q["decode_text"] and "the branch generated no tokens" not in q["failures"]
         assert q["vllm"].startswith("vLLM check skipped:")
     print(
         {
@@ -160,9 +200,13 @@ def test_smoothed_norms_are_compensated_in_the_saved_branch(demo_release, demo_a
         torch.testing.assert_close(deq[router].float(), orig[router].float() * s, rtol=2e-2, atol=1e-3)
         names = [f"mlp.experts.{e}.{proj}.weight" for e in range(8) for proj in ("gate_proj", "up_proj")]
         names += ["mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"]
+        # judged on the input channels whose norm scale moved by more than 5 %: on the others W * s
+        # and W differ by less than INT4's own rounding, and the comparison would be a coin toss
+        moved = (s - 1).abs() > 0.05
         for n in names:
-            w, wq = orig[p + n].float(), deq[p + n].float()
-            err_comp = ((wq - w * s).norm() / (w * s).norm()).item()
+            w, wq = orig[p + n].float()[:, moved], deq[p + n].float()[:, moved]
+            sm = s[moved]
+            err_comp = ((wq - w * sm).norm() / (w * sm).norm()).item()
             err_plain = ((wq - w).norm() / w.norm()).item()
             assert err_comp < err_plain, f"{p + n} is not compensated ({err_comp:.3f} vs {err_plain:.3f})"
             checked += 1

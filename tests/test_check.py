@@ -67,7 +67,8 @@ def test_json_report(branch):
     res = run_check(branch, "--json")
     data = json.loads(res.output)
     assert data["passed"] and data["group_size"] == 64 and data["tensors"] == 383
-    assert {c["check"] for c in data["checks"]} == {"manifest", "config", "headers", "inventory"}
+    assert {c["check"] for c in data["checks"]} == {"manifest", "verification", "config", "headers", "inventory"}
+    assert data["skipped"] == []
 
 
 def test_check_does_not_import_torch(branch):
@@ -182,7 +183,7 @@ def test_symlink_pointing_out(branch, tmp_path):
     outside.write_text("x")
     os.symlink(outside, branch / "notes.txt")
     msgs = failures(branch)
-    assert any("notes.txt is a symbolic link pointing outside the branch folder" in m for m in msgs)
+    assert f"[files] notes.txt is a symbolic link (to {outside}); a branch holds regular files only" in msgs
 
 
 def test_config_without_quantization_config(branch):
@@ -302,3 +303,73 @@ def test_committed_manifests_pass_and_a_mislabelled_one_fails(tmp_path):
     res = CliRunner().invoke(cli, ["check-manifest", str(bad)])
     assert res.exit_code == 1
     assert "[quantization] group_size is 64, but the branch is GS32" in res.output
+
+
+def test_fused_experts_are_diagnosed_before_the_missing_tensors(branch):
+    """Experts stored fused (transformers' in-memory layout): one diagnosis first, then a
+    count of the per-expert tensors it explains, not 50 lines of symptoms."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shard = branch / "model.safetensors"
+    sd = load_file(shard)
+    for layer in (1, 2, 3):
+        p = f"model.layers.{layer}.mlp.experts."
+        for k in [k for k in sd if k.startswith(p)]:
+            del sd[k]
+        sd[p + "gate_up_proj"] = torch.zeros(8, 256, 256, dtype=torch.float32)
+        sd[p + "down_proj"] = torch.zeros(8, 256, 128, dtype=torch.float32)
+    save_file(sd, shard, metadata={"format": "pt"})
+    idx = branch / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    data["weight_map"] = {k: v for k, v in data["weight_map"].items() if v != "model.safetensors"}
+    data["weight_map"].update({k: "model.safetensors" for k in sd})
+    idx.write_text(json.dumps(data))
+    write_manifest(branch)
+    report = check_branch(branch)
+    first = report.failures[0]
+    assert first.check == "inventory" and first.message.startswith("the routed experts are stored fused (6 tensors")
+    assert any(f.message.startswith("missing 216 per-expert tensors (mlp.experts.{e}.*)") for f in report.failures)
+    assert not any(f.message.startswith("missing tensor model.layers.1.mlp.experts.") for f in report.failures)
+    assert len(report.failures) < 20
+
+
+def test_a_config_group_size_that_disagrees_with_the_scales(demo_release, tmp_path):
+    """The folder name gives no group size: the config says 256, the scales say 128. Said
+    first, 256 flagged as unsupported, and the inventory read at the scales' group size."""
+    dst = tmp_path / "someones-branch"
+    shutil.copytree(demo_release["config"].output_dir / "W4A16_GS128", dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 256
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_manifest(dst)
+    report = check_branch(dst)
+    msgs = [f.message for f in report.failures]
+    assert msgs[0].startswith("group_size 256 is not one glmrel builds and checks") or msgs[0].startswith(
+        "config.json says group_size 256, the scales say 128"
+    )
+    assert any(m.startswith("config.json says group_size 256, the scales say 128") for m in msgs[:2])
+    assert any(m.startswith("group_size 256 is not one glmrel builds and checks") for m in msgs[:2])
+    assert not any("weight_scale is" in m for m in msgs), "no shape mismatch lines"
+    assert report.group_size == 128
+
+
+def _strip_records(folder: Path) -> None:
+    for name in ("recipe.yaml", "provenance.json", "manifest.json", "verify.json"):
+        (folder / name).unlink()
+
+
+def test_a_third_party_branch_is_checked_for_what_applies(branch):
+    _strip_records(branch)
+    res = run_check(branch)
+    assert res.exit_code == 1
+    assert "FAIL [records] none of glmrel's records" in res.output.splitlines()[1]
+    assert "--third-party" in res.output
+    res = run_check(branch, "--third-party")
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].endswith("PASSED (1287 tensors in 2 shards)") or "PASSED" in lines[0]
+    for skipped in ("skip [records] skipped:", "skip [manifest] skipped:", "skip [verification] skipped:"):
+        assert any(skipped in line for line in lines), (skipped, res.output)
+    doc = json.loads(run_check(branch, "--third-party", "--json").output)
+    assert doc["passed"] and len(doc["skipped"]) == 3

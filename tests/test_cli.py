@@ -19,7 +19,8 @@ def test_every_command_has_help():
     for name, cmd in cli.commands.items():
         assert cmd.help and len(cmd.help.strip()) > 20, name
         sub = run(name, "--help")
-        assert sub.exit_code == 0 and "Usage: cli " + name in sub.output or "Usage:" in sub.output
+        assert sub.exit_code == 0, (name, sub.output)
+        assert sub.output.startswith(f"Usage: cli {name} [OPTIONS]"), (name, sub.output[:80])
 
 
 def _assert_clean_failure(res, message, out_dir):
@@ -70,8 +71,11 @@ def test_not_a_glm4_moe_model(write_config, fake_model, tmp_path):
     cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
     (fake_model / "config.json").write_text(json.dumps(cfg))
     res = run("quantize", "--config", write_config({"base_model.path": str(fake_model)}), "--branch", "W4A16_GS32")
-    _assert_clean_failure(res, "", tmp_path / "out")
-    assert "not a GLM-4-MoE model" in res.output
+    _assert_clean_failure(
+        res,
+        f"{fake_model / 'config.json'} describes model_type='llama' ['LlamaForCausalLM'], not a GLM-4-MoE model",
+        tmp_path / "out",
+    )
 
 
 def test_group_size_that_does_not_divide(write_config, fake_model, tmp_path):
@@ -162,3 +166,68 @@ def test_quantize_gpus_must_be_positive(write_config):
         cli, ["quantize", "--config", str(write_config()), "--branch", "W4A16_GS64", "--gpus", "0"]
     )
     assert res.exit_code == 2 and "--gpus" in res.output
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"messages": "just a string"}] * 40, "line 1: messages is a str, not a list of messages"),
+        (
+            [GOOD] * 5 + [{"messages": [{"role": "user", "content": 7}]}] + [GOOD] * 34,
+            "line 6: messages message 0's content is a int",
+        ),
+        (
+            [GOOD] * 3 + [{"messages": [{"content": "no role"}]}] + [GOOD] * 36,
+            "line 4: messages message 0's role is missing",
+        ),
+        ([GOOD] * 2 + [{"messages": []}] + [GOOD] * 37, "line 3: messages is an empty list"),
+        ([GOOD] * 9 + ['{"messages": [ oops'] + [GOOD] * 30, "line 10 is not valid JSON"),
+        ([GOOD] * 4 + ["[1, 2]"] + [GOOD] * 35, "line 5: the line is a list, not an object"),
+    ],
+)
+def test_bad_calibration_rows_are_named(write_config, tmp_path, rows, message):
+    """Garbage calibration rows never reach a build: the first bad row is named, with what was expected."""
+    bad = _jsonl(tmp_path / "bad.jsonl", rows)
+    res = run("build-all", "--config", write_config({"calibration.path": str(bad)}))
+    _assert_clean_failure(res, f"calibration file {bad} {message}", tmp_path / "out")
+    assert "role" in res.output.split("Hint:", 1)[1]
+
+
+def test_bad_rows_in_a_parquet_file_are_named(write_config, tmp_path):
+    import datasets
+
+    bad = tmp_path / "calib.parquet"
+    datasets.Dataset.from_list([GOOD] * 3 + [{"messages": [{"role": "user", "content": None}]}] * 37).to_parquet(
+        str(bad)
+    )
+    res = run("quantize", "--config", write_config({"calibration.path": str(bad)}), "--branch", "W4A16_GS32")
+    _assert_clean_failure(
+        res, "calibration row 3 of calib.parquet: messages message 0's content is a NoneType", tmp_path / "out"
+    )
+
+
+def test_invalid_yaml_config_has_a_hint(tmp_path):
+    bad = tmp_path / "release.yaml"
+    bad.write_text("name: x\nbranches:\n  - name: W4A16_GS32\n   group_size: 32\n")
+    res = run("build-all", "--config", bad)
+    assert res.exit_code == 1 and f"Error: config {bad} is not valid YAML (line 4, column" in res.output
+    assert "Hint: fix the YAML at that line" in res.output
+
+
+def test_changelog_change_parsed_as_a_mapping_is_an_error(write_config, tmp_path):
+    log = tmp_path / "changelog.yaml"
+    log.write_text(
+        "- version: v1\n  summary: First.\n  changes:\n    - Fine line.\n    - MoE-aware AWQ: all experts.\n"
+    )
+    res = run("render", "--config", write_config({"changelog": str(log)}))
+    assert res.exit_code == 1
+    assert "v1: changes.1 is a mapping ('MoE-aware AWQ': ...), not a string" in res.output
+    assert "Hint: each entry is {version, summary, changes: [strings]}; quote a change" in res.output

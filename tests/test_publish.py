@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import git
 import pytest
-import yaml
 from click.testing import CliRunner
+from conftest import refs
 
 import release.publish as publish_mod
 from release.cli import cli
@@ -20,29 +19,6 @@ from release.publish import apply_plan, plan_publish, verify_published
 
 pytestmark = pytest.mark.slow
 BRANCHES = ("W4A16_GS32", "W4A16_GS64", "W4A16_GS128")
-
-
-@pytest.fixture()
-def release_copy(demo_release, tmp_path):
-    """The demo build copied (so a test may change it), with a fresh remote path."""
-    out = tmp_path / "out"
-    shutil.copytree(demo_release["config"].output_dir, out, ignore=shutil.ignore_patterns(".publish-cache.git"))
-    raw = yaml.safe_load(demo_release["config_path"].read_text())
-    raw["output_dir"] = str(out)
-    raw["publish_remote"] = str(tmp_path / "remote.git")
-    path = tmp_path / "release.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-def refs(remote: Path) -> dict[str, str]:
-    out = subprocess.run(
-        ["git", "--git-dir", str(remote), "for-each-ref", "--format=%(refname) %(objectname)"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return dict(line.split() for line in out.splitlines())
 
 
 def publish(config: Path, *extra: str):

@@ -208,7 +208,7 @@ def test_hub_concurrent_publisher_fails_loudly(hub_release, hub):
     card = cfg.output_dir / "main" / "README.md"
     card.write_text(card.read_text() + "\nEdited.\n")
     with pytest.raises(ReleaseError, match="tag v1 already exists"):
-        plan_publish(cfg, "v1")
+        plan_publish(cfg, "v1")[0].refuse_conflicts()
     # someone else commits to main between our plan and our commit
     raw = yaml.safe_load(hub_release.read_text())
     log = yaml.safe_load(open(raw["changelog"]).read())
@@ -283,6 +283,52 @@ def test_check_remote_catches_a_tampered_revision(hub_release, hub):
     )
     res = CliRunner().invoke(cli, ["check", "--remote", REPO, "--revision", "tampered", "--group-size", "64"])
     assert res.exit_code == 1
-    assert "config.json: the published bytes' sha256 differs from the manifest" in res.output
-    assert "model-mtp-4.safetensors: the Hub's LFS sha256 differs from the manifest" in res.output
+    assert "file config.json has a different sha256 than the manifest" in res.output
+    assert "file model-mtp-4.safetensors has a different sha256 than the manifest" in res.output
     assert "group_size" in res.output
+
+
+@pytest.mark.slow
+def test_a_wrong_token_is_one_clear_error(hub_release, hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_never_printed")
+    res = publish(hub_release)
+    assert res.exit_code == 1
+    assert "Error: the Hub rejected the token (401 Unauthorized) while creating the repo" in res.output
+    assert "Hint: set HF_TOKEN to a valid token" in res.output
+    assert "hf_wrong_token_never_printed" not in res.output and "Traceback" not in res.output
+    assert REPO not in hub.state.repos
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_is_one_clear_error(hub_release, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    res = publish(hub_release, "--dry-run")
+    assert res.exit_code == 1
+    assert "Error: cannot reach the Hub at" in res.output and "ConnectError" in res.output
+    assert "Hint: check the network, any proxy, and HF_ENDPOINT" in res.output
+    assert TOKEN not in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_check_remote_third_party_branch(hub, demo_release, tmp_path):
+    """Someone else's branch on the Hub (no glmrel records): every check that applies, the rest skipped."""
+    folder = tmp_path / "W4A16_GS128"
+    shutil.copytree(demo_release["config"].output_dir / "W4A16_GS128", folder)
+    for name in ("recipe.yaml", "provenance.json", "manifest.json", "verify.json"):
+        (folder / name).unlink()
+    a = api(hub)
+    a.create_repo("someone/GLM-4.7_Compressed-Tensors")
+    a.create_branch("someone/GLM-4.7_Compressed-Tensors", branch="W4A16_GS128")
+    a.upload_folder(repo_id="someone/GLM-4.7_Compressed-Tensors", folder_path=folder, revision="W4A16_GS128")
+    args = ["check", "--remote", "someone/GLM-4.7_Compressed-Tensors", "--revision", "W4A16_GS128"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and "--third-party" in res.output
+    res = CliRunner().invoke(cli, [*args, "--third-party"])
+    assert res.exit_code == 0, res.output
+    assert "PASSED" in res.output.splitlines()[0]
+    assert res.output.count("skipped:") == 3
