@@ -578,16 +578,25 @@ Found = dict[str, tuple[str, tuple[int, ...], str]]
 
 def group_size_from_scales(arch: Glm4MoeArch, found: Found) -> int | None:
     """The group size the stored scales imply (input dim / scale columns), when every
-    quantized Linear's scales agree; None when there are none or they disagree."""
-    seen = set()
+    quantized Linear's scales agree; None when there are none or they disagree. A Linear with
+    one scale column per row fits per-channel scales and any group at least its input wide."""
+    sizes, single = set(), []
     for layer in range(arch.num_hidden_layers):
         for mod, (_out, inp) in arch.quantized_linear_shapes(layer).items():
             got = found.get(f"model.layers.{layer}.{mod}.weight_scale")
             if got is None or len(got[1]) != 2 or got[1][1] < 1:
                 continue
             groups = got[1][1]
-            seen.add(-1 if groups == 1 else inp // groups if inp % groups == 0 else 0)
-    return seen.pop() if len(seen) == 1 and 0 not in seen else None
+            if groups == 1:
+                single.append(inp)
+            else:
+                sizes.add(inp // groups if inp % groups == 0 else 0)
+    if not sizes:
+        return -1 if single else None
+    if len(sizes) != 1 or 0 in sizes:
+        return None
+    (size,) = sizes
+    return size if all(inp <= size for inp in single) else None
 
 
 def _check_model(
@@ -604,17 +613,18 @@ def _check_model(
         return
     gs_config = _check_quantization_config(report, cfg, arch, report.group_size)
     gs_scales = group_size_from_scales(arch, found)
-    if gs_config is not None and gs_scales is not None and gs_config != gs_scales:
-        report.diagnose(
-            "config",
-            f"config.json says group_size {gs_config}, the scales say {gs_scales}: the quantization_config does not "
-            "describe these weights (vLLM would read them wrongly)",
-        )
+    # each diagnosis goes before every failure so far: the last one said is read first
     if gs_config is not None and gs_config not in CHECKED_GROUP_SIZES:
         report.diagnose(
             "config",
             f"group_size {gs_config} is not one glmrel builds and checks ({', '.join(map(str, CHECKED_GROUP_SIZES))}); "
             "vLLM's Marlin kernels take -1, 32, 64 and 128",
+        )
+    if gs_config is not None and gs_scales is not None and gs_config != gs_scales:
+        report.diagnose(
+            "config",
+            f"config.json says group_size {gs_config}, the scales say {gs_scales}: the quantization_config does not "
+            "describe these weights (vLLM would read them wrongly)",
         )
     if report.group_size is None:
         report.group_size = gs_scales if gs_scales is not None else gs_config

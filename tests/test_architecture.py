@@ -58,3 +58,17 @@ def test_group_size_must_divide_every_quantized_input_dim():
 def test_missing_config_json(tmp_path):
     with pytest.raises(ReleaseError, match="has no config.json"):
         Glm4MoeArch.from_dir(tmp_path)
+
+
+def test_the_demo_corpus_is_the_pinned_bytes(monkeypatch):
+    """The demo's weights are pinned to the shipped corpus: other bytes are refused by name."""
+    import release.tiny as tiny
+    from release.errors import ReleaseError
+
+    train, heldout = tiny.corpus_texts()
+    assert len(train) == 48 and len(heldout) == 8 and sum(map(len, train)) > 1_500_000
+    monkeypatch.setattr(tiny, "CORPUS_SHA256", "0" * 64)
+    with pytest.raises(ReleaseError) as e:
+        tiny.corpus_bytes()
+    assert "demo_corpus.json.xz has sha256 0bd0fcf962c1, not the pinned 000000000000" in e.value.message
+    assert "git checkout release/data" in (e.value.hint or "")

@@ -92,7 +92,7 @@ def builds(tmp_path_factory, demo_assets):
     return out
 
 
-TIE = 0.01  # grid losses this close are a tie under rank-order rounding (measured: 0.1-0.4 %)
+SCATTER = 0.05  # smoothed grid losses between 1 process and 2 ranks (measured: 0.5-2.7 % per mapping)
 
 
 def _argmin(values: list[float]) -> int:
@@ -107,20 +107,25 @@ def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
     batched expert search (which all-reduces its own losses and splits the row budget).
 
     Ranks change the order of floating-point sums: the all-reduced activation mean differs by an
-    ulp, so the candidate scales do, which flips a few INT4 roundings and moves every smoothed
-    grid point's loss by ~0.1-0.4 % (measured on this model). Where two grid points are that
-    close, the two runs may choose differently: on Python 3.11.7's stdlib corpus, layer 0's
-    `input_layernorm` had ratio 0.0 (duo) at 1.0949e-4 against 0.125 at 1.0909e-4, 0.37 %
-    apart, and one run took each (its norm then differs by 4.7 %). That is a tie, not a bug.
+    ulp, so the candidate scales do, which flips some INT4 roundings and moves every smoothed
+    grid point's loss (measured on the demo model: by 0.5-2.7 % per mapping, while the
+    unsmoothed first point agrees to 8e-7). Where two grid points are that close, the runs may
+    choose differently: on the old corpus (Python 3.11.7's own stdlib), layer 0's
+    `input_layernorm` had 1.0949e-4 and 1.0909e-4 at two points, 0.37 % apart, each run took
+    one, and the norm then differed by 4.7 %; on the shipped corpus layer 1's
+    `post_attention_layernorm` chose differently 1.3 % apart against 2.25 % scatter. Ties,
+    not bugs.
 
     So the checks separate ties from the bugs this test exists for:
     - every sample calibrated exactly once (coverage sums to the one-process count);
-    - the data: the grid's first point leaves the weights unsmoothed, so its loss depends only
-      on the samples the ranks saw together; it equals the one-process loss to float rounding
-      (a wrong partition, a missed or doubled sample, or a loss that is not all-reduced moves
-      it by percents);
+    - the data: each grid's first point leaves the weights unsmoothed, so its loss depends only
+      on the samples the ranks saw together; it equals the one-process loss to float rounding,
+      in every mapping of every layer (a wrong partition, a missed or doubled sample, or a loss
+      that is not all-reduced moves it by percents);
+    - the scatter: the smoothed points' losses agree within `SCATTER` (a broken smoothing or
+      all-reduce of the search moves them by far more);
     - the choice: wherever the runs chose different grid points, each run's losses at the two
-      points are within `TIE` of each other (a near-tie in both runs);
+      points are closer than twice that mapping's scatter (a near-tie in both runs);
     - the smoothing: where layer 0's choice agrees, its smoothed norm equals the one-process
       norm to float rounding (a rank smoothing twice moves it by percents);
     - KL within 10 % of the one-process build."""
@@ -159,14 +164,17 @@ def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
     assert json.loads((out / "expert_coverage.json").read_text()) == one, "every sample seen once over the ranks"
     grid, one_grid = engine["grid_losses"], one_engine["grid_losses"]
     assert grid.keys() == one_grid.keys() and len(grid) > 10
-    first = "model.layers.0.input_layernorm"
-    assert grid[first][0] == pytest.approx(one_grid[first][0], rel=1e-5), "the ranks saw the same samples once"
-    chosen = {name: (_argmin(grid[name]), _argmin(one_grid[name])) for name in grid}
-    for name, (ours, theirs) in chosen.items():
+    chosen = {}
+    for name in grid:
+        two, one_ = grid[name], one_grid[name]
+        assert two[0] == pytest.approx(one_[0], rel=1e-5), f"{name}: unsmoothed loss differs: the ranks saw other data"
+        scatter = max(abs(a / b - 1) for a, b in zip(two, one_))
+        assert scatter <= SCATTER, f"{name}: smoothed losses {scatter:.1%} apart"
+        ours, theirs = chosen[name] = (_argmin(two), _argmin(one_))
         if ours != theirs:
-            gaps = (grid[name][theirs] / grid[name][ours] - 1, one_grid[name][ours] / one_grid[name][theirs] - 1)
-            print(f"{name}: grid point {ours} on 2 ranks, {theirs} in one process; loss gaps {gaps}")
-            assert max(gaps) <= TIE, f"{name}: different choices {gaps} apart, not a near-tie"
+            gaps = (two[theirs] / two[ours] - 1, one_[ours] / one_[theirs] - 1)
+            print(f"{name}: grid point {ours} on 2 ranks, {theirs} in one process; gaps {gaps}, scatter {scatter:.4f}")
+            assert max(gaps) <= 2 * scatter, f"{name}: different choices {gaps} apart, not a near-tie"
     a, b = load_file(one_dir / "model.safetensors"), load_file(out / "model.safetensors")
     for norm in ("input_layernorm", "post_attention_layernorm"):
         if chosen[f"model.layers.0.{norm}"][0] == chosen[f"model.layers.0.{norm}"][1]:

@@ -19,6 +19,7 @@ from conftest import refs
 from release.build import build_all
 from release.cli import cli
 from release.config import load_config
+from release.errors import ReleaseError
 from release.manifest import MANIFEST_FILE, write_manifest
 
 pytestmark = pytest.mark.slow
@@ -202,6 +203,31 @@ def test_partials_of_dead_processes_are_removed(release_copy):
     assert "up to date, skipped" in res.output
 
 
+def test_a_killed_quantize_leaves_a_partial_that_the_next_run_removes(release_copy):
+    """The reproduction: SIGKILL `quantize --force` once its partial folder holds the weights."""
+    import signal
+    import time
+
+    cfg = load_config(release_copy)
+    cmd = [sys.executable, "-m", "release.cli", "quantize", "--config", str(release_copy), "--branch", "W4A16_GS64"]
+    proc = subprocess.Popen([*cmd, "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while not list(cfg.output_dir.glob(".W4A16_GS64.partial-*/model.safetensors")):
+            assert proc.poll() is None and time.time() < deadline, "quantize ended before writing its partial"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (partial,) = cfg.output_dir.glob(".W4A16_GS64.partial-*")
+    assert partial.name == f".W4A16_GS64.partial-{proc.pid}@{socket.gethostname()}"
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"removed {partial.name}" in res.stdout and f"left by process {proc.pid}, which is gone" in res.stdout
+    assert not partial.exists()
+    assert "up to date, skipped" in res.stdout, "the published branch was never touched"
+
+
 # ---------------------------------------------------------------- 6. remotes that fail
 
 
@@ -220,11 +246,13 @@ def test_a_git_remote_created_by_someone_else_meanwhile(tmp_path, monkeypatch):
         raise git.GitCommandError(["git", "init", "--bare", str(url)], 128, b"fatal: cannot mkdir: File exists")
 
     monkeypatch.setattr(git.Repo, "init", loses)
-    remote.create()  # no error
+    remote.create()  # no error: the repository exists
     monkeypatch.undo()
-    with pytest.raises(Exception) as e:
-        GitRemote(str(tmp_path / "missing-parent" / "x" / "r.git"), tmp_path / "c2").refs()
-    assert e.type.__name__ == "ReleaseError" or e.type is FileNotFoundError
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ReleaseError) as e:  # a real failure stays one: a path under a regular file
+        GitRemote(str(tmp_path / "a-file" / "r.git"), tmp_path / "c2").create()
+    assert e.value.message.startswith(f"cannot create the git repository {tmp_path / 'a-file' / 'r.git'}")
+    assert "writable" in (e.value.hint or "")
 
 
 # ---------------------------------------------------------------- 8. one JSON document on stdout

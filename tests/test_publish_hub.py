@@ -332,3 +332,11 @@ def test_check_remote_third_party_branch(hub, demo_release, tmp_path):
     assert res.exit_code == 0, res.output
     assert "PASSED" in res.output.splitlines()[0]
     assert res.output.count("skipped:") == 3
+
+
+@pytest.mark.slow
+def test_a_symlink_is_never_uploaded_to_the_hub(hub_release, hub):
+    (load_config(hub_release).output_dir / "main" / "x.txt").symlink_to("/etc/passwd")
+    res = publish(hub_release)
+    assert res.exit_code == 1 and "x.txt" in res.output and "symbolic link" in res.output and "Hint:" in res.output
+    assert REPO not in hub.state.repos, "nothing was published"
