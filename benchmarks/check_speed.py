@@ -17,13 +17,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from release.architecture import Glm4MoeArch
 from release.check import DTYPE_BYTES, check_branch, expected_inventory
-from release.manifest import FileEntry, Manifest, hash_files, sha256_file
+from release.manifest import MANIFEST_SCHEMA, FileEntry, Manifest, hash_files, sha256_file
 
 GLM47_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "glm-4.7-config.json"
 N_SHARDS = 40
@@ -87,12 +88,22 @@ def build_sparse_branch(out: Path, group_size: int) -> Path:
             f.write(len(raw).to_bytes(8, "little") + raw)
             f.truncate(8 + len(raw) + offset)  # sparse: the data region is a hole
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    files = {}
-    for p in sorted(folder.iterdir()):
-        st = p.stat()
-        digest = sha256_file(p) if not p.name.endswith(".safetensors") else "0" * 64  # not hashed: --no-hash only
-        files[p.name] = FileEntry(st.st_size, digest)
-    Manifest(1, folder.name, files, {}).write(folder / "manifest.json")
+
+    def entries() -> dict[str, FileEntry]:
+        return {
+            p.name: FileEntry(
+                p.stat().st_size,
+                # shards are not hashed: the benchmark checks with --no-hash only
+                sha256_file(p) if not p.name.endswith(".safetensors") else "0" * 64,
+            )
+            for p in sorted(folder.iterdir())
+            if p.name != "manifest.json"
+        }
+
+    # a passed verification of exactly this content, as `glmrel verify` records it
+    digest = Manifest(MANIFEST_SCHEMA, folder.name, entries(), {}).content_digest()
+    (folder / "verify.json").write_text(json.dumps({"passed": True, "content_sha256": digest, "failures": []}))
+    Manifest(MANIFEST_SCHEMA, folder.name, entries(), {}).write(folder / "manifest.json")
     return folder
 
 
@@ -108,7 +119,7 @@ def bench_check(out: Path, group_size: int) -> None:
         report = check_branch(folder, no_hash=True)
         times.append(time.perf_counter() - t0)
     cold = subprocess.run(
-        ["python", "-m", "release.cli", "check", str(folder), "--no-hash", "--json"],
+        [sys.executable, "-m", "release.cli", "check", str(folder), "--no-hash", "--json"],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
@@ -116,7 +127,7 @@ def bench_check(out: Path, group_size: int) -> None:
     t_cli = json.loads(cold.stdout)["passed"] if cold.stdout else None
     t0 = time.perf_counter()
     subprocess.run(
-        ["python", "-m", "release.cli", "check", str(folder), "--no-hash"],
+        [sys.executable, "-m", "release.cli", "check", str(folder), "--no-hash"],
         capture_output=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
@@ -133,6 +144,9 @@ def bench_check(out: Path, group_size: int) -> None:
     for v in report.vllm:
         if v.target.startswith("Hopper") and v.tp in (4, 8):
             print("  ", v.summary())
+    if not report.passed or t_cli is not True:  # a timing of a failing check measures nothing
+        why = report.failures[0].message if report.failures else (cold.stderr.strip().splitlines() or ["?"])[-1]
+        raise SystemExit(f"check did not pass on the benchmark branch: {why}")
 
 
 def bench_hash(mib: int) -> None:
