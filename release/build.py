@@ -15,7 +15,7 @@ from .errors import ReleaseError
 from .manifest import folder_content_digest, write_manifest
 from .quantize import BranchBuild, resolve_base_model
 from .render import render_release
-from .verify import VERIFY_FILE, BaseReference, QualityReport, load_heldout, verify_branch
+from .verify import VERIFY_FILE, BaseReference, load_heldout, verify_branches
 
 
 @dataclass(frozen=True)
@@ -67,21 +67,23 @@ def build_all(
         builds.append(b)
 
     quality: dict[str, dict[str, Any]] = {}
-    reference: BaseReference | None = None
+    to_verify: dict[str, Path] = {}
     for b in builds:
         earlier = _verification_of_this_content(b.path) if b.skipped else None
         if earlier is not None:
             quality[b.branch] = earlier
-            continue
-        if reference is None:
-            reference = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)
-        report: QualityReport = verify_branch(cfg, b.branch, b.path, reference)
-        echo(
-            f"[{b.branch}] verify: KL {report.mean_kl:.5f}, top-1 {report.top1_agreement:.3f}, "
-            f"ppl {report.branch_perplexity:.2f} (base {report.base_perplexity:.2f}) -> "
-            f"{'PASSED' if report.passed else 'FAILED'}"
-        )
-        quality[b.branch] = report.to_json()
+        else:
+            to_verify[b.branch] = b.path
+    if to_verify:  # one streaming pass: the base model is read once for all of them
+        reference = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)
+        for name, report in verify_branches(cfg, to_verify, reference).items():
+            echo(
+                f"[{name}] verify: KL {report.mean_kl:.5f}, top-1 {report.top1_agreement:.3f}, "
+                f"ppl {report.branch_perplexity:.2f} (base {report.base_perplexity:.2f}) -> "
+                f"{'PASSED' if report.passed else 'FAILED'}"
+            )
+            quality[name] = report.to_json()
+    quality = {b.branch: quality[b.branch] for b in builds}
     failed = [name for name, q in quality.items() if not q.get("passed")]
     if failed:
         reasons = "; ".join(f"{n}: {', '.join(quality[n]['failures'])}" for n in failed)

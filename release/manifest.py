@@ -29,7 +29,9 @@ BLOCK = 8 << 20
 CACHE_DIR = ".glmrel-cache"
 # Files written after a branch is verified (the record of the verification itself, the card,
 # its plot, the manifest): everything else is the content `verify` measured.
-WRITTEN_AFTER_VERIFY = frozenset({"verify.json", "README.md", "expert_coverage.png", MANIFEST_FILE})
+WRITTEN_AFTER_VERIFY = frozenset(
+    {"verify.json", "README.md", "expert_coverage.png", "layer_divergence.png", MANIFEST_FILE}
+)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .vllm_rules import TARGETS, servable_tp, serve_verdicts
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 CARD_FILE = "README.md"
 PLOT_FILE = "expert_coverage.png"
+DIVERGENCE_PLOT = "layer_divergence.png"
 COMMON_TP = (4, 8)
 # License ids the Hub accepts in model-card metadata (huggingface.co/docs/hub/repositories-licenses).
 HUB_LICENSES = frozenset(
@@ -180,6 +181,23 @@ def describe_ignore(ignore: list[str], arch: Glm4MoeArch) -> list[str]:
     return out
 
 
+def divergence_summary(quality: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the card says of the per-layer divergence verify recorded (None: not recorded)."""
+    layers = (quality or {}).get("layers") or []
+    if not layers:
+        return None
+    worst = max(layers, key=lambda d: d["rel_error"])
+    return {
+        "layers": len(layers),
+        "first": layers[0]["rel_error"],
+        "last": layers[-1]["rel_error"],
+        "worst": worst["rel_error"],
+        "worst_layer": worst["layer"],
+        "min_cosine": min(d["cosine"] for d in layers),
+        "method": quality.get("method") if quality else "",
+    }
+
+
 def branch_record(cfg: ReleaseConfig, branch: BranchSpec) -> dict[str, Any]:
     """Everything a card says about one branch, read from the branch's own files."""
     folder = cfg.output_dir / branch.name
@@ -241,6 +259,7 @@ def branch_record(cfg: ReleaseConfig, branch: BranchSpec) -> dict[str, Any]:
         "unsupported_common_tp": unsupported,
         "unsupported_reasons": {n: reasons.get(n, "") for n in unsupported},
         "quality": quality,
+        "divergence": divergence_summary(quality),
         "coverage": cov,
         "has_plot": (folder / PLOT_FILE).is_file(),
         "calibration": prov["calibration"],
@@ -347,18 +366,23 @@ def render_release(cfg: ReleaseConfig, version: str | None = None) -> RenderResu
                 ExpertCoverage.from_json(_read_json(folder, "expert_coverage.json") or {}), folder / PLOT_FILE
             )
             record["has_plot"] = True
+        if record["divergence"]:
+            write_divergence_plot({record["name"]: record["quality"]["layers"]}, folder / DIVERGENCE_PLOT)
         text = compose_card(data, _render(env, "branch.md.j2", {**context, "b": record}))
         write_if_changed(folder / CARD_FILE, text)
         cards[record["name"]] = folder / CARD_FILE
     main = cfg.output_dir / "main"
     main.mkdir(parents=True, exist_ok=True)
+    series = {r["name"]: r["quality"]["layers"] for r in branches if r["divergence"]}
+    context["has_divergence_plot"] = bool(series)
+    if series:
+        write_divergence_plot(series, main / DIVERGENCE_PLOT)
     write_if_changed(main / CARD_FILE, compose_card(data, _render(env, "landing.md.j2", context)))
     cards["main"] = main / CARD_FILE
     return RenderResult(cards, version)
 
 
-def write_coverage_plot(coverage: ExpertCoverage, path: Path) -> None:
-    """Tokens per expert under plain top-k routing (sorted, per MoE layer) vs. MoE-aware calibration."""
+def _pyplot():  # type: ignore[no-untyped-def]
     try:
         import matplotlib
 
@@ -366,8 +390,40 @@ def write_coverage_plot(coverage: ExpertCoverage, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ReleaseError(
-            "matplotlib is needed to draw the expert-coverage plot", hint="pip install 'glmrel[quantize]'"
+            "matplotlib is needed to draw the card's plots", hint="pip install 'glmrel[quantize]'"
         ) from e
+    return plt
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    write_if_changed(path, buf.getvalue())
+
+
+def write_divergence_plot(series: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Each decoder layer's output against the base model's (relative error), per branch."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
+    for name, layers in series.items():
+        ax.plot([d["layer"] for d in layers], [d["rel_error"] for d in layers], marker="o", ms=3, lw=1.5, label=name)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("relative error of the layer output")
+    ax.set_title("Where quantization error enters: each layer's output vs. the base model")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+def write_coverage_plot(coverage: ExpertCoverage, path: Path) -> None:
+    """Tokens per expert under plain top-k routing (sorted, per MoE layer) vs. MoE-aware calibration."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=100)
     n_experts = 0
     for layer in sorted(coverage.routed):
@@ -390,7 +446,5 @@ def write_coverage_plot(coverage: ExpertCoverage, path: Path) -> None:
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
+    _save_png(fig, path)
     plt.close(fig)
-    write_if_changed(path, buf.getvalue())

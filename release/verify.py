@@ -1,14 +1,20 @@
-"""Numerical verification of a built branch against its base model (needs torch).
+"""Numerical verification of built branches against their base model (needs torch).
 
-Reloads the branch with transformers + compressed-tensors (the path users take), compares
-next-token distributions with the base model on held-out text, decodes a short reply, and
-tries vLLM when it is importable on a GPU. Every check that did not run says why.
+The base model and the branches are compared by streaming them layer by layer
+(`release/stream.py`): one decoder layer per model resident at a time, read from the
+safetensors shards, the branch's decompressed by compressed-tensors as transformers does when
+it loads the branch (on the demo the log-probabilities equal the in-memory load's bit for
+bit, tested). So `verify` runs at GLM-4.7 size on one GPU, reading each model once, and
+records where quantization error enters and how it grows: each decoder layer's output against
+the base's. A short greedy decode runs where the branch fits in host memory, and vLLM where
+it and a GPU exist; every check that did not run says why.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +47,9 @@ class QualityReport:
     # what was measured: `manifest.content_digest` of the branch's files (all but the records
     # written after verification); check and publish refuse a verify.json about other content
     content_sha256: str = ""
+    # each decoder layer's output against the base model's (release/stream.py), and how
+    method: str = ""
+    layers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,20 +69,26 @@ def load_heldout(cfg: ReleaseConfig) -> list[str]:
 
 
 class BaseReference:
-    """The base model's log-probabilities on the held-out text, computed once per build."""
+    """The base model and the tokenized held-out text that every branch is compared on."""
 
     def __init__(self, base_dir: Path, texts: list[str], max_tokens: int) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
+        self.base_dir = Path(base_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         self.batches = [
             self.tokenizer(t, return_tensors="pt", max_length=max_tokens, truncation=True)["input_ids"] for t in texts
         ]
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-        self.logprobs = _logprobs(model, self.batches)
-        self.perplexity = _perplexity(self.logprobs, self.batches)
-        del model
+
+
+def in_memory_logprobs(model_dir: Path, batches: list[Any]) -> list[Any]:
+    """Log-probabilities from the whole model loaded with transformers (compressed-tensors
+    decompresses a branch on load): the reference the streaming comparison is tested against."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return _logprobs(model, batches)
 
 
 def _logprobs(model, batches) -> list:
@@ -90,6 +105,41 @@ def _perplexity(logprobs, batches) -> float:
         nll -= lp[:-1].gather(-1, target[:, None]).sum().item()
         n += target.numel()
     return math.exp(nll / n)
+
+
+def _fits_in_memory(branch_dir: Path) -> tuple[bool, str]:
+    """Whether the branch, dequantized to float32 for a transformers decode, takes under a
+    quarter of this machine's memory (INT4 packs 8 weights per 4 bytes: ~8x its files)."""
+    weights = sum(p.stat().st_size for p in branch_dir.glob("*.safetensors"))
+    need = 8 * weights
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False, "cannot tell this machine's memory"
+    if need > total / 4:
+        return False, f"the branch needs ~{need / 2**30:.0f} GiB dequantized, this machine has {total / 2**30:.0f} GiB"
+    return True, ""
+
+
+def _decode(branch_dir: Path, tokenizer: Any) -> tuple[str, str, bool]:
+    """A short greedy chat reply from the branch loaded with transformers: (prompt, reply,
+    generated anything)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Explain this code:\ndef add(a, b):\n    return a + b"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(branch_dir, dtype=torch.float32).eval()
+    except Exception as e:
+        raise ReleaseError(f"transformers could not reload branch {branch_dir}: {e}") from e
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)
+    return prompt, tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), out.shape[1] > ids.shape[1]
 
 
 def vllm_check(branch_dir: Path) -> tuple[str, bool]:
@@ -124,73 +174,83 @@ def vllm_check(branch_dir: Path) -> tuple[str, bool]:
 
 
 def verify_branch(cfg: ReleaseConfig, branch: str, branch_dir: Path, reference: BaseReference) -> QualityReport:
-    """Compare a built branch with the base model; write verify.json into the branch."""
+    """Compare one built branch with the base model; write verify.json into the branch."""
+    return verify_branches(cfg, {branch: branch_dir}, reference)[branch]
+
+
+def verify_branches(
+    cfg: ReleaseConfig, branches: dict[str, Path], reference: BaseReference, log=lambda s: None
+) -> dict[str, QualityReport]:
+    """Compare built branches with the base model in one streaming pass (the base model is
+    read once); write each branch's verify.json. The record names the digest of the content
+    it measured; a branch whose files change meanwhile gets none."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from .stream import stream_compare
 
     t0 = time.time()
-    if not (branch_dir / "config.json").is_file():
-        raise ReleaseError(
-            f"branch folder {branch_dir} has no config.json", hint=f"run `glmrel quantize --branch {branch}` first"
+    for name, folder in branches.items():
+        if not (folder / "config.json").is_file():
+            raise ReleaseError(
+                f"branch folder {folder} has no config.json", hint=f"run `glmrel quantize --branch {name}` first"
+            )
+    contents = {name: folder_content_digest(folder) for name, folder in branches.items()}
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    base, results = stream_compare(reference.base_dir, branches, reference.batches, device=device, log=log)
+    base_ppl = _perplexity(base.logprobs, reference.batches)
+    method = f"streamed layer by layer on {device.type} (float32)"
+    reports = {}
+    for name, folder in branches.items():
+        lps = results[name].logprobs
+        kl_sum, top1, n = 0.0, 0, 0
+        for p, q in zip(base.logprobs, lps):
+            kl_sum += (p.exp() * (p - q)).sum(-1).sum().item()
+            top1 += (p.argmax(-1) == q.argmax(-1)).sum().item()
+            n += p.shape[0]
+        mean_kl, agreement = kl_sum / n, top1 / n
+        fits, why = _fits_in_memory(folder)
+        if fits:
+            prompt, decoded, generated = _decode(folder, reference.tokenizer)
+        else:
+            prompt, decoded, generated = "", f"decode skipped: {why}", True
+        vllm_line, vllm_failed = vllm_check(folder)
+        failures = []
+        if vllm_failed:
+            failures.append(vllm_line)
+        if not math.isfinite(mean_kl) or mean_kl > cfg.verify.max_kl:
+            failures.append(f"mean KL {mean_kl:.4f} exceeds verify.max_kl {cfg.verify.max_kl}")
+        if agreement < cfg.verify.min_top1:
+            failures.append(f"top-1 agreement {agreement:.3f} is below verify.min_top1 {cfg.verify.min_top1}")
+        if not generated:
+            failures.append("the branch generated no tokens")
+        report = QualityReport(
+            branch=name,
+            passed=not failures,
+            heldout_texts=len(reference.batches),
+            heldout_tokens=n,
+            mean_kl=round(mean_kl, 6),
+            top1_agreement=round(agreement, 4),
+            base_perplexity=round(base_ppl, 4),
+            branch_perplexity=round(_perplexity(lps, reference.batches), 4),
+            max_kl=cfg.verify.max_kl,
+            min_top1=cfg.verify.min_top1,
+            decode_prompt=prompt,
+            decode_text=decoded,
+            vllm=vllm_line,
+            failures=failures,
+            seconds=round(time.time() - t0, 2),
+            content_sha256=contents[name],
+            method=method,
+            layers=[
+                {"layer": d.layer, "rel_error": float(f"{d.rel_error:.6g}"), "cosine": float(f"{d.cosine:.8g}")}
+                for d in results[name].layers
+            ],
         )
-    content = folder_content_digest(branch_dir)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(branch_dir, dtype=torch.float32).eval()
-    except Exception as e:
-        raise ReleaseError(f"transformers could not reload branch {branch} from {branch_dir}: {e}") from e
-    lps = _logprobs(model, reference.batches)
-    kl_sum, top1, n = 0.0, 0, 0
-    for p, q in zip(reference.logprobs, lps):
-        kl_sum += (p.exp() * (p - q)).sum(-1).sum().item()
-        top1 += (p.argmax(-1) == q.argmax(-1)).sum().item()
-        n += p.shape[0]
-    mean_kl, agreement = kl_sum / n, top1 / n
-    ppl = _perplexity(lps, reference.batches)
-
-    tok = reference.tokenizer
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "Explain this code:\ndef add(a, b):\n    return a + b"}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)
-    decoded = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-    del model
-    vllm_line, vllm_failed = vllm_check(branch_dir)
-    failures = []
-    if vllm_failed:
-        failures.append(vllm_line)
-    if not math.isfinite(mean_kl) or mean_kl > cfg.verify.max_kl:
-        failures.append(f"mean KL {mean_kl:.4f} exceeds verify.max_kl {cfg.verify.max_kl}")
-    if agreement < cfg.verify.min_top1:
-        failures.append(f"top-1 agreement {agreement:.3f} is below verify.min_top1 {cfg.verify.min_top1}")
-    if out.shape[1] <= ids.shape[1]:
-        failures.append("the branch generated no tokens")
-    report = QualityReport(
-        branch=branch,
-        passed=not failures,
-        heldout_texts=len(reference.batches),
-        heldout_tokens=n,
-        mean_kl=round(mean_kl, 6),
-        top1_agreement=round(agreement, 4),
-        base_perplexity=round(reference.perplexity, 4),
-        branch_perplexity=round(ppl, 4),
-        max_kl=cfg.verify.max_kl,
-        min_top1=cfg.verify.min_top1,
-        decode_prompt=prompt,
-        decode_text=decoded,
-        vllm=vllm_line,
-        failures=failures,
-        seconds=round(time.time() - t0, 2),
-        content_sha256=content,
-    )
-    if folder_content_digest(branch_dir) != content:
-        raise ReleaseError(
-            f"the files of {branch_dir} changed while it was being verified; no verify.json was written",
-            hint=f"run `glmrel verify --branch {branch}` again once nothing else writes to the branch",
-        )
-    write_if_changed(branch_dir / VERIFY_FILE, json.dumps(report.to_json(), indent=2) + "\n")
-    return report
+        if folder_content_digest(folder) != contents[name]:
+            raise ReleaseError(
+                f"the files of {folder} changed while it was being verified; no verify.json was written",
+                hint=f"run `glmrel verify --branch {name}` again once nothing else writes to the branch",
+            )
+        write_if_changed(folder / VERIFY_FILE, json.dumps(report.to_json(), indent=2) + "\n")
+        reports[name] = report
+    return reports

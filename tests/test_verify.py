@@ -20,3 +20,97 @@ def test_heldout_must_be_a_list_of_texts(write_config, tmp_path):
     bad.write_text('{"not": "a list"}')
     with pytest.raises(ReleaseError, match="must be a non-empty JSON list of strings"):
         load_heldout(load_config(write_config({"verify.heldout": str(bad)})))
+
+
+@pytest.mark.slow
+def test_streaming_equals_the_in_memory_load(demo_release, demo_assets):
+    """The layer-by-layer comparison gives the log-probabilities of the whole model loaded with
+    transformers (which decompresses the branch on load), for the base and every branch: the
+    same KL, top-1 and perplexity as the in-memory verify (measured: bit for bit)."""
+    import torch
+
+    from release.stream import stream_compare
+    from release.verify import BaseReference, in_memory_logprobs
+
+    cfg = demo_release["config"]
+    ref = BaseReference(demo_assets.model, load_heldout(cfg), cfg.verify.max_tokens)
+    branches = {b.name: cfg.output_dir / b.name for b in cfg.branches}
+    base, results = stream_compare(demo_assets.model, branches, ref.batches)
+    pairs = [(base.logprobs, in_memory_logprobs(demo_assets.model, ref.batches))]
+    pairs += [(results[n].logprobs, in_memory_logprobs(d, ref.batches)) for n, d in branches.items()]
+    worst = 0.0
+    for streamed, loaded in pairs:
+        for a, b in zip(streamed, loaded):
+            worst = max(worst, (a - b).abs().max().item())
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    print(f"largest log-probability difference, streamed vs loaded: {worst:.3g}")
+    quality = demo_release["result"].quality
+    for name in branches:
+        p = base.logprobs
+        q = results[name].logprobs
+        kl = sum((x.exp() * (x - y)).sum().item() for x, y in zip(p, q)) / sum(x.shape[0] for x in p)
+        assert kl == pytest.approx(quality[name]["mean_kl"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_one_piece_of_each_model_is_resident_at_a_time(demo_release, demo_assets, monkeypatch):
+    import release.stream as stream
+
+    cfg = demo_release["config"]
+    live: dict[str, str] = {}
+    seen: list[str] = []
+    most = [0]
+    real = stream._materialized
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def tracked(module, tensors, device, what):
+        model = what.split(": ")[0]
+        assert model not in live, f"{model}: {what} while {live[model]} is resident"
+        live[model] = what
+        most[0] = max(most[0], len(live))
+        seen.append(what)
+        try:
+            with real(module, tensors, device, what) as m:
+                yield m
+        finally:
+            del live[model]
+        assert all(p.device.type == "meta" for p in module.parameters()), f"{what} was not released"
+
+    monkeypatch.setattr(stream, "_materialized", tracked)
+    ref_texts = load_heldout(cfg)[:2]
+    from release.verify import BaseReference
+
+    ref = BaseReference(demo_assets.model, ref_texts, 64)
+    stream.stream_compare(demo_assets.model, {"W4A16_GS64": cfg.output_dir / "W4A16_GS64"}, ref.batches)
+    assert most[0] == 1, "one piece of one model at a time"
+    per_model = {m: [w for w in seen if w.startswith(m + ":")] for m in {w.split(": ")[0] for w in seen}}
+    assert len(per_model) == 2
+    for pieces in per_model.values():  # every piece read once: embeddings, 4 layers, norm, lm_head
+        assert [p.split(": ")[1] for p in pieces] == [
+            "model.embed_tokens.",
+            *[f"model.layers.{i}." for i in range(4)],
+            "model.norm.",
+            "lm_head.",
+        ]
+
+
+@pytest.mark.slow
+def test_verify_records_each_layers_divergence(demo_release):
+    for name, q in demo_release["result"].quality.items():
+        assert q["method"] == "streamed layer by layer on cpu (float32)"
+        assert [d["layer"] for d in q["layers"]] == [0, 1, 2, 3], name
+        for d in q["layers"]:
+            assert 0 < d["rel_error"] < 0.2 and 0.99 < d["cosine"] <= 1.0, (name, d)
+    gs = {n: q["layers"][0]["rel_error"] for n, q in demo_release["result"].quality.items()}
+    assert gs["W4A16_GS32"] < gs["W4A16_GS64"] < gs["W4A16_GS128"], "finer groups, smaller error"
+
+
+def test_decode_is_skipped_and_said_where_the_branch_does_not_fit(tmp_path, monkeypatch):
+    import release.verify as verify
+
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
+    monkeypatch.setattr(verify.os, "sysconf", lambda name: 1000 if name == "SC_PHYS_PAGES" else 1)
+    fits, why = verify._fits_in_memory(tmp_path)
+    assert not fits and why == "the branch needs ~0 GiB dequantized, this machine has 0 GiB"
