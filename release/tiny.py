@@ -19,6 +19,8 @@ import lzma
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -26,7 +28,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from .errors import ReleaseError
-from .numerics import pin_reproducible_cpu
+from .numerics import REPRODUCIBLE_CPU_ENV, pin_reproducible_cpu
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -124,12 +126,33 @@ def default_cache_root() -> Path:
 
 
 def ensure_demo_assets(root: Path | None = None, log=print) -> DemoAssets:
-    """Build the demo model, calibration file and held-out text once; reuse them after."""
+    """Build the demo model, calibration file and held-out text once; reuse them after.
+
+    The build runs in a child process started with the reproducible CPU settings
+    (`release/numerics.py`): they must be in place before torch starts, and the caller may
+    have started torch already (a benchmark, a notebook)."""
     base = (root or default_cache_root()) / f"tiny-glm4moe-{_cache_key()}"
     assets = DemoAssets(base)
     if (base / "DONE").exists():
         return assets
+    log("building the demo's tiny GLM-4-MoE (about a minute on 2 cores)")
+    env = {**os.environ, **REPRODUCIBLE_CPU_ENV}
+    proc = subprocess.run(
+        [sys.executable, "-m", "release.tiny", "--root", str(base.parent)], env=env, capture_output=True, text=True
+    )
+    if proc.returncode != 0 or not (base / "DONE").exists():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise ReleaseError(f"building the demo assets failed:\n{tail}", hint="run `python -m release.tiny` to see why")
+    return assets
+
+
+def _build_here(root: Path, log=print) -> DemoAssets:
+    """The build itself, in this process (which must have started with the pinned settings)."""
     pin_reproducible_cpu()
+    base = root / f"tiny-glm4moe-{_cache_key()}"
+    assets = DemoAssets(base)
+    if (base / "DONE").exists():
+        return assets
     tmp = base.with_name(base.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -267,9 +290,14 @@ def _append_mtp_layer(model_dir: Path, cfg, load_file, save_file) -> None:
     save_file(sd, str(path), metadata={"format": "pt"})
 
 
-def main() -> None:  # pragma: no cover - convenience entry for `python -m release.tiny`
-    a = ensure_demo_assets()
-    print(a.root)
+def main() -> None:
+    """`python -m release.tiny [--root DIR]`: build the demo assets in this process."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--root", type=Path, default=None)
+    a = ap.parse_args()
+    print(_build_here(a.root or default_cache_root()).root)
 
 
 if __name__ == "__main__":  # pragma: no cover

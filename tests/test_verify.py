@@ -113,4 +113,10 @@ def test_decode_is_skipped_and_said_where_the_branch_does_not_fit(tmp_path, monk
     (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
     monkeypatch.setattr(verify.os, "sysconf", lambda name: 1000 if name == "SC_PHYS_PAGES" else 1)
     fits, why = verify._fits_in_memory(tmp_path)
-    assert not fits and why == "the branch needs ~0 GiB dequantized, this machine has 0 GiB"
+    assert not fits and why.startswith("the branch needs ~0.0 GiB dequantized on the host (this machine has 0 GiB)")
+    monkeypatch.setattr(verify, "DECODE_MAX_BYTES", 1000)
+    monkeypatch.setattr(verify.os, "sysconf", lambda name: 1 << 20)
+    fits, why = verify._fits_in_memory(tmp_path)
+    assert not fits and why.endswith("at this size the vLLM check decodes"), "over 4 GiB: no host decode"
+    monkeypatch.setattr(verify, "DECODE_MAX_BYTES", 1 << 30)
+    assert verify._fits_in_memory(tmp_path) == (True, "")
