@@ -389,7 +389,7 @@ def calibrate(
 
 
 @contextmanager
-def released_after_oneshot() -> Iterator[None]:
+def released_after_oneshot(echo: Log = print) -> Iterator[Callable[[Any], None]]:
     """Let the calibrated model go once the block ends (the branch is saved by then).
 
     llm-compressor 0.14.0.1 keeps it reachable after `oneshot` returns, so a second branch
@@ -399,18 +399,34 @@ def released_after_oneshot() -> Iterator[None]:
     - its sequential pipeline compiles each module's forward into new functions whose
       globals hold `self` (the model) and registers them with `torch.fx.wrap`, which keeps
       every registration in torch.fx's module-level `_wrapped_fns_to_patch` for good.
-    The block resets the session and drops the registrations it added."""
+    The block resets the session and drops the registrations it added, then gives freed host
+    memory back (PyTorch's pinned cache, glibc's heaps) and empties the CUDA cache. It yields
+    `track(model)`: a model still referenced after the block is named in a warning."""
+    import weakref
+
+    import torch
     import torch.fx._symbolic_trace as fx_trace
     from llmcompressor.core import active_session
 
+    from .awq_scale import _release_host_memory
+
     registered = set(fx_trace._wrapped_fns_to_patch)
+    tracked: list[weakref.ref] = []
     try:
-        yield
+        yield lambda model: tracked.append(weakref.ref(model))
     finally:
         for key in set(fx_trace._wrapped_fns_to_patch) - registered:
             del fx_trace._wrapped_fns_to_patch[key]
         active_session().reset()
         gc.collect()
+        _release_host_memory()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if any(ref() is not None for ref in tracked):
+            echo(
+                "warning: the calibrated model is still referenced after its branch was saved; "
+                "host memory will grow by one model per branch in this process"
+            )
 
 
 def _run_oneshot(
@@ -425,12 +441,13 @@ def _run_oneshot(
 ) -> dict[str, Any]:
     from .coverage import ExpertCoverage
 
-    with released_after_oneshot():
+    with released_after_oneshot(echo) as track:
         run = calibrate(cfg, branch, base_dir, arch, recipe_text, echo, options)
+        track(run.model)
         timings = run.timings
         t = time.time()
         run.model.save_pretrained(out, save_compressed=True)
-    run.model = None  # the calibrated model is written: nothing of this branch keeps it alive
+        run.model = None  # the calibrated model is written: nothing of this branch keeps it alive
     run.tokenizer.save_pretrained(out)
     for name in ("generation_config.json",):
         if (base_dir / name).is_file() and not (out / name).exists():
