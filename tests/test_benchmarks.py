@@ -317,3 +317,40 @@ def test_report_of_the_512_sample_scaling_runs():
     dense, moe = h100["layers"]
     assert round(dense["peak_host_gib"], 1) == 55.4 and round(moe["reserved_gpu_gib"], 1) == 65.1
     assert h100["weights_digest"] == by[1]["weights_digest"], "H100 and H200, either budget: the same weights"
+
+
+@pytest.mark.slow
+def test_the_dress_rehearsal_runs_the_release_path(tmp_path):
+    """benchmarks.rehearsal at CI size: build-all, check, publish to git and to the Hub double,
+    each twice for publish, with its figures recorded per stage."""
+    import json
+
+    out = tmp_path / "rehearsal.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.rehearsal", "--preset", "tiny", "--layers", "4", "--samples", "8"]
+        + ["--seq", "128", "--device", "cpu", "--work", str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert list(stages) == [
+        "build-all",
+        "check GS32",
+        "check GS64",
+        "check GS128",
+        "publish git",
+        "publish git again",
+        "publish hub",
+        "publish hub again",
+    ]
+    assert all(s["exit"] == 0 and s["wall_s"] > 0 and s["disk_gib"] > 0 for s in stages.values())
+    starts = stages["build-all"]["host_rss_at_branch_start_gib"]
+    assert [b["branch"] for b in starts] == ["W4A16_GS32", "W4A16_GS64", "W4A16_GS128"]
+    assert all(b["host_rss_gib"] > 0 for b in starts)
+    for again in ("publish git again", "publish hub again"):
+        assert "nothing to do" in stages[again]["output_tail"], stages[again]["output_tail"]
+    assert all(v["passed"] and v["method"].startswith("streamed") for v in report["verify"].values())
