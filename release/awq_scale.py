@@ -119,10 +119,11 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, get_args
+
+from .config import ExpertSearch
 
 TARGET_VERSION = "0.14.0.1"
-ExpertSearch = Literal["gram", "sampled", "sampled-batched"]  # also the config's awq.expert_search
 EXPERT_SEARCHES = get_args(ExpertSearch)
 
 

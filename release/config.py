@@ -13,11 +13,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .awq_scale import ExpertSearch
 from .errors import ReleaseError
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 BRANCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# how the AWQ engine searches each routed expert's down_proj scale (release/awq_scale.py reads
+# it from here: the config owns its options, and loading a config does not load the engine)
+ExpertSearch = Literal["gram", "sampled", "sampled-batched"]
 # group sizes that compressed-tensors packs and vLLM's Marlin kernels accept (-1 = per channel)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
 

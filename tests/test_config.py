@@ -70,3 +70,16 @@ def test_unknown_branch_lists_the_known_ones():
     with pytest.raises(ReleaseError) as e:
         cfg.branch("W4A16_GS16")
     assert "W4A16_GS32, W4A16_GS64, W4A16_GS128" in e.value.hint
+
+
+def test_loading_a_config_loads_neither_the_engine_nor_torch():
+    """The config owns its options: the light path (check, render, publish) never loads the AWQ engine."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from release.config import load_config; load_config('configs/glm-4.7.yaml'); "
+        "print(sorted(m for m in ('release.awq_scale', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
