@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from huggingface_hub.utils import SafetensorsFileMetadata
 
 from .architecture import Glm4MoeArch
 from .errors import ReleaseError
-from .manifest import MANIFEST_FILE, Manifest, sha256_file
+from .manifest import MANIFEST_FILE, VERIFY_FILE, Manifest, folder_entries, sha256_file
 from .vllm_rules import ServeVerdict, serve_verdicts
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -33,7 +32,6 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
 # glmrel's own records: a branch glmrel built carries them; a third-party branch does not.
 RECORD_FILES = ("recipe.yaml", "provenance.json")
 REQUIRED_FILES = MODEL_FILES + RECORD_FILES
-VERIFY_FILE = "verify.json"
 BRANCH_GROUP = re.compile(r"_GS(\d+)$")
 # group sizes glmrel builds and checks (the config's SUPPORTED_GROUP_SIZES; no import of the
 # config module here, which keeps `check` light)
@@ -414,22 +412,17 @@ def _json_file(path: Path) -> Any:
 def _folder_entries(report: CheckReport, folder: Path) -> set[str]:
     """Names of the regular files a branch folder publishes; every symbolic link, sub-folder or
     other entry is a failure (publish refuses them too: nothing outside the folder is read)."""
-    names = set()
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith("."):
-            continue
-        mode = p.lstat().st_mode
-        if stat.S_ISLNK(mode):
+    files, others = folder_entries(folder)
+    for p, kind in others:
+        if kind == "link":
             report.fail(
                 "files", f"{p.name} is a symbolic link (to {os.readlink(p)}); a branch holds regular files only"
             )
-        elif stat.S_ISDIR(mode):
+        elif kind == "folder":
             report.fail("files", f"{p.name}/ is a sub-folder; a branch holds a flat set of files (move it out)")
-        elif not stat.S_ISREG(mode):
-            report.fail("files", f"{p.name} is not a regular file")
         else:
-            names.add(p.name)
-    return names
+            report.fail("files", f"{p.name} is not a regular file")
+    return {p.name for p in files}
 
 
 def _check_manifest_entries(

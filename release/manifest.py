@@ -19,18 +19,19 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import ReleaseError
 
 MANIFEST_FILE = "manifest.json"
+VERIFY_FILE = "verify.json"
 MANIFEST_SCHEMA = 2
 BLOCK = 8 << 20
 CACHE_DIR = ".glmrel-cache"
 # Files written after a branch is verified (the record of the verification itself, the card,
 # its plot, the manifest): everything else is the content `verify` measured.
 WRITTEN_AFTER_VERIFY = frozenset(
-    {"verify.json", "README.md", "expert_coverage.png", "layer_divergence.png", MANIFEST_FILE}
+    {VERIFY_FILE, "README.md", "expert_coverage.png", "layer_divergence.png", MANIFEST_FILE}
 )
 
 
@@ -120,11 +121,23 @@ def content_digest(hashes: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def open_regular(path: Path, buffering: int = -1) -> BinaryIO:
+    """Open a file for reading without following a symbolic link: nothing outside a release
+    folder is read, even if a file is swapped for a link after it was listed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise ReleaseError(
+            f"cannot open {path} as a regular file ({e.strerror}); nothing was read from it",
+            hint="a release folder holds regular files only: replace links with the files themselves",
+        ) from e
+    return os.fdopen(fd, "rb", buffering=buffering)
+
+
 def sha256_file(path: Path) -> str:
     """sha256 of a regular file, opened without following a symbolic link."""
     h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb", buffering=0) as f:
+    with open_regular(path, buffering=0) as f:
         buf = bytearray(BLOCK)
         view = memoryview(buf)
         while n := f.readinto(buf):
@@ -138,30 +151,40 @@ def hash_files(paths: list[Path], workers: int | None = None) -> dict[Path, str]
         return dict(zip(paths, pool.map(sha256_file, paths)))
 
 
+def folder_entries(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """A release folder's entries, hidden ones left out, sorted: (regular files, [(entry,
+    kind)] for everything else, kind being "link", "folder" or "other")."""
+    files, others = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        mode = p.lstat().st_mode
+        if stat.S_ISREG(mode):
+            files.append(p)
+        else:
+            others.append((p, "link" if stat.S_ISLNK(mode) else "folder" if stat.S_ISDIR(mode) else "other"))
+    return files, others
+
+
 def release_files(folder: Path, *, what: str = "branch") -> list[Path]:
     """The files a branch (or `main/`) publishes, sorted: every regular file but the manifest
     and hidden entries (temporary files, caches). A symbolic link, a sub-folder or any other
     kind of entry is refused: publish never reads outside the folder, and a branch is the
     flat set of files transformers and vLLM load."""
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.name == MANIFEST_FILE:
-            continue
-        mode = p.lstat().st_mode
-        if stat.S_ISLNK(mode):
+    files, others = folder_entries(folder)
+    for p, kind in others:
+        if kind == "link":
             raise ReleaseError(
                 f"{p} is a symbolic link (to {os.readlink(p)}); a {what} folder holds regular files only",
                 hint=f"replace the link with the file itself, or remove it: nothing outside {folder} is published",
             )
-        if stat.S_ISDIR(mode):
+        if kind == "folder":
             raise ReleaseError(
                 f"{p} is a sub-folder; a {what} folder holds a flat set of files",
                 hint=f"move {p.name}/ out of {folder} (transformers and vLLM load a flat folder)",
             )
-        if not stat.S_ISREG(mode):
-            raise ReleaseError(f"{p} is not a regular file", hint=f"remove it from {folder}")
-        out.append(p)
-    return out
+        raise ReleaseError(f"{p} is not a regular file", hint=f"remove it from {folder}")
+    return [p for p in files if p.name != MANIFEST_FILE]
 
 
 def quantization_summary(folder: Path) -> dict[str, Any]:

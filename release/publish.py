@@ -30,7 +30,7 @@ import git
 from .check import check_branch, check_remote
 from .config import ReleaseConfig, is_network_url
 from .errors import ReleaseError, hub_error
-from .manifest import BLOCK, MANIFEST_FILE, Manifest, release_files, sha256_file
+from .manifest import BLOCK, MANIFEST_FILE, Manifest, open_regular, release_files, sha256_file
 from .render import CARD_FILE, load_changelog
 
 # What a landing page (`main/`) may hold: its card and the pictures it shows. Weights,
@@ -256,15 +256,16 @@ class GitRemote:
     def _lfs_store(self, p: Path, oid: str) -> None:
         """Copy the file into the cache's LFS object store, and keep the copy only if its
         sha256 is `oid` (the checked content): what is pushed is what was checked, even if the
-        file changes meanwhile. Never a hard link: git-lfs links objects onward into a local
-        remote, and a later in-place rewrite of the branch file would change published content."""
+        file changes meanwhile. An object already there entered the same way, so it is not read
+        again. Never a hard link: git-lfs links objects onward into a local remote, and a later
+        in-place rewrite of the branch file would change published content."""
         obj = Path(self.repo.git_dir) / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
-        if obj.is_file() and obj.stat().st_size == p.stat().st_size and sha256_file(obj) == oid:
+        if obj.is_file() and obj.stat().st_size == p.stat().st_size:
             return
         obj.parent.mkdir(parents=True, exist_ok=True)
         tmp = obj.with_name(obj.name + ".tmp")
         tmp.unlink(missing_ok=True)
-        with _open_regular(p) as src, tmp.open("wb") as dst:
+        with open_regular(p) as src, tmp.open("wb") as dst:
             shutil.copyfileobj(src, dst, BLOCK)
         if sha256_file(tmp) != oid:
             tmp.unlink()
@@ -501,7 +502,7 @@ class HubRemote:
                 ops.append(CommitOperationDelete(c.path))
                 continue
             p = Path(b.folder) / c.path
-            op = CommitOperationAdd(c.path, opened.enter_context(_open_regular(p)))
+            op = CommitOperationAdd(c.path, opened.enter_context(open_regular(p)))
             if op.upload_info.sha256.hex() != b.expected_sha256[c.path]:
                 raise _changed_since_check(p)
             ops.append(op)
@@ -568,24 +569,11 @@ def _interrupted(branch: str, e: Exception) -> ReleaseError:
     )
 
 
-def _open_regular(p: Path):  # type: ignore[no-untyped-def]
-    """Open a file for reading without following a symbolic link (publish reads nothing
-    outside the release folder, even if a file is swapped for a link after the plan)."""
-    try:
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as e:
-        raise ReleaseError(
-            f"cannot open {p} as a regular file ({e.strerror}); nothing was published from it",
-            hint="a release folder holds regular files only: replace links with the files themselves",
-        ) from e
-    return os.fdopen(fd, "rb")
-
-
 def _digests(p: Path) -> tuple[str, str]:
     """(sha256, git blob sha1) of a file, in one read."""
     size = p.stat().st_size
     sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
-    with _open_regular(p) as f:
+    with open_regular(p) as f:
         for block in iter(lambda: f.read(BLOCK), b""):
             sha256.update(block)
             sha1.update(block)

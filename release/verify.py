@@ -22,9 +22,7 @@ from typing import Any
 
 from .config import ReleaseConfig
 from .errors import ReleaseError
-from .manifest import folder_content_digest, write_if_changed
-
-VERIFY_FILE = "verify.json"
+from .manifest import VERIFY_FILE, folder_content_digest, write_if_changed
 
 
 @dataclass(frozen=True)
