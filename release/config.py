@@ -147,6 +147,24 @@ class AwqSpec(_Strict):
     )
 
 
+class OffloadSpec(_Strict):
+    """Where the base model's weights live while `quantize` calibrates them."""
+
+    cpu_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="host RAM (GiB) the base model's weights may take while calibrating; the rest is "
+        "offloaded to safetensors files in `folder` and read back one layer at a time (compressed-tensors' "
+        "disk offload; under --gpus N one copy per node, loaded by rank 0). null: the whole model in host "
+        "RAM. The same weights either way; the offload costs disk (about the model's size) and time",
+    )
+    folder: Path | None = Field(
+        default=None,
+        description="where offloaded weights are written (default: <output_dir>/.glmrel-cache/offload); "
+        "emptied after each branch",
+    )
+
+
 class VerifySpec(_Strict):
     """Held-out text and the thresholds a branch must meet against the base model."""
 
@@ -164,6 +182,7 @@ class ReleaseConfig(_Strict):
     recipe: Path
     calibration: CalibrationSpec
     awq: AwqSpec = AwqSpec()
+    offload: OffloadSpec = OffloadSpec()
     branches: list[BranchSpec] = Field(min_length=1)
     verify: VerifySpec = VerifySpec()
     templates: Path | None = None
@@ -212,6 +231,7 @@ _PATH_FIELDS = {
     ("recipe",),
     ("templates",),
     ("changelog",),
+    ("offload", "folder"),
 }
 
 

@@ -125,6 +125,14 @@ def sum_counts(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     return out
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for outside a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def barrier_and_close() -> None:
     import torch.distributed as dist
 

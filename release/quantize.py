@@ -28,7 +28,7 @@ from .architecture import Glm4MoeArch
 from .awq_scale import ScaleOptions, ScaleStats
 from .config import BranchSpec, ReleaseConfig
 from .errors import ReleaseError
-from .manifest import write_manifest
+from .manifest import CACHE_DIR, write_manifest
 from .recipe import render_recipe
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def quantize_branch(
         distributed.init()
         if distributed.rank() != 0:  # calibrate its share of the samples; rank 0 writes the branch
             run = calibrate(cfg, branch, base_dir, arch, recipe_text, lambda s: None, scale_options)
-            run.model.save_pretrained(tmp, save_compressed=True)
+            run.model.save_pretrained(tmp, save_compressed=True, max_shard_size=SHARD_SIZE)
             distributed.barrier_and_close()
             return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -276,6 +276,7 @@ def quantize_branch(
             "moe_calibrate_all_experts": cfg.calibration.moe_calibrate_all_experts,
             "awq": cfg.awq.model_dump(mode="json"),
             "dtype": cfg.dtype,
+            "offload_cpu_gib": cfg.offload.cpu_gib,  # how, not what: the same weights either way (tested)
             "gpus": distributed.world_size(),
             "inputs_fingerprint": fingerprint,
             "timings_s": timings,
@@ -294,6 +295,8 @@ def quantize_branch(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         distributed.barrier_and_close()
+        if cfg.offload.cpu_gib is not None:  # every rank is done with the offloaded weights
+            forget_offload(offload_folder(cfg))
     return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
 
 
@@ -354,7 +357,10 @@ def calibrate(
     echo(f"[{branch.name}] loading {cfg.base_model.display_id}")
     t = time.time()
     dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    if cfg.offload.cpu_gib is None:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    else:
+        model = load_offloaded(cfg, base_dir, dtype, echo=lambda s: echo(f"[{branch.name}] {s}"))
     model.eval()
     linearize_moe(model)  # per-expert Linears: what AWQ smooths, what gets quantized and saved
     timings["load"] = round(time.time() - t, 2)
@@ -386,6 +392,50 @@ def calibrate(
     timings["awq_engine"] = {"engine": cfg.awq.engine, **options.to_json(), **scale_stats.to_json()}
     LAST_SCALE_STATS[0] = scale_stats
     return Calibrated(model, tokenizer, timings, scale_stats, counts, calib_prov)
+
+
+# Shards of a saved branch: the size of GLM-4.7's own, and what bounds host RAM while saving a
+# model whose weights are offloaded (transformers gathers one shard at a time; llm-compressor's
+# default is 20 GB).
+SHARD_SIZE = "5GB"
+
+
+def offload_folder(cfg: ReleaseConfig) -> Path:
+    """Where `offload.cpu_gib` puts the weights that do not fit (emptied after each branch)."""
+    return cfg.offload.folder or cfg.output_dir / CACHE_DIR / "offload"
+
+
+def load_offloaded(cfg: ReleaseConfig, base_dir: Path, dtype: Any, echo: Log = print) -> Any:
+    """The base model with at most `offload.cpu_gib` of its weights in host RAM, the rest in
+    safetensors files under `offload_folder` (compressed-tensors' disk offload, read back a
+    tensor at a time when the sequential pipeline onloads a layer). Weights the checkpoint
+    already holds are symlinked, not copied; the experts linearized after loading, and every
+    weight AWQ smooths, are written there. Under torchrun, rank 0 loads and the ranks share
+    its offload: one copy per node."""
+    from compressed_tensors.offload import load_offloaded_model
+    from transformers import AutoModelForCausalLM
+
+    folder = offload_folder(cfg)
+    if distributed.rank() == 0:
+        shutil.rmtree(folder, ignore_errors=True)  # what a killed run left
+        folder.mkdir(parents=True)
+    distributed.barrier()
+    cap = int(cfg.offload.cpu_gib * 2**30)  # type: ignore[operator]
+    echo(f"offloading the base model's weights beyond {cfg.offload.cpu_gib:g} GiB of host RAM to {folder}")
+    with load_offloaded_model():
+        return AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=dtype, device_map="auto_offload", max_memory={"cpu": cap}, offload_folder=str(folder)
+        )
+
+
+def forget_offload(folder: Path) -> None:
+    """Delete a branch's offloaded weights, and compressed-tensors' (class-wide) index of them."""
+    from compressed_tensors.offload.cache.disk import DiskCache
+
+    root = str(folder.resolve())
+    for key in [k for k, info in DiskCache.index.items() if str(info["safetensors_file"]).startswith(root)]:
+        del DiskCache.index[key]
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager
@@ -446,7 +496,7 @@ def _run_oneshot(
         track(run.model)
         timings = run.timings
         t = time.time()
-        run.model.save_pretrained(out, save_compressed=True)
+        run.model.save_pretrained(out, save_compressed=True, max_shard_size=SHARD_SIZE)
         run.model = None  # the calibrated model is written: nothing of this branch keeps it alive
     run.tokenizer.save_pretrained(out)
     for name in ("generation_config.json",):

@@ -10,7 +10,7 @@ tiny demo model with the same recipe and data:
 - a merged search forward gives what one forward per sample gives;
 - the data-parallel path (`quantize --gpus 2`'s workers, here two CPU ranks over gloo) sees
   every sample once, smooths the first layer as one process does (to float rounding), and
-  stays within 10 % of its KL.
+  stays within 10 % of its KL, with the base weights in RAM or offloaded to disk.
 """
 
 from __future__ import annotations
@@ -140,6 +140,8 @@ def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
     raw["output_dir"] = str(tmp_path / "out")
     raw["awq"]["expert_search"] = expert_search
     raw["awq"]["max_expert_tokens"] = CONFIG_BUDGET  # the smallest the config allows: rows really dropped
+    if expert_search == "sampled-batched":  # and the base weights offloaded to disk, loaded by rank 0 and
+        raw["offload"] = {"cpu_gib": 0.002}  # shared (the same bits as in RAM: test_build.py)
     path = tmp_path / "two-ranks.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -185,6 +187,8 @@ def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
     print(f"KL 1 process {single.mean_kl:.6f}, 2 ranks ({expert_search}) {ours.mean_kl:.6f}")
     assert abs(ours.mean_kl - single.mean_kl) <= 0.10 * single.mean_kl
     assert not list((tmp_path / "out").glob(".*partial*")), "no temporary folder left behind"
+    assert not (tmp_path / "out" / ".glmrel-cache" / "offload").exists(), "no offloaded weights left behind"
+    assert prov["offload_cpu_gib"] == raw.get("offload", {}).get("cpu_gib")
 
 
 def test_memory_patches_are_bit_for_bit(builds):

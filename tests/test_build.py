@@ -243,3 +243,35 @@ def test_each_branch_model_is_released_before_the_next_loads(write_config, monke
     assert alive_at_load[:3] == [0, 0, 0], f"models alive when each branch loaded its base: {alive_at_load[:3]}"
     gc.collect()
     assert all(r() is None for r in models), "nothing keeps a calibrated model after build-all"
+
+
+def test_offloaded_base_weights_give_the_same_branch(demo_release, write_config, monkeypatch):
+    """`offload.cpu_gib`: the base model's weights beyond the cap live in safetensors files on
+    disk while calibrating (compressed-tensors' disk offload). With a cap of ~2 MB, nearly all of
+    the demo model is on disk; the branch is the in-RAM build bit for bit, the offload really
+    held weights, and its folder is gone afterwards."""
+    import hashlib
+
+    from release import quantize
+    from release.config import load_config
+
+    cfg = load_config(write_config({"offload.cpu_gib": 0.002}))
+    folder = quantize.offload_folder(cfg)
+    seen: list[int] = []
+    real = quantize.forget_offload
+
+    def counted(path):
+        seen.append(len(list(path.glob("ct_disk_cache_*.safetensors"))))
+        real(path)
+
+    monkeypatch.setattr(quantize, "forget_offload", counted)
+    build = quantize.quantize_branch(cfg, "W4A16_GS128", echo=lambda s: None)
+    digest = hashlib.sha256((build.path / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == DEMO_DIGESTS["W4A16_GS128 model.safetensors"]
+    assert seen and seen[0] > 50, f"offloaded tensors on disk at the end of the branch: {seen}"
+    assert not folder.exists(), "the offload folder is emptied after the branch"
+    prov = json.loads((build.path / "provenance.json").read_text())
+    assert prov["offload_cpu_gib"] == 0.002
+    # how the weights were held is not an input: the in-RAM branch counts as current
+    same = load_config(write_config({"offload.cpu_gib": None}))
+    assert quantize.quantize_branch(same, "W4A16_GS128", echo=lambda s: None).skipped
