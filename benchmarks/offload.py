@@ -7,7 +7,8 @@ same branch calibrated with the whole model in RAM.
 Builds a GLM-4.7-dims synthetic model (benchmarks/synthetic.py, random weights) once, then runs
 `glmrel quantize --branch W4A16_GS128 --force` for each mode: `ram` (the config as it is) and
 `offload` (`offload.cpu_gib: CPU_GIB`: the weights beyond it in safetensors files on disk). Per
-mode: wall time, peak host RSS of the process tree (sampled every 0.2 s), peak GPU memory in
+mode: wall time, peak host RSS of the process tree (sampled every 0.2 s; also without its
+file-backed pages, the memory-mapped safetensors the kernel can drop), peak GPU memory in
 use (nvidia-smi), the peak size of the offload folder, and the branch's weight digest (the two
 modes must give the same bits).
 
@@ -33,6 +34,7 @@ import yaml
 
 from benchmarks.rehearsal import REPO, Monitor, du
 
+PHASES = ("] loading", "AWQ W4A16", "lifecycle finalized", "resave_config", "Copied MTP", "built in")
 CGROUP = Path("/sys/fs/cgroup/glmrel-offload-bench")
 
 
@@ -87,9 +89,12 @@ def run_mode(
     threading.Thread(target=sample_disk, daemon=True).start()
     lines = []
     assert proc.stdout is not None
+    marks = []  # when each phase starts, to read the RSS timeline by
     for line in proc.stdout:
         lines.append(line)
         print(f"  {mode}| {line}", end="", flush=True)
+        if any(k in line for k in PHASES):
+            marks.append((round(time.time() - t0, 1), line.strip()[-90:]))
     rc = proc.wait()
     mon.stop()
     stop.set()
@@ -99,6 +104,9 @@ def run_mode(
         "exit": rc,
         "wall_s": round(time.time() - t0, 1),
         "peak_host_rss_gib": round(mon.peak_rss / 2**30, 2),
+        "peak_host_anon_gib": round(mon.peak_anon / 2**30, 2),
+        "rss_timeline_gib": mon.timeline,
+        "phases": marks,
         "peak_gpu_gib": [round(b / 2**30, 1) for b in mon.peak_gpu],
         "peak_offload_folder_gib": round(peak_disk[0] / 2**30, 2),
         "memory_limit": limit[1] if limit else "none",

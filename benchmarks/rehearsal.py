@@ -43,6 +43,9 @@ class Monitor:
 
         self.root = psutil.Process(pid)
         self.peak_rss = 0
+        self.peak_anon = 0  # RSS less file-backed pages (mapped safetensors): memory nothing can reclaim
+        self.timeline: list[tuple[float, float, float]] = []  # (s, RSS GiB, anonymous GiB), every 2 s
+        self._t0 = time.time()
         self.peak_gpu: list[int] = []
         self._stop = threading.Event()
         self._gpu_at = 0.0
@@ -50,19 +53,25 @@ class Monitor:
         self._thread.start()
 
     def tree_rss(self) -> int:
+        return self.tree_memory()[0]
+
+    def tree_memory(self) -> tuple[int, int]:
+        """(RSS, anonymous RSS) of the process tree, in bytes."""
         import psutil
 
         try:
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
-            return 0
-        total = 0
+            return 0, 0
+        rss = anon = 0
         for p in procs:
             try:
-                total += p.memory_info().rss
+                m = p.memory_info()
             except psutil.Error:
-                pass
-        return total
+                continue
+            rss += m.rss
+            anon += m.rss - getattr(m, "shared", 0)
+        return rss, anon
 
     def _gpu(self) -> list[int]:
         try:
@@ -78,7 +87,11 @@ class Monitor:
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            self.peak_rss = max(self.peak_rss, self.tree_rss())
+            rss, anon = self.tree_memory()
+            self.peak_rss, self.peak_anon = max(self.peak_rss, rss), max(self.peak_anon, anon)
+            t = time.time() - self._t0
+            if not self.timeline or t - self.timeline[-1][0] >= 2.0:
+                self.timeline.append((round(t, 1), round(rss / 2**30, 2), round(anon / 2**30, 2)))
             if time.time() - self._gpu_at > 1.0:
                 self._gpu_at = time.time()
                 used = self._gpu()
@@ -121,6 +134,7 @@ def stage(name: str, argv: list[str], work: Path, env: dict[str, str], records: 
         "exit": rc,
         "wall_s": round(time.time() - t0, 1),
         "peak_host_rss_gib": round(mon.peak_rss / 2**30, 2),
+        "peak_host_anon_gib": round(mon.peak_anon / 2**30, 2),
         "peak_gpu_gib": [round(b / 2**30, 1) for b in mon.peak_gpu],
         "disk_gib": round(du(work) / 2**30, 2),
     }

@@ -258,6 +258,7 @@ def quantize_branch(
             distributed.barrier_and_close()
             return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
     shutil.rmtree(tmp, ignore_errors=True)
+    failed = True
     try:
         timings = _run_oneshot(cfg, branch, base_dir, arch, recipe_text, tmp, echo, scale_options)
         provenance = {
@@ -292,9 +293,11 @@ def quantize_branch(
             shutil.rmtree(old)
         else:
             tmp.rename(out_dir)
+        failed = False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        distributed.barrier_and_close()
+        if not failed:  # after an error the other ranks may wait in a collective: no barrier, or both hang
+            distributed.barrier_and_close()
         if cfg.offload.cpu_gib is not None:  # every rank is done with the offloaded weights
             forget_offload(offload_folder(cfg))
     return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
@@ -415,6 +418,10 @@ def load_offloaded(cfg: ReleaseConfig, base_dir: Path, dtype: Any, echo: Log = p
     from compressed_tensors.offload import load_offloaded_model
     from transformers import AutoModelForCausalLM
 
+    from .compat import patch_distributed_disk_update
+
+    if distributed.world_size() > 1:
+        patch_distributed_disk_update()
     folder = offload_folder(cfg)
     if distributed.rank() == 0:
         shutil.rmtree(folder, ignore_errors=True)  # what a killed run left

@@ -45,6 +45,8 @@ def test_demo_config_loads_and_resolves_paths_against_its_folder():
         ({"hub_repo": "no-slash"}, "hub_repo 'no-slash' is not of the form owner/name"),
         ({"base_model": {"hub_id": "zai-org/GLM-4.7"}}, "base_model.revision is required"),
         ({"calibration.num_samples": 0}, "calibration.num_samples: Input should be greater than or equal to 1"),
+        ({"offload.cpu_gib": 0}, "offload.cpu_gib: Input should be greater than 0"),
+        ({"offload.folder_": "x"}, "offload.folder_: unknown field (typo?)"),
     ],
 )
 def test_bad_config_names_the_field(write_config, overrides, expected):
@@ -83,3 +85,9 @@ def test_loading_a_config_loads_neither_the_engine_nor_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_offload_folder_resolves_against_the_config(write_config, tmp_path):
+    cfg = load_config(write_config({"offload": {"cpu_gib": 48, "folder": "scratch/offload"}}))
+    assert cfg.offload.cpu_gib == 48 and cfg.offload.folder == (tmp_path / "scratch" / "offload").resolve()
+    assert load_config(write_config()).offload.cpu_gib is None, "in RAM unless asked"
