@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test lint venv clean bench bench-scale git-lfs
+.PHONY: demo test lint venv clean bench bench-scale git-lfs vllm-env vllm-conformance
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,24 @@ bench-scale: $(STAMP)
 ## test: run the test suite
 test: $(STAMP) git-lfs
 	$(BIN)/python -m pytest -q
+
+## vllm-env: vLLM (the release glmrel's serving rules are read from) in an environment of its own
+VLLM_VERSION := 0.33.0
+VLLM_ENV := .vllm-env
+VLLM_STAMP := $(VLLM_ENV)/.installed-$(VLLM_VERSION)-$(shell cat requirements-vllm.txt | sha256sum | cut -c1-12)
+
+$(VLLM_STAMP): requirements-vllm.txt
+	test -x $(VLLM_ENV)/bin/python || $(PY) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_ENV)/bin/python -m pip install -q --no-deps vllm==$(VLLM_VERSION) humming-kernels==0.1.19 xgrammar==0.2.8 oss-harmony==0.0.11
+	$(VLLM_ENV)/bin/python -m pip install -q -r requirements-vllm.txt
+	rm -f $(VLLM_ENV)/.installed-* && touch $@
+
+vllm-env: $(VLLM_STAMP)
+
+## vllm-conformance: glmrel's serving verdicts against the pinned vLLM's own decisions
+vllm-conformance: $(STAMP) $(VLLM_STAMP)
+	GLMREL_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q tests/test_vllm_conformance.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check release tests benchmarks

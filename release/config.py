@@ -165,6 +165,21 @@ class OffloadSpec(_Strict):
     )
 
 
+class ServingSpec(_Strict):
+    """What the cards tell vLLM users to pass beside the quantization (the base model's own
+    chat-format parsers and its MTP layer); null: not shown."""
+
+    tool_call_parser: str | None = Field(default=None, description="vLLM --tool-call-parser (GLM-4.7: glm47)")
+    reasoning_parser: str | None = Field(default=None, description="vLLM --reasoning-parser (GLM-4.7: glm47)")
+    mtp_speculative_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="show speculative decoding with the kept MTP layer (vLLM --speculative-config method mtp) "
+        "with this many tokens",
+    )
+    language: list[str] = Field(default_factory=list, description="card metadata: the model's languages")
+
+
 class VerifySpec(_Strict):
     """Held-out text and the thresholds a branch must meet against the base model."""
 
@@ -183,6 +198,7 @@ class ReleaseConfig(_Strict):
     calibration: CalibrationSpec
     awq: AwqSpec = AwqSpec()
     offload: OffloadSpec = OffloadSpec()
+    serving: ServingSpec = ServingSpec()
     branches: list[BranchSpec] = Field(min_length=1)
     verify: VerifySpec = VerifySpec()
     templates: Path | None = None

@@ -26,7 +26,7 @@ from .config import BranchSpec, ReleaseConfig
 from .coverage import ExpertCoverage
 from .errors import ReleaseError
 from .manifest import write_if_changed
-from .vllm_rules import TARGETS, servable_tp, serve_verdicts
+from .vllm_rules import TARGETS, VLLM_VERSION, servable_tp, serve_verdicts
 
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 CARD_FILE = "README.md"
@@ -290,6 +290,8 @@ def card_data(cfg: ReleaseConfig) -> ModelCardData:
         pipeline_tag="text-generation",
         tags=list(TAGS),
         datasets=datasets,
+        language=list(cfg.serving.language) or None,
+        vllm_version=VLLM_VERSION,  # the vLLM release whose rules decided the cards' serving verdicts
     )
 
 
@@ -340,6 +342,22 @@ def compose_card(data: ModelCardData, body: str) -> str:
     return text
 
 
+def serve_flags(cfg: ReleaseConfig) -> str:
+    """The base model's chat-format parsers for `vllm serve` (config `serving`), or ''."""
+    flags = []
+    if cfg.serving.tool_call_parser:
+        flags += ["--enable-auto-tool-choice", f"--tool-call-parser {cfg.serving.tool_call_parser}"]
+    if cfg.serving.reasoning_parser:
+        flags.append(f"--reasoning-parser {cfg.serving.reasoning_parser}")
+    return " ".join(flags)
+
+
+def mtp_flag(cfg: ReleaseConfig) -> str:
+    """`--speculative-config` for the kept MTP layer, or '' (config serving.mtp_speculative_tokens)."""
+    n = cfg.serving.mtp_speculative_tokens
+    return "" if not n else f'--speculative-config \'{{"method": "mtp", "num_speculative_tokens": {n}}}\''
+
+
 def render_release(cfg: ReleaseConfig, version: str | None = None) -> RenderResult:
     """Write README.md (+ expert-coverage plot) into every branch and the landing page into main/."""
     version, changelog = load_changelog(cfg.changelog, version)
@@ -357,6 +375,9 @@ def render_release(cfg: ReleaseConfig, version: str | None = None) -> RenderResu
         "version": version,
         "changelog": changelog,
         "branches": branches,
+        "vllm_version": VLLM_VERSION,
+        "serve_flags": serve_flags(cfg),
+        "mtp_flag": mtp_flag(cfg),
     }
     cards: dict[str, Path] = {}
     for record in branches:

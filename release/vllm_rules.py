@@ -1,10 +1,15 @@
 """Can vLLM serve a W4A16 GLM-4-MoE branch at a tensor-parallel size, and with which kernel?
 
-The rules below were read from vLLM's source (main branch, read 2026-11-27; files and commits
-named per rule). vLLM picks a kernel per layer in priority order and refuses to load if no
-kernel can implement a layer. glmrel replays that choice for every tensor-parallel-sharded
-layer class of GLM-4-MoE, so a verdict names the rule that decided it. Versions move: re-read
-these files when vLLM changes and update VLLM_SOURCE.
+The rules below are those of one vLLM release, `VLLM_VERSION`, read from that release's wheel
+(`pip download vllm==VLLM_VERSION --no-deps`; files named per rule). vLLM picks a kernel per
+layer in priority order and refuses to load if no kernel can implement a layer, or if a layer's
+quantization groups would be split across ranks. glmrel replays that choice for every
+tensor-parallel-sharded layer class of GLM-4-MoE, so a verdict names the rule that decided it.
+
+`tests/test_vllm_conformance.py` asks the pinned release's own code the same questions (in the
+environment `make vllm-env` builds) and fails when any verdict differs: a new vLLM release that
+changes a rule fails a test instead of printing a wrong card. To move to a new release: bump
+VLLM_VERSION and the Makefile's pin, run `make vllm-env vllm-conformance`, fix what differs.
 """
 
 from __future__ import annotations
@@ -14,19 +19,31 @@ from typing import Any
 
 from .architecture import Glm4MoeArch
 
+VLLM_VERSION = "0.33.0"
 VLLM_SOURCE = {
-    "marlin": "vllm/model_executor/layers/quantization/utils/marlin_utils.py @ 007d5005 "
-    "(MARLIN_SUPPORTED_GROUP_SIZES, verify_marlin_supports_shape, check_moe_marlin_supports_layer)",
-    "machete": "vllm/model_executor/layers/quantization/utils/machete_utils.py + kernels/mixed_precision/machete.py "
-    "(SM90 only; group sizes -1/64/128 for fp16/bf16; in % 64, out % 128)",
-    "exllama": "vllm/model_executor/layers/quantization/kernels/mixed_precision/exllama.py @ 09b8eba6 "
-    "(float16 activations only; in % group; out % 8)",
-    "order": "vllm/model_executor/layers/quantization/kernels/mixed_precision/__init__.py "
-    "(_POSSIBLE_KERNELS priority: Machete, AllSpark, Marlin, Exllama; AllSpark is per-channel only)",
-    "moe": "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors_moe.py "
-    "(WNA16: Marlin MoE if check_moe_marlin_supports_layer, else CompressedTensorsWNA16MoEMethod)",
-    "sharding": "vllm/model_executor/parameter.py GroupQuantScaleParameter: group scales of an input-sharded "
-    "weight are split across ranks, so input-per-rank must be a multiple of the group size",
+    "order": "vllm/model_executor/kernels/linear/__init__.py (_POSSIBLE_KERNELS[CUDA]: CutlassW4A8, Machete, "
+    "Marlin, Conch, Exllama, TritonW4A16, Humming; choose_mp_linear_kernel -> _resolve_backend_kernels -> "
+    "layers/quantization/utils/humming/priority.py prioritize_humming: on SM90 Humming moves ahead of Marlin)",
+    "cutlass_w4a8": "kernels/linear/mixed_precision/cutlass.py (FP8 e4m3 activations only)",
+    "machete": "kernels/linear/mixed_precision/machete.py + layers/quantization/utils/machete_utils.py "
+    "(SM90 exactly; groups -1/64/128 for fp16/bf16; in % 64, out % 128)",
+    "marlin": "kernels/linear/mixed_precision/marlin.py (SM75+; groups -1/32/64/128; tiles zero-padded "
+    "(marlin_utils.marlin_padded_nk); refuses only a group split across ranks)",
+    "conch": "kernels/linear/mixed_precision/conch.py (groups -1/128; needs conch-triton-kernels, not a vLLM "
+    "dependency)",
+    "exllama": "kernels/linear/mixed_precision/exllama.py (float16 activations only)",
+    "triton_w4a16": "kernels/linear/mixed_precision/triton_w4a16.py (fp16/bf16; out % 8; groups "
+    "-1/32/64/128/256 or full K; in per rank % group)",
+    "humming": "kernels/linear/mixed_precision/humming.py (SM75+; any shape and group; humming-kernels is a "
+    "dependency of vLLM 0.33.0)",
+    "group_split": "layers/quantization/compressed_tensors/schemes/compressed_tensors_wNa16.py -> "
+    "distributed/utils.py verify_group_size_divides_partition (after the kernel choice: ValueError unless "
+    "the input per rank holds whole groups; per-channel row-parallel scales are repeated on all ranks)",
+    "moe": "layers/quantization/compressed_tensors/compressed_tensors_moe/compressed_tensors_moe_wna16.py "
+    "create_weights (hidden % group and intermediate-per-rank % group, else ValueError: 'use a compatible TP "
+    "size or enable expert parallelism'); backend from layers/fused_moe/oracle/int_wna16.py "
+    "(_get_priority_backends, Humming ahead of Marlin on SM90; Marlin MoE: "
+    "marlin_utils.check_moe_marlin_supports_config with tile padding)",
 }
 
 TP_SIZES = (1, 2, 4, 8, 16)
@@ -83,67 +100,93 @@ class ServeVerdict:
         return d
 
 
-def _sharding_rule(shape: LayerShape, group_size: int) -> str | None:
-    if shape.input_sharded and group_size != -1 and group_size < shape.in_full and shape.in_per_rank % group_size:
-        return f"input per rank {shape.in_per_rank} is not a multiple of group size {group_size} (group scales cannot be split)"
+def _group_split(shape: LayerShape, group_size: int) -> str | None:
+    """compressed_tensors_wNa16's check after the kernel choice: every rank's input holds whole
+    quantization groups (per-channel scales of a row-parallel layer are repeated instead)."""
+    if group_size == -1:
+        return None
+    if shape.in_per_rank % group_size:
+        return (
+            f"input per rank {shape.in_per_rank} is not a multiple of group size {group_size}: vLLM refuses "
+            "(verify_group_size_divides_partition: 'Consider reducing tensor_parallel_size')"
+        )
     return None
 
 
 def _linear_kernel(shape: LayerShape, group_size: int, cc: int, act: str) -> LayerVerdict:
-    """Replay choose_mp_linear_kernel: Machete, (AllSpark: per-channel only), Marlin, Exllama."""
-    if reason := _sharding_rule(shape, group_size):
-        return LayerVerdict(shape.name, None, reason)
-    k, n = shape.in_per_rank, shape.out_per_rank
-    reasons = []
+    """Replay vLLM's choose_mp_linear_kernel for a symmetric INT4 (uint4b8) layer, then the
+    group-split check."""
+    k, n, kf = shape.in_per_rank, shape.out_per_rank, shape.in_full
+    grouped = group_size != -1 and group_size < kf
+    chosen, rule = None, ""
+    reasons = ["CutlassW4A8: FP8 activations only"]
     if cc != 90:
-        reasons.append("Machete needs SM90")
+        reasons.append("Machete: needs SM90")
     elif group_size not in (-1, 64, 128):
         reasons.append(f"Machete: group size {group_size} not in (-1, 64, 128)")
-    elif k % 64:
-        reasons.append(f"Machete: input {k} % 64 != 0")
-    elif n % 128:
-        reasons.append(f"Machete: output {n} % 128 != 0")
+    elif k % 64 or n % 128:
+        reasons.append(f"Machete: needs in % 64 and out % 128 (in {k}, out {n})")
     else:
-        return LayerVerdict(shape.name, "Machete", f"SM90, group {group_size}, in {k} % 64 == 0, out {n} % 128 == 0")
+        chosen, rule = "Machete", f"SM90, group {group_size}, in {k} % 64 == 0, out {n} % 128 == 0"
+    later: list[tuple[str, str | None]] = []  # (kernel, why not) in vLLM's order after Machete
     if group_size not in (-1, 32, 64, 128):
-        reasons.append(f"Marlin: group size {group_size} not in (-1, 32, 64, 128)")
-    elif n % 64:
-        reasons.append(f"Marlin: output per rank {n} % 64 != 0")
-    elif k % 128:
-        reasons.append(f"Marlin: input per rank {k} % 128 != 0")
-    elif group_size != -1 and group_size < shape.in_full and k % group_size:
-        reasons.append(f"Marlin: input per rank {k} % group size {group_size} != 0")
+        later.append(("Marlin", f"group size {group_size} not in (-1, 32, 64, 128)"))
+    elif grouped and k % group_size:
+        later.append(("Marlin", f"a group split across ranks (in per rank {k} % {group_size})"))
     else:
-        return LayerVerdict(shape.name, "Marlin", f"out {n} % 64 == 0, in {k} % 128 == 0")
+        later.append(("Marlin", None))
+    later.append(("Conch", "needs conch-triton-kernels (not a vLLM dependency)"))
     if act != "float16":
-        reasons.append(f"Exllama: needs float16 activations, model runs {act}")
-    elif n % 8:
-        reasons.append(f"Exllama: output {n} % 8 != 0")
+        later.append(("Exllama", "float16 activations only"))
+    elif n % 8 or kf % max(group_size, 1) or group_size <= 0:
+        later.append(("Exllama", f"out % 8, a positive group dividing in (out {n}, group {group_size})"))
     else:
-        return LayerVerdict(shape.name, "Exllama", "; ".join(reasons) + "; Exllama takes float16")
-    return LayerVerdict(shape.name, None, "no kernel: " + "; ".join(reasons))
+        later.append(("Exllama", None))
+    eff = group_size if group_size != -1 else k
+    if n % 8:
+        later.append(("TritonW4A16", f"out {n} % 8 != 0"))
+    elif group_size not in (-1, 32, 64, 128, 256) and group_size != kf:
+        later.append(("TritonW4A16", f"group size {group_size} not in (-1, 32, 64, 128, 256)"))
+    elif k % eff:
+        later.append(("TritonW4A16", f"in per rank {k} % group {eff} != 0"))
+    else:
+        later.append(("TritonW4A16", None))
+    later.append(("Humming", None))  # any shape; a dependency of vLLM 0.33.0
+    if cc == 90:  # prioritize_humming: on SM90 Humming is tried right before Marlin
+        later.insert(0, later.pop())
+    if chosen is None:
+        for name, why in later:
+            if why is None:
+                chosen, rule = name, "; ".join(reasons) or "first in vLLM's order"
+                break
+            reasons.append(f"{name}: {why}")
+    if chosen is None:
+        return LayerVerdict(shape.name, None, "no kernel: " + "; ".join(reasons))
+    if why_not := _group_split(shape, group_size):
+        return LayerVerdict(shape.name, None, why_not)
+    return LayerVerdict(shape.name, chosen, rule)
 
 
-def _moe_kernel(arch: Glm4MoeArch, intermediate_per_rank: int, group_size: int) -> LayerVerdict:
-    """Replay the compressed-tensors WNA16 MoE choice: Marlin MoE, else the Triton WNA16 method."""
+def _moe_kernel(arch: Glm4MoeArch, intermediate_per_rank: int, group_size: int, cc: int) -> LayerVerdict:
+    """Replay compressed_tensors_moe_wna16's group checks and the WNA16 MoE oracle's first
+    choice (Humming ahead of Marlin on SM90; Marlin MoE with tile padding, else Triton)."""
     name = "routed experts"
-    need = max(64, group_size)
-    if arch.hidden_size % 128:
-        why = f"Marlin MoE: hidden_size {arch.hidden_size} % 128 != 0"
-    elif intermediate_per_rank % need:
-        why = f"Marlin MoE: moe_intermediate_size per rank {intermediate_per_rank} % max(64, {group_size}) != 0"
-    else:
-        return LayerVerdict(
-            name, "MarlinMoE", f"hidden {arch.hidden_size} % 128 == 0, {intermediate_per_rank} % {need} == 0"
-        )
-    if group_size != -1 and intermediate_per_rank % group_size:
-        return LayerVerdict(
-            name,
-            None,
-            why
-            + f"; Triton WNA16 MoE: {intermediate_per_rank} % group size {group_size} != 0 (w2 group scales cannot be split)",
-        )
-    return LayerVerdict(name, "TritonWNA16MoE", why)
+    if group_size != -1:
+        if arch.hidden_size % group_size:
+            return LayerVerdict(name, None, f"hidden_size {arch.hidden_size} % group size {group_size} != 0")
+        if intermediate_per_rank % group_size:
+            return LayerVerdict(
+                name,
+                None,
+                f"moe_intermediate_size per rank {intermediate_per_rank} % group size {group_size} != 0: scale "
+                "groups would cross TP shards (vLLM: 'use a compatible TP size or enable expert parallelism')",
+            )
+    if cc == 90:  # which of these is not replayed: the oracle asks each backend's kernel at load
+        return LayerVerdict(name, "WNA16MoE", "groups fit; vLLM's MoE oracle tries Humming, Marlin, Triton on SM90")
+    marlin = arch.hidden_size % 128 == 0 and group_size in (-1, 32, 64, 128)
+    if marlin:
+        return LayerVerdict(name, "MarlinMoE", f"hidden {arch.hidden_size} % 128 == 0, group {group_size}")
+    return LayerVerdict(name, "TritonWNA16MoE", f"Marlin MoE: hidden {arch.hidden_size} % 128 or group {group_size}")
 
 
 def layer_shapes(arch: Glm4MoeArch, tp: int) -> list[LayerShape] | str:
@@ -193,7 +236,7 @@ def serve_verdicts(arch: Glm4MoeArch, group_size: int, act_dtype: str = "bfloat1
                         LayerVerdict("routed experts", None, f"moe_intermediate_size not divisible by TP {tp}")
                     )
                 else:
-                    verdicts.append(_moe_kernel(arch, per_rank, group_size))
+                    verdicts.append(_moe_kernel(arch, per_rank, group_size, cc))
                 out.append(ServeVerdict(tp, ep, label, act_dtype, all(v.kernel for v in verdicts), verdicts))
     return out
 

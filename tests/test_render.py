@@ -141,3 +141,20 @@ def test_card_names_the_awq_engine_the_branch_was_built_with():
     assert "at most 256 of its calibration tokens" in awq_engine_text(sampled)
     assert awq_engine_text({"timings_s": {"awq_engine": {"engine": "stock"}}}) == "llm-compressor's AWQ as released"
     assert awq_engine_text({"timings_s": {}}) is None
+
+
+def test_glm47_cards_carry_its_serving_flags_and_the_vllm_release():
+    """GLM-4.7's parsers (vLLM 0.33.0's registry names), MTP speculative decoding, languages, and
+    the vLLM release whose rules decided the verdicts, in the card metadata."""
+    from huggingface_hub import ModelCard
+
+    from release.config import load_config
+    from release.render import card_data, compose_card, mtp_flag, serve_flags
+    from release.vllm_rules import VLLM_VERSION
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "glm-4.7.yaml")
+    assert serve_flags(cfg) == "--enable-auto-tool-choice --tool-call-parser glm47 --reasoning-parser glm47"
+    assert mtp_flag(cfg) == """--speculative-config '{"method": "mtp", "num_speculative_tokens": 1}'"""
+    meta = ModelCard(compose_card(card_data(cfg), "body\n")).data.to_dict()
+    assert meta["language"] == ["en", "zh"] and meta["vllm_version"] == VLLM_VERSION
+    assert meta["datasets"] == ["neuralmagic/LLM_compression_calibration"]
