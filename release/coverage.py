@@ -60,36 +60,45 @@ ROUTER = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.gate$")
 EXPERT_GATE_PROJ = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(\d+)\.gate_proj$")
 
 
+def _current_batch() -> int | None:
+    """The batch llm-compressor's sequential pipeline is running (None outside one)."""
+    try:
+        from llmcompressor.core import active_session
+
+        batch = getattr(active_session().state, "current_batch_idx", -1)
+    except ImportError:
+        return None
+    return None if batch is None or batch < 0 else batch
+
+
 @contextmanager
 def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = None) -> Iterator[dict]:
     """Count tokens routed to, and seen by, each expert of each MoE layer while the model runs.
 
     Hooks the router (`mlp.gate`, whose third output is the top-k expert indices) and each
-    linearized expert's `gate_proj`. With `calls_per_module` set, only the first that many
-    calls of each module count: llm-compressor's sequential pipeline runs every batch once
-    through a layer before AWQ's grid search and the propagation pass call it again, so this
-    measures exactly the calibration pass. Yields a dict filled on exit with `routed` and
+    linearized expert's `gate_proj`. Inside llm-compressor's sequential pipeline, each batch's
+    first call through a module counts (the calibration pass: AWQ's grid search and the
+    propagation pass call it again); elsewhere the first `calls_per_module` calls. Yields a dict filled on exit with `routed` and
     `calibrated` ({layer: [tokens per expert]}).
     """
-    routed: dict[int, list[int]] = defaultdict(lambda: [0] * num_experts)
-    calibrated: dict[int, list[int]] = defaultdict(lambda: [0] * num_experts)
-    calls: dict[int, int] = defaultdict(int)
+    # per module: the counts of each batch the pipeline named (the first call of a batch), and
+    # of the calls made outside a named batch, in order
+    batched: dict[tuple[str, int, int], dict[int, list[int]]] = defaultdict(dict)
+    unbatched: dict[tuple[str, int, int], list[list[int]]] = defaultdict(list)
     handles = []
 
-    def counted(module) -> bool:
-        calls[id(module)] += 1
-        return calls_per_module is None or calls[id(module)] <= calls_per_module
+    def record(key: tuple[str, int, int], counts: list[int]) -> None:
+        batch = _current_batch()
+        if batch is None:
+            unbatched[key].append(counts)
+        else:
+            batched[key].setdefault(batch, counts)
 
     def router_hook(mod, _inp, out, layer):
-        if counted(mod):
-            counts = out[2].reshape(-1).bincount(minlength=num_experts).tolist()
-            row = routed[layer]
-            for e, c in enumerate(counts):
-                row[e] += int(c)
+        record(("routed", layer, -1), out[2].reshape(-1).bincount(minlength=num_experts).tolist())
 
     def expert_hook(mod, inp, _out, layer, expert):
-        if counted(mod):
-            calibrated[layer][expert] += inp[0].numel() // inp[0].shape[-1]
+        record(("calibrated", layer, expert), [inp[0].numel() // inp[0].shape[-1]])
 
     for name, module in model.named_modules():
         if m := ROUTER.search(name):
@@ -105,4 +114,22 @@ def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = 
     finally:
         for h in handles:
             h.remove()
+        routed: dict[int, list[int]] = defaultdict(lambda: [0] * num_experts)
+        calibrated: dict[int, list[int]] = defaultdict(lambda: [0] * num_experts)
+        for key in set(batched) | set(unbatched):
+            kind, layer, expert = key
+            # Inside llm-compressor's sequential pipeline every batch is named: its first call
+            # through each module is the calibration pass (the grid search and the propagation
+            # call it again), and a call outside any batch (with the base weights offloaded,
+            # layer 1's router ran once more before batch 0) is not calibration. Elsewhere, the
+            # first `calls_per_module` calls.
+            if batched.get(key):
+                calls = list(batched[key].values())[:calls_per_module]
+            else:
+                calls = unbatched[key][:calls_per_module]
+            for counts in calls:
+                if kind == "routed":
+                    routed[layer] = [a + b for a, b in zip(routed[layer], counts)]
+                else:
+                    calibrated[layer][expert] += counts[0]
         result.update(routed=dict(routed), calibrated=dict(calibrated))

@@ -268,6 +268,10 @@ def test_offloaded_base_weights_give_the_same_branch(demo_release, write_config,
     build = quantize.quantize_branch(cfg, "W4A16_GS128", echo=lambda s: None)
     digest = hashlib.sha256((build.path / "model.safetensors").read_bytes()).hexdigest()
     assert digest == DEMO_DIGESTS["W4A16_GS128 model.safetensors"]
+    in_ram = demo_release["config"].output_dir / "W4A16_GS128" / "expert_coverage.json"
+    assert json.loads((build.path / "expert_coverage.json").read_text()) == json.loads(in_ram.read_text()), (
+        "the coverage report counts the calibration pass only (offloaded, layer 1's router runs once more)"
+    )
     assert seen and seen[0] > 50, f"offloaded tensors on disk at the end of the branch: {seen}"
     assert not folder.exists(), "the offload folder is emptied after the branch"
     prov = json.loads((build.path / "provenance.json").read_text())
