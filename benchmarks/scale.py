@@ -378,7 +378,7 @@ def main() -> None:
             print("RECORD " + json.dumps(rec), flush=True)
         return
 
-    from release.cli import CUDA_ALLOC_CONF
+    from release.distributed import CUDA_ALLOC_CONF
 
     if a.memory_trace:
         import torch

@@ -445,14 +445,9 @@ def publish(config_path: Path, version: str, remote: str | None, dry_run: bool, 
             click.echo(json.dumps(document, indent=2, sort_keys=True))
 
 
-# Calibration allocates tensors of many sizes for hours (sample batches, padded expert
-# products, each layer's weights): expandable segments keep the CUDA allocator from
-# fragmenting (8.8 GiB reserved but unusable at the OOM of a 512-sample GLM-4.7 layer on an
-# H100). Read when CUDA first allocates; torchrun workers inherit it. A user's setting wins.
-CUDA_ALLOC_CONF = "expandable_segments:True"
-
-
 def main() -> None:
+    from .distributed import CUDA_ALLOC_CONF
+
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
     cli(prog_name="glmrel")
 

@@ -25,6 +25,12 @@ from pathlib import Path
 
 from .errors import ReleaseError
 
+# Calibration allocates tensors of many sizes for hours (sample batches, padded expert
+# products, each layer's weights): expandable segments keep the CUDA allocator from
+# fragmenting (8.8 GiB reserved but unusable at the OOM of a 512-sample GLM-4.7 layer on an
+# H100). Read when CUDA first allocates; torchrun workers inherit it. A user's setting wins.
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
 
 def in_worker() -> bool:
     """True inside a torchrun worker."""

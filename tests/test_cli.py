@@ -231,3 +231,20 @@ def test_changelog_change_parsed_as_a_mapping_is_an_error(write_config, tmp_path
     assert res.exit_code == 1
     assert "v1: changes.1 is a mapping ('MoE-aware AWQ': ...), not a string" in res.output
     assert "Hint: each entry is {version, summary, changes: [strings]}; quote a change" in res.output
+
+
+def test_nothing_imports_the_cli():
+    """The CLI is the top of the house: modules and benchmarks import what they need from the
+    modules below it, never from release.cli."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    pattern = re.compile(r"^\s*(from release\.cli import|from \.cli import|import release\.cli)", re.M)
+    offenders = [
+        str(p.relative_to(repo))
+        for folder in ("release", "benchmarks")
+        for p in (repo / folder).rglob("*.py")
+        if pattern.search(p.read_text())
+    ]
+    assert offenders == []
