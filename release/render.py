@@ -26,9 +26,10 @@ from .config import BranchSpec, ReleaseConfig
 from .coverage import ExpertCoverage
 from .errors import ReleaseError
 from .manifest import write_if_changed
+from .paths import shipped
 from .vllm_rules import TARGETS, VLLM_VERSION, servable_tp, serve_verdicts
 
-DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+DEFAULT_TEMPLATES = shipped("templates")  # the checkout's, or the installed wheel's
 CARD_FILE = "README.md"
 PLOT_FILE = "expert_coverage.png"
 DIVERGENCE_PLOT = "layer_divergence.png"
