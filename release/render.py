@@ -27,7 +27,7 @@ from .coverage import ExpertCoverage
 from .errors import ReleaseError
 from .manifest import write_if_changed
 from .paths import shipped
-from .vllm_rules import TARGETS, VLLM_VERSION, servable_tp, serve_verdicts
+from .vllm_rules import TARGETS, VLLM_VERSION, servable_tp, serve_verdicts, serving_layout
 
 DEFAULT_TEMPLATES = shipped("templates")  # the checkout's, or the installed wheel's
 CARD_FILE = "README.md"
@@ -259,6 +259,8 @@ def branch_record(cfg: ReleaseConfig, branch: BranchSpec) -> dict[str, Any]:
         "tp_serve": max([n for n in tp if n <= 8], default=None),
         "unsupported_common_tp": unsupported,
         "unsupported_reasons": {n: reasons.get(n, "") for n in unsupported},
+        # the same GPUs in a layout vLLM serves: TP x PP
+        "layouts": {n: serving_layout(verdicts, n, hopper) for n in unsupported},
         "quality": quality,
         "divergence": divergence_summary(quality),
         "coverage": cov,

@@ -243,3 +243,14 @@ def serve_verdicts(arch: Glm4MoeArch, group_size: int, act_dtype: str = "bfloat1
 
 def servable_tp(verdicts: list[ServeVerdict], target: str = TARGETS[0][0], expert_parallel: bool = False) -> list[int]:
     return [v.tp for v in verdicts if v.target == target and v.expert_parallel == expert_parallel and v.servable]
+
+
+def serving_layout(verdicts: list[ServeVerdict], gpus: int, target: str = TARGETS[0][0]) -> tuple[int, int] | None:
+    """(tensor-parallel, pipeline-parallel) sizes that use `gpus` GPUs where TP = gpus is refused:
+    the largest servable TP that divides `gpus`, the rest as pipeline stages (vLLM splits the
+    decoder layers between stages; the kernels and group checks see only the TP shard)."""
+    servable = servable_tp(verdicts, target)
+    if gpus in servable:
+        return (gpus, 1)
+    fits = [t for t in servable if t < gpus and gpus % t == 0]
+    return (max(fits), gpus // max(fits)) if fits else None

@@ -285,6 +285,15 @@ def test_glm47_group_checks_at_tp8():
             assert layers["shared_experts down_proj"].kernel == ("Machete" if gs == 64 else "Humming")
 
 
+def test_a_refused_tensor_parallel_size_gets_a_layout_on_the_same_gpus():
+    from release.vllm_rules import serving_layout
+
+    arch = Glm4MoeArch.from_config(GLM47)
+    assert serving_layout(serve_verdicts(arch, 128), 8) == (4, 2)  # TP8 refused: TP4 x PP2
+    assert serving_layout(serve_verdicts(arch, 64), 8) == (8, 1)
+    assert serving_layout(serve_verdicts(arch, 64), 16) == (8, 2)
+
+
 def test_glm47_servable_sizes_follow_vllm_rules():
     arch = Glm4MoeArch.from_config(GLM47)
     for target in ("Hopper SM90 (H100/H200)", "Ampere SM80 (A100)"):
