@@ -354,3 +354,21 @@ def test_the_dress_rehearsal_runs_the_release_path(tmp_path):
     for again in ("publish git again", "publish hub again"):
         assert "nothing to do" in stages[again]["output_tail"], stages[again]["output_tail"]
     assert all(v["passed"] and v["method"].startswith("streamed") for v in report["verify"].values())
+
+
+def test_offload_record_behind_the_readme_figures():
+    """Run U (the figures the README quotes): the same branch in RAM and with the base weights
+    offloaded to disk under a cgroup limit below the model's size; the same weights."""
+    folder = RESULTS.parent / "2026-11-30-h200x2-offload-glm47-4layer"
+    record = json.loads((folder / "U-1gpu-ram-vs-offload.json").read_text())
+    ram, off = record["runs"]
+    assert (ram["mode"], off["mode"]) == ("ram", "offload") and ram["exit"] == off["exit"] == 0
+    assert ram["weights_sha256"] == off["weights_sha256"]
+    assert (ram["wall_s"], off["wall_s"], ram["peak_host_rss_gib"], off["peak_host_rss_gib"]) == (
+        114.0,
+        230.3,
+        63.7,
+        32.48,
+    )
+    limit = float(off["memory_limit"].split("= ")[1].split()[0])
+    assert limit < record["model_gib"] == 35.81 and off["cgroup_memory_peak_gib"] <= limit + 0.05
