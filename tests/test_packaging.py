@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_installed_wheel_renders_the_cards(recorded_release, tmp_path):  # noqa: F811
+    script = Path(sys.prefix) / "bin" / "glmrel"
+    had_script = script.exists()
     wheels = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
@@ -26,7 +28,9 @@ def test_installed_wheel_renders_the_cards(recorded_release, tmp_path):  # noqa:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix", str(venv), str(wheel)],
+        # --ignore-installed: without it pip first uninstalls this environment's (editable) glmrel
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", "--prefix", str(venv)]
+        + [str(wheel)],
         check=True,
         capture_output=True,
     )
@@ -63,3 +67,5 @@ def test_installed_wheel_renders_the_cards(recorded_release, tmp_path):  # noqa:
     out = recorded_release.parent / "out"
     for name in (*BRANCHES, "main"):
         assert (out / name / "README.md").read_text() == (GOLDEN / f"{name}.md").read_text(), name
+    if had_script:
+        assert script.exists(), "this environment's own glmrel install is untouched"
