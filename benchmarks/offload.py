@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.rehearsal import REPO, Monitor, du
+from benchmarks.rehearsal import REPO, Monitor, du, memory_figures, run_monitored
 
 PHASES = ("] loading", "AWQ W4A16", "lifecycle finalized", "resave_config", "Copied MTP", "built in")
 CGROUP = Path("/sys/fs/cgroup/glmrel-offload-bench")
@@ -71,11 +71,6 @@ def run_mode(
         if cg is not None:
             (cg / "cgroup.procs").write_text(str(os.getpid()))
 
-    t0 = time.time()
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, preexec_fn=enter_cgroup
-    )
-    mon = Monitor(proc.pid)
     peak_disk = [0]
     stop = threading.Event()
 
@@ -86,28 +81,26 @@ def run_mode(
             except OSError:  # files come and go while it is walked
                 pass
 
-    threading.Thread(target=sample_disk, daemon=True).start()
-    lines = []
-    assert proc.stdout is not None
     marks = []  # when each phase starts, to read the RSS timeline by
-    for line in proc.stdout:
-        lines.append(line)
-        print(f"  {mode}| {line}", end="", flush=True)
+
+    def on_line(line: str, _mon: Monitor, seconds: float) -> None:
         if any(k in line for k in PHASES):
-            marks.append((round(time.time() - t0, 1), line.strip()[-90:]))
-    rc = proc.wait()
-    mon.stop()
+            marks.append((round(seconds, 1), line.strip()[-90:]))
+
+    threading.Thread(target=sample_disk, daemon=True).start()
+    rc, lines, mon, wall = run_monitored(mode, argv, env, on_line, preexec_fn=enter_cgroup)
     stop.set()
+    figures = memory_figures(mon)
     rec: dict[str, Any] = {
         "mode": mode,
         "gpus": gpus,
         "exit": rc,
-        "wall_s": round(time.time() - t0, 1),
-        "peak_host_rss_gib": round(mon.peak_rss / 2**30, 2),
-        "peak_host_anon_gib": round(mon.peak_anon / 2**30, 2),
+        "wall_s": round(wall, 1),
+        "peak_host_rss_gib": figures["peak_host_rss_gib"],
+        "peak_host_anon_gib": figures["peak_host_anon_gib"],
         "rss_timeline_gib": mon.timeline,
         "phases": marks,
-        "peak_gpu_gib": [round(b / 2**30, 1) for b in mon.peak_gpu],
+        "peak_gpu_gib": figures["peak_gpu_gib"],
         "peak_offload_folder_gib": round(peak_disk[0] / 2**30, 2),
         "memory_limit": limit[1] if limit else "none",
     }

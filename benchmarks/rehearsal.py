@@ -106,36 +106,53 @@ def du(path: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def stage(name: str, argv: list[str], work: Path, env: dict[str, str], records: list[dict]) -> dict[str, Any]:
-    """Run one glmrel command, echo its output, record its figures; stop the rehearsal if it fails."""
+def run_monitored(
+    label: str, argv: list[str], env: dict[str, str], on_line: Any = None, preexec_fn: Any = None
+) -> tuple[int, list[str], Monitor, float]:
+    """Run a command from the repo root, echo its output prefixed with `label`, and watch its
+    process tree (`on_line(line, monitor, seconds)` sees each line). Returns (exit code, output
+    lines, the stopped monitor, wall seconds)."""
     t0 = time.time()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "release.cli", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=REPO,
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, preexec_fn=preexec_fn
     )
     mon = Monitor(proc.pid)
-    branch_starts = []
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append(line)
-        print(f"  {name}| {line}", end="", flush=True)
-        if "] loading " in line:  # a branch starts loading its base model
-            branch_starts.append({"branch": line.split("]")[0].strip("[ "), "host_rss_gib": mon.tree_rss() / 2**30})
+        print(f"  {label}| {line}", end="", flush=True)
+        if on_line is not None:
+            on_line(line, mon, time.time() - t0)
     rc = proc.wait()
     mon.stop()
+    return rc, lines, mon, time.time() - t0
+
+
+def memory_figures(mon: Monitor) -> dict[str, Any]:
+    """Peak host RSS (with and without file-backed pages) and GPU memory of a monitored run."""
+    return {
+        "peak_host_rss_gib": round(mon.peak_rss / 2**30, 2),
+        "peak_host_anon_gib": round(mon.peak_anon / 2**30, 2),
+        "peak_gpu_gib": [round(b / 2**30, 1) for b in mon.peak_gpu],
+    }
+
+
+def stage(name: str, argv: list[str], work: Path, env: dict[str, str], records: list[dict]) -> dict[str, Any]:
+    """Run one glmrel command, echo its output, record its figures; stop the rehearsal if it fails."""
+    branch_starts = []
+
+    def on_line(line: str, mon: Monitor, _seconds: float) -> None:
+        if "] loading " in line:  # a branch starts loading its base model
+            branch_starts.append({"branch": line.split("]")[0].strip("[ "), "host_rss_gib": mon.tree_rss() / 2**30})
+
+    rc, lines, mon, wall = run_monitored(name, [sys.executable, "-m", "release.cli", *argv], env, on_line)
     rec = {
         "stage": name,
         "argv": argv,
         "exit": rc,
-        "wall_s": round(time.time() - t0, 1),
-        "peak_host_rss_gib": round(mon.peak_rss / 2**30, 2),
-        "peak_host_anon_gib": round(mon.peak_anon / 2**30, 2),
-        "peak_gpu_gib": [round(b / 2**30, 1) for b in mon.peak_gpu],
+        "wall_s": round(wall, 1),
+        **memory_figures(mon),
         "disk_gib": round(du(work) / 2**30, 2),
     }
     if branch_starts:

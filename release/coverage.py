@@ -78,8 +78,8 @@ def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = 
     Hooks the router (`mlp.gate`, whose third output is the top-k expert indices) and each
     linearized expert's `gate_proj`. Inside llm-compressor's sequential pipeline, each batch's
     first call through a module counts (the calibration pass: AWQ's grid search and the
-    propagation pass call it again); elsewhere the first `calls_per_module` calls. Yields a dict filled on exit with `routed` and
-    `calibrated` ({layer: [tokens per expert]}).
+    propagation pass call it again); elsewhere the first `calls_per_module` calls. Yields a
+    dict filled on exit with `routed` and `calibrated` ({layer: [tokens per expert]}).
     """
     # per module: the counts of each batch the pipeline named (the first call of a batch), and
     # of the calls made outside a named batch, in order

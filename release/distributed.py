@@ -142,8 +142,8 @@ def barrier() -> None:
 def barrier_and_close() -> None:
     import torch.distributed as dist
 
+    barrier()
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
