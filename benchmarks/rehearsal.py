@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -107,16 +109,40 @@ def du(path: Path) -> int:
 
 
 def run_monitored(
-    label: str, argv: list[str], env: dict[str, str], on_line: Any = None, preexec_fn: Any = None
+    label: str,
+    argv: list[str],
+    env: dict[str, str],
+    on_line: Any = None,
+    preexec_fn: Any = None,
+    deadline: float | None = None,
 ) -> tuple[int, list[str], Monitor, float]:
     """Run a command from the repo root, echo its output prefixed with `label`, and watch its
-    process tree (`on_line(line, monitor, seconds)` sees each line). Returns (exit code, output
-    lines, the stopped monitor, wall seconds)."""
+    process tree (`on_line(line, monitor, seconds)` sees each line). At `deadline` (a
+    time.time()) its process group gets SIGTERM, so that a device call's time limit cuts the
+    command and not the caller that records it. Returns (exit code, output lines, the stopped
+    monitor, wall seconds)."""
     t0 = time.time()
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, preexec_fn=preexec_fn
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=REPO,
+        preexec_fn=preexec_fn,
+        start_new_session=deadline is not None,
     )
     mon = Monitor(proc.pid)
+    timer = None
+    if deadline is not None:
+
+        def cut() -> None:
+            if proc.poll() is None:
+                print(f"  {label}| -- cut at the deadline: SIGTERM to its process group", flush=True)
+                os.killpg(proc.pid, signal.SIGTERM)
+
+        timer = threading.Timer(max(0.0, deadline - time.time()), cut)
+        timer.start()
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -125,6 +151,8 @@ def run_monitored(
         if on_line is not None:
             on_line(line, mon, time.time() - t0)
     rc = proc.wait()
+    if timer is not None:
+        timer.cancel()
     mon.stop()
     return rc, lines, mon, time.time() - t0
 
@@ -138,15 +166,24 @@ def memory_figures(mon: Monitor) -> dict[str, Any]:
     }
 
 
-def stage(name: str, argv: list[str], work: Path, env: dict[str, str], records: list[dict]) -> dict[str, Any]:
-    """Run one glmrel command, echo its output, record its figures; stop the rehearsal if it fails."""
+def stage(
+    name: str, argv: list[str], work: Path, env: dict[str, str], records: list[dict], deadline: float | None = None
+) -> dict[str, Any]:
+    """Run one glmrel command, echo its output, record its figures; stop the rehearsal if it
+    fails. A command cut at `deadline` is recorded as cut (with what it finished) and the
+    rehearsal stops there, to go on in a later call."""
     branch_starts = []
+    built = []
 
-    def on_line(line: str, mon: Monitor, _seconds: float) -> None:
+    def on_line(line: str, mon: Monitor, seconds: float) -> None:
         if "] loading " in line:  # a branch starts loading its base model
             branch_starts.append({"branch": line.split("]")[0].strip("[ "), "host_rss_gib": mon.tree_rss() / 2**30})
+        if m := re.match(r"\[(\S+)\] (built in (\d+)s|up to date, skipped)", line):
+            built.append({"branch": m[1], "built_s": int(m[3]) if m[3] else None, "at_s": round(seconds, 1)})
 
-    rc, lines, mon, wall = run_monitored(name, [sys.executable, "-m", "release.cli", *argv], env, on_line)
+    argv0 = [sys.executable, "-m", "release.cli", *argv]
+    rc, lines, mon, wall = run_monitored(name, argv0, env, on_line, deadline=deadline)
+    cut = deadline is not None and time.time() >= deadline and rc != 0
     rec = {
         "stage": name,
         "argv": argv,
@@ -159,19 +196,37 @@ def stage(name: str, argv: list[str], work: Path, env: dict[str, str], records: 
         rec["host_rss_at_branch_start_gib"] = [
             {**b, "host_rss_gib": round(b["host_rss_gib"], 2)} for b in branch_starts
         ]
+    if built:
+        rec["branches"] = built
+    if cut:
+        rec["cut_at_deadline"] = True
     records.append(rec)
     print(json.dumps(rec), flush=True)
+    if cut:
+        raise Cut(name)
     if rc != 0:
         raise SystemExit(f"stage {name} failed (exit {rc}):\n{''.join(lines[-20:])}")
     rec["output_tail"] = "".join(lines[-3:])
     return rec
 
 
-def rehearse(a: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO / "tests"))
-    from hub_double import HubDouble
+class Cut(Exception):
+    """A stage was stopped at the deadline; the rehearsal goes on in a later call."""
 
-    work = a.work.resolve()
+
+def git_publish_room(work: Path) -> tuple[int, int]:
+    """(bytes a git publish of the three branches needs, bytes free under `work`).
+
+    The git backend writes every published byte into its cache repository, the push copies it
+    into the bare remote, and the check clones each branch back (one at a time) before
+    deleting the clone: about twice the branches plus the largest of them.
+    """
+    sizes = [du(work / "branches" / f"W4A16_GS{g}") for g in (32, 64, 128)]
+    return 2 * sum(sizes) + max(sizes), shutil.disk_usage(work).free
+
+
+def prepare(a: argparse.Namespace, work: Path) -> tuple[Path, float]:
+    """Build the synthetic model and the rehearsal's release config in a fresh `work`."""
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.time()
     # in a child process: this one never holds GPU memory, so the stages' GPU peaks are theirs
@@ -195,13 +250,70 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
         "# are set so that the rehearsal tests the path, not the quality of random weights.\n"
         + yaml.safe_dump(raw, sort_keys=False)
     )
+    return config, build_s
+
+
+def publish_stages(
+    a: argparse.Namespace, config: Path, work: Path, env: dict[str, str], records: list[dict], save: Any
+) -> None:
+    """`publish` to each remote twice (the second must do nothing); a git publish the disk
+    cannot hold is recorded as skipped, with the figures."""
+    publish = ["publish", "--config", str(config), "--changelog", "v1"]
+    remotes = {"git": [], "hub": ["--remote", "hf://glmrel-rehearsal/glm47"]}
+    for name in a.publish.split(","):
+        if name == "git":
+            need, free = git_publish_room(work)
+            if need > free:
+                records.append(
+                    {
+                        "stage": "publish git",
+                        "skipped": f"needs about {need / 2**30:.0f} GiB of disk (its cache repository and the bare"
+                        f" remote each hold every published byte, and a branch is cloned back), {free / 2**30:.0f}"
+                        " GiB free",
+                    }
+                )
+                print(json.dumps(records[-1]), flush=True)
+                save()
+                continue
+        stage(f"publish {name}", [*publish, *remotes[name]], work, env, records)
+        save()
+        stage(f"publish {name} again", [*publish, *remotes[name]], work, env, records)
+        save()
+
+
+STAGES = ("model", "build", "check", "publish")
+
+
+def rehearse(a: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO / "tests"))
+    from hub_double import HubDouble
+
+    started = time.time()
+    deadline = started + a.deadline if a.deadline else None
+    work = a.work.resolve()
+    stages = a.stages.split(",")
+    if unknown := set(stages) - set(STAGES):
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from {','.join(STAGES)}")
+    config = work / "release.yaml"
     records: list[dict] = []
+    build_s = None
+    if "model" in stages:
+        config, build_s = prepare(a, work)
+    else:
+        # a later device call on the same machine goes on where an earlier one stopped
+        if not config.is_file():
+            raise SystemExit(f"--stages {a.stages}: {work} holds no rehearsal; run the model stage first")
+        if "build" not in stages and not (work / "branches").is_dir():
+            raise SystemExit(f"--stages {a.stages}: {work} holds no built release; run the build stage first")
+        if a.json and a.json.exists():
+            before = json.loads(a.json.read_text())
+            records = before.get("stages", [])
+            build_s = before.get("synthetic_build_s")
 
     def save() -> None:
         if a.json:
-            a.json.write_text(
-                json.dumps({"args": vars(a) | {"work": str(work), "json": str(a.json)}, "stages": records}, indent=1)
-            )
+            args = vars(a) | {"work": str(work), "json": str(a.json)}
+            a.json.write_text(json.dumps({"args": args, "synthetic_build_s": build_s, "stages": records}, indent=1))
 
     with HubDouble(TOKEN) as hub:
         env = {
@@ -214,18 +326,25 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
             "GLMREL_GIT_LFS": os.environ.get("GLMREL_GIT_LFS", "1"),
         }
         gpus = ["--gpus", str(a.gpus)] if a.gpus > 1 else []
-        stage("build-all", ["build-all", "--config", str(config), *gpus], work, env, records)
-        save()
-        for g in (32, 64, 128):
-            stage(f"check GS{g}", ["check", str(work / "branches" / f"W4A16_GS{g}")], work, env, records)
-        save()
-        publish = ["publish", "--config", str(config), "--changelog", "v1"]
-        remotes = {"git": [], "hub": ["--remote", "hf://glmrel-rehearsal/glm47"]}
-        for name in a.publish.split(","):
-            stage(f"publish {name}", [*publish, *remotes[name]], work, env, records)
+        try:
+            if "build" in stages:
+                # build-all skips the branches an earlier, cut call finished
+                name = (
+                    "build-all (resumed)" if any(r["stage"].startswith("build-all") for r in records) else "build-all"
+                )
+                stage(name, ["build-all", "--config", str(config), *gpus], work, env, records, deadline)
+                save()
+            if "check" in stages:
+                for g in (32, 64, 128):
+                    stage(f"check GS{g}", ["check", str(work / "branches" / f"W4A16_GS{g}")], work, env, records)
+                save()
+            if "publish" in stages:
+                publish_stages(a, config, work, env, records, save)
+        except Cut as e:
             save()
-            stage(f"publish {name} again", [*publish, *remotes[name]], work, env, records)
-            save()
+            raise SystemExit(
+                f"cut at the deadline in {e}: go on with --stages build,... (build-all skips the finished branches)"
+            ) from None
     verify = {g: json.loads((work / "branches" / f"W4A16_GS{g}" / "verify.json").read_text()) for g in (32, 64, 128)}
     prov = json.loads((work / "branches" / "W4A16_GS64" / "provenance.json").read_text())
     return {
@@ -234,7 +353,7 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
         "samples": a.samples,
         "seq": a.seq,
         "gpus": a.gpus,
-        "synthetic_build_s": round(build_s, 1),
+        "synthetic_build_s": None if build_s is None else round(build_s, 1),
         "stages": records,
         "verify": {
             g: {k: v[k] for k in ("mean_kl", "top1_agreement", "seconds", "method", "layers", "passed")}
@@ -261,12 +380,28 @@ def main() -> None:
         default="git,hub",
         help="remotes to publish to, in order: git (a local bare repo), hub (the Hub double on loopback)",
     )
+    ap.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="model (the synthetic model and its config), build (build-all), check, publish; without model, goes"
+        " on in --work where an earlier call stopped and appends to its --json",
+    )
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds from the start: build-all still running then is stopped and recorded as cut (a device call"
+        " is limited to 10 minutes); run again with --stages build,check,publish to go on",
+    )
     a = ap.parse_args()
     report = rehearse(a)
     text = json.dumps(report, indent=1)
     if a.json:
         a.json.write_text(text + "\n")
     for r in report["stages"]:
+        if "skipped" in r:
+            print(f"{r['stage']:20} skipped: {r['skipped']}")
+            continue
         print(
             f"{r['stage']:20} {r['wall_s']:8.1f} s  host {r['peak_host_rss_gib']:6.1f} GiB  "
             f"GPU {r['peak_gpu_gib']} GiB  disk {r['disk_gib']:.1f} GiB"

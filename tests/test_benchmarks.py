@@ -326,19 +326,33 @@ def test_the_dress_rehearsal_runs_the_release_path(tmp_path):
     import json
 
     out = tmp_path / "rehearsal.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.rehearsal", "--preset", "tiny", "--layers", "4", "--samples", "8"]
-        + ["--seq", "128", "--device", "cpu", "--work", str(tmp_path / "work"), "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
+    args = ["--preset", "tiny", "--layers", "4", "--samples", "8", "--seq", "128", "--device", "cpu"]
+    args += ["--work", str(tmp_path / "work"), "--json", str(out)]
+
+    def rehearsal(*more: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "benchmarks.rehearsal", *args, *more],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+    # in calls, as on the device (10 minutes a call): each goes on where the last stopped
+    refused = rehearsal("--stages", "check")
+    assert refused.returncode != 0 and "run the model stage first" in refused.stderr
+    # a deadline already past when build-all starts: it is cut at once, and recorded so
+    cut = rehearsal("--stages", "model,build", "--deadline", "0.01")
+    assert cut.returncode != 0 and "cut at the deadline in build-all" in cut.stderr, cut.stderr[-2000:]
+    (first,) = json.loads(out.read_text())["stages"]
+    assert first["stage"] == "build-all" and first["cut_at_deadline"] and first["exit"] != 0
+    proc = rehearsal("--stages", "build,check,publish")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     stages = {s["stage"]: s for s in report["stages"]}
     assert list(stages) == [
         "build-all",
+        "build-all (resumed)",
         "check GS32",
         "check GS64",
         "check GS128",
@@ -347,8 +361,12 @@ def test_the_dress_rehearsal_runs_the_release_path(tmp_path):
         "publish hub",
         "publish hub again",
     ]
+    del stages["build-all"]
     assert all(s["exit"] == 0 and s["wall_s"] > 0 and s["disk_gib"] > 0 for s in stages.values())
-    starts = stages["build-all"]["host_rss_at_branch_start_gib"]
+    built = stages["build-all (resumed)"]["branches"]
+    assert [b["branch"] for b in built] == ["W4A16_GS32", "W4A16_GS64", "W4A16_GS128"]
+    assert all(b["built_s"] is not None for b in built)
+    starts = stages["build-all (resumed)"]["host_rss_at_branch_start_gib"]
     assert [b["branch"] for b in starts] == ["W4A16_GS32", "W4A16_GS64", "W4A16_GS128"]
     assert all(b["host_rss_gib"] > 0 for b in starts)
     for again in ("publish git again", "publish hub again"):
