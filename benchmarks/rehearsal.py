@@ -166,6 +166,10 @@ def memory_figures(mon: Monitor) -> dict[str, Any]:
     }
 
 
+# a branch starts loading its base model; a progress bar's carriage returns may precede it on the line
+BRANCH_START = re.compile(r"\[([A-Za-z0-9_.-]+)\] loading ")
+
+
 def stage(
     name: str, argv: list[str], work: Path, env: dict[str, str], records: list[dict], deadline: float | None = None
 ) -> dict[str, Any]:
@@ -176,8 +180,8 @@ def stage(
     built = []
 
     def on_line(line: str, mon: Monitor, seconds: float) -> None:
-        if "] loading " in line:  # a branch starts loading its base model
-            branch_starts.append({"branch": line.split("]")[0].strip("[ "), "host_rss_gib": mon.tree_rss() / 2**30})
+        if m := BRANCH_START.search(line):
+            branch_starts.append({"branch": m[1], "host_rss_gib": mon.tree_rss() / 2**30})
         if m := re.match(r"\[(\S+)\] (built in (\d+)s|up to date, skipped)", line):
             built.append({"branch": m[1], "built_s": int(m[3]) if m[3] else None, "at_s": round(seconds, 1)})
 

@@ -319,6 +319,17 @@ def test_report_of_the_512_sample_scaling_runs():
     assert h100["weights_digest"] == by[1]["weights_digest"], "H100 and H200, either budget: the same weights"
 
 
+def test_rehearsal_finds_a_branch_start_behind_a_progress_bar():
+    """Run X recorded its third branch start as "Loading weights: 0%|..." (a tqdm line and the
+    branch's "loading" line shared a line of output); the branch is now read from its tag."""
+    from benchmarks.rehearsal import BRANCH_START
+
+    line = "Loading weights:   0%|          | 0/35 [00:00<?, ?it/s\r[W4A16_GS128] loading /w/model\n"
+    assert BRANCH_START.search(line)[1] == "W4A16_GS128"
+    assert BRANCH_START.search("[W4A16_GS32] loading zai-org/GLM-4.7")[1] == "W4A16_GS32"
+    assert BRANCH_START.search("offloading the base model's weights") is None
+
+
 @pytest.mark.slow
 def test_the_dress_rehearsal_runs_the_release_path(tmp_path):
     """benchmarks.rehearsal at CI size: build-all, check, publish to git and to the Hub double,
@@ -390,3 +401,31 @@ def test_offload_record_behind_the_readme_figures():
     )
     limit = float(off["memory_limit"].split("= ")[1].split()[0])
     assert limit < record["model_gib"] == 35.81 and off["cgroup_memory_peak_gib"] <= limit + 0.05
+
+
+def test_rehearsal_and_offload_records_behind_the_readme_figures():
+    """Run X (the 2-GPU rehearsal through publish) and run Y (2 GPUs under the memory cap):
+    the figures the README quotes are the committed records'."""
+    readme = (RESULTS.parent.parent.parent / "README.md").read_text()
+    x = json.loads(
+        (RESULTS.parent / "2026-11-30-h200x2-rehearsal-glm47-2layer" / "run-X-c465fcc-2gpu.json").read_text()
+    )
+    st = {s["stage"]: s for s in x["stages"]}
+    build = st["build-all"]
+    assert x["gpus"] == 2 and build["exit"] == 0 and build["wall_s"] == 395.7
+    starts = [round(b["host_rss_gib"], 2) for b in build["host_rss_at_branch_start_gib"]]
+    assert starts == [3.67, 3.66, 4.79] and max(starts) - starts[0] < 2.0  # flat across branches
+    assert [b["built_s"] for b in build["branches"]] == [99, 98, 96]
+    assert (st["publish hub"]["wall_s"], st["publish hub again"]["wall_s"]) == (116.1, 45.2)
+    assert "nothing to do" in st["publish hub again"]["output_tail"]
+    assert "skipped" in st["publish git"]
+    for figure in ("395.7 s", "3.67 / 3.66 / 4.79 GiB", "116.1 s", "45.2 s"):
+        assert figure in readme
+    y = json.loads(
+        (RESULTS.parent / "2026-11-30-h200x2-offload-glm47-4layer" / "Y-2gpu-offload-cgroup34.8.json").read_text()
+    )
+    (run,) = y["runs"]
+    assert (run["mode"], run["gpus"], run["exit"], run["wall_s"]) == ("offload", 2, 0, 284.1)
+    limit = float(run["memory_limit"].split("= ")[1].split()[0])
+    assert limit < y["model_gib"] and run["cgroup_memory_peak_gib"] <= limit + 0.05
+    assert "284.1 s" in readme
