@@ -1,5 +1,5 @@
 """One AWQ grid point's quantization of a MoE block's balance layers: stock llm-compressor's
-per-layer path against glmrel's patch 12 (release/awq_scale.py), same inputs, same outputs.
+per-layer path against glmrel's patch 12 (release/awq/), same inputs, same outputs.
 
 At GLM-4.7 size the MoE block's AWQ mapping balances 322 Linears (160 experts' gate and up
 projections and the shared expert's, each [1536, 5120]) and quantizes all of them at each of
@@ -74,7 +74,7 @@ def stock_step(layers: list, orig: dict, scales) -> None:
 
 
 def glmrel_step(groups: list, orig: dict, scales) -> None:
-    from release.awq_scale import _quantize_balance_group
+    from release.awq.balance import _quantize_balance_group
 
     for group in groups:
         _quantize_balance_group(group, orig, scales)
@@ -117,7 +117,7 @@ def main() -> None:
 
     import torch
 
-    from release.awq_scale import _balance_groups
+    from release.awq.balance import _balance_groups
 
     layers = build(a.experts, a.out, a.in_f, a.group_size, a.device)
     orig = {lin: lin.weight.detach().clone() for lin in layers}

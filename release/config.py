@@ -17,7 +17,7 @@ from .errors import ReleaseError
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 BRANCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# how the AWQ engine searches each routed expert's down_proj scale (release/awq_scale.py reads
+# how the AWQ engine searches each routed expert's down_proj scale (release/awq/ reads
 # it from here: the config owns its options, and loading a config does not load the engine)
 ExpertSearch = Literal["gram", "sampled", "sampled-batched"]
 # group sizes that compressed-tensors packs and vLLM's Marlin kernels accept (-1 = per channel)
@@ -109,7 +109,7 @@ class AwqSpec(_Strict):
     duo_scaling: bool = True
     engine: Literal["glmrel", "stock"] = Field(
         default="glmrel",
-        description="glmrel: llm-compressor's AWQ with release/awq_scale.py's memory and MoE patches; "
+        description="glmrel: llm-compressor's AWQ with release/awq/'s memory and MoE patches; "
         "stock: llm-compressor as released (for comparison)",
     )
     expert_search: ExpertSearch = Field(

@@ -25,7 +25,7 @@ from typing import Any
 
 from . import __version__, distributed
 from .architecture import Glm4MoeArch
-from .awq_scale import ScaleOptions, ScaleStats
+from .awq import ScaleOptions, ScaleStats
 from .config import BranchSpec, ReleaseConfig
 from .errors import ReleaseError
 from .manifest import CACHE_DIR, write_manifest
@@ -343,7 +343,7 @@ def calibrate(
     from llmcompressor.modeling.moe.linearize import linearize_moe
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .awq_scale import scaled_awq
+    from .awq import scaled_awq
     from .calibration import build_calibration_set
     from .compat import patch_cpu_only_awq
     from .coverage import count_expert_tokens
@@ -465,7 +465,7 @@ def released_after_oneshot(echo: Log = print) -> Iterator[Callable[[Any], None]]
     import torch.fx._symbolic_trace as fx_trace
     from llmcompressor.core import active_session
 
-    from .awq_scale import _release_host_memory
+    from .awq import release_host_memory
 
     registered = set(fx_trace._wrapped_fns_to_patch)
     tracked: list[weakref.ref] = []
@@ -476,7 +476,7 @@ def released_after_oneshot(echo: Log = print) -> Iterator[Callable[[Any], None]]
             del fx_trace._wrapped_fns_to_patch[key]
         active_session().reset()
         gc.collect()
-        _release_host_memory()
+        release_host_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if any(ref() is not None for ref in tracked):

@@ -151,7 +151,7 @@ def awq_engine_text(prov: dict[str, Any]) -> str | None:
         return "llm-compressor's AWQ as released"
     if engine.get("engine") != "glmrel":
         return None
-    text = "glmrel's patches to llm-compressor's AWQ (`release/awq_scale.py`)"
+    text = "glmrel's patches to llm-compressor's AWQ (`release/awq/`)"
     search = engine.get("expert_search")
     if search == "gram":
         return text + "; each routed expert's `down_proj` scale searched on the Gram matrix of every calibration token"

@@ -1,4 +1,4 @@
-"""glmrel's AWQ patches (release/awq_scale.py) against stock llm-compressor 0.14.0.1, on the
+"""glmrel's AWQ patches (release/awq/) against stock llm-compressor 0.14.0.1, on the
 tiny demo model with the same recipe and data:
 
 - the memory patches (first output only, streamed grid-search loss) give a branch equal to
@@ -20,7 +20,7 @@ import dataclasses
 import pytest
 import torch
 
-from release.awq_scale import ScaleOptions
+from release.awq import ScaleOptions
 from release.config import load_config
 from release.quantize import LAST_SCALE_STATS, quantize_branch, scale_options_for
 from release.verify import BaseReference, load_heldout, verify_branch
@@ -226,7 +226,7 @@ def test_deferred_write_back_lands_once_through_the_staging_buffers():
     from compressed_tensors.offload import disable_offloading, offload_module
     from compressed_tensors.offload.cache.cpu import CPUCache
 
-    from release.awq_scale import _WriteBack
+    from release.awq.caches import _WriteBack
 
     with mock.patch.object(CPUCache, "onload", _onload_as_a_copy):
         lin = torch.nn.Linear(40, 30, bias=True)
@@ -265,7 +265,7 @@ def test_batched_balance_quantization_is_stocks_bit_for_bit(preset, group_size):
     update_qparams, forward_quantize, /s), on two shapes and chunks that split a group, for the
     strategies it takes (group, channel; symmetric, asymmetric, MX scales)."""
     from benchmarks.balance_quant import quantized_linears, stock_step
-    from release.awq_scale import _balance_groups, _quantize_balance_group
+    from release.awq.balance import _balance_groups, _quantize_balance_group
 
     shapes = [(24, 64)] * 5 + [(8, 64)] * 2
     stock, ours = (quantized_linears(shapes, preset, group_size, std=0.3) for _ in range(2))
@@ -288,7 +288,7 @@ def test_batched_balance_quantization_is_stocks_bit_for_bit(preset, group_size):
 
 def test_batched_balance_quantization_leaves_other_schemes_to_stock():
     from benchmarks.balance_quant import quantized_linears
-    from release.awq_scale import _balance_groups
+    from release.awq.balance import _balance_groups
 
     assert _balance_groups(quantized_linears([(8, 32)], "NVFP4")) is None, "a global scale: stock's loop"
     channel = quantized_linears([(8, 32), (8, 32)], "W8A16", "channel")  # one scale per row
@@ -381,7 +381,7 @@ def test_gram_search_sees_every_token_and_stays_with_stock(builds):
 
 def test_gram_loss_equals_the_loss_over_rows():
     """The identity patch 10 rests on: ||X D^T||^2 = tr(D G D^T) with G = X^T X (fp32 sums)."""
-    from release.awq_scale import _gram
+    from release.awq.experts import _gram
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 24, generator=g)
@@ -422,7 +422,7 @@ def test_patches_are_removed_after_oneshot(builds):
 def test_unknown_llmcompressor_version_is_refused(monkeypatch):
     import llmcompressor
 
-    from release.awq_scale import scaled_awq
+    from release.awq import scaled_awq
 
     monkeypatch.setattr(llmcompressor, "__version__", "0.99.0")
     with pytest.raises(RuntimeError, match="target llmcompressor 0.14.0.1"):
@@ -431,7 +431,7 @@ def test_unknown_llmcompressor_version_is_refused(monkeypatch):
 
 
 def test_sample_rows_is_deterministic_and_spread():
-    from release.awq_scale import _subsample_rows
+    from release.awq.caches import _subsample_rows
 
     x = torch.arange(100.0).reshape(100, 1)
     a, b = _subsample_rows(x, 10, 3), _subsample_rows(x, 10, 3)
@@ -446,7 +446,7 @@ def test_batched_experts_equal_the_loop_on_uneven_routing():
     from transformers import Glm4MoeConfig
     from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeExperts
 
-    from release.awq_scale import _grouped_experts_forward, _Search
+    from release.awq.experts import _grouped_experts_forward
 
     torch.manual_seed(0)
     cfg = Glm4MoeConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=6, num_experts_per_tok=2)
@@ -460,7 +460,6 @@ def test_batched_experts_equal_the_loop_on_uneven_routing():
     idx = torch.stack([torch.randint(0, 5, (40,)), torch.full((40,), 1)], dim=1)  # expert 5 idle, 1 busy
     idx[:, 1] = torch.where(idx[:, 0] == 1, 2, 1)
     weights = torch.rand(40, 2)
-    _Search.generation += 1
     ours = _grouped_experts_forward(experts, hidden, idx, weights)
     ref = LinearExperts2D.forward(experts, hidden, idx, weights)
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5)
@@ -473,7 +472,7 @@ def test_batched_experts_equal_the_loop_on_uneven_routing():
 def test_expert_chunks_bound_the_padded_rows():
     """Patch 5's runs of consecutive experts: each within the row budget unless one expert alone
     is over it, every expert in exactly one run, idle experts included."""
-    from release.awq_scale import _expert_chunks
+    from release.awq.experts import _expert_chunks
 
     counts = [3, 0, 9, 2, 2, 40, 1, 1, 1, 0]
     chunks = _expert_chunks(counts, 12)
@@ -515,7 +514,7 @@ def _attention_batch(model, length: int, seed: int) -> dict:
 def test_merged_attention_forward_equals_one_per_sample():
     """Patch 7, attention: equal-length samples stacked on the batch axis (RoPE and masks too),
     a different length starts a new forward, and the outputs are those of separate forwards."""
-    from release.awq_scale import _merged_batches
+    from release.awq.merge import _merged_batches
 
     model, layer = _tiny_layer()
     batches = [_attention_batch(model, n, i) for i, n in enumerate((12, 12, 12, 7, 12))]
@@ -534,7 +533,7 @@ def test_merged_attention_forward_equals_one_per_sample():
 
 def test_merged_moe_block_forward_equals_one_per_sample():
     """Patch 7, token-wise parents: samples of any length concatenated on the token axis."""
-    from release.awq_scale import _mergeable, _merged_batches
+    from release.awq.merge import _mergeable, _merged_batches
 
     _model, layer = _tiny_layer()
     g = torch.Generator().manual_seed(1)
@@ -557,7 +556,7 @@ def test_resident_budget_defaults_to_35_percent_of_the_gpu(monkeypatch):
 
     import torch
 
-    from release.awq_scale import _resident_budget
+    from release.awq.caches import _resident_budget
 
     assert _resident_budget(1.5) == int(1.5 * 2**30)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

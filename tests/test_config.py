@@ -81,7 +81,7 @@ def test_loading_a_config_loads_neither_the_engine_nor_torch():
 
     code = (
         "import sys; from release.config import load_config; load_config('configs/glm-4.7.yaml'); "
-        "print(sorted(m for m in ('release.awq_scale', 'torch') if m in sys.modules))"
+        "print(sorted(m for m in ('release.awq', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

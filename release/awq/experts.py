@@ -1,0 +1,344 @@
+"""The routed experts: batched forwards of a LinearExperts2D (patch 5) and the batched down_proj
+scale search on sampled rows or Gram matrices (patches 8 and 10)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+from .ranks import _divided_smooth_weight, _ranks
+from .state import RunState
+from .stats import ScaleStats
+
+
+def _effective_weight(linear: Any) -> Any:
+    """The weight a compressed-tensors Linear's forward would multiply by (fake-quantized
+    when its quantization is enabled), as `set_forward_quantized` computes it."""
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    scheme = getattr(linear, "quantization_scheme", None)
+    status = getattr(linear, "quantization_status", None)
+    enabled = getattr(linear, "quantization_enabled", True) and scheme is not None and status is not None
+    w = linear.weight.data
+    if enabled and scheme.weights and status < QuantizationStatus.COMPRESSED:
+        w = forward_quantize(linear, w, "weight", scheme.weights)
+    return w
+
+
+def _batchable(experts: Any) -> bool:
+    first = experts[0]
+    for lin in (getattr(first, "gate_proj", None), getattr(first, "up_proj", None), first.down_proj):
+        if lin is None or lin.bias is not None:
+            return False
+        scheme = getattr(lin, "quantization_scheme", None)
+        if scheme is not None and (scheme.input_activations or scheme.output_activations):
+            return False
+    return True
+
+
+def _expert_chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, int]]:
+    """Runs [first, last) of consecutive experts with their padded width (the most rows of any
+    expert in the run), each with at most `max_rows` padded rows (experts x width), or a single
+    expert where one alone has more."""
+    chunks: list[tuple[int, int, int]] = []
+    first, width = 0, 0
+    for e, c in enumerate(counts):
+        if e > first and (e + 1 - first) * max(width, c) > max_rows:
+            chunks.append((first, e, width))
+            first, width = e, 0
+        width = max(width, c)
+    if counts:
+        chunks.append((first, len(counts), width))
+    return chunks
+
+
+def _grouped_experts_forward(
+    experts: Any,
+    hidden: Any,
+    top_k_index: Any,
+    top_k_weights: Any,
+    padded_bytes: int = 4 * 2**30,
+    run: RunState | None = None,
+) -> Any:
+    """The routed (top-k) output of a LinearExperts2D with gated experts, as batched matmuls.
+    `run` keeps the layer's stacked weights between calls of one weight generation (without
+    it, they are stacked anew)."""
+    import torch
+
+    run = run if run is not None else RunState()
+
+    n_exp = experts.num_experts
+    key = id(experts)
+    cached = run.stacked.get(key)
+    if cached is None or cached[0] != run.generation:
+        # One buffer per projection for the layer, refilled in place at each grid point:
+        # torch.stack of freshly fake-quantized weights held two copies at once.
+        members = [experts[i] for i in range(n_exp)]
+        if cached is None:
+            ref = members[0]
+            bufs = tuple(
+                torch.empty((n_exp, *lin.weight.shape), dtype=lin.weight.dtype, device=lin.weight.device)
+                for lin in (ref.gate_proj, ref.up_proj, ref.down_proj)
+            )
+        else:
+            bufs = cached[1]
+        for i, m in enumerate(members):
+            for buf, lin in zip(bufs, (m.gate_proj, m.up_proj, m.down_proj)):
+                buf[i].copy_(_effective_weight(lin))
+        run.stacked = {key: (run.generation, bufs)}  # one layer at a time
+        cached = run.stacked[key]
+    w_gate, w_up, w_down = cached[1]
+    n_tok, k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    expert_of = flat[order]
+    token_of = order // k
+    slot_of = order % k
+    counts = torch.bincount(flat, minlength=n_exp)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(flat.numel(), device=flat.device) - starts[expert_of]
+    # [expert, row] products padded to the busiest expert of each chunk of consecutive experts,
+    # the chunks sized so their temporaries stay within `padded_bytes`: padding to the busiest
+    # expert of the whole layer grew with routing skew (the most tokens one expert got in a
+    # merged batch), 26.8 GiB at N=32 at GLM-4.7 size on random-init routing (H200 allocator trace)
+    hid, inter = hidden.shape[-1], w_gate.shape[1]
+    row_bytes = (2 * hid + 5 * inter) * hidden.element_size()  # x, gate, up, cat, act, down out
+    y = hidden.new_empty(flat.numel(), hid)
+    per_expert = counts.tolist()
+    ends = list(itertools.accumulate(per_expert))
+    for first, last, width in _expert_chunks(per_expert, max(1, padded_bytes // row_bytes)):
+        lo, hi = ends[first] - per_expert[first], ends[last - 1]
+        if hi == lo:
+            continue
+        e_of, r_of = expert_of[lo:hi] - first, rank[lo:hi]
+        x = hidden.new_zeros(last - first, width, hid)
+        x[e_of, r_of] = hidden[token_of[lo:hi]].to(x.dtype)
+        gate_up = torch.cat(
+            [torch.bmm(x, w_gate[first:last].transpose(1, 2)), torch.bmm(x, w_up[first:last].transpose(1, 2))], dim=-1
+        )
+        act = experts[0]._apply_gate(gate_up)
+        del x, gate_up
+        y[lo:hi] = torch.bmm(act, w_down[first:last].transpose(1, 2))[e_of, r_of]
+        del act
+    weights = top_k_weights[token_of, slot_of, None]
+    # Each (token, slot) is written once, then the k slots are summed in fp32: no atomic
+    # index_add_ of 16k x 8 rows into bf16 (the loop's way; same terms, rounded once here).
+    slots = hidden.new_zeros(n_tok, k, hidden.shape[-1])
+    slots[token_of, slot_of] = y.mul_(weights)  # computed in fp32, stored in y's dtype: no fp32 copy of y
+    return slots.sum(dim=1, dtype=torch.float32).to(hidden.dtype)
+
+
+def _expert_chunk(bytes_per_expert: int, budget_bytes: int = 4 * 2**30) -> int:
+    """Experts per batched search step, for the step's temporaries to fit `budget_bytes`."""
+    return max(1, budget_bytes // max(1, bytes_per_expert))
+
+
+def _gram(x: Any) -> Any:
+    """X^T X in fp32 for rows X [tokens, in] (patch 10): bf16 products are exact in fp32, and
+    on a GPU the sum runs on the tensor cores with fp32 accumulation."""
+    import torch
+
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    x = x.float()
+    return x.T @ x
+
+
+def _candidate_scales(x_mean: Any, w_mean: Any, ratio: float, duo: bool) -> Any:
+    """AWQ's scales for one grid point (llm-compressor 0.14.0.1's `_compute_best_scale`), over
+    the last dimension: one mapping's [in] or a batch of experts' [E, in]."""
+    import torch
+
+    if duo:
+        sc = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    else:
+        sc = x_mean.pow(ratio).clamp(min=1e-4)
+    sc = sc / (sc.amax(dim=-1, keepdim=True) * sc.amin(dim=-1, keepdim=True)).sqrt()
+    sc[torch.isinf(sc)] = 1
+    sc[torch.isnan(sc)] = 1
+    return sc
+
+
+def _search_experts(
+    grid: Any,
+    w: Any,
+    x_mean: Any,
+    w_mean: Any,
+    numel: Any,
+    args: Any,
+    like: Any,
+    gram: tuple[Any, Any] | None,
+    rows: tuple[Any, Any] | None,
+    allreduce: Any,
+) -> tuple[Any, Any, Any]:
+    """AWQ's grid search for a batch of experts' down_proj (patches 8 and 10): per grid point one
+    scale computation, one min/max, one `calculate_qparams`, one fake quantization and one batched
+    product. The loss is tr(D G D^T) from `gram` = (G, fp32 W), or the error over `rows` = (X,
+    X W^T), all-reduced with `allreduce` when ranks hold different rows. Returns the best scales,
+    the first grid point's loss and the best loss, per expert."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from llmcompressor.observers.helpers import flatten_for_calibration
+
+    e, out_f, in_f = w.shape
+    best_loss = torch.full((e,), float("inf"), device=w.device)
+    first_loss = best = None
+    for ratio, duo in grid:
+        sc = _candidate_scales(x_mean, w_mean, ratio, duo)
+        ws = (w * sc[:, None, :]).to(w.dtype).reshape(e * out_f, in_f)
+        observed = flatten_for_calibration(ws, "weight", args)
+        qscale, qzero = calculate_qparams(torch.amin(observed, dim=(0, -1)), torch.amax(observed, dim=(0, -1)), args)
+        qscale = qscale.to(like.weight_scale.dtype)
+        qzero = qzero.to(like.weight_zero_point.dtype)
+        wq = (fake_quantize(ws, qscale, qzero, args).reshape(e, out_f, in_f) / sc[:, None, :]).to(w.dtype)
+        if gram is not None:
+            g, w32 = gram
+            diff = wq.float() - w32
+            err = (torch.bmm(diff, g) * diff).sum(dim=(1, 2))  # tr(D G D^T), per expert
+            del diff
+        else:
+            x, ref = rows
+            err = (ref - torch.bmm(x, wq.transpose(1, 2))).float().pow(2).sum(dim=(1, 2))
+            if allreduce is not None:
+                (err,) = allreduce([err])
+        loss = err / numel
+        first_loss = loss.clone() if first_loss is None else first_loss
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        best = torch.where(better[:, None], sc, sc if best is None else best)
+    return best, first_loss, best_loss
+
+
+def _batched_expert_search(
+    modifier: Any, maps: list[Any], stats_of: dict[str, Any], allreduce: Any, stats: ScaleStats, record: bool
+) -> bool:
+    """Patches 8 and 10: the routed experts' down_proj scale searches of one layer, batched
+    across experts, then smoothing with stock's formulas (see the module docstring). The loss
+    comes from each expert's Gram matrix (patch 10's GramCache) or from its sampled rows."""
+    import torch
+    from compressed_tensors.offload import align_modules
+    from llmcompressor.modifiers.transform.awq import base as awq_base
+
+    caches = [modifier._parent_args_cache[m.parent] for m in maps]
+    gram = all(hasattr(c, "gram") for c in caches)
+    if gram:
+        inputs = {tuple(c.gram.shape) for c in caches}
+    else:  # shapes of the (offloaded) sampled rows: onloading them is left to each chunk
+        inputs = {tuple(c.batch_intermediates[0]["input"].value.shape) for c in caches}
+    weights = {(tuple(m.parent.weight.shape), m.parent.bias is None) for m in maps}
+    if len(inputs) != 1 or len(weights) != 1 or not all(getattr(m.parent, "quantization_scheme", None) for m in maps):
+        if gram:
+            raise RuntimeError(
+                "glmrel's Gram expert search needs experts of one shape, each quantized; set awq.expert_search: sampled"
+            )
+        return False  # experts with different row counts or shapes: stock's loop does them
+    grid = modifier._get_grid_search_params()
+    ranks = _ranks()
+    distributed = ranks > 1
+    rank = 0
+    if distributed:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+    split = gram and distributed  # the whole run's G on every rank: each searches its share of the experts
+    (input_shape,) = inputs
+    out_f, in_f = maps[0].parent.weight.shape
+    if gram:  # w, w*s, its fake quantization, Wq, D and D@G, at most 4 bytes an element
+        chunk = _expert_chunk(out_f * in_f * 22)
+    else:  # reference, output and fp32 error of [rows, out]
+        chunk = _expert_chunk(math.prod(input_shape[:-1]) * out_f * 12)
+    for start in range(0, len(maps), chunk):
+        group = maps[start : start + chunk]
+        downs, ups = [m.parent for m in group], [m.smooth_layer for m in group]
+        args = downs[0].quantization_scheme.weights
+        with torch.no_grad(), align_modules(downs + ups):
+            w = torch.stack([d.weight.detach() for d in downs])  # [E, out, in], the original weights
+            up_orig = [u.weight.detach().clone() for u in ups]
+            dev = w.device
+            if gram:
+                g = torch.stack([modifier._parent_args_cache[d].gram.to(dev) for d in downs])
+                rows = torch.tensor([float(modifier._parent_args_cache[d].rows) for d in downs], device=dev)
+                if distributed:  # every rank holds the whole run's G, and searches its share of the experts
+                    g, rows = allreduce([g, rows])
+                numel = rows * out_f
+                w32 = w.float()
+            else:
+                x = torch.stack(
+                    [next(iter(modifier._parent_args_cache[d]))["input"].reshape(-1, d.in_features) for d in downs]
+                ).to(dev)
+                ref = torch.bmm(x, w.transpose(1, 2))
+                numel = torch.full((len(group),), float(ref[0].numel()), device=dev)
+                if distributed:
+                    (numel,) = allreduce([numel])
+            sums = [allreduce(list(stats_of[m.smooth_name])) if distributed else stats_of[m.smooth_name] for m in group]
+            x_mean = torch.stack([xs.to(dev) / n.to(dev) for xs, n in sums])
+            w_mean = (
+                torch.stack([modifier._compute_layer_means([d]).to(dev) for d in downs])
+                if modifier.duo_scaling
+                else None
+            )
+            # The Gram search has the whole run's G on every rank: each rank searches its share
+            # of the experts, and the chosen scales are summed over the ranks (one rank's
+            # nonzero, the others' zeros). With sampled rows each rank's loss covers only its rows.
+            own = [i for i in range(len(group)) if not split or (start + i) % ranks == rank]
+            stats.expert_searches_run += len(own)
+            idx = torch.tensor(own, dtype=torch.long, device=dev)
+
+            def mine(t: Any, idx: Any = idx) -> Any:
+                return t.index_select(0, idx) if split else t
+
+            found = None
+            if own:
+                found = _search_experts(
+                    grid,
+                    mine(w),
+                    mine(x_mean),
+                    None if w_mean is None else mine(w_mean),
+                    mine(numel),
+                    args,
+                    downs[0],
+                    (mine(g), mine(w32)) if gram else None,
+                    None if gram else (x, ref),
+                    allreduce if distributed and not gram else None,
+                )
+            if split:
+                sc_dtype = x_mean.dtype if w_mean is None else torch.promote_types(x_mean.dtype, w_mean.dtype)
+                full = [
+                    torch.zeros(len(group), in_f, device=dev, dtype=sc_dtype),
+                    torch.zeros(len(group), device=dev, dtype=torch.float32),
+                    torch.zeros(len(group), device=dev, dtype=torch.float32),
+                ]
+                for t, part in zip(full, found or ()):
+                    t[idx] = part.to(t.dtype)
+                found = allreduce(full)
+            best, first_loss, best_loss = found
+            if not torch.isfinite(best_loss).all():
+                raise RuntimeError(
+                    "glmrel's batched expert search found no finite loss; set awq.expert_search: sampled"
+                )
+            first, best_err = first_loss.tolist(), best_loss.tolist()
+            for i, (m, d, u) in enumerate(zip(group, downs, ups)):
+                s_i = best[i]
+                # through AWQ's module: patch 11 defers these writes as it does stock's
+                awq_base.update_offload_parameter(d, "weight", w[i] * s_i.view(1, -1))
+                awq_base.update_offload_parameter(u, "weight", _divided_smooth_weight(up_orig[i], s_i))
+                modifier._error_metrics.append(
+                    {
+                        "layer_name": m.smooth_name,
+                        "parent_name": m.parent_name,
+                        "initial_error": first[i],
+                        "best_error": best_err[i],
+                        "reduction": best_err[i] / first[i] if first[i] > 0 else 1.0,
+                    }
+                )
+                if record:
+                    stats.scales[m.smooth_name] = s_i.detach().float().cpu().clone()
+                del modifier._parent_args_cache[d]
+        stats.batched_expert_searches += len(group)
+    return True

@@ -1,0 +1,81 @@
+"""Which of the engine's patches are on (`ScaleOptions`), and the llm-compressor it targets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from typing import Any, get_args
+
+from ..config import ExpertSearch
+
+TARGET_VERSION = "0.14.0.1"
+EXPERT_SEARCHES = get_args(ExpertSearch)
+
+
+@dataclass
+class ScaleOptions:
+    """Which patches are on. `stock()` is llm-compressor as released."""
+
+    keep_first_output: bool = True
+    stream_loss: bool = True
+    routed_experts_in_search: bool = True
+    max_expert_tokens: int | None = 16384
+    batched_experts: bool = True
+    sdpa_in_search: bool = True
+    search_batch_tokens: int | None = 16384
+    # routed experts' down_proj scale search: "gram" (patch 10: every token, no rows kept),
+    # "sampled" (patch 4's rows, stock's per-expert loop), "sampled-batched" (patch 4 + patch 8)
+    expert_search: ExpertSearch = "gram"
+    resident_cache_gib: float | None = None  # patch 9: None = 35 % of the GPU's memory; 0 = stock
+    deferred_write_back: bool = True  # patch 11: smoothed weights reach the CPU offload once a layer
+    batched_balance_layers: bool = True  # patch 12: a grid point quantizes same-shape balance layers together
+    check_write_back: bool = False  # patch 11, benchmarks: compare every CPU copy with the GPU's after each layer
+    record_scales: bool = False  # keep every chosen scale vector (tests, small models only)
+
+    @classmethod
+    def stock(cls, record_scales: bool = False) -> ScaleOptions:
+        return cls(
+            keep_first_output=False,
+            stream_loss=False,
+            routed_experts_in_search=False,
+            max_expert_tokens=None,
+            batched_experts=False,
+            sdpa_in_search=False,
+            search_batch_tokens=None,
+            expert_search="sampled",  # with max_expert_tokens None: every token, as stock
+            resident_cache_gib=0,
+            deferred_write_back=False,
+            batched_balance_layers=False,
+            record_scales=record_scales,
+        )
+
+    def __post_init__(self) -> None:
+        if self.expert_search not in EXPERT_SEARCHES:
+            raise ValueError(f"expert_search {self.expert_search!r} is not one of {EXPERT_SEARCHES}")
+
+    @property
+    def batched_expert_search(self) -> bool:
+        return self.expert_search in ("gram", "sampled-batched")
+
+    @property
+    def sampled_expert_rows(self) -> int | None:
+        """Patch 4's row budget, where the expert search replays rows."""
+        return None if self.expert_search == "gram" else self.max_expert_tokens
+
+    @classmethod
+    def memory_only(cls, record_scales: bool = False) -> ScaleOptions:
+        """Only the patches that leave AWQ's arithmetic unchanged (1, 2, 9, 11 and 12)."""
+        return dataclasses.replace(
+            cls.stock(record_scales),
+            keep_first_output=True,
+            stream_loss=True,
+            resident_cache_gib=None,
+            deferred_write_back=True,
+            batched_balance_layers=True,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("record_scales", "check_write_back")}
+        if self.expert_search == "gram":
+            out["max_expert_tokens"] = None  # unused: the Gram search keeps no rows
+        return out

@@ -1,0 +1,26 @@
+"""The state one `oneshot` call's patches share, passed explicitly (`RunState`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunState:
+    """What the patches of one run share while AWQ runs; made by `scaled_awq`, gone with it.
+
+    The flags say where in AWQ the call stack is: a patched forward behaves differently inside
+    the smoothing step's grid search than in the calibration forward.
+    """
+
+    lazy: bool = False  # patch 2: `_run_samples` called from inside the grid search
+    routed: bool = False  # patches 3 and 5: experts run on their routed tokens only
+    smoothing: bool = False  # inside AWQModifier._apply_smoothing (patches 6, 7 and 11)
+    generation: int = 0  # balance weights change only between `_run_samples` calls (patch 5)
+    stacked: dict[int, tuple[int, Any]] = field(default_factory=dict)  # patch 5: one layer's stacked weights
+    checked: set[int] = field(default_factory=set)  # patch 5: expert layers compared once with the loop
+
+
+def first(output: Any) -> Any:
+    return output[0] if isinstance(output, tuple) else output
