@@ -429,3 +429,14 @@ def test_rehearsal_and_offload_records_behind_the_readme_figures():
     limit = float(run["memory_limit"].split("= ")[1].split()[0])
     assert limit < y["model_gib"] and run["cgroup_memory_peak_gib"] <= limit + 0.05
     assert "284.1 s" in readme
+
+
+def test_engine_package_kept_the_gpu_weights():
+    """The split of release/awq_scale.py into release/awq/ (7a5957d), run side by side with the
+    commit before it on one H200 at GLM-4.7 layer dims: the same weights and memory peaks."""
+    folder = RESULTS.parent / "2026-11-30-h200-engine-package-before-after"
+    (before,) = json.loads((folder / "before-9fb33a4.json").read_text())
+    (after,) = json.loads((folder / "after-7a5957d.json").read_text())
+    assert before["weights_digest"] == after["weights_digest"] == "8fe225c94e3483c5f11d4194391d2884"
+    assert (before["samples"], after["samples"]) == (64, 64) and "H200" in after["gpu"]
+    assert (before["oneshot_s"], after["oneshot_s"]) == (58.88, 56.74)
