@@ -15,6 +15,7 @@ tiny demo model with the same recipe and data:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -417,6 +418,39 @@ def test_patches_are_removed_after_oneshot(builds):
     assert base.AWQModifier._run_samples.__module__ == base.__name__
     assert base.AWQModifier._apply_smoothing.__module__ == base.__name__
     assert base.calibration_forward_context.__module__ == "llmcompressor.utils.helpers"
+
+
+def test_every_patch_is_undone_even_after_a_failure(monkeypatch):
+    """Every symbol scaled_awq replaces (AWQModifier's methods, the library's cache update,
+    experts forward, forward context, offload write and all-reduce) is patched inside it and is
+    the library's own object again after it, also when the run raises."""
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    from llmcompressor.modifiers.transform.awq import base
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    from release.awq import scaled_awq
+
+    methods = ("_run_samples", "_compute_best_scale", "_apply_smoothing", "_setup_activation_cache_hooks")
+    targets = {f"AWQModifier.{m}": (base.AWQModifier, m) for m in methods}
+    targets |= {
+        "IntermediatesCache.update": (IntermediatesCache, "update"),
+        "LinearExperts2D.forward": (LinearExperts2D, "forward"),
+        "calibration_forward_context": (base, "calibration_forward_context"),
+        "update_offload_parameter": (base, "update_offload_parameter"),
+        "_allreduce_data_sum": (base, "_allreduce_data_sum"),
+    }
+    stock = {name: getattr(owner, attr) for name, (owner, attr) in targets.items()}
+    monkeypatch.setattr(base, "is_distributed", lambda: True)  # ranks on CPU: the all-reduce is replaced too
+    options = ScaleOptions(resident_cache_gib=1.0)  # every patch on, patch 9 included
+    for fail in (False, True):
+        with contextlib.suppress(RuntimeError):
+            with scaled_awq(options, 1):
+                patched = {name for name, (owner, attr) in targets.items() if getattr(owner, attr) is not stock[name]}
+                assert patched == set(targets), set(targets) - patched
+                if fail:
+                    raise RuntimeError("a failing oneshot")
+        restored = {name: getattr(owner, attr) is stock[name] for name, (owner, attr) in targets.items()}
+        assert all(restored.values()), [n for n, ok in restored.items() if not ok]
 
 
 def test_unknown_llmcompressor_version_is_refused(monkeypatch):
