@@ -166,6 +166,13 @@ def memory_figures(mon: Monitor) -> dict[str, Any]:
     }
 
 
+GROUP_SIZES = (32, 64, 128)  # the release's three branches, W4A16_GS<g>
+
+
+def branch_dir(work: Path, g: int) -> Path:
+    return work / "branches" / f"W4A16_GS{g}"
+
+
 # a branch starts loading its base model; a progress bar's carriage returns may precede it on the line
 BRANCH_START = re.compile(r"\[([A-Za-z0-9_.-]+)\] loading ")
 
@@ -225,7 +232,7 @@ def git_publish_room(work: Path) -> tuple[int, int]:
     into the bare remote, and the check clones each branch back (one at a time) before
     deleting the clone: about twice the branches plus the largest of them.
     """
-    sizes = [du(work / "branches" / f"W4A16_GS{g}") for g in (32, 64, 128)]
+    sizes = [du(branch_dir(work, g)) for g in GROUP_SIZES]
     return 2 * sum(sizes) + max(sizes), shutil.disk_usage(work).free
 
 
@@ -236,7 +243,7 @@ def prepare(a: argparse.Namespace, work: Path) -> tuple[Path, float]:
     # in a child process: this one never holds GPU memory, so the stages' GPU peaks are theirs
     synthetic = [sys.executable, "-m", "benchmarks.synthetic", "--preset", a.preset, "--out", str(work)]
     synthetic += ["--layers", str(a.layers), "--device", a.device, "--samples", str(a.samples), "--seq", str(a.seq)]
-    synthetic += [x for g in (32, 64, 128) for x in ("--group-size", str(g))]
+    synthetic += [x for g in GROUP_SIZES for x in ("--group-size", str(g))]
     subprocess.run(synthetic, check=True, cwd=REPO)
     config = work / "release.yaml"
     build_s = time.time() - t0
@@ -339,8 +346,8 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
                 stage(name, ["build-all", "--config", str(config), *gpus], work, env, records, deadline)
                 save()
             if "check" in stages:
-                for g in (32, 64, 128):
-                    stage(f"check GS{g}", ["check", str(work / "branches" / f"W4A16_GS{g}")], work, env, records)
+                for g in GROUP_SIZES:
+                    stage(f"check GS{g}", ["check", str(branch_dir(work, g))], work, env, records)
                 save()
             if "publish" in stages:
                 publish_stages(a, config, work, env, records, save)
@@ -349,8 +356,8 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(
                 f"cut at the deadline in {e}: go on with --stages build,... (build-all skips the finished branches)"
             ) from None
-    verify = {g: json.loads((work / "branches" / f"W4A16_GS{g}" / "verify.json").read_text()) for g in (32, 64, 128)}
-    prov = json.loads((work / "branches" / "W4A16_GS64" / "provenance.json").read_text())
+    verify = {g: json.loads((branch_dir(work, g) / "verify.json").read_text()) for g in GROUP_SIZES}
+    prov = json.loads((branch_dir(work, 64) / "provenance.json").read_text())
     return {
         "preset": a.preset,
         "layers": a.layers,
