@@ -26,7 +26,8 @@ from release.config import load_config
 from release.quantize import LAST_SCALE_STATS, quantize_branch, scale_options_for
 from release.verify import BaseReference, load_heldout, verify_branch
 
-pytestmark = pytest.mark.slow
+# Tests that build the demo's branches (the `builds` fixture) are slow; the unit tests of the
+# engine's pieces below them are the fast lane (`make test-fast`).
 BRANCH = "W4A16_GS64"
 # Small enough for CI, big enough that the token sample below really drops tokens:
 # 12 samples of up to 128 tokens: ~1,500 tokens per expert under MoE-aware calibration.
@@ -100,6 +101,7 @@ def _argmin(values: list[float]) -> int:
     return min(range(len(values)), key=values.__getitem__)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("expert_search", ["gram", "sampled-batched"])
 def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
     """The worker side of `glmrel quantize --gpus 2`, on two CPU ranks (gloo): each rank
@@ -192,6 +194,7 @@ def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
     assert prov["offload_cpu_gib"] == raw.get("offload", {}).get("cpu_gib")
 
 
+@pytest.mark.slow
 def test_memory_patches_are_bit_for_bit(builds):
     for f in ("model.safetensors", "model-mtp-4.safetensors"):
         stock = (builds["stock"]["dir"] / f).read_bytes()
@@ -298,6 +301,7 @@ def test_batched_balance_quantization_leaves_other_schemes_to_stock():
     assert _balance_groups([plain]) == []
 
 
+@pytest.mark.slow
 def test_full_engine_samples_expert_tokens_and_keeps_moe_awareness(builds):
     import json
 
@@ -317,6 +321,7 @@ def test_full_engine_samples_expert_tokens_and_keeps_moe_awareness(builds):
     assert '"moe_calibrate_all_experts": true' in coverage
 
 
+@pytest.mark.slow
 def test_full_engine_scales_stay_close_to_stock(builds):
     s, g = builds["stock"]["stats"].scales, builds["glmrel"]["stats"].scales
     assert s.keys() == g.keys()
@@ -330,6 +335,7 @@ def test_full_engine_scales_stay_close_to_stock(builds):
     assert cos.min() > 0.97, f"sampled experts' scales diverge: min cosine {cos.min():.4f}"
 
 
+@pytest.mark.slow
 def test_batched_expert_search_chooses_what_the_per_expert_search_chooses(builds):
     """Patch 8 against patch 4's per-expert searches: the same scale for every routed expert (fp32
     tiny model), every other mapping untouched, KL unchanged. The batched build also keeps its
@@ -354,6 +360,7 @@ def test_batched_expert_search_chooses_what_the_per_expert_search_chooses(builds
     )
 
 
+@pytest.mark.slow
 def test_gram_search_sees_every_token_and_stays_with_stock(builds):
     """Patch 10, the default: each routed expert's scale is searched on X^T X over every
     calibration token (no rows kept, nothing sampled). On the fp32 tiny model its loss is
@@ -394,6 +401,7 @@ def test_gram_loss_equals_the_loss_over_rows():
     assert torch.allclose(halves, _gram(x), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_full_engine_kl_within_two_percent_of_stock(builds):
     stock, ours = builds["stock"]["quality"], builds["glmrel"]["quality"]
     print(
@@ -403,6 +411,7 @@ def test_full_engine_kl_within_two_percent_of_stock(builds):
     assert builds["memory"]["quality"].mean_kl == stock.mean_kl
 
 
+@pytest.mark.slow
 def test_branch_records_the_engine(builds):
     import json
 
@@ -412,12 +421,41 @@ def test_branch_records_the_engine(builds):
     assert len(engine["layers"]) == 4 and all(layer["smooth_s"] > 0 for layer in engine["layers"])
 
 
+@pytest.mark.slow
 def test_patches_are_removed_after_oneshot(builds):
     from llmcompressor.modifiers.transform.awq import base
 
     assert base.AWQModifier._run_samples.__module__ == base.__name__
     assert base.AWQModifier._apply_smoothing.__module__ == base.__name__
     assert base.calibration_forward_context.__module__ == "llmcompressor.utils.helpers"
+
+
+def test_patches_put_back_the_very_objects_in_reverse_order():
+    """release.awq.hooks.Patches: the same attribute replaced twice comes back as the first
+    object, not the intermediate one; class and module attributes alike; an instance attribute
+    that shadowed its class's is removed again."""
+    import types
+
+    from release.awq.hooks import Patches
+
+    class Owner:
+        def method(self):
+            return "stock"
+
+    module = types.SimpleNamespace(flag=True)
+    instance = Owner()
+    stock_method = Owner.method
+    patches = Patches()
+    patches.set(Owner, "method", lambda self: "first")
+    patches.set(Owner, "method", lambda self: "second")
+    patches.set(module, "flag", False)
+    patches.set(instance, "method", lambda: "instance")  # shadows the class's method
+    assert instance.method() == "instance" and Owner().method() == "second" and module.flag is False
+    patches.undo()
+    assert Owner.method is stock_method and module.flag is True
+    assert "method" not in vars(instance) and instance.method() == "stock"
+    patches.undo()  # nothing left: a second undo changes nothing
+    assert Owner.method is stock_method
 
 
 def test_every_patch_is_undone_even_after_a_failure(monkeypatch):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .balance import _balance_groups, _batched_balance_search
 from .caches import _deduplicate_batch, _Ledger, _resident_budget, _subsample_rows, _WriteBack
 from .experts import _batchable, _batched_expert_search, _gram, _grouped_experts_forward
+from .hooks import Patches
 from .merge import TOKEN_WISE_PARENTS, _merged_batches
 from .options import TARGET_VERSION, ScaleOptions
 from .ranks import _cpu_allreduce_sum, _ranks, _SharedSmoothFix
@@ -39,15 +40,10 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
     cls = awq_base.AWQModifier
     stats = ScaleStats()
     run = RunState()  # what the patches below share, for this call only
+    # stock's methods, which the replacements below call
     saved = {
         name: getattr(cls, name)
-        for name in (
-            "_run_samples",
-            "_compute_best_scale",
-            "_compute_loss",
-            "_apply_smoothing",
-            "_setup_activation_cache_hooks",
-        )
+        for name in ("_compute_best_scale", "_apply_smoothing", "_setup_activation_cache_hooks")
     }
     stock_update = IntermediatesCache.update
     stock_write = awq_base.update_offload_parameter
@@ -118,19 +114,17 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
         excluded = 0.0  # the benchmark's write-back check is not the layer's time
         clock["mapping"] = t
         mappings = len(self._smooth_activation_stats)
-        flag = moe_context._CALIBRATE_ALL_EXPERTS
+        swaps = Patches()  # undone when the layer's smoothing ends
         if options.routed_experts_in_search:
-            moe_context._CALIBRATE_ALL_EXPERTS = False
+            swaps.set(moe_context, "_CALIBRATE_ALL_EXPERTS", False)
         run.routed = options.routed_experts_in_search
         run.smoothing = True
         # compressed-tensors' offload wrapper calls the forward it captured at load time
         # (`_original_forward_func`), so the class-level patch alone does not reach it.
-        swapped = []
         if options.batched_experts:
             for m in model.modules():
                 if isinstance(m, LinearExperts2D) and m.__dict__.get("_original_forward_func") is stock_experts_forward:
-                    m._original_forward_func = experts_forward
-                    swapped.append(m)
+                    swaps.set(m, "_original_forward_func", experts_forward)
         batched: list[Any] = []
         held: dict[str, Any] = {}
         if options.batched_expert_search:
@@ -173,11 +167,9 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
                     stats.mapping_s.get("write_back", 0.0) + time.perf_counter() - t_write - excluded
                 )
         finally:
-            moe_context._CALIBRATE_ALL_EXPERTS = flag
+            swaps.undo()
             run.routed = run.smoothing = False
             run.stacked = {}
-            for m in swapped:
-                m._original_forward_func = stock_experts_forward
             if write_back is not None:
                 write_back.dirty.clear()  # flushed above; a failed smoothing leaves the CPU copies as they were
             if deduplicating:
@@ -451,43 +443,38 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[ScaleStats]:
         stats.batched_expert_calls += 1
         return out
 
-    patches = {"_run_samples": _run_samples, "_apply_smoothing": _apply_smoothing}
-    patches["_compute_best_scale"] = _compute_best_scale  # also times each mapping
+    methods: dict[str, Callable[..., Any]] = {"_run_samples": _run_samples, "_apply_smoothing": _apply_smoothing}
+    methods["_compute_best_scale"] = _compute_best_scale  # also times each mapping
     if options.sampled_expert_rows is not None or options.expert_search == "gram" or deduplicating:
-        patches["_setup_activation_cache_hooks"] = _setup_activation_cache_hooks
+        methods["_setup_activation_cache_hooks"] = _setup_activation_cache_hooks
     if not options.keep_first_output and not options.stream_loss:
-        patches.pop("_run_samples")
+        methods.pop("_run_samples")
     host = _HostPeak()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run.checked = set()
+    patches = Patches()
     try:
-        for name, fn in patches.items():
-            setattr(cls, name, fn)
+        for name, fn in methods.items():
+            patches.set(cls, name, fn)
         if deduplicating:
-            IntermediatesCache.update = update
+            patches.set(IntermediatesCache, "update", update)
         if options.batched_experts:
-            LinearExperts2D.forward = experts_forward
+            patches.set(LinearExperts2D, "forward", experts_forward)
         if options.sdpa_in_search:
-            awq_base.calibration_forward_context = search_forward_context
+            patches.set(awq_base, "calibration_forward_context", search_forward_context)
         if write_back is not None:
-            awq_base.update_offload_parameter = update_offload_parameter
+            patches.set(awq_base, "update_offload_parameter", update_offload_parameter)
         if cpu_ranks:
             # ranks on CPU (the test of the data-parallel path): stock moves the sums to the
             # accelerator before all-reducing them, and there is none; gloo sums CPU tensors
-            awq_base._allreduce_data_sum = _cpu_allreduce_sum
+            patches.set(awq_base, "_allreduce_data_sum", _cpu_allreduce_sum)
         elif awq_base.is_distributed() and torch.cuda.is_available():
-            awq_base._allreduce_data_sum = timed_allreduce
+            patches.set(awq_base, "_allreduce_data_sum", timed_allreduce)
         clock["last"] = time.perf_counter()
         yield stats
     finally:
-        for name, fn in saved.items():
-            setattr(cls, name, fn)
-        LinearExperts2D.forward = stock_experts_forward
-        IntermediatesCache.update = stock_update
-        awq_base.calibration_forward_context = stock_forward_context
-        awq_base._allreduce_data_sum = stock_allreduce
-        awq_base.update_offload_parameter = stock_write
+        patches.undo()
         run.lazy = False
         run.routed = run.smoothing = False
         run.stacked = {}
