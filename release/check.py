@@ -7,6 +7,7 @@ file or tensor and what was expected; nothing here raises a traceback for a bad 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -319,9 +320,9 @@ def _check_quantization_config(report: CheckReport, cfg: dict, arch: Glm4MoeArch
     ((gname, group),) = groups.items()
     w = group.get("weights") or {}
     want_w = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group"}
-    for k, want in want_w.items():
-        if w.get(k) != want:
-            report.fail("config", f"config_groups.{gname}.weights.{k} is {w.get(k)!r}, expected {want!r}")
+    for k, value in want_w.items():
+        if w.get(k) != value:
+            report.fail("config", f"config_groups.{gname}.weights.{k} is {w.get(k)!r}, expected {value!r}")
     found_gs = w.get("group_size")
     if group_size is not None and found_gs != group_size:
         report.fail(
@@ -556,7 +557,7 @@ def check_branch(
         except (OSError, json.JSONDecodeError):
             record = "unreadable"
         _check_verification(report, record, manifest, folder.name)
-    found = _read_all_shards(report, [(p.name, lambda p=p: read_shard(p)) for p in shards])
+    found = _read_all_shards(report, [(p.name, functools.partial(read_shard, p)) for p in shards])
     try:
         cfg = _json_file(folder / "config.json")
     except (OSError, json.JSONDecodeError) as e:
@@ -678,8 +679,8 @@ def check_manifest_file(path: Path, group_size: int | None = None) -> CheckRepor
             report.fail("manifest", f"required file {req} is not listed")
     if not any(n.endswith(".safetensors") for n in m.files):
         report.fail("manifest", "no *.safetensors shard is listed")
-    for name, e in m.files.items():
-        if "/" in name or name.startswith(".") or not re.fullmatch(r"[0-9a-f]{64}", e.sha256) or e.size < 0:
+    for name, entry in m.files.items():
+        if "/" in name or name.startswith(".") or not re.fullmatch(r"[0-9a-f]{64}", entry.sha256) or entry.size < 0:
             report.fail("manifest", f"entry {name!r} is malformed (name, size or sha256)")
     q = m.quantization
     want = {

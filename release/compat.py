@@ -29,7 +29,7 @@ def patch_cpu_only_awq() -> bool:
         return None
 
     pin_memory._glmrel_noop = True  # type: ignore[attr-defined]
-    IntermediatesCache.pin_memory = pin_memory
+    IntermediatesCache.pin_memory = pin_memory  # type: ignore[method-assign]  # the patch itself
     log.info("no accelerator: IntermediatesCache.pin_memory patched to a no-op")
     return True
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -253,7 +253,7 @@ _PATH_FIELDS = {
 
 def _resolve_paths(raw: dict, root: Path) -> dict:
     for keys in _PATH_FIELDS:
-        node = raw
+        node: Any = raw
         for k in keys[:-1]:
             node = node.get(k) if isinstance(node, dict) else None
             if node is None:

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+# "routed" / "calibrated" -> MoE layer -> tokens per expert
+ExpertCounts = dict[str, dict[int, list[int]]]
+
 
 @dataclass(frozen=True)
 class ExpertCoverage:
@@ -72,7 +75,7 @@ def _current_batch() -> int | None:
 
 
 @contextmanager
-def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = None) -> Iterator[dict]:
+def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = None) -> Iterator[ExpertCounts]:
     """Count tokens routed to, and seen by, each expert of each MoE layer while the model runs.
 
     Hooks the router (`mlp.gate`, whose third output is the top-k expert indices) and each
@@ -108,7 +111,7 @@ def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = 
         else:
             continue
         handles.append(module.register_forward_hook(hook))
-    result: dict = {}
+    result: ExpertCounts = {}
     try:
         yield result
     finally:

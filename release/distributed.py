@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .coverage import ExpertCounts
 from .errors import ReleaseError
 
 # Calibration allocates tensors of many sizes for hours (sample batches, padded expert
@@ -114,14 +115,14 @@ def init() -> None:
     init_dist()
 
 
-def sum_counts(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+def sum_counts(counts: ExpertCounts) -> ExpertCounts:
     """Expert-coverage counts summed over ranks (each rank saw its own samples)."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return counts
-    out: dict[str, dict[str, int]] = {}
+    out: ExpertCounts = {}
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     for kind, per_module in counts.items():
         keys = sorted(per_module)

@@ -13,13 +13,14 @@ release folder is ever read or published.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, cast
 
 from .errors import ReleaseError
 
@@ -121,7 +122,7 @@ def content_digest(hashes: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def open_regular(path: Path, buffering: int = -1) -> BinaryIO:
+def open_regular(path: Path, buffering: int = -1) -> io.BufferedReader | io.FileIO:
     """Open a file for reading without following a symbolic link: nothing outside a release
     folder is read, even if a file is swapped for a link after it was listed."""
     try:
@@ -131,7 +132,8 @@ def open_regular(path: Path, buffering: int = -1) -> BinaryIO:
             f"cannot open {path} as a regular file ({e.strerror}); nothing was read from it",
             hint="a release folder holds regular files only: replace links with the files themselves",
         ) from e
-    return os.fdopen(fd, "rb", buffering=buffering)
+    # buffered, a BufferedReader; with buffering=0, the raw FileIO: both read into a buffer
+    return cast("io.BufferedReader | io.FileIO", os.fdopen(fd, "rb", buffering=buffering))
 
 
 def sha256_file(path: Path) -> str:

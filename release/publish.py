@@ -218,7 +218,7 @@ class GitRemote:
             return {}
         out: dict[str, str] = {}
         try:
-            listing = self.repo.git.ls_remote(self.url)
+            listing = str(self.repo.git.ls_remote(self.url))  # GitPython's union return: text here
         except git.GitCommandError as e:
             raise ReleaseError(
                 f"cannot read the refs of {self.url}: {(e.stderr or '').strip() or e}",
@@ -502,7 +502,9 @@ class HubRemote:
                 ops.append(CommitOperationDelete(c.path))
                 continue
             p = Path(b.folder) / c.path
-            op = CommitOperationAdd(c.path, opened.enter_context(open_regular(p)))
+            f = open_regular(p)
+            opened.callback(f.close)  # open until the commit is made
+            op = CommitOperationAdd(c.path, f)
             if op.upload_info.sha256.hex() != b.expected_sha256[c.path]:
                 raise _changed_since_check(p)
             ops.append(op)

@@ -27,6 +27,7 @@ from . import __version__, distributed
 from .architecture import Glm4MoeArch
 from .awq import ScaleOptions, ScaleStats
 from .config import BranchSpec, ReleaseConfig
+from .coverage import ExpertCounts
 from .errors import ReleaseError
 from .manifest import CACHE_DIR, write_manifest
 from .recipe import render_recipe
@@ -67,6 +68,7 @@ def resolve_base_model(cfg: ReleaseConfig) -> Path:
         return spec.path
     from huggingface_hub import snapshot_download
 
+    assert spec.hub_id is not None  # the config requires path or hub_id
     try:
         return Path(snapshot_download(spec.hub_id, revision=spec.revision, allow_patterns=None))
     except Exception as e:
@@ -323,7 +325,7 @@ class Calibrated:
     tokenizer: Any
     timings: dict[str, Any]
     stats: ScaleStats
-    counts: dict[str, dict[str, int]]
+    counts: ExpertCounts
     calibration: Any  # CalibrationProvenance
 
 
@@ -381,7 +383,7 @@ def calibrate(
     ):
         oneshot(
             model=model,
-            processor=tokenizer,
+            processor=tokenizer,  # type: ignore[arg-type]  # oneshot takes a tokenizer as its processor
             dataset=dataset,
             recipe=recipe_text,
             num_calibration_samples=len(dataset),

@@ -367,7 +367,7 @@ def render_release(cfg: ReleaseConfig, version: str | None = None) -> RenderResu
     env = _environment(cfg.templates or DEFAULT_TEMPLATES)
     data = card_data(cfg)
     branches = [branch_record(cfg, b) for b in cfg.branches]
-    context = {
+    context: dict[str, Any] = {
         "release": {
             "name": cfg.name,
             "repo": cfg.hub_repo,

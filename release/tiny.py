@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from .errors import ReleaseError
 from .numerics import REPRODUCIBLE_CPU_ENV, pin_reproducible_cpu
@@ -62,7 +63,7 @@ GLM4MOE_FEATURES = dict(
     tie_word_embeddings=False,
     num_nextn_predict_layers=1,
 )
-TINY_ARCH = dict(
+TINY_ARCH: dict[str, Any] = dict(
     hidden_size=256,
     intermediate_size=512,
     moe_intermediate_size=128,
@@ -244,7 +245,7 @@ def _build(assets: DemoAssets, log) -> None:
         if step % 60 == 0 or step == TRAIN_STEPS - 1:
             log(f"  tiny model: step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
     model.eval()
-    model.to(torch.bfloat16)
+    model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' decorator hides to()'s signature
     model.generation_config.do_sample = False
     model.save_pretrained(assets.model)
     tok.save_pretrained(assets.model)

@@ -21,7 +21,6 @@ Upstream issue text (to file against vLLM; these are the reasons for each edit):
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 EXPERTS = "vllm/model_executor/layers/fused_moe/experts"
@@ -103,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -63,7 +63,7 @@ def questions(cfg: ReleaseConfig, folder: Path) -> dict[str, Any]:
             refs.append(model(ids).logits[0].argmax(-1).tolist())
         seqs.append(ids[0].tolist())
     del model
-    prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    prompt: Any = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
     if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):
         prompt = prompt["input_ids"]
     return {"sequences": seqs, "reference_top1": refs, "chat": CHAT, "chat_prompt_tokens": len(prompt)}

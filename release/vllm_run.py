@@ -84,7 +84,8 @@ def _chat(branch: str, messages: list) -> dict:
         deadline = time.time() + 300
         while time.time() < deadline:
             if server.poll() is not None:
-                return {"error": f"the server exited ({server.returncode}): {server.stderr.read()[-800:]}"}
+                err = server.stderr.read() if server.stderr else ""
+                return {"error": f"the server exited ({server.returncode}): {err[-800:]}"}
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
                 break

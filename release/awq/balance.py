@@ -139,6 +139,7 @@ def _batched_balance_search(
             f"No finite loss was found in the AWQ grid search for {mapping.smooth_name}: NaN values in the "
             f"forward pass of {mapping.parent_name} (llm-compressor raises the same)"
         )
+    assert initial_error is not None and best_scales is not None  # a finite loss was found
     err_reduction = best_error / initial_error if initial_error > 0 else 1.0
     modifier._error_metrics.append(
         {

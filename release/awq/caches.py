@@ -215,7 +215,8 @@ class _WriteBack:
             if previous is not None:  # the host copies of the other buffer, while this one fills
                 _land(*previous)
             previous = (done, moves)
-        _land(*previous)
+        if previous is not None:
+            _land(*previous)
 
 
 def _land(done: Any, moves: list[tuple[Any, Any]]) -> None:

@@ -20,9 +20,15 @@ def _effective_weight(linear: Any) -> Any:
 
     scheme = getattr(linear, "quantization_scheme", None)
     status = getattr(linear, "quantization_status", None)
-    enabled = getattr(linear, "quantization_enabled", True) and scheme is not None and status is not None
+    enabled = getattr(linear, "quantization_enabled", True)
     w = linear.weight.data
-    if enabled and scheme.weights and status < QuantizationStatus.COMPRESSED:
+    if (
+        enabled
+        and scheme is not None
+        and status is not None
+        and scheme.weights
+        and status < QuantizationStatus.COMPRESSED
+    ):
         w = forward_quantize(linear, w, "weight", scheme.weights)
     return w
 
@@ -203,6 +209,7 @@ def _search_experts(
             err = (torch.bmm(diff, g) * diff).sum(dim=(1, 2))  # tr(D G D^T), per expert
             del diff
         else:
+            assert rows is not None  # the search has either Gram matrices or rows
             x, ref = rows
             err = (ref - torch.bmm(x, wq.transpose(1, 2))).float().pow(2).sum(dim=(1, 2))
             if allreduce is not None:
@@ -317,6 +324,7 @@ def _batched_expert_search(
                 for t, part in zip(full, found or ()):
                     t[idx] = part.to(t.dtype)
                 found = allreduce(full)
+            assert found is not None  # unsplit: this rank searched every expert; split: the sum
             best, first_loss, best_loss = found
             if not torch.isfinite(best_loss).all():
                 raise RuntimeError(
