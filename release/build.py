@@ -8,12 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import distributed
 from .check import check_branch
 from .config import ReleaseConfig
 from .errors import ReleaseError
 from .manifest import folder_content_digest, write_manifest
-from .quantize import BranchBuild, resolve_base_model
+from .quantize import BranchBuild, build_branch, resolve_base_model
 from .render import render_release
 from .verify import VERIFY_FILE, BaseReference, load_heldout, verify_branches
 
@@ -62,7 +61,7 @@ def build_all(
     for branch in cfg.branches:
         if progress:
             progress(branch.name)
-        b = distributed.quantize(cfg, branch.name, gpus, config_path, force=force, echo=echo)
+        b = build_branch(cfg, branch.name, gpus, config_path, force=force, echo=echo)
         echo(f"[{b.branch}] {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'}")
         builds.append(b)
 

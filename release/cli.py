@@ -48,14 +48,9 @@ def _config_option(f):
 
 
 def _load(config_path: Path):
-    from .config import load_config
+    from .config import load_for_run
 
-    cfg = load_config(config_path)
-    if cfg.cpu_numerics == "reproducible":
-        from .numerics import pin_reproducible_cpu
-
-        pin_reproducible_cpu()
-    return cfg
+    return load_for_run(config_path)
 
 
 def _emit(data, as_json: bool, text: str) -> None:
@@ -126,12 +121,10 @@ def quantize(config_path: Path, branch_name: str, force: bool, gpus: int) -> Non
     --gpus N each GPU calibrates its share of the samples and AWQ all-reduces its
     statistics, so every rank picks the same scales; rank 0 writes the branch.
     """
-    from . import distributed
+    from .quantize import build_branch
 
     cfg = _load(config_path)
-    b = distributed.quantize(cfg, branch_name, gpus, Path(config_path), force=force, echo=click.echo)
-    if distributed.in_worker():
-        return  # the launcher reports the branch
+    b = build_branch(cfg, branch_name, gpus, Path(config_path), force=force, echo=click.echo)
     click.echo(f"{b.branch}: {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'} -> {b.path}")
 
 

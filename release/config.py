@@ -308,3 +308,14 @@ def load_config(path: str | Path) -> ReleaseConfig:
             _format_validation_error(e, source),
             hint="fix the fields above; see configs/glm-4.7.yaml for a full example",
         ) from e
+
+
+def load_for_run(path: str | Path) -> ReleaseConfig:
+    """`load_config`, then the process settings the config asks for: the demo's reproducible CPU
+    numerics, which must be set before torch is imported (the CLI and each torchrun rank)."""
+    cfg = load_config(path)
+    if cfg.cpu_numerics == "reproducible":
+        from .numerics import pin_reproducible_cpu
+
+        pin_reproducible_cpu()
+    return cfg

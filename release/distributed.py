@@ -78,9 +78,9 @@ def _torchrun_module_available() -> bool:
     return importlib.util.find_spec("torch.distributed.run") is not None
 
 
-def launch(gpus: int, argv: list[str]) -> None:
-    """Run `python -m release.cli <argv>` on `gpus` ranks with torchrun (after `check_gpus`);
-    raise if any rank fails."""
+def launch(gpus: int, config: Path, branch: str) -> None:
+    """Build `branch` on `gpus` ranks: torchrun starts `python -m release.worker` on each
+    (after `check_gpus`); raise if any rank fails."""
     cmd = [
         sys.executable,
         "-m",
@@ -88,8 +88,11 @@ def launch(gpus: int, argv: list[str]) -> None:
         "--standalone",
         f"--nproc-per-node={gpus}",
         "-m",
-        "release.cli",
-        *argv,
+        "release.worker",
+        "--config",
+        str(config),
+        "--branch",
+        branch,
     ]
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
@@ -146,38 +149,3 @@ def barrier_and_close() -> None:
     barrier()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def worker_argv(config: Path, branch: str, gpus: int) -> list[str]:
-    return ["quantize", "--config", str(config), "--branch", branch, "--gpus", str(gpus), "--force"]
-
-
-def quantize(cfg, branch: str, gpus: int, config_path: Path | None, *, force: bool = False, echo=print):  # type: ignore[no-untyped-def]
-    """One branch: in this process (one GPU, or as a torchrun worker) or launched on `gpus` GPUs."""
-    from .quantize import quantize_branch
-
-    if gpus == 1 or in_worker():
-        return quantize_branch(cfg, branch, force=force, echo=echo)
-    if config_path is None:
-        raise ReleaseError("a multi-GPU build needs the config's path to hand to torchrun")
-    return quantize_on_gpus(cfg, config_path, branch, gpus, force=force, echo=echo)
-
-
-def quantize_on_gpus(cfg, config_path: Path, branch: str, gpus: int, *, force: bool = False, echo=print):  # type: ignore[no-untyped-def]
-    """Build one branch on `gpus` GPUs (rank 0 writes it); skip it when its inputs are unchanged."""
-    import time
-
-    from .quantize import BranchBuild, branch_is_current, prepare_branch
-
-    spec = cfg.branch(branch)
-    _base, _arch, _recipe, fingerprint = prepare_branch(cfg, spec)
-    out = cfg.output_dir / spec.name
-    if not force and branch_is_current(out, fingerprint):
-        return BranchBuild(spec.name, out, True, 0.0, fingerprint)
-    check_gpus(gpus, cfg.calibration.num_samples)
-    t = time.time()
-    echo(f"[{spec.name}] launching {gpus} ranks with torchrun")
-    launch(gpus, worker_argv(config_path, spec.name, gpus))
-    if not branch_is_current(out, fingerprint):
-        raise ReleaseError(f"the {gpus}-GPU run of {spec.name} finished but wrote no current branch at {out}")
-    return BranchBuild(spec.name, out, False, round(time.time() - t, 1), fingerprint)

@@ -552,3 +552,32 @@ def _carry_mtp_layers(base_dir: Path, out: Path, arch: Glm4MoeArch) -> None:
                 hint="the base checkpoint lacks model.layers.{N}.* tensors named by num_nextn_predict_layers",
             )
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def build_branch(
+    cfg: ReleaseConfig, branch: str, gpus: int, config_path: Path | None, *, force: bool = False, echo: Log = print
+) -> BranchBuild:
+    """One branch: in this process (one GPU) or launched on `gpus` GPUs."""
+    if gpus == 1:
+        return quantize_branch(cfg, branch, force=force, echo=echo)
+    if config_path is None:
+        raise ReleaseError("a multi-GPU build needs the config's path to hand to torchrun")
+    return quantize_on_gpus(cfg, config_path, branch, gpus, force=force, echo=echo)
+
+
+def quantize_on_gpus(
+    cfg: ReleaseConfig, config_path: Path, branch: str, gpus: int, *, force: bool = False, echo: Log = print
+) -> BranchBuild:
+    """Build one branch on `gpus` GPUs (rank 0 writes it); skip it when its inputs are unchanged."""
+    spec = cfg.branch(branch)
+    _base, _arch, _recipe, fingerprint = prepare_branch(cfg, spec)
+    out = cfg.output_dir / spec.name
+    if not force and branch_is_current(out, fingerprint):
+        return BranchBuild(spec.name, out, True, 0.0, fingerprint)
+    distributed.check_gpus(gpus, cfg.calibration.num_samples)
+    t = time.time()
+    echo(f"[{spec.name}] launching {gpus} ranks with torchrun")
+    distributed.launch(gpus, config_path, spec.name)
+    if not branch_is_current(out, fingerprint):
+        raise ReleaseError(f"the {gpus}-GPU run of {spec.name} finished but wrote no current branch at {out}")
+    return BranchBuild(spec.name, out, False, round(time.time() - t, 1), fingerprint)

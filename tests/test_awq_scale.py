@@ -148,7 +148,7 @@ def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
     path = tmp_path / "two-ranks.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "release.cli", "quantize", "--config", str(path), "--branch", BRANCH, "--gpus", "2", "--force"]
+    cmd += ["-m", "release.worker", "--config", str(path), "--branch", BRANCH]  # what `--gpus 2` launches
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     out, one_dir = tmp_path / "out" / BRANCH, builds["config"]["dir"]

@@ -248,3 +248,33 @@ def test_nothing_imports_the_cli():
         if pattern.search(p.read_text())
     ]
     assert offenders == []
+
+
+def test_a_torchrun_rank_starts_the_worker_not_the_cli(tmp_path, monkeypatch):
+    """`--gpus N` launches `python -m release.worker` on each rank (not the CLI with --force),
+    and a rank's error ends as the CLI's do: Error and Hint on stderr, exit 1, no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from release import distributed
+
+    seen = {}
+    with monkeypatch.context() as m:  # subprocess.run is the module's own: patched only for the launch
+        m.setattr(distributed.subprocess, "run", lambda cmd, env: seen.setdefault("cmd", cmd) and _Done())
+        distributed.launch(2, Path("c.yaml"), "W4A16_GS64")
+    assert seen["cmd"][-6:] == ["-m", "release.worker", "--config", "c.yaml", "--branch", "W4A16_GS64"]
+    assert "--nproc-per-node=2" in seen["cmd"]
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "release.worker", "--config", str(tmp_path / "missing.yaml"), "--branch", "W4A16_GS64"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("Error: ") and "missing.yaml" in proc.stderr and "\nHint: " in proc.stderr
+
+
+class _Done:
+    returncode = 0
