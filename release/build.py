@@ -8,29 +8,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .check import check_branch
+from .check import CheckReport, check_branch
 from .config import ReleaseConfig
 from .errors import ReleaseError
 from .manifest import folder_content_digest, write_manifest
 from .quantize import BranchBuild, build_branch, resolve_base_model
 from .render import render_release
-from .verify import VERIFY_FILE, BaseReference, load_heldout, verify_branches
+from .verify import VERIFY_FILE, BaseReference, QualityReport, load_heldout, verify_branches
 
 
 @dataclass(frozen=True)
 class BuildResult:
     builds: list[BranchBuild]
-    quality: dict[str, dict[str, Any]]
+    quality: dict[str, QualityReport]
 
     @property
     def passed(self) -> bool:
-        return all(q.get("passed") for q in self.quality.values())
+        return all(q.passed for q in self.quality.values())
 
     def to_json(self) -> dict[str, Any]:
-        return {"branches": [b.to_json() for b in self.builds], "quality": self.quality, "passed": self.passed}
+        quality = {name: q.to_json() for name, q in self.quality.items()}
+        return {"branches": [b.to_json() for b in self.builds], "quality": quality, "passed": self.passed}
 
 
-def _verification_of_this_content(folder: Path) -> dict[str, Any] | None:
+def seal_branch(cfg: ReleaseConfig, name: str, folder: Path) -> CheckReport:
+    """After verification: the branch's manifest (verify.json is in it), then its full check.
+    `build-all` and `verify` end each branch this way."""
+    write_manifest(folder, name)
+    return check_branch(folder, group_size=cfg.branch(name).group_size)
+
+
+def _verification_of_this_content(folder: Path) -> QualityReport | None:
     """The branch's verify.json when it is about the files as they are now; None when it is
     missing, unreadable, or about other content (then the branch is verified again)."""
     try:
@@ -39,7 +47,7 @@ def _verification_of_this_content(folder: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(record, dict) or record.get("content_sha256") != folder_content_digest(folder):
         return None
-    return record
+    return QualityReport.from_json(record)
 
 
 def build_all(
@@ -65,7 +73,7 @@ def build_all(
         echo(f"[{b.branch}] {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'}")
         builds.append(b)
 
-    quality: dict[str, dict[str, Any]] = {}
+    quality: dict[str, QualityReport] = {}
     to_verify: dict[str, Path] = {}
     for b in builds:
         earlier = _verification_of_this_content(b.path) if b.skipped else None
@@ -76,16 +84,12 @@ def build_all(
     if to_verify:  # one streaming pass: the base model is read once for all of them
         reference = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)
         for name, report in verify_branches(cfg, to_verify, reference).items():
-            echo(
-                f"[{name}] verify: KL {report.mean_kl:.5f}, top-1 {report.top1_agreement:.3f}, "
-                f"ppl {report.branch_perplexity:.2f} (base {report.base_perplexity:.2f}) -> "
-                f"{'PASSED' if report.passed else 'FAILED'}"
-            )
-            quality[name] = report.to_json()
+            echo(report.summary())
+            quality[name] = report
     quality = {b.branch: quality[b.branch] for b in builds}
-    failed = [name for name, q in quality.items() if not q.get("passed")]
+    failed = [name for name, q in quality.items() if not q.passed]
     if failed:
-        reasons = "; ".join(f"{n}: {', '.join(quality[n]['failures'])}" for n in failed)
+        reasons = "; ".join(f"{n}: {', '.join(quality[n].failures)}" for n in failed)
         raise ReleaseError(
             f"verification failed for {', '.join(failed)}: {reasons}",
             hint="inspect verify.json in the branch; fix the recipe or loosen verify thresholds deliberately",
@@ -95,8 +99,7 @@ def build_all(
         echo(f"rendered {len(rendered.cards)} cards for {rendered.version}")
     checks = {}
     for b in builds:
-        write_manifest(b.path, b.branch)
-        checked = check_branch(b.path, group_size=cfg.branch(b.branch).group_size)
+        checked = seal_branch(cfg, b.branch, b.path)
         checks[b.branch] = checked
         echo(f"[{b.branch}] check: {'PASSED' if checked.passed else 'FAILED'} ({checked.tensors} tensors)")
     bad = {n: r for n, r in checks.items() if not r.passed}

@@ -140,8 +140,7 @@ def verify(config_path: Path, branch_name: str, as_json: bool) -> None:
     decodes a short reply, tries vLLM where a GPU and vllm exist (else says why it skipped),
     and fails (exit 1) above the config's verify thresholds or on any failed check.
     """
-    from .check import check_branch
-    from .manifest import write_manifest
+    from .build import seal_branch
     from .quantize import resolve_base_model
     from .verify import BaseReference, load_heldout, verify_branch
 
@@ -150,19 +149,8 @@ def verify(config_path: Path, branch_name: str, as_json: bool) -> None:
     ref = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)
     folder = cfg.output_dir / branch.name
     r = verify_branch(cfg, branch.name, folder, ref)
-    write_manifest(folder, branch.name)  # verify.json changed
-    report = check_branch(folder, group_size=branch.group_size)
-    text = (
-        report.to_text()
-        + "\n"
-        + (
-            f"{r.branch}: {'PASSED' if r.passed else 'FAILED'}\n"
-            f"  mean KL {r.mean_kl:.6f} (max {r.max_kl}), top-1 agreement {r.top1_agreement:.4f} (min {r.min_top1})\n"
-            f"  perplexity {r.branch_perplexity:.3f} vs base {r.base_perplexity:.3f} on {r.heldout_tokens} tokens\n"
-            f"  {r.vllm}" + "".join(f"\n  FAIL: {f}" for f in r.failures)
-        )
-    )
-    _emit({"quality": r.to_json(), "check": report.to_json()}, as_json, text)
+    report = seal_branch(cfg, branch.name, folder)  # verify.json changed: a new manifest, then check
+    _emit({"quality": r.to_json(), "check": report.to_json()}, as_json, report.to_text() + "\n" + r.to_text())
     if not (r.passed and report.passed):
         sys.exit(1)
 
@@ -247,7 +235,7 @@ def build_all_cmd(config_path: Path, force: bool, gpus: int, as_json: bool) -> N
         bar.update(1)
     lines = [
         f"{b.branch}: {'skipped (up to date)' if b.skipped else f'built in {b.seconds:.0f}s'}, "
-        f"KL {result.quality[b.branch]['mean_kl']:.5f}, top-1 {result.quality[b.branch]['top1_agreement']:.3f}"
+        f"KL {result.quality[b.branch].mean_kl:.5f}, top-1 {result.quality[b.branch].top1_agreement:.3f}"
         for b in result.builds
     ]
     _emit(result.to_json(), as_json, "\n".join(lines))

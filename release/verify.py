@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,30 @@ class QualityReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> QualityReport:
+        """A verify.json record (its extra keys, e.g. `glmrel vllm-check`'s, stay in the file)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in names})
+
+    def summary(self) -> str:
+        """One line, as `build-all` prints it."""
+        return (
+            f"[{self.branch}] verify: KL {self.mean_kl:.5f}, top-1 {self.top1_agreement:.3f}, "
+            f"ppl {self.branch_perplexity:.2f} (base {self.base_perplexity:.2f}) -> "
+            f"{'PASSED' if self.passed else 'FAILED'}"
+        )
+
+    def to_text(self) -> str:
+        """The report, as `glmrel verify` prints it."""
+        return (
+            f"{self.branch}: {'PASSED' if self.passed else 'FAILED'}\n"
+            f"  mean KL {self.mean_kl:.6f} (max {self.max_kl}), top-1 agreement {self.top1_agreement:.4f}"
+            f" (min {self.min_top1})\n"
+            f"  perplexity {self.branch_perplexity:.3f} vs base {self.base_perplexity:.3f} on {self.heldout_tokens}"
+            f" tokens\n  {self.vllm}" + "".join(f"\n  FAIL: {f}" for f in self.failures)
+        )
 
 
 def load_heldout(cfg: ReleaseConfig) -> list[str]:

@@ -156,16 +156,11 @@ def test_provenance_records_inputs(demo_release):
 def test_each_branch_reloads_decodes_and_is_close_to_base(demo_release):
     quality = demo_release["result"].quality
     for name, q in quality.items():
-        assert q["passed"], (name, q["failures"])
-        assert 0 <= q["mean_kl"] < 0.02 and q["top1_agreement"] > 0.9
-        assert q["decode_text"] and "the branch generated no tokens" not in q["failures"]
-        assert q["vllm"].startswith("vLLM check skipped:")
-    print(
-        {
-            n: (q["mean_kl"], q["top1_agreement"], q["branch_perplexity"], q["base_perplexity"])
-            for n, q in quality.items()
-        }
-    )
+        assert q.passed, (name, q.failures)
+        assert 0 <= q.mean_kl < 0.02 and q.top1_agreement > 0.9
+        assert q.decode_text and "the branch generated no tokens" not in q.failures
+        assert q.vllm.startswith("vLLM check skipped:")
+    print({n: (q.mean_kl, q.top1_agreement, q.branch_perplexity, q.base_perplexity) for n, q in quality.items()})
 
 
 def test_build_all_twice_does_the_work_once(demo_release):

@@ -49,7 +49,7 @@ def test_streaming_equals_the_in_memory_load(demo_release, demo_assets):
         p = base.logprobs
         q = results[name].logprobs
         kl = sum((x.exp() * (x - y)).sum().item() for x, y in zip(p, q)) / sum(x.shape[0] for x in p)
-        assert kl == pytest.approx(quality[name]["mean_kl"], abs=1e-6)
+        assert kl == pytest.approx(quality[name].mean_kl, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -99,11 +99,11 @@ def test_one_piece_of_each_model_is_resident_at_a_time(demo_release, demo_assets
 @pytest.mark.slow
 def test_verify_records_each_layers_divergence(demo_release):
     for name, q in demo_release["result"].quality.items():
-        assert q["method"] == "streamed layer by layer on cpu (float32)"
-        assert [d["layer"] for d in q["layers"]] == [0, 1, 2, 3], name
-        for d in q["layers"]:
+        assert q.method == "streamed layer by layer on cpu (float32)"
+        assert [d["layer"] for d in q.layers] == [0, 1, 2, 3], name
+        for d in q.layers:
             assert 0 < d["rel_error"] < 0.2 and 0.99 < d["cosine"] <= 1.0, (name, d)
-    gs = {n: q["layers"][0]["rel_error"] for n, q in demo_release["result"].quality.items()}
+    gs = {n: q.layers[0]["rel_error"] for n, q in demo_release["result"].quality.items()}
     assert gs["W4A16_GS32"] < gs["W4A16_GS64"] < gs["W4A16_GS128"], "finer groups, smaller error"
 
 
@@ -120,3 +120,22 @@ def test_decode_is_skipped_and_said_where_the_branch_does_not_fit(tmp_path, monk
     assert not fits and why.endswith("at this size the vLLM check decodes"), "over 4 GiB: no host decode"
     monkeypatch.setattr(verify, "DECODE_MAX_BYTES", 1 << 30)
     assert verify._fits_in_memory(tmp_path) == (True, "")
+
+
+def test_a_verify_record_reads_back_as_the_report_it_was(tmp_path):
+    """build-all keeps a skipped branch's earlier verify.json as a QualityReport: the same
+    fields, the keys other tools added to the file (vllm-check's) left in the file."""
+    from release.verify import QualityReport
+
+    report = QualityReport(
+        branch="W4A16_GS64", passed=True, heldout_texts=2, heldout_tokens=10, mean_kl=0.01, top1_agreement=0.9,
+        base_perplexity=5.0, branch_perplexity=5.1, max_kl=0.05, min_top1=0.8, decode_prompt="p", decode_text="t",
+        vllm="vLLM check skipped: no GPU", layers=[{"layer": 0, "rel_error": 0.1, "cosine": 0.99}],
+    )  # fmt: skip
+    record = {**report.to_json(), "vllm_run": {"top1_agreement": 1.0}}
+    assert QualityReport.from_json(record) == report
+    assert report.summary() == "[W4A16_GS64] verify: KL 0.01000, top-1 0.900, ppl 5.10 (base 5.00) -> PASSED"
+    assert report.to_text().splitlines()[:2] == [
+        "W4A16_GS64: PASSED",
+        "  mean KL 0.010000 (max 0.05), top-1 agreement 0.9000 (min 0.8)",
+    ]
