@@ -101,8 +101,9 @@ def run_one(
     import dataclasses
 
     from release import distributed
+    from release.awq import ScaleOptions
     from release.config import load_config
-    from release.quantize import calibrate, prepare_branch, resource_peaks, scale_options_for
+    from release.quantize import calibrate, prepare_branch, resource_peaks
 
     if distributed.in_worker():
         distributed.init()
@@ -112,7 +113,7 @@ def run_one(
     base_dir, arch, recipe_text, _fp = prepare_branch(cfg, branch)
     t = time.time()
     options = dataclasses.replace(
-        scale_options_for(cfg),
+        ScaleOptions.from_spec(cfg.awq),
         record_scales=scales_out is not None,
         check_write_back=bool(os.environ.get("GLMREL_CHECK_WRITE_BACK")),  # patch 11 against the GPU copies
     )

@@ -305,18 +305,6 @@ def quantize_branch(
     return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
 
 
-def scale_options_for(cfg: ReleaseConfig) -> ScaleOptions:
-    if cfg.awq.engine == "stock":
-        return ScaleOptions.stock()
-    return ScaleOptions(
-        max_expert_tokens=cfg.awq.max_expert_tokens,
-        expert_search=cfg.awq.expert_search,
-        resident_cache_gib=cfg.awq.resident_cache_gib,
-        deferred_write_back=cfg.awq.deferred_write_back,
-        batched_balance_layers=cfg.awq.batched_balance_layers,
-    )
-
-
 @dataclass
 class Calibrated:
     """A model after `oneshot`, with what the run recorded."""
@@ -370,7 +358,7 @@ def calibrate(
     linearize_moe(model)  # per-expert Linears: what AWQ smooths, what gets quantized and saved
     timings["load"] = round(time.time() - t, 2)
 
-    options = options or scale_options_for(cfg)
+    options = options or ScaleOptions.from_spec(cfg.awq)
     echo(
         f"[{branch.name}] AWQ W4A16 group {branch.group_size} on {len(dataset)} samples "
         f"(MoE-aware: {cfg.calibration.moe_calibrate_all_experts}; AWQ engine: {cfg.awq.engine})"

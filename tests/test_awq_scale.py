@@ -23,7 +23,7 @@ import torch
 
 from release.awq import ScaleOptions
 from release.config import load_config
-from release.quantize import LAST_SCALE_STATS, quantize_branch, scale_options_for
+from release.quantize import LAST_SCALE_STATS, quantize_branch
 from release.verify import BaseReference, load_heldout, verify_branch
 
 # Tests that build the demo's branches (the `builds` fixture) are slow; the unit tests of the
@@ -81,7 +81,7 @@ def builds(tmp_path_factory, demo_assets):
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         cfg = load_config(path)
         if options is None:  # the config's own choice, with the scales recorded for the tests
-            options = dataclasses.replace(scale_options_for(cfg), record_scales=True)
+            options = dataclasses.replace(ScaleOptions.from_spec(cfg.awq), record_scales=True)
         onload = mock.patch.object(CPUCache, "onload", _onload_as_a_copy) if name == "memory" else nullcontext()
         with onload:
             build = quantize_branch(cfg, BRANCH, echo=lambda s: None, scale_options=options)
@@ -428,6 +428,24 @@ def test_patches_are_removed_after_oneshot(builds):
     assert base.AWQModifier._run_samples.__module__ == base.__name__
     assert base.AWQModifier._apply_smoothing.__module__ == base.__name__
     assert base.calibration_forward_context.__module__ == "llmcompressor.utils.helpers"
+
+
+def test_the_config_maps_onto_the_engine_in_one_place():
+    """Every engine knob of the config's `awq:` section is a ScaleOptions field of the same name
+    and default (a new knob cannot be forgotten in the mapping); `engine: stock` is stock."""
+    import dataclasses
+
+    from release.awq.options import CONFIG_FIELDS
+    from release.config import AwqSpec
+
+    recipe_or_engine = {"n_grid", "duo_scaling", "engine"}
+    assert set(AwqSpec.model_fields) - recipe_or_engine == set(CONFIG_FIELDS)
+    defaults = {f.name: f.default for f in dataclasses.fields(ScaleOptions)}
+    assert all(defaults[name] == getattr(AwqSpec(), name) for name in CONFIG_FIELDS)
+    spec = AwqSpec(expert_search="sampled", max_expert_tokens=4096, resident_cache_gib=0, batched_balance_layers=False)
+    options = ScaleOptions.from_spec(spec)
+    assert all(getattr(options, name) == getattr(spec, name) for name in CONFIG_FIELDS)
+    assert ScaleOptions.from_spec(AwqSpec(engine="stock")) == ScaleOptions.stock()
 
 
 def test_patches_put_back_the_very_objects_in_reverse_order():

@@ -6,10 +6,21 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any, get_args
 
-from ..config import ExpertSearch
+from ..config import AwqSpec, ExpertSearch
 
 TARGET_VERSION = "0.14.0.1"
 EXPERT_SEARCHES = get_args(ExpertSearch)
+# The engine knobs a release config sets (`awq:` in the YAML, config.AwqSpec): the same names and
+# defaults here, mapped in one place (`ScaleOptions.from_spec`). AwqSpec's other fields are the
+# recipe's (n_grid, duo_scaling) or choose the engine itself (engine).
+CONFIG_FIELDS = (
+    "max_expert_tokens",
+    "expert_search",
+    "resident_cache_gib",
+    "deferred_write_back",
+    "batched_balance_layers",
+)
+_DEFAULT = AwqSpec()
 
 
 @dataclass
@@ -19,18 +30,25 @@ class ScaleOptions:
     keep_first_output: bool = True
     stream_loss: bool = True
     routed_experts_in_search: bool = True
-    max_expert_tokens: int | None = 16384
+    max_expert_tokens: int | None = _DEFAULT.max_expert_tokens
     batched_experts: bool = True
     sdpa_in_search: bool = True
     search_batch_tokens: int | None = 16384
     # routed experts' down_proj scale search: "gram" (patch 10: every token, no rows kept),
     # "sampled" (patch 4's rows, stock's per-expert loop), "sampled-batched" (patch 4 + patch 8)
-    expert_search: ExpertSearch = "gram"
-    resident_cache_gib: float | None = None  # patch 9: None = 35 % of the GPU's memory; 0 = stock
-    deferred_write_back: bool = True  # patch 11: smoothed weights reach the CPU offload once a layer
-    batched_balance_layers: bool = True  # patch 12: a grid point quantizes same-shape balance layers together
+    expert_search: ExpertSearch = _DEFAULT.expert_search
+    resident_cache_gib: float | None = _DEFAULT.resident_cache_gib  # patch 9: None = 35 % of the GPU; 0 = stock
+    deferred_write_back: bool = _DEFAULT.deferred_write_back  # patch 11: smoothed weights to the CPU once a layer
+    batched_balance_layers: bool = _DEFAULT.batched_balance_layers  # patch 12: same-shape balance layers together
     check_write_back: bool = False  # patch 11, benchmarks: compare every CPU copy with the GPU's after each layer
     record_scales: bool = False  # keep every chosen scale vector (tests, small models only)
+
+    @classmethod
+    def from_spec(cls, awq: AwqSpec) -> ScaleOptions:
+        """What a release config's `awq:` section asks of the engine."""
+        if awq.engine == "stock":
+            return cls.stock()
+        return cls(**{name: getattr(awq, name) for name in CONFIG_FIELDS})
 
     @classmethod
     def stock(cls, record_scales: bool = False) -> ScaleOptions:
