@@ -641,7 +641,7 @@ def test_merged_moe_block_forward_equals_one_per_sample():
 
 def test_resident_budget_defaults_to_35_percent_of_the_gpu(monkeypatch):
     """Patch 9's budget: the recipe's GiB when set, else 35 % of the card (the share measured at
-    512 x 2048 on an H100 80GB: README, run Q); none on a machine without a GPU."""
+    512 x 2048 on an H100 80GB: benchmarks/results/README.md, run Q); none on a machine without a GPU."""
     import types
 
     import torch

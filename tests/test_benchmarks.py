@@ -123,7 +123,7 @@ def test_scale_benchmark_rejects_bad_gpu_options(tmp_path, args, message):
 
 
 def test_report_of_the_same_run_comparison_at_64_samples():
-    """The figures the README quotes for N=64 come from these records."""
+    """The figures benchmarks/results/README.md quotes for N=64 come from these records."""
     from benchmarks.scale import report
 
     text = report(json.loads((RESULTS / "n64-stock-vs-glmrel.json").read_text()))
@@ -135,7 +135,7 @@ def test_report_of_the_same_run_comparison_at_64_samples():
 
 
 def test_report_of_the_gram_engine_against_stock():
-    """Run E: the default engine and stock in one run, N=64 (the figures the README quotes)."""
+    """Run E: the default engine and stock in one run, N=64 (the figures benchmarks/results/README.md quotes)."""
     from benchmarks.scale import report
 
     records = json.loads((RESULTS / "n64-stock-vs-glmrel-gram.json").read_text())
@@ -148,7 +148,7 @@ def test_report_of_the_gram_engine_against_stock():
 
 
 def test_report_of_the_deferred_write_back_runs():
-    """Runs H, I, J and K (the figures the README quotes): the write-back alone, same weights;
+    """Runs H, I, J and K (the figures benchmarks/results/README.md quotes): the write-back alone, same weights;
     glmrel against stock in one run; 512 samples on an 80 GiB H100; 2 GPUs with the split
     write-back checked."""
     from benchmarks.scale import report
@@ -179,7 +179,7 @@ def test_report_of_the_deferred_write_back_runs():
 
 
 def test_report_of_the_batched_balance_runs():
-    """Runs L, N and O (the figures the README quotes): patch 12 on and off with the same weights,
+    """Runs L, N and O (the figures benchmarks/results/README.md quotes): patch 12 on and off with the same weights,
     one GPU against two at N=64 and 256, and each rank's times."""
     from benchmarks.scale import report
 
@@ -287,7 +287,7 @@ def test_balance_quantization_benchmark_on_cpu():
 
 
 def test_report_of_the_512_sample_scaling_runs():
-    """Runs P and Q (the figures the README quotes): the recipe's 512 x 2048 on 1, 2 and 4 GPUs of
+    """Runs P and Q (the figures benchmarks/results/README.md quotes): the recipe's 512 x 2048 on 1, 2 and 4 GPUs of
     one 4xH200 machine; one H100 80GB with a 28 GiB resident cache."""
     from benchmarks.scale import report
 
@@ -386,7 +386,7 @@ def test_the_dress_rehearsal_runs_the_release_path(tmp_path):
 
 
 def test_offload_record_behind_the_readme_figures():
-    """Run U (the figures the README quotes): the same branch in RAM and with the base weights
+    """Run U (the figures benchmarks/results/README.md quotes): the same branch in RAM and with the base weights
     offloaded to disk under a cgroup limit below the model's size; the same weights."""
     folder = RESULTS.parent / "2026-11-30-h200x2-offload-glm47-4layer"
     record = json.loads((folder / "U-1gpu-ram-vs-offload.json").read_text())
@@ -405,7 +405,7 @@ def test_offload_record_behind_the_readme_figures():
 
 def test_rehearsal_and_offload_records_behind_the_readme_figures():
     """Run X (the 2-GPU rehearsal through publish) and run Y (2 GPUs under the memory cap):
-    the figures the README quotes are the committed records'."""
+    the figures benchmarks/results/README.md quotes are the committed records'."""
     readme = (RESULTS.parent.parent.parent / "README.md").read_text()
     x = json.loads(
         (RESULTS.parent / "2026-11-30-h200x2-rehearsal-glm47-2layer" / "run-X-c465fcc-2gpu.json").read_text()
@@ -419,8 +419,10 @@ def test_rehearsal_and_offload_records_behind_the_readme_figures():
     assert (st["publish hub"]["wall_s"], st["publish hub again"]["wall_s"]) == (116.1, 45.2)
     assert "nothing to do" in st["publish hub again"]["output_tail"]
     assert "skipped" in st["publish git"]
-    for figure in ("395.7 s", "3.67 / 3.66 / 4.79 GiB", "116.1 s", "45.2 s"):
-        assert figure in readme
+    account = (RESULTS.parent / "README.md").read_text()  # the run-by-run account the README links to
+    for figure in ("395.7 s", "3.67 / 3.66 / 4.79 GiB", "116.1 s"):
+        assert figure in readme and figure in account
+    assert "45.2 s" in account
     y = json.loads(
         (RESULTS.parent / "2026-11-30-h200x2-offload-glm47-4layer" / "Y-2gpu-offload-cgroup34.8.json").read_text()
     )
