@@ -366,14 +366,14 @@ def calibrate(
     t = time.time()
     torch.manual_seed(cfg.calibration.seed)
     with (
-        scaled_awq(options, num_batches=len(dataset)) as scale_stats,
+        scaled_awq(options, num_batches=len(dataset)) as engine,
         count_expert_tokens(model, arch.n_routed_experts, calls_per_module=len(dataset)) as counts,
     ):
         oneshot(
             model=model,
             processor=tokenizer,  # type: ignore[arg-type]  # oneshot takes a tokenizer as its processor
             dataset=dataset,
-            recipe=recipe_text,
+            recipe=engine.recipe(recipe_text),  # AWQ as glmrel's MoeAWQModifier, bound to this run
             num_calibration_samples=len(dataset),
             max_seq_length=cfg.calibration.max_seq_length,
             shuffle_calibration_samples=False,  # the seeded choice above is the order
@@ -381,6 +381,7 @@ def calibrate(
             pipeline="sequential",
         )
     timings["oneshot"] = round(time.time() - t, 2)
+    scale_stats = engine.stats
     counts = distributed.sum_counts(counts)  # each rank counted its own samples
     timings["awq_engine"] = {"engine": cfg.awq.engine, **options.to_json(), **scale_stats.to_json()}
     LAST_SCALE_STATS[0] = scale_stats

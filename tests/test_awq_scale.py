@@ -477,9 +477,10 @@ def test_patches_put_back_the_very_objects_in_reverse_order():
 
 
 def test_every_patch_is_undone_even_after_a_failure(monkeypatch):
-    """Every symbol scaled_awq replaces (AWQModifier's methods, the library's cache update,
-    experts forward, forward context, offload write and all-reduce) is patched inside it and is
-    the library's own object again after it, also when the run raises."""
+    """Every symbol scaled_awq replaces (the library's cache update, experts forward, forward
+    context, offload write and all-reduce) is patched inside it and is the library's own object
+    again after it, also when the run raises. AWQModifier itself is never touched: the
+    engine's changes to AWQ's steps are MoeAWQModifier's overrides."""
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
     from llmcompressor.modifiers.transform.awq import base
     from llmcompressor.pipelines.cache import IntermediatesCache
@@ -487,15 +488,15 @@ def test_every_patch_is_undone_even_after_a_failure(monkeypatch):
     from release.awq import scaled_awq
 
     methods = ("_run_samples", "_compute_best_scale", "_apply_smoothing", "_setup_activation_cache_hooks")
-    targets = {f"AWQModifier.{m}": (base.AWQModifier, m) for m in methods}
-    targets |= {
+    untouched = {f"AWQModifier.{m}": (base.AWQModifier, m) for m in methods}
+    targets = {
         "IntermediatesCache.update": (IntermediatesCache, "update"),
         "LinearExperts2D.forward": (LinearExperts2D, "forward"),
         "calibration_forward_context": (base, "calibration_forward_context"),
         "update_offload_parameter": (base, "update_offload_parameter"),
         "_allreduce_data_sum": (base, "_allreduce_data_sum"),
     }
-    stock = {name: getattr(owner, attr) for name, (owner, attr) in targets.items()}
+    stock = {name: getattr(owner, attr) for name, (owner, attr) in (targets | untouched).items()}
     monkeypatch.setattr(base, "is_distributed", lambda: True)  # ranks on CPU: the all-reduce is replaced too
     options = ScaleOptions(resident_cache_gib=1.0)  # every patch on, patch 9 included
     for fail in (False, True):
@@ -503,10 +504,34 @@ def test_every_patch_is_undone_even_after_a_failure(monkeypatch):
             with scaled_awq(options, 1):
                 patched = {name for name, (owner, attr) in targets.items() if getattr(owner, attr) is not stock[name]}
                 assert patched == set(targets), set(targets) - patched
+                assert all(getattr(owner, attr) is stock[n] for n, (owner, attr) in untouched.items())
                 if fail:
                     raise RuntimeError("a failing oneshot")
         restored = {name: getattr(owner, attr) is stock[name] for name, (owner, attr) in targets.items()}
         assert all(restored.values()), [n for n, ok in restored.items() if not ok]
+
+
+def test_the_recipe_runs_moe_awq_with_the_rendered_settings(write_config):
+    """Engine.recipe: the recipe oneshot runs has glmrel's MoeAWQModifier, bound to the run, in
+    place of AWQModifier, with every setting the rendered text gives (mappings, grid,
+    duo scaling, stage); the other modifiers are the text's."""
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.recipe import Recipe
+
+    from release.awq import scaled_awq
+    from release.awq.modifier import MoeAWQModifier
+    from release.config import load_config
+    from release.quantize import prepare_branch
+
+    cfg = load_config(write_config())
+    _base, _arch, text, _fp = prepare_branch(cfg, cfg.branches[0])
+    stock = Recipe.create_instance(text)
+    with scaled_awq(ScaleOptions(), 1) as engine:
+        ours = engine.recipe(text)
+    assert [type(m) for m in ours.modifiers] == [MoeAWQModifier] + [type(m) for m in stock.modifiers[1:]]
+    assert type(stock.modifiers[0]) is AWQModifier and ours.modifiers[0]._engine is engine
+    assert ours.modifiers[0].model_dump() == stock.modifiers[0].model_dump()
+    assert [m.model_dump() for m in ours.modifiers[1:]] == [m.model_dump() for m in stock.modifiers[1:]]
 
 
 def test_unknown_llmcompressor_version_is_refused(monkeypatch):

@@ -1,8 +1,13 @@
 """glmrel's extension of llm-compressor's AWQ for MoE calibration at GLM-4.7 size.
 
-Targets llmcompressor 0.14.0.1 (`llmcompressor/modifiers/transform/awq/base.py`); every patch
-is a wrapper around one `AWQModifier` method, applied inside `scaled_awq()` and removed when it
-exits, and `scaled_awq` refuses any other llm-compressor version rather than patching blind.
+Targets llmcompressor 0.14.0.1 (`llmcompressor/modifiers/transform/awq/base.py`). The changes
+to AWQ's own steps are overrides in `MoeAWQModifier` (modifier.py), a subclass of
+`AWQModifier` that `oneshot` runs in its place (`Engine.recipe`); what a subclass cannot reach
+(the library's cache update, the experts' forward, the calibration context, the offload write,
+the all-reduce) `scaled_awq()` patches for one run through `hooks.Patches` and undoes when it
+exits. `scaled_awq` refuses any other llm-compressor version rather than patching blind.
+Modules: options (the knobs), state (what a run's patches share), stats (what it records),
+caches, experts, merge, balance, ranks (the patches' pieces), modifier, engine, hooks.
 
 What stock 0.14.0.1 does and what each patch changes:
 
@@ -109,12 +114,13 @@ What stock 0.14.0.1 does and what each patch changes:
    equal weight digests at GLM-4.7 size on an H200).
 """
 
-from .engine import scaled_awq
+from .engine import Engine, scaled_awq
 from .options import EXPERT_SEARCHES, TARGET_VERSION, ScaleOptions
 from .stats import LayerRecord, ScaleStats, release_host_memory
 
 __all__ = [
     "EXPERT_SEARCHES",
+    "Engine",
     "TARGET_VERSION",
     "LayerRecord",
     "ScaleOptions",

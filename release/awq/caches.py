@@ -4,11 +4,16 @@ deferred write-back of smoothed weights (patch 11)."""
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .ranks import _ranks
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 
 def _subsample_rows(x: Any, keep: int, salt: int) -> Any:
@@ -237,3 +242,214 @@ def _resident_budget(gib: float | None) -> int:
     if not torch.cuda.is_available():
         return 0
     return int(0.35 * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
+@functools.cache
+def cache_classes() -> tuple[Any, Any, Any]:
+    """The engine's replacements of AWQ's per-parent `IntermediatesCache`: `SampledCache` and
+    `GramCache` (a routed expert's down_proj inputs, patches 4 and 10) and `ResidentCache`
+    (patch 9). Defined on first use, so that llm-compressor is imported only when AWQ runs;
+    each takes the run's `Engine`."""
+    import torch
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.modifiers.transform.awq import base as awq_base
+    from llmcompressor.pipelines.cache import IntermediatesCache
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    from .experts import _gram
+
+    class SampledCache(IntermediatesCache):
+        """An expert down_proj's cached inputs: at most `budget` rows over all batches, kept as
+        ONE batch. Stock keeps N batches, so each of the 21 grid points runs N small forwards
+        (each an onload from host memory); one batch makes that 21 forwards per expert
+        whatever N is. The loss is the same sum of squared errors over the same rows,
+        summed in a different order."""
+
+        def __init__(self, engine: Engine, offload_device: Any, budget: int, salt: int) -> None:
+            super().__init__(None, offload_device)
+            self.engine = engine
+            # the budget is for the whole run: under data parallelism each rank keeps its share
+            # (the grid-search loss is all-reduced over the ranks' rows)
+            self.per_batch = max(1, math.ceil(budget / max(1, engine.num_batches * _ranks())))
+            self.salt = salt
+            self.appended = 0
+            self.pending: list[Any] = []
+            self.resident: list[dict[str, Any]] | None = None
+            self.device: Any = None  # where the rows were computed: the grid search runs there
+            self.held = engine.ledger.holder(self)  # patch 9: bytes of rows kept on that device
+
+        def append(self, values: dict[str, Any]) -> None:
+            x = values.get("input")
+            if set(values) != {"input"} or not isinstance(x, torch.Tensor) or x.dim() < 2:
+                super().append(values)
+                return
+            rows = x.numel() // x.shape[-1]
+            self.device = x.device
+            self.engine.stats.tokens_seen += rows
+            x = _subsample_rows(x, self.per_batch, self.salt + self.appended).reshape(-1, x.shape[-1])
+            self.engine.stats.tokens_kept += x.shape[0]
+            self.appended += 1
+            if self.offload_device is None:
+                self.pending.append(x.clone())
+            elif self.engine.deduplicating and self.engine.ledger.take(x.nbytes, self.held):
+                self.pending.append(x.clone())  # patch 9: stays on the GPU (no copy to host and back)
+            else:
+                self.pending.append(x.to(self.offload_device))
+
+        def _flush(self) -> None:
+            if not self.pending:
+                return
+            state = awq_base.active_session().state
+            if state is not None and getattr(state, "loss_masks", None):
+                raise RuntimeError(
+                    "glmrel's expert token sample does not support loss masks; set awq.max_expert_tokens: null"
+                )
+            if self.held[0] and all(p.device == self.device for p in self.pending):
+                rows = torch.cat(self.pending)  # every row stayed on the GPU: keep them there
+                self.pending = []
+                with patch_attr(self, "offload_device", None):
+                    super().append({"input": rows.unsqueeze(0)})
+                self.engine.stats.resident_expert_caches += 1
+                return
+            if self.held[0]:  # the budget ran out part way: all rows to the offload device, as stock
+                self.engine.ledger.give(self.held[0], self.held)
+            rows = torch.cat(
+                [p.to(self.offload_device) if self.offload_device is not None else p for p in self.pending]
+            )
+            self.pending = []
+            super().append({"input": rows.unsqueeze(0)})
+
+        def __len__(self) -> int:
+            self._flush()
+            return super().__len__()
+
+        def iter(self, input_names: Any = None) -> Any:
+            self._flush()
+            if not (self.engine.options.search_batch_tokens and self.engine.run.smoothing and input_names is None):
+                return super().iter(input_names)
+            # the grid search reads these rows 22 times: onload them once (patch 7); the
+            # copy goes with this cache when AWQ deletes it after the mapping
+            if self.resident is None:
+                # flushed rows sit on the offload device, so fetch() would return them there
+                self.resident = [
+                    {
+                        k: v.to(self.device or v.device) if isinstance(v, torch.Tensor) else v
+                        for k, v in self.fetch(i).items()
+                    }
+                    for i in range(len(self.batch_intermediates))
+                ]
+            return iter(self.resident)
+
+        def iter_prefetch(self, input_names: Any = None) -> Any:
+            return (
+                self.iter(input_names)
+                if self.engine.options.search_batch_tokens
+                else super().iter_prefetch(input_names)
+            )
+
+        def pin_memory(self, batch_index: int, input_names: Any = None) -> None:
+            if not self.engine.options.search_batch_tokens:  # else onloaded once: pinning would cost more
+                super().pin_memory(batch_index, input_names)
+
+    class GramCache(IntermediatesCache):
+        """Patch 10: an expert down_proj's cached inputs, kept as the fp32 sum of X^T X over every
+        calibration token (and the token count), on the device they were computed on. It holds
+        no rows: the batched search (patches 8 and 10) reads `gram` and `rows`."""
+
+        def __init__(self, engine: Engine, offload_device: Any) -> None:
+            super().__init__(None, offload_device)
+            self.engine = engine
+            self.gram: Any = None
+            self.rows = 0
+
+        def append(self, values: dict[str, Any]) -> None:
+            x = values.get("input")
+            if set(values) != {"input"} or not isinstance(x, torch.Tensor) or x.dim() < 2:
+                raise RuntimeError(
+                    "glmrel's Gram expert search expects a Linear's single input; set awq.expert_search: sampled"
+                )
+            state = awq_base.active_session().state
+            if state is not None and getattr(state, "loss_masks", None):
+                raise RuntimeError(
+                    "glmrel's Gram expert search does not support loss masks; set awq.expert_search: sampled "
+                    "and awq.max_expert_tokens: null"
+                )
+            flat = x.reshape(-1, x.shape[-1])
+            g = _gram(flat)
+            if self.gram is None:
+                self.gram = g
+                self.engine.grams.take(g.nbytes, self.engine.grams.holder(self))
+            else:
+                self.gram += g
+            self.rows += flat.shape[0]
+            self.engine.stats.tokens_seen += flat.shape[0]
+            self.engine.stats.tokens_kept += flat.shape[0]
+
+        def __len__(self) -> int:
+            return 1 if self.rows else 0
+
+        def iter(self, input_names: Any = None) -> Any:
+            if self.rows:
+                raise RuntimeError("glmrel: a Gram-matrix cache has no rows to replay (the batched search reads it)")
+            return iter(())
+
+        def iter_prefetch(self, input_names: Any = None) -> Any:
+            return self.iter(input_names)
+
+        def pin_memory(self, batch_index: int, input_names: Any = None) -> None:
+            return None
+
+    class ResidentCache(IntermediatesCache):
+        """Patch 9: a parent's cached inputs stay on the device they were computed on while the
+        run's budget lasts, the rest go to the offload device (stock); inputs equal to the
+        previous sample's are stored once."""
+
+        def __init__(self, engine: Engine, offload_device: Any) -> None:
+            super().__init__(None, offload_device)
+            self.engine = engine
+            self.held = engine.ledger.holder(self)
+
+        def update(self, batch_index: int, values: dict[str, Any]) -> None:
+            nbytes = sum(v.nbytes for v in tree_leaves(values) if isinstance(v, torch.Tensor))
+            engine = self.engine
+            resident = self.offload_device is not None and engine.ledger.take(nbytes, self.held)
+            if resident:
+                # copied: a resident cache must not share memory with anything the model may
+                # later change in place
+                copy = tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, values)
+                with patch_attr(self, "offload_device", None):
+                    engine.stock_update(self, batch_index, copy)
+                engine.stats.resident_batches += 1
+            else:
+                engine.stock_update(self, batch_index, values)
+                engine.stats.offloaded_batches += 1
+            count, saved_bytes = _deduplicate_batch(self, batch_index)
+            engine.stats.deduplicated_values += count
+            if resident:
+                engine.ledger.give(saved_bytes, self.held)
+
+        def pin_memory(self, batch_index: int, input_names: Any = None) -> None:
+            """Stock pins each batch's values one by one: a value stored once for several
+            batches is pinned once here. (Without an accelerator there is nothing to pin.)"""
+            if not torch.accelerator.is_available():
+                return
+            pinned = self.__dict__.setdefault("_pinned", {})
+
+            def pin(value: Any) -> None:
+                v = value.value
+                if isinstance(v, torch.Tensor):
+                    if v.device.type == "cpu" and not v.is_pinned():
+                        # ids of values not yet pinned are unique: all of them are alive (cached);
+                        # a freed one's id can only come back as a pinned copy, never looked up
+                        if id(v) not in pinned:
+                            pinned[id(v)] = v.pin_memory()
+                        value.value = pinned[id(v)]
+                elif isinstance(v, (list, tuple)):
+                    for x in v:
+                        pin(x)
+
+            for key, value in self.batch_intermediates[batch_index].items():
+                if input_names is None or key in input_names:
+                    pin(value)
+
+    return SampledCache, GramCache, ResidentCache

@@ -1,0 +1,219 @@
+"""`MoeAWQModifier`: llm-compressor's AWQModifier with glmrel's engine, as a subclass.
+
+`Engine.recipe` puts one in place of each AWQModifier of a rendered recipe, bound to the run's
+`Engine`, and `oneshot` runs it as it would run stock's. Its four overrides are the engine's
+changes to AWQ's own steps (the package docstring numbers them); with the matching option off
+each one is stock's method. Unbound (no engine) it is stock AWQ. What AWQ cannot be told by a
+subclass (the library's cache update, the experts' forward, the calibration context, the
+offload write, the all-reduce) `scaled_awq` patches for the run and undoes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+from llmcompressor.modifiers.transform.awq import base as awq_base
+from llmcompressor.modifiers.transform.awq.base import AWQModifier
+from llmcompressor.pipelines.cache import IntermediatesCache
+from pydantic import PrivateAttr
+
+from .balance import _balance_groups, _batched_balance_search
+from .caches import cache_classes
+from .experts import _batched_expert_search
+from .hooks import Patches
+from .merge import TOKEN_WISE_PARENTS, _merged_batches
+from .state import first
+from .stats import LayerRecord, _pinned_peak_gib, mapping_kind, release_host_memory
+
+
+class MoeAWQModifier(AWQModifier):
+    _engine: Any = PrivateAttr(default=None)  # the run's Engine (engine.py)
+
+    @classmethod
+    def bound(cls, stock: AWQModifier, engine: Any) -> MoeAWQModifier:
+        """This class with `stock`'s settings (those the recipe set), for `engine`'s run."""
+        modifier = cls.model_validate(stock.model_dump(exclude_unset=True))
+        modifier._engine = engine
+        return modifier
+
+    def _run_samples(self, module: Any) -> Any:
+        e = self._engine
+        if e is None or not (e.options.keep_first_output or e.options.stream_loss):
+            return super()._run_samples(module)
+        options, run = e.options, e.run
+        run.generation += 1  # balance weights change only between _run_samples calls
+        cache = self._parent_args_cache[module]
+        state = awq_base.active_session().state
+        batches: Any = cache.iter_prefetch() if state.sequential_prefetch else cache
+        if options.search_batch_tokens and run.smoothing and not getattr(state, "loss_masks", None):
+            kind = type(module).__name__
+            token_wise = kind in TOKEN_WISE_PARENTS
+            if token_wise or options.sdpa_in_search:
+                batches = _merged_batches(
+                    batches, token_wise, options.search_batch_tokens, e.stats.merged_forwards, kind
+                )
+        outputs = (first(module(**batch)) for batch in batches)  # patch 1: element 0 as each batch ends
+        if options.stream_loss and run.lazy:
+            return outputs  # patch 2: consumed one batch at a time by _compute_loss
+        return list(outputs)
+
+    def _compute_best_scale(self, mapping: Any, fp16_outputs: Any, orig_layer_weights: Any) -> Any:
+        e = self._engine
+        if e is None:
+            return super()._compute_best_scale(mapping, fp16_outputs, orig_layer_weights)
+        options, stats, run, clock = e.options, e.stats, e.run, e.clock
+        sampled, gram, _resident = cache_classes()
+        if e.deduplicating and not isinstance(self._parent_args_cache.get(mapping.parent), (sampled, gram)):
+            release_host_memory()  # what earlier mappings pinned and freed
+        run.lazy = options.stream_loss
+        if e.shared_fix is not None:
+            e.shared_fix.before(mapping)
+        try:
+            groups = _balance_groups(mapping.balance_layers) if options.batched_balance_layers else None
+            if groups:  # patch 12
+                phases = stats.search_phase_s.setdefault(mapping_kind(mapping.smooth_name), {})
+                phases["prepare"] = phases.get("prepare", 0.0) + time.perf_counter() - clock["mapping"]
+                losses: list[float] = []
+                best = _batched_balance_search(self, mapping, fp16_outputs, orig_layer_weights, groups, phases, losses)
+                stats.grid_losses[mapping.smooth_name] = losses
+                stats.batched_balance_mappings += 1
+                stats.batched_balance_layers += sum(len(g) for g in groups)
+            else:
+                best = super()._compute_best_scale(mapping, fp16_outputs, orig_layer_weights)
+            if e.shared_fix is not None:
+                e.shared_fix.chosen(best)
+        finally:
+            run.lazy = False
+            # from the end of the previous mapping's search: its smoothing, this one's setup,
+            # reference forward and grid search
+            now = time.perf_counter()
+            kind = mapping_kind(mapping.smooth_name)
+            stats.mapping_s[kind] = stats.mapping_s.get(kind, 0.0) + now - clock["mapping"]
+            clock["mapping"] = now
+        if options.record_scales:
+            stats.scales[mapping.smooth_name] = best.detach().float().cpu().clone()
+        return best
+
+    def _apply_smoothing(self, model: Any) -> None:
+        e = self._engine
+        if e is None:
+            return super()._apply_smoothing(model)
+        import torch
+        from llmcompressor.modeling.moe import context as moe_context
+
+        options, stats, run, clock, write_back = e.options, e.stats, e.run, e.clock, e.write_back
+        t = time.perf_counter()
+        excluded = 0.0  # the benchmark's write-back check is not the layer's time
+        clock["mapping"] = t
+        mappings = len(self._smooth_activation_stats)
+        swaps = Patches()  # undone when the layer's smoothing ends
+        if options.routed_experts_in_search:  # patch 3
+            swaps.set(moe_context, "_CALIBRATE_ALL_EXPERTS", False)
+        run.routed = options.routed_experts_in_search
+        run.smoothing = True
+        # compressed-tensors' offload wrapper calls the forward it captured at load time
+        # (`_original_forward_func`), so the class-level patch alone does not reach it.
+        if options.batched_experts:
+            for m in model.modules():
+                if (
+                    isinstance(m, LinearExperts2D)
+                    and m.__dict__.get("_original_forward_func") is e.stock_experts_forward
+                ):
+                    swaps.set(m, "_original_forward_func", e.experts_forward)
+        batched: list[Any] = []
+        held: dict[str, Any] = {}
+        if options.batched_expert_search:  # patches 8 and 10
+            sampled, gram, _resident = cache_classes()
+            for m in self._resolved_mappings:
+                cache = self._parent_args_cache.get(m.parent)
+                if (
+                    m.smooth_name in self._smooth_activation_stats
+                    and isinstance(cache, (sampled, gram))
+                    and len(m.balance_layers) == 1
+                    and m.balance_layers[0] is m.parent
+                    and len(cache) == 1
+                ):
+                    batched.append(m)
+            # stock's loop skips what it has no statistics for
+            held = {m.smooth_name: self._smooth_activation_stats.pop(m.smooth_name) for m in batched}
+        try:
+            super()._apply_smoothing(model)
+            if batched:
+                t_search = time.perf_counter()
+                with awq_base.calibration_forward_context(model):
+                    done = _batched_expert_search(
+                        self, batched, held, awq_base._allreduce_data_sum, stats, options.record_scales
+                    )
+                if not done:
+                    self._smooth_activation_stats.update(held)
+                    super()._apply_smoothing(model)
+                stats.mapping_s["routed_expert_down"] = (
+                    stats.mapping_s.get("routed_expert_down", 0.0) + time.perf_counter() - t_search
+                )
+            if e.shared_fix is not None:
+                import torch.distributed as dist
+
+                e.shared_fix.flush()
+                dist.barrier()  # every rank's last write lands before the layer's outputs propagate
+            if write_back is not None:  # patch 11
+                t_write, checking = time.perf_counter(), write_back.check_seconds
+                write_back.flush()  # the layer's smoothed weights, to the CPU offload once
+                excluded = write_back.check_seconds - checking
+                stats.mapping_s["write_back"] = (
+                    stats.mapping_s.get("write_back", 0.0) + time.perf_counter() - t_write - excluded
+                )
+        finally:
+            swaps.undo()
+            run.routed = run.smoothing = False
+            run.stacked = {}
+            if write_back is not None:
+                write_back.dirty.clear()  # flushed above; a failed smoothing leaves the CPU copies as they were
+            if e.deduplicating:
+                release_host_memory()
+            end = time.perf_counter()
+            gpu = reserved = 0.0
+            if torch.cuda.is_available():
+                gpu = torch.cuda.max_memory_allocated() / 2**30
+                reserved = torch.cuda.max_memory_reserved() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+            if mappings:
+                stats.layers.append(
+                    LayerRecord(
+                        mappings,
+                        round(t - clock["last"], 3),
+                        round(end - t - excluded, 3),
+                        round(gpu, 3),
+                        round(e.host.take(), 3),
+                        round(_pinned_peak_gib(), 3),
+                        round(reserved, 3),
+                    )
+                )
+            clock["last"] = end
+
+    def _setup_activation_cache_hooks(self) -> None:
+        e = self._engine
+        super()._setup_activation_cache_hooks()
+        if e is None or not (
+            e.options.sampled_expert_rows is not None or e.options.expert_search == "gram" or e.deduplicating
+        ):
+            return
+        import torch
+
+        options = e.options
+        sampled, gram, resident = cache_classes()
+        for i, mapping in enumerate(self._resolved_mappings):
+            parent = mapping.parent
+            old = self._parent_args_cache[parent]
+            if type(old) is not IntermediatesCache or old.batch_intermediates:
+                continue  # already replaced (a parent shared by several mappings) or in use
+            # An expert's up->down mapping: the parent is the down_proj Linear itself.
+            expert = isinstance(parent, torch.nn.Linear) and ".experts." in mapping.parent_name
+            if expert and options.expert_search == "gram":
+                self._parent_args_cache[parent] = gram(e, old.offload_device)
+            elif expert and options.sampled_expert_rows is not None:
+                self._parent_args_cache[parent] = sampled(e, old.offload_device, options.sampled_expert_rows, i)
+                e.stats.sampled_caches += 1
+            elif e.deduplicating:
+                self._parent_args_cache[parent] = resident(e, old.offload_device)
