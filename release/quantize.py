@@ -335,11 +335,9 @@ def calibrate(
 
     from .awq import scaled_awq
     from .calibration import build_calibration_set
-    from .compat import patch_cpu_only_awq
     from .coverage import count_expert_tokens
 
     timings: dict[str, Any] = {}
-    patch_cpu_only_awq()
     t = time.time()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     dataset, calib_prov = build_calibration_set(cfg.calibration, tokenizer)

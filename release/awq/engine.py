@@ -148,11 +148,19 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[Engine]:
         stats.batched_expert_calls += 1
         return out
 
+    def no_pin(self: Any, batch_index: int, input_names: Any = None) -> None:
+        """Without an accelerator: AWQ's smoothing pins cached inputs, and `tensor.pin_memory()`
+        raises on CPU-only torch ("Cannot access accelerator device when none is available").
+        Pinning only speeds copies to a device, so with none it is nothing to do."""
+        return None
+
     engine.experts_forward = experts_forward
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     patches = Patches()
     try:
+        if not torch.accelerator.is_available():
+            patches.set(IntermediatesCache, "pin_memory", no_pin)
         if engine.deduplicating:
             patches.set(IntermediatesCache, "update", update)
         if options.batched_experts:
