@@ -477,27 +477,21 @@ def test_patches_put_back_the_very_objects_in_reverse_order():
 
 
 def test_every_patch_is_undone_even_after_a_failure(monkeypatch):
-    """Every symbol scaled_awq replaces (the library's cache update, experts forward, forward
-    context, offload write, all-reduce and, without an accelerator, cache pinning) is patched inside it and is the library's own object
-    again after it, also when the run raises. AWQModifier itself is never touched: the
-    engine's changes to AWQ's steps are MoeAWQModifier's overrides."""
-    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    """Every hook of the engine's table (release/awq/hooks.py: the library's cache update and
+    pinning, experts forward, forward context, offload write, all-reduce) is patched inside
+    scaled_awq with every option on and is the library's own object again after it, also when
+    the run raises. AWQModifier itself is never touched: the engine's changes to AWQ's steps are
+    MoeAWQModifier's overrides."""
     from llmcompressor.modifiers.transform.awq import base
-    from llmcompressor.pipelines.cache import IntermediatesCache
 
     from release.awq import scaled_awq
+    from release.awq.hooks import HOOKS
 
     methods = ("_run_samples", "_compute_best_scale", "_apply_smoothing", "_setup_activation_cache_hooks")
     untouched = {f"AWQModifier.{m}": (base.AWQModifier, m) for m in methods}
-    targets = {
-        "IntermediatesCache.update": (IntermediatesCache, "update"),
-        "LinearExperts2D.forward": (LinearExperts2D, "forward"),
-        "calibration_forward_context": (base, "calibration_forward_context"),
-        "update_offload_parameter": (base, "update_offload_parameter"),
-        "_allreduce_data_sum": (base, "_allreduce_data_sum"),
-    }
-    if not torch.accelerator.is_available():  # AWQ's pinning of cached inputs: nothing to pin without a device
-        targets["IntermediatesCache.pin_memory"] = (IntermediatesCache, "pin_memory")
+    targets = {name: hook.owner_and_name() for name, hook in HOOKS.items()}
+    if torch.accelerator.is_available():  # pinning is patched only where there is no device to pin for
+        del targets["cache_pin"]
     stock = {name: getattr(owner, attr) for name, (owner, attr) in (targets | untouched).items()}
     monkeypatch.setattr(base, "is_distributed", lambda: True)  # ranks on CPU: the all-reduce is replaced too
     options = ScaleOptions(resident_cache_gib=1.0)  # every patch on, patch 9 included

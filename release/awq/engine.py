@@ -84,9 +84,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[Engine]:
     import llmcompressor
     import torch
     from compressed_tensors.utils import patch_attr
-    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
     from llmcompressor.modifiers.transform.awq import base as awq_base
-    from llmcompressor.pipelines.cache import IntermediatesCache
 
     if llmcompressor.__version__ != TARGET_VERSION:
         raise RuntimeError(
@@ -160,21 +158,19 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[Engine]:
     patches = Patches()
     try:
         if not torch.accelerator.is_available():
-            patches.set(IntermediatesCache, "pin_memory", no_pin)
+            patches.hook("cache_pin", no_pin)
         if engine.deduplicating:
-            patches.set(IntermediatesCache, "update", update)
+            patches.hook("cache_update", update)
         if options.batched_experts:
-            patches.set(LinearExperts2D, "forward", experts_forward)
+            patches.hook("experts_forward", experts_forward)
         if options.sdpa_in_search:
-            patches.set(awq_base, "calibration_forward_context", search_forward_context)
+            patches.hook("forward_context", search_forward_context)
         if write_back is not None:
-            patches.set(awq_base, "update_offload_parameter", update_offload_parameter)
+            patches.hook("offload_write", update_offload_parameter)
         if engine.cpu_ranks:
-            # stock moves the sums to the accelerator before all-reducing them, and there is
-            # none; gloo sums CPU tensors
-            patches.set(awq_base, "_allreduce_data_sum", _cpu_allreduce_sum)
+            patches.hook("allreduce", _cpu_allreduce_sum)
         elif awq_base.is_distributed() and torch.cuda.is_available():
-            patches.set(awq_base, "_allreduce_data_sum", timed_allreduce)
+            patches.hook("allreduce", timed_allreduce)
         engine.clock["last"] = time.perf_counter()
         yield engine
     finally:
