@@ -46,7 +46,6 @@ class Engine:
         # the library's own functions, which the patches call
         self.stock_update = IntermediatesCache.update
         self.stock_experts_forward = LinearExperts2D.forward
-        self.experts_forward: Any = None  # set by scaled_awq: patch 5's forward
 
     def recipe(self, recipe_text: str) -> Any:
         """The rendered recipe as llm-compressor reads it, each AWQModifier replaced by this
@@ -152,7 +151,6 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[Engine]:
         Pinning only speeds copies to a device, so with none it is nothing to do."""
         return None
 
-    engine.experts_forward = experts_forward
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     patches = Patches()

@@ -114,14 +114,15 @@ class MoeAWQModifier(AWQModifier):
         run.routed = options.routed_experts_in_search
         run.smoothing = True
         # compressed-tensors' offload wrapper calls the forward it captured at load time
-        # (`_original_forward_func`), so the class-level patch alone does not reach it.
+        # (`_original_forward_func`), so the class-level patch alone does not reach it: point
+        # it at the class's forward, which under this option is the run's (hooks: experts_forward).
         if options.batched_experts:
             for m in model.modules():
                 if (
                     isinstance(m, LinearExperts2D)
                     and m.__dict__.get("_original_forward_func") is e.stock_experts_forward
                 ):
-                    swaps.set(m, "_original_forward_func", e.experts_forward)
+                    swaps.set(m, "_original_forward_func", LinearExperts2D.forward)
         batched: list[Any] = []
         held: dict[str, Any] = {}
         if options.batched_expert_search:  # patches 8 and 10
