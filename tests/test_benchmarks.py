@@ -442,3 +442,18 @@ def test_engine_package_kept_the_gpu_weights():
     assert before["weights_digest"] == after["weights_digest"] == "8fe225c94e3483c5f11d4194391d2884"
     assert (before["samples"], after["samples"]) == (64, 64) and "H200" in after["gpu"]
     assert (before["oneshot_s"], after["oneshot_s"]) == (58.88, 56.74)
+
+
+def test_engine_extension_kept_the_gpu_weights():
+    """The engine as an AWQModifier subclass (8c22299), run side by side with 9fb33a4 (the
+    single patching module) on one H200 at GLM-4.7 layer dims: the same weights and peaks,
+    and the same digest as the package split's pair."""
+    folder = RESULTS.parent / "2026-11-30-h200-engine-extension-before-after"
+    (before,) = json.loads((folder / "before-9fb33a4.json").read_text())
+    (after,) = json.loads((folder / "after-8c22299.json").read_text())
+    assert before["weights_digest"] == after["weights_digest"] == "8fe225c94e3483c5f11d4194391d2884"
+    assert (before["samples"], after["samples"], before["seq"], after["seq"]) == (64, 64, 2048, 2048)
+    assert "H200" in after["gpu"] and before["peak_gpu_gib"] == after["peak_gpu_gib"]
+    assert (before["oneshot_s"], after["oneshot_s"]) == (52.24, 49.46)
+    readme = (folder / "README.md").read_text()
+    assert "52.2 s" in readme and "49.5 s" in readme and "8fe225c94e3483c5f11d4194391d2884" in readme
