@@ -12,7 +12,7 @@ from .check import CheckReport, check_branch
 from .config import ReleaseConfig
 from .errors import ReleaseError
 from .manifest import folder_content_digest, write_manifest
-from .quantize import BranchBuild, build_branch, resolve_base_model
+from .quantize import BranchBuild, build_branches, resolve_base_model
 from .render import render_release
 from .verify import VERIFY_FILE, BaseReference, QualityReport, load_heldout, verify_branches
 
@@ -58,20 +58,20 @@ def build_all(
     progress: Callable[[str], None] | None = None,
     gpus: int = 1,
     config_path: Path | None = None,
+    separate: bool = False,
 ) -> BuildResult:
     """Quantize (or skip, when unchanged), verify, render, manifest and check each branch.
+    On one GPU the branches share one calibration pass (quantize.quantize_pass) unless
+    `separate`.
 
     A branch that is skipped keeps its earlier verification unless that is missing. Raises
     ReleaseError naming every branch that failed verification (before anything is rendered)
     or check, so nothing that failed can be published.
     """
-    builds: list[BranchBuild] = []
-    for branch in cfg.branches:
-        if progress:
-            progress(branch.name)
-        b = build_branch(cfg, branch.name, gpus, config_path, force=force, echo=echo)
+    names = [b.name for b in cfg.branches]
+    builds = build_branches(cfg, names, gpus, config_path, force=force, echo=echo, separate=separate, progress=progress)
+    for b in builds:
         echo(f"[{b.branch}] {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'}")
-        builds.append(b)
 
     quality: dict[str, QualityReport] = {}
     to_verify: dict[str, Path] = {}

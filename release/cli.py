@@ -108,24 +108,45 @@ _gpus_option = click.option(
 )
 
 
+_separate_option = click.option(
+    "--separate",
+    is_flag=True,
+    help="Calibrate each branch in a pass of its own (default on one GPU: one pass for all of them, "
+    "the first branch's smoothed layers propagating; the others are smoothed beside it).",
+)
+
+
 @cli.command()
 @_config_option
-@click.option("--branch", "branch_name", required=True, help="Branch name from the config, e.g. W4A16_GS64.")
+@click.option(
+    "--branch",
+    "branch_names",
+    required=True,
+    multiple=True,
+    help="Branch name from the config, e.g. W4A16_GS64; repeat it to build several in one calibration pass.",
+)
 @click.option("--force", is_flag=True, help="Rebuild even if the branch is up to date.")
 @_gpus_option
-def quantize(config_path: Path, branch_name: str, force: bool, gpus: int) -> None:
-    """Quantize one branch with MoE-aware AWQ + W4A16 (llm-compressor oneshot).
+@_separate_option
+def quantize(config_path: Path, branch_names: tuple[str, ...], force: bool, gpus: int, separate: bool) -> None:
+    """Quantize branches with MoE-aware AWQ + W4A16 (llm-compressor oneshot).
 
-    The branch is written to a hidden temporary folder and moved into
-    <output_dir>/<branch> only when complete. Unchanged inputs mean no work. With
-    --gpus N each GPU calibrates its share of the samples and AWQ all-reduces its
-    statistics, so every rank picks the same scales; rank 0 writes the branch.
+    Each branch is written to a hidden temporary folder and moved into
+    <output_dir>/<branch> only when complete. Unchanged inputs mean no work. Several
+    --branch share one calibration pass (the first named propagates). With --gpus N each
+    GPU calibrates its share of the samples and AWQ all-reduces its statistics, so every
+    rank picks the same scales; rank 0 writes the branch.
     """
-    from .quantize import build_branch
+    from .quantize import build_branches
 
     cfg = _load(config_path)
-    b = build_branch(cfg, branch_name, gpus, Path(config_path), force=force, echo=click.echo)
-    click.echo(f"{b.branch}: {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'} -> {b.path}")
+    for name in branch_names:
+        cfg.branch(name)  # an unknown name fails before any work
+    builds = build_branches(
+        cfg, list(branch_names), gpus, Path(config_path), force=force, echo=click.echo, separate=separate
+    )
+    for b in builds:
+        click.echo(f"{b.branch}: {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'} -> {b.path}")
 
 
 @cli.command()
@@ -211,8 +232,9 @@ def vllm_check(config_path: Path, branch_names: tuple[str, ...], folders: tuple[
 @_config_option
 @click.option("--force", is_flag=True, help="Rebuild every branch even if up to date.")
 @_gpus_option
+@_separate_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def build_all_cmd(config_path: Path, force: bool, gpus: int, as_json: bool) -> None:
+def build_all_cmd(config_path: Path, force: bool, gpus: int, separate: bool, as_json: bool) -> None:
     """Quantize and verify every branch of the release, in config order.
 
     Branches whose inputs (config, recipe, calibration data, base model, tool and library
@@ -231,7 +253,15 @@ def build_all_cmd(config_path: Path, force: bool, gpus: int, as_json: bool) -> N
                 bar.update(1)
             seen.append(name)
 
-        result = build_all(cfg, force=force, echo=echo, progress=progress, gpus=gpus, config_path=Path(config_path))
+        result = build_all(
+            cfg,
+            force=force,
+            echo=echo,
+            progress=progress,
+            gpus=gpus,
+            config_path=Path(config_path),
+            separate=separate,
+        )
         bar.update(1)
     lines = [
         f"{b.branch}: {'skipped (up to date)' if b.skipped else f'built in {b.seconds:.0f}s'}, "

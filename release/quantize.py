@@ -25,7 +25,7 @@ from typing import Any
 
 from . import __version__, distributed
 from .architecture import Glm4MoeArch
-from .awq import ScaleOptions, ScaleStats
+from .awq import ScaleOptions, ScaleStats, SideBranch
 from .config import BranchSpec, ReleaseConfig
 from .coverage import ExpertCounts
 from .errors import ReleaseError
@@ -92,8 +92,15 @@ def base_model_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def inputs_fingerprint(cfg: ReleaseConfig, branch: BranchSpec, recipe_text: str, base_fp: str, calib_fp: str) -> str:
-    payload = {
+def inputs_fingerprint(
+    cfg: ReleaseConfig,
+    branch: BranchSpec,
+    recipe_text: str,
+    base_fp: str,
+    calib_fp: str,
+    calibration_pass: list[str] | None = None,
+) -> str:
+    payload: dict[str, Any] = {
         "tool": __version__,
         "branch": branch.model_dump(mode="json"),
         "calibration": cfg.calibration.model_dump(mode="json", exclude={"path"}),
@@ -104,6 +111,8 @@ def inputs_fingerprint(cfg: ReleaseConfig, branch: BranchSpec, recipe_text: str,
         "base_model": base_fp,
         "libraries": library_versions(),
     }
+    if calibration_pass and len(calibration_pass) > 1:  # the branches whose pass made it, the first propagating
+        payload["calibration_pass"] = list(calibration_pass)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -153,9 +162,13 @@ def project_commit() -> dict[str, Any]:
         return {"commit": None, "dirty": None, "note": type(e).__name__}
 
 
-def prepare_branch(cfg: ReleaseConfig, branch: BranchSpec) -> tuple[Path, Glm4MoeArch, str, str]:
+def prepare_branch(
+    cfg: ReleaseConfig, branch: BranchSpec, calibration_pass: list[str] | None = None
+) -> tuple[Path, Glm4MoeArch, str, str]:
     """Everything that can fail fast, before torch is imported: model folder, architecture,
-    group size, recipe. Returns (base_dir, arch, recipe_text, inputs_fingerprint)."""
+    group size, recipe. Returns (base_dir, arch, recipe_text, inputs_fingerprint); a branch
+    made by a pass shared with others (`calibration_pass`, the propagating branch first) has
+    a fingerprint of its own."""
     base_dir = resolve_base_model(cfg)
     arch = Glm4MoeArch.from_dir(base_dir)
     arch.check_group_size(branch.group_size, branch.name)
@@ -164,7 +177,9 @@ def prepare_branch(cfg: ReleaseConfig, branch: BranchSpec) -> tuple[Path, Glm4Mo
             f"{base_dir} holds no *.safetensors weights", hint="glmrel reads safetensors checkpoints only"
         )
     recipe_text = render_recipe(cfg.recipe, arch, branch, cfg.awq)
-    fp = inputs_fingerprint(cfg, branch, recipe_text, base_model_fingerprint(base_dir), calibration_fingerprint(cfg))
+    fp = inputs_fingerprint(
+        cfg, branch, recipe_text, base_model_fingerprint(base_dir), calibration_fingerprint(cfg), calibration_pass
+    )
     return base_dir, arch, recipe_text, fp
 
 
@@ -262,39 +277,8 @@ def quantize_branch(
     shutil.rmtree(tmp, ignore_errors=True)
     failed = True
     try:
-        timings = _run_oneshot(cfg, branch, base_dir, arch, recipe_text, tmp, echo, scale_options)
-        provenance = {
-            "schema": PROVENANCE_SCHEMA,
-            "tool": {"name": "glmrel", "version": __version__, **project_commit()},
-            "libraries": library_versions(),
-            "release": cfg.name,
-            "branch": branch.model_dump(mode="json"),
-            "base_model": {
-                "id": cfg.base_model.display_id,
-                "revision": cfg.base_model.revision,
-                "fingerprint": base_model_fingerprint(base_dir),
-                "architecture": asdict(arch),
-            },
-            "calibration": json.loads((tmp / ".calibration.json").read_text()),
-            "moe_calibrate_all_experts": cfg.calibration.moe_calibrate_all_experts,
-            "awq": cfg.awq.model_dump(mode="json"),
-            "dtype": cfg.dtype,
-            "offload_cpu_gib": cfg.offload.cpu_gib,  # how, not what: the same weights either way (tested)
-            "gpus": distributed.world_size(),
-            "inputs_fingerprint": fingerprint,
-            "timings_s": timings,
-        }
-        (tmp / ".calibration.json").unlink()
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-        write_manifest(tmp, branch.name)
-        # Swap in only a complete folder: an interrupted run leaves a hidden .partial, never a branch.
-        if out_dir.exists():
-            old = partial_folder(cfg.output_dir, branch.name, "old")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
+        timings, _run = _run_oneshot(cfg, branch, base_dir, arch, recipe_text, tmp, echo, scale_options)
+        seal_folder(cfg, branch, base_dir, arch, tmp, out_dir, fingerprint, timings, [branch.name])
         failed = False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -303,6 +287,190 @@ def quantize_branch(
         if cfg.offload.cpu_gib is not None:  # every rank is done with the offloaded weights
             forget_offload(offload_folder(cfg))
     return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
+
+
+PASS_FOLDER = "calibration-pass"  # .calibration-pass.partial-<pid>@<host>: the side branches' stores
+
+
+def quantize_pass(
+    cfg: ReleaseConfig,
+    branch_names: list[str],
+    *,
+    force: bool = False,
+    echo: Log = print,
+    scale_options: ScaleOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[BranchBuild]:
+    """Build several branches from ONE calibration pass (the first named propagates its
+    smoothed layers; the others are smoothed beside it, layer by layer: release/awq/side.py),
+    skipping the branches whose inputs are unchanged. One branch: `quantize_branch`.
+
+    The first branch is saved as a build of its own would be (bit for bit the same); each
+    other branch is then the base model with its stored smoothed weights written over it,
+    quantized by QuantizationModifier alone (no calibration data: weight-only) and saved.
+    Every branch's provenance names the pass."""
+    specs = [cfg.branch(n) for n in dict.fromkeys(branch_names)]
+    if len(specs) == 1:
+        if progress:
+            progress(specs[0].name)
+        return [quantize_branch(cfg, specs[0].name, force=force, echo=echo, scale_options=scale_options)]
+    if distributed.in_worker():
+        raise ReleaseError("one calibration pass for several branches runs in one process, not under torchrun")
+    names = [b.name for b in specs]
+    t_start = time.time()
+    prepared = {b.name: prepare_branch(cfg, b, names) for b in specs}
+    base_dir, arch = prepared[names[0]][0], prepared[names[0]][1]
+    for name in [*names, PASS_FOLDER]:
+        remove_stale_partials(cfg.output_dir, name, echo)
+    stale = [b for b in specs if force or not branch_is_current(cfg.output_dir / b.name, prepared[b.name][3])]
+    if not stale:
+        return [BranchBuild(b.name, cfg.output_dir / b.name, True, 0.0, prepared[b.name][3]) for b in specs]
+    lead, rest = specs[0], [b for b in specs[1:] if b in stale]
+    work = partial_folder(cfg.output_dir, PASS_FOLDER)
+    side = tuple(SideBranch(b.name, b.group_size, work / b.name) for b in rest)
+    tmps = {b.name: partial_folder(cfg.output_dir, b.name) for b in stale}
+    builds: dict[str, BranchBuild] = {
+        b.name: BranchBuild(b.name, cfg.output_dir / b.name, True, 0.0, prepared[b.name][3])
+        for b in specs
+        if b not in stale
+    }
+    echo(f"[{lead.name}] one calibration pass for {', '.join(names)} (propagating through {lead.name})")
+    for folder in [work, *tmps.values()]:
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        if progress:
+            progress(lead.name)
+        lead_tmp = tmps.get(lead.name)
+        timings, run = _run_oneshot(
+            cfg, lead, base_dir, arch, prepared[lead.name][2], lead_tmp, echo, scale_options, side
+        )
+        shared = {k: timings[k] for k in ("calibration_data", "load", "oneshot", "awq_engine") if k in timings}
+        pass_s = round(time.time() - t_start, 1)
+        if lead_tmp is not None:
+            timings["calibration_pass_s"] = pass_s
+            seal_folder(
+                cfg, lead, base_dir, arch, lead_tmp, cfg.output_dir / lead.name, prepared[lead.name][3], timings, names
+            )
+            builds[lead.name] = BranchBuild(
+                lead.name, cfg.output_dir / lead.name, False, pass_s, prepared[lead.name][3]
+            )
+        for b, sb in zip(rest, side):
+            if progress:
+                progress(b.name)
+            t = time.time()
+            side_timings = quantize_side_branch(
+                cfg, b, base_dir, arch, prepared[b.name][2], sb, tmps[b.name], run, echo
+            )
+            side_timings["calibration_pass"] = {**shared, "seconds": pass_s, "propagated_through": lead.name}
+            seal_folder(
+                cfg, b, base_dir, arch, tmps[b.name], cfg.output_dir / b.name, prepared[b.name][3], side_timings, names
+            )
+            builds[b.name] = BranchBuild(
+                b.name, cfg.output_dir / b.name, False, round(time.time() - t, 1), prepared[b.name][3]
+            )
+            shutil.rmtree(sb.store, ignore_errors=True)
+    finally:
+        for folder in [work, *tmps.values()]:
+            shutil.rmtree(folder, ignore_errors=True)
+        if cfg.offload.cpu_gib is not None:
+            forget_offload(offload_folder(cfg))
+    return [builds[n] for n in names]
+
+
+def quantize_side_branch(
+    cfg: ReleaseConfig,
+    branch: BranchSpec,
+    base_dir: Path,
+    arch: Glm4MoeArch,
+    recipe_text: str,
+    side: SideBranch,
+    out: Path,
+    run: Calibrated,
+    echo: Log = print,
+) -> dict[str, Any]:
+    """A side branch of a pass into `out`: the base model with the branch's stored smoothed
+    weights written over it, then the recipe's QuantizationModifier alone (weight-only
+    W4A16 needs no calibration data: llm-compressor's data-free pipeline computes each
+    weight's scales as the sequential pipeline does at a layer's end) and the compressed save.
+    Shares the pass's tokenizer, calibration record and expert coverage."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.recipe import Recipe
+
+    from .awq import load_side_weights
+
+    timings: dict[str, Any] = {}
+    with released_after_oneshot(echo) as track:
+        t = time.time()
+        if cfg.offload.cpu_gib is not None:
+            forget_offload(offload_folder(cfg))
+        model = load_base_model(cfg, base_dir, branch.name, echo)
+        track(model)
+        timings["load"] = round(time.time() - t, 2)
+        t = time.time()
+        written = load_side_weights(model, side.store)
+        timings["smoothed_weights"] = {"tensors": written, "seconds": round(time.time() - t, 2)}
+        echo(f"[{branch.name}] {written} smoothed tensors from the pass; quantizing W4A16 group {branch.group_size}")
+        t = time.time()
+        recipe = Recipe.create_instance(recipe_text)
+        recipe.modifiers = [m for m in recipe.modifiers if not isinstance(m, AWQModifier)]
+        oneshot(model=model, recipe=recipe)
+        timings["quantize"] = round(time.time() - t, 2)
+        t = time.time()
+        model.save_pretrained(out, save_compressed=True, max_shard_size=SHARD_SIZE)
+        model = None
+    _write_branch_files(cfg, base_dir, arch, recipe_text, out, run)
+    timings["save"] = round(time.time() - t, 2)
+    timings.update(resource_peaks())
+    return timings
+
+
+def seal_folder(
+    cfg: ReleaseConfig,
+    branch: BranchSpec,
+    base_dir: Path,
+    arch: Glm4MoeArch,
+    tmp: Path,
+    out_dir: Path,
+    fingerprint: str,
+    timings: dict[str, Any],
+    calibration_pass: list[str],
+) -> None:
+    """A built branch's records (provenance.json, manifest.json) into `tmp`, then `tmp` swapped
+    in as `out_dir`: an interrupted run leaves a hidden .partial, never a branch."""
+    provenance = {
+        "schema": PROVENANCE_SCHEMA,
+        "tool": {"name": "glmrel", "version": __version__, **project_commit()},
+        "libraries": library_versions(),
+        "release": cfg.name,
+        "branch": branch.model_dump(mode="json"),
+        "base_model": {
+            "id": cfg.base_model.display_id,
+            "revision": cfg.base_model.revision,
+            "fingerprint": base_model_fingerprint(base_dir),
+            "architecture": asdict(arch),
+        },
+        "calibration": json.loads((tmp / ".calibration.json").read_text()),
+        "moe_calibrate_all_experts": cfg.calibration.moe_calibrate_all_experts,
+        "awq": cfg.awq.model_dump(mode="json"),
+        # every branch of one pass: the first is the one whose smoothed layers fed the next layers
+        "calibration_pass": {"branches": list(calibration_pass), "propagated_through": calibration_pass[0]},
+        "dtype": cfg.dtype,
+        "offload_cpu_gib": cfg.offload.cpu_gib,  # how, not what: the same weights either way (tested)
+        "gpus": distributed.world_size(),
+        "inputs_fingerprint": fingerprint,
+        "timings_s": timings,
+    }
+    (tmp / ".calibration.json").unlink()
+    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    write_manifest(tmp, branch.name)
+    if out_dir.exists():
+        old = partial_folder(cfg.output_dir, branch.name, "old")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
 
 
 @dataclass
@@ -325,13 +493,14 @@ def calibrate(
     recipe_text: str,
     echo: Log = print,
     options: ScaleOptions | None = None,
+    side: tuple[SideBranch, ...] = (),
 ) -> Calibrated:
     """Load the base model, linearize its experts and run `oneshot` (AWQ + W4A16) on the
-    release's calibration set, with the AWQ patches `options` (default: the config's)."""
+    release's calibration set, with the AWQ patches `options` (default: the config's).
+    `side`: other group sizes this pass also smooths, layer by layer (release/awq/side.py)."""
     import torch
     from llmcompressor import oneshot
-    from llmcompressor.modeling.moe.linearize import linearize_moe
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .awq import scaled_awq
     from .calibration import build_calibration_set
@@ -345,26 +514,20 @@ def calibrate(
         dataset = dataset.select(range(*distributed.partition(len(dataset))))
     timings["calibration_data"] = round(time.time() - t, 2)
 
-    echo(f"[{branch.name}] loading {cfg.base_model.display_id}")
     t = time.time()
-    dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    if cfg.offload.cpu_gib is None:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    else:
-        model = load_offloaded(cfg, base_dir, dtype, echo=lambda s: echo(f"[{branch.name}] {s}"))
-    model.eval()
-    linearize_moe(model)  # per-expert Linears: what AWQ smooths, what gets quantized and saved
+    model = load_base_model(cfg, base_dir, branch.name, echo)
     timings["load"] = round(time.time() - t, 2)
 
     options = options or ScaleOptions.from_spec(cfg.awq)
+    also = f"; in the same pass group {', '.join(str(b.group_size) for b in side)}" if side else ""
     echo(
-        f"[{branch.name}] AWQ W4A16 group {branch.group_size} on {len(dataset)} samples "
+        f"[{branch.name}] AWQ W4A16 group {branch.group_size}{also} on {len(dataset)} samples "
         f"(MoE-aware: {cfg.calibration.moe_calibrate_all_experts}; AWQ engine: {cfg.awq.engine})"
     )
     t = time.time()
     torch.manual_seed(cfg.calibration.seed)
     with (
-        scaled_awq(options, num_batches=len(dataset)) as engine,
+        scaled_awq(options, num_batches=len(dataset), side=side) as engine,
         count_expert_tokens(model, arch.n_routed_experts, calls_per_module=len(dataset)) as counts,
     ):
         oneshot(
@@ -384,6 +547,25 @@ def calibrate(
     timings["awq_engine"] = {"engine": cfg.awq.engine, **options.to_json(), **scale_stats.to_json()}
     LAST_SCALE_STATS[0] = scale_stats
     return Calibrated(model, tokenizer, timings, scale_stats, counts, calib_prov)
+
+
+def load_base_model(cfg: ReleaseConfig, base_dir: Path, label: str, echo: Log = print) -> Any:
+    """The base model as every build starts from it: loaded (offloaded past `offload.cpu_gib`),
+    in eval mode, its experts linearized (per-expert Linears: what AWQ smooths, what gets
+    quantized and saved)."""
+    import torch
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from transformers import AutoModelForCausalLM
+
+    echo(f"[{label}] loading {cfg.base_model.display_id}")
+    dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    if cfg.offload.cpu_gib is None:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    else:
+        model = load_offloaded(cfg, base_dir, dtype, echo=lambda s: echo(f"[{label}] {s}"))
+    model.eval()
+    linearize_moe(model)
+    return model
 
 
 # Shards of a saved branch: the size of GLM-4.7's own, and what bounds host RAM while saving a
@@ -481,30 +663,43 @@ def _run_oneshot(
     base_dir: Path,
     arch: Glm4MoeArch,
     recipe_text: str,
-    out: Path,
+    out: Path | None,
     echo: Log,
     options: ScaleOptions | None = None,
-) -> dict[str, Any]:
-    from .coverage import ExpertCoverage
-
+    side: tuple[SideBranch, ...] = (),
+) -> tuple[dict[str, Any], Calibrated]:
+    """Calibrate and save `branch` into `out` (None: calibrate only, for its side branches);
+    returns its timings and the run (model released) whose records the side branches share."""
     with released_after_oneshot(echo) as track:
-        run = calibrate(cfg, branch, base_dir, arch, recipe_text, echo, options)
+        run = calibrate(cfg, branch, base_dir, arch, recipe_text, echo, options, side=side)
         track(run.model)
         timings = run.timings
         t = time.time()
-        run.model.save_pretrained(out, save_compressed=True, max_shard_size=SHARD_SIZE)
+        if out is not None:
+            run.model.save_pretrained(out, save_compressed=True, max_shard_size=SHARD_SIZE)
         run.model = None  # the calibrated model is written: nothing of this branch keeps it alive
+    if out is not None:
+        _write_branch_files(cfg, base_dir, arch, recipe_text, out, run)
+    timings["save"] = round(time.time() - t, 2)
+    timings.update(resource_peaks())
+    if "peak_gpu_gib" in timings:  # the AWQ records reset the device's peak counter per layer
+        timings["peak_gpu_gib"] = max(timings["peak_gpu_gib"], round(run.stats.peak_gpu_gib, 2))
+    return timings, run
+
+
+def _write_branch_files(
+    cfg: ReleaseConfig, base_dir: Path, arch: Glm4MoeArch, recipe_text: str, out: Path, run: Calibrated
+) -> None:
+    """Beside the saved weights: tokenizer, generation config, the MTP layer, the recipe, the
+    expert coverage and the calibration record (folded into provenance.json by `seal_folder`)."""
+    from .coverage import ExpertCoverage
+
     run.tokenizer.save_pretrained(out)
     for name in ("generation_config.json",):
         if (base_dir / name).is_file() and not (out / name).exists():
             shutil.copy2(base_dir / name, out / name)
     _carry_mtp_layers(base_dir, out, arch)
     (out / RECIPE_FILE).write_text(recipe_text)
-    timings["save"] = round(time.time() - t, 2)
-    timings.update(resource_peaks())
-    if "peak_gpu_gib" in timings:  # the AWQ records reset the device's peak counter per layer
-        timings["peak_gpu_gib"] = max(timings["peak_gpu_gib"], round(run.stats.peak_gpu_gib, 2))
-
     coverage = ExpertCoverage(
         total_tokens=run.calibration.total_tokens,
         routed={k: v for k, v in sorted(run.counts["routed"].items())},
@@ -513,7 +708,6 @@ def _run_oneshot(
     )
     (out / COVERAGE_FILE).write_text(json.dumps(coverage.to_json(), indent=1) + "\n")
     (out / ".calibration.json").write_text(json.dumps(run.calibration.to_json()))
-    return timings
 
 
 def _carry_mtp_layers(base_dir: Path, out: Path, arch: Glm4MoeArch) -> None:
@@ -539,6 +733,31 @@ def _carry_mtp_layers(base_dir: Path, out: Path, arch: Glm4MoeArch) -> None:
                 hint="the base checkpoint lacks model.layers.{N}.* tensors named by num_nextn_predict_layers",
             )
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def build_branches(
+    cfg: ReleaseConfig,
+    branches: list[str],
+    gpus: int,
+    config_path: Path | None,
+    *,
+    force: bool = False,
+    echo: Log = print,
+    separate: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[BranchBuild]:
+    """Several branches: one calibration pass for all of them on one GPU (`quantize_pass`), or
+    one build each (`separate`, or on several GPUs: the shared pass runs in one process)."""
+    if gpus == 1 and not separate:
+        return quantize_pass(cfg, branches, force=force, echo=echo, progress=progress)
+    if len(branches) > 1 and not separate:
+        echo(f"one calibration pass runs on one GPU: with --gpus {gpus} each branch is calibrated on its own")
+    builds = []
+    for name in branches:
+        if progress:
+            progress(name)
+        builds.append(build_branch(cfg, name, gpus, config_path, force=force, echo=echo))
+    return builds
 
 
 def build_branch(

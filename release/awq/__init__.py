@@ -7,7 +7,9 @@ to AWQ's own steps are overrides in `MoeAWQModifier` (modifier.py), a subclass o
 the all-reduce) `scaled_awq()` patches for one run through `hooks.Patches` and undoes when it
 exits. `scaled_awq` refuses any other llm-compressor version rather than patching blind.
 Modules: options (the knobs), state (what a run's patches share), stats (what it records),
-caches, experts, merge, balance, ranks (the patches' pieces), modifier, engine, hooks.
+caches, experts, merge, balance, ranks (the patches' pieces), modifier, engine, hooks, and
+side (one calibration pass for several group sizes: each layer smoothed once per side branch
+before the propagating branch's own smoothing; its docstring says why that is sound).
 
 What stock 0.14.0.1 does and what each patch changes:
 
@@ -116,6 +118,7 @@ What stock 0.14.0.1 does and what each patch changes:
 
 from .engine import Engine, scaled_awq
 from .options import EXPERT_SEARCHES, TARGET_VERSION, ScaleOptions
+from .side import SideBranch, load_side_weights
 from .stats import LayerRecord, ScaleStats, release_host_memory
 
 __all__ = [
@@ -125,6 +128,8 @@ __all__ = [
     "LayerRecord",
     "ScaleOptions",
     "ScaleStats",
+    "SideBranch",
+    "load_side_weights",
     "release_host_memory",
     "scaled_awq",
 ]

@@ -16,6 +16,7 @@ from .experts import _batchable, _grouped_experts_forward
 from .hooks import Patches
 from .options import TARGET_VERSION, ScaleOptions
 from .ranks import _cpu_allreduce_sum, _SharedSmoothFix
+from .side import SideBranch, write_onloaded
 from .state import RunState
 from .stats import ScaleStats, _HostPeak
 
@@ -24,7 +25,7 @@ class Engine:
     """One `oneshot` call's engine: its options, what it records (`stats`), the state its
     patches share (`run`), and the GPU budgets and write-back its caches use."""
 
-    def __init__(self, options: ScaleOptions, num_batches: int) -> None:
+    def __init__(self, options: ScaleOptions, num_batches: int, side: tuple[SideBranch, ...] = ()) -> None:
         import torch
         from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
         from llmcompressor.modifiers.transform.awq import base as awq_base
@@ -32,6 +33,7 @@ class Engine:
 
         self.options = options
         self.num_batches = num_batches
+        self.side = list(side)  # branches calibrated by this run's pass (side.py)
         self.stats = ScaleStats()
         self.run = RunState()
         self.deduplicating = options.resident_cache_gib != 0  # patch 9
@@ -76,10 +78,11 @@ class Engine:
 
 
 @contextlib.contextmanager
-def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[Engine]:
+def scaled_awq(options: ScaleOptions, num_batches: int, side: tuple[SideBranch, ...] = ()) -> Iterator[Engine]:
     """One run of the engine: pass `engine.recipe(text)` to `oneshot` inside it; `engine.stats`
-    holds what the run recorded. Refuses any llm-compressor but the one the patches were
-    written against."""
+    holds what the run recorded. `side`: other group sizes this pass also smooths, each
+    layer's result written to the branch's store (side.py). Refuses any llm-compressor but the
+    one the patches were written against."""
     import llmcompressor
     import torch
     from compressed_tensors.utils import patch_attr
@@ -90,7 +93,9 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[Engine]:
             f"glmrel's AWQ patches target llmcompressor {TARGET_VERSION}, found {llmcompressor.__version__}; "
             "re-read llmcompressor/modifiers/transform/awq/base.py and update release/awq/"
         )
-    engine = Engine(options, num_batches)
+    if side and awq_base.is_distributed():
+        raise RuntimeError("one calibration pass for several group sizes runs in one process, not under torchrun")
+    engine = Engine(options, num_batches, side)
     stats, run, write_back = engine.stats, engine.run, engine.write_back
     stock_write = awq_base.update_offload_parameter
     stock_forward_context = awq_base.calibration_forward_context
@@ -98,8 +103,11 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[Engine]:
     stock_experts_forward = engine.stock_experts_forward
 
     def update_offload_parameter(module: Any, name: str, data: Any) -> None:
-        """Patch 11: inside the smoothing step a write lands on the onloaded copy only."""
-        if not (write_back is not None and run.smoothing and write_back.defer(module, name, data)):
+        """Patch 11: inside the smoothing step a write lands on the onloaded copy only (and
+        always in a side branch's run, whose weights never reach the offload)."""
+        if run.side:
+            write_onloaded(module, name, data)
+        elif not (write_back is not None and run.smoothing and write_back.defer(module, name, data)):
             stock_write(module, name, data)
 
     def update(self: Any, batch_index: int, values: dict[str, Any]) -> None:
@@ -163,7 +171,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int) -> Iterator[Engine]:
             patches.hook("experts_forward", experts_forward)
         if options.sdpa_in_search:
             patches.hook("forward_context", search_forward_context)
-        if write_back is not None:
+        if write_back is not None or side:
             patches.hook("offload_write", update_offload_parameter)
         if engine.cpu_ranks:
             patches.hook("allreduce", _cpu_allreduce_sum)

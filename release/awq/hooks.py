@@ -54,9 +54,10 @@ HOOKS = {
     ),
     "offload_write": Hook(
         f"{_AWQ}:update_offload_parameter",
-        "awq.deferred_write_back (patch 11)",
+        "awq.deferred_write_back (patch 11), or side branches (side.py)",
         True,
-        "inside the smoothing step a write lands on the onloaded copy; the CPU offload is written once a layer",
+        "inside the smoothing step a write lands on the onloaded copy; the CPU offload is written once a layer "
+        "(a side branch's run writes the onloaded copy only)",
     ),
     "allreduce": Hook(
         f"{_AWQ}:_allreduce_data_sum",

@@ -24,6 +24,7 @@ from .caches import cache_classes
 from .experts import _batched_expert_search
 from .hooks import Patches
 from .merge import TOKEN_WISE_PARENTS, _merged_batches
+from .side import SideTimes, smooth_side_branches
 from .state import first
 from .stats import LayerRecord, _pinned_peak_gib, mapping_kind, release_host_memory
 
@@ -100,6 +101,19 @@ class MoeAWQModifier(AWQModifier):
         e = self._engine
         if e is None:
             return super()._apply_smoothing(model)
+        side = None
+        if e.side:  # the side branches first (side.py), then the branch whose outputs propagate
+            mappings = [m for m in self._resolved_mappings if m.smooth_name in self._smooth_activation_stats]
+            if mappings:
+                side = smooth_side_branches(
+                    self, mappings, e.side, lambda: self._smooth_layer(model, record=False), e.run
+                )
+        self._smooth_layer(model, side=side)
+
+    def _smooth_layer(self, model: Any, *, record: bool = True, side: SideTimes | None = None) -> None:
+        """The engine's smoothing of one layer (stock's loop with patches 3, 5, 8, 10, 11),
+        timed into a LayerRecord unless it is a side branch's run (`record=False`)."""
+        e = self._engine
         import torch
         from llmcompressor.modeling.moe import context as moe_context
 
@@ -153,12 +167,12 @@ class MoeAWQModifier(AWQModifier):
                 stats.mapping_s["routed_expert_down"] = (
                     stats.mapping_s.get("routed_expert_down", 0.0) + time.perf_counter() - t_search
                 )
-            if e.shared_fix is not None:
+            if e.shared_fix is not None and record:
                 import torch.distributed as dist
 
                 e.shared_fix.flush()
                 dist.barrier()  # every rank's last write lands before the layer's outputs propagate
-            if write_back is not None:  # patch 11
+            if write_back is not None and record:  # patch 11 (a side run writes no offload)
                 t_write, checking = time.perf_counter(), write_back.check_seconds
                 write_back.flush()  # the layer's smoothed weights, to the CPU offload once
                 excluded = write_back.check_seconds - checking
@@ -175,23 +189,27 @@ class MoeAWQModifier(AWQModifier):
                 release_host_memory()
             end = time.perf_counter()
             gpu = reserved = 0.0
-            if torch.cuda.is_available():
+            if record and torch.cuda.is_available():
                 gpu = torch.cuda.max_memory_allocated() / 2**30
                 reserved = torch.cuda.max_memory_reserved() / 2**30
                 torch.cuda.reset_peak_memory_stats()
-            if mappings:
+            if mappings and record:
+                calibrated = side.started if side is not None else t  # the side runs come after the forward
                 stats.layers.append(
                     LayerRecord(
                         mappings,
-                        round(t - clock["last"], 3),
+                        round(calibrated - clock["last"], 3),
                         round(end - t - excluded, 3),
                         round(gpu, 3),
                         round(e.host.take(), 3),
                         round(_pinned_peak_gib(), 3),
                         round(reserved, 3),
+                        side_s=round(side.seconds, 3) if side is not None else 0.0,
+                        side_stored_gib=round(side.stored_bytes / 2**30, 3) if side is not None else 0.0,
                     )
                 )
-            clock["last"] = end
+            if record:
+                clock["last"] = end
 
     def _setup_activation_cache_hooks(self) -> None:
         e = self._engine

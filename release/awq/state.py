@@ -20,6 +20,7 @@ class RunState:
     generation: int = 0  # balance weights change only between `_run_samples` calls (patch 5)
     stacked: dict[int, tuple[int, Any]] = field(default_factory=dict)  # patch 5: one layer's stacked weights
     checked: set[int] = field(default_factory=set)  # patch 5: expert layers compared once with the loop
+    side: bool = False  # a side branch's smoothing (side.py): weight writes land on the onloaded copy only
 
 
 def first(output: Any) -> Any:

@@ -19,6 +19,8 @@ class LayerRecord:
     peak_host_gib: float
     pinned_host_gib: float = 0.0  # peak of PyTorch's pinned host allocator (part of peak_host_gib)
     reserved_gpu_gib: float = 0.0  # peak the CUDA caching allocator held (what must fit the card)
+    side_s: float = 0.0  # one calibration pass for several group sizes: the side branches' smoothing and stores
+    side_stored_gib: float = 0.0  # ... and what they wrote to their stores
 
 
 @dataclass

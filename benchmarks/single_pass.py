@@ -1,0 +1,227 @@
+"""One calibration pass for all branches against one pass per branch, on a release config.
+
+Builds every branch of the config twice into two folders under --work: once as `build-all`
+does on one GPU (one pass; the first branch's smoothed layers propagate, the others are
+smoothed beside it: release/awq/side.py) and once with `--separate` (a pass per branch).
+Then, per branch: how many saved tensors differ between the two builds and in which decoder
+layers, and both builds' quality against the base model (`glmrel verify`'s streamed KL and
+top-1 agreement on the config's held-out texts), with the one-pass KL's difference from the
+separate build's in percent. Prints a table; `--json` also writes the record.
+
+  python -m benchmarks.single_pass                                  # the demo release (CPU, ~90 s)
+  python -m benchmarks.single_pass --samples 8 --seq 64             # smaller calibration, faster
+  # GLM-4.7 layer dims on a GPU (random weights: no verify; each build hashed, then deleted)
+  python -m benchmarks.synthetic --preset glm47 --layers 2 --device cuda --out out/syn \
+      --group-size 32 --group-size 64 --group-size 128 --samples 256 --seq 2048
+  python -m benchmarks.single_pass --config out/syn/release.yaml --no-verify --drop --json out/sp.json
+
+Each build is `build_branches` as `build-all` runs it (load, calibration, save, records): the
+one-pass wall time against the separate one is the figure the README quotes.
+
+Nothing here asserts: tests/test_single_pass.py checks the recorded figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from release.numerics import REPRODUCIBLE_CPU_ENV
+
+os.environ.update(REPRODUCIBLE_CPU_ENV)  # before torch: the demo's reproducible CPU numerics
+
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PATH_KEYS = ("base_model.path", "calibration.path", "verify.heldout", "recipe", "changelog", "publish_remote")
+
+
+def _get(raw: dict, dotted: str) -> tuple[dict, str] | None:
+    node = raw
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.get(p) or {}
+    return (node, last) if last in node and node[last] is not None else None
+
+
+def variant_config(source: Path, output_dir: Path, samples: int | None, seq: int | None) -> Path:
+    """`source` with its relative paths made absolute, its output in `output_dir` and,
+    when given, another calibration size; written beside the output."""
+    raw = yaml.safe_load(source.read_text())
+    for key in PATH_KEYS:
+        hit = _get(raw, key)
+        if hit:
+            node, last = hit
+            node[last] = str((source.parent / node[last]).resolve())
+    raw["output_dir"] = str(output_dir)
+    if samples is not None:
+        raw["calibration"]["num_samples"] = samples
+    if seq is not None:
+        raw["calibration"]["max_seq_length"] = seq
+    path = output_dir.with_suffix(".yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def tensor_hashes(folder: Path) -> dict[str, str]:
+    """Every saved tensor of a branch by name: a digest of its dtype, shape and bytes."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k)
+                d = hashlib.blake2b(f"{t.dtype}{tuple(t.shape)}".encode(), digest_size=16)
+                d.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+                out[k] = d.hexdigest()
+    return out
+
+
+def tensor_differences(x: dict[str, str], y: dict[str, str]) -> dict[str, Any]:
+    """Two builds of one branch, by their tensor hashes: how many, how many differ, in which layers."""
+    if x.keys() != y.keys():
+        return {"tensors": len(x), "same_names": False, "differ": None, "layers": None}
+    differ = sorted(k for k in x if x[k] != y[k])
+    layers = sorted({int(k.split(".")[2]) for k in differ if k.startswith("model.layers.")})
+    return {"tensors": len(x), "same_names": True, "differ": len(differ), "layers": layers}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    ap.add_argument("--work", type=Path, default=REPO / "out" / "bench-single-pass")
+    ap.add_argument("--samples", type=int, default=None, help="calibration samples (default: the config's)")
+    ap.add_argument("--seq", type=int, default=None, help="calibration sequence length (default: the config's)")
+    ap.add_argument("--no-verify", action="store_true", help="skip the KL against the base (random weights)")
+    ap.add_argument("--drop", action="store_true", help="delete each build once hashed (disk)")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--modes",
+        default="one_pass,separate",
+        help="which builds to run now; with --json, a mode run earlier is read back from it "
+        "(the two halves in two device calls)",
+    )
+    a = ap.parse_args()
+
+    import shutil
+
+    from release.config import load_config
+    from release.quantize import build_branches, resolve_base_model
+    from release.tiny import ensure_demo_assets
+    from release.verify import BaseReference, load_heldout, verify_branches
+
+    if a.config.resolve() == (REPO / "configs" / "demo.yaml").resolve():
+        ensure_demo_assets()
+    record: dict[str, Any] = {"config": str(a.config), "machine": machine(), "builds": {}, "hashes": {}}
+    if a.json and a.json.is_file():
+        earlier = json.loads(a.json.read_text())
+        record["builds"], record["hashes"] = earlier.get("builds", {}), earlier.get("hashes", {})
+    cfgs, hashes, quality = {}, record["hashes"], {}
+    for mode in ("one_pass", "separate"):
+        cfg = load_config(variant_config(a.config, a.work / mode, a.samples, a.seq))
+        cfgs[mode] = cfg
+        if mode not in a.modes.split(","):
+            continue
+        names = [b.name for b in cfg.branches]
+        t = time.time()
+        builds = build_branches(cfg, names, 1, None, force=True, separate=mode == "separate", echo=print)
+        wall = round(time.time() - t, 1)
+        per_branch = {}
+        for b in builds:
+            timings = json.loads((b.path / "provenance.json").read_text())["timings_s"]
+            per_branch[b.branch] = {"seconds": b.seconds, **{k: timings.get(k) for k in TIMING_KEYS if k in timings}}
+        record["builds"][mode] = {"wall_s": wall, "branches": per_branch}
+        print(f"{mode}: {len(builds)} branches in {wall} s", flush=True)
+        hashes[mode] = {b.name: tensor_hashes(cfg.output_dir / b.name) for b in cfg.branches}
+        if not a.no_verify:
+            reference = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)
+            quality[mode] = verify_branches(cfg, {b.name: cfg.output_dir / b.name for b in cfg.branches}, reference)
+        if a.drop:
+            shutil.rmtree(cfg.output_dir)
+    cfg = cfgs["one_pass"]
+    record["calibration"] = {"samples": cfg.calibration.num_samples, "max_seq_length": cfg.calibration.max_seq_length}
+    if set(record["builds"]) != {"one_pass", "separate"}:
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"recorded {', '.join(record['builds'])}; run the other mode with the same --json to compare")
+        return
+    record["wall_ratio"] = round(record["builds"]["one_pass"]["wall_s"] / record["builds"]["separate"]["wall_s"], 3)
+    lead = cfg.branches[0].name
+    rows = []
+    for b in cfg.branches:
+        row: dict[str, Any] = {
+            "branch": b.name,
+            "role": "propagating" if b.name == lead else "side",
+            **tensor_differences(hashes["one_pass"][b.name], hashes["separate"][b.name]),
+        }
+        if quality:
+            one, sep = quality["one_pass"][b.name], quality["separate"][b.name]
+            row.update(
+                kl_one_pass=one.mean_kl,
+                kl_separate=sep.mean_kl,
+                kl_change_pct=round(100 * (one.mean_kl - sep.mean_kl) / sep.mean_kl, 3),
+                top1_one_pass=one.top1_agreement,
+                top1_separate=sep.top1_agreement,
+            )
+        rows.append(row)
+    record["branches"] = rows
+    print()
+    print(
+        f"wall time: one pass {record['builds']['one_pass']['wall_s']} s, separate "
+        f"{record['builds']['separate']['wall_s']} s ({record['wall_ratio']:.3f}x)"
+    )
+    print(
+        "| branch | role | tensors differing (of) | layers differing | KL one pass | KL separate | change | top-1 one / separate |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        kl = (
+            f"{r['kl_one_pass']:.6f} | {r['kl_separate']:.6f} | {r['kl_change_pct']:+.2f} % "
+            f"| {r['top1_one_pass']:.4f} / {r['top1_separate']:.4f}"
+            if "kl_one_pass" in r
+            else "not measured | | | "
+        )
+        print(f"| {r['branch']} | {r['role']} | {r['differ']} ({r['tensors']}) | {r['layers']} | {kl} |")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(record, indent=1) + "\n")
+
+
+TIMING_KEYS = (
+    "load",
+    "oneshot",
+    "quantize",
+    "save",
+    "smoothed_weights",
+    "calibration_pass_s",
+    "peak_gpu_gib",
+    "peak_host_rss_gib",
+)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+if __name__ == "__main__":
+    main()

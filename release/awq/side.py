@@ -1,0 +1,211 @@
+"""Side branches: one calibration pass for several group sizes.
+
+llm-compressor 0.14.0.1's sequential pipeline runs inside `DisableQuantization`: both the
+calibration forward and the pass that propagates a layer's outputs to the next layer use the
+layer's smoothed but *unquantized* weights. AWQ smoothing preserves a layer's outputs (the
+scales it multiplies into the balance layers it divides out of the smooth layer), so what the
+next layer receives is the same for every group size up to float rounding: one pass can serve
+every branch of a release.
+
+At the end of each layer (`MoeAWQModifier._apply_smoothing`), before the propagating branch's
+own smoothing, `smooth_side_branches` smooths the layer once per side branch, with that
+branch's group size and from the layer's original weights, over the same cached calibration
+inputs; writes the smoothed weights of the layer to the branch's store (one safetensors file
+per layer); and puts the layer back as it was: weights, the grid search's scratch quantization
+parameters and AWQ's per-layer caches. A side run writes only the onloaded copy of a weight
+(the CPU or disk offload keeps the original), so only the propagating branch's smoothing
+reaches the offload, the next layer and QuantizationModifier, exactly as in a build of that
+branch alone. What a side branch's store holds becomes a branch in `quantize.quantize_pass`:
+the base model again, the stored weights written over it, and QuantizationModifier on its own.
+
+Host memory: one copy of the layer in flight (its originals) plus one side branch's smoothed
+copy at a time; GPU memory: the side runs reuse the propagating run's caches and buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SIDE_PARAMS = ("weight", "bias")  # what AWQ's smoothing writes
+# the grid search's scratch quantization parameters: `update_qparams(only_update_onload=True)`
+# replaces their onloaded data with tensors shaped for the group size searched
+SCRATCH_QPARAMS = ("weight_scale", "weight_zero_point", "weight_g_idx")
+LAYER_PREFIX = re.compile(r"^(.*?layers\.\d+)\.")
+
+
+@dataclass(frozen=True)
+class SideBranch:
+    """A branch calibrated by another branch's pass: its name, group size and the folder its
+    smoothed layers go to."""
+
+    name: str
+    group_size: int
+    store: Path
+
+
+@dataclass
+class SideTimes:
+    """One layer's side runs: when they started (the end of the layer's calibration forward)
+    and how long they took, smoothing and the store's writes included."""
+
+    started: float
+    seconds: float = 0.0
+    stored_bytes: int = 0
+
+
+def touched_modules(mappings: list[Any]) -> list[tuple[str, Any]]:
+    """The modules AWQ's smoothing of `mappings` writes (smooth and balance layers), by name,
+    each once, in mapping order."""
+    seen: set[int] = set()
+    out: list[tuple[str, Any]] = []
+    for m in mappings:
+        for name, module in [(m.smooth_name, m.smooth_layer), *zip(m.balance_names, m.balance_layers)]:
+            if id(module) not in seen:
+                seen.add(id(module))
+                out.append((name, module))
+    return out
+
+
+def layer_key(modules: list[tuple[str, Any]]) -> str:
+    """The store's file name for one layer: the decoder layer's prefix (`model.layers.3`)."""
+    for name, _ in modules:
+        m = LAYER_PREFIX.match(name)
+        if m:
+            return m[1]
+    return modules[0][0]
+
+
+def _tensor(module: Any, name: str) -> Any:
+    value = getattr(module, name, None)
+    import torch
+
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def write_onloaded(module: Any, name: str, data: Any) -> None:
+    """Write `data` into the copy of `module.<name>` the layer computes with, leaving any
+    offload as it is (inside the pipeline's `disable_offloading`, `getattr` returns that copy)."""
+    import torch
+
+    with torch.no_grad():
+        getattr(module, name).copy_(data)
+
+
+@contextlib.contextmanager
+def group_size(modules: list[tuple[str, Any]], size: int) -> Iterator[None]:
+    """The weight quantization scheme of `modules` with another group size, for the grid search
+    (stock's observers, `_compute_layer_means` and the engine's batched searches all read it
+    from the module), and their scratch qparams put back after."""
+    from compressed_tensors.utils import patch_attr
+
+    copies: dict[int, Any] = {}
+    with contextlib.ExitStack() as stack:
+        for _, module in modules:
+            scheme = getattr(module, "quantization_scheme", None)
+            if scheme is None or getattr(scheme, "weights", None) is None:
+                continue
+            if id(scheme) not in copies:
+                weights = scheme.weights.model_copy(update={"group_size": size})
+                copies[id(scheme)] = scheme.model_copy(update={"weights": weights})
+            stack.enter_context(patch_attr(module, "quantization_scheme", copies[id(scheme)]))
+        scratch = [
+            (t, t.data) for _, module in modules for q in SCRATCH_QPARAMS if (t := _tensor(module, q)) is not None
+        ]
+        try:
+            yield
+        finally:
+            for t, data in scratch:
+                t.data = data
+
+
+def smooth_side_branches(
+    modifier: Any, mappings: list[Any], branches: list[SideBranch], smooth: Callable[[], None], run: Any
+) -> SideTimes:
+    """Smooth the layer of `mappings` once per side branch (`smooth()` is the engine's smoothing
+    of the layer as it stands), store each result, and leave the layer, its caches and
+    statistics as they were for the propagating branch's own smoothing."""
+    import torch
+    from safetensors.torch import save_file
+
+    times = SideTimes(started=time.perf_counter())
+    modules = touched_modules(mappings)
+    originals = {
+        (name, p): t.detach().to("cpu", copy=True)
+        for name, module in modules
+        for p in SIDE_PARAMS
+        if (t := _tensor(module, p)) is not None
+    }
+    stats = dict(modifier._smooth_activation_stats)
+    caches = dict(modifier._parent_args_cache)
+    key = layer_key(modules)
+    try:
+        for branch in branches:
+            run.side = True
+            try:
+                with group_size(modules, branch.group_size):
+                    smooth()
+            finally:
+                run.side = False
+            smoothed = {
+                f"{name}.{p}": t.detach().to("cpu", copy=True).contiguous()
+                for name, module in modules
+                for p in SIDE_PARAMS
+                if (t := _tensor(module, p)) is not None
+            }
+            branch.store.mkdir(parents=True, exist_ok=True)
+            save_file(smoothed, str(branch.store / f"{key}.safetensors"))
+            times.stored_bytes += sum(t.nbytes for t in smoothed.values())
+            del smoothed
+            # the layer as before this side run
+            modules_by_name = dict(modules)
+            for (name, p), t in originals.items():
+                write_onloaded(modules_by_name[name], p, t)
+            modifier._smooth_activation_stats.clear()
+            modifier._smooth_activation_stats.update(stats)
+            modifier._parent_args_cache.clear()
+            modifier._parent_args_cache.update(caches)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    finally:
+        times.seconds = time.perf_counter() - times.started
+    return times
+
+
+def load_side_weights(model: Any, store: Path) -> int:
+    """Write a side branch's stored smoothed weights over a freshly loaded base model (offload
+    included), one tensor at a time; returns how many. Refuses a store that names a module
+    or shape the model lacks."""
+    import torch
+    from compressed_tensors.offload import update_offload_parameter
+    from safetensors import safe_open
+
+    files = sorted(store.glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"the side branch store {store} holds no layers")
+    n = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                module_name, _, param = key.rpartition(".")
+                try:
+                    module = model.get_submodule(module_name)
+                    current = getattr(module, param)
+                except AttributeError:
+                    current = None
+                if not isinstance(current, torch.Tensor):
+                    raise RuntimeError(f"{f.name}: {key} names no parameter of the model")
+                value = fh.get_tensor(key)
+                if tuple(current.shape) != tuple(value.shape) or current.dtype != value.dtype:
+                    raise RuntimeError(
+                        f"{f.name}: {key} is {tuple(value.shape)} {value.dtype}, the model's is "
+                        f"{tuple(current.shape)} {current.dtype}"
+                    )
+                update_offload_parameter(module, param, value)
+                n += 1
+    return n

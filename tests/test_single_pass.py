@@ -1,0 +1,215 @@
+"""One calibration pass for several branches (release/awq/side.py, quantize.quantize_pass),
+against a pass per branch, on the demo model with a small calibration set (8 x 64 tokens)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from release import quantize
+from release.cli import cli
+from release.config import load_config
+
+pytestmark = pytest.mark.slow
+
+SMALL = {"num_samples": 8, "max_seq_length": 64}
+NAMES = ["W4A16_GS32", "W4A16_GS64", "W4A16_GS128"]
+
+
+def _config(root, demo_assets, **overrides):
+    from conftest import demo_raw_config
+
+    raw = demo_raw_config(demo_assets)
+    raw["calibration"].update(SMALL)
+    raw["changelog"] = None
+    raw["output_dir"] = str(root / "out")
+    raw["publish_remote"] = str(root / "remote.git")
+    raw.update(overrides)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "release.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def _layers_differing(a, b):
+    assert a.keys() == b.keys()
+    return sorted({int(k.split(".")[2]) for k in a if k.startswith("model.layers.") and not torch.equal(a[k], b[k])})
+
+
+@pytest.fixture(scope="module")
+def two_ways(tmp_path_factory, demo_assets):
+    """The three branches built by one pass and by a pass each (quantize only)."""
+    root = tmp_path_factory.mktemp("single_pass")
+    out = {}
+    for mode in ("one", "separate"):
+        cfg = load_config(_config(root / mode, demo_assets))
+        logs: list[str] = []
+        builds = quantize.build_branches(cfg, NAMES, 1, None, separate=mode == "separate", echo=logs.append)
+        out[mode] = {"cfg": cfg, "builds": builds, "logs": logs}
+    return out
+
+
+def test_the_propagating_branch_is_a_build_of_its_own_bit_for_bit(two_ways):
+    """The side runs leave no trace: GS32's weights (and every non-layer tensor of every
+    branch) equal GS32 built alone."""
+    one, sep = (two_ways[m]["cfg"].output_dir for m in ("one", "separate"))
+    a, b = _tensors(one / "W4A16_GS32"), _tensors(sep / "W4A16_GS32")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in NAMES[1:]:
+        x, y = _tensors(one / name), _tensors(sep / name)
+        outside = [k for k in x if not k.startswith("model.layers.") and not torch.equal(x[k], y[k])]
+        assert not outside, f"{name}: tensors outside the decoder layers differ: {outside}"
+
+
+def test_side_branches_equal_their_own_build_where_their_inputs_do(two_ways):
+    """Layer 0 sees the calibration inputs themselves, in both ways: a side branch's layer 0
+    is its own build's bit for bit (the group-size swap, the restore and the data-free
+    quantization add nothing). From layer 1 its inputs came through GS32's smoothed layers
+    (equal to its own up to float rounding), so later layers may differ."""
+    one, sep = (two_ways[m]["cfg"].output_dir for m in ("one", "separate"))
+    for name in NAMES[1:]:
+        layers = _layers_differing(_tensors(one / name), _tensors(sep / name))
+        assert 0 not in layers, f"{name}: layer 0 differs from the separate build"
+        assert layers, f"{name}: equal to the separate build everywhere (did the pass run separately?)"
+
+
+def test_configs_and_records_say_what_made_each_branch(two_ways):
+    one = two_ways["one"]["cfg"].output_dir
+    sep = two_ways["separate"]["cfg"].output_dir
+    for name in NAMES:
+        a = json.loads((one / name / "config.json").read_text())
+        b = json.loads((sep / name / "config.json").read_text())
+        assert a["quantization_config"] == b["quantization_config"], name
+        prov = json.loads((one / name / "provenance.json").read_text())
+        assert prov["calibration_pass"] == {"branches": NAMES, "propagated_through": "W4A16_GS32"}
+        alone = json.loads((sep / name / "provenance.json").read_text())
+        assert alone["calibration_pass"] == {"branches": [name], "propagated_through": name}
+        assert (one / name / "recipe.yaml").read_text() == (sep / name / "recipe.yaml").read_text()
+        assert (one / name / "expert_coverage.json").read_text() == (sep / name / "expert_coverage.json").read_text()
+        assert prov["calibration"] == alone["calibration"]
+    side = json.loads((one / "W4A16_GS64" / "provenance.json").read_text())["timings_s"]
+    assert side["calibration_pass"]["propagated_through"] == "W4A16_GS32" and side["smoothed_weights"]["tensors"] > 0
+    assert not list(one.glob(".calibration-pass.*")), "the side branches' stores are removed"
+    logs = "\n".join(two_ways["one"]["logs"])
+    assert "one calibration pass for W4A16_GS32, W4A16_GS64, W4A16_GS128" in logs
+
+
+def test_side_branches_stay_within_two_percent_of_their_own_build_in_kl(two_ways):
+    """The issue's bar: one-pass branches' KL against the base within 2 % of separate builds
+    (the demo release's figures: benchmarks/results/2026-11-30-cpu-demo-single-pass)."""
+    from release.quantize import resolve_base_model
+    from release.verify import BaseReference, load_heldout, verify_branches
+
+    cfg = two_ways["one"]["cfg"]
+    reference = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)
+    kl = {}
+    for mode in ("one", "separate"):
+        c = two_ways[mode]["cfg"]
+        reports = verify_branches(c, {n: c.output_dir / n for n in NAMES[1:]}, reference)
+        kl[mode] = {n: r.mean_kl for n, r in reports.items()}
+    for name in NAMES[1:]:
+        change = abs(kl["one"][name] - kl["separate"][name]) / kl["separate"][name]
+        assert change <= 0.02, f"{name}: KL {kl['one'][name]} one pass vs {kl['separate'][name]} separate"
+
+
+def test_a_second_pass_does_nothing_and_a_branch_alone_is_another_build(two_ways):
+    cfg = two_ways["one"]["cfg"]
+    again = quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
+    assert [b.skipped for b in again] == [True, True, True]
+    # GS64 built alone is not GS64 of the pass (its inputs differ from layer 1): not current
+    _base, _arch, _recipe, alone = quantize.prepare_branch(cfg, cfg.branch("W4A16_GS64"))
+    assert alone != again[1].inputs_fingerprint
+    assert not quantize.branch_is_current(cfg.output_dir / "W4A16_GS64", alone)
+    # and the pass's order matters: another branch propagating is another pass
+    _b, _a, _r, reordered = quantize.prepare_branch(cfg, cfg.branch("W4A16_GS64"), ["W4A16_GS64", "W4A16_GS32"])
+    assert reordered != again[1].inputs_fingerprint
+
+
+def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path, demo_assets, two_ways, monkeypatch):
+    """A pass that fails in its second side branch: the finished branches are in place and
+    nothing half-written is; the next pass builds only the missing one, the same bits as an
+    uninterrupted pass, and leaves the finished folders as they were."""
+    cfg = load_config(_config(tmp_path, demo_assets))
+    real = quantize.quantize_side_branch
+    calls: list[str] = []
+
+    def failing(cfg_, branch, *args, **kwargs):
+        calls.append(branch.name)
+        if branch.name == "W4A16_GS128":
+            raise RuntimeError("disk full (simulated)")
+        return real(cfg_, branch, *args, **kwargs)
+
+    monkeypatch.setattr(quantize, "quantize_side_branch", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
+    out = cfg.output_dir
+    left = sorted(p.name for p in out.iterdir() if p.name != ".glmrel-cache")
+    assert left == ["W4A16_GS32", "W4A16_GS64"], f"the failed pass left {left}"
+    inodes = {n: (out / n / "model.safetensors").stat().st_ino for n in ("W4A16_GS32", "W4A16_GS64")}
+    monkeypatch.setattr(quantize, "quantize_side_branch", real)
+    builds = quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
+    assert [b.skipped for b in builds] == [True, True, False]
+    assert {n: (out / n / "model.safetensors").stat().st_ino for n in inodes} == inodes
+    done = two_ways["one"]["cfg"].output_dir / "W4A16_GS128"
+    a, b = _tensors(out / "W4A16_GS128"), _tensors(done)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_side_branches_from_offloaded_base_weights_are_the_in_ram_ones(tmp_path, demo_assets, two_ways):
+    """Base weights larger than RAM: with nearly all of the demo model offloaded to disk, the
+    pass's side branch (and the propagating one) are the in-RAM pass's bit for bit."""
+    cfg = load_config(_config(tmp_path, demo_assets, offload={"cpu_gib": 0.002}))
+    quantize.build_branches(cfg, ["W4A16_GS32", "W4A16_GS128"], 1, None, echo=lambda s: None)
+    ram = load_config(_config(tmp_path / "ram", demo_assets))
+    quantize.build_branches(ram, ["W4A16_GS32", "W4A16_GS128"], 1, None, echo=lambda s: None)
+    for name in ("W4A16_GS32", "W4A16_GS128"):
+        a, b = _tensors(cfg.output_dir / name), _tensors(ram.output_dir / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert not quantize.offload_folder(cfg).exists()
+
+
+def test_a_tampered_store_is_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from release.awq import load_side_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    save_file({"0.weight": torch.zeros(3, 5)}, str(tmp_path / "model.layers.0.safetensors"))
+    with pytest.raises(RuntimeError, match=r"model\.layers\.0\.safetensors: 0\.weight is \(3, 5\)"):
+        load_side_weights(model, tmp_path)
+    save_file({"9.weight": torch.zeros(3, 4)}, str(tmp_path / "model.layers.0.safetensors"))
+    with pytest.raises(RuntimeError, match=r"9\.weight names no parameter of the model"):
+        load_side_weights(model, tmp_path)
+    shutil.rmtree(tmp_path)
+    tmp_path.mkdir()
+    with pytest.raises(RuntimeError, match="holds no layers"):
+        load_side_weights(model, tmp_path)
+
+
+def test_the_cli_builds_several_branches_in_one_pass_and_refuses_an_unknown_one(two_ways, tmp_path, demo_assets):
+    path = _config(tmp_path, demo_assets)
+    res = CliRunner().invoke(cli, ["quantize", "--config", str(path), "--branch", "W4A16_GS32", "--branch", "W4A16_GS64"])
+    assert res.exit_code == 0, res.output
+    assert "W4A16_GS32: built in" in res.output and "W4A16_GS64: built in" in res.output
+    prov = json.loads((tmp_path / "out" / "W4A16_GS64" / "provenance.json").read_text())
+    assert prov["calibration_pass"]["branches"] == ["W4A16_GS32", "W4A16_GS64"]
+    same = two_ways["separate"]["cfg"].output_dir / "W4A16_GS32"  # the propagating branch: its own build's bits
+    a, b = _tensors(tmp_path / "out" / "W4A16_GS32"), _tensors(same)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    res = CliRunner().invoke(cli, ["quantize", "--config", str(path), "--branch", "W4A16_GS32", "--branch", "GS7"])
+    assert res.exit_code != 0 and "unknown branch 'GS7'" in res.output
