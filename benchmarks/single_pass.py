@@ -49,7 +49,9 @@ def _get(raw: dict, dotted: str) -> tuple[dict, str] | None:
     return (node, last) if last in node and node[last] is not None else None
 
 
-def variant_config(source: Path, output_dir: Path, samples: int | None, seq: int | None) -> Path:
+def variant_config(
+    source: Path, output_dir: Path, samples: int | None, seq: int | None, pass_store: Path | None = None
+) -> Path:
     """`source` with its relative paths made absolute, its output in `output_dir` and,
     when given, another calibration size; written beside the output."""
     raw = yaml.safe_load(source.read_text())
@@ -63,6 +65,8 @@ def variant_config(source: Path, output_dir: Path, samples: int | None, seq: int
         raw["calibration"]["num_samples"] = samples
     if seq is not None:
         raw["calibration"]["max_seq_length"] = seq
+    if pass_store is not None:
+        raw.setdefault("offload", {})["pass_store"] = str(pass_store)
     path = output_dir.with_suffix(".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -104,6 +108,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None, help="calibration sequence length (default: the config's)")
     ap.add_argument("--no-verify", action="store_true", help="skip the KL against the base (random weights)")
     ap.add_argument("--drop", action="store_true", help="delete each build once hashed (disk)")
+    ap.add_argument("--pass-store", type=Path, default=None, help="offload.pass_store (e.g. /dev/shm/glmrel)")
+    ap.add_argument("--no-hash", action="store_true", help="skip the tensor comparison (time)")
+    ap.add_argument(
+        "--separate-branch",
+        default=None,
+        help="in the separate mode build only this branch: the three separate builds are then "
+        "estimated as three times its time (a device call's limit; said so in the record)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument(
         "--modes",
@@ -112,9 +124,11 @@ def main() -> None:
         "(the two halves in two device calls)",
     )
     a = ap.parse_args()
+    a.work = a.work.resolve()  # the variant configs resolve relative paths against their own folder
 
     import shutil
 
+    from release import quantize
     from release.config import load_config
     from release.quantize import build_branches, resolve_base_model
     from release.tiny import ensure_demo_assets
@@ -128,21 +142,50 @@ def main() -> None:
         record["builds"], record["hashes"] = earlier.get("builds", {}), earlier.get("hashes", {})
     cfgs, hashes, quality = {}, record["hashes"], {}
     for mode in ("one_pass", "separate"):
-        cfg = load_config(variant_config(a.config, a.work / mode, a.samples, a.seq))
+        cfg = load_config(variant_config(a.config, a.work / mode, a.samples, a.seq, a.pass_store))
         cfgs[mode] = cfg
         if mode not in a.modes.split(","):
             continue
         names = [b.name for b in cfg.branches]
+        if mode == "separate" and a.separate_branch:
+            names = [a.separate_branch]
+        hashes[mode] = {}
+        if a.drop:  # each branch hashed and its weights deleted once sealed: one branch on disk at a time
+            real_seal = quantize.seal_folder
+            hashing = [0.0]
+
+            def seal_then_drop(cfg_, branch, *args, real_seal=real_seal, mode=mode, hashing=hashing, **kwargs):
+                real_seal(cfg_, branch, *args, **kwargs)
+                out = cfg_.output_dir / branch.name
+                t = time.time()
+                if not a.no_hash:
+                    hashes[mode][branch.name] = tensor_hashes(out)
+                for f in out.glob("*.safetensors"):
+                    f.unlink()
+                hashing[0] += time.time() - t
+
+            quantize.seal_folder = seal_then_drop
         t = time.time()
-        builds = build_branches(cfg, names, 1, None, force=True, separate=mode == "separate", echo=print)
-        wall = round(time.time() - t, 1)
+        try:
+            builds = build_branches(cfg, names, 1, None, force=True, separate=mode == "separate", echo=print)
+        finally:
+            if a.drop:
+                quantize.seal_folder = real_seal
+        wall = round(time.time() - t - (hashing[0] if a.drop else 0.0), 1)
         per_branch = {}
         for b in builds:
             timings = json.loads((b.path / "provenance.json").read_text())["timings_s"]
             per_branch[b.branch] = {"seconds": b.seconds, **{k: timings.get(k) for k in TIMING_KEYS if k in timings}}
         record["builds"][mode] = {"wall_s": wall, "branches": per_branch}
+        if len(builds) < len(cfg.branches):
+            record["builds"][mode]["estimated_wall_s"] = round(wall * len(cfg.branches) / len(builds), 1)
+            record["builds"][mode]["estimate"] = (
+                f"{len(cfg.branches)} x the {len(builds)} branch(es) built: a build's time does not depend on "
+                "its group size (the same forward and grid search)"
+            )
         print(f"{mode}: {len(builds)} branches in {wall} s", flush=True)
-        hashes[mode] = {b.name: tensor_hashes(cfg.output_dir / b.name) for b in cfg.branches}
+        if not a.drop and not a.no_hash:
+            hashes[mode] = {b.name: tensor_hashes(cfg.output_dir / b.name) for b in cfg.branches}
         if not a.no_verify:
             reference = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)
             quality[mode] = verify_branches(cfg, {b.name: cfg.output_dir / b.name for b in cfg.branches}, reference)
@@ -156,30 +199,33 @@ def main() -> None:
             a.json.write_text(json.dumps(record, indent=1) + "\n")
         print(f"recorded {', '.join(record['builds'])}; run the other mode with the same --json to compare")
         return
-    record["wall_ratio"] = round(record["builds"]["one_pass"]["wall_s"] / record["builds"]["separate"]["wall_s"], 3)
+    sep = record["builds"]["separate"]
+    record["wall_ratio"] = round(record["builds"]["one_pass"]["wall_s"] / sep.get("estimated_wall_s", sep["wall_s"]), 3)
     lead = cfg.branches[0].name
     rows = []
     for b in cfg.branches:
         row: dict[str, Any] = {
             "branch": b.name,
             "role": "propagating" if b.name == lead else "side",
-            **tensor_differences(hashes["one_pass"][b.name], hashes["separate"][b.name]),
         }
+        if b.name in hashes.get("one_pass", {}) and b.name in hashes.get("separate", {}):
+            row.update(tensor_differences(hashes["one_pass"][b.name], hashes["separate"][b.name]))
         if quality:
-            one, sep = quality["one_pass"][b.name], quality["separate"][b.name]
+            q_one, q_sep = quality["one_pass"][b.name], quality["separate"][b.name]
             row.update(
-                kl_one_pass=one.mean_kl,
-                kl_separate=sep.mean_kl,
-                kl_change_pct=round(100 * (one.mean_kl - sep.mean_kl) / sep.mean_kl, 3),
-                top1_one_pass=one.top1_agreement,
-                top1_separate=sep.top1_agreement,
+                kl_one_pass=q_one.mean_kl,
+                kl_separate=q_sep.mean_kl,
+                kl_change_pct=round(100 * (q_one.mean_kl - q_sep.mean_kl) / q_sep.mean_kl, 3),
+                top1_one_pass=q_one.top1_agreement,
+                top1_separate=q_sep.top1_agreement,
             )
         rows.append(row)
     record["branches"] = rows
     print()
     print(
         f"wall time: one pass {record['builds']['one_pass']['wall_s']} s, separate "
-        f"{record['builds']['separate']['wall_s']} s ({record['wall_ratio']:.3f}x)"
+        f"{sep.get('estimated_wall_s', sep['wall_s'])} s{' (estimated)' if 'estimate' in sep else ''} "
+        f"({record['wall_ratio']:.3f}x)"
     )
     print(
         "| branch | role | tensors differing (of) | layers differing | KL one pass | KL separate | change | top-1 one / separate |"
@@ -192,7 +238,8 @@ def main() -> None:
             if "kl_one_pass" in r
             else "not measured | | | "
         )
-        print(f"| {r['branch']} | {r['role']} | {r['differ']} ({r['tensors']}) | {r['layers']} | {kl} |")
+        same = f"{r['differ']} ({r['tensors']}) | {r['layers']}" if "differ" in r else "not compared | "
+        print(f"| {r['branch']} | {r['role']} | {same} | {kl} |")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(record, indent=1) + "\n")

@@ -163,6 +163,12 @@ class OffloadSpec(_Strict):
         description="where offloaded weights are written (default: <output_dir>/.glmrel-cache/offload); "
         "emptied after each branch",
     )
+    pass_store: Path | None = Field(
+        default=None,
+        description="where one calibration pass for several branches keeps each side branch's smoothed "
+        "layers until that branch is saved (about the base model's size per side branch; default: a hidden "
+        "folder in output_dir); a tmpfs such as /dev/shm keeps them in RAM. Removed when the pass ends",
+    )
 
 
 class ServingSpec(_Strict):
@@ -248,6 +254,7 @@ _PATH_FIELDS = {
     ("templates",),
     ("changelog",),
     ("offload", "folder"),
+    ("offload", "pass_store"),
 }
 
 

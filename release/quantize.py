@@ -183,6 +183,30 @@ def prepare_branch(
     return base_dir, arch, recipe_text, fp
 
 
+def recorded_pass(out_dir: Path) -> list[str] | None:
+    """The branches of the calibration pass that built `out_dir` (its provenance), if recorded."""
+    try:
+        value = json.loads((out_dir / PROVENANCE_FILE).read_text()).get("calibration_pass", {}).get("branches")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return [str(n) for n in value] if isinstance(value, list) and value else None
+
+
+def up_to_date(cfg: ReleaseConfig, branch: BranchSpec, fingerprint: str) -> bool:
+    """The branch's folder was built from these inputs: by the pass asked for now (whose
+    fingerprint is given), or by the pass its provenance records (built with the others by
+    `build-all`, or alone), recomputed from the config as it is now. Either way nothing it was
+    built from has changed, so `quantize --branch X` after `build-all` does not rebuild X."""
+    out_dir = cfg.output_dir / branch.name
+    if branch_is_current(out_dir, fingerprint):
+        return True
+    recorded = recorded_pass(out_dir)
+    names = {b.name for b in cfg.branches}
+    if not recorded or branch.name not in recorded or not set(recorded) <= names:
+        return False
+    return branch_is_current(out_dir, prepare_branch(cfg, branch, recorded)[3])
+
+
 def branch_is_current(out_dir: Path, fingerprint: str) -> bool:
     prov = out_dir / PROVENANCE_FILE
     if not prov.is_file():
@@ -261,7 +285,7 @@ def quantize_branch(
     base_dir, arch, recipe_text, fingerprint = prepare_branch(cfg, branch)
     if distributed.rank() == 0:
         remove_stale_partials(cfg.output_dir, branch.name, echo)
-    if not force and branch_is_current(out_dir, fingerprint):
+    if not force and up_to_date(cfg, branch, fingerprint):
         return BranchBuild(branch.name, out_dir, True, 0.0, fingerprint)
 
     # llm-compressor's save compresses the model across ranks (only rank 0 writes), so under
@@ -320,13 +344,15 @@ def quantize_pass(
     t_start = time.time()
     prepared = {b.name: prepare_branch(cfg, b, names) for b in specs}
     base_dir, arch = prepared[names[0]][0], prepared[names[0]][1]
-    for name in [*names, PASS_FOLDER]:
+    store_root = cfg.offload.pass_store or cfg.output_dir
+    for name in names:
         remove_stale_partials(cfg.output_dir, name, echo)
-    stale = [b for b in specs if force or not branch_is_current(cfg.output_dir / b.name, prepared[b.name][3])]
+    remove_stale_partials(store_root, PASS_FOLDER, echo)
+    stale = [b for b in specs if force or not up_to_date(cfg, b, prepared[b.name][3])]
     if not stale:
         return [BranchBuild(b.name, cfg.output_dir / b.name, True, 0.0, prepared[b.name][3]) for b in specs]
     lead, rest = specs[0], [b for b in specs[1:] if b in stale]
-    work = partial_folder(cfg.output_dir, PASS_FOLDER)
+    work = partial_folder(store_root, PASS_FOLDER)
     side = tuple(SideBranch(b.name, b.group_size, work / b.name) for b in rest)
     tmps = {b.name: partial_folder(cfg.output_dir, b.name) for b in stale}
     builds: dict[str, BranchBuild] = {
@@ -778,7 +804,7 @@ def quantize_on_gpus(
     spec = cfg.branch(branch)
     _base, _arch, _recipe, fingerprint = prepare_branch(cfg, spec)
     out = cfg.output_dir / spec.name
-    if not force and branch_is_current(out, fingerprint):
+    if not force and up_to_date(cfg, spec, fingerprint):
         return BranchBuild(spec.name, out, True, 0.0, fingerprint)
     distributed.check_gpus(gpus, cfg.calibration.num_samples)
     t = time.time()

@@ -1,8 +1,10 @@
 """The scale benchmark's report, from the records of its GPU runs committed in benchmarks/results."""
 
 import json
+import re
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -457,3 +459,31 @@ def test_engine_extension_kept_the_gpu_weights():
     assert (before["oneshot_s"], after["oneshot_s"]) == (52.24, 49.46)
     readme = (folder / "README.md").read_text()
     assert "52.2 s" in readme and "49.5 s" in readme and "8fe225c94e3483c5f11d4194391d2884" in readme
+
+
+def test_single_pass_records_back_what_the_cards_and_readme_say():
+    """The demo's one-pass figures (benchmarks/single_pass.py) are what the cards quote
+    (render.SINGLE_PASS_MEASURED) and within the issue's 2 % KL bar; the GPU run is recorded
+    as partial, with the figures its README gives read from its log."""
+    from release.render import SINGLE_PASS_MEASURED
+
+    folder = RESULTS.parent / "2026-11-30-cpu-demo-single-pass"
+    record = json.loads((folder / "record.json").read_text())
+    rows = {r["branch"]: r for r in record["branches"]}
+    assert rows["W4A16_GS32"]["role"] == "propagating" and rows["W4A16_GS32"]["differ"] == 0
+    sides = [r for r in rows.values() if r["role"] == "side"]
+    assert len(sides) == 2 and all(0 not in r["layers"] and r["differ"] > 0 for r in sides)
+    worst = max(abs(r["kl_change_pct"]) for r in rows.values())
+    assert worst <= 2.0
+    assert SINGLE_PASS_MEASURED["max_kl_change_pct"] == round(worst, 1)
+    assert (RESULTS.parent.parent.parent / SINGLE_PASS_MEASURED["record"]).resolve() == folder.resolve()
+    assert (record["builds"]["one_pass"]["wall_s"], record["builds"]["separate"]["wall_s"]) == (40.3, 43.7)
+    assert "40.3 s one pass against 43.7 s" in (folder / "README.md").read_text()
+    gpu = RESULTS.parent / "2026-11-30-h200-single-pass-glm47-2layer-partial"
+    log = (gpu / "one-pass-cut.log").read_text()
+    stamps = re.findall(r"^(2026-11-30T\d\d:\d\d:\d\d\.\d+) \| (\w+) \|", log, re.M)
+    t = {f"{name}{i}": datetime.fromisoformat(ts) for i, (ts, name) in enumerate(stamps)}
+    first_init = next(v for k, v in t.items() if k.startswith("reset"))
+    first_finalize = next(v for k, v in t.items() if k.startswith("finalize"))
+    assert round((first_finalize - first_init).total_seconds(), 1) == 137.3
+    assert "137.3 s" in (gpu / "README.md").read_text() and "[W4A16_GS128] loading" in log

@@ -36,9 +36,17 @@ DEMO_DIGESTS = {
     "calibration.jsonl": "87380934fa3329eb532041a2a03994abed6a33a4d6e565c8764a51651b9f980f",
     "heldout.json": "f9fab9d04e82683ff14b4476bcdb8ef9a24256e09f7a7a703cc33d2fcf202dcf",
     "W4A16_GS32 model.safetensors": "c2ccfd929a5306f264a4c0feaeca21cdf738a49d3b4be4945665f20e40608140",
+    # one calibration pass (W4A16_GS32 propagating): GS32 is its own build's bits, GS64 and GS128 differ
+    # from theirs from layer 1 on (tests/test_single_pass.py); SEPARATE_DIGESTS are their own builds'
+    "W4A16_GS64 model.safetensors": "93b06d6995b8b96cb4ef48eafe54049af98e822d71cf43ba6d16387ca69a5fee",
+    "W4A16_GS128 model.safetensors": "5c782a819580bf6011ed7b4a3a322f132922ee710a4fa828994552ab6c953d5b",
+    "MTP layer model-mtp-4.safetensors": "17464058733faecf10a1ea8d691ca9284957126b63d740b05cd2d9f41cf2e4ef",
+}
+
+
+SEPARATE_DIGESTS = {  # each branch calibrated in a pass of its own (`build-all --separate`)
     "W4A16_GS64 model.safetensors": "5c873c3c1ec6487a528d69112ebc869e83c03b085d7d9ade8b590593d51578f4",
     "W4A16_GS128 model.safetensors": "56c8514eeb2c84091e5362ff6b6b9e9f07d827016cf28528f6c71817acd4447b",
-    "MTP layer model-mtp-4.safetensors": "17464058733faecf10a1ea8d691ca9284957126b63d740b05cd2d9f41cf2e4ef",
 }
 
 
@@ -149,7 +157,12 @@ def test_provenance_records_inputs(demo_release):
     assert len(prov["calibration"]["file_sha256"]) == 64 and len(prov["calibration"]["indices_sha256"]) == 64
     assert prov["libraries"]["llmcompressor"] == "0.14.0.1"
     assert prov["moe_calibrate_all_experts"] is True
-    assert set(prov["timings_s"]) >= {"load", "oneshot", "save"}
+    # a side branch of the pass: its own load, quantization and save, and the pass's calibration
+    assert set(prov["timings_s"]) >= {"load", "quantize", "save", "calibration_pass"}
+    assert prov["timings_s"]["calibration_pass"]["oneshot"] > 0
+    assert prov["calibration_pass"] == {"branches": [b.name for b in cfg.branches], "propagated_through": "W4A16_GS32"}
+    lead = json.loads((cfg.output_dir / "W4A16_GS32" / "provenance.json").read_text())
+    assert set(lead["timings_s"]) >= {"load", "oneshot", "save", "calibration_pass_s"}
     assert "commit" in prov["tool"]
 
 
@@ -262,7 +275,7 @@ def test_offloaded_base_weights_give_the_same_branch(demo_release, write_config,
     monkeypatch.setattr(quantize, "forget_offload", counted)
     build = quantize.quantize_branch(cfg, "W4A16_GS128", echo=lambda s: None)
     digest = hashlib.sha256((build.path / "model.safetensors").read_bytes()).hexdigest()
-    assert digest == DEMO_DIGESTS["W4A16_GS128 model.safetensors"]
+    assert digest == SEPARATE_DIGESTS["W4A16_GS128 model.safetensors"]
     in_ram = demo_release["config"].output_dir / "W4A16_GS128" / "expert_coverage.json"
     assert json.loads((build.path / "expert_coverage.json").read_text()) == json.loads(in_ram.read_text()), (
         "the coverage report counts the calibration pass only (offloaded, layer 1's router runs once more)"

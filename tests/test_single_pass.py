@@ -127,17 +127,27 @@ def test_side_branches_stay_within_two_percent_of_their_own_build_in_kl(two_ways
         assert change <= 0.02, f"{name}: KL {kl['one'][name]} one pass vs {kl['separate'][name]} separate"
 
 
-def test_a_second_pass_does_nothing_and_a_branch_alone_is_another_build(two_ways):
+def test_a_second_pass_does_nothing_and_a_branch_alone_is_up_to_date(two_ways, tmp_path):
     cfg = two_ways["one"]["cfg"]
     again = quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
     assert [b.skipped for b in again] == [True, True, True]
-    # GS64 built alone is not GS64 of the pass (its inputs differ from layer 1): not current
+    # GS64 alone has a fingerprint of its own (a build alone differs from layer 1 on) ...
     _base, _arch, _recipe, alone = quantize.prepare_branch(cfg, cfg.branch("W4A16_GS64"))
     assert alone != again[1].inputs_fingerprint
-    assert not quantize.branch_is_current(cfg.output_dir / "W4A16_GS64", alone)
-    # and the pass's order matters: another branch propagating is another pass
     _b, _a, _r, reordered = quantize.prepare_branch(cfg, cfg.branch("W4A16_GS64"), ["W4A16_GS64", "W4A16_GS32"])
-    assert reordered != again[1].inputs_fingerprint
+    assert reordered != again[1].inputs_fingerprint  # another branch propagating is another pass
+    # ... but `quantize --branch W4A16_GS64` after build-all finds it built from unchanged inputs
+    assert quantize.quantize_pass(cfg, ["W4A16_GS64"], echo=lambda s: None)[0].skipped
+    # and the separate builds are up to date for a one-pass build-all (nothing rebuilt)
+    sep = two_ways["separate"]["cfg"]
+    assert all(b.skipped for b in quantize.build_branches(sep, NAMES, 1, None, echo=lambda s: None))
+    # a changed input of the pass (another branch's group size) makes its branches stale
+    raw = yaml.safe_load((cfg.output_dir.parent / "release.yaml").read_text())
+    raw["branches"][2]["group_size"] = 64
+    raw["branches"][2]["name"] = "W4A16_GS64B"
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(raw))
+    changed = load_config(tmp_path / "changed.yaml")
+    assert not quantize.up_to_date(changed, changed.branch("W4A16_GS64"), "not-this-pass")
 
 
 def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path, demo_assets, two_ways, monkeypatch):
@@ -203,7 +213,9 @@ def test_a_tampered_store_is_refused_by_name(tmp_path):
 
 def test_the_cli_builds_several_branches_in_one_pass_and_refuses_an_unknown_one(two_ways, tmp_path, demo_assets):
     path = _config(tmp_path, demo_assets)
-    res = CliRunner().invoke(cli, ["quantize", "--config", str(path), "--branch", "W4A16_GS32", "--branch", "W4A16_GS64"])
+    res = CliRunner().invoke(
+        cli, ["quantize", "--config", str(path), "--branch", "W4A16_GS32", "--branch", "W4A16_GS64"]
+    )
     assert res.exit_code == 0, res.output
     assert "W4A16_GS32: built in" in res.output and "W4A16_GS64: built in" in res.output
     prov = json.loads((tmp_path / "out" / "W4A16_GS64" / "provenance.json").read_text())
@@ -213,3 +225,19 @@ def test_the_cli_builds_several_branches_in_one_pass_and_refuses_an_unknown_one(
     assert all(torch.equal(a[k], b[k]) for k in a)
     res = CliRunner().invoke(cli, ["quantize", "--config", str(path), "--branch", "W4A16_GS32", "--branch", "GS7"])
     assert res.exit_code != 0 and "unknown branch 'GS7'" in res.output
+
+
+def test_a_failed_store_write_fails_the_pass_and_leaves_no_branch(tmp_path, demo_assets, monkeypatch):
+    """The side branches' stores are written by a background thread: its error is the pass's
+    error (not lost with the thread), and no branch, store or partial folder is left."""
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    cfg = load_config(_config(tmp_path, demo_assets))
+    with pytest.raises(OSError, match="No space left"):
+        quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
+    left = sorted(p.name for p in cfg.output_dir.iterdir() if p.name != ".glmrel-cache")
+    assert left == [], f"the failed pass left {left}"

@@ -16,7 +16,7 @@ from .experts import _batchable, _grouped_experts_forward
 from .hooks import Patches
 from .options import TARGET_VERSION, ScaleOptions
 from .ranks import _cpu_allreduce_sum, _SharedSmoothFix
-from .side import SideBranch, write_onloaded
+from .side import SideBranch, StoreWriter, write_onloaded
 from .state import RunState
 from .stats import ScaleStats, _HostPeak
 
@@ -34,6 +34,7 @@ class Engine:
         self.options = options
         self.num_batches = num_batches
         self.side = list(side)  # branches calibrated by this run's pass (side.py)
+        self.side_writer = StoreWriter() if side else None
         self.stats = ScaleStats()
         self.run = RunState()
         self.deduplicating = options.resident_cache_gib != 0  # patch 9
@@ -62,7 +63,8 @@ class Engine:
         return recipe
 
     def close(self) -> None:
-        """The run's totals into `stats`; the helper thread and staging buffers released."""
+        """The run's totals into `stats`; the helper threads and staging buffers released (the
+        side branches' last store write finished: it raises here if it failed)."""
         self.run.lazy = self.run.routed = self.run.smoothing = False
         self.run.stacked = {}
         self.host.stop()
@@ -75,6 +77,12 @@ class Engine:
             self.stats.write_back_s = wb.seconds
             self.stats.write_back_checked, self.stats.write_back_mismatches = wb.checked, wb.mismatches
             wb.stages = []
+        if self.side_writer is not None:
+            writer, self.side_writer = self.side_writer, None
+            try:
+                writer.close()
+            finally:
+                self.stats.side_store_wait_s = writer.waited_s
 
 
 @contextlib.contextmanager

@@ -106,7 +106,7 @@ class MoeAWQModifier(AWQModifier):
             mappings = [m for m in self._resolved_mappings if m.smooth_name in self._smooth_activation_stats]
             if mappings:
                 side = smooth_side_branches(
-                    self, mappings, e.side, lambda: self._smooth_layer(model, record=False), e.run
+                    self, mappings, e.side, lambda: self._smooth_layer(model, record=False), e.run, e.side_writer
                 )
         self._smooth_layer(model, side=side)
 

@@ -18,8 +18,10 @@ reaches the offload, the next layer and QuantizationModifier, exactly as in a bu
 branch alone. What a side branch's store holds becomes a branch in `quantize.quantize_pass`:
 the base model again, the stored weights written over it, and QuantizationModifier on its own.
 
-Host memory: one copy of the layer in flight (its originals) plus one side branch's smoothed
-copy at a time; GPU memory: the side runs reuse the propagating run's caches and buffers.
+Memory: the layer's originals stay on the GPU when it has room for them (else in host memory);
+each side branch's smoothed layer is copied to host memory and written to its store by a
+background thread while the next run computes, at most one write in flight (`StoreWriter`).
+The side runs reuse the propagating run's caches and buffers.
 """
 
 from __future__ import annotations
@@ -57,6 +59,48 @@ class SideTimes:
     started: float
     seconds: float = 0.0
     stored_bytes: int = 0
+
+
+class StoreWriter:
+    """Writes smoothed layers to their stores on one background thread, at most one write in
+    flight: `write` first waits for the previous one (and raises its error)."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmrel-side-store")
+        self.pending: Any = None
+        self.waited_s = 0.0  # time the GPU work waited for a write
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            t = time.perf_counter()
+            pending, self.pending = self.pending, None
+            pending.result()
+            self.waited_s += time.perf_counter() - t
+
+    def write(self, tensors: dict[str, Any], path: Path) -> None:
+        from safetensors.torch import save_file
+
+        self.wait()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.pending = self.pool.submit(save_file, tensors, str(path))
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _keep(t: Any) -> Any:
+    """A copy of an original weight: on its GPU while free memory is over twice its size (the
+    restore is then a device copy), else in host memory."""
+    import torch
+
+    if t.is_cuda and torch.cuda.mem_get_info(t.device)[0] > 2 * t.nbytes:
+        return t.detach().clone()
+    return t.detach().to("cpu", copy=True)
 
 
 def touched_modules(mappings: list[Any]) -> list[tuple[str, Any]]:
@@ -125,21 +169,22 @@ def group_size(modules: list[tuple[str, Any]], size: int) -> Iterator[None]:
 
 
 def smooth_side_branches(
-    modifier: Any, mappings: list[Any], branches: list[SideBranch], smooth: Callable[[], None], run: Any
+    modifier: Any,
+    mappings: list[Any],
+    branches: list[SideBranch],
+    smooth: Callable[[], None],
+    run: Any,
+    writer: StoreWriter,
 ) -> SideTimes:
     """Smooth the layer of `mappings` once per side branch (`smooth()` is the engine's smoothing
-    of the layer as it stands), store each result, and leave the layer, its caches and
-    statistics as they were for the propagating branch's own smoothing."""
+    of the layer as it stands), store each result (through `writer`), and leave the layer, its
+    caches and statistics as they were for the propagating branch's own smoothing."""
     import torch
-    from safetensors.torch import save_file
 
     times = SideTimes(started=time.perf_counter())
     modules = touched_modules(mappings)
     originals = {
-        (name, p): t.detach().to("cpu", copy=True)
-        for name, module in modules
-        for p in SIDE_PARAMS
-        if (t := _tensor(module, p)) is not None
+        (name, p): _keep(t) for name, module in modules for p in SIDE_PARAMS if (t := _tensor(module, p)) is not None
     }
     stats = dict(modifier._smooth_activation_stats)
     caches = dict(modifier._parent_args_cache)
@@ -158,9 +203,8 @@ def smooth_side_branches(
                 for p in SIDE_PARAMS
                 if (t := _tensor(module, p)) is not None
             }
-            branch.store.mkdir(parents=True, exist_ok=True)
-            save_file(smoothed, str(branch.store / f"{key}.safetensors"))
             times.stored_bytes += sum(t.nbytes for t in smoothed.values())
+            writer.write(smoothed, branch.store / f"{key}.safetensors")
             del smoothed
             # the layer as before this side run
             modules_by_name = dict(modules)

@@ -53,6 +53,7 @@ class ScaleStats:
     # (the balance layers at every grid point, timed to the GPU's completion) and "forward_loss"
     search_phase_s: dict[str, dict[str, float]] = field(default_factory=dict)
     allreduce_wait_s: float = 0.0  # data parallel on GPUs: time in AWQ's all-reduces once this rank's work is done
+    side_store_wait_s: float = 0.0  # one pass for several group sizes: GPU work waiting on side-store writes
     layers: list[LayerRecord] = field(default_factory=list)
     scales: dict[str, Any] = field(default_factory=dict)  # smooth layer name -> chosen scales
     mapping_s: dict[str, float] = field(default_factory=dict)  # seconds per kind of mapping
@@ -83,6 +84,7 @@ class ScaleStats:
             "batched_balance": {"mappings": self.batched_balance_mappings, "layers": self.batched_balance_layers},
             "search_phase_s": {k: {p: round(v, 2) for p, v in d.items()} for k, d in self.search_phase_s.items()},
             "allreduce_wait_s": round(self.allreduce_wait_s, 2),
+            "side_store_wait_s": round(self.side_store_wait_s, 2),
             "batched_experts_disabled": self.batched_experts_disabled,
             "expert_tokens_seen": self.tokens_seen,
             "expert_tokens_kept": self.tokens_kept,
