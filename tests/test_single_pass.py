@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors import safe_open
 
 from release import quantize
 from release.cli import cli
 from release.config import load_config
+from tests.test_build import _tensors
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +35,6 @@ def _config(root, demo_assets, **overrides):
     path = root / "release.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-def _tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out
 
 
 def _layers_differing(a, b):
