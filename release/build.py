@@ -71,7 +71,7 @@ def build_all(
     names = [b.name for b in cfg.branches]
     builds = build_branches(cfg, names, gpus, config_path, force=force, echo=echo, separate=separate, progress=progress)
     for b in builds:
-        echo(f"[{b.branch}] {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'}")
+        echo(f"[{b.branch}] {b.outcome}")
 
     quality: dict[str, QualityReport] = {}
     to_verify: dict[str, Path] = {}

@@ -146,7 +146,7 @@ def quantize(config_path: Path, branch_names: tuple[str, ...], force: bool, gpus
         cfg, list(branch_names), gpus, Path(config_path), force=force, echo=click.echo, separate=separate
     )
     for b in builds:
-        click.echo(f"{b.branch}: {'up to date, skipped' if b.skipped else f'built in {b.seconds:.0f}s'} -> {b.path}")
+        click.echo(f"{b.branch}: {b.outcome} -> {b.path}")
 
 
 @cli.command()
@@ -264,7 +264,7 @@ def build_all_cmd(config_path: Path, force: bool, gpus: int, separate: bool, as_
         )
         bar.update(1)
     lines = [
-        f"{b.branch}: {'skipped (up to date)' if b.skipped else f'built in {b.seconds:.0f}s'}, "
+        f"{b.branch}: {b.outcome}, "
         f"KL {result.quality[b.branch].mean_kl:.5f}, top-1 {result.quality[b.branch].top1_agreement:.3f}"
         for b in result.builds
     ]

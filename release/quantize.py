@@ -49,6 +49,16 @@ class BranchBuild:
     skipped: bool
     seconds: float
     inputs_fingerprint: str
+    calibrated_by: str | None = None  # a side branch of one pass: the branch whose pass calibrated it
+
+    @property
+    def outcome(self) -> str:
+        """What happened to the branch, in a few words (the CLI's and build-all's lines)."""
+        if self.skipped:
+            return "up to date, skipped"
+        if self.calibrated_by:
+            return f"built in {self.seconds:.0f}s after {self.calibrated_by}'s calibration pass"
+        return f"built in {self.seconds:.0f}s"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -360,6 +370,8 @@ def quantize_pass(
         for b in specs
         if b not in stale
     }
+    if side:
+        check_pass_store_room(cfg, base_dir, arch, len(side), store_root)
     echo(f"[{lead.name}] one calibration pass for {', '.join(names)} (propagating through {lead.name})")
     for folder in [work, *tmps.values()]:
         shutil.rmtree(folder, ignore_errors=True)
@@ -392,7 +404,7 @@ def quantize_pass(
                 cfg, b, base_dir, arch, tmps[b.name], cfg.output_dir / b.name, prepared[b.name][3], side_timings, names
             )
             builds[b.name] = BranchBuild(
-                b.name, cfg.output_dir / b.name, False, round(time.time() - t, 1), prepared[b.name][3]
+                b.name, cfg.output_dir / b.name, False, round(time.time() - t, 1), prepared[b.name][3], lead.name
             )
             shutil.rmtree(sb.store, ignore_errors=True)
     finally:
@@ -401,6 +413,42 @@ def quantize_pass(
         if cfg.offload.cpu_gib is not None:
             forget_offload(offload_folder(cfg))
     return [builds[n] for n in names]
+
+
+def side_store_bytes(base_dir: Path, arch: Glm4MoeArch, dtype: str) -> int:
+    """About what one side branch's store holds, from the base checkpoint's headers: the
+    decoder layers' tensors (AWQ smooths within them; the MTP layer, embeddings and head are not
+    stored) in the dtype the build loads them in. An upper bound: norms and the layers' few
+    weights no mapping smooths are counted too."""
+    from .check import DTYPE_BYTES, read_shard
+
+    layer = re.compile(r"^model\.layers\.(\d+)\.")
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype)
+    total = 0
+    for f in sorted(base_dir.glob("*.safetensors")):
+        meta, _errors = read_shard(f)
+        for name, t in meta.tensors.items() if meta is not None else ():
+            m = layer.match(name)
+            if m and int(m[1]) < arch.num_hidden_layers:
+                stored = t.data_offsets[1] - t.data_offsets[0]
+                total += stored if size is None else stored // DTYPE_BYTES.get(t.dtype, 2) * size
+    return total
+
+
+def check_pass_store_room(cfg: ReleaseConfig, base_dir: Path, arch: Glm4MoeArch, sides: int, store_root: Path) -> None:
+    """Refuse a pass whose side branches' stores cannot fit where they go, before any work
+    (a full disk found after hours of calibration loses them)."""
+    need = side_store_bytes(base_dir, arch, cfg.dtype) * sides
+    where = store_root
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise ReleaseError(
+            f"one calibration pass needs about {need / 2**30:.1f} GiB at {store_root} for its {sides} side "
+            f"branch(es)' smoothed layers, and {free / 2**30:.1f} GiB are free there",
+            hint="set offload.pass_store to a disk (or a tmpfs such as /dev/shm) with room, or build with --separate",
+        )
 
 
 def quantize_side_branch(

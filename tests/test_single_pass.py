@@ -208,7 +208,8 @@ def test_the_cli_builds_several_branches_in_one_pass_and_refuses_an_unknown_one(
         cli, ["quantize", "--config", str(path), "--branch", "W4A16_GS32", "--branch", "W4A16_GS64"]
     )
     assert res.exit_code == 0, res.output
-    assert "W4A16_GS32: built in" in res.output and "W4A16_GS64: built in" in res.output
+    assert "W4A16_GS32: built in" in res.output
+    assert "W4A16_GS64: built in" in res.output and "after W4A16_GS32's calibration pass" in res.output
     prov = json.loads((tmp_path / "out" / "W4A16_GS64" / "provenance.json").read_text())
     assert prov["calibration_pass"]["branches"] == ["W4A16_GS32", "W4A16_GS64"]
     same = two_ways["separate"]["cfg"].output_dir / "W4A16_GS32"  # the propagating branch: its own build's bits
@@ -232,3 +233,30 @@ def test_a_failed_store_write_fails_the_pass_and_leaves_no_branch(tmp_path, demo
         quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
     left = sorted(p.name for p in cfg.output_dir.iterdir() if p.name != ".glmrel-cache")
     assert left == [], f"the failed pass left {left}"
+
+
+def test_a_pass_whose_stores_cannot_fit_is_refused_before_any_work(tmp_path, demo_assets, monkeypatch):
+    """The side branches' stores need about the decoder layers' size each (estimated from the base
+    checkpoint's headers, an upper bound of what a pass writes): with room for one of two, the
+    pass is refused with the size, the place and the way out, before the model is loaded."""
+    from release.architecture import Glm4MoeArch
+    from release.errors import ReleaseError
+
+    cfg = load_config(_config(tmp_path, demo_assets))
+    arch = Glm4MoeArch.from_dir(cfg.base_model.path)
+    need = quantize.side_store_bytes(cfg.base_model.path, arch, cfg.dtype)
+    # what a pass really stores, per side branch, is within the estimate
+    quantize.build_branches(cfg, ["W4A16_GS32", "W4A16_GS128"], 1, None, echo=lambda s: None)
+    stored = sum(r.side_stored_gib for r in quantize.LAST_SCALE_STATS[0].layers) * 2**30
+    assert 0.8 * need <= stored <= need, (stored, need)
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(quantize.shutil, "disk_usage", lambda p: real(p)._replace(free=need))
+    loaded: list[int] = []
+    monkeypatch.setattr(quantize, "load_base_model", lambda *a, **k: loaded.append(1))
+    with pytest.raises(ReleaseError, match=r"needs about .* GiB at .* for its 2 side branch") as e:
+        quantize.build_branches(cfg, NAMES, 1, None, force=True, echo=lambda s: None)
+    assert "offload.pass_store" in e.value.hint and "--separate" in e.value.hint
+    assert not loaded
+    left = sorted(p.name for p in cfg.output_dir.iterdir() if p.name.startswith("."))
+    assert left in ([], [".glmrel-cache"]), left
