@@ -337,6 +337,13 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
             "GLMREL_GIT_LFS": os.environ.get("GLMREL_GIT_LFS", "1"),
         }
         gpus = ["--gpus", str(a.gpus)] if a.gpus > 1 else []
+        gpus += ["--separate"] if a.separate else []
+        if a.pass_store is not None:
+            import yaml
+
+            raw = yaml.safe_load(config.read_text())
+            raw.setdefault("offload", {})["pass_store"] = str(a.pass_store)
+            config.write_text(yaml.safe_dump(raw, sort_keys=False))
         try:
             if "build" in stages:
                 # build-all skips the branches an earlier, cut call finished
@@ -386,6 +393,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="where benchmarks.synthetic builds the model")
     ap.add_argument("--work", type=Path, default=Path("/tmp/glmrel-rehearsal"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--separate", action="store_true", help="build-all --separate: a calibration pass per branch")
+    ap.add_argument(
+        "--pass-store",
+        type=Path,
+        default=None,
+        help="offload.pass_store for one GPU's single pass (e.g. /dev/shm/glmrel: a device's disk holds the "
+        "branches, not the side branches' stores too)",
+    )
     ap.add_argument(
         "--publish",
         default="git,hub",
