@@ -61,7 +61,7 @@ def build_all(
     separate: bool = False,
 ) -> BuildResult:
     """Quantize (or skip, when unchanged), verify, render, manifest and check each branch.
-    On one GPU the branches share one calibration pass (quantize.quantize_pass) unless
+    On one GPU the branches share one calibration pass (one_pass.quantize_pass) unless
     `separate`.
 
     A branch that is skipped keeps its earlier verification unless that is missing. Raises

@@ -1,4 +1,4 @@
-"""One calibration pass for several branches (release/awq/side.py, quantize.quantize_pass),
+"""One calibration pass for several branches (release/awq/side.py, one_pass.quantize_pass),
 against a pass per branch, on the demo model with a small calibration set (8 x 64 tokens)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from release import quantize
+from release import one_pass, quantize
 from release.cli import cli
 from release.config import load_config
 from tests.test_build import _tensors
@@ -128,7 +128,7 @@ def test_a_second_pass_does_nothing_and_a_branch_alone_is_up_to_date(two_ways, t
     _b, _a, _r, reordered = quantize.prepare_branch(cfg, cfg.branch("W4A16_GS64"), ["W4A16_GS64", "W4A16_GS32"])
     assert reordered != again[1].inputs_fingerprint  # another branch propagating is another pass
     # ... but `quantize --branch W4A16_GS64` after build-all finds it built from unchanged inputs
-    assert quantize.quantize_pass(cfg, ["W4A16_GS64"], echo=lambda s: None)[0].skipped
+    assert one_pass.quantize_pass(cfg, ["W4A16_GS64"], echo=lambda s: None)[0].skipped
     # and the separate builds are up to date for a one-pass build-all (nothing rebuilt)
     sep = two_ways["separate"]["cfg"]
     assert all(b.skipped for b in quantize.build_branches(sep, NAMES, 1, None, echo=lambda s: None))
@@ -146,7 +146,7 @@ def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path,
     nothing half-written is; the next pass builds only the missing one, the same bits as an
     uninterrupted pass, and leaves the finished folders as they were."""
     cfg = load_config(_config(tmp_path, demo_assets))
-    real = quantize.quantize_side_branch
+    real = one_pass.quantize_side_branch
     calls: list[str] = []
 
     def failing(cfg_, branch, *args, **kwargs):
@@ -155,14 +155,14 @@ def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path,
             raise RuntimeError("disk full (simulated)")
         return real(cfg_, branch, *args, **kwargs)
 
-    monkeypatch.setattr(quantize, "quantize_side_branch", failing)
+    monkeypatch.setattr(one_pass, "quantize_side_branch", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
     out = cfg.output_dir
     left = sorted(p.name for p in out.iterdir() if p.name != ".glmrel-cache")
     assert left == ["W4A16_GS32", "W4A16_GS64"], f"the failed pass left {left}"
     inodes = {n: (out / n / "model.safetensors").stat().st_ino for n in ("W4A16_GS32", "W4A16_GS64")}
-    monkeypatch.setattr(quantize, "quantize_side_branch", real)
+    monkeypatch.setattr(one_pass, "quantize_side_branch", real)
     builds = quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
     assert [b.skipped for b in builds] == [True, True, False]
     assert {n: (out / n / "model.safetensors").stat().st_ino for n in inodes} == inodes
@@ -244,7 +244,7 @@ def test_a_pass_whose_stores_cannot_fit_is_refused_before_any_work(tmp_path, dem
 
     cfg = load_config(_config(tmp_path, demo_assets))
     arch = Glm4MoeArch.from_dir(cfg.base_model.path)
-    need = quantize.side_store_bytes(cfg.base_model.path, arch, cfg.dtype)
+    need = one_pass.side_store_bytes(cfg.base_model.path, arch, cfg.dtype)
     # what a pass really stores, per side branch, is within the estimate
     quantize.build_branches(cfg, ["W4A16_GS32", "W4A16_GS128"], 1, None, echo=lambda s: None)
     stored = sum(r.side_stored_gib for r in quantize.LAST_SCALE_STATS[0].layers) * 2**30

@@ -15,7 +15,7 @@ per layer); and puts the layer back as it was: weights, the grid search's scratc
 parameters and AWQ's per-layer caches. A side run writes only the onloaded copy of a weight
 (the CPU or disk offload keeps the original), so only the propagating branch's smoothing
 reaches the offload, the next layer and QuantizationModifier, exactly as in a build of that
-branch alone. What a side branch's store holds becomes a branch in `quantize.quantize_pass`:
+branch alone. What a side branch's store holds becomes a branch in `one_pass.quantize_pass`:
 the base model again, the stored weights written over it, and QuantizationModifier on its own.
 
 Memory: the layer's originals stay on the GPU when it has room for them (else in host memory);
