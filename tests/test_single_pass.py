@@ -16,8 +16,6 @@ from release.cli import cli
 from release.config import load_config
 from tests.test_build import _tensors
 
-pytestmark = pytest.mark.slow
-
 SMALL = {"num_samples": 8, "max_seq_length": 64}
 NAMES = ["W4A16_GS32", "W4A16_GS64", "W4A16_GS128"]
 
@@ -55,6 +53,7 @@ def two_ways(tmp_path_factory, demo_assets):
     return out
 
 
+@pytest.mark.slow
 def test_the_propagating_branch_is_a_build_of_its_own_bit_for_bit(two_ways):
     """The side runs leave no trace: GS32's weights (and every non-layer tensor of every
     branch) equal GS32 built alone."""
@@ -67,6 +66,7 @@ def test_the_propagating_branch_is_a_build_of_its_own_bit_for_bit(two_ways):
         assert not outside, f"{name}: tensors outside the decoder layers differ: {outside}"
 
 
+@pytest.mark.slow
 def test_side_branches_equal_their_own_build_where_their_inputs_do(two_ways):
     """Layer 0 sees the calibration inputs themselves, in both ways: a side branch's layer 0
     is its own build's bit for bit (the group-size swap, the restore and the data-free
@@ -79,6 +79,7 @@ def test_side_branches_equal_their_own_build_where_their_inputs_do(two_ways):
         assert layers, f"{name}: equal to the separate build everywhere (did the pass run separately?)"
 
 
+@pytest.mark.slow
 def test_configs_and_records_say_what_made_each_branch(two_ways):
     one = two_ways["one"]["cfg"].output_dir
     sep = two_ways["separate"]["cfg"].output_dir
@@ -100,6 +101,7 @@ def test_configs_and_records_say_what_made_each_branch(two_ways):
     assert "one calibration pass for W4A16_GS32, W4A16_GS64, W4A16_GS128" in logs
 
 
+@pytest.mark.slow
 def test_side_branches_stay_within_two_percent_of_their_own_build_in_kl(two_ways):
     """The issue's bar: one-pass branches' KL against the base within 2 % of separate builds
     (the demo release's figures: benchmarks/results/2026-11-30-cpu-demo-single-pass)."""
@@ -118,6 +120,7 @@ def test_side_branches_stay_within_two_percent_of_their_own_build_in_kl(two_ways
         assert change <= 0.02, f"{name}: KL {kl['one'][name]} one pass vs {kl['separate'][name]} separate"
 
 
+@pytest.mark.slow
 def test_a_second_pass_does_nothing_and_a_branch_alone_is_up_to_date(two_ways, tmp_path):
     cfg = two_ways["one"]["cfg"]
     again = quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
@@ -141,6 +144,7 @@ def test_a_second_pass_does_nothing_and_a_branch_alone_is_up_to_date(two_ways, t
     assert not quantize.up_to_date(changed, changed.branch("W4A16_GS64"), "not-this-pass")
 
 
+@pytest.mark.slow
 def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path, demo_assets, two_ways, monkeypatch):
     """A pass that fails in its second side branch: the finished branches are in place and
     nothing half-written is; the next pass builds only the missing one, the same bits as an
@@ -171,6 +175,7 @@ def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_side_branches_from_offloaded_base_weights_are_the_in_ram_ones(tmp_path, demo_assets, two_ways):
     """Base weights larger than RAM: with nearly all of the demo model offloaded to disk, the
     pass's side branch (and the propagating one) are the in-RAM pass's bit for bit."""
@@ -202,6 +207,7 @@ def test_a_tampered_store_is_refused_by_name(tmp_path):
         load_side_weights(model, tmp_path)
 
 
+@pytest.mark.slow
 def test_the_cli_builds_several_branches_in_one_pass_and_refuses_an_unknown_one(two_ways, tmp_path, demo_assets):
     path = _config(tmp_path, demo_assets)
     res = CliRunner().invoke(
@@ -219,6 +225,7 @@ def test_the_cli_builds_several_branches_in_one_pass_and_refuses_an_unknown_one(
     assert res.exit_code != 0 and "unknown branch 'GS7'" in res.output
 
 
+@pytest.mark.slow
 def test_a_failed_store_write_fails_the_pass_and_leaves_no_branch(tmp_path, demo_assets, monkeypatch):
     """The side branches' stores are written by a background thread: its error is the pass's
     error (not lost with the thread), and no branch, store or partial folder is left."""
@@ -235,6 +242,7 @@ def test_a_failed_store_write_fails_the_pass_and_leaves_no_branch(tmp_path, demo
     assert left == [], f"the failed pass left {left}"
 
 
+@pytest.mark.slow
 def test_a_pass_whose_stores_cannot_fit_is_refused_before_any_work(tmp_path, demo_assets, monkeypatch):
     """The side branches' stores need about the decoder layers' size each (estimated from the base
     checkpoint's headers, an upper bound of what a pass writes): with room for one of two, the
@@ -260,3 +268,46 @@ def test_a_pass_whose_stores_cannot_fit_is_refused_before_any_work(tmp_path, dem
     assert not loaded
     left = sorted(p.name for p in cfg.output_dir.iterdir() if p.name.startswith("."))
     assert left in ([], [".glmrel-cache"]), left
+
+
+def test_the_store_writer_keeps_one_write_in_flight_and_raises_its_error(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from release.awq.side import StoreWriter
+
+    writer = StoreWriter()
+    writer.write({"a": torch.ones(2)}, tmp_path / "s" / "one.safetensors")
+    writer.write({"b": torch.zeros(3)}, tmp_path / "s" / "two.safetensors")  # waits for the first
+    writer.close()
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["one.safetensors", "two.safetensors"]
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    writer = StoreWriter()
+    writer.write({"a": torch.ones(2)}, tmp_path / "t" / "one.safetensors")
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+
+
+def test_a_group_size_swap_is_local_to_its_block():
+    """The side run's scheme: another group size on each module inside the block, the shared
+    scheme object itself untouched, and the grid search's scratch qparams put back after."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from release.awq.side import group_size
+
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(num_bits=4, strategy="group", group_size=32, symmetric=True)
+    )
+    a, b = torch.nn.Linear(128, 4), torch.nn.Linear(128, 4)
+    for m in (a, b):
+        m.quantization_scheme = scheme
+        m.weight_scale = torch.nn.Parameter(torch.ones(4, 4), requires_grad=False)
+    before = a.weight_scale.data
+    with group_size([("a", a), ("b", b)], 128):
+        assert a.quantization_scheme.weights.group_size == 128 and a.quantization_scheme is b.quantization_scheme
+        a.weight_scale.data = torch.ones(4, 1)  # what update_qparams(only_update_onload=True) does
+    assert a.quantization_scheme is scheme and scheme.weights.group_size == 32
+    assert a.weight_scale.data_ptr() == before.data_ptr() and tuple(a.weight_scale.shape) == (4, 4)
