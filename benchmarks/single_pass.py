@@ -38,15 +38,6 @@ os.environ.update(REPRODUCIBLE_CPU_ENV)  # before torch: the demo's reproducible
 import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-PATH_KEYS = ("base_model.path", "calibration.path", "verify.heldout", "recipe", "changelog", "publish_remote")
-
-
-def _get(raw: dict, dotted: str) -> tuple[dict, str] | None:
-    node = raw
-    *parents, last = dotted.split(".")
-    for p in parents:
-        node = node.get(p) or {}
-    return (node, last) if last in node and node[last] is not None else None
 
 
 def variant_config(
@@ -54,12 +45,9 @@ def variant_config(
 ) -> Path:
     """`source` with its relative paths made absolute, its output in `output_dir` and,
     when given, another calibration size; written beside the output."""
-    raw = yaml.safe_load(source.read_text())
-    for key in PATH_KEYS:
-        hit = _get(raw, key)
-        if hit:
-            node, last = hit
-            node[last] = str((source.parent / node[last]).resolve())
+    from release.config import resolve_paths
+
+    raw = resolve_paths(yaml.safe_load(source.read_text()), source.resolve().parent)
     raw["output_dir"] = str(output_dir)
     if samples is not None:
         raw["calibration"]["num_samples"] = samples

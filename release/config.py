@@ -258,7 +258,8 @@ _PATH_FIELDS = {
 }
 
 
-def _resolve_paths(raw: dict, root: Path) -> dict:
+def resolve_paths(raw: dict, root: Path) -> dict:
+    """A raw config's relative paths (and a local publish_remote) made absolute against `root`."""
     for keys in _PATH_FIELDS:
         node: Any = raw
         for k in keys[:-1]:
@@ -307,7 +308,7 @@ def load_config(path: str | Path) -> ReleaseConfig:
         ) from e
     if not isinstance(raw, dict):
         raise ReleaseError(f"config {source} must be a YAML mapping at the top level")
-    raw = _resolve_paths(raw, source.resolve().parent)
+    raw = resolve_paths(raw, source.resolve().parent)
     try:
         return ReleaseConfig.model_validate(raw)
     except ValidationError as e:

@@ -49,24 +49,25 @@ def quantize_pass(
         raise ReleaseError("one calibration pass for several branches runs in one process, not under torchrun")
     names = [b.name for b in specs]
     t_start = time.time()
-    prepared = {b.name: quantize.prepare_branch(cfg, b, names) for b in specs}
+    prepared = {b.name: quantize.prepare_branch(cfg, b) for b in specs}
     base_dir, arch = prepared[names[0]][0], prepared[names[0]][1]
+    fingerprints = {n: quantize.pass_fingerprint(prepared[n][3], names) for n in names}
     store_root = cfg.offload.pass_store or cfg.output_dir
     for name in names:
         quantize.remove_stale_partials(cfg.output_dir, name, echo)
     quantize.remove_stale_partials(store_root, PASS_FOLDER, echo)
-    stale = [b for b in specs if force or not quantize.up_to_date(cfg, b, prepared[b.name][3])]
+    stale = [b for b in specs if force or not quantize.up_to_date(cfg, b, prepared[b.name][3], names)]
+    builds: dict[str, BranchBuild] = {
+        b.name: BranchBuild(b.name, cfg.output_dir / b.name, True, 0.0, fingerprints[b.name])
+        for b in specs
+        if b not in stale
+    }
     if not stale:
-        return [BranchBuild(b.name, cfg.output_dir / b.name, True, 0.0, prepared[b.name][3]) for b in specs]
+        return [builds[n] for n in names]
     lead, rest = specs[0], [b for b in specs[1:] if b in stale]
     work = quantize.partial_folder(store_root, PASS_FOLDER)
     side = tuple(SideBranch(b.name, b.group_size, work / b.name) for b in rest)
     tmps = {b.name: quantize.partial_folder(cfg.output_dir, b.name) for b in stale}
-    builds: dict[str, BranchBuild] = {
-        b.name: BranchBuild(b.name, cfg.output_dir / b.name, True, 0.0, prepared[b.name][3])
-        for b in specs
-        if b not in stale
-    }
     if side:
         check_pass_store_room(cfg, base_dir, arch, len(side), store_root)
     echo(f"[{lead.name}] one calibration pass for {', '.join(names)} (propagating through {lead.name})")
@@ -84,10 +85,10 @@ def quantize_pass(
         if lead_tmp is not None:
             timings["calibration_pass_s"] = pass_s
             quantize.seal_folder(
-                cfg, lead, base_dir, arch, lead_tmp, cfg.output_dir / lead.name, prepared[lead.name][3], timings, names
+                cfg, lead, base_dir, arch, lead_tmp, cfg.output_dir / lead.name, fingerprints[lead.name], timings, names
             )
             builds[lead.name] = BranchBuild(
-                lead.name, cfg.output_dir / lead.name, False, pass_s, prepared[lead.name][3]
+                lead.name, cfg.output_dir / lead.name, False, pass_s, fingerprints[lead.name]
             )
         for b, sb in zip(rest, side):
             if progress:
@@ -98,10 +99,10 @@ def quantize_pass(
             )
             side_timings["calibration_pass"] = {**shared, "seconds": pass_s, "propagated_through": lead.name}
             quantize.seal_folder(
-                cfg, b, base_dir, arch, tmps[b.name], cfg.output_dir / b.name, prepared[b.name][3], side_timings, names
+                cfg, b, base_dir, arch, tmps[b.name], cfg.output_dir / b.name, fingerprints[b.name], side_timings, names
             )
             builds[b.name] = BranchBuild(
-                b.name, cfg.output_dir / b.name, False, round(time.time() - t, 1), prepared[b.name][3], lead.name
+                b.name, cfg.output_dir / b.name, False, round(time.time() - t, 1), fingerprints[b.name], lead.name
             )
             shutil.rmtree(sb.store, ignore_errors=True)
     finally:
@@ -117,10 +118,10 @@ def side_store_bytes(base_dir: Path, arch: Glm4MoeArch, dtype: str) -> int:
     decoder layers' tensors (AWQ smooths within them; the MTP layer, embeddings and head are not
     stored) in the dtype the build loads them in. An upper bound: norms and the layers' few
     weights no mapping smooths are counted too."""
-    from .check import DTYPE_BYTES, read_shard
+    from .check import DTYPE_BYTES, TORCH_TO_ST, read_shard
 
     layer = re.compile(r"^model\.layers\.(\d+)\.")
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype)
+    size = DTYPE_BYTES[TORCH_TO_ST[dtype]] if dtype in TORCH_TO_ST else None  # "auto": the checkpoint's
     total = 0
     for f in sorted(base_dir.glob("*.safetensors")):
         meta, _errors = read_shard(f)

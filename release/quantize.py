@@ -108,7 +108,6 @@ def inputs_fingerprint(
     recipe_text: str,
     base_fp: str,
     calib_fp: str,
-    calibration_pass: list[str] | None = None,
 ) -> str:
     payload: dict[str, Any] = {
         "tool": __version__,
@@ -121,8 +120,16 @@ def inputs_fingerprint(
         "base_model": base_fp,
         "libraries": library_versions(),
     }
-    if calibration_pass and len(calibration_pass) > 1:  # the branches whose pass made it, the first propagating
-        payload["calibration_pass"] = list(calibration_pass)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def pass_fingerprint(fingerprint: str, calibration_pass: list[str] | None) -> str:
+    """The fingerprint of a branch made by a calibration pass shared with others: its own
+    inputs' (`inputs_fingerprint`) and the pass's branches, the first propagating. A pass of
+    the branch alone (or none) is its own fingerprint."""
+    if not calibration_pass or len(calibration_pass) < 2:
+        return fingerprint
+    payload = {"inputs": fingerprint, "calibration_pass": list(calibration_pass)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -172,13 +179,10 @@ def project_commit() -> dict[str, Any]:
         return {"commit": None, "dirty": None, "note": type(e).__name__}
 
 
-def prepare_branch(
-    cfg: ReleaseConfig, branch: BranchSpec, calibration_pass: list[str] | None = None
-) -> tuple[Path, Glm4MoeArch, str, str]:
+def prepare_branch(cfg: ReleaseConfig, branch: BranchSpec) -> tuple[Path, Glm4MoeArch, str, str]:
     """Everything that can fail fast, before torch is imported: model folder, architecture,
     group size, recipe. Returns (base_dir, arch, recipe_text, inputs_fingerprint); a branch
-    made by a pass shared with others (`calibration_pass`, the propagating branch first) has
-    a fingerprint of its own."""
+    made by a pass shared with others has `pass_fingerprint` of it."""
     base_dir = resolve_base_model(cfg)
     arch = Glm4MoeArch.from_dir(base_dir)
     arch.check_group_size(branch.group_size, branch.name)
@@ -187,9 +191,7 @@ def prepare_branch(
             f"{base_dir} holds no *.safetensors weights", hint="glmrel reads safetensors checkpoints only"
         )
     recipe_text = render_recipe(cfg.recipe, arch, branch, cfg.awq)
-    fp = inputs_fingerprint(
-        cfg, branch, recipe_text, base_model_fingerprint(base_dir), calibration_fingerprint(cfg), calibration_pass
-    )
+    fp = inputs_fingerprint(cfg, branch, recipe_text, base_model_fingerprint(base_dir), calibration_fingerprint(cfg))
     return base_dir, arch, recipe_text, fp
 
 
@@ -202,19 +204,22 @@ def recorded_pass(out_dir: Path) -> list[str] | None:
     return [str(n) for n in value] if isinstance(value, list) and value else None
 
 
-def up_to_date(cfg: ReleaseConfig, branch: BranchSpec, fingerprint: str) -> bool:
-    """The branch's folder was built from these inputs: by the pass asked for now (whose
-    fingerprint is given), or by the pass its provenance records (built with the others by
-    `build-all`, or alone), recomputed from the config as it is now. Either way nothing it was
-    built from has changed, so `quantize --branch X` after `build-all` does not rebuild X."""
+def up_to_date(
+    cfg: ReleaseConfig, branch: BranchSpec, fingerprint: str, calibration_pass: list[str] | None = None
+) -> bool:
+    """The branch's folder was built from these inputs (`fingerprint`: the branch's own, from
+    `prepare_branch`): by the pass asked for now (`calibration_pass`; none: the branch alone),
+    or by the pass its provenance records (built with the others by `build-all`, or alone)
+    while all of that pass's branches are still in the config. Either way nothing it was built
+    from has changed, so `quantize --branch X` after `build-all` does not rebuild X."""
     out_dir = cfg.output_dir / branch.name
-    if branch_is_current(out_dir, fingerprint):
+    if branch_is_current(out_dir, pass_fingerprint(fingerprint, calibration_pass)):
         return True
     recorded = recorded_pass(out_dir)
     names = {b.name for b in cfg.branches}
     if not recorded or branch.name not in recorded or not set(recorded) <= names:
         return False
-    return branch_is_current(out_dir, prepare_branch(cfg, branch, recorded)[3])
+    return branch_is_current(out_dir, pass_fingerprint(fingerprint, recorded))
 
 
 def branch_is_current(out_dir: Path, fingerprint: str) -> bool:

@@ -128,7 +128,7 @@ def test_a_second_pass_does_nothing_and_a_branch_alone_is_up_to_date(two_ways, t
     # GS64 alone has a fingerprint of its own (a build alone differs from layer 1 on) ...
     _base, _arch, _recipe, alone = quantize.prepare_branch(cfg, cfg.branch("W4A16_GS64"))
     assert alone != again[1].inputs_fingerprint
-    _b, _a, _r, reordered = quantize.prepare_branch(cfg, cfg.branch("W4A16_GS64"), ["W4A16_GS64", "W4A16_GS32"])
+    reordered = quantize.pass_fingerprint(alone, ["W4A16_GS64", "W4A16_GS32"])
     assert reordered != again[1].inputs_fingerprint  # another branch propagating is another pass
     # ... but `quantize --branch W4A16_GS64` after build-all finds it built from unchanged inputs
     assert one_pass.quantize_pass(cfg, ["W4A16_GS64"], echo=lambda s: None)[0].skipped
@@ -141,7 +141,9 @@ def test_a_second_pass_does_nothing_and_a_branch_alone_is_up_to_date(two_ways, t
     raw["branches"][2]["name"] = "W4A16_GS64B"
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(raw))
     changed = load_config(tmp_path / "changed.yaml")
-    assert not quantize.up_to_date(changed, changed.branch("W4A16_GS64"), "not-this-pass")
+    own = quantize.prepare_branch(changed, changed.branch("W4A16_GS64"))[3]
+    assert own == alone  # GS64's own inputs did not change: the pass it was built by did
+    assert not quantize.up_to_date(changed, changed.branch("W4A16_GS64"), own, ["W4A16_GS32", "W4A16_GS64"])
 
 
 @pytest.mark.slow
