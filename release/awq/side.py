@@ -183,9 +183,9 @@ def smooth_side_branches(
 
     times = SideTimes(started=time.perf_counter())
     modules = touched_modules(mappings)
-    originals = {
-        (name, p): _keep(t) for name, module in modules for p in SIDE_PARAMS if (t := _tensor(module, p)) is not None
-    }
+    # (module, parameter name, full name) of every tensor smoothing may write
+    params = [(m, p, f"{name}.{p}") for name, m in modules for p in SIDE_PARAMS if _tensor(m, p) is not None]
+    originals = [_keep(getattr(m, p)) for m, p, _ in params]
     stats = dict(modifier._smooth_activation_stats)
     caches = dict(modifier._parent_args_cache)
     key = layer_key(modules)
@@ -197,19 +197,13 @@ def smooth_side_branches(
                     smooth()
             finally:
                 run.side = False
-            smoothed = {
-                f"{name}.{p}": t.detach().to("cpu", copy=True).contiguous()
-                for name, module in modules
-                for p in SIDE_PARAMS
-                if (t := _tensor(module, p)) is not None
-            }
+            smoothed = {full: getattr(m, p).detach().to("cpu", copy=True).contiguous() for m, p, full in params}
             times.stored_bytes += sum(t.nbytes for t in smoothed.values())
             writer.write(smoothed, branch.store / f"{key}.safetensors")
             del smoothed
             # the layer as before this side run
-            modules_by_name = dict(modules)
-            for (name, p), t in originals.items():
-                write_onloaded(modules_by_name[name], p, t)
+            for (m, p, _), t in zip(params, originals):
+                write_onloaded(m, p, t)
             modifier._smooth_activation_stats.clear()
             modifier._smooth_activation_stats.update(stats)
             modifier._parent_args_cache.clear()
