@@ -86,7 +86,10 @@ def test_configs_and_records_say_what_made_each_branch(two_ways):
     for name in NAMES:
         a = json.loads((one / name / "config.json").read_text())
         b = json.loads((sep / name / "config.json").read_text())
-        assert a["quantization_config"] == b["quantization_config"], name
+        assert a == b, name  # the whole config, quantization_config included
+        assert sorted(p.name for p in (one / name).iterdir()) == sorted(p.name for p in (sep / name).iterdir())
+        index = [json.loads((d / name / "model.safetensors.index.json").read_text())["weight_map"] for d in (one, sep)]
+        assert index[0] == index[1], name
         prov = json.loads((one / name / "provenance.json").read_text())
         assert prov["calibration_pass"] == {"branches": NAMES, "propagated_through": "W4A16_GS32"}
         alone = json.loads((sep / name / "provenance.json").read_text())
@@ -95,7 +98,8 @@ def test_configs_and_records_say_what_made_each_branch(two_ways):
         assert (one / name / "expert_coverage.json").read_text() == (sep / name / "expert_coverage.json").read_text()
         assert prov["calibration"] == alone["calibration"]
     side = json.loads((one / "W4A16_GS64" / "provenance.json").read_text())["timings_s"]
-    assert side["calibration_pass"]["propagated_through"] == "W4A16_GS32" and side["smoothed_weights"]["tensors"] > 0
+    assert side["calibration_pass"]["propagated_through"] == "W4A16_GS32" and side["finish"]["from_store"] > 0
+    assert "load" not in side, "a side branch is made without loading the model again"
     assert not list(one.glob(".calibration-pass.*")), "the side branches' stores are removed"
     logs = "\n".join(two_ways["one"]["logs"])
     assert "one calibration pass for W4A16_GS32, W4A16_GS64, W4A16_GS128" in logs
@@ -152,7 +156,7 @@ def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path,
     nothing half-written is; the next pass builds only the missing one, the same bits as an
     uninterrupted pass, and leaves the finished folders as they were."""
     cfg = load_config(_config(tmp_path, demo_assets))
-    real = one_pass.quantize_side_branch
+    real = one_pass.finish_side_branch
     calls: list[str] = []
 
     def failing(cfg_, branch, *args, **kwargs):
@@ -161,14 +165,14 @@ def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path,
             raise RuntimeError("disk full (simulated)")
         return real(cfg_, branch, *args, **kwargs)
 
-    monkeypatch.setattr(one_pass, "quantize_side_branch", failing)
+    monkeypatch.setattr(one_pass, "finish_side_branch", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
     out = cfg.output_dir
     left = sorted(p.name for p in out.iterdir() if p.name != ".glmrel-cache")
     assert left == ["W4A16_GS32", "W4A16_GS64"], f"the failed pass left {left}"
     inodes = {n: (out / n / "model.safetensors").stat().st_ino for n in ("W4A16_GS32", "W4A16_GS64")}
-    monkeypatch.setattr(one_pass, "quantize_side_branch", real)
+    monkeypatch.setattr(one_pass, "finish_side_branch", real)
     builds = quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
     assert [b.skipped for b in builds] == [True, True, False]
     assert {n: (out / n / "model.safetensors").stat().st_ino for n in inodes} == inodes
@@ -178,11 +182,22 @@ def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path,
 
 
 @pytest.mark.slow
-def test_side_branches_from_offloaded_base_weights_are_the_in_ram_ones(tmp_path, demo_assets, two_ways):
-    """Base weights larger than RAM: with nearly all of the demo model offloaded to disk, the
-    pass's side branch (and the propagating one) are the in-RAM pass's bit for bit."""
+def test_side_branches_from_offloaded_base_weights_and_in_many_shards_are_the_in_ram_ones(
+    tmp_path, demo_assets, two_ways, monkeypatch
+):
+    """Base weights larger than RAM, saved in many shards (as GLM-4.7's are): with nearly all
+    of the demo model offloaded to disk and shards of 1 MB, the pass's side branch (made in
+    the propagating branch's shard layout) and the propagating one are the in-RAM,
+    one-shard pass's bit for bit."""
     cfg = load_config(_config(tmp_path, demo_assets, offload={"cpu_gib": 0.002}))
+    monkeypatch.setattr(quantize, "SHARD_SIZE", "1MB")
     quantize.build_branches(cfg, ["W4A16_GS32", "W4A16_GS128"], 1, None, echo=lambda s: None)
+    monkeypatch.undo()
+    for name in ("W4A16_GS32", "W4A16_GS128"):
+        shards = set(
+            json.loads((cfg.output_dir / name / "model.safetensors.index.json").read_text())["weight_map"].values()
+        )
+        assert len(shards) > 3 and shards == {p.name for p in (cfg.output_dir / name).glob("*.safetensors")}, name
     ram = load_config(_config(tmp_path / "ram", demo_assets))
     quantize.build_branches(ram, ["W4A16_GS32", "W4A16_GS128"], 1, None, echo=lambda s: None)
     for name in ("W4A16_GS32", "W4A16_GS128"):
@@ -192,21 +207,52 @@ def test_side_branches_from_offloaded_base_weights_are_the_in_ram_ones(tmp_path,
 
 
 def test_a_tampered_store_is_refused_by_name(tmp_path):
+    """A side branch's store must name the branch's tensors in their shapes and dtypes (a
+    quantized Linear's `weight` in the shape its `weight_shape` records)."""
+    from types import SimpleNamespace
+
     from safetensors.torch import save_file
 
-    from release.awq import load_side_weights
+    from release.errors import ReleaseError
+    from release.one_pass import TensorFiles, check_store, saved_layout
 
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
-    save_file({"0.weight": torch.zeros(3, 5)}, str(tmp_path / "model.layers.0.safetensors"))
-    with pytest.raises(RuntimeError, match=r"model\.layers\.0\.safetensors: 0\.weight is \(3, 5\)"):
-        load_side_weights(model, tmp_path)
-    save_file({"9.weight": torch.zeros(3, 4)}, str(tmp_path / "model.layers.0.safetensors"))
-    with pytest.raises(RuntimeError, match=r"9\.weight names no parameter of the model"):
-        load_side_weights(model, tmp_path)
-    shutil.rmtree(tmp_path)
-    tmp_path.mkdir()
-    with pytest.raises(RuntimeError, match="holds no layers"):
-        load_side_weights(model, tmp_path)
+    lead, store = tmp_path / "lead", tmp_path / "store"
+    lead.mkdir()
+    save_file(
+        {
+            "model.layers.0.norm.weight": torch.ones(4),
+            "model.layers.0.proj.weight_packed": torch.zeros(3, 1, dtype=torch.int32),
+            "model.layers.0.proj.weight_scale": torch.ones(3, 1),
+            "model.layers.0.proj.weight_shape": torch.tensor([3, 8]),
+            "model.layers.1.mtp.weight": torch.ones(2),
+        },
+        str(lead / "model.safetensors"),
+    )
+    layout = saved_layout(lead, SimpleNamespace(mtp_layers=[1]))
+    assert layout.quantized == {"model.layers.0.proj"} and "model.layers.1.mtp.weight" not in layout.names
+
+    def check(tensors):
+        shutil.rmtree(store, ignore_errors=True)
+        store.mkdir()
+        if tensors:
+            save_file(tensors, str(store / "model.layers.0.safetensors"))
+        files = TensorFiles.of(sorted(store.glob("*.safetensors")))
+        check_store(
+            files, store, layout, TensorFiles.of([lead / "model.safetensors"]), TensorFiles({}), torch.float32, "B"
+        )
+
+    check({"model.layers.0.proj.weight": torch.zeros(3, 8), "model.layers.0.norm.weight": torch.ones(4)})
+    with pytest.raises(
+        ReleaseError,
+        match=r"model\.layers\.0\.safetensors: model\.layers\.0\.proj\.weight is \(3, 9\) F32, B's is \(3, 8\) F32",
+    ):
+        check({"model.layers.0.proj.weight": torch.zeros(3, 9)})
+    with pytest.raises(ReleaseError, match=r"norm\.weight is \(4,\) BF16, B's is \(4,\) F32"):
+        check({"model.layers.0.norm.weight": torch.ones(4, dtype=torch.bfloat16)})
+    with pytest.raises(ReleaseError, match=r"model\.layers\.0\.other\.weight names no tensor of B"):
+        check({"model.layers.0.other.weight": torch.ones(4)})
+    with pytest.raises(ReleaseError, match="holds no layers"):
+        check({})
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ What stock 0.14.0.1 does and what each patch changes:
 
 from .engine import Engine, scaled_awq
 from .options import EXPERT_SEARCHES, TARGET_VERSION, ScaleOptions
-from .side import SideBranch, load_side_weights
+from .side import SideBranch
 from .stats import LayerRecord, ScaleStats, release_host_memory
 
 __all__ = [
@@ -129,7 +129,6 @@ __all__ = [
     "ScaleOptions",
     "ScaleStats",
     "SideBranch",
-    "load_side_weights",
     "release_host_memory",
     "scaled_awq",
 ]

@@ -15,8 +15,9 @@ per layer); and puts the layer back as it was: weights, the grid search's scratc
 parameters and AWQ's per-layer caches. A side run writes only the onloaded copy of a weight
 (the CPU or disk offload keeps the original), so only the propagating branch's smoothing
 reaches the offload, the next layer and QuantizationModifier, exactly as in a build of that
-branch alone. What a side branch's store holds becomes a branch in `one_pass.quantize_pass`:
-the base model again, the stored weights written over it, and QuantizationModifier on its own.
+branch alone. What a side branch's store holds becomes a branch in `one_pass.finish_side_branch`,
+without loading the model again: each quantized Linear's stored weight quantized and compressed
+in the propagating branch's saved layout.
 
 Memory: the layer's originals stay on the GPU when it has room for them (else in host memory);
 each side branch's smoothed layer is copied to host memory and written to its store by a
@@ -213,37 +214,3 @@ def smooth_side_branches(
     finally:
         times.seconds = time.perf_counter() - times.started
     return times
-
-
-def load_side_weights(model: Any, store: Path) -> int:
-    """Write a side branch's stored smoothed weights over a freshly loaded base model (offload
-    included), one tensor at a time; returns how many. Refuses a store that names a module
-    or shape the model lacks."""
-    import torch
-    from compressed_tensors.offload import update_offload_parameter
-    from safetensors import safe_open
-
-    files = sorted(store.glob("*.safetensors"))
-    if not files:
-        raise RuntimeError(f"the side branch store {store} holds no layers")
-    n = 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():
-                module_name, _, param = key.rpartition(".")
-                try:
-                    module = model.get_submodule(module_name)
-                    current = getattr(module, param)
-                except AttributeError:
-                    current = None
-                if not isinstance(current, torch.Tensor):
-                    raise RuntimeError(f"{f.name}: {key} names no parameter of the model")
-                value = fh.get_tensor(key)
-                if tuple(current.shape) != tuple(value.shape) or current.dtype != value.dtype:
-                    raise RuntimeError(
-                        f"{f.name}: {key} is {tuple(value.shape)} {value.dtype}, the model's is "
-                        f"{tuple(current.shape)} {current.dtype}"
-                    )
-                update_offload_parameter(module, param, value)
-                n += 1
-    return n
