@@ -142,14 +142,23 @@ def main() -> None:
             real_seal = quantize.seal_folder
             hashing = [0.0]
 
-            def seal_then_drop(cfg_, branch, *args, real_seal=real_seal, mode=mode, hashing=hashing, **kwargs):
+            # the one pass's side branches are made in the propagating branch's saved layout:
+            # its weights stay until the pass ends
+            kept: list[Path] = []
+
+            def seal_then_drop(
+                cfg_, branch, *args, real_seal=real_seal, mode=mode, hashing=hashing, kept=kept, lead=names[0], **kwargs
+            ):
                 real_seal(cfg_, branch, *args, **kwargs)
                 out = cfg_.output_dir / branch.name
                 t = time.time()
                 if not a.no_hash:
                     hashes[mode][branch.name] = tensor_hashes(out)
-                for f in out.glob("*.safetensors"):
-                    f.unlink()
+                if mode == "one_pass" and branch.name == lead:
+                    kept.append(out)
+                else:
+                    for f in out.glob("*.safetensors"):
+                        f.unlink()
                 hashing[0] += time.time() - t
 
             quantize.seal_folder = seal_then_drop
@@ -159,6 +168,9 @@ def main() -> None:
         finally:
             if a.drop:
                 quantize.seal_folder = real_seal
+                for out in kept:
+                    for f in out.glob("*.safetensors"):
+                        f.unlink()
         wall = round(time.time() - t - (hashing[0] if a.drop else 0.0), 1)
         per_branch = {}
         for b in builds:
@@ -238,7 +250,7 @@ TIMING_KEYS = (
     "oneshot",
     "quantize",
     "save",
-    "smoothed_weights",
+    "finish",
     "calibration_pass_s",
     "peak_gpu_gib",
     "peak_host_rss_gib",

@@ -4,7 +4,8 @@ Presets:
   tiny    the demo's dimensions (CI-sized)
   medium  hidden 2048, 6 layers (1 dense), 64 experts top-8: ~1.6B params, a real GPU workload
   glm47   GLM-4.7's real per-layer dimensions (hidden 5120, 96/8 heads, 160 experts top-8,
-          moe_intermediate 1536, shared expert); --layers sets the depth (1 dense + N-1 MoE)
+          moe_intermediate 1536, shared expert); --layers sets the depth (--dense of them dense, 1 by
+          default; --layers 1 --dense 0 is one MoE layer)
 
 The tokenizer, calibration conversations and held-out text are the demo's, so no network is
 needed; the config's vocab_size keeps GLM-4.7's where the preset asks (unused rows are harmless).
@@ -64,7 +65,14 @@ PRESETS = {
 
 
 def build(
-    preset: str, out: Path, layers: int | None, device: str, group_sizes: list[int], samples: int, seq: int
+    preset: str,
+    out: Path,
+    layers: int | None,
+    device: str,
+    group_sizes: list[int],
+    samples: int,
+    seq: int,
+    dense: int = 1,
 ) -> Path:
     import torch
     from transformers import AutoTokenizer, Glm4MoeConfig, Glm4MoeForCausalLM
@@ -82,7 +90,7 @@ def build(
         vocab_size=vocab,
         num_hidden_layers=n_layers,
         max_position_embeddings=max(4096, seq),
-        **GLM4MOE_FEATURES,
+        **{**GLM4MOE_FEATURES, "first_k_dense_replace": dense},
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
@@ -93,7 +101,7 @@ def build(
     with torch.device(device):
         model = Glm4MoeForCausalLM(cfg).to(torch.bfloat16)
         with torch.no_grad():
-            for layer in model.model.layers[1:]:
+            for layer in model.model.layers[dense:]:
                 layer.mlp.gate.e_score_correction_bias.normal_(0, 0.01)
     model_dir = out / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
@@ -168,12 +176,13 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="medium")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--dense", type=int, default=1, help="how many of the layers are dense (GLM-4.7: 3 of 92)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--group-size", type=int, action="append", default=None)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq", type=int, default=512)
     a = ap.parse_args()
-    print(build(a.preset, a.out, a.layers, a.device, a.group_size or [128], a.samples, a.seq))
+    print(build(a.preset, a.out, a.layers, a.device, a.group_size or [128], a.samples, a.seq, a.dense))
 
 
 if __name__ == "__main__":
