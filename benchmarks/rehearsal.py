@@ -10,7 +10,8 @@ to the Hub double (tests/hub_double.py, on loopback), and a second `publish` to 
 do nothing). Per stage it records wall time, the peak host RSS of the whole process tree (all
 ranks together, sampled every 0.2 s), the peak GPU memory in use on every GPU (nvidia-smi, the
 driver's view: every process included), and the disk the work folder holds after it; during
-`build-all`, the tree's host RSS when each branch starts loading its base model.
+`build-all`, the tree's host RSS when each branch starts (loading its base model, or a side
+branch of one pass reading its store).
 
 The verification thresholds are the synthetic config's (max KL 2.0, top-1 0.3): random weights
 make the rehearsal test the path, not the weights' quality.
@@ -173,8 +174,9 @@ def branch_dir(work: Path, g: int) -> Path:
     return work / "branches" / f"W4A16_GS{g}"
 
 
-# a branch starts loading its base model; a progress bar's carriage returns may precede it on the line
-BRANCH_START = re.compile(r"\[([A-Za-z0-9_.-]+)\] loading ")
+# a branch starts loading its base model (a side branch of one pass: reading its store); a
+# progress bar's carriage returns may precede it on the line
+BRANCH_START = re.compile(r"\[([A-Za-z0-9_.-]+)\] (?:loading |from the pass's store)")
 
 
 def stage(

@@ -189,9 +189,7 @@ def finish_side_branch(
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     check_store(store, side.store, layout, lead, base, dtype, branch.name)
     quantizer = Quantizer(recipe_text, get_main_device())
-    echo(
-        f"[{branch.name}] W4A16 group {branch.group_size} from the pass's smoothed layers, in {lead_dir.name}'s layout"
-    )
+    echo(f"[{branch.name}] from the pass's store: group size {branch.group_size}, in {lead_dir.name}'s layout")
     out.mkdir(parents=True, exist_ok=True)
     stored = quantized = 0
     done: dict[str, Any] = {}  # compressed tensors not yet written (a module's parts may span two shards)

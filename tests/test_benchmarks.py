@@ -487,3 +487,48 @@ def test_single_pass_records_back_what_the_cards_and_readme_say():
     first_finalize = next(v for k, v in t.items() if k.startswith("finalize"))
     assert round((first_finalize - first_init).total_seconds(), 1) == 137.3
     assert "137.3 s" in (gpu / "README.md").read_text() and "[W4A16_GS128] loading" in log
+
+
+def test_the_512_sample_side_by_side_figures_are_read_from_its_records():
+    """The H200 side-by-side at 512 x 2048 (one MoE layer at GLM-4.7 dims): the README's and
+    the record's figures are those of its JSON, provenance and log, including the cut pass's
+    bounds, which are derived here from llm-compressor's timestamps as the record says."""
+    folder = RESULTS.parent / "2026-11-30-h200-single-pass-glm47-moe-layer-512"
+    text = (folder / "README.md").read_text()
+    seps = [json.loads((folder / f"separate-{g}.json").read_text())["builds"]["separate"] for g in ("GS128", "GS32")]
+    walls = [s["wall_s"] for s in seps]
+    assert walls == [278.2, 277.2] and "**278.2 s** (GS128) and **277.2 s** (GS32)" in text
+    lead = json.loads((folder / "one-pass-provenance-W4A16_GS32.json").read_text())
+    side = json.loads((folder / "one-pass-provenance-W4A16_GS64.json").read_text())
+    assert lead["calibration_pass"] == {
+        "branches": ["W4A16_GS32", "W4A16_GS64", "W4A16_GS128"],
+        "propagated_through": "W4A16_GS32",
+    }
+    t = lead["timings_s"]
+    layer = t["awq_engine"]["layers"][0]
+    assert (t["calibration_pass_s"], t["oneshot"], layer["calib_s"], layer["smooth_s"], layer["side_s"]) == (
+        519.5,
+        492.48,
+        70.115,
+        125.312,
+        256.116,
+    )
+    assert "load" not in side["timings_s"] and side["timings_s"]["finish"]["seconds"] == 5.72
+    log = (folder / "one-pass-cut.log").read_text()
+    stamps = [
+        (datetime.fromisoformat(ts), what)
+        for ts, what in re.findall(r" (2026-11-30T[\d:.]+) \| (\w+ \| \w+ - \w+)", log)
+    ]
+    copied = [ts for ts, what in stamps if what.endswith("INFO - Copied")]  # each branch's MTP layer written
+    quantizing = [ts for ts, what in stamps if what.startswith("targets_embeddings")]  # each side's Quantizer
+    start = copied[0].timestamp() - t["calibration_pass_s"]
+    at_gs128 = quantizing[1].timestamp() - start
+    gs64_write = (copied[1] - quantizing[0]).total_seconds()
+    gs64_rest = (quantizing[1] - copied[1]).total_seconds()
+    low, high = at_gs128 + gs64_write, at_gs128 + gs64_write + gs64_rest
+    three = sum(walls) + sum(walls) / 2
+    assert (round(at_gs128, 1), round(gs64_write, 1), round(gs64_rest, 1)) == (559.8, 11.6, 16.8)
+    assert (round(low), round(high), round(three)) == (571, 588, 833)
+    assert (round(low / three, 2), round(high / three, 2)) == (0.69, 0.71) and "(0.69–0.71)" in text
+    readme = (RESULTS.parent.parent.parent / "README.md").read_text()
+    assert "2026-11-30-h200-single-pass-glm47-moe-layer-512" in readme and "0.70x" in readme
