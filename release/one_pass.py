@@ -70,6 +70,8 @@ def quantize_pass(
     tmps = {b.name: quantize.partial_folder(cfg.output_dir, b.name) for b in stale}
     if side:
         check_pass_store_room(cfg, base_dir, arch, len(side), store_root)
+        if lead not in stale:  # sealed by an earlier run: what the side branches are made from, checked first
+            check_sealed_files(cfg.output_dir / lead.name, arch)
     echo(f"[{lead.name}] one calibration pass for {', '.join(names)} (propagating through {lead.name})")
     for folder in [work, *tmps.values()]:
         shutil.rmtree(folder, ignore_errors=True)
@@ -444,4 +446,25 @@ def check_store(
             raise ReleaseError(
                 f"{store.where(key)}: {key} is {got_shape} {got_dtype}, {branch}'s is {shape} {st_dtype or got_dtype}",
                 hint=hint,
+            )
+
+
+def check_sealed_files(folder: Path, arch: Glm4MoeArch) -> None:
+    """Refuse to make side branches from a propagating branch sealed by an earlier run whose
+    files (the index, shards, `config.json` and `generation_config.json` they are made from) are
+    not those its manifest records: changed, missing, outside the folder or swapped for a link."""
+    from .manifest import MANIFEST_FILE, Manifest, hash_files
+
+    layout = saved_layout(folder, arch)
+    extra = [n for n in ("model.safetensors.index.json", "generation_config.json") if (folder / n).exists()]
+    names = [*layout.shards, "config.json", *extra]
+    manifest = Manifest.load(folder / MANIFEST_FILE)
+    hashes = hash_files([folder / n for n in names])
+    for name in names:
+        entry = manifest.files.get(name)
+        if entry is None or entry.sha256 != hashes[folder / name]:
+            raise ReleaseError(
+                f"{folder / name} is not what {folder.name}'s manifest.json records; the side branches "
+                "are made from it",
+                hint=f"rebuild it and its pass: glmrel quantize --branch {folder.name} ... --force",
             )

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from release import one_pass, quantize
 from release.cli import cli
 from release.config import load_config
+from release.errors import ReleaseError
 from tests.test_build import _tensors
 
 SMALL = {"num_samples": 8, "max_seq_length": 64}
@@ -173,6 +174,17 @@ def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path,
     assert left == ["W4A16_GS32", "W4A16_GS64"], f"the failed pass left {left}"
     inodes = {n: (out / n / "model.safetensors").stat().st_ino for n in ("W4A16_GS32", "W4A16_GS64")}
     monkeypatch.setattr(one_pass, "finish_side_branch", real)
+    # GS128 is made from GS32's saved files, sealed by the failed run: changed since, they are
+    # refused before any calibration
+    config = out / "W4A16_GS32" / "config.json"
+    sealed = config.read_text()
+    config.write_text(sealed.replace('"group_size": 32', '"group_size": 33'))
+    monkeypatch.setattr(quantize, "_run_oneshot", lambda *a, **k: pytest.fail("calibrated before the check"))
+    with pytest.raises(ReleaseError, match=r"W4A16_GS32/config\.json is not what W4A16_GS32's manifest\.json records"):
+        quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
+    assert not (out / "W4A16_GS128").exists()
+    config.write_text(sealed)
+    monkeypatch.undo()
     builds = quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
     assert [b.skipped for b in builds] == [True, True, False]
     assert {n: (out / n / "model.safetensors").stat().st_ino for n in inodes} == inodes
