@@ -66,10 +66,10 @@ def quantize_pass(
         return [builds[n] for n in names]
     lead, rest = specs[0], [b for b in specs[1:] if b in stale]
     work = quantize.partial_folder(store_root, PASS_FOLDER)
-    side = tuple(SideBranch(b.name, b.group_size, work / b.name) for b in rest)
+    side = tuple(SideBranch(b.name, b.group_size, work / b.name, prepared[b.name][2]) for b in rest)
     tmps = {b.name: quantize.partial_folder(cfg.output_dir, b.name) for b in stale}
     if side:
-        check_pass_store_room(cfg, base_dir, arch, len(side), store_root)
+        check_pass_store_room(cfg, base_dir, arch, side, store_root)
         if lead not in stale:  # sealed by an earlier run: what the side branches are made from, checked first
             check_sealed_files(cfg.output_dir / lead.name, arch)
     echo(f"[{lead.name}] one calibration pass for {', '.join(names)} (propagating through {lead.name})")
@@ -115,11 +115,15 @@ def quantize_pass(
     return [builds[n] for n in names]
 
 
-def side_store_bytes(base_dir: Path, arch: Glm4MoeArch, dtype: str) -> int:
+def side_store_bytes(base_dir: Path, arch: Glm4MoeArch, dtype: str, group_size: int, ignore: list[str]) -> int:
     """About what one side branch's store holds, from the base checkpoint's headers: the
-    decoder layers' tensors (AWQ smooths within them; the MTP layer, embeddings and head are not
-    stored) in the dtype the build loads them in. An upper bound: norms and the layers' few
-    weights no mapping smooths are counted too."""
+    decoder layers' Linear weights packed four bits to a value with one scale per group (in
+    the dtype the build loads them in), and their other tensors as they are (AWQ smooths
+    within the decoder layers; the MTP layer, embeddings and head are not stored). A 2-D
+    `.weight` counts as a quantized Linear unless the recipe's `ignore` names its module. An
+    upper bound: the layers' norms no mapping smooths are counted too."""
+    from compressed_tensors.utils.match import match_name
+
     from .check import DTYPE_BYTES, TORCH_TO_ST, read_shard
 
     layer = re.compile(r"^model\.layers\.(\d+)\.")
@@ -129,16 +133,32 @@ def side_store_bytes(base_dir: Path, arch: Glm4MoeArch, dtype: str) -> int:
         meta, _errors = read_shard(f)
         for name, t in meta.tensors.items() if meta is not None else ():
             m = layer.match(name)
-            if m and int(m[1]) < arch.num_hidden_layers:
-                stored = t.data_offsets[1] - t.data_offsets[0]
-                total += stored if size is None else stored // DTYPE_BYTES.get(t.dtype, 2) * size
+            if not m or int(m[1]) >= arch.num_hidden_layers:
+                continue
+            item = size or DTYPE_BYTES.get(t.dtype, 2)
+            module = name.removesuffix(".weight")
+            if name.endswith(".weight") and len(t.shape) == 2 and not any(match_name(module, x) for x in ignore):
+                rows, cols = t.shape
+                total += rows * -(-cols // 8) * 4 + rows * -(-cols // group_size) * item + 16
+            else:
+                total += (t.data_offsets[1] - t.data_offsets[0]) // DTYPE_BYTES.get(t.dtype, 2) * item
     return total
 
 
-def check_pass_store_room(cfg: ReleaseConfig, base_dir: Path, arch: Glm4MoeArch, sides: int, store_root: Path) -> None:
+def check_pass_store_room(
+    cfg: ReleaseConfig, base_dir: Path, arch: Glm4MoeArch, side: tuple[SideBranch, ...], store_root: Path
+) -> None:
     """Refuse a pass whose side branches' stores cannot fit where they go, before any work
     (a full disk found after hours of calibration loses them)."""
-    need = side_store_bytes(base_dir, arch, cfg.dtype) * sides
+    from .awq.side import quantizer
+
+    need = sum(
+        side_store_bytes(
+            base_dir, arch, cfg.dtype, b.group_size, list(quantizer(b.recipe, "cpu").modifier.ignore or [])
+        )
+        for b in side
+    )
+    sides = len(side)
     where = store_root
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -163,85 +183,46 @@ def finish_side_branch(
     run: Calibrated,
     echo: Log = print,
 ) -> dict[str, Any]:
-    """A side branch of a pass into `out`, without loading the model again: the propagating
-    branch's saved folder (`lead_dir`) gives the layout (shards, tensor names, config), and
-    each of its tensors becomes the side branch's own:
-    - a quantized Linear (`X.weight_packed`, `X.weight_scale`, ...): the side branch's smoothed
-      `X.weight` from its store, else (a Linear no mapping smooths, such as `o_proj`) the base
-      checkpoint's, quantized by the recipe's QuantizationModifier and compressed by
-      compressed-tensors, module by module as llm-compressor's data-free pipeline and its
-      compressed save do (`Quantizer`);
-    - a tensor the side branch smoothed unquantized (norms, the router's gate, biases): the store's;
-    - anything else (embeddings, head, the layers' other norms): the propagating branch's, which
-      is the base model's for both.
-    Then the MTP layer, tokenizer, recipe and records as any build (`_write_branch_files`).
-    The same bits as loading the base model, writing the store over it and running
-    QuantizationModifier and the compressed save (what this replaced; pinned by the demo's
-    digests), at the cost of reading the store and writing the branch once."""
-    import torch
-    from llmcompressor.utils.dev import get_main_device
+    """A side branch of a pass into `out`, without loading the model again. The pass stored
+    each decoder layer of the branch quantized and compressed (release/awq/side.py); the
+    propagating branch's saved folder (`lead_dir`) gives the layout (shards, tensor names,
+    config), and each of its tensors becomes the side branch's own: the store's where the store
+    has it (every quantized Linear of the decoder layers, and what smoothing changed unquantized:
+    norms, the router, biases), else the propagating branch's (embeddings, head, the other
+    norms: the base model's in both). Then the MTP layer, tokenizer, recipe and records as any
+    build (`_write_branch_files`). The same bits as the base model with the branch's smoothed
+    layers quantized by QuantizationModifier and saved compressed (the demo's pinned digests)."""
     from safetensors.torch import save_file
 
     timings: dict[str, Any] = {}
     t = time.time()
     layout = saved_layout(lead_dir, arch)
     lead = TensorFiles.of([lead_dir / s for s in layout.shards])
-    base = TensorFiles.of(sorted(base_dir.glob("*.safetensors")))
     store = TensorFiles.of(sorted(side.store.glob("*.safetensors")))
-    dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    check_store(store, side.store, layout, lead, base, dtype, branch.name)
-    quantizer = Quantizer(recipe_text, get_main_device())
+    check_store(store, side.store, layout, lead, branch.name)
     echo(f"[{branch.name}] from the pass's store: group size {branch.group_size}, in {lead_dir.name}'s layout")
     out.mkdir(parents=True, exist_ok=True)
-    stored = quantized = 0
-    done: dict[str, Any] = {}  # compressed tensors not yet written (a module's parts may span two shards)
+    stored = 0
     for shard in layout.shards:
-        names = layout.by_shard[shard]
-        modules = sorted({n.rpartition(".")[0] for n in names if layout.is_quantized_part(n) and n not in done})
-        for group in _by_layer(modules):
-            weights = {}
-            for module in group:
-                key = f"{module}.weight"
-                if key in store.names:
-                    weights[module] = store.get(key)
-                    stored += 1
-                elif key in base.names:
-                    weights[module] = base.get(key, like=dtype)
-                else:
-                    raise ReleaseError(
-                        f"{key} is neither in the pass's store nor in the base checkpoint {base_dir}",
-                        hint="build this branch on its own: glmrel quantize --separate",
-                    )
-            got = quantizer.quantize(weights)
-            want = set().union(*(layout.parts[m] for m in weights))
-            if set(got) != want:
+        tensors: dict[str, Any] = {}
+        for name in layout.by_shard[shard]:
+            if name in store.names:
+                tensors[name] = store.get(name)
+                stored += 1
+            elif layout.is_quantized_part(name):
                 raise ReleaseError(
-                    f"quantizing {branch.name}'s {group[0]}... gave {sorted(set(got) ^ want)[:3]}, "
-                    f"unlike {lead_dir.name}'s save",
+                    f"{name} is not in the pass's store {side.store}: {branch.name} cannot be made from it",
                     hint="build this branch on its own: glmrel quantize --separate",
                 )
-            done.update(got)
-            quantized += len(weights)
-        tensors = {n: done.pop(n) for n in names if n in done}
-        for name in names:
-            if name not in tensors:
-                if name in store.names:
-                    tensors[name] = store.get(name)
-                    stored += 1
-                else:
-                    tensors[name] = lead.get(name)
+            else:
+                tensors[name] = lead.get(name)
         save_file(tensors, str(out / shard), metadata={"format": "pt"})
         del tensors
     layout.write_index_and_config(out, branch.group_size)
     for name in ("generation_config.json",):
         if (lead_dir / name).is_file():
             shutil.copy2(lead_dir / name, out / name)
-    timings["finish"] = {  # read, quantize and write: no model is loaded
-        "from_store": stored,
-        "quantized_modules": quantized,
-        "device": str(quantizer.device),
-        "seconds": round(time.time() - t, 2),
-    }
+    timings["finish"] = {"from_store": stored, "seconds": round(time.time() - t, 2)}  # no model is loaded
     t = time.time()
     quantize._write_branch_files(cfg, base_dir, arch, recipe_text, out, run)
     timings["save"] = round(time.time() - t, 2)
@@ -370,83 +351,33 @@ def _by_layer(modules: list[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-class Quantizer:
-    """The recipe's QuantizationModifier applied to loose weights, as llm-compressor's data-free
-    pipeline applies it to a model (schemes attached by the recipe's targets and ignore,
-    weight observers, `observe` and `update_qparams` on the main device, frozen), then
-    compressed-tensors' `compress_module`, as the compressed save does."""
-
-    def __init__(self, recipe_text: str, device: Any) -> None:
-        from llmcompressor.modifiers.quantization import QuantizationModifier
-        from llmcompressor.recipe import Recipe
-
-        found = [m for m in Recipe.create_instance(recipe_text).modifiers if isinstance(m, QuantizationModifier)]
-        if len(found) != 1:
-            raise ReleaseError(
-                f"the recipe has {len(found)} QuantizationModifiers; a side branch is quantized by exactly one",
-                hint="give the recipe one QuantizationModifier, or build with --separate",
-            )
-        self.modifier = found[0]
-        self.device = device
-
-    def quantize(self, weights: dict[str, Any]) -> dict[str, Any]:
-        """`{module name: weight}` -> the compressed tensors a save writes for them, by name."""
-        import torch
-        from compressed_tensors.compressors.base import compress_module
-        from compressed_tensors.utils import match_named_modules
-        from llmcompressor.modifiers.quantization.calibration import observe, update_qparams
-
-        root = torch.nn.Module()
-        for name, w in weights.items():
-            linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-            linear.weight = torch.nn.Parameter(w.to(self.device), requires_grad=False)
-            parent = root
-            *path, leaf = name.split(".")
-            for part in path:
-                if not hasattr(parent, part):
-                    parent.add_module(part, torch.nn.Module())
-                parent = getattr(parent, part)
-            parent.add_module(leaf, linear)
-        m = self.modifier
-        m.initialize_quantization(root)
-        m.start_calibration(root)
-        modules = [module for _, module in match_named_modules(root, m.resolved_targets, m.ignore)]
-        observe(modules, "weight")
-        update_qparams(modules, "weight")
-        m.end_calibration(root)
-        for module in modules:
-            compress_module(module)
-        return {k: v.detach().to("cpu").contiguous() for k, v in root.state_dict().items()}
-
-
-def check_store(
-    store: TensorFiles, where: Path, layout: SavedLayout, lead: TensorFiles, base: TensorFiles, dtype: Any, branch: str
-) -> None:
+def check_store(store: TensorFiles, where: Path, layout: SavedLayout, lead: TensorFiles, branch: str) -> None:
     """Refuse a side branch's store that is not this release's, by file and tensor name: empty,
-    naming a tensor the branch does not have, or a tensor of another shape or dtype."""
-    from .check import TORCH_TO_ST
-
+    naming a tensor the branch does not have, one of another dtype or shape (a quantized
+    Linear's scales may differ from the propagating branch's in their groups only), or a
+    quantized Linear with some of its parts missing."""
     if not store.names:
         raise ReleaseError(
             f"the side branch store {where} holds no layers", hint="rebuild the branch: glmrel quantize --force"
         )
     hint = "the pass's store is not this release's; rebuild the branch: glmrel quantize --force"
-    want_dtype = TORCH_TO_ST.get(str(dtype).removeprefix("torch.")) if dtype is not None else None
+    parts: dict[str, set[str]] = {}
     for key in store.names:
-        module, _, param = key.rpartition(".")
-        if param == "weight" and module in layout.quantized:
-            shape = tuple(int(x) for x in lead.get(f"{module}.weight_shape").tolist())
-            st_dtype = want_dtype or (base.header(key)[1] if key in base.names else None)
-        elif key in layout.names:
-            shape, st_dtype = lead.header(key)
-        else:
+        if key not in layout.names:
             raise ReleaseError(f"{store.where(key)}: {key} names no tensor of {branch}", hint=hint)
-        got_shape, got_dtype = store.header(key)
-        if got_shape != shape or (st_dtype is not None and got_dtype != st_dtype):
+        (shape, dtype), (got_shape, got_dtype) = lead.header(key), store.header(key)
+        module, _, part = key.rpartition(".")
+        grouped = layout.is_quantized_part(key) and part not in ("weight_packed", "weight_shape")
+        if got_dtype != dtype or (got_shape[:1] if grouped else got_shape) != (shape[:1] if grouped else shape):
             raise ReleaseError(
-                f"{store.where(key)}: {key} is {got_shape} {got_dtype}, {branch}'s is {shape} {st_dtype or got_dtype}",
-                hint=hint,
+                f"{store.where(key)}: {key} is {got_shape} {got_dtype}, {branch}'s is {shape} {dtype}", hint=hint
             )
+        if layout.is_quantized_part(key):
+            parts.setdefault(module, set()).add(key)
+    for module, have in parts.items():
+        if have != layout.parts[module]:
+            missing = sorted(layout.parts[module] - have)
+            raise ReleaseError(f"{store.where(next(iter(have)))}: {module} lacks {', '.join(missing)}", hint=hint)
 
 
 def check_sealed_files(folder: Path, arch: Glm4MoeArch) -> None:

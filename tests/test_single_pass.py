@@ -219,13 +219,13 @@ def test_side_branches_from_offloaded_base_weights_and_in_many_shards_are_the_in
 
 
 def test_a_tampered_store_is_refused_by_name(tmp_path):
-    """A side branch's store must name the branch's tensors in their shapes and dtypes (a
-    quantized Linear's `weight` in the shape its `weight_shape` records)."""
+    """A side branch's store must name the branch's tensors, in their dtypes and shapes (a
+    quantized Linear's scales may have other groups than the propagating branch's), and hold
+    every part of a quantized Linear it holds."""
     from types import SimpleNamespace
 
     from safetensors.torch import save_file
 
-    from release.errors import ReleaseError
     from release.one_pass import TensorFiles, check_store, saved_layout
 
     lead, store = tmp_path / "lead", tmp_path / "store"
@@ -241,7 +241,12 @@ def test_a_tampered_store_is_refused_by_name(tmp_path):
         str(lead / "model.safetensors"),
     )
     layout = saved_layout(lead, SimpleNamespace(mtp_layers=[1]))
-    assert layout.quantized == {"model.layers.0.proj"} and "model.layers.1.mtp.weight" not in layout.names
+    assert set(layout.parts) == {"model.layers.0.proj"} and "model.layers.1.mtp.weight" not in layout.names
+    proj = {
+        "model.layers.0.proj.weight_packed": torch.zeros(3, 1, dtype=torch.int32),
+        "model.layers.0.proj.weight_scale": torch.ones(3, 2),  # a smaller group size: more groups
+        "model.layers.0.proj.weight_shape": torch.tensor([3, 8]),
+    }
 
     def check(tensors):
         shutil.rmtree(store, ignore_errors=True)
@@ -249,20 +254,18 @@ def test_a_tampered_store_is_refused_by_name(tmp_path):
         if tensors:
             save_file(tensors, str(store / "model.layers.0.safetensors"))
         files = TensorFiles.of(sorted(store.glob("*.safetensors")))
-        check_store(
-            files, store, layout, TensorFiles.of([lead / "model.safetensors"]), TensorFiles({}), torch.float32, "B"
-        )
+        check_store(files, store, layout, TensorFiles.of([lead / "model.safetensors"]), "B")
 
-    check({"model.layers.0.proj.weight": torch.zeros(3, 8), "model.layers.0.norm.weight": torch.ones(4)})
-    with pytest.raises(
-        ReleaseError,
-        match=r"model\.layers\.0\.safetensors: model\.layers\.0\.proj\.weight is \(3, 9\) F32, B's is \(3, 8\) F32",
-    ):
-        check({"model.layers.0.proj.weight": torch.zeros(3, 9)})
-    with pytest.raises(ReleaseError, match=r"norm\.weight is \(4,\) BF16, B's is \(4,\) F32"):
+    check({**proj, "model.layers.0.norm.weight": torch.ones(4)})
+    layer0 = r"model\.layers\.0\.safetensors: model\.layers\.0\."
+    with pytest.raises(ReleaseError, match=layer0 + r"proj\.weight_packed is \(3, 2\) I32, B's is \(3, 1\) I32"):
+        check({**proj, "model.layers.0.proj.weight_packed": torch.zeros(3, 2, dtype=torch.int32)})
+    with pytest.raises(ReleaseError, match=layer0 + r"norm\.weight is \(4,\) BF16, B's is \(4,\) F32"):
         check({"model.layers.0.norm.weight": torch.ones(4, dtype=torch.bfloat16)})
-    with pytest.raises(ReleaseError, match=r"model\.layers\.0\.other\.weight names no tensor of B"):
-        check({"model.layers.0.other.weight": torch.ones(4)})
+    with pytest.raises(ReleaseError, match=layer0 + r"proj lacks model\.layers\.0\.proj\.weight_scale"):
+        check({k: v for k, v in proj.items() if not k.endswith("weight_scale")})
+    with pytest.raises(ReleaseError, match=r"model\.layers\.0\.proj\.weight names no tensor of B"):
+        check({"model.layers.0.proj.weight": torch.zeros(3, 8)})  # a smoothed weight, not quantized
     with pytest.raises(ReleaseError, match="holds no layers"):
         check({})
 
@@ -304,15 +307,19 @@ def test_a_failed_store_write_fails_the_pass_and_leaves_no_branch(tmp_path, demo
 
 @pytest.mark.slow
 def test_a_pass_whose_stores_cannot_fit_is_refused_before_any_work(tmp_path, demo_assets, monkeypatch):
-    """The side branches' stores need about the decoder layers' size each (estimated from the base
-    checkpoint's headers, an upper bound of what a pass writes): with room for one of two, the
-    pass is refused with the size, the place and the way out, before the model is loaded."""
+    """The side branches' stores need about the decoder layers' quantized size each (estimated
+    from the base checkpoint's headers and the recipe, an upper bound of what a pass writes):
+    with room for one of two, the pass is refused with the size, the place and the way out,
+    before the model is loaded."""
     from release.architecture import Glm4MoeArch
+    from release.awq.side import Quantizer
     from release.errors import ReleaseError
 
     cfg = load_config(_config(tmp_path, demo_assets))
     arch = Glm4MoeArch.from_dir(cfg.base_model.path)
-    need = one_pass.side_store_bytes(cfg.base_model.path, arch, cfg.dtype)
+    recipe = quantize.prepare_branch(cfg, cfg.branch("W4A16_GS128"))[2]
+    ignore = list(Quantizer(recipe, "cpu").modifier.ignore)
+    need = one_pass.side_store_bytes(cfg.base_model.path, arch, cfg.dtype, 128, ignore)
     # what a pass really stores, per side branch, is within the estimate
     quantize.build_branches(cfg, ["W4A16_GS32", "W4A16_GS128"], 1, None, echo=lambda s: None)
     stored = sum(r.side_stored_gib for r in quantize.LAST_SCALE_STATS[0].layers) * 2**30

@@ -106,7 +106,7 @@ class MoeAWQModifier(AWQModifier):
             mappings = [m for m in self._resolved_mappings if m.smooth_name in self._smooth_activation_stats]
             if mappings:
                 side = smooth_side_branches(
-                    self, mappings, e.side, lambda: self._smooth_layer(model, record=False), e.run, e.side_writer
+                    self, model, mappings, e.side, lambda: self._smooth_layer(model, record=False), e.run, e.side_writer
                 )
         self._smooth_layer(model, side=side)
 
@@ -205,7 +205,7 @@ class MoeAWQModifier(AWQModifier):
                         round(_pinned_peak_gib(), 3),
                         round(reserved, 3),
                         side_s=round(side.seconds, 3) if side is not None else 0.0,
-                        side_stored_gib=round(side.stored_bytes / 2**30, 3) if side is not None else 0.0,
+                        side_stored_gib=round(side.stored_bytes / 2**30, 6) if side is not None else 0.0,
                     )
                 )
             if record:

@@ -10,17 +10,19 @@ every branch of a release.
 At the end of each layer (`MoeAWQModifier._apply_smoothing`), before the propagating branch's
 own smoothing, `smooth_side_branches` smooths the layer once per side branch, with that
 branch's group size and from the layer's original weights, over the same cached calibration
-inputs; writes the smoothed weights of the layer to the branch's store (one safetensors file
-per layer); and puts the layer back as it was: weights, the grid search's scratch quantization
-parameters and AWQ's per-layer caches. A side run writes only the onloaded copy of a weight
-(the CPU or disk offload keeps the original), so only the propagating branch's smoothing
-reaches the offload, the next layer and QuantizationModifier, exactly as in a build of that
-branch alone. What a side branch's store holds becomes a branch in `one_pass.finish_side_branch`,
-without loading the model again: each quantized Linear's stored weight quantized and compressed
-in the propagating branch's saved layout.
+inputs; quantizes and compresses the layer's Linears for that branch, on the GPU, as
+QuantizationModifier and the compressed save would (`Quantizer`), and writes them with the
+smoothed tensors that stay unquantized (norms, the router, biases) to the branch's store (one
+safetensors file per layer, about a quarter of the layer's bf16 size); and puts the layer back
+as it was: weights, the grid search's scratch quantization parameters and AWQ's per-layer
+caches. A side run writes only the onloaded copy of a weight (the CPU or disk offload keeps
+the original), so only the propagating branch's smoothing reaches the offload, the next layer
+and QuantizationModifier, exactly as in a build of that branch alone. A side branch's store
+becomes a branch in `one_pass.finish_side_branch`, without loading the model again: its
+tensors in the propagating branch's saved layout.
 
 Memory: the layer's originals stay on the GPU when it has room for them (else in host memory);
-each side branch's smoothed layer is copied to host memory and written to its store by a
+each side branch's quantized layer is copied to host memory and written to its store by a
 background thread while the next run computes, at most one write in flight (`StoreWriter`).
 The side runs reuse the propagating run's caches and buffers.
 """
@@ -28,6 +30,7 @@ The side runs reuse the propagating run's caches and buffers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -44,12 +47,13 @@ LAYER_PREFIX = re.compile(r"^(.*?layers\.\d+)\.")
 
 @dataclass(frozen=True)
 class SideBranch:
-    """A branch calibrated by another branch's pass: its name, group size and the folder its
-    smoothed layers go to."""
+    """A branch calibrated by another branch's pass: its name, group size, the folder its
+    quantized layers go to and its rendered recipe (whose QuantizationModifier quantizes them)."""
 
     name: str
     group_size: int
     store: Path
+    recipe: str = ""
 
 
 @dataclass
@@ -169,8 +173,75 @@ def group_size(modules: list[tuple[str, Any]], size: int) -> Iterator[None]:
                 t.data = data
 
 
+class Quantizer:
+    """A recipe's QuantizationModifier applied to loose weights, as llm-compressor's data-free
+    pipeline applies it to a model (schemes attached by the recipe's targets and ignore,
+    weight observers, `observe` and `update_qparams` on the weights' device, frozen), then
+    compressed-tensors' `compress_module`, as the compressed save does: the same tensors, bit
+    for bit, as a model quantized and saved (the demo's pinned digests)."""
+
+    def __init__(self, recipe_text: str, device: Any) -> None:
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.recipe import Recipe
+
+        found = [m for m in Recipe.create_instance(recipe_text).modifiers if isinstance(m, QuantizationModifier)]
+        if len(found) != 1:
+            raise ValueError(f"the recipe has {len(found)} QuantizationModifiers; one pass needs exactly one")
+        self.modifier = found[0]
+        self.device = device
+
+    def quantize(self, weights: dict[str, Any]) -> dict[str, Any]:
+        """`{module name: weight}` -> the compressed tensors a save writes for them, by name, in
+        host memory. The weights are read, not changed."""
+        import torch
+        from compressed_tensors.compressors.base import compress_module
+        from compressed_tensors.utils import match_named_modules
+        from llmcompressor.modifiers.quantization.calibration import observe, update_qparams
+
+        root = torch.nn.Module()
+        for name, w in weights.items():
+            linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+            linear.weight = torch.nn.Parameter(w.detach().to(self.device), requires_grad=False)
+            parent = root
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(leaf, linear)
+        m = self.modifier
+        m.initialize_quantization(root)
+        m.start_calibration(root)
+        modules = [module for _, module in match_named_modules(root, m.resolved_targets, m.ignore)]
+        observe(modules, "weight")
+        update_qparams(modules, "weight")
+        m.end_calibration(root)
+        for module in modules:
+            compress_module(module)
+        return {k: v.detach().to("cpu").contiguous() for k, v in root.state_dict().items()}
+
+
+@functools.cache
+def quantizer(recipe_text: str, device: str) -> Quantizer:
+    return Quantizer(recipe_text, device)
+
+
+def quantized_linears(model: Any, key: str) -> dict[str, Any]:
+    """The Linears of the decoder layer `key` that the pass's recipe quantizes (a
+    `quantization_scheme` attached), by full name."""
+    import torch
+
+    layer = model.get_submodule(key)
+    return {
+        f"{key}.{name}": m
+        for name, m in layer.named_modules()
+        if isinstance(m, torch.nn.Linear) and getattr(m, "quantization_scheme", None) is not None
+    }
+
+
 def smooth_side_branches(
     modifier: Any,
+    model: Any,
     mappings: list[Any],
     branches: list[SideBranch],
     smooth: Callable[[], None],
@@ -178,18 +249,24 @@ def smooth_side_branches(
     writer: StoreWriter,
 ) -> SideTimes:
     """Smooth the layer of `mappings` once per side branch (`smooth()` is the engine's smoothing
-    of the layer as it stands), store each result (through `writer`), and leave the layer, its
-    caches and statistics as they were for the propagating branch's own smoothing."""
+    of the layer as it stands), quantize and compress the layer's Linears for that branch
+    (`Quantizer`: the smoothed ones and those no mapping touches alike) and store them with the
+    smoothed tensors that stay unquantized (norms, the router, biases), through `writer`; then
+    leave the layer, its caches and statistics as they were for the propagating branch's own
+    smoothing."""
     import torch
+    from llmcompressor.utils.dev import get_main_device
 
     times = SideTimes(started=time.perf_counter())
     modules = touched_modules(mappings)
+    key = layer_key(modules)
+    linears = quantized_linears(model, key)
     # (module, parameter name, full name) of every tensor smoothing may write
     params = [(m, p, f"{name}.{p}") for name, m in modules for p in SIDE_PARAMS if _tensor(m, p) is not None]
     originals = [_keep(getattr(m, p)) for m, p, _ in params]
+    raw = [(m, p, full) for m, p, full in params if not (p == "weight" and full[: -len(".weight")] in linears)]
     stats = dict(modifier._smooth_activation_stats)
     caches = dict(modifier._parent_args_cache)
-    key = layer_key(modules)
     try:
         for branch in branches:
             run.side = True
@@ -198,10 +275,13 @@ def smooth_side_branches(
                     smooth()
             finally:
                 run.side = False
-            smoothed = {full: getattr(m, p).detach().to("cpu", copy=True).contiguous() for m, p, full in params}
-            times.stored_bytes += sum(t.nbytes for t in smoothed.values())
-            writer.write(smoothed, branch.store / f"{key}.safetensors")
-            del smoothed
+            layer = quantizer(branch.recipe, str(get_main_device())).quantize(
+                {name: m.weight for name, m in linears.items()}
+            )
+            layer.update({full: getattr(m, p).detach().to("cpu", copy=True).contiguous() for m, p, full in raw})
+            times.stored_bytes += sum(t.nbytes for t in layer.values())
+            writer.write(layer, branch.store / f"{key}.safetensors")
+            del layer
             # the layer as before this side run
             for (m, p, _), t in zip(params, originals):
                 write_onloaded(m, p, t)
