@@ -38,8 +38,9 @@ def quantize_pass(
     skipping the branches whose inputs are unchanged. One branch: `quantize_branch`.
 
     The first branch is saved as a build of its own would be (bit for bit the same); each
-    other branch is then made from its stored smoothed weights in the first one's saved layout
-    (`finish_side_branch`: no second load of the model). Every branch's provenance names the pass."""
+    other branch's layers are quantized in the pass and stored, and the branch is then
+    assembled from its store in the first one's saved layout (`finish_side_branch`: no second
+    load of the model). Every branch's provenance names the pass."""
     specs = [cfg.branch(n) for n in dict.fromkeys(branch_names)]
     if len(specs) == 1:
         if progress:
@@ -231,7 +232,6 @@ def finish_side_branch(
 
 
 QUANT_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
-LAYER = re.compile(r"^(.*?layers\.\d+)\.")
 
 
 class TensorFiles:
@@ -251,10 +251,6 @@ class TensorFiles:
                 names.update(dict.fromkeys(fh.keys(), path))
         return cls(names)
 
-    @property
-    def files(self) -> set[Path]:
-        return set(self.names.values())
-
     def where(self, name: str) -> str:
         return self.names[name].name
 
@@ -266,9 +262,8 @@ class TensorFiles:
             self.handles[path] = safe_open(str(path), framework="pt")
         return self.handles[path]
 
-    def get(self, name: str, like: Any = None) -> Any:
-        t = self.handle(name).get_tensor(name)
-        return t if like is None else t.to(like)
+    def get(self, name: str) -> Any:
+        return self.handle(name).get_tensor(name)
 
     def header(self, name: str) -> tuple[tuple[int, ...], str]:
         s = self.handle(name).get_slice(name)
@@ -285,10 +280,6 @@ class SavedLayout:
     by_shard: dict[str, list[str]]
     parts: dict[str, set[str]]  # quantized module -> its saved tensors (`weight_packed`, `weight_scale`, ...)
     mtp_prefixes: tuple[str, ...]
-
-    @property
-    def quantized(self) -> set[str]:
-        return set(self.parts)
 
     @property
     def names(self) -> set[str]:
@@ -321,6 +312,8 @@ class SavedLayout:
 
 
 def saved_layout(folder: Path, arch: Glm4MoeArch) -> SavedLayout:
+    """`folder`'s saved weights as `SavedLayout` (from its index, or its one shard); refuses an
+    index naming a shard outside the folder."""
     import json
 
     index = folder / "model.safetensors.index.json"
@@ -331,6 +324,11 @@ def saved_layout(folder: Path, arch: Glm4MoeArch) -> SavedLayout:
     mtp = tuple(f"model.layers.{n}." for n in arch.mtp_layers)
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or shard.startswith("."):
+            raise ReleaseError(
+                f"{index} maps {name} to {shard!r}, not a file of {folder.name}",
+                hint=f"rebuild {folder.name}: glmrel quantize --branch {folder.name} --force",
+            )
         if not name.startswith(mtp) if mtp else True:
             by_shard.setdefault(shard, []).append(name)
     names = [n for shard in by_shard.values() for n in shard]
@@ -340,15 +338,6 @@ def saved_layout(folder: Path, arch: Glm4MoeArch) -> SavedLayout:
         if part in QUANT_PARTS and module in parts:
             parts[module].add(n)
     return SavedLayout(folder, sorted(by_shard), by_shard, parts, mtp)
-
-
-def _by_layer(modules: list[str]) -> list[list[str]]:
-    """Module names grouped by decoder layer (a layer's quantized weights at a time)."""
-    groups: dict[str, list[str]] = {}
-    for name in modules:
-        m = LAYER.match(name)
-        groups.setdefault(m[1] if m else name, []).append(name)
-    return list(groups.values())
 
 
 def check_store(store: TensorFiles, where: Path, layout: SavedLayout, lead: TensorFiles, branch: str) -> None:
@@ -384,8 +373,9 @@ def check_sealed_files(folder: Path, arch: Glm4MoeArch) -> None:
     """Refuse to make side branches from a propagating branch sealed by an earlier run whose
     files (the index, shards, `config.json` and `generation_config.json` they are made from) are
     not those its manifest records: changed, missing, outside the folder or swapped for a link."""
-    from .manifest import MANIFEST_FILE, Manifest, hash_files
+    from .manifest import MANIFEST_FILE, Manifest, hash_files, release_files
 
+    release_files(folder)  # regular files only: nothing is read through a link
     layout = saved_layout(folder, arch)
     extra = [n for n in ("model.safetensors.index.json", "generation_config.json") if (folder / n).exists()]
     names = [*layout.shards, "config.json", *extra]

@@ -270,6 +270,38 @@ def test_a_tampered_store_is_refused_by_name(tmp_path):
         check({})
 
 
+def test_a_sealed_branch_changed_linked_or_pointing_outside_is_refused(tmp_path):
+    """What side branches are made from, when an earlier run sealed it: its files as its
+    manifest records them, regular files only, and an index naming files of its own folder."""
+    import json as json_
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from release.manifest import write_manifest
+    from release.one_pass import check_sealed_files
+
+    lead = tmp_path / "W4A16_GS32"
+    lead.mkdir()
+    save_file({"model.layers.0.norm.weight": torch.ones(4)}, str(lead / "model.safetensors"))
+    (lead / "config.json").write_text("{}")
+    write_manifest(lead)
+    arch = SimpleNamespace(mtp_layers=[])
+    check_sealed_files(lead, arch)
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(lead / "model.safetensors", outside)
+    (lead / "model.safetensors").unlink()
+    (lead / "model.safetensors").symlink_to(outside)  # the same bytes, through a link
+    with pytest.raises(ReleaseError, match=r"model\.safetensors is a symbolic link"):
+        check_sealed_files(lead, arch)
+    (lead / "model.safetensors").unlink()
+    shutil.copy(outside, lead / "model.safetensors")
+    index = {"metadata": {}, "weight_map": {"model.layers.0.norm.weight": "../elsewhere.safetensors"}}
+    (lead / "model.safetensors.index.json").write_text(json_.dumps(index))
+    with pytest.raises(ReleaseError, match=r"maps model\.layers\.0\.norm\.weight to '\.\./elsewhere"):
+        check_sealed_files(lead, arch)
+
+
 @pytest.mark.slow
 def test_the_cli_builds_several_branches_in_one_pass_and_refuses_an_unknown_one(two_ways, tmp_path, demo_assets):
     path = _config(tmp_path, demo_assets)
