@@ -53,7 +53,7 @@ class SideBranch:
     name: str
     group_size: int
     store: Path
-    recipe: str = ""
+    recipe: str
 
 
 @dataclass
