@@ -330,6 +330,46 @@ def test_rehearsal_finds_a_branch_start_behind_a_progress_bar():
     assert BRANCH_START.search(line)[1] == "W4A16_GS128"
     assert BRANCH_START.search("[W4A16_GS32] loading zai-org/GLM-4.7")[1] == "W4A16_GS32"
     assert BRANCH_START.search("offloading the base model's weights") is None
+    assert BRANCH_START.search("[W4A16_GS64] from the pass's store: group size 64, in X's layout")[1] == "W4A16_GS64"
+
+
+@pytest.mark.slow
+def test_the_single_pass_benchmark_runs_in_two_calls_on_a_one_layer_model(tmp_path):
+    """benchmarks.single_pass as the GPU record ran it (one MoE layer, `--drop`, the pass store
+    elsewhere, the two modes in two calls sharing one --json), at CI size: the side branches are
+    assembled after the propagating branch's weights (which `--drop` keeps until then), nothing
+    is left on disk, and with one decoder layer the side branch is its own build bit for bit (its
+    only layer sees the calibration data in both ways)."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600, cwd=repo)
+
+    syn, work, record = tmp_path / "syn", tmp_path / "work", tmp_path / "sp.json"
+    sizes = ["--group-size", "32", "--group-size", "64", "--group-size", "128", "--samples", "8", "--seq", "64"]
+    made = run("benchmarks.synthetic", "--preset", "tiny", "--layers", "1", "--dense", "0", "--out", str(syn), *sizes)
+    assert made.returncode == 0, made.stderr[-2000:]
+    common = [
+        "--config",
+        str(syn / "release.yaml"),
+        "--work",
+        str(work),
+        "--no-verify",
+        "--drop",
+        "--json",
+        str(record),
+    ]
+    one = run("benchmarks.single_pass", *common, "--pass-store", str(tmp_path / "store"), "--modes", "one_pass")
+    assert one.returncode == 0, one.stderr[-3000:]
+    sep = run("benchmarks.single_pass", *common, "--modes", "separate", "--separate-branch", "W4A16_GS128")
+    assert sep.returncode == 0, sep.stderr[-3000:]
+    r = json.loads(record.read_text())
+    assert set(r["builds"]) == {"one_pass", "separate"} and r["wall_ratio"] > 0
+    sides = r["builds"]["one_pass"]["branches"]
+    assert "load" not in sides["W4A16_GS64"] and sides["W4A16_GS64"]["finish"]["from_store"] > 0
+    rows = {row["branch"]: row for row in r["branches"]}
+    assert rows["W4A16_GS128"]["differ"] == 0 and rows["W4A16_GS128"]["tensors"] > 0
+    assert not list(work.rglob("*.safetensors")) and not list((tmp_path / "store").rglob("*.safetensors"))
 
 
 @pytest.mark.slow
