@@ -6,7 +6,6 @@ store. The pass's steps are quantize.py's, called through the module so tests ca
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import distributed, quantize
+from . import distributed, quantize, room
 from .architecture import Glm4MoeArch
 from .awq import ScaleOptions, SideBranch
 from .config import BranchSpec, ReleaseConfig
@@ -69,8 +68,8 @@ def quantize_pass(
     work = quantize.partial_folder(store_root, PASS_FOLDER)
     side = tuple(SideBranch(b.name, b.group_size, work / b.name, prepared[b.name][2]) for b in rest)
     tmps = {b.name: quantize.partial_folder(cfg.output_dir, b.name) for b in stale}
+    check_pass_room(cfg, base_dir, arch, side, {b.name: (b.group_size, prepared[b.name][2]) for b in stale}, store_root)
     if side:
-        check_pass_store_room(cfg, base_dir, arch, side, store_root)
         if lead not in stale:  # sealed by an earlier run: what the side branches are made from, checked first
             check_sealed_files(cfg.output_dir / lead.name, arch)
     echo(f"[{lead.name}] one calibration pass for {', '.join(names)} (propagating through {lead.name})")
@@ -116,60 +115,34 @@ def quantize_pass(
     return [builds[n] for n in names]
 
 
-def side_store_bytes(base_dir: Path, arch: Glm4MoeArch, dtype: str, group_size: int, ignore: list[str]) -> int:
-    """About what one side branch's store holds, from the base checkpoint's headers: the
-    decoder layers' Linear weights packed four bits to a value with one scale per group (in
-    the dtype the build loads them in), and their other tensors as they are (AWQ smooths
-    within the decoder layers; the MTP layer, embeddings and head are not stored). A 2-D
-    `.weight` counts as a quantized Linear unless the recipe's `ignore` names its module. An
-    upper bound: the layers' norms no mapping smooths are counted too."""
-    from compressed_tensors.utils.match import match_name
-
-    from .check import DTYPE_BYTES, TORCH_TO_ST, read_shard
-
-    layer = re.compile(r"^model\.layers\.(\d+)\.")
-    size = DTYPE_BYTES[TORCH_TO_ST[dtype]] if dtype in TORCH_TO_ST else None  # "auto": the checkpoint's
-    total = 0
-    for f in sorted(base_dir.glob("*.safetensors")):
-        meta, _errors = read_shard(f)
-        for name, t in meta.tensors.items() if meta is not None else ():
-            m = layer.match(name)
-            if not m or int(m[1]) >= arch.num_hidden_layers:
-                continue
-            item = size or DTYPE_BYTES.get(t.dtype, 2)
-            module = name.removesuffix(".weight")
-            if name.endswith(".weight") and len(t.shape) == 2 and not any(match_name(module, x) for x in ignore):
-                rows, cols = t.shape
-                total += rows * -(-cols // 8) * 4 + rows * -(-cols // group_size) * item + 16
-            else:
-                total += (t.data_offsets[1] - t.data_offsets[0]) // DTYPE_BYTES.get(t.dtype, 2) * item
-    return total
-
-
-def check_pass_store_room(
-    cfg: ReleaseConfig, base_dir: Path, arch: Glm4MoeArch, side: tuple[SideBranch, ...], store_root: Path
+def check_pass_room(
+    cfg: ReleaseConfig,
+    base_dir: Path,
+    arch: Glm4MoeArch,
+    side: tuple[SideBranch, ...],
+    stale: dict[str, tuple[int, str]],
+    store_root: Path,
 ) -> None:
-    """Refuse a pass whose side branches' stores cannot fit where they go, before any work
-    (a full disk found after hours of calibration loses them)."""
-    from .awq.side import quantizer
-
-    need = sum(
-        side_store_bytes(
-            base_dir, arch, cfg.dtype, b.group_size, list(quantizer(b.recipe, "cpu").modifier.ignore or [])
+    """Refuse a pass whose side branches' stores and built branches (`stale`: name -> group
+    size and recipe) cannot fit where they go, before any work."""
+    needs = []
+    if side:
+        stores = sum(
+            room.weights_bytes(base_dir, arch, cfg.dtype, b.group_size, room.recipe_ignore(b.recipe), decoder_only=True)
+            for b in side
         )
-        for b in side
+        needs.append((store_root, stores, f"{len(side)} side branch(es)' stores"))
+    built = sum(
+        room.branch_bytes(base_dir, arch, cfg.dtype, size, room.recipe_ignore(recipe))
+        for size, recipe in stale.values()
     )
-    sides = len(side)
-    where = store_root
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    free = shutil.disk_usage(where).free
-    if free < need:
-        raise ReleaseError(
-            f"one calibration pass needs about {need / 2**30:.1f} GiB at {store_root} for its {sides} side "
-            f"branch(es)' smoothed layers, and {free / 2**30:.1f} GiB are free there",
-            hint="set offload.pass_store to a disk (or a tmpfs such as /dev/shm) with room, or build with --separate",
-        )
+    needs.append((cfg.output_dir, built, f"{len(stale)} branch(es)"))
+    room.check_room(
+        "one calibration pass",
+        needs,
+        hint="free space there, set offload.pass_store to another disk (or a tmpfs such as /dev/shm) for the "
+        "stores, or build with --separate (one branch's room at a time)",
+    )
 
 
 def finish_side_branch(

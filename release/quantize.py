@@ -303,6 +303,8 @@ def quantize_branch(
     if not force and up_to_date(cfg, branch, fingerprint):
         return BranchBuild(branch.name, out_dir, True, 0.0, fingerprint)
 
+    if not distributed.in_worker():  # the launcher checked for the ranks (quantize_on_gpus)
+        check_branch_room(cfg, branch, base_dir, arch, recipe_text)
     # llm-compressor's save compresses the model across ranks (only rank 0 writes), so under
     # torchrun every rank calls it with the same folder: named by the launcher they share.
     tmp = partial_folder(cfg.output_dir, branch.name)
@@ -326,6 +328,18 @@ def quantize_branch(
         if cfg.offload.cpu_gib is not None:  # every rank is done with the offloaded weights
             forget_offload(offload_folder(cfg))
     return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
+
+
+def check_branch_room(cfg: ReleaseConfig, branch: BranchSpec, base_dir: Path, arch: Glm4MoeArch, recipe: str) -> None:
+    """Refuse a build whose branch cannot fit in `output_dir`, before any work."""
+    from . import room
+
+    need = room.branch_bytes(base_dir, arch, cfg.dtype, branch.group_size, room.recipe_ignore(recipe))
+    room.check_room(
+        f"building {branch.name}",
+        [(cfg.output_dir, need, branch.name)],
+        hint="free space there, or set output_dir to a disk with room",
+    )
 
 
 def seal_folder(
@@ -681,11 +695,12 @@ def quantize_on_gpus(
 ) -> BranchBuild:
     """Build one branch on `gpus` GPUs (rank 0 writes it); skip it when its inputs are unchanged."""
     spec = cfg.branch(branch)
-    _base, _arch, _recipe, fingerprint = prepare_branch(cfg, spec)
+    base_dir, arch, recipe_text, fingerprint = prepare_branch(cfg, spec)
     out = cfg.output_dir / spec.name
     if not force and up_to_date(cfg, spec, fingerprint):
         return BranchBuild(spec.name, out, True, 0.0, fingerprint)
     distributed.check_gpus(gpus, cfg.calibration.num_samples)
+    check_branch_room(cfg, spec, base_dir, arch, recipe_text)
     t = time.time()
     echo(f"[{spec.name}] launching {gpus} ranks with torchrun")
     distributed.launch(gpus, config_path, spec.name)

@@ -339,19 +339,19 @@ def test_a_failed_store_write_fails_the_pass_and_leaves_no_branch(tmp_path, demo
 
 @pytest.mark.slow
 def test_a_pass_whose_stores_cannot_fit_is_refused_before_any_work(tmp_path, demo_assets, monkeypatch):
-    """The side branches' stores need about the decoder layers' quantized size each (estimated
-    from the base checkpoint's headers and the recipe, an upper bound of what a pass writes):
-    with room for one of two, the pass is refused with the size, the place and the way out,
-    before the model is loaded."""
+    """The side branches' stores need about the decoder layers' quantized size each, and the
+    branches their own (estimated from the base checkpoint's headers and the recipe, upper
+    bounds of what a pass writes): with room for one store, the pass is refused with the sizes,
+    the place and the way out, before the model is loaded."""
+    from release import room
     from release.architecture import Glm4MoeArch
-    from release.awq.side import Quantizer
     from release.errors import ReleaseError
 
     cfg = load_config(_config(tmp_path, demo_assets))
     arch = Glm4MoeArch.from_dir(cfg.base_model.path)
     recipe = quantize.prepare_branch(cfg, cfg.branch("W4A16_GS128"))[2]
-    ignore = list(Quantizer(recipe, "cpu").modifier.ignore)
-    need = one_pass.side_store_bytes(cfg.base_model.path, arch, cfg.dtype, 128, ignore)
+    ignore = room.recipe_ignore(recipe)
+    need = room.weights_bytes(cfg.base_model.path, arch, cfg.dtype, 128, ignore, decoder_only=True)
     # what a pass really stores, per side branch, is within the estimate
     quantize.build_branches(cfg, ["W4A16_GS32", "W4A16_GS128"], 1, None, echo=lambda s: None)
     stored = sum(r.side_stored_gib for r in quantize.LAST_SCALE_STATS[0].layers) * 2**30
@@ -361,12 +361,41 @@ def test_a_pass_whose_stores_cannot_fit_is_refused_before_any_work(tmp_path, dem
     monkeypatch.setattr(quantize.shutil, "disk_usage", lambda p: real(p)._replace(free=need))
     loaded: list[int] = []
     monkeypatch.setattr(quantize, "load_base_model", lambda *a, **k: loaded.append(1))
-    with pytest.raises(ReleaseError, match=r"needs about .* GiB at .* for its 2 side branch") as e:
+    with pytest.raises(
+        ReleaseError, match=r"needs about .* GiB at .* \(2 side branch\(es\)' stores .* GiB, 3 branch"
+    ) as e:
         quantize.build_branches(cfg, NAMES, 1, None, force=True, echo=lambda s: None)
     assert "offload.pass_store" in e.value.hint and "--separate" in e.value.hint
     assert not loaded
     left = sorted(p.name for p in cfg.output_dir.iterdir() if p.name.startswith("."))
     assert left in ([], [".glmrel-cache"]), left
+
+
+@pytest.mark.slow
+def test_a_build_that_cannot_fit_is_refused_before_any_work_and_the_estimate_bounds_a_branch(
+    two_ways, tmp_path, demo_assets, monkeypatch
+):
+    """What a built branch takes on disk is within its estimate (room.branch_bytes, from the base
+    checkpoint's headers and the recipe); a build with less room than that is refused before the
+    model is loaded, and nothing is left."""
+    from release import room
+    from release.architecture import Glm4MoeArch
+
+    sep = two_ways["separate"]["cfg"]
+    arch = Glm4MoeArch.from_dir(sep.base_model.path)
+    for name in NAMES:
+        spec = sep.branch(name)
+        recipe = quantize.prepare_branch(sep, spec)[2]
+        need = room.branch_bytes(sep.base_model.path, arch, sep.dtype, spec.group_size, room.recipe_ignore(recipe))
+        used = sum(p.stat().st_size for p in (sep.output_dir / name).iterdir())
+        assert 0.8 * need <= used <= need, (name, used, need)
+    cfg = load_config(_config(tmp_path, demo_assets))
+    real = shutil.disk_usage
+    monkeypatch.setattr(quantize.shutil, "disk_usage", lambda p: real(p)._replace(free=used // 2))
+    monkeypatch.setattr(quantize, "load_base_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(ReleaseError, match=r"building W4A16_GS32 needs about .* GiB at .*out \(W4A16_GS32 "):
+        quantize.quantize_branch(cfg, "W4A16_GS32", echo=lambda s: None)
+    assert not cfg.output_dir.exists() or not [p for p in cfg.output_dir.iterdir() if p.name != ".glmrel-cache"]
 
 
 def test_the_store_writer_keeps_one_write_in_flight_and_raises_its_error(tmp_path, monkeypatch):
