@@ -69,9 +69,8 @@ def quantize_pass(
     side = tuple(SideBranch(b.name, b.group_size, work / b.name, prepared[b.name][2]) for b in rest)
     tmps = {b.name: quantize.partial_folder(cfg.output_dir, b.name) for b in stale}
     check_pass_room(cfg, base_dir, arch, side, {b.name: (b.group_size, prepared[b.name][2]) for b in stale}, store_root)
-    if side:
-        if lead not in stale:  # sealed by an earlier run: what the side branches are made from, checked first
-            check_sealed_files(cfg.output_dir / lead.name, arch)
+    if side and lead not in stale:  # sealed by an earlier run: what the side branches are made from
+        check_sealed_files(cfg.output_dir / lead.name, arch)
     echo(f"[{lead.name}] one calibration pass for {', '.join(names)} (propagating through {lead.name})")
     for folder in [work, *tmps.values()]:
         shutil.rmtree(folder, ignore_errors=True)
