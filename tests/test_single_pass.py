@@ -198,11 +198,14 @@ def test_side_branches_from_offloaded_base_weights_and_in_many_shards_are_the_in
     tmp_path, demo_assets, two_ways, monkeypatch
 ):
     """Base weights larger than RAM, saved in many shards (as GLM-4.7's are): with nearly all
-    of the demo model offloaded to disk and shards of 1 MB, the pass's side branch (made in
-    the propagating branch's shard layout) and the propagating one are the in-RAM,
-    one-shard pass's bit for bit."""
+    of the demo model offloaded to disk, shards of 1 MB and a side run quantizing one Linear at
+    a time, the pass's side branch (made in the propagating branch's shard layout) and the
+    propagating one are the in-RAM, one-shard pass's bit for bit."""
+    from release.awq import side
+
     cfg = load_config(_config(tmp_path, demo_assets, offload={"cpu_gib": 0.002}))
     monkeypatch.setattr(quantize, "SHARD_SIZE", "1MB")
+    monkeypatch.setattr(side, "QUANTIZE_CHUNK_BYTES", 1)  # and each Linear of a side run quantized alone
     quantize.build_branches(cfg, ["W4A16_GS32", "W4A16_GS128"], 1, None, echo=lambda s: None)
     monkeypatch.undo()
     for name in ("W4A16_GS32", "W4A16_GS128"):
@@ -439,3 +442,37 @@ def test_a_group_size_swap_is_local_to_its_block():
         a.weight_scale.data = torch.ones(4, 1)  # what update_qparams(only_update_onload=True) does
     assert a.quantization_scheme is scheme and scheme.weights.group_size == 32
     assert a.weight_scale.data_ptr() == before.data_ptr() and tuple(a.weight_scale.shape) == (4, 4)
+
+
+def test_quantizing_a_layer_in_chunks_gives_the_same_tensors_as_at_once():
+    """A side run quantizes a layer's Linears a few GiB at a time (bounded GPU memory); each
+    Linear is quantized on its own, so how they are chunked changes no bit."""
+    from release.awq.side import Quantizer, _chunks
+
+    recipe = """
+quant_stage:
+  quant_modifiers:
+    QuantizationModifier:
+      ignore: ["lm_head"]
+      config_groups:
+        group_0:
+          targets: ["Linear"]
+          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 32, dynamic: false}
+"""
+    torch.manual_seed(0)
+    linears = {
+        f"model.layers.0.{n}": torch.nn.Linear(128, rows, bias=False) for n, rows in (("a", 64), ("b", 32), ("c", 96))
+    }
+    q = Quantizer(recipe, "cpu")
+    whole = q.quantize({n: m.weight for n, m in linears.items()})
+    chunks = list(_chunks(linears, 64 * 128 * 4 + 32 * 128 * 4))
+    assert [list(c) for c in chunks] == [["model.layers.0.a", "model.layers.0.b"], ["model.layers.0.c"]]
+    parts: dict = {}
+    for c in chunks:
+        parts.update(q.quantize({n: m.weight for n, m in c.items()}))
+    assert parts.keys() == whole.keys() and len(whole) == 9  # packed, scale, shape per Linear
+    assert all(torch.equal(parts[k], whole[k]) for k in whole)
+    assert whole["model.layers.0.a.weight_scale"].shape == (64, 4)
+    before = linears["model.layers.0.a"].weight.detach().clone()
+    q.quantize({"model.layers.0.a": linears["model.layers.0.a"].weight})
+    assert torch.equal(linears["model.layers.0.a"].weight, before), "the weights are read, not changed"

@@ -226,6 +226,28 @@ def quantizer(recipe_text: str, device: str) -> Quantizer:
     return Quantizer(recipe_text, device)
 
 
+# How many bytes of weights a side run quantizes at once: its temporaries (observers' min/max,
+# the int8 values, the packed words and scales until they reach host memory) stay a small
+# multiple of this on the GPU, whatever the layer's size (a GLM-4.7 MoE layer is 7.3 GiB).
+QUANTIZE_CHUNK_BYTES = 1 << 30
+
+
+def _chunks(modules: dict[str, Any], limit: int) -> Iterator[dict[str, Any]]:
+    """`modules` in order, in runs whose weights add up to at most `limit` bytes (a larger
+    weight alone)."""
+    chunk: dict[str, Any] = {}
+    size = 0
+    for name, m in modules.items():
+        n = m.weight.nbytes
+        if chunk and size + n > limit:
+            yield chunk
+            chunk, size = {}, 0
+        chunk[name] = m
+        size += n
+    if chunk:
+        yield chunk
+
+
 def quantized_linears(model: Any, key: str) -> dict[str, Any]:
     """The Linears of the decoder layer `key` that the pass's recipe quantizes (a
     `quantization_scheme` attached), by full name."""
@@ -275,9 +297,10 @@ def smooth_side_branches(
                     smooth()
             finally:
                 run.side = False
-            layer = quantizer(branch.recipe, str(get_main_device())).quantize(
-                {name: m.weight for name, m in linears.items()}
-            )
+            q = quantizer(branch.recipe, str(get_main_device()))
+            layer: dict[str, Any] = {}
+            for chunk in _chunks(linears, QUANTIZE_CHUNK_BYTES):  # bounded GPU memory: a few GiB at a time
+                layer.update(q.quantize({name: m.weight for name, m in chunk.items()}))
             layer.update({full: getattr(m, p).detach().to("cpu", copy=True).contiguous() for m, p, full in raw})
             times.stored_bytes += sum(t.nbytes for t in layer.values())
             writer.write(layer, branch.store / f"{key}.safetensors")
