@@ -199,6 +199,8 @@ class Quantizer:
         from llmcompressor.modifiers.quantization.calibration import observe, update_qparams
 
         root = torch.nn.Module()
+        # no word embeddings here (QuantizationModifier asks, and warns on a model that cannot say)
+        root.get_input_embeddings = root.get_output_embeddings = torch.nn.Identity  # type: ignore[method-assign,assignment]
         for name, w in weights.items():
             linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
             linear.weight = torch.nn.Parameter(w.detach().to(self.device), requires_grad=False)
@@ -224,6 +226,14 @@ class Quantizer:
 @functools.cache
 def quantizer(recipe_text: str, device: str) -> Quantizer:
     return Quantizer(recipe_text, device)
+
+
+@functools.cache
+def main_device() -> str:
+    """Where llm-compressor's data-free pipeline would quantize (asked once: on a CPU it warns)."""
+    from llmcompressor.utils.dev import get_main_device
+
+    return str(get_main_device())
 
 
 # How many bytes of weights a side run quantizes at once: its temporaries (observers' min/max,
@@ -277,7 +287,6 @@ def smooth_side_branches(
     leave the layer, its caches and statistics as they were for the propagating branch's own
     smoothing."""
     import torch
-    from llmcompressor.utils.dev import get_main_device
 
     times = SideTimes(started=time.perf_counter())
     modules = touched_modules(mappings)
@@ -297,7 +306,7 @@ def smooth_side_branches(
                     smooth()
             finally:
                 run.side = False
-            q = quantizer(branch.recipe, str(get_main_device()))
+            q = quantizer(branch.recipe, main_device())
             layer: dict[str, Any] = {}
             for chunk in _chunks(linears, QUANTIZE_CHUNK_BYTES):  # bounded GPU memory: a few GiB at a time
                 layer.update(q.quantize({name: m.weight for name, m in chunk.items()}))
