@@ -68,7 +68,7 @@ def quantize_pass(
     work = quantize.partial_folder(store_root, PASS_FOLDER)
     side = tuple(SideBranch(b.name, b.group_size, work / b.name, prepared[b.name][2]) for b in rest)
     tmps = {b.name: quantize.partial_folder(cfg.output_dir, b.name) for b in stale}
-    check_pass_room(cfg, base_dir, arch, side, {b.name: (b.group_size, prepared[b.name][2]) for b in stale}, store_root)
+    check_pass_room(cfg, base_dir, arch, side, {b.name: b.group_size for b in stale}, store_root)
     if side and lead not in stale:  # sealed by an earlier run: what the side branches are made from
         check_sealed_files(cfg.output_dir / lead.name, arch)
     echo(f"[{lead.name}] one calibration pass for {', '.join(names)} (propagating through {lead.name})")
@@ -119,22 +119,16 @@ def check_pass_room(
     base_dir: Path,
     arch: Glm4MoeArch,
     side: tuple[SideBranch, ...],
-    stale: dict[str, tuple[int, str]],
+    stale: dict[str, int],
     store_root: Path,
 ) -> None:
     """Refuse a pass whose side branches' stores and built branches (`stale`: name -> group
-    size and recipe) cannot fit where they go, before any work."""
+    size) cannot fit where they go, before any work."""
     needs = []
     if side:
-        stores = sum(
-            room.weights_bytes(base_dir, arch, cfg.dtype, b.group_size, room.recipe_ignore(b.recipe), decoder_only=True)
-            for b in side
-        )
+        stores = sum(room.weights_bytes(base_dir, arch, cfg.dtype, b.group_size, decoder_only=True) for b in side)
         needs.append((store_root, stores, f"{len(side)} side branch(es)' stores"))
-    built = sum(
-        room.branch_bytes(base_dir, arch, cfg.dtype, size, room.recipe_ignore(recipe))
-        for size, recipe in stale.values()
-    )
+    built = sum(room.branch_bytes(base_dir, arch, cfg.dtype, size) for size in stale.values())
     needs.append((cfg.output_dir, built, f"{len(stale)} branch(es)"))
     room.check_room(
         "one calibration pass",

@@ -304,7 +304,7 @@ def quantize_branch(
         return BranchBuild(branch.name, out_dir, True, 0.0, fingerprint)
 
     if not distributed.in_worker():  # the launcher checked for the ranks (quantize_on_gpus)
-        check_branch_room(cfg, branch, base_dir, arch, recipe_text)
+        check_branch_room(cfg, branch, base_dir, arch)
     # llm-compressor's save compresses the model across ranks (only rank 0 writes), so under
     # torchrun every rank calls it with the same folder: named by the launcher they share.
     tmp = partial_folder(cfg.output_dir, branch.name)
@@ -330,11 +330,11 @@ def quantize_branch(
     return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
 
 
-def check_branch_room(cfg: ReleaseConfig, branch: BranchSpec, base_dir: Path, arch: Glm4MoeArch, recipe: str) -> None:
+def check_branch_room(cfg: ReleaseConfig, branch: BranchSpec, base_dir: Path, arch: Glm4MoeArch) -> None:
     """Refuse a build whose branch cannot fit in `output_dir`, before any work."""
     from . import room
 
-    need = room.branch_bytes(base_dir, arch, cfg.dtype, branch.group_size, room.recipe_ignore(recipe))
+    need = room.branch_bytes(base_dir, arch, cfg.dtype, branch.group_size)
     room.check_room(
         f"building {branch.name}",
         [(cfg.output_dir, need, branch.name)],
@@ -695,12 +695,12 @@ def quantize_on_gpus(
 ) -> BranchBuild:
     """Build one branch on `gpus` GPUs (rank 0 writes it); skip it when its inputs are unchanged."""
     spec = cfg.branch(branch)
-    base_dir, arch, recipe_text, fingerprint = prepare_branch(cfg, spec)
+    base_dir, arch, _recipe, fingerprint = prepare_branch(cfg, spec)
     out = cfg.output_dir / spec.name
     if not force and up_to_date(cfg, spec, fingerprint):
         return BranchBuild(spec.name, out, True, 0.0, fingerprint)
     distributed.check_gpus(gpus, cfg.calibration.num_samples)
-    check_branch_room(cfg, spec, base_dir, arch, recipe_text)
+    check_branch_room(cfg, spec, base_dir, arch)
     t = time.time()
     echo(f"[{spec.name}] launching {gpus} ranks with torchrun")
     distributed.launch(gpus, config_path, spec.name)

@@ -1,5 +1,6 @@
 """Disk room, checked before any work: what a build will write, estimated from the base
-checkpoint's headers and the recipe, against what the file systems it writes to have free.
+checkpoint's headers and the tensors a branch holds, against what the file systems it writes to
+have free.
 
 A full disk found after hours of calibration loses them; a refusal before the model is
 loaded costs nothing. The estimates are upper bounds within a few percent (tested against
@@ -8,6 +9,7 @@ real builds), so a refusal means the build would not have fit.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -22,49 +24,43 @@ LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 RECORDS_BYTES = 1 << 20
 
 
-def weights_bytes(
-    base_dir: Path, arch: Glm4MoeArch, dtype: str, group_size: int, ignore: Sequence[str], *, decoder_only: bool
-) -> int:
+def weights_bytes(base_dir: Path, arch: Glm4MoeArch, dtype: str, group_size: int, *, decoder_only: bool) -> int:
     """What a W4A16 branch's weights take (or, `decoder_only`, a side branch's store: its
-    decoder layers): a decoder layer's 2-D `.weight` is a quantized Linear unless the recipe's
-    `ignore` names its module, packed four bits to a value (int32 words) with one scale per
-    group in the dtype the build loads; every other tensor as it is, in that dtype, but the MTP
-    layers, which are copied from the checkpoint as they are."""
-    from compressed_tensors.utils.match import match_name
+    decoder layers), from the tensors `glmrel check` requires of such a branch
+    (`check.expected_inventory`: packed Linears and their scales, the rest in the dtype the
+    build loads), but the MTP layers, which are copied from the checkpoint as it holds them."""
+    import json
 
-    from .check import DTYPE_BYTES, TORCH_TO_ST, read_shard
+    from .check import DTYPE_BYTES, TORCH_TO_ST, expected_inventory, read_shard
 
-    size = DTYPE_BYTES[TORCH_TO_ST[dtype]] if dtype in TORCH_TO_ST else None  # "auto": the checkpoint's
-    total = 0
+    if dtype in TORCH_TO_ST:
+        model_dtype = TORCH_TO_ST[dtype]
+    else:  # "auto": the checkpoint's, read as `glmrel check` reads a branch's
+        config = json.loads((base_dir / "config.json").read_text())
+        model_dtype = TORCH_TO_ST.get(str(config.get("dtype") or config.get("torch_dtype")), "BF16")
+    required, _optional = expected_inventory(arch, group_size, model_dtype)  # optional ones are in required too
+    checkpoint: dict[str, int] = {}
     for f in sorted(base_dir.glob("*.safetensors")):
         meta, _errors = read_shard(f)
         for name, t in meta.tensors.items() if meta is not None else ():
-            m = LAYER.match(name)
-            decoder = m is not None and int(m[1]) < arch.num_hidden_layers
-            stored = t.data_offsets[1] - t.data_offsets[0]
-            if decoder_only and not decoder:
-                continue
-            if m is not None and not decoder:  # an MTP layer
-                total += stored
-                continue
-            item = size or DTYPE_BYTES.get(t.dtype, 2)
-            module = name.removesuffix(".weight")
-            if (
-                decoder
-                and name.endswith(".weight")
-                and len(t.shape) == 2
-                and not any(match_name(module, x) for x in ignore)
-            ):
-                rows, cols = t.shape
-                total += rows * -(-cols // 8) * 4 + rows * -(-cols // group_size) * item + 16
-            else:
-                total += stored // DTYPE_BYTES.get(t.dtype, 2) * item
+            checkpoint[name] = t.data_offsets[1] - t.data_offsets[0]
+    total = 0
+    for name, (dtypes, shape) in required.items():
+        m = LAYER.match(name)
+        decoder = m is not None and int(m[1]) < arch.num_hidden_layers
+        if decoder_only and not decoder:
+            continue
+        if m is not None and not decoder:  # an MTP layer, as the checkpoint holds it
+            total += checkpoint.get(name, 0)
+            continue
+        item = DTYPE_BYTES[next(iter(dtypes))] if len(dtypes) == 1 else DTYPE_BYTES[model_dtype]
+        total += math.prod(shape) * item
     return total
 
 
-def branch_bytes(base_dir: Path, arch: Glm4MoeArch, dtype: str, group_size: int, ignore: Sequence[str]) -> int:
+def branch_bytes(base_dir: Path, arch: Glm4MoeArch, dtype: str, group_size: int) -> int:
     """What a built branch's folder takes: its weights and an allowance for the rest."""
-    return weights_bytes(base_dir, arch, dtype, group_size, ignore, decoder_only=False) + RECORDS_BYTES
+    return weights_bytes(base_dir, arch, dtype, group_size, decoder_only=False) + RECORDS_BYTES
 
 
 def _existing(path: Path) -> Path:
@@ -90,10 +86,3 @@ def check_room(what: str, needs: Sequence[tuple[Path, int, str]], hint: str) -> 
                 f"and {free / 2**30:.1f} GiB are free there",
                 hint=hint,
             )
-
-
-def recipe_ignore(recipe_text: str) -> list[str]:
-    """The `ignore` list of a rendered recipe's QuantizationModifier (what stays unquantized)."""
-    from .awq.side import quantizer
-
-    return list(quantizer(recipe_text, "cpu").modifier.ignore or [])

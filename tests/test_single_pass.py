@@ -343,7 +343,7 @@ def test_a_failed_store_write_fails_the_pass_and_leaves_no_branch(tmp_path, demo
 @pytest.mark.slow
 def test_a_pass_whose_stores_cannot_fit_is_refused_before_any_work(tmp_path, demo_assets, monkeypatch):
     """The side branches' stores need about the decoder layers' quantized size each, and the
-    branches their own (estimated from the base checkpoint's headers and the recipe, upper
+    branches their own (estimated from the tensors `glmrel check` requires of a branch, upper
     bounds of what a pass writes): with room for one store, the pass is refused with the sizes,
     the place and the way out, before the model is loaded."""
     from release import room
@@ -352,9 +352,7 @@ def test_a_pass_whose_stores_cannot_fit_is_refused_before_any_work(tmp_path, dem
 
     cfg = load_config(_config(tmp_path, demo_assets))
     arch = Glm4MoeArch.from_dir(cfg.base_model.path)
-    recipe = quantize.prepare_branch(cfg, cfg.branch("W4A16_GS128"))[2]
-    ignore = room.recipe_ignore(recipe)
-    need = room.weights_bytes(cfg.base_model.path, arch, cfg.dtype, 128, ignore, decoder_only=True)
+    need = room.weights_bytes(cfg.base_model.path, arch, cfg.dtype, 128, decoder_only=True)
     # what a pass really stores, per side branch, is within the estimate
     quantize.build_branches(cfg, ["W4A16_GS32", "W4A16_GS128"], 1, None, echo=lambda s: None)
     stored = sum(r.side_stored_gib for r in quantize.LAST_SCALE_STATS[0].layers) * 2**30
@@ -378,8 +376,8 @@ def test_a_pass_whose_stores_cannot_fit_is_refused_before_any_work(tmp_path, dem
 def test_a_build_that_cannot_fit_is_refused_before_any_work_and_the_estimate_bounds_a_branch(
     two_ways, tmp_path, demo_assets, monkeypatch
 ):
-    """What a built branch takes on disk is within its estimate (room.branch_bytes, from the base
-    checkpoint's headers and the recipe); a build with less room than that is refused before the
+    """What a built branch takes on disk is within its estimate (room.branch_bytes, from the
+    tensors `glmrel check` requires of a branch); a build with less room than that is refused before the
     model is loaded, and nothing is left."""
     from release import room
     from release.architecture import Glm4MoeArch
@@ -388,8 +386,7 @@ def test_a_build_that_cannot_fit_is_refused_before_any_work_and_the_estimate_bou
     arch = Glm4MoeArch.from_dir(sep.base_model.path)
     for name in NAMES:
         spec = sep.branch(name)
-        recipe = quantize.prepare_branch(sep, spec)[2]
-        need = room.branch_bytes(sep.base_model.path, arch, sep.dtype, spec.group_size, room.recipe_ignore(recipe))
+        need = room.branch_bytes(sep.base_model.path, arch, sep.dtype, spec.group_size)
         used = sum(p.stat().st_size for p in (sep.output_dir / name).iterdir())
         assert 0.8 * need <= used <= need, (name, used, need)
     cfg = load_config(_config(tmp_path, demo_assets))
