@@ -165,9 +165,10 @@ class OffloadSpec(_Strict):
     )
     pass_store: Path | None = Field(
         default=None,
-        description="where one calibration pass for several branches keeps each side branch's smoothed "
-        "layers until that branch is saved (about the base model's size per side branch; default: a hidden "
-        "folder in output_dir); a tmpfs such as /dev/shm keeps them in RAM. Removed when the pass ends",
+        description="where one calibration pass for several branches keeps each side branch's layers, "
+        "quantized as they are smoothed, until that branch is assembled (about the branch's own size per side "
+        "branch; default: a hidden folder in output_dir); a tmpfs such as /dev/shm keeps them in RAM. Removed "
+        "when the pass ends",
     )
 
 
