@@ -282,7 +282,9 @@ def saved_layout(folder: Path, arch: Glm4MoeArch) -> SavedLayout:
     index naming a shard outside the folder."""
     import json
 
-    index = folder / "model.safetensors.index.json"
+    from .check import INDEX_FILE
+
+    index = folder / INDEX_FILE
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
     else:
@@ -339,11 +341,12 @@ def check_sealed_files(folder: Path, arch: Glm4MoeArch) -> None:
     """Refuse to make side branches from a propagating branch sealed by an earlier run whose
     files (the index, shards, `config.json` and `generation_config.json` they are made from) are
     not those its manifest records: changed, missing, outside the folder or swapped for a link."""
+    from .check import INDEX_FILE
     from .manifest import MANIFEST_FILE, Manifest, hash_files, release_files
 
     release_files(folder)  # regular files only: nothing is read through a link
     layout = saved_layout(folder, arch)
-    extra = [n for n in ("model.safetensors.index.json", "generation_config.json") if (folder / n).exists()]
+    extra = [n for n in (INDEX_FILE, "generation_config.json") if (folder / n).exists()]
     names = [*layout.shards, "config.json", *extra]
     manifest = Manifest.load(folder / MANIFEST_FILE)
     hashes = hash_files([folder / n for n in names])

@@ -67,7 +67,7 @@ class SideTimes:
 
 
 class StoreWriter:
-    """Writes smoothed layers to their stores on one background thread, at most one write in
+    """Writes side branches' layers to their stores on one background thread, at most one write in
     flight: `write` first waits for the previous one (and raises its error)."""
 
     def __init__(self) -> None:
