@@ -25,6 +25,7 @@ from pathlib import Path
 from release.architecture import Glm4MoeArch
 from release.check import DTYPE_BYTES, check_branch, expected_inventory
 from release.manifest import MANIFEST_SCHEMA, FileEntry, Manifest, hash_files, sha256_file
+from release.owned import create_owned
 
 GLM47_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "glm-4.7-config.json"
 N_SHARDS = 40
@@ -56,8 +57,7 @@ def build_sparse_branch(out: Path, group_size: int) -> Path:
     expected, optional = expected_inventory(arch, group_size, "BF16")
     names = sorted(k for k in expected if k not in optional)
     folder = out / f"W4A16_GS{group_size}"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    create_owned(folder, "the check benchmark's branch")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     for name, body in {
         "generation_config.json": "{}",

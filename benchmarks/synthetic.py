@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
 import yaml
+
+from release.owned import create_owned
 
 PRESETS = {
     "tiny": dict(
@@ -104,7 +105,7 @@ def build(
             for layer in model.model.layers[dense:]:
                 layer.mlp.gate.e_score_correction_bias.normal_(0, 0.01)
     model_dir = out / "model"
-    shutil.rmtree(model_dir, ignore_errors=True)
+    create_owned(model_dir, "the synthetic base model")  # never empties a folder glmrel did not make
     model.to("cpu").save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     if not (model_dir / "model.safetensors").exists():  # sharded: append MTP to a shard of its own
