@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from benchmarks.rehearsal import REPO, Monitor, du, memory_figures, run_monitored
+from release.build_log import read_build_log
 
 PHASES = ("] loading", "AWQ W4A16", "lifecycle finalized", "resave_config", "Copied MTP", "built in")
 CGROUP = Path("/sys/fs/cgroup/glmrel-offload-bench")
@@ -110,8 +111,8 @@ def run_mode(
         rec["output_tail"] = "".join(lines[-30:])
         return rec
     out = work / "branches" / branch
-    prov = json.loads((out / "provenance.json").read_text())
-    rec["timings_s"] = {k: prov["timings_s"].get(k) for k in ("load", "oneshot", "save", "peak_gpu_gib")}
+    timings = read_build_log(out.parent, branch).get("quantize", {}).get("timings_s", {})
+    rec["timings_s"] = {k: timings.get(k) for k in ("load", "oneshot", "save", "peak_gpu_gib")}
     rec["weights_sha256"] = _weights_digest(out)
     return rec
 

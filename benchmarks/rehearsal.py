@@ -34,6 +34,9 @@ from typing import Any
 
 import yaml
 
+from release.build_log import read_build_log
+from release.owned import create_owned
+
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "hf_rehearsal_token"
 
@@ -238,9 +241,14 @@ def git_publish_room(work: Path) -> tuple[int, int]:
     return 2 * sum(sizes) + max(sizes), shutil.disk_usage(work).free
 
 
+def args_record(a: argparse.Namespace) -> dict[str, Any]:
+    """The command line's arguments as JSON can hold them (paths such as --pass-store as text)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+
+
 def prepare(a: argparse.Namespace, work: Path) -> tuple[Path, float]:
     """Build the synthetic model and the rehearsal's release config in a fresh `work`."""
-    shutil.rmtree(work, ignore_errors=True)
+    create_owned(work, "the rehearsal")  # a --work folder glmrel did not make is refused, never emptied
     t0 = time.time()
     # in a child process: this one never holds GPU memory, so the stages' GPU peaks are theirs
     synthetic = [sys.executable, "-m", "benchmarks.synthetic", "--preset", a.preset, "--out", str(work)]
@@ -325,7 +333,7 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
 
     def save() -> None:
         if a.json:
-            args = vars(a) | {"work": str(work), "json": str(a.json)}
+            args = args_record(a)
             a.json.write_text(json.dumps({"args": args, "synthetic_build_s": build_s, "stages": records}, indent=1))
 
     with HubDouble(TOKEN) as hub:
@@ -366,7 +374,12 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
                 f"cut at the deadline in {e}: go on with --stages build,... (build-all skips the finished branches)"
             ) from None
     verify = {g: json.loads((branch_dir(work, g) / "verify.json").read_text()) for g in GROUP_SIZES}
+    for g in GROUP_SIZES:  # how long verify took is in the build log, not in the branch
+        verify[g]["seconds"] = (
+            read_build_log(branch_dir(work, g).parent, branch_dir(work, g).name).get("verify", {}).get("seconds")
+        )
     prov = json.loads((branch_dir(work, 64) / "provenance.json").read_text())
+    built = read_build_log(branch_dir(work, 64).parent, branch_dir(work, 64).name).get("quantize", {})
     return {
         "preset": a.preset,
         "layers": a.layers,
@@ -379,9 +392,9 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
             g: {k: v[k] for k in ("mean_kl", "top1_agreement", "seconds", "method", "layers", "passed")}
             for g, v in verify.items()
         },
-        "quantize_timings_s_gs64": prov.get("timings_s", {}),
+        "quantize_timings_s_gs64": built.get("timings_s", {}),
         "libraries": prov.get("libraries"),
-        "gpu": prov.get("timings_s", {}).get("gpu"),
+        "gpu": built.get("timings_s", {}).get("gpu"),
     }
 
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from release.build_log import read_build_log
 from release.numerics import REPRODUCIBLE_CPU_ENV
 
 os.environ.update(REPRODUCIBLE_CPU_ENV)  # before torch: the demo's reproducible CPU numerics
@@ -174,7 +175,7 @@ def main() -> None:
         wall = round(time.time() - t - (hashing[0] if a.drop else 0.0), 1)
         per_branch = {}
         for b in builds:
-            timings = json.loads((b.path / "provenance.json").read_text())["timings_s"]
+            timings = read_build_log(cfg.output_dir, b.branch).get("quantize", {}).get("timings_s", {})
             per_branch[b.branch] = {"seconds": b.seconds, **{k: timings.get(k) for k in TIMING_KEYS if k in timings}}
         record["builds"][mode] = {"wall_s": wall, "branches": per_branch}
         if len(builds) < len(cfg.branches):

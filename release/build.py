@@ -11,7 +11,7 @@ from typing import Any
 from .check import CheckReport, check_branch
 from .config import ReleaseConfig
 from .errors import ReleaseError
-from .manifest import folder_content_digest, write_manifest
+from .manifest import folder_content_digest, refresh_manifest
 from .quantize import BranchBuild, build_branches, resolve_base_model
 from .render import render_release
 from .verify import VERIFY_FILE, BaseReference, QualityReport, load_heldout, verify_branches
@@ -33,8 +33,9 @@ class BuildResult:
 
 def seal_branch(cfg: ReleaseConfig, name: str, folder: Path) -> CheckReport:
     """After verification: the branch's manifest (verify.json is in it), then its full check.
-    `build-all` and `verify` end each branch this way."""
-    write_manifest(folder, name)
+    `build-all` and `verify` end each branch this way; a branch whose content changed since
+    it was built is refused, never sealed again (`manifest.refresh_manifest`)."""
+    refresh_manifest(folder, name)
     return check_branch(folder, group_size=cfg.branch(name).group_size)
 
 

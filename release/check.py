@@ -244,7 +244,11 @@ FUSED_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj|gate_proj|u
 
 
 def _compare_inventory(
-    report: CheckReport, found: dict[str, tuple[str, tuple[int, ...]]], expected: dict[str, Expect], optional: set[str]
+    report: CheckReport,
+    found: dict[str, tuple[str, tuple[int, ...]]],
+    expected: dict[str, Expect],
+    optional: set[str],
+    mtp_layers: list[int] = [],  # noqa: B006 (read only)
 ) -> None:
     problems: list[str] = []
     quantized_modules = {QUANT_SUFFIX.sub("", k) for k in expected if k.endswith(".weight_packed")}
@@ -279,6 +283,16 @@ def _compare_inventory(
             f"missing {sum(1 for p in problems if p.startswith('missing tensor') and '.mlp.experts.' in p)} "
             "per-expert tensors (mlp.experts.{e}.*), stored fused instead"
         ]
+    for layer in mtp_layers:
+        prefix = f"model.layers.{layer}."
+        required = [n for n in expected if n.startswith(prefix) and n not in optional]
+        if required and not any(n.startswith(prefix) for n in found):
+            report.diagnose(
+                "inventory",
+                f"the MTP layer is missing: none of its {len(required)} tensors ({prefix}*) is in the branch; vLLM's "
+                "MTP speculative decoding loads them (glmrel carries them over from the base model unquantized)",
+            )
+            problems = [p for p in problems if not p.startswith(f"missing tensor {prefix}")]
     for p in problems[:50]:
         report.fail("inventory", p)
     if len(problems) > 50:
@@ -635,7 +649,7 @@ def _check_model(
     model_dtype = TORCH_TO_ST.get(str(cfg.get("dtype") or cfg.get("torch_dtype")), "BF16")
     if report.group_size is not None:
         expected, optional = expected_inventory(arch, report.group_size, model_dtype)
-        _compare_inventory(report, {k: (v[0], v[1]) for k, v in found.items()}, expected, optional)
+        _compare_inventory(report, {k: (v[0], v[1]) for k, v in found.items()}, expected, optional, arch.mtp_layers)
         report.vllm = serve_verdicts(arch, report.group_size, act_dtype={"F16": "float16"}.get(model_dtype, "bfloat16"))
     else:
         report.fail("config", "cannot tell the branch's group size (no _GS<n> suffix and no group_size in config)")

@@ -15,14 +15,35 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .config import SUPPORTED_GROUP_SIZES
 from .errors import ReleaseError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 
+JSON_KEY = "glmrel.json"
+BUG_HINT = "run again with GLMREL_DEBUG=1 to see the traceback, and report it with the command you ran"
+
+
+class JsonOut:
+    """A command's one JSON document under --json: `emit` writes it to the real standard output
+    once; a command that fails before it emits gets an error document with what it had so far
+    (`partial`) from `GlmrelGroup`."""
+
+    def __init__(self, emit) -> None:
+        self._emit = emit
+        self.partial: dict = {}
+        self.emitted = False
+
+    def emit(self, data) -> None:
+        self._emit(json.dumps(data, indent=2, sort_keys=True))
+        self.emitted = True
+
+
 class GlmrelGroup(click.Group):
-    """Turns ReleaseError into one clear message plus a hint, and a non-zero exit."""
+    """Turns a ReleaseError (and any unforeseen exception) into one clear message plus a hint
+    and a non-zero exit; under --json, also one JSON document with the error."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -30,10 +51,25 @@ class GlmrelGroup(click.Group):
         except ReleaseError as e:
             if os.environ.get("GLMREL_DEBUG"):
                 raise
-            click.secho(f"Error: {e.message}", fg="red", err=True)
-            if e.hint:
-                click.echo(f"Hint: {e.hint}", err=True)
-            ctx.exit(1)
+            self._fail(ctx, e.message, e.hint)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # a bug, or a library failure glmrel did not foresee: no traceback either
+            if os.environ.get("GLMREL_DEBUG"):
+                raise
+            self._fail(ctx, f"unexpected {type(e).__name__}: {e}", BUG_HINT)
+
+    @staticmethod
+    def _fail(ctx: click.Context, message: str, hint: str | None) -> None:
+        out = ctx.meta.get(JSON_KEY)
+        if out is not None and not out.emitted:  # the command's redirection has ended: stdout is stdout
+            document = {**out.partial, "ok": False, "error": message, "hint": hint}
+            click.echo(json.dumps(document, indent=2, sort_keys=True))
+            out.emitted = True
+        click.secho(f"Error: {message}", fg="red", err=True)
+        if hint:
+            click.echo(f"Hint: {hint}", err=True)
+        ctx.exit(1)
 
 
 def _config_option(f):
@@ -53,19 +89,72 @@ def _load(config_path: Path):
     return load_for_run(config_path)
 
 
-def _emit(data, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+def _json_mode(as_json: bool) -> JsonOut | None:
+    """Under --json, standard output holds exactly one JSON document whatever happens: every
+    other write to it (glmrel's progress, a library's print, a child process) goes to stderr
+    until the command ends (`console.json_stdout`)."""
+    if not as_json:
+        return None
+    from .console import json_stdout
+
+    ctx = click.get_current_context()
+    out = JsonOut(ctx.with_resource(json_stdout()))
+    ctx.meta[JSON_KEY] = out
+    return out
+
+
+CONSOLE_KEY = "glmrel.console"
+
+
+def _say(text: str, err: bool = False) -> None:
+    """One of glmrel's own lines, on the console even while the libraries' output goes to
+    their log (`_quiet_libraries`)."""
+    console = click.get_current_context().meta.get(CONSOLE_KEY)
+    if console is not None:
+        console.echo(text, err=err)
+    else:
+        click.echo(text, err=err)
+
+
+def _emit(data, out: JsonOut | None, text: str) -> None:
+    if out is not None:
+        out.emit({"ok": True, **data} if isinstance(data, dict) else data)
+    else:
+        _say(text)
 
 
 def _progress(as_json: bool):
     """Where progress lines go: stdout for people, stderr under --json (stdout then holds
     exactly one JSON document)."""
-    return (lambda s: click.echo(s, err=True)) if as_json else click.echo
+    return lambda s: _say(s, err=as_json)
+
+
+def _quiet_libraries(cfg, command: str, as_json: bool) -> None:
+    """For the rest of the command, everything the libraries write goes to
+    <output_dir>/.glmrel-cache/logs/<command>.log (`glmrel -v`: to the console as before);
+    glmrel's own lines (`_say`) stay on the console."""
+    from .console import library_output
+    from .manifest import CACHE_DIR
+
+    ctx = click.get_current_context()
+    verbose = bool((ctx.find_root().obj or {}).get("verbose"))
+    log = cfg.output_dir / CACHE_DIR / "logs" / f"{command}.log"
+    if not verbose:
+        _say(f"the libraries' output goes to {log} (glmrel -v shows it here)", err=as_json)
+    ctx.meta[CONSOLE_KEY] = ctx.with_resource(library_output(log, verbose))
 
 
 @click.group(cls=GlmrelGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="glmrel")
-def cli() -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Also show the libraries' logs and progress bars (llm-compressor, transformers, torch) on stderr; "
+    "without it they go to <output_dir>/.glmrel-cache/logs/<command>.log.",
+)
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
     """Build, verify, describe and publish quantized GLM-4-MoE releases for vLLM.
 
     A release is one base model quantized into several Hub branches (e.g. W4A16_GS32,
@@ -79,6 +168,7 @@ def cli() -> None:
 
     Every command reads the release config given by --config (default: the embedded demo).
     """
+    ctx.obj = {"verbose": verbose}
 
 
 @cli.command("demo-assets")
@@ -142,11 +232,10 @@ def quantize(config_path: Path, branch_names: tuple[str, ...], force: bool, gpus
     cfg = _load(config_path)
     for name in branch_names:
         cfg.branch(name)  # an unknown name fails before any work
-    builds = build_branches(
-        cfg, list(branch_names), gpus, Path(config_path), force=force, echo=click.echo, separate=separate
-    )
+    _quiet_libraries(cfg, "quantize", False)
+    builds = build_branches(cfg, list(branch_names), gpus, Path(config_path), force=force, echo=_say, separate=separate)
     for b in builds:
-        click.echo(f"{b.branch}: {b.outcome} -> {b.path}")
+        _say(f"{b.branch}: {b.outcome} -> {b.path}")
 
 
 @cli.command()
@@ -165,13 +254,15 @@ def verify(config_path: Path, branch_name: str, as_json: bool) -> None:
     from .quantize import resolve_base_model
     from .verify import BaseReference, load_heldout, verify_branch
 
+    out = _json_mode(as_json)
     cfg = _load(config_path)
     branch = cfg.branch(branch_name)
+    _quiet_libraries(cfg, "verify", as_json)
     ref = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)
     folder = cfg.output_dir / branch.name
     r = verify_branch(cfg, branch.name, folder, ref)
     report = seal_branch(cfg, branch.name, folder)  # verify.json changed: a new manifest, then check
-    _emit({"quality": r.to_json(), "check": report.to_json()}, as_json, report.to_text() + "\n" + r.to_text())
+    _emit({"quality": r.to_json(), "check": report.to_json()}, out, report.to_text() + "\n" + r.to_text())
     if not (r.passed and report.passed):
         sys.exit(1)
 
@@ -202,16 +293,18 @@ def vllm_check(config_path: Path, branch_names: tuple[str, ...], folders: tuple[
     verify.json (a failure fails the branch's verification) and the manifest; re-render the
     cards to show it. Exit 1 if any branch fails.
     """
-    from .manifest import write_manifest
+    from .manifest import refresh_manifest, require_sealed
     from .vllm_external import record, run, summary, vllm_python
 
+    out = _json_mode(as_json)
     cfg = _load(config_path)
-    py = vllm_python(python)
     targets = [(b, cfg.output_dir / b) for b in (branch_names or [b.name for b in cfg.branches])] if not folders else []
     for name, folder in targets:
         cfg.branch(name)
         if not (folder / "config.json").is_file():
             raise ReleaseError(f"branch folder {folder} has no config.json", hint="build the release first")
+        require_sealed(folder, name)  # its result is recorded in the branch: only about what was built
+    py = vllm_python(python)
     targets += [(str(f), f) for f in folders]
     results = {}
     for name, folder in targets:
@@ -220,10 +313,10 @@ def vllm_check(config_path: Path, branch_names: tuple[str, ...], folders: tuple[
         results[name] = result
         if not folders:
             record(folder, result)
-            write_manifest(folder, name)
+            refresh_manifest(folder, name)
         click.echo(f"[{name}] {summary(result)}", err=as_json)
-    if as_json:
-        click.echo(json.dumps(results, indent=1))
+    if out is not None:
+        out.emit({"ok": all(r["passed"] for r in results.values()), "results": results})
     if not all(r["passed"] for r in results.values()):
         sys.exit(1)
 
@@ -243,9 +336,12 @@ def build_all_cmd(config_path: Path, force: bool, gpus: int, separate: bool, as_
     """
     from .build import build_all
 
+    out = _json_mode(as_json)
     cfg = _load(config_path)
     echo = _progress(as_json)
-    with click.progressbar(length=len(cfg.branches), label="branches", file=sys.stderr) as bar:
+    _quiet_libraries(cfg, "build-all", as_json)
+    console = click.get_current_context().meta[CONSOLE_KEY]
+    with click.progressbar(length=len(cfg.branches), label="branches", file=console.err) as bar:
         seen: list[str] = []
 
         def progress(name: str) -> None:
@@ -268,7 +364,7 @@ def build_all_cmd(config_path: Path, force: bool, gpus: int, separate: bool, as_
         f"KL {result.quality[b.branch].mean_kl:.5f}, top-1 {result.quality[b.branch].top1_agreement:.3f}"
         for b in result.builds
     ]
-    _emit(result.to_json(), as_json, "\n".join(lines))
+    _emit(result.to_json(), out, "\n".join(lines))
 
 
 @cli.command()
@@ -277,7 +373,7 @@ def build_all_cmd(config_path: Path, force: bool, gpus: int, separate: bool, as_
 @click.option("--revision", default=None, help="With --remote: the branch, tag or commit to check.")
 @click.option(
     "--group-size",
-    type=int,
+    type=click.Choice([str(g) for g in SUPPORTED_GROUP_SIZES]),
     default=None,
     help="Expected group size (default: from the folder's or revision's _GS<n> suffix).",
 )
@@ -294,7 +390,7 @@ def check(
     path: Path | None,
     repo_id: str | None,
     revision: str | None,
-    group_size: int | None,
+    group_size: str | int | None,
     no_hash: bool,
     third_party: bool,
     as_json: bool,
@@ -311,6 +407,8 @@ def check(
     """
     from .check import check_branch, check_remote
 
+    out = _json_mode(as_json)
+    group_size = int(group_size) if group_size is not None else None
     if (path is None) == (repo_id is None):
         raise ReleaseError(
             "check needs exactly one of PATH or --remote REPO",
@@ -323,15 +421,17 @@ def check(
             )
         from huggingface_hub import get_token
 
+        from .publish import hub_repo_id
+
         report = check_remote(
-            repo_id.removeprefix("hf://"), revision, group_size=group_size, token=get_token(), third_party=third_party
+            hub_repo_id(repo_id), revision, group_size=group_size, token=get_token(), third_party=third_party
         )
     elif revision is not None:
         raise ReleaseError("--revision only applies with --remote", hint="drop --revision to check a local folder")
     else:
         assert path is not None
         report = check_branch(path, group_size=group_size, no_hash=no_hash, third_party=third_party)
-    _emit(report.to_json(), as_json, report.to_text(verbose))
+    _emit(report.to_json(), out, report.to_text(verbose))
     if not report.passed:
         sys.exit(1)
 
@@ -349,13 +449,13 @@ def render(config_path: Path, version: str | None) -> None:
     with Hub metadata from huggingface_hub's ModelCardData. Writes <output_dir>/main/README.md
     for the landing page and refreshes each branch's manifest.
     """
-    from .manifest import write_manifest
+    from .manifest import refresh_manifest
     from .render import render_release
 
     cfg = _load(config_path)
     result = render_release(cfg, version)
     for b in cfg.branches:
-        write_manifest(cfg.output_dir / b.name, b.name)
+        refresh_manifest(cfg.output_dir / b.name, b.name)
     for name, path in result.cards.items():
         click.echo(f"{name}: {path}")
 
@@ -370,8 +470,9 @@ def check_manifest_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
     """
     from .check import check_manifest_file
 
+    out = _json_mode(as_json)
     reports = [check_manifest_file(p) for p in paths]
-    _emit([r.to_json() for r in reports], as_json, "\n".join(r.to_text() for r in reports))
+    _emit([r.to_json() for r in reports], out, "\n".join(r.to_text() for r in reports))
     if not all(r.passed for r in reports):
         sys.exit(1)
 
@@ -387,11 +488,16 @@ def check_manifest_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
 def manifest(path: Path, export: Path | None) -> None:
     """Write (or refresh) PATH/manifest.json: every file's size and sha256.
 
-    Files whose size and mtime are unchanged since the last manifest are not hashed again.
+    Files whose size, mtime, ctime and inode are unchanged since they were last hashed are
+    not hashed again. A branch glmrel built whose weights or config changed since it was
+    sealed is refused: a manifest never vouches for content other than what was built.
     """
-    from .manifest import write_manifest
+    from .manifest import refresh_manifest
+    from .owned import require_writable_folder
 
-    m = write_manifest(path)
+    if export:  # checked first: a bad --export writes nothing at all
+        require_writable_folder(export, "--export")
+    m = refresh_manifest(path)
     click.echo(f"{path}/manifest.json: {len(m.files)} files, {m.total_bytes} bytes")
     if export:
         export.mkdir(parents=True, exist_ok=True)
@@ -429,16 +535,17 @@ def publish(config_path: Path, version: str, remote: str | None, dry_run: bool, 
     """
     from .publish import apply_plan, plan_publish, verify_published
 
+    out = _json_mode(as_json)
     cfg = _load(config_path)
     echo = _progress(as_json)
     plan, backend = plan_publish(cfg, version, remote)
     document: dict = {"plan": plan.to_json(), "dry_run": dry_run, "published": False, "read_back": []}
-    if not as_json:
+    if out is not None:
+        out.partial = document  # a refusal from here on still prints the plan, with the error
+    else:
         click.echo(plan.to_text())
-    try:
-        plan.refuse_conflicts()  # shown first: the user sees what changed
-        if dry_run:
-            return
+    plan.refuse_conflicts()  # shown first: the user sees what changed
+    if not dry_run:
         heads = {} if plan.empty else apply_plan(plan, backend, echo=echo)
         results = verify_published(cfg, backend, plan.version)
         document.update(heads=heads, read_back=[asdict(r) for r in results])
@@ -451,15 +558,29 @@ def publish(config_path: Path, version: str, remote: str | None, dry_run: bool, 
             f"published {plan.version} to {plan.remote}: {'nothing to do' if plan.empty else 'done'}; "
             "all revisions verified"
         )
-    finally:
-        if as_json:
-            click.echo(json.dumps(document, indent=2, sort_keys=True))
+    if out is not None:
+        out.emit({"ok": True, **document})
+
+
+def _verbose_requested(argv: list[str]) -> bool:
+    """`glmrel -v ...` (the group's option, before the command) or GLMREL_VERBOSE=1."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            break
+        if arg in ("-v", "--verbose"):
+            return True
+    return os.environ.get("GLMREL_VERBOSE", "") not in ("", "0")
 
 
 def main() -> None:
+    from .console import QUIET_ENV
     from .distributed import CUDA_ALLOC_CONF
 
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
+    if not _verbose_requested(sys.argv[1:]):
+        # read when the libraries are imported: set before any of them is
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
     cli(prog_name="glmrel")
 
 

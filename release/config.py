@@ -24,6 +24,50 @@ ExpertSearch = Literal["gram", "sampled", "sampled-batched"]
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
 
 
+# refs git and the Hub treat specially: no release branch or tag may take these names
+RESERVED_REFS = frozenset({"HEAD", "FETCH_HEAD", "ORIG_HEAD", "MERGE_HEAD", "main"})
+
+
+def ref_name_problem(name: str) -> str | None:
+    """Why `name` cannot be one git ref component (git-check-ref-format's rules, for names of
+    letters, digits, '.', '_' and '-'), or None when it can."""
+    if not BRANCH_NAME.match(name):
+        return "must start with a letter or digit and hold only letters, digits, '.', '_' and '-'"
+    if ".." in name:
+        return "may not contain '..' (git refuses it in a ref name)"
+    if name.endswith(".lock"):
+        return "may not end with '.lock' (git keeps its lock files under such names)"
+    if name.endswith("."):
+        return "may not end with '.'"
+    return None
+
+
+def check_release_refs(version: str, branches: list[str]) -> None:
+    """The refs a publish of `version` makes (branch per quant branch and main, tag `version`
+    and `version-<branch>`) are valid git refs and name nothing twice: no tag equal to a
+    branch or a reserved name, and no version whose tag is another version's branch tag
+    (`v1-W4A16_GS32` is version v1's tag for W4A16_GS32). Checked before anything is pushed."""
+    problem = ref_name_problem(version)
+    if problem is None and version.upper() in {r.upper() for r in RESERVED_REFS}:
+        problem = "is a name git or the Hub reserves"
+    if problem is None and version in branches:
+        problem = "is the name of a branch of this release (its tag would sit beside the branch of that name)"
+    if problem is None:
+        clash = next((b for b in branches if version.endswith(f"-{b}")), None)
+        if clash is not None:
+            problem = f"ends in '-{clash}': its tag would be version {version[: -len(clash) - 1]}'s tag for {clash}"
+    if problem is None:
+        taken = set(branches) | RESERVED_REFS
+        clash = next((f"{version}-{b}" for b in branches if f"{version}-{b}" in taken), None)
+        if clash is not None:
+            problem = f"would make tag {clash}, the name of a branch"
+    if problem is not None:
+        raise ReleaseError(
+            f"changelog version {version!r} {problem}",
+            hint="name versions like v1, v2, v1.1 in the release changelog (nothing was published)",
+        )
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -92,8 +136,11 @@ class BranchSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, v: str) -> str:
-        if not BRANCH_NAME.match(v) or v == "main":
-            raise ValueError(f"branch name {v!r} must be letters, digits, '.', '_' or '-' and not 'main'")
+        problem = ref_name_problem(v)
+        if problem is None and v.upper() in {r.upper() for r in RESERVED_REFS}:
+            problem = f"is reserved ({', '.join(sorted(RESERVED_REFS))})"
+        if problem is not None:
+            raise ValueError(f"branch name {v!r} {problem}")
         return v
 
     @field_validator("group_size")
@@ -218,7 +265,8 @@ class ReleaseConfig(_Strict):
     cpu_numerics: Literal["native", "reproducible"] = Field(
         default="native",
         description="reproducible: pin torch's and MKL's CPU kernels to AVX2 and two threads, so a CPU build "
-        "gives the same bits on every x86 machine (the demo); native: the host's fastest kernels",
+        "gives the same bits on every run and on machines of one CPU vendor (the demo); native: the host's "
+        "fastest kernels",
     )
 
     @field_validator("hub_repo")
@@ -295,10 +343,23 @@ def _format_validation_error(err: ValidationError, source: Path) -> str:
 def load_config(path: str | Path) -> ReleaseConfig:
     """Read and validate a release config; raise ReleaseError naming each bad field."""
     source = Path(path)
+    if source.is_dir():
+        raise ReleaseError(
+            f"config {source} is a folder, not a file", hint="pass --config PATH to a release YAML file in it"
+        )
     if not source.is_file():
         raise ReleaseError(f"config file {source} does not exist", hint="pass --config PATH to a release YAML")
     try:
-        raw = yaml.safe_load(source.read_text())
+        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ReleaseError(
+            f"config {source} is not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r})",
+            hint="save the config as UTF-8 YAML; configs/glm-4.7.yaml is a full example",
+        ) from e
+    except OSError as e:
+        raise ReleaseError(
+            f"cannot read config {source}: {e.strerror or e}", hint="check the file's permissions"
+        ) from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

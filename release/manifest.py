@@ -221,7 +221,9 @@ class HashCache:
 
     @staticmethod
     def _key(st: os.stat_result) -> list:
-        return [st.st_size, st.st_mtime_ns, st.st_ino]
+        # ctime too, as git's index does: it cannot be set back, so a byte flipped in place
+        # with its mtime restored is still hashed again
+        return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
     def hashes(self, files: list[Path]) -> dict[str, tuple[int, str]]:
         """name -> (size, sha256) for `files`, hashing only what the cache cannot vouch for."""
@@ -230,8 +232,9 @@ class HashCache:
         todo = []
         for p, st in stats.items():
             cached = self.entries.get(p.name)
-            if cached and cached[:3] == self._key(st):
-                out[p.name] = (st.st_size, cached[3])
+            key = self._key(st)
+            if cached and len(cached) == len(key) + 1 and cached[:-1] == key:
+                out[p.name] = (st.st_size, cached[-1])
             else:
                 todo.append(p)
         for p, digest in hash_files(todo).items():
@@ -259,6 +262,54 @@ def write_manifest(folder: Path, branch: str | None = None) -> Manifest:
     m = build_manifest(folder, branch)
     m.write(folder / MANIFEST_FILE)
     return m
+
+
+def sealed_changes(folder: Path) -> list[str]:
+    """What changed in a branch's content since it was sealed (its manifest.json was written
+    when it was built): each content file whose sha256 or presence differs, by name. The
+    records written after verification (verify.json, the card, its plots) may change; an
+    unreadable manifest is itself a change. Empty: the content is what was sealed."""
+    path = folder / MANIFEST_FILE
+    if not path.is_file() or path.is_symlink():
+        return [f"{MANIFEST_FILE} is missing"]
+    try:
+        sealed = Manifest.load(path).files
+    except ReleaseError as e:
+        return [e.message]
+    now = {n: d for n, (_s, d) in HashCache(folder).hashes(release_files(folder)).items()}
+    changes = []
+    for name in sorted(set(sealed) | set(now)):
+        if name in WRITTEN_AFTER_VERIFY:
+            continue
+        if name not in now:
+            changes.append(f"{name} was removed")
+        elif name not in sealed:
+            changes.append(f"{name} was added")
+        elif now[name] != sealed[name].sha256:
+            changes.append(f"{name} has another sha256 than the manifest sealed")
+    return changes
+
+
+def require_sealed(folder: Path, branch: str) -> None:
+    """Refuse a branch glmrel built (its provenance.json) whose content is no longer what it
+    sealed: nothing may verify, describe or re-manifest weights that were changed afterwards."""
+    if not (folder / "provenance.json").is_file():
+        return
+    changes = sealed_changes(folder)
+    if changes:
+        more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+        raise ReleaseError(
+            f"{folder}: {changes[0]}{more}; the branch is no longer what glmrel built and sealed",
+            hint=f"rebuild it: `glmrel build-all` rebuilds a changed branch (or `glmrel quantize --branch {branch}`)",
+        )
+
+
+def refresh_manifest(folder: Path, branch: str | None = None) -> Manifest:
+    """The manifest again after records were written (verify.json, the card): only those may
+    change. A built branch whose content changed since it was sealed is refused
+    (`require_sealed`), so a refresh never re-approves changed weights."""
+    require_sealed(folder, branch or folder.name)
+    return write_manifest(folder, branch)
 
 
 def folder_content_digest(folder: Path) -> str:

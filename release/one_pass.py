@@ -18,6 +18,7 @@ from .architecture import Glm4MoeArch
 from .awq import ScaleOptions, SideBranch
 from .config import BranchSpec, ReleaseConfig
 from .errors import ReleaseError
+from .owned import create_owned, remove_owned, require_replaceable, require_writable_folder
 from .quantize import BranchBuild, Calibrated, Log
 
 PASS_FOLDER = "calibration-pass"  # .calibration-pass.partial-<pid>@<host>: the side branches' stores
@@ -56,7 +57,7 @@ def quantize_pass(
     for name in names:
         quantize.remove_stale_partials(cfg.output_dir, name, echo)
     quantize.remove_stale_partials(store_root, PASS_FOLDER, echo)
-    stale = [b for b in specs if force or not quantize.up_to_date(cfg, b, prepared[b.name][3], names)]
+    stale = [b for b in specs if force or not quantize.up_to_date(cfg, b, prepared[b.name][3], names, echo)]
     builds: dict[str, BranchBuild] = {
         b.name: BranchBuild(b.name, cfg.output_dir / b.name, True, 0.0, fingerprints[b.name])
         for b in specs
@@ -68,12 +69,18 @@ def quantize_pass(
     work = quantize.partial_folder(store_root, PASS_FOLDER)
     side = tuple(SideBranch(b.name, b.group_size, work / b.name, prepared[b.name][2]) for b in rest)
     tmps = {b.name: quantize.partial_folder(cfg.output_dir, b.name) for b in stale}
+    require_writable_folder(cfg.output_dir, "output_dir")
+    if side:
+        require_writable_folder(store_root, "offload.pass_store")
+    for b in stale:
+        require_replaceable(cfg.output_dir / b.name, b.name)
     check_pass_room(cfg, base_dir, arch, side, {b.name: b.group_size for b in stale}, store_root)
     if side and lead not in stale:  # sealed by an earlier run: what the side branches are made from
         check_sealed_files(cfg.output_dir / lead.name, arch)
     echo(f"[{lead.name}] one calibration pass for {', '.join(names)} (propagating through {lead.name})")
-    for folder in [work, *tmps.values()]:
-        shutil.rmtree(folder, ignore_errors=True)
+    create_owned(work, "the calibration pass's side-branch stores")
+    for name, folder in tmps.items():
+        create_owned(folder, f"building {name}")
     try:
         if progress:
             progress(lead.name)
@@ -108,7 +115,7 @@ def quantize_pass(
             shutil.rmtree(sb.store, ignore_errors=True)
     finally:
         for folder in [work, *tmps.values()]:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_owned(folder, echo)
         if cfg.offload.cpu_gib is not None:
             quantize.forget_offload(quantize.offload_folder(cfg))
     return [builds[n] for n in names]
@@ -209,12 +216,18 @@ class TensorFiles:
 
     @classmethod
     def of(cls, paths: list[Path]) -> TensorFiles:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         names: dict[str, Path] = {}
         for path in paths:
-            with safe_open(str(path), framework="pt") as fh:
-                names.update(dict.fromkeys(fh.keys(), path))
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    names.update(dict.fromkeys(fh.keys(), path))
+            except (SafetensorError, OSError) as e:
+                raise ReleaseError(
+                    f"{path} cannot be read as safetensors ({e}): it was truncated or changed after it was written",
+                    hint="build again: glmrel makes the pass (and its stores) anew; make sure nothing else writes there",
+                ) from e
         return cls(names)
 
     def where(self, name: str) -> str:

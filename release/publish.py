@@ -28,7 +28,7 @@ from typing import Any
 import git
 
 from .check import check_branch, check_remote
-from .config import ReleaseConfig, is_network_url
+from .config import ReleaseConfig, check_release_refs, is_network_url
 from .errors import ReleaseError, hub_error
 from .manifest import BLOCK, MANIFEST_FILE, Manifest, open_regular, release_files, sha256_file
 from .render import CARD_FILE, load_changelog
@@ -183,9 +183,12 @@ class GitRemote:
     kind = "git"
 
     def __init__(self, url: str, cache: Path, lfs: bool | None = None) -> None:
+        check_git_remote(url)
         self.url = url
         cache.mkdir(parents=True, exist_ok=True)
         self.repo = git.Repo.init(cache, bare=True) if not (cache / "HEAD").exists() else git.Repo(cache)
+        # git runs no transport but these for this remote, whatever a URL or config asks for
+        self.repo.git.update_environment(GIT_ALLOW_PROTOCOL=ALLOWED_PROTOCOLS)
         self.lfs = git_lfs_available() if lfs is None else lfs
         self.tree_lfs: dict[str, list[str]] = {}  # tree sha -> LFS oids it references
 
@@ -317,16 +320,48 @@ class GitRemote:
         with self.repo.git.custom_environment(**env):
             return self.repo.git.commit_tree(*args)
 
-    def push_branch(self, branch: str, commit: str, expected: str | None) -> None:
+    def publish_plan(self, plan: Plan, echo: Echo) -> dict[str, str]:
+        """Every changed branch and every new tag of `plan` in ONE atomic push: the remote takes
+        all of it or none of it (a hook refusing one ref, or a branch that moved, leaves every
+        branch and tag as it was). LFS objects go first, so no branch points at missing
+        content. Returns branch -> commit."""
+        heads: dict[str, str] = {}
+        refspecs, leases, expected = [], [], {}
+        for b in plan.branches:
+            if b.up_to_date:
+                heads[b.name] = b.remote_commit  # type: ignore[assignment]
+                continue
+            self.push_lfs(b.tree)
+            heads[b.name] = self.commit(b.tree, b.remote_commit, plan.message)
+            refspecs.append(f"{heads[b.name]}:refs/heads/{b.name}")
+            leases.append(f"--force-with-lease=refs/heads/{b.name}:{b.remote_commit or ''}")
+            expected[b.name] = b.remote_commit
+        for t in plan.tags:
+            if t.action == "create":
+                self.make_tag(t.name, heads[t.branch], f"{plan.message.splitlines()[0]} [{t.branch}]")
+                refspecs.append(f"refs/tags/{t.name}:refs/tags/{t.name}")
+        if refspecs:
+            self.push_atomic(refspecs, leases, expected)
+        for b in plan.branches:
+            if not b.up_to_date:
+                echo(f"pushed {b.name} -> {heads[b.name][:10]}")
+        for t in plan.tags:
+            if t.action == "create":
+                echo(f"tagged {t.name} -> {heads[t.branch][:10]}")
+        return heads
+
+    def push_atomic(self, refspecs: list[str], leases: list[str], expected: dict[str, str | None]) -> None:
+        """`git push --atomic`; a refusal is reported as what it is: a branch that moved since
+        the plan (someone else published), or the remote's own message (a hook, a permission)."""
         try:
-            self.repo.git.push(
-                self.url,
-                f"{commit}:refs/heads/{branch}",
-                f"--force-with-lease=refs/heads/{branch}:{expected or ''}",
-                "--quiet",
-            )
+            self.repo.git.push("--atomic", "--porcelain", *leases, self.url, *refspecs)
         except git.GitCommandError as e:
-            raise _moved(branch, expected) from e
+            raise push_refusal(self.url, _git_output(e), expected) from e
+
+    def make_tag(self, name: str, commit: str, message: str) -> None:
+        env = {"GIT_COMMITTER_NAME": "glmrel", "GIT_COMMITTER_EMAIL": "glmrel@localhost"}
+        with self.repo.git.custom_environment(**env):
+            self.repo.git.tag("-f", "-a", name, commit, "-m", message)
 
     def diff(
         self, head: str | None, name: str, files: list[Path], expected: dict[str, str]
@@ -377,21 +412,6 @@ class GitRemote:
                 f"git lfs push to {self.url} failed: {e.stderr.strip() if e.stderr else e}; no branch was moved",
                 hint="check that the remote accepts LFS objects (or set GLMREL_GIT_LFS=0 to publish plain blobs)",
             ) from e
-
-    def publish_branch(self, b: BranchPlan, message: str) -> str:
-        self.push_lfs(b.tree)  # the objects first: a branch never points at missing LFS content
-        commit = self.commit(b.tree, b.remote_commit, message)
-        self.push_branch(b.name, commit, b.remote_commit)
-        return commit
-
-    def push_tag(self, name: str, commit: str, message: str) -> None:
-        env = {"GIT_COMMITTER_NAME": "glmrel", "GIT_COMMITTER_EMAIL": "glmrel@localhost"}
-        with self.repo.git.custom_environment(**env):
-            self.repo.git.tag("-f", "-a", name, commit, "-m", message)
-        try:
-            self.repo.git.push(self.url, f"refs/tags/{name}:refs/tags/{name}", "--quiet")
-        except git.GitCommandError as e:
-            raise ReleaseError(f"tag {name} could not be pushed (it exists on the remote at another commit?)") from e
 
 
 HUB_SCHEME = "hf://"
@@ -557,6 +577,65 @@ class HubRemote:
         )
 
 
+ALLOWED_PROTOCOLS = "file:git:http:https:ssh"
+GIT_URL_SCHEMES = frozenset({"file", "git", "http", "https", "ssh"})
+
+
+def check_git_remote(url: str) -> None:
+    """Refuse a git remote that git would read as something else: an option (`--receive-pack=`,
+    `-oProxyCommand=`), a transport helper that runs a command (`ext::`), or a scheme git does
+    not publish over. Checked before anything is created or run."""
+    problem = None
+    if not url.strip():
+        problem = "is empty"
+    elif url.startswith("-"):
+        problem = "starts with '-', so git would read it as an option"
+    elif "::" in url:
+        problem = "names a git transport helper ('<helper>::'), which can run commands"
+    elif "://" in url and url.split("://", 1)[0].lower() not in GIT_URL_SCHEMES:
+        problem = (
+            f"uses the scheme {url.split('://', 1)[0]!r}; git remotes here are {', '.join(sorted(GIT_URL_SCHEMES))}"
+        )
+    elif any(c in url for c in "\n\r\0"):
+        problem = "holds a control character"
+    if problem is not None:
+        raise ReleaseError(
+            f"remote {url!r} {problem}; nothing was published",
+            hint="give a git URL (https://, ssh://, user@host:path), a local path, or hf://owner/name for the Hub",
+        )
+
+
+def _git_output(e: git.GitCommandError) -> str:
+    """A failed git command's stdout and stderr as git wrote them (GitPython quotes them)."""
+    out = []
+    for stream in (e.stdout, e.stderr):
+        text = str(stream or "").strip()
+        text = re.sub(r"^(stdout|stderr): '", "", text).rstrip("'")
+        out.append(text)
+    return "\n".join(out)
+
+
+def push_refusal(url: str, output: str, expected: dict[str, str | None]) -> ReleaseError:
+    """The error for a refused atomic push, from git's porcelain status lines and the
+    remote's `remote:` lines."""
+    for line in output.splitlines():
+        m = re.match(
+            r"^!\t[^\t]*:refs/heads/([^\t]+)\t\[rejected\] \((stale info|fetch first|non-fast-forward)\)", line
+        )
+        if m:
+            return _moved(m[1], expected.get(m[1]))
+    said = [line[len("remote:") :].strip() for line in output.splitlines() if line.startswith("remote:")]
+    said = [x for x in said if x]
+    reasons = sorted(set(re.findall(r"\[remote rejected\] \(([^)]*)\)", output)) - {"atomic push failed"})
+    why = "; ".join(reasons) or (output.strip().splitlines() or ["no reason given"])[-1]
+    return ReleaseError(
+        f"the remote {url} refused the push ({why})"
+        + (f"; it said: {' / '.join(said)}" if said else "")
+        + "; the push is atomic, so no branch or tag moved",
+        hint="fix what the remote's message names (a hook, a protected branch, your permissions), then publish again",
+    )
+
+
 def _moved(branch: str, expected: str | None) -> ReleaseError:
     return ReleaseError(
         f"the remote's branch {branch} moved since the plan (expected {expected or 'no branch'}); nothing was overwritten",
@@ -605,13 +684,27 @@ def open_remote(url: str, cache: Path) -> Remote:  # noqa: F821 (Remote is defin
     """`hf://owner/name` is a Hub model repo; anything else is a git URL or path."""
     if not url.startswith(HUB_SCHEME):
         return GitRemote(url, cache)
-    repo_id = url[len(HUB_SCHEME) :].strip("/")
+    return HubRemote(hub_repo_id(url), hub_token(), endpoint=os.environ.get("HF_ENDPOINT") or None)
+
+
+def hub_repo_id(text: str) -> str:
+    """`owner/name` from `hf://owner/name` (or `owner/name`), refused unless it is a valid Hub
+    repo id: checked before any request, so a path or a typo never reaches huggingface_hub."""
+    repo_id = text.removeprefix(HUB_SCHEME).strip("/")
     if not REPO_ID.fullmatch(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
         raise ReleaseError(
             f"{repo_id!r} is not a Hub repo id of the form owner/name",
-            hint="write the remote as hf://owner/name, e.g. hf://my-org/GLM-4.7-W4A16",
+            hint="name the repo as owner/name (hf://owner/name for publish), e.g. my-org/GLM-4.7-W4A16",
         )
-    return HubRemote(repo_id, hub_token(), endpoint=os.environ.get("HF_ENDPOINT") or None)
+    return repo_id
+
+
+def check_remote_name(url: str) -> None:
+    """The remote is a valid Hub repo id or git remote (before any branch is hashed)."""
+    if url.startswith(HUB_SCHEME):
+        hub_repo_id(url)
+    else:
+        check_git_remote(url)
 
 
 Remote = GitRemote | HubRemote
@@ -673,8 +766,10 @@ def plan_publish(
     (unverified, failed, or verified on other content included) and a landing page with
     anything but its card and images. A tag that would have to move is planned as a
     conflict: the caller shows the plan, then `Plan.refuse_conflicts`."""
-    url = remote or cfg.publish_remote or f"{HUB_SCHEME}{cfg.hub_repo}"
+    url = remote if remote is not None else cfg.publish_remote or f"{HUB_SCHEME}{cfg.hub_repo}"
     version, entries = load_changelog(cfg.changelog, version)
+    check_release_refs(version, [b.name for b in cfg.branches])
+    check_remote_name(url)
     entry = entries[-1]
     message = f"{cfg.name} {version}: {entry['summary']}\n\n" + "".join(f"- {c}\n" for c in entry.get("changes", []))
     for b in cfg.branches:
@@ -727,6 +822,8 @@ def apply_plan(plan: Plan, backend: Remote, echo: Echo = print) -> dict[str, str
     if plan.create_repo:
         backend.create()
         echo(f"created repository {plan.remote}")
+    if isinstance(backend, GitRemote):  # one atomic push: all of it or none of it
+        return backend.publish_plan(plan, echo)
     heads: dict[str, str] = {}
     for b in plan.branches:
         if b.up_to_date:

@@ -8,6 +8,7 @@ write recipe/provenance/coverage, then move the finished folder into place.
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
@@ -26,10 +27,13 @@ from typing import Any
 from . import __version__, distributed
 from .architecture import Glm4MoeArch
 from .awq import ScaleOptions, ScaleStats, SideBranch
+from .build_log import write_build_log
 from .config import BranchSpec, ReleaseConfig
+from .console import load_report
 from .coverage import ExpertCounts
 from .errors import ReleaseError
-from .manifest import CACHE_DIR, write_manifest
+from .manifest import CACHE_DIR, sealed_changes, write_manifest
+from .owned import create_owned, made_by_glmrel, remove_owned, require_replaceable, require_writable_folder
 from .recipe import render_recipe
 
 log = logging.getLogger(__name__)
@@ -205,6 +209,24 @@ def recorded_pass(out_dir: Path) -> list[str] | None:
 
 
 def up_to_date(
+    cfg: ReleaseConfig,
+    branch: BranchSpec,
+    fingerprint: str,
+    calibration_pass: list[str] | None = None,
+    echo: Log | None = None,
+) -> bool:
+    """`built_from` these inputs, and its content still what was sealed (its manifest): a
+    branch whose files changed afterwards is rebuilt, never approved again; `echo` says why."""
+    if not built_from(cfg, branch, fingerprint, calibration_pass):
+        return False
+    changes = sealed_changes(cfg.output_dir / branch.name)
+    if changes and echo is not None:
+        more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+        echo(f"[{branch.name}] {changes[0]}{more} since it was built: rebuilding it")
+    return not changes
+
+
+def built_from(
     cfg: ReleaseConfig, branch: BranchSpec, fingerprint: str, calibration_pass: list[str] | None = None
 ) -> bool:
     """The branch's folder was built from these inputs (`fingerprint`: the branch's own, from
@@ -260,8 +282,9 @@ def _folder_bytes(folder: Path) -> int:
 
 def remove_stale_partials(output_dir: Path, branch: str, echo: Log = print) -> list[Path]:
     """Remove the temporary folders of `branch` that a killed run left (`.partial-` and
-    `.old-` of a process on this host that no longer exists) and say so; a folder of a live
-    process, or of another host, is left alone and named."""
+    `.old-` of a process on this host that no longer exists, holding glmrel's marker) and say
+    so; a folder of a live process, of another host, or that glmrel did not create is left
+    alone and named."""
     removed: list[Path] = []
     if not output_dir.is_dir():
         return removed
@@ -272,13 +295,15 @@ def remove_stale_partials(output_dir: Path, branch: str, echo: Log = print) -> l
         if not m or p.is_symlink() or not p.is_dir():
             continue
         pid, owner_host = int(m[2]), m[3] or host
-        if owner_host != host:
+        if not made_by_glmrel(p):
+            echo(f"[{branch}] leaving {p.name}: glmrel did not create it")
+        elif owner_host != host:
             echo(f"[{branch}] leaving {p.name}: it belongs to a process on {owner_host}")
         elif pid == _owner_pid() or _alive(pid):
             echo(f"[{branch}] leaving {p.name}: process {pid} is still running (another build of this branch?)")
         else:
             size = _folder_bytes(p)
-            shutil.rmtree(p)
+            remove_owned(p)
             removed.append(p)
             echo(f"[{branch}] removed {p.name} ({size / 2**30:.2f} GiB), left by process {pid}, which is gone")
     return removed
@@ -300,10 +325,12 @@ def quantize_branch(
     base_dir, arch, recipe_text, fingerprint = prepare_branch(cfg, branch)
     if distributed.rank() == 0:
         remove_stale_partials(cfg.output_dir, branch.name, echo)
-    if not force and up_to_date(cfg, branch, fingerprint):
+    if not force and up_to_date(cfg, branch, fingerprint, echo=echo):
         return BranchBuild(branch.name, out_dir, True, 0.0, fingerprint)
 
     if not distributed.in_worker():  # the launcher checked for the ranks (quantize_on_gpus)
+        require_writable_folder(cfg.output_dir, "output_dir")
+        require_replaceable(out_dir, branch.name)
         check_branch_room(cfg, branch, base_dir, arch)
     # llm-compressor's save compresses the model across ranks (only rank 0 writes), so under
     # torchrun every rank calls it with the same folder: named by the launcher they share.
@@ -315,14 +342,14 @@ def quantize_branch(
             run.model.save_pretrained(tmp, save_compressed=True, max_shard_size=SHARD_SIZE)
             distributed.barrier_and_close()
             return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
-    shutil.rmtree(tmp, ignore_errors=True)
+    create_owned(tmp, f"building {branch.name}")
     failed = True
     try:
         timings, _run = _run_oneshot(cfg, branch, base_dir, arch, recipe_text, tmp, echo, scale_options)
         seal_folder(cfg, branch, base_dir, arch, tmp, out_dir, fingerprint, timings, [branch.name])
         failed = False
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_owned(tmp, echo)
         if not failed:  # after an error the other ranks may wait in a collective: no barrier, or both hang
             distributed.barrier_and_close()
         if cfg.offload.cpu_gib is not None:  # every rank is done with the offloaded weights
@@ -362,7 +389,8 @@ def seal_folder(
         "release": cfg.name,
         "branch": branch.model_dump(mode="json"),
         "base_model": {
-            "id": cfg.base_model.display_id,
+            # an id, not this machine's path: the same inputs give the same bytes anywhere
+            "id": cfg.base_model.card_base_model or Path(cfg.base_model.display_id).name,
             "revision": cfg.base_model.revision,
             "fingerprint": base_model_fingerprint(base_dir),
             "architecture": asdict(arch),
@@ -370,24 +398,36 @@ def seal_folder(
         "calibration": json.loads((tmp / ".calibration.json").read_text()),
         "moe_calibrate_all_experts": cfg.calibration.moe_calibrate_all_experts,
         "awq": cfg.awq.model_dump(mode="json"),
+        "awq_engine": engine_description(timings),
         # every branch of one pass: the first is the one whose smoothed layers fed the next layers
         "calibration_pass": {"branches": list(calibration_pass), "propagated_through": calibration_pass[0]},
         "dtype": cfg.dtype,
         "offload_cpu_gib": cfg.offload.cpu_gib,  # how, not what: the same weights either way (tested)
         "gpus": distributed.world_size(),
         "inputs_fingerprint": fingerprint,
-        "timings_s": timings,
     }
     (tmp / ".calibration.json").unlink()
     (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     write_manifest(tmp, branch.name)
-    if out_dir.exists():
+    # how this run went (timings, peaks, the engine's counters) is local: the branch holds
+    # only what its inputs decide, so a rebuild from the same inputs gives the same bytes
+    write_build_log(cfg.output_dir, branch.name, "quantize", {"inputs_fingerprint": fingerprint, "timings_s": timings})
+    if out_dir.exists() or out_dir.is_symlink():
+        require_replaceable(out_dir, branch.name)
         old = partial_folder(cfg.output_dir, branch.name, "old")
         out_dir.rename(old)
         tmp.rename(out_dir)
-        shutil.rmtree(old)
+        remove_owned(old)
     else:
         tmp.rename(out_dir)
+
+
+def engine_description(timings: dict[str, Any]) -> dict[str, Any]:
+    """The AWQ engine and its options, from a run's timings (a side branch's sit under its
+    calibration pass): what the card states. The run's own counters stay in the build log."""
+    engine = timings.get("awq_engine") or (timings.get("calibration_pass") or {}).get("awq_engine") or {}
+    keys = {"engine", *ScaleOptions().to_json()}
+    return {k: engine[k] for k in sorted(keys) if k in engine}
 
 
 @dataclass
@@ -443,8 +483,19 @@ def calibrate(
     )
     t = time.time()
     torch.manual_seed(cfg.calibration.seed)
+    layers = arch.num_hidden_layers
+    done = [0]
+
+    def on_layer(record: Any) -> None:  # glmrel's own progress, a line per decoder layer
+        done[0] += 1
+        sides = f", {record.side_s:.1f}s for the other group sizes" if side else ""
+        echo(
+            f"[{branch.name}] layer {done[0]}/{layers}: calibration forward {record.calib_s:.1f}s, "
+            f"smoothing {record.smooth_s:.1f}s{sides}"
+        )
+
     with (
-        scaled_awq(options, num_batches=len(dataset), side=side) as engine,
+        scaled_awq(options, num_batches=len(dataset), side=side, on_layer=on_layer) as engine,
         count_expert_tokens(model, arch.n_routed_experts, calls_per_module=len(dataset)) as counts,
     ):
         oneshot(
@@ -476,10 +527,11 @@ def load_base_model(cfg: ReleaseConfig, base_dir: Path, label: str, echo: Log = 
 
     echo(f"[{label}] loading {cfg.base_model.display_id}")
     dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    if cfg.offload.cpu_gib is None:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    else:
-        model = load_offloaded(cfg, base_dir, dtype, echo=lambda s: echo(f"[{label}] {s}"))
+    with load_report(Glm4MoeArch.from_dir(base_dir).mtp_layers, lambda s: echo(f"[{label}] {s}")):
+        if cfg.offload.cpu_gib is None:
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+        else:
+            model = load_offloaded(cfg, base_dir, dtype, echo=lambda s: echo(f"[{label}] {s}"))
     model.eval()
     linearize_moe(model)
     return model
@@ -491,9 +543,19 @@ def load_base_model(cfg: ReleaseConfig, base_dir: Path, label: str, echo: Log = 
 SHARD_SIZE = "5GB"
 
 
+OFFLOAD = "offload"  # .offload.partial-<pid>@<host>: a build's offloaded base weights
+
+
+def offload_root(cfg: ReleaseConfig) -> Path:
+    """The folder `offload.folder` names (default: <output_dir>/.glmrel-cache): glmrel writes a
+    sub-folder of its own there, never into the folder itself."""
+    return cfg.offload.folder or cfg.output_dir / CACHE_DIR
+
+
 def offload_folder(cfg: ReleaseConfig) -> Path:
-    """Where `offload.cpu_gib` puts the weights that do not fit (emptied after each branch)."""
-    return cfg.offload.folder or cfg.output_dir / CACHE_DIR / "offload"
+    """Where `offload.cpu_gib` puts the weights that do not fit: a glmrel-owned folder under
+    `offload_root`, removed after each branch."""
+    return partial_folder(offload_root(cfg), OFFLOAD)
 
 
 def load_offloaded(cfg: ReleaseConfig, base_dir: Path, dtype: Any, echo: Log = print) -> Any:
@@ -512,8 +574,8 @@ def load_offloaded(cfg: ReleaseConfig, base_dir: Path, dtype: Any, echo: Log = p
         patch_distributed_disk_update()
     folder = offload_folder(cfg)
     if distributed.rank() == 0:
-        shutil.rmtree(folder, ignore_errors=True)  # what a killed run left
-        folder.mkdir(parents=True)
+        remove_stale_partials(offload_root(cfg), OFFLOAD, echo)  # what a killed run left
+        create_owned(folder, "the offloaded base weights")
     distributed.barrier()
     cap = int(cfg.offload.cpu_gib * 2**30)  # type: ignore[operator]
     echo(f"offloading the base model's weights beyond {cfg.offload.cpu_gib:g} GiB of host RAM to {folder}")
@@ -530,7 +592,7 @@ def forget_offload(folder: Path) -> None:
     root = str(folder.resolve())
     for key in [k for k, info in DiskCache.index.items() if str(info["safetensors_file"]).startswith(root)]:
         del DiskCache.index[key]
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_owned(folder)
 
 
 @contextmanager
@@ -664,7 +726,41 @@ def build_branches(
     progress: Callable[[str], None] | None = None,
 ) -> list[BranchBuild]:
     """Several branches: one calibration pass for all of them on one GPU (`quantize_pass`), or
-    one build each (`separate`, or on several GPUs: the shared pass runs in one process)."""
+    one build each (`separate`, or on several GPUs: the shared pass runs in one process).
+    A disk that fills up midway is reported as such (every partial folder is removed by then)."""
+    try:
+        return _build_branches(cfg, branches, gpus, config_path, force, echo, separate, progress)
+    except ReleaseError:
+        raise
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        raise ReleaseError(
+            f"the disk filled up while building ({e}); nothing half-written was kept",
+            hint="free space where output_dir (and offload.folder / offload.pass_store) point, or point them at a "
+            "disk with room, then build again",
+        ) from e
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """`e`, or an exception it was raised from, is a write that found no space left."""
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _build_branches(
+    cfg: ReleaseConfig,
+    branches: list[str],
+    gpus: int,
+    config_path: Path | None,
+    force: bool,
+    echo: Log,
+    separate: bool,
+    progress: Callable[[str], None] | None,
+) -> list[BranchBuild]:
     if gpus == 1 and not separate:
         from .one_pass import quantize_pass
 
@@ -697,9 +793,11 @@ def quantize_on_gpus(
     spec = cfg.branch(branch)
     base_dir, arch, _recipe, fingerprint = prepare_branch(cfg, spec)
     out = cfg.output_dir / spec.name
-    if not force and up_to_date(cfg, spec, fingerprint):
+    if not force and up_to_date(cfg, spec, fingerprint, echo=echo):
         return BranchBuild(spec.name, out, True, 0.0, fingerprint)
     distributed.check_gpus(gpus, cfg.calibration.num_samples)
+    require_writable_folder(cfg.output_dir, "output_dir")
+    require_replaceable(out, spec.name)
     check_branch_room(cfg, spec, base_dir, arch)
     t = time.time()
     echo(f"[{spec.name}] launching {gpus} ranks with torchrun")

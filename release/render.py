@@ -19,13 +19,13 @@ from typing import Any
 import jinja2
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from .architecture import Glm4MoeArch
-from .config import BranchSpec, ReleaseConfig
+from .config import BranchSpec, ReleaseConfig, check_release_refs, ref_name_problem
 from .coverage import ExpertCoverage
 from .errors import ReleaseError
-from .manifest import write_if_changed
+from .manifest import require_sealed, write_if_changed
 from .paths import shipped
 from .vllm_rules import TARGETS, VLLM_VERSION, servable_tp, serve_verdicts, serving_layout
 
@@ -70,6 +70,14 @@ class ChangelogEntry(BaseModel):
     version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     summary: str = Field(min_length=1)
     changes: list[str] = []
+
+    @field_validator("version")
+    @classmethod
+    def _a_git_ref(cls, v: str) -> str:
+        problem = ref_name_problem(v)
+        if problem is not None:
+            raise ValueError(f"version {v!r} {problem}")
+        return v
 
 
 def _changelog_error(path: Path, entries: Any, err: ValidationError) -> ReleaseError:
@@ -152,7 +160,8 @@ SINGLE_PASS_MEASURED = {"max_kl_change_pct": 0.2, "record": "benchmarks/results/
 def awq_engine_text(prov: dict[str, Any]) -> str | None:
     """What the card says of the AWQ engine a branch was built with (its provenance's record);
     None for branches recorded before glmrel wrote one."""
-    engine = (prov.get("timings_s") or {}).get("awq_engine") or {}
+    # provenance's engine description (older branches kept it among their timings)
+    engine = prov.get("awq_engine") or (prov.get("timings_s") or {}).get("awq_engine") or {}
     if engine.get("engine") == "stock":
         return "llm-compressor's AWQ as released"
     if engine.get("engine") != "glmrel":
@@ -371,6 +380,10 @@ def mtp_flag(cfg: ReleaseConfig) -> str:
 def render_release(cfg: ReleaseConfig, version: str | None = None) -> RenderResult:
     """Write README.md (+ expert-coverage plot) into every branch and the landing page into main/."""
     version, changelog = load_changelog(cfg.changelog, version)
+    check_release_refs(version, [b.name for b in cfg.branches])
+    for b in cfg.branches:  # a card describes what was built: never weights changed since
+        if (cfg.output_dir / b.name).is_dir():
+            require_sealed(cfg.output_dir / b.name, b.name)
     env = _environment(cfg.templates or DEFAULT_TEMPLATES)
     data = card_data(cfg)
     branches = [branch_record(cfg, b) for b in cfg.branches]

@@ -80,9 +80,16 @@ def check_room(what: str, needs: Sequence[tuple[Path, int, str]], hint: str) -> 
         where = items[0][0]
         free = shutil.disk_usage(_existing(where)).free
         if free < need:
-            parts = ", ".join(f"{label} {n / 2**30:.1f} GiB" for _, n, label in items)
+            parts = ", ".join(f"{label} {size_text(n)}" for _, n, label in items)
             raise ReleaseError(
-                f"{what} needs about {need / 2**30:.1f} GiB at {where} ({parts}), "
-                f"and {free / 2**30:.1f} GiB are free there",
+                f"{what} needs about {size_text(need)} at {where} ({parts}), and {size_text(free)} are free there",
                 hint=hint,
             )
+
+
+def size_text(n: int) -> str:
+    """Bytes in the unit that shows them: 12.3 GiB, 45.6 MiB, 7.8 KiB (never "0.0 GiB")."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .build_log import write_build_log
 from .config import ReleaseConfig
 from .errors import ReleaseError
-from .manifest import VERIFY_FILE, folder_content_digest, write_if_changed
+from .manifest import VERIFY_FILE, folder_content_digest, require_sealed, write_if_changed
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,6 @@ class QualityReport:
     decode_text: str
     vllm: str
     failures: list[str] = field(default_factory=list)
-    seconds: float = 0.0
     # what was measured: `manifest.content_digest` of the branch's files (all but the records
     # written after verification); check and publish refuse a verify.json about other content
     content_sha256: str = ""
@@ -223,6 +223,7 @@ def verify_branches(
             raise ReleaseError(
                 f"branch folder {folder} has no config.json", hint=f"run `glmrel quantize --branch {name}` first"
             )
+        require_sealed(folder, name)  # only what glmrel built and sealed is measured
     contents = {name: folder_content_digest(folder) for name, folder in branches.items()}
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     base, results = stream_compare(reference.base_dir, branches, reference.batches, device=device, log=log)
@@ -267,7 +268,6 @@ def verify_branches(
             decode_text=decoded,
             vllm=vllm_line,
             failures=failures,
-            seconds=round(time.time() - t0, 2),
             content_sha256=contents[name],
             method=method,
             layers=[
@@ -281,5 +281,7 @@ def verify_branches(
                 hint=f"run `glmrel verify --branch {name}` again once nothing else writes to the branch",
             )
         write_if_changed(folder / VERIFY_FILE, json.dumps(report.to_json(), indent=2) + "\n")
+        # how long it took is this run's, not the branch's: the build log, never verify.json
+        write_build_log(folder.parent, name, "verify", {"seconds": round(time.time() - t0, 2), "method": method})
         reports[name] = report
     return reports

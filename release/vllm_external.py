@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .build_log import write_build_log
 from .config import ReleaseConfig
 from .errors import ReleaseError
 from .manifest import VERIFY_FILE, write_if_changed
@@ -140,7 +141,10 @@ def record(folder: Path, result: dict[str, Any]) -> None:
         raise ReleaseError(f"{path} does not exist", hint="verify the branch first (`glmrel build-all` or `verify`)")
     data = json.loads(path.read_text())
     data["vllm"] = summary(result)
-    data["vllm_run"] = result
+    # the load time is this run's: the build log keeps it, the branch's record does not
+    data["vllm_run"] = {k: v for k, v in result.items() if k != "load_s"}
+    if "load_s" in result:
+        write_build_log(folder.parent, folder.name, "vllm_check", {"load_s": result["load_s"]})
     failures = [f for f in data.get("failures", []) if not f.startswith("vLLM")]
     if not result["passed"]:
         failures.append(data["vllm"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .caches import _deduplicate_batch, _Ledger, _resident_budget, _WriteBack
@@ -25,7 +25,13 @@ class Engine:
     """One `oneshot` call's engine: its options, what it records (`stats`), the state its
     patches share (`run`), and the GPU budgets and write-back its caches use."""
 
-    def __init__(self, options: ScaleOptions, num_batches: int, side: tuple[SideBranch, ...] = ()) -> None:
+    def __init__(
+        self,
+        options: ScaleOptions,
+        num_batches: int,
+        side: tuple[SideBranch, ...] = (),
+        on_layer: Callable[[Any], None] | None = None,
+    ) -> None:
         import torch
         from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
         from llmcompressor.modifiers.transform.awq import base as awq_base
@@ -36,6 +42,7 @@ class Engine:
         self.side = list(side)  # branches calibrated by this run's pass (side.py)
         self.side_writer = StoreWriter() if side else None
         self.stats = ScaleStats()
+        self.on_layer = on_layer  # called with each decoder layer's record as the layer is done (progress)
         self.run = RunState()
         self.deduplicating = options.resident_cache_gib != 0  # patch 9
         self.ledger = _Ledger(_resident_budget(options.resident_cache_gib) if self.deduplicating else 0)
@@ -86,7 +93,12 @@ class Engine:
 
 
 @contextlib.contextmanager
-def scaled_awq(options: ScaleOptions, num_batches: int, side: tuple[SideBranch, ...] = ()) -> Iterator[Engine]:
+def scaled_awq(
+    options: ScaleOptions,
+    num_batches: int,
+    side: tuple[SideBranch, ...] = (),
+    on_layer: Callable[[Any], None] | None = None,
+) -> Iterator[Engine]:
     """One run of the engine: pass `engine.recipe(text)` to `oneshot` inside it; `engine.stats`
     holds what the run recorded. `side`: other group sizes this pass also smooths, each
     layer's result written to the branch's store (side.py). Refuses any llm-compressor but the
@@ -103,7 +115,7 @@ def scaled_awq(options: ScaleOptions, num_batches: int, side: tuple[SideBranch, 
         )
     if side and awq_base.is_distributed():
         raise RuntimeError("one calibration pass for several group sizes runs in one process, not under torchrun")
-    engine = Engine(options, num_batches, side)
+    engine = Engine(options, num_batches, side, on_layer)
     stats, run, write_back = engine.stats, engine.run, engine.write_back
     stock_write = awq_base.update_offload_parameter
     stock_forward_context = awq_base.calibration_forward_context

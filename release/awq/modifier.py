@@ -208,6 +208,8 @@ class MoeAWQModifier(AWQModifier):
                         side_stored_gib=round(side.stored_bytes / 2**30, 6) if side is not None else 0.0,
                     )
                 )
+                if e.on_layer is not None:
+                    e.on_layer(stats.layers[-1])
             if record:
                 clock["last"] = end
 
