@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from release.awq import ScaleOptions
+from release.build_log import read_build_log
 from release.config import load_config
 from release.quantize import LAST_SCALE_STATS, quantize_branch
 from release.verify import BaseReference, load_heldout, verify_branch
@@ -154,7 +155,9 @@ def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
     out, one_dir = tmp_path / "out" / BRANCH, builds["config"]["dir"]
     prov, one_prov = (json.loads((d / "provenance.json").read_text()) for d in (out, one_dir))
     assert prov["gpus"] == 2
-    engine, one_engine = prov["timings_s"]["awq_engine"], one_prov["timings_s"]["awq_engine"]
+    engine, one_engine = (
+        read_build_log(d.parent, BRANCH)["quantize"]["timings_s"]["awq_engine"] for d in (out, one_dir)
+    )
     assert engine["batched_expert_searches"] == 3 * 8 and engine["expert_search"] == expert_search
     # the Gram search has every rank's G: each rank searches half of the experts; sampled rows
     # are per rank, so every rank joins every expert's search
@@ -415,8 +418,10 @@ def test_full_engine_kl_within_two_percent_of_stock(builds):
 def test_branch_records_the_engine(builds):
     import json
 
-    prov = json.loads((builds["glmrel"]["dir"] / "provenance.json").read_text())
-    engine = prov["timings_s"]["awq_engine"]
+    folder = builds["glmrel"]["dir"]
+    prov = json.loads((folder / "provenance.json").read_text())
+    assert prov["awq_engine"]["max_expert_tokens"] == SAMPLE_BUDGET  # what the card states
+    engine = read_build_log(folder.parent, BRANCH)["quantize"]["timings_s"]["awq_engine"]
     assert engine["max_expert_tokens"] == SAMPLE_BUDGET and engine["routed_experts_in_search"] is True
     assert len(engine["layers"]) == 4 and all(layer["smooth_s"] > 0 for layer in engine["layers"])
 

@@ -41,7 +41,7 @@ def test_demo_config_loads_and_resolves_paths_against_its_folder():
         ({"calibration.num_sampels": 3}, "calibration.num_sampels: unknown field (typo?)"),
         ({"branches": [{"name": "A", "group_size": 48}]}, "group_size 48 is not one of"),
         ({"branches": [{"name": "A", "group_size": 32}, {"name": "A", "group_size": 64}]}, "repeated: A"),
-        ({"branches": [{"name": "main", "group_size": 32}]}, "not 'main'"),
+        ({"branches": [{"name": "main", "group_size": 32}]}, "is reserved"),
         ({"hub_repo": "no-slash"}, "hub_repo 'no-slash' is not of the form owner/name"),
         ({"base_model": {"hub_id": "zai-org/GLM-4.7"}}, "base_model.revision is required"),
         ({"calibration.num_samples": 0}, "calibration.num_samples: Input should be greater than or equal to 1"),

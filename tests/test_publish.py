@@ -97,30 +97,53 @@ def test_dry_run_writes_nothing(release_copy, tmp_path):
     assert not (tmp_path / "remote.git").exists()
 
 
-def test_interrupted_publish_resumes(release_copy, monkeypatch):
+def test_interrupted_publish_moves_nothing_and_resumes(release_copy, monkeypatch):
+    """Branches and tags go in one atomic push: a publish cut during it leaves no branch or
+    tag on the remote, and the same command then publishes everything."""
     cfg = load_config(release_copy)
-    real_push = publish_mod.GitRemote.push_branch
-    pushed = []
+    real_push = publish_mod.GitRemote.push_atomic
 
-    def flaky(self, branch, commit, expected):
-        if pushed:
-            raise KeyboardInterrupt("connection lost")
-        pushed.append(branch)
-        real_push(self, branch, commit, expected)
+    def cut(self, refspecs, leases, expected):
+        raise KeyboardInterrupt("connection lost")
 
-    monkeypatch.setattr(publish_mod.GitRemote, "push_branch", flaky)
+    monkeypatch.setattr(publish_mod.GitRemote, "push_atomic", cut)
     plan, backend = plan_publish(cfg, "v1")
     with pytest.raises(KeyboardInterrupt):
         apply_plan(plan, backend, echo=lambda s: None)
-    monkeypatch.setattr(publish_mod.GitRemote, "push_branch", real_push)
-    first = refs(Path(cfg.publish_remote))
-    assert list(first) == ["refs/heads/W4A16_GS32"]
+    monkeypatch.setattr(publish_mod.GitRemote, "push_atomic", real_push)
+    assert refs(Path(cfg.publish_remote)) == {}
     plan, backend = plan_publish(cfg, "v1")
-    assert [b.name for b in plan.branches if b.up_to_date] == ["W4A16_GS32"]
+    assert not any(b.up_to_date for b in plan.branches)
     apply_plan(plan, backend, echo=lambda s: None)
-    after = refs(Path(cfg.publish_remote))
-    assert after["refs/heads/W4A16_GS32"] == first["refs/heads/W4A16_GS32"], "the finished branch is not redone"
     assert all(r.passed for r in verify_published(cfg, backend, "v1"))
+
+
+def test_a_push_the_remote_refuses_reports_its_message_and_moves_nothing(release_copy):
+    cfg = load_config(release_copy)
+    remote = Path(cfg.publish_remote)
+    git.Repo.init(remote, bare=True, initial_branch="main")
+    hook = remote / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'releases are frozen until Monday (ticket OPS-42)' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    res = publish(release_copy)
+    assert res.exit_code == 1
+    assert "refused the push (pre-receive hook declined)" in res.output, res.output
+    assert "releases are frozen until Monday (ticket OPS-42)" in res.output
+    assert "moved since the plan" not in res.output and "someone else published" not in res.output
+    assert refs(remote) == {}, "atomic: no branch and no tag"
+
+
+@pytest.mark.parametrize(
+    "remote",
+    ["--receive-pack=touch pwned", "-oProxyCommand=touch pwned", "ext::sh -c touch% pwned", "gopher://host/x", ""],
+)
+def test_a_remote_git_would_read_as_an_option_or_a_command_is_refused_up_front(release_copy, tmp_path, remote):
+    before = sorted(p.name for p in Path.cwd().iterdir())
+    res = CliRunner().invoke(cli, ["publish", "--config", str(release_copy), "--changelog", "v1", f"--remote={remote}"])
+    assert res.exit_code == 1 and "Error: remote " in res.output and "nothing was published" in res.output
+    assert "Traceback" not in res.output and "moved since the plan" not in res.output
+    assert sorted(p.name for p in Path.cwd().iterdir()) == before, "no folder named after the option"
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
 
 
 def test_remote_that_moved_since_the_plan(release_copy, tmp_path):

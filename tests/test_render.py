@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard
 from release.cli import cli
 from release.config import load_config
 from release.errors import ReleaseError
+from release.manifest import write_manifest
 from release.render import render_release
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +34,7 @@ def recorded_release(tmp_path):
             with (out / b / name).open("wb") as f:
                 f.truncate(size)
         (out / b / "shard_sizes.json").unlink()
+        write_manifest(out / b, b)  # sealed, as a build leaves it
     raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     raw["base_model"]["path"] = str(tmp_path)
     raw["output_dir"] = str(out)

@@ -12,6 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from release import one_pass, quantize
+from release.build_log import read_build_log
 from release.cli import cli
 from release.config import load_config
 from release.errors import ReleaseError
@@ -98,7 +99,7 @@ def test_configs_and_records_say_what_made_each_branch(two_ways):
         assert (one / name / "recipe.yaml").read_text() == (sep / name / "recipe.yaml").read_text()
         assert (one / name / "expert_coverage.json").read_text() == (sep / name / "expert_coverage.json").read_text()
         assert prov["calibration"] == alone["calibration"]
-    side = json.loads((one / "W4A16_GS64" / "provenance.json").read_text())["timings_s"]
+    side = read_build_log(one, "W4A16_GS64")["quantize"]["timings_s"]
     assert side["calibration_pass"]["propagated_through"] == "W4A16_GS32" and side["finish"]["from_store"] > 0
     assert "load" not in side, "a side branch is made without loading the model again"
     assert not list(one.glob(".calibration-pass.*")), "the side branches' stores are removed"
@@ -174,14 +175,25 @@ def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path,
     assert left == ["W4A16_GS32", "W4A16_GS64"], f"the failed pass left {left}"
     inodes = {n: (out / n / "model.safetensors").stat().st_ino for n in ("W4A16_GS32", "W4A16_GS64")}
     monkeypatch.setattr(one_pass, "finish_side_branch", real)
-    # GS128 is made from GS32's saved files, sealed by the failed run: changed since, they are
-    # refused before any calibration
+    # GS128 is made from GS32's saved files, sealed by the failed run: changed since, GS32 is
+    # rebuilt in the pass (said, by file), never used as it is
     config = out / "W4A16_GS32" / "config.json"
     sealed = config.read_text()
     config.write_text(sealed.replace('"group_size": 32', '"group_size": 33'))
-    monkeypatch.setattr(quantize, "_run_oneshot", lambda *a, **k: pytest.fail("calibrated before the check"))
-    with pytest.raises(ReleaseError, match=r"W4A16_GS32/config\.json is not what W4A16_GS32's manifest\.json records"):
-        quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
+    rebuilt: list[str] = []
+
+    def recorded(cfg_, lead, base_dir, arch, recipe, out_tmp, *a, **k):
+        rebuilt.append(f"{lead.name} -> {'saved' if out_tmp is not None else 'calibrate only'}")
+        raise ReleaseError("stop here (test)")
+
+    monkeypatch.setattr(quantize, "_run_oneshot", recorded)
+    said: list[str] = []
+    with pytest.raises(ReleaseError, match="stop here"):
+        quantize.build_branches(cfg, NAMES, 1, None, echo=said.append)
+    assert rebuilt == ["W4A16_GS32 -> saved"]
+    assert (
+        "[W4A16_GS32] config.json has another sha256 than the manifest sealed since it was built: rebuilding it" in said
+    )
     assert not (out / "W4A16_GS128").exists()
     config.write_text(sealed)
     monkeypatch.undo()
@@ -334,7 +346,7 @@ def test_a_failed_store_write_fails_the_pass_and_leaves_no_branch(tmp_path, demo
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     cfg = load_config(_config(tmp_path, demo_assets))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ReleaseError, match=r"the disk filled up while building \(.*No space left"):
         quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
     left = sorted(p.name for p in cfg.output_dir.iterdir() if p.name != ".glmrel-cache")
     assert left == [], f"the failed pass left {left}"
@@ -363,7 +375,7 @@ def test_a_pass_whose_stores_cannot_fit_is_refused_before_any_work(tmp_path, dem
     loaded: list[int] = []
     monkeypatch.setattr(quantize, "load_base_model", lambda *a, **k: loaded.append(1))
     with pytest.raises(
-        ReleaseError, match=r"needs about .* GiB at .* \(2 side branch\(es\)' stores .* GiB, 3 branch"
+        ReleaseError, match=r"needs about .* [KMG]iB at .* \(2 side branch\(es\)' stores .* [KMG]iB, 3 branch"
     ) as e:
         quantize.build_branches(cfg, NAMES, 1, None, force=True, echo=lambda s: None)
     assert "offload.pass_store" in e.value.hint and "--separate" in e.value.hint
@@ -393,7 +405,7 @@ def test_a_build_that_cannot_fit_is_refused_before_any_work_and_the_estimate_bou
     real = shutil.disk_usage
     monkeypatch.setattr(quantize.shutil, "disk_usage", lambda p: real(p)._replace(free=used // 2))
     monkeypatch.setattr(quantize, "load_base_model", lambda *a, **k: pytest.fail("loaded before the check"))
-    with pytest.raises(ReleaseError, match=r"building W4A16_GS32 needs about .* GiB at .*out \(W4A16_GS32 "):
+    with pytest.raises(ReleaseError, match=r"building W4A16_GS32 needs about .* [KMG]iB at .*out \(W4A16_GS32 "):
         quantize.quantize_branch(cfg, "W4A16_GS32", echo=lambda s: None)
     assert not cfg.output_dir.exists() or not [p for p in cfg.output_dir.iterdir() if p.name != ".glmrel-cache"]
 

@@ -1,0 +1,399 @@
+"""Trust, second round: glmrel deletes only what it created, never seals changed weights again,
+names every bad input with Error + Hint, and keeps --json to one JSON document."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from release import quantize
+from release.cli import cli
+from release.config import check_release_refs, load_config
+from release.errors import ReleaseError
+from release.manifest import MANIFEST_FILE, sealed_changes, write_manifest
+from release.owned import MARKER, create_owned, made_by_glmrel, remove_owned, require_replaceable
+from release.room import check_room, size_text
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def refused(res, *needles: str) -> None:
+    assert res.exit_code != 0, res.output
+    assert "Traceback" not in res.output and "Error: " in res.output, res.output
+    for n in needles:
+        assert n in res.output, res.output
+
+
+def users_folder(root: Path) -> Path:
+    folder = root / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "thesis.tex").write_text("years of work")
+    (folder / "sub" / "data.csv").write_text("1,2,3")
+    return folder
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- never delete what glmrel did not make
+
+
+def test_a_folder_glmrel_did_not_create_is_refused_or_left_never_emptied(tmp_path):
+    mine = users_folder(tmp_path)
+    before = tree(mine)
+    with pytest.raises(ReleaseError) as e:
+        create_owned(mine, "the offloaded base weights")
+    assert "glmrel did not create it" in e.value.message and "move" in (e.value.hint or "")
+    warnings: list[str] = []
+    assert remove_owned(mine, warnings.append) is False
+    assert warnings == [f"warning: left {mine} in place: glmrel did not create it"]
+    with pytest.raises(ReleaseError, match="glmrel did not create"):
+        require_replaceable(mine, "W4A16_GS32")
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    assert remove_owned(link) is False and not made_by_glmrel(link)
+    assert tree(mine) == before
+    ours = create_owned(tmp_path / "work", "a test")
+    assert (ours / MARKER).is_file() and remove_owned(ours) and not ours.exists()
+
+
+def test_a_stale_looking_folder_without_glmrels_marker_is_left(tmp_path):
+    """`.W4A16_GS32.partial-<dead pid>@<this host>` that glmrel did not create is not removed."""
+    import socket
+
+    fake = tmp_path / f".W4A16_GS32.partial-999999@{socket.gethostname()}"
+    fake.mkdir()
+    (fake / "keep.txt").write_text("not glmrel's")
+    said: list[str] = []
+    assert quantize.remove_stale_partials(tmp_path, "W4A16_GS32", said.append) == []
+    assert (fake / "keep.txt").is_file() and "glmrel did not create it" in said[0]
+    real = tmp_path / f".W4A16_GS32.partial-999998@{socket.gethostname()}"
+    create_owned(real, "a killed build")
+    assert quantize.remove_stale_partials(tmp_path, "W4A16_GS32", said.append) == [real]
+
+
+def test_the_offload_and_pass_store_are_sub_folders_of_what_the_config_names(write_config, tmp_path):
+    mine = users_folder(tmp_path)
+    cfg = load_config(write_config({"offload.cpu_gib": 0.01, "offload.folder": str(mine)}))
+    folder = quantize.offload_folder(cfg)
+    assert folder.parent == mine and folder.name.startswith(".offload.partial-")
+    create_owned(folder, "the offloaded base weights")
+    quantize.forget_offload(folder)
+    assert not folder.exists() and tree(mine) == {"sub/data.csv": b"1,2,3", "thesis.tex": b"years of work"}
+
+
+def test_a_branch_folder_glmrel_did_not_make_is_refused_before_any_work(write_config, tmp_path):
+    out = tmp_path / "out"
+    mine = out / "W4A16_GS128"
+    mine.mkdir(parents=True)
+    (mine / "notes.md").write_text("my own branch")
+    res = run("quantize", "--config", str(write_config()), "--branch", "W4A16_GS128", "--force")
+    refused(res, f"{mine} is a folder glmrel did not create; building W4A16_GS128 would replace it")
+    assert (mine / "notes.md").read_text() == "my own branch"
+    assert "loading" not in res.output, "refused before the model was loaded"
+
+
+def test_output_dir_that_is_a_file_is_refused_before_any_work(write_config, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("a file")
+    res = run("build-all", "--config", str(write_config()))
+    refused(res, f"output_dir {out} is a file, not a folder")
+    assert "loading" not in res.output and out.read_text() == "a file"
+
+
+# ---------------------------------------------------------------- never seal changed weights again
+
+
+def test_a_byte_flipped_with_its_mtime_restored_is_still_a_change(tmp_path):
+    folder = tmp_path / "W4A16_GS64"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\0" * 4096)
+    (folder / "README.md").write_text("card")
+    write_manifest(folder)
+    assert sealed_changes(folder) == []
+    path = folder / "model.safetensors"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    with path.open("r+b") as f:  # in place: same inode and size
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sealed_changes(folder) == ["model.safetensors has another sha256 than the manifest sealed"]
+    (folder / "README.md").write_text("a re-rendered card")  # written after verification: may change
+    (folder / "extra.bin").write_bytes(b"x")
+    assert sealed_changes(folder) == [
+        "extra.bin was added",
+        "model.safetensors has another sha256 than the manifest sealed",
+    ]
+
+
+@pytest.mark.slow
+def test_changed_weights_are_rebuilt_never_approved_again(release_copy, demo_release):
+    """A byte flipped in a built branch: verify, render and manifest refuse it by name, and
+    build-all rebuilds that branch (not 'up to date'), to the same bytes as before."""
+    from release.build import build_all
+
+    cfg = load_config(release_copy)
+    folder = cfg.output_dir / "W4A16_GS64"
+    original = tree(demo_release["config"].output_dir / "W4A16_GS64")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    manifest_before = (folder / MANIFEST_FILE).read_bytes()
+    for args in (
+        ("verify", "--config", str(release_copy), "--branch", "W4A16_GS64"),
+        ("render", "--config", str(release_copy)),
+        ("manifest", str(folder)),
+    ):
+        refused(run(*args), "model.safetensors has another sha256 than the manifest sealed", "glmrel build-all")
+    assert (folder / MANIFEST_FILE).read_bytes() == manifest_before, "nothing re-sealed"
+    refused(run("check", str(folder)), "model.safetensors")
+    logs: list[str] = []
+    result = build_all(cfg, echo=logs.append)
+    outcome = {b.branch: b.skipped for b in result.builds}
+    assert outcome == {"W4A16_GS32": True, "W4A16_GS64": False, "W4A16_GS128": True}
+    assert (
+        "[W4A16_GS64] model.safetensors has another sha256 than the manifest sealed since it was built: "
+        "rebuilding it" in logs
+    )
+    assert tree(folder) == original, "the rebuilt branch is the same bytes as the first build"
+    assert run("check", str(folder)).exit_code == 0
+
+
+# ---------------------------------------------------------------- versions, names and remotes
+
+
+@pytest.mark.parametrize(
+    "version, why",
+    [
+        ("v1..2", "may not contain '..'"),
+        ("v1.lock", "may not end with '.lock'"),
+        ("main", "is a name git or the Hub reserves"),
+        ("HEAD", "is a name git or the Hub reserves"),
+        ("W4A16_GS32", "is the name of a branch of this release"),
+        ("v1-W4A16_GS32", "its tag would be version v1's tag for W4A16_GS32"),
+    ],
+)
+def test_a_version_that_would_make_a_bad_or_clashing_ref_is_refused_before_anything(
+    write_config, tmp_path, version, why
+):
+    changelog = tmp_path / "changelog.yaml"
+    changelog.write_text(yaml.safe_dump([{"version": version, "summary": "s", "changes": []}]))
+    config = write_config({"changelog": str(changelog)})
+    for args in (("render",), ("publish", "--dry-run"), ("publish",)):
+        extra = () if args == ("render",) else ("--changelog", version)
+        refused(run(*args, "--config", str(config), *extra), why)
+    assert not (tmp_path / "remote.git").exists(), "nothing was created or pushed"
+
+
+def test_release_refs_accept_ordinary_versions():
+    for v in ("v1", "v2", "v1.1", "2026-12", "v1-rc1"):
+        check_release_refs(v, ["W4A16_GS32", "W4A16_GS64", "W4A16_GS128"])
+
+
+def test_a_branch_named_like_a_reserved_ref_is_a_config_error(write_config):
+    from release.config import load_config as load
+
+    for name in ("HEAD", "W4A16..GS32", "x.lock"):
+        with pytest.raises(ReleaseError, match="branch name"):
+            load(write_config({"branches": [{"name": name, "group_size": 64}]}))
+
+
+# ---------------------------------------------------------------- Error + Hint, never a traceback
+
+
+@pytest.mark.parametrize("repo", ["../../etc", "a/b/c", "", "hf://"])
+def test_check_remote_with_a_bad_repo_id(repo):
+    refused(run("check", "--remote", repo, "--revision", "main"), "is not a Hub repo id of the form owner/name")
+
+
+def test_check_group_size_zero_is_a_usage_error(tmp_path):
+    res = run("check", str(tmp_path), "--group-size", "0")
+    assert res.exit_code == 2 and "Invalid value for '--group-size'" in res.output and "Traceback" not in res.output
+
+
+def test_config_that_is_not_utf8_or_is_a_folder(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    refused(run("build-all", "--config", str(bad)), "is not UTF-8 text")
+    refused(run("build-all", "--config", str(tmp_path)), f"config {tmp_path} is a folder, not a file")
+
+
+def test_manifest_export_under_a_file_writes_nothing(tmp_path):
+    folder = tmp_path / "branch"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    refused(run("manifest", str(folder), "--export", str(blocker / "sub")), "--export", "cannot be written")
+    assert not (folder / MANIFEST_FILE).exists()
+
+
+def test_room_refusal_names_sizes_in_a_unit_that_shows_them(tmp_path):
+    assert [size_text(n) for n in (512, 3 << 10, 5 << 20, 7 << 30)] == ["512 bytes", "3.0 KiB", "5.0 MiB", "7.0 GiB"]
+    with pytest.raises(ReleaseError) as e:
+        check_room("building X", [(tmp_path, 1 << 60, "X")], hint="free space")
+    assert "1024.0 PiB" not in e.value.message and "TiB" in e.value.message and "0.0 GiB" not in e.value.message
+
+
+def test_a_full_disk_during_a_build_is_named(write_config, monkeypatch):
+    from safetensors import SafetensorError
+
+    cfg = load_config(write_config())
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise SafetensorError("Error while serializing: IoError(No space left on device)") from e
+
+    monkeypatch.setattr(quantize, "_build_branches", full)
+    with pytest.raises(ReleaseError) as e:
+        quantize.build_branches(cfg, ["W4A16_GS64"], 1, None)
+    assert "the disk filled up while building" in e.value.message and "free space" in (e.value.hint or "")
+
+
+def test_a_truncated_store_file_is_named(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from release.one_pass import TensorFiles
+
+    path = tmp_path / "layer-1.safetensors"
+    save_file({"w": torch.zeros(64)}, str(path))
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(ReleaseError) as e:
+        TensorFiles.of([path])
+    assert f"{path} cannot be read as safetensors" in e.value.message
+
+
+def test_an_unforeseen_exception_is_one_error_line_not_a_traceback(monkeypatch, tmp_path):
+    import release.check as check_mod
+
+    def boom(*a, **k):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(check_mod, "check_branch", boom)
+    res = run("check", str(tmp_path))
+    refused(res, "Error: unexpected KeyError: 'surprise'", "GLMREL_DEBUG=1")
+
+
+def test_rehearsal_records_its_arguments_with_paths(tmp_path):
+    """`--pass-store DIR` (a Path) once made the rehearsal's JSON record fail to write."""
+    import argparse
+
+    from benchmarks.rehearsal import args_record
+
+    a = argparse.Namespace(pass_store=tmp_path / "store", json=tmp_path / "r.json", samples=8)
+    assert json.loads(json.dumps(args_record(a))) == {
+        "pass_store": str(tmp_path / "store"),
+        "json": str(tmp_path / "r.json"),
+        "samples": 8,
+    }
+
+
+# ---------------------------------------------------------------- --json: one document, always
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("check", "/nonexistent/W4A16_GS64", "--json"),
+        ("check", "--remote", "../../etc", "--revision", "main", "--json"),
+        ("publish", "--changelog", "v1", "--json"),
+        ("build-all", "--json"),
+    ],
+)
+def test_json_refusals_print_one_json_document_with_the_error(write_config, tmp_path, args):
+    config = write_config({"output_dir": str(tmp_path / "nothing-built")})
+    if args[0] in ("publish", "build-all"):
+        args = (*args, "--config", str(config))
+        if args[0] == "build-all":
+            (tmp_path / "nothing-built").write_text("a file")  # refused before any work
+    res = CliRunner().invoke(cli, list(args))
+    assert res.exit_code != 0
+    doc = json.loads(res.stdout)
+    assert doc["ok"] is False and doc["error"] and "hint" in doc
+
+
+@pytest.mark.slow
+def test_build_all_json_is_one_document_and_the_console_is_glmrels(demo_assets, tmp_path):
+    """A real build under --json: stdout is one JSON document (llm-compressor's logger wrote
+    300+ lines there), the libraries' logs are in the log file, and the console says what the
+    MTP load report means instead of listing 24 tensors as UNEXPECTED."""
+    from conftest import demo_raw_config
+
+    raw = demo_raw_config(demo_assets)
+    raw.update(output_dir=str(tmp_path / "out"), publish_remote=str(tmp_path / "remote.git"))
+    raw["branches"] = [b for b in raw["branches"] if b["group_size"] == 128]
+    raw["calibration"].update(num_samples=4, max_seq_length=64)
+    config = tmp_path / "release.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        [sys.executable, "-m", "release.cli", "build-all", "--config", str(config), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is True and doc["passed"] is True and [b["branch"] for b in doc["branches"]] == ["W4A16_GS128"]
+    assert "UNEXPECTED" not in proc.stderr and "No accelerator available" not in proc.stderr
+    assert "MTP layer (24 tensors under model.layers.4.*) is not part of transformers' model class" in proc.stderr
+    assert "[W4A16_GS128] layer 4/4:" in proc.stderr
+    log = tmp_path / "out" / ".glmrel-cache" / "logs" / "build-all.log"
+    assert "No accelerator available" in log.read_text() and "LOAD REPORT" in log.read_text()
+    assert len(proc.stderr.splitlines()) < 40, proc.stderr
+
+
+# ---------------------------------------------------------------- the same inputs, the same bytes
+
+
+def published_tree(output_dir: Path) -> dict[str, bytes]:
+    """Every file a publish ships: each branch folder's and main/'s, hidden entries left out."""
+    out = {}
+    for folder in sorted(p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        out.update(
+            {
+                f"{folder.name}/{p.name}": p.read_bytes()
+                for p in sorted(folder.iterdir())
+                if p.is_file() and not p.name.startswith(".")
+            }
+        )
+    return out
+
+
+@pytest.mark.slow
+def test_a_forced_rebuild_gives_byte_identical_published_files(write_config):
+    """build-all --force with unchanged inputs: every published file (weights, config, records,
+    cards, manifests, plots) is the same bytes; what differs from run to run (timings, host,
+    process) is in the local build log only."""
+    from release.build import build_all
+    from release.build_log import read_build_log
+
+    cfg = load_config(write_config({"calibration.num_samples": 4, "calibration.max_seq_length": 64}))
+    build_all(cfg, echo=lambda s: None)
+    first = published_tree(cfg.output_dir)
+    pid_first = read_build_log(cfg.output_dir, "W4A16_GS32")["quantize"]["finished_unix"]
+    result = build_all(cfg, force=True, echo=lambda s: None)
+    assert not any(b.skipped for b in result.builds)
+    second = published_tree(cfg.output_dir)
+    assert sorted(first) == sorted(second) and len(first) > 40
+    changed = [name for name in first if first[name] != second[name]]
+    assert changed == [], f"a forced rebuild changed {changed}"
+    assert read_build_log(cfg.output_dir, "W4A16_GS32")["quantize"]["finished_unix"] >= pid_first
