@@ -7,7 +7,8 @@ short language-model training run, so its logits mean something and its routing 
 
 Everything comes from one fixed corpus shipped with glmrel (``release/data/demo_corpus.json.xz``,
 Python standard-library modules, sha256 pinned below) and runs with reproducible CPU numerics
-(``release/numerics.py``), so the demo's weights are the same bits on every x86 machine. The
+(``release/numerics.py``), so the demo's weights are the same bits on every run (and on machines
+of one CPU vendor: an AMD EPYC and an Intel Xeon differ, tests/test_build.py). The
 result is cached by a key over this file, the corpus and the torch version.
 """
 
