@@ -1,0 +1,213 @@
+"""Where one calibration's time goes on a GPU: per-layer phases, GPU busy time, and the top
+kernels and operators (torch.profiler).
+
+Runs `release.quantize.calibrate` (what `glmrel quantize` runs before saving) on a release
+config made by `benchmarks.synthetic`, twice in this process's children:
+
+1. `--samples N` unprofiled: each decoder layer's calibration forward and AWQ smoothing, with
+   the GPU's utilization sampled through NVML every 0.2 s and averaged over each phase (the
+   share of time a kernel was running: how much the GPU waits on the host);
+2. `--profile-samples M` under torch.profiler (CPU and CUDA): the kernels by GPU time, the
+   operators by CPU time and call count, host<->device copies by kind, and the sum of all
+   kernel time against the wall time (M small: the profiler records every call).
+
+  python -m benchmarks.synthetic --preset glm47 --layers 1 --dense 0 --device cuda --out /dev/shm/syn \
+      --group-size 128 --samples 512 --seq 2048
+  python -m benchmarks.profile_layer --config /dev/shm/syn/release.yaml --samples 512 --profile-samples 64 \
+      --json out/profile.json --tables out/profile.txt
+
+Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _config(release_yaml: Path, samples: int, seq: int | None) -> Path:
+    import yaml
+
+    raw = yaml.safe_load(release_yaml.read_text())
+    raw["calibration"]["num_samples"] = samples
+    if seq:
+        raw["calibration"]["max_seq_length"] = seq
+    path = release_yaml.with_name(f".profile-{samples}.yaml")
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+class Utilization:
+    """NVML's GPU utilization (% of time a kernel ran), sampled on a thread."""
+
+    def __init__(self, period: float = 0.2) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self.period = period
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # no NVML: no samples, and the report says so
+            return
+        while not self.stop.wait(self.period):
+            self.samples.append((time.perf_counter(), pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+
+    def mean(self, start: float, end: float) -> float | None:
+        values = [u for t, u in self.samples if start <= t <= end]
+        return round(sum(values) / len(values), 1) if values else None
+
+    def __enter__(self) -> Utilization:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def run(config: Path, profile: bool, tables: Path | None) -> dict[str, Any]:
+    """One calibration of the config's first branch in this process."""
+    import torch
+
+    from release.config import load_config
+    from release.quantize import calibrate, prepare_branch
+
+    cfg = load_config(config)
+    branch = cfg.branches[0]
+    base_dir, arch, recipe_text, _fp = prepare_branch(cfg, branch)
+    ends: list[float] = []
+
+    def echo(line: str) -> None:  # calibrate says "[branch] layer k/N: ..." as each layer ends
+        if re.search(r"\] layer \d+/\d+:", line):
+            ends.append(time.perf_counter())
+        print(line, file=sys.stderr, flush=True)
+
+    out: dict[str, Any] = {"samples": cfg.calibration.num_samples, "seq": cfg.calibration.max_seq_length}
+    t0 = time.perf_counter()
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            result = calibrate(cfg, branch, base_dir, arch, recipe_text, echo)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        out.update(profile_figures(prof, time.perf_counter() - t0, tables))
+        layers = [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in result.stats.layers]
+    else:
+        with Utilization() as util:
+            result = calibrate(cfg, branch, base_dir, arch, recipe_text, echo)
+        layers = []
+        for r, end in zip(result.stats.layers, ends):
+            smooth_start = end - r.smooth_s
+            layers.append(
+                {
+                    "calib_s": r.calib_s,
+                    "smooth_s": r.smooth_s,
+                    "peak_gpu_gib": r.peak_gpu_gib,
+                    "gpu_util_calib_pct": util.mean(smooth_start - r.calib_s, smooth_start),
+                    "gpu_util_smooth_pct": util.mean(smooth_start, end),
+                }
+            )
+        out["nvml_samples"] = len(util.samples)
+        out["mapping_s"] = {k: round(v, 2) for k, v in result.stats.mapping_s.items()}
+        out["search_phase_s"] = result.stats.to_json()["search_phase_s"]
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    out["oneshot_s"] = result.timings["oneshot"]
+    out["load_s"] = result.timings["load"]
+    out["layers"] = layers
+    out["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return out
+
+
+def profile_figures(prof: Any, wall_s: float, tables: Path | None) -> dict[str, Any]:
+    """The profile's totals and top entries (and, with `tables`, torch's own tables as text)."""
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6
+    copies: dict[str, dict[str, float]] = {}
+    for e in kernels:
+        if e.key.startswith("Memcpy") or e.key.startswith("Memset"):
+            c = copies.setdefault(e.key, {"calls": 0, "s": 0.0})
+            c["calls"] += e.count
+            c["s"] += e.self_device_time_total / 1e6
+    top_kernels = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
+    cpu_ops = [e for e in events if e.device_type.name == "CPU"]
+    top_calls = sorted(cpu_ops, key=lambda e: -e.count)[:25]
+    top_cpu = sorted(cpu_ops, key=lambda e: -e.self_cpu_time_total)[:25]
+    if tables is not None:
+        text = [
+            f"wall {wall_s:.1f} s, GPU kernels {kernel_s:.1f} s ({100 * kernel_s / wall_s:.0f} % of the wall)",
+            "",
+            "== by GPU time ==",
+            events.table(sort_by="self_cuda_time_total", row_limit=40),
+            "== by CPU time ==",
+            events.table(sort_by="self_cpu_time_total", row_limit=40),
+        ]
+        tables.write_text("\n".join(text))
+    return {
+        "profiled_wall_s": round(wall_s, 1),
+        "kernel_s": round(kernel_s, 2),
+        "kernel_share_of_wall": round(kernel_s / wall_s, 3),
+        "copies": {k: {"calls": v["calls"], "s": round(v["s"], 3)} for k, v in copies.items()},
+        "top_kernels": [
+            {"name": e.key[:120], "calls": e.count, "s": round(e.self_device_time_total / 1e6, 3)} for e in top_kernels
+        ],
+        "top_ops_by_calls": [
+            {"name": e.key, "calls": e.count, "self_cpu_s": round(e.self_cpu_time_total / 1e6, 3)} for e in top_calls
+        ],
+        "top_ops_by_cpu": [
+            {"name": e.key, "calls": e.count, "self_cpu_s": round(e.self_cpu_time_total / 1e6, 3)} for e in top_cpu
+        ],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=None, help="release.yaml from benchmarks.synthetic")
+    ap.add_argument("--samples", type=int, default=512, help="the unprofiled run's calibration samples (0: skip)")
+    ap.add_argument("--profile-samples", type=int, default=64, help="the profiled run's samples (0: skip)")
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--tables", type=Path, default=None, help="torch.profiler's own tables, as text")
+    ap.add_argument("--child", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        record = run(Path(a.child[0]), a.child[1] == "profile", a.tables)
+        print("RECORD " + json.dumps(record), flush=True)
+        return
+    if a.config is None:
+        ap.error("--config is required")
+    records = {}
+    for mode, n in (("profile", a.profile_samples), ("timed", a.samples)):  # the short one first
+        if not n:
+            continue
+        cmd = [sys.executable, "-m", "benchmarks.profile_layer", "--child", str(_config(a.config, n, a.seq)), mode]
+        if a.tables is not None and mode == "profile":
+            cmd += ["--tables", str(a.tables)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RECORD ")]
+        if proc.returncode != 0 or not lines:
+            print(proc.stdout[-3000:] + proc.stderr[-5000:], file=sys.stderr)
+            records[mode] = {"failed": proc.returncode}
+            continue
+        records[mode] = json.loads(lines[-1][len("RECORD ") :])
+        print(f"== {mode} ({n} samples) ==\n" + json.dumps(records[mode], indent=1), flush=True)
+        if a.json is not None:  # after each run: a cut call keeps what finished
+            a.json.write_text(json.dumps(records, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
