@@ -42,13 +42,17 @@ def ref_name_problem(name: str) -> str | None:
     return None
 
 
+def is_reserved_ref(name: str) -> bool:
+    return name.upper() in {r.upper() for r in RESERVED_REFS}
+
+
 def check_release_refs(version: str, branches: list[str]) -> None:
     """The refs a publish of `version` makes (branch per quant branch and main, tag `version`
     and `version-<branch>`) are valid git refs and name nothing twice: no tag equal to a
     branch or a reserved name, and no version whose tag is another version's branch tag
     (`v1-W4A16_GS32` is version v1's tag for W4A16_GS32). Checked before anything is pushed."""
     problem = ref_name_problem(version)
-    if problem is None and version.upper() in {r.upper() for r in RESERVED_REFS}:
+    if problem is None and is_reserved_ref(version):
         problem = "is a name git or the Hub reserves"
     if problem is None and version in branches:
         problem = "is the name of a branch of this release (its tag would sit beside the branch of that name)"
@@ -137,7 +141,7 @@ class BranchSpec(_Strict):
     @classmethod
     def _valid_name(cls, v: str) -> str:
         problem = ref_name_problem(v)
-        if problem is None and v.upper() in {r.upper() for r in RESERVED_REFS}:
+        if problem is None and is_reserved_ref(v):
             problem = f"is reserved ({', '.join(sorted(RESERVED_REFS))})"
         if problem is not None:
             raise ValueError(f"branch name {v!r} {problem}")

@@ -290,6 +290,11 @@ def sealed_changes(folder: Path) -> list[str]:
     return changes
 
 
+def first_change(changes: list[str]) -> str:
+    """The first of `sealed_changes`, with how many more there are."""
+    return changes[0] + (f" (and {len(changes) - 1} more)" if len(changes) > 1 else "")
+
+
 def require_sealed(folder: Path, branch: str) -> None:
     """Refuse a branch glmrel built (its provenance.json) whose content is no longer what it
     sealed: nothing may verify, describe or re-manifest weights that were changed afterwards."""
@@ -297,9 +302,8 @@ def require_sealed(folder: Path, branch: str) -> None:
         return
     changes = sealed_changes(folder)
     if changes:
-        more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
         raise ReleaseError(
-            f"{folder}: {changes[0]}{more}; the branch is no longer what glmrel built and sealed",
+            f"{folder}: {first_change(changes)}; the branch is no longer what glmrel built and sealed",
             hint=f"rebuild it: `glmrel build-all` rebuilds a changed branch (or `glmrel quantize --branch {branch}`)",
         )
 

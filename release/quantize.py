@@ -32,7 +32,7 @@ from .config import BranchSpec, ReleaseConfig
 from .console import load_report
 from .coverage import ExpertCounts
 from .errors import ReleaseError
-from .manifest import CACHE_DIR, sealed_changes, write_manifest
+from .manifest import CACHE_DIR, first_change, sealed_changes, write_manifest
 from .owned import create_owned, made_by_glmrel, remove_owned, require_replaceable, require_writable_folder
 from .recipe import render_recipe
 
@@ -221,8 +221,7 @@ def up_to_date(
         return False
     changes = sealed_changes(cfg.output_dir / branch.name)
     if changes and echo is not None:
-        more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
-        echo(f"[{branch.name}] {changes[0]}{more} since it was built: rebuilding it")
+        echo(f"[{branch.name}] {first_change(changes)} since it was built: rebuilding it")
     return not changes
 
 
