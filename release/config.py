@@ -196,6 +196,13 @@ class AwqSpec(_Strict):
         "block's 322 expert projections at GLM-4.7 size) instead of one by one (glmrel engine; false: as stock). "
         "Same weights either way",
     )
+    fused_gpu_experts: bool = Field(
+        default=True,
+        description="on a GPU, run the routed experts as batched products in the calibration forward (every "
+        "expert on every token) and as grouped products over their routed tokens in the scale search, instead "
+        "of one expert at a time (glmrel engine). An expert's outputs may differ from the loop's in the last "
+        "bit (GEMM blocking); the CPU keeps the loop. false: the loop on a GPU too",
+    )
 
 
 class OffloadSpec(_Strict):

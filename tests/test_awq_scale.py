@@ -70,6 +70,8 @@ def builds(tmp_path_factory, demo_assets):
         "batched": ScaleOptions(
             expert_search="sampled-batched", max_expert_tokens=SAMPLE_BUDGET, record_scales=True, resident_cache_gib=1.0
         ),
+        # the config's engine with the experts fused on this CPU as they are on a GPU (all_experts.py)
+        "fused": "fused",
     }
     out = {}
     for name, options in runs.items():
@@ -83,6 +85,8 @@ def builds(tmp_path_factory, demo_assets):
         cfg = load_config(path)
         if options is None:  # the config's own choice, with the scales recorded for the tests
             options = dataclasses.replace(ScaleOptions.from_spec(cfg.awq), record_scales=True)
+        elif options == "fused":
+            options = dataclasses.replace(ScaleOptions.from_spec(cfg.awq), record_scales=True, fused_on_cpu=True)
         onload = mock.patch.object(CPUCache, "onload", _onload_as_a_copy) if name == "memory" else nullcontext()
         with onload:
             build = quantize_branch(cfg, BRANCH, echo=lambda s: None, scale_options=options)
@@ -388,6 +392,27 @@ def test_gram_search_sees_every_token_and_stays_with_stock(builds):
     )
     assert cos > 0.97
     assert gram["quality"].mean_kl <= stock["quality"].mean_kl * 1.02
+
+
+@pytest.mark.slow
+def test_fused_experts_stay_with_the_loop(builds):
+    """The experts fused as a GPU runs them (every expert on every token as batched products in
+    the calibration forward; here on the CPU, fp32) against the per-expert loop of the same
+    engine: the same statistics up to GEMM rounding, so the same or nearly the same scales for
+    every mapping, and the branch's KL within 1 % (issue 28's bound for a faster kernel)."""
+    loop, fused = builds["config"], builds["fused"]
+    assert fused["stats"].fused_calibration_calls > 0 and loop["stats"].fused_calibration_calls == 0
+    s, f = loop["stats"].scales, fused["stats"].scales
+    assert s.keys() == f.keys() and s
+    same = sum(torch.allclose(s[k], f[k], rtol=1e-4, atol=1e-6) for k in s)
+    cos = min(torch.nn.functional.cosine_similarity(s[k], f[k], dim=0).item() for k in s)
+    kl_loop, kl_fused = loop["quality"].mean_kl, fused["quality"].mean_kl
+    print(
+        f"fused experts: {same}/{len(s)} mappings chose the loop's scales; min cosine {cos:.6f}; "
+        f"KL loop {kl_loop:.6f} fused {kl_fused:.6f}"
+    )
+    assert cos > 0.999
+    assert abs(kl_fused - kl_loop) <= 0.01 * kl_loop
 
 
 def test_gram_loss_equals_the_loss_over_rows():

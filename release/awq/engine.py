@@ -11,8 +11,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .all_experts import all_experts_forward, fusable
 from .caches import _deduplicate_batch, _Ledger, _resident_budget, _WriteBack
-from .experts import _batchable, _grouped_experts_forward
+from .experts import _batchable, _grouped_experts_forward, grouped_gemm_works
 from .hooks import Patches
 from .options import TARGET_VERSION, ScaleOptions
 from .ranks import _cpu_allreduce_sum, _SharedSmoothFix
@@ -56,6 +57,8 @@ class Engine:
         # the library's own functions, which the patches call
         self.stock_update = IntermediatesCache.update
         self.stock_experts_forward = LinearExperts2D.forward
+        self.model_patches = Patches()  # route_experts: the model's experts modules, for the run
+        self.grouped_gemm: dict[str, bool] = {}  # device -> torch's grouped GEMM works there
 
     def recipe(self, recipe_text: str) -> Any:
         """The rendered recipe as llm-compressor reads it, each AWQModifier replaced by this
@@ -69,9 +72,25 @@ class Engine:
         recipe.modifiers = [MoeAWQModifier.bound(m, self) if type(m) is AWQModifier else m for m in recipe.modifiers]
         return recipe
 
+    def route_experts(self, model: Any) -> None:
+        """Point each experts module of `model` at the class's forward, the run's patched one,
+        for the whole run (undone by `close`): compressed-tensors' offload wrapper calls the
+        forward it captured at load time (`_original_forward_func`), which a patch of the class
+        does not reach."""
+        from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+
+        for m in model.modules():
+            if (
+                isinstance(m, LinearExperts2D)
+                and m.__dict__.get("_original_forward_func") is self.stock_experts_forward
+            ):
+                self.model_patches.set(m, "_original_forward_func", LinearExperts2D.forward)
+
     def close(self) -> None:
         """The run's totals into `stats`; the helper threads and staging buffers released (the
         side branches' last store write finished: it raises here if it failed)."""
+        self.model_patches.undo()
+        self.run.calibration_stack = None
         self.run.lazy = self.run.routed = self.run.smoothing = False
         self.run.stacked = {}
         self.host.stop()
@@ -106,6 +125,7 @@ def scaled_awq(
     import llmcompressor
     import torch
     from compressed_tensors.utils import patch_attr
+    from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
     from llmcompressor.modifiers.transform.awq import base as awq_base
 
     if llmcompressor.__version__ != TARGET_VERSION:
@@ -157,12 +177,30 @@ def scaled_awq(
                 yield
 
     def experts_forward(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
-        """Patch 5: inside the smoothing step, the routed experts as batched matmuls."""
-        if not (run.routed and options.batched_experts and stats.batched_experts_disabled is None):
+        """Outside the smoothing step, with every expert calibrated on every token: the
+        experts as batched products (all_experts.py). Inside it (patch 5): the routed experts
+        as batched (or grouped) matmuls."""
+        fused = hidden_states.device.type in options.fused_expert_devices
+        if not run.routed:
+            if (
+                fused
+                and get_calibrate_all_experts_flag()
+                and fusable(self, hidden_states, options.fused_expert_devices)
+            ):
+                stats.fused_calibration_calls += 1
+                return all_experts_forward(self, hidden_states, top_k_index, top_k_weights, run)
+            return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        if not (options.batched_experts and stats.batched_experts_disabled is None):
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         if not self.has_gate or not _batchable(self):
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-        out = _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights, run=run)
+        grouped = False
+        if fused:
+            where = str(hidden_states.device)
+            if where not in engine.grouped_gemm:  # tried once per device and run
+                engine.grouped_gemm[where] = grouped_gemm_works(hidden_states)
+            grouped = engine.grouped_gemm[where]
+        out = _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights, run=run, grouped=grouped)
         if id(self) not in run.checked:  # first call for this layer: compare with the loop
             run.checked.add(id(self))
             ref = stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
@@ -171,6 +209,7 @@ def scaled_awq(
                 stats.batched_experts_disabled = f"relative difference {err:.3g} against the loop"
                 return ref
         stats.batched_expert_calls += 1
+        stats.grouped_search_calls += grouped
         return out
 
     def no_pin(self: Any, batch_index: int, input_names: Any = None) -> None:
@@ -187,7 +226,7 @@ def scaled_awq(
             patches.hook("cache_pin", no_pin)
         if engine.deduplicating:
             patches.hook("cache_update", update)
-        if options.batched_experts:
+        if options.batched_experts or options.fused_expert_devices:
             patches.hook("experts_forward", experts_forward)
         if options.sdpa_in_search:
             patches.hook("forward_context", search_forward_context)

@@ -33,6 +33,25 @@ def _effective_weight(linear: Any) -> Any:
     return w
 
 
+def grouped_gemm_works(like: Any) -> bool:
+    """Whether torch's grouped GEMM (`torch._grouped_mm`, bf16) runs on `like`'s device here
+    and agrees with per-group products, tried on a small case (older GPUs and builds lack it)."""
+    import torch
+
+    if not hasattr(torch, "_grouped_mm") or like.dtype != torch.bfloat16:
+        return False
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randn(48, 64, generator=gen).to(like.device, torch.bfloat16)
+        b = torch.randn(3, 32, 64, generator=gen).to(like.device, torch.bfloat16)
+        offs = torch.tensor([16, 16, 48], dtype=torch.int32, device=like.device)
+        out = torch._grouped_mm(a, b.transpose(1, 2), offs=offs).float()
+        ref = torch.cat([a[:16] @ b[0].T, a[16:48] @ b[2].T]).float()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return bool(((out - ref).abs() <= 1e-2 * ref.abs().amax()).all())
+
+
 def _batchable(experts: Any) -> bool:
     first = experts[0]
     for lin in (getattr(first, "gate_proj", None), getattr(first, "up_proj", None), first.down_proj):
@@ -60,6 +79,21 @@ def _expert_chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, int
     return chunks
 
 
+def _row_runs(counts: list[int], max_rows: int) -> list[tuple[int, int]]:
+    """Runs [first, last) of consecutive experts with at most `max_rows` rows in all, or a single
+    expert where one alone has more."""
+    runs: list[tuple[int, int]] = []
+    first, rows = 0, 0
+    for e, c in enumerate(counts):
+        if e > first and rows + c > max_rows:
+            runs.append((first, e))
+            first, rows = e, 0
+        rows += c
+    if counts:
+        runs.append((first, len(counts)))
+    return runs
+
+
 def _grouped_experts_forward(
     experts: Any,
     hidden: Any,
@@ -67,10 +101,13 @@ def _grouped_experts_forward(
     top_k_weights: Any,
     padded_bytes: int = 4 * 2**30,
     run: RunState | None = None,
+    grouped: bool = False,
 ) -> Any:
-    """The routed (top-k) output of a LinearExperts2D with gated experts, as batched matmuls.
-    `run` keeps the layer's stacked weights between calls of one weight generation (without
-    it, they are stacked anew)."""
+    """The routed (top-k) output of a LinearExperts2D with gated experts, as batched matmuls:
+    `grouped`, torch's grouped GEMM over each expert's own rows; otherwise batched products
+    padded to the busiest expert of each run of experts (with skewed routing most of their
+    work is padding). `run` keeps the layer's stacked weights between calls of one weight
+    generation (without it, they are stacked anew)."""
     import torch
 
     run = run if run is not None else RunState()
@@ -114,6 +151,25 @@ def _grouped_experts_forward(
     y = hidden.new_empty(flat.numel(), hid)
     per_expert = counts.tolist()
     ends = list(itertools.accumulate(per_expert))
+    if grouped:  # each expert's rows and no padding: torch's grouped GEMM, in runs of experts
+        for first, last in _row_runs(per_expert, max(1, padded_bytes // row_bytes)):
+            lo, hi = ends[first] - per_expert[first], ends[last - 1]
+            if hi == lo:
+                continue
+            offs = torch.tensor(ends[first:last], dtype=torch.int32, device=hidden.device) - lo
+            x = hidden[token_of[lo:hi]]
+            gate_up = torch.cat(
+                [
+                    torch._grouped_mm(x, w_gate[first:last].transpose(1, 2), offs=offs),
+                    torch._grouped_mm(x, w_up[first:last].transpose(1, 2), offs=offs),
+                ],
+                dim=-1,
+            )
+            act = experts[0]._apply_gate(gate_up)
+            del x, gate_up
+            y[lo:hi] = torch._grouped_mm(act, w_down[first:last].transpose(1, 2), offs=offs)
+            del act
+        per_expert = []  # done: the padded loop below has nothing to do
     for first, last, width in _expert_chunks(per_expert, max(1, padded_bytes // row_bytes)):
         lo, hi = ends[first] - per_expert[first], ends[last - 1]
         if hi == lo:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
 from llmcompressor.modifiers.transform.awq import base as awq_base
 from llmcompressor.modifiers.transform.awq.base import AWQModifier
 from llmcompressor.pipelines.cache import IntermediatesCache
 from pydantic import PrivateAttr
 
+from .activations import register_calibration_hooks, sums_to_host
 from .balance import _balance_groups, _batched_balance_search
 from .caches import cache_classes
 from .experts import _batched_expert_search
@@ -97,10 +97,25 @@ class MoeAWQModifier(AWQModifier):
             stats.scales[mapping.smooth_name] = best.detach().float().cpu().clone()
         return best
 
+    def on_calibration_start(self, state: Any, event: Any, **kwargs: Any) -> Any:
+        started = super().on_calibration_start(state, event, **kwargs)
+        if self._engine is not None:
+            self._engine.route_experts(state.model)
+        return started
+
     def _apply_smoothing(self, model: Any) -> None:
         e = self._engine
         if e is None:
             return super()._apply_smoothing(model)
+        sums_to_host(self)  # where the smoothing (stock's and the side runs') reads them
+        e.run.calibration_stack = None  # the weights change now; the memory is the search's
+        try:
+            self._apply_smoothing_engine(model)
+        finally:
+            e.run.calibration_stack = None
+
+    def _apply_smoothing_engine(self, model: Any) -> None:
+        e = self._engine
         side = None
         if e.side:  # the side branches first (side.py), then the branch whose outputs propagate
             mappings = [m for m in self._resolved_mappings if m.smooth_name in self._smooth_activation_stats]
@@ -127,16 +142,6 @@ class MoeAWQModifier(AWQModifier):
             swaps.set(moe_context, "_CALIBRATE_ALL_EXPERTS", False)
         run.routed = options.routed_experts_in_search
         run.smoothing = True
-        # compressed-tensors' offload wrapper calls the forward it captured at load time
-        # (`_original_forward_func`), so the class-level patch alone does not reach it: point
-        # it at the class's forward, which under this option is the run's (hooks: experts_forward).
-        if options.batched_experts:
-            for m in model.modules():
-                if (
-                    isinstance(m, LinearExperts2D)
-                    and m.__dict__.get("_original_forward_func") is e.stock_experts_forward
-                ):
-                    swaps.set(m, "_original_forward_func", LinearExperts2D.forward)
         batched: list[Any] = []
         held: dict[str, Any] = {}
         if options.batched_expert_search:  # patches 8 and 10
@@ -215,7 +220,10 @@ class MoeAWQModifier(AWQModifier):
 
     def _setup_activation_cache_hooks(self) -> None:
         e = self._engine
-        super()._setup_activation_cache_hooks()
+        if e is not None and e.options.device_activation_sums:
+            register_calibration_hooks(self)
+        else:
+            super()._setup_activation_cache_hooks()
         if e is None or not (
             e.options.sampled_expert_rows is not None or e.options.expert_search == "gram" or e.deduplicating
         ):

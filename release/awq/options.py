@@ -19,6 +19,7 @@ CONFIG_FIELDS = (
     "resident_cache_gib",
     "deferred_write_back",
     "batched_balance_layers",
+    "fused_gpu_experts",
 )
 _DEFAULT = AwqSpec()
 
@@ -40,6 +41,13 @@ class ScaleOptions:
     resident_cache_gib: float | None = _DEFAULT.resident_cache_gib  # patch 9: None = 35 % of the GPU; 0 = stock
     deferred_write_back: bool = _DEFAULT.deferred_write_back  # patch 11: smoothed weights to the CPU once a layer
     batched_balance_layers: bool = _DEFAULT.batched_balance_layers  # patch 12: same-shape balance layers together
+    # on a GPU, the experts as batched products in the calibration forward (all_experts.py) and
+    # as grouped products in the search (experts.py): the last bits of an expert's output may
+    # differ from the per-expert loop's, so the CPU (the demo's pinned bits) keeps the loop
+    # unless `fused_on_cpu` (tests) asks
+    fused_gpu_experts: bool = _DEFAULT.fused_gpu_experts
+    fused_on_cpu: bool = False
+    device_activation_sums: bool = True  # activations.py: AWQ's sums added on the device, same bits
     check_write_back: bool = False  # patch 11, benchmarks: compare every CPU copy with the GPU's after each layer
     record_scales: bool = False  # keep every chosen scale vector (tests, small models only)
 
@@ -64,12 +72,19 @@ class ScaleOptions:
             resident_cache_gib=0,
             deferred_write_back=False,
             batched_balance_layers=False,
+            fused_gpu_experts=False,
+            device_activation_sums=False,
             record_scales=record_scales,
         )
 
     def __post_init__(self) -> None:
         if self.expert_search not in EXPERT_SEARCHES:
             raise ValueError(f"expert_search {self.expert_search!r} is not one of {EXPERT_SEARCHES}")
+
+    @property
+    def fused_expert_devices(self) -> tuple[str, ...]:
+        """Device types on which the experts run fused (batched or grouped products)."""
+        return (("cuda",) if self.fused_gpu_experts else ()) + (("cpu",) if self.fused_on_cpu else ())
 
     @property
     def batched_expert_search(self) -> bool:
@@ -82,7 +97,8 @@ class ScaleOptions:
 
     @classmethod
     def memory_only(cls, record_scales: bool = False) -> ScaleOptions:
-        """Only the patches that leave AWQ's arithmetic unchanged (1, 2, 9, 11 and 12)."""
+        """Only the patches that leave AWQ's arithmetic unchanged (1, 2, 9, 11 and 12, and the
+        activation sums on the device)."""
         return dataclasses.replace(
             cls.stock(record_scales),
             keep_first_output=True,
@@ -90,6 +106,7 @@ class ScaleOptions:
             resident_cache_gib=None,
             deferred_write_back=True,
             batched_balance_layers=True,
+            device_activation_sums=True,
         )
 
     def to_json(self) -> dict[str, Any]:

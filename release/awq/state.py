@@ -21,6 +21,9 @@ class RunState:
     stacked: dict[int, tuple[int, Any]] = field(default_factory=dict)  # patch 5: one layer's stacked weights
     checked: set[int] = field(default_factory=set)  # patch 5: expert layers compared once with the loop
     side: bool = False  # a side branch's smoothing (side.py): weight writes land on the onloaded copy only
+    # all_experts.py: (id of the experts module, [E, 2 x inter, hid], [E, hid, inter]) of the layer being
+    # calibrated; dropped when a smoothing starts and ends (the only place weights change)
+    calibration_stack: tuple[int, Any, Any] | None = None
 
 
 def first(output: Any) -> Any:

@@ -1,0 +1,132 @@
+"""The routed experts in the calibration forward, every expert on every token, as batched
+products.
+
+With `moe_calibrate_all_experts`, llm-compressor 0.14.0.1's `LinearExperts2D.forward` loops over
+a layer's experts (160 in GLM-4.7): per expert a `torch.where` over the routing mask (a device
+synchronization), the expert's three Linears called as modules (their hooks: AWQ's statistics
+and cached inputs, glmrel's expert coverage), and an `index_add_` of its routed rows. Profiled on
+an H200 at GLM-4.7 dims, that loop kept the GPU busy a third of the calibration forward.
+
+`all_experts_forward` reads the routing once per call; then, for chunks of experts, runs gate and
+up as one product of every token with the chunk's stacked rows ([T, hid] x [hid, E x 2 inter]),
+the gate activation once, and down as a batched product ([E, T, inter] x [E, inter, hid]); calls each expert's hooks, and its
+Linears' hooks, with that expert's inputs and outputs in the order the modules would call them;
+and adds the expert's routed rows to the output as stock does (same routing, weights and
+`index_add_` order). A hook that would change a module's input or output cannot be honoured
+here and stops the run with a message. The values are the loop's up to GEMM blocking (a batched
+product may round an element's last bit otherwise than the expert's own product), so this runs
+only on the device types `ScaleOptions.fused_expert_devices` names: a GPU by default, where the
+time is; on the CPU the loop stays (the demo's pinned bits).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .experts import _batchable, _effective_weight
+from .state import RunState
+
+CHUNK_BYTES = 4 * 2**30  # the batched products' temporaries per chunk of experts
+
+
+class HookRefused(RuntimeError):
+    """A module hook returned a value: it would replace an input or output."""
+
+
+def fusable(experts: Any, hidden: Any, devices: tuple[str, ...]) -> bool:
+    """Whether `all_experts_forward` can stand in for `experts`' loop on this call."""
+    import torch.nn.modules.module as nn_module
+
+    if hidden.device.type not in devices or hidden.dim() != 2 or not getattr(experts, "has_gate", False):
+        return False
+    if not _batchable(experts):  # gated, no biases, weights-only quantization
+        return False
+    # global hooks would see every module call: only the loop makes those calls
+    return not (nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks)
+
+
+def _call_pre_hooks(module: Any, args: tuple[Any, ...]) -> None:
+    for hook_id, hook in list(module._forward_pre_hooks.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            result = hook(module, args, {})
+        else:
+            result = hook(module, args)
+        if result is not None:
+            raise HookRefused(f"a forward pre-hook on {type(module).__name__} changes its input")
+
+
+def _call_hooks(module: Any, args: tuple[Any, ...], output: Any) -> None:
+    for hook_id, hook in list(module._forward_hooks.items()):
+        if hook_id in module._forward_hooks_with_kwargs:
+            result = hook(module, args, {}, output)
+        else:
+            result = hook(module, args, output)
+        if result is not None:
+            raise HookRefused(f"a forward hook on {type(module).__name__} changes its output")
+
+
+def _stacked(experts: Any, run: RunState) -> tuple[Any, Any]:
+    """The layer's expert weights as [E, 2 x inter, hid] (gate rows, then up rows: the order
+    stock concatenates their outputs) and [E, hid, inter]. Weights change only inside AWQ's
+    smoothing, which drops the stack (`RunState.calibration_stack`): the calibration forward
+    stacks a layer once, and the propagation pass after the smoothing once more."""
+    import torch
+
+    if run.calibration_stack is not None and run.calibration_stack[0] == id(experts):
+        return run.calibration_stack[1], run.calibration_stack[2]
+    run.calibration_stack = None  # the previous layer's stack freed before the new one
+    trios = [(experts[i].gate_proj, experts[i].up_proj, experts[i].down_proj) for i in range(experts.num_experts)]
+    gate_up = torch.stack([torch.cat([_effective_weight(g), _effective_weight(u)]) for g, u, _ in trios])
+    down = torch.stack([_effective_weight(d) for _, _, d in trios])
+    run.calibration_stack = (id(experts), gate_up, down)
+    return gate_up, down
+
+
+def all_experts_forward(experts: Any, hidden: Any, top_k_index: Any, top_k_weights: Any, run: RunState) -> Any:
+    """`LinearExperts2D.forward` under `moe_calibrate_all_experts`, batched (module docstring)."""
+    import torch
+
+    n_exp = experts.num_experts
+    final = torch.zeros_like(hidden)
+    # stock's routing: per expert, torch.where over its [k, tokens] mask, row-major; all experts
+    # at once is the same (expert, slot, token) order, with one synchronization
+    mask = torch.nn.functional.one_hot(top_k_index, n_exp).permute(2, 1, 0)
+    where = mask.nonzero()
+    counts = torch.bincount(where[:, 0], minlength=n_exp).tolist()
+    slots = where[:, 1].split(counts)
+    tokens = where[:, 2].split(counts)
+    gate_up_w, down_w = _stacked(experts, run)
+    n_tok, hid = hidden.shape
+    inter = down_w.shape[-1]
+    per_expert = n_tok * (5 * inter + hid) * hidden.element_size()  # gate_up twice (product, per expert), act, down
+    chunk = max(1, CHUNK_BYTES // per_expert)
+    args = (hidden,)
+    for first in range(0, n_exp, chunk):
+        last = min(n_exp, first + chunk)
+        # one product of every token with the chunk's gate and up rows, then per expert
+        gate_up = (
+            torch.mm(hidden, gate_up_w[first:last].reshape(-1, hid).T)
+            .view(n_tok, last - first, 2 * inter)
+            .transpose(0, 1)
+            .contiguous()
+        )
+        act = experts[first]._apply_gate(gate_up)
+        down = torch.bmm(act, down_w[first:last].transpose(1, 2))
+        for e in range(first, last):
+            i = e - first
+            expert = experts[e]
+            gate_proj, up_proj, down_proj = expert.gate_proj, expert.up_proj, expert.down_proj
+            _call_pre_hooks(expert, args)
+            _call_pre_hooks(gate_proj, args)
+            _call_hooks(gate_proj, args, gate_up[i, :, :inter])
+            _call_pre_hooks(up_proj, args)
+            _call_hooks(up_proj, args, gate_up[i, :, inter:])
+            _call_pre_hooks(down_proj, (act[i],))
+            _call_hooks(down_proj, (act[i],), down[i])
+            _call_hooks(expert, args, down[i])
+            token_indices = tokens[e]
+            expert_weights = top_k_weights[token_indices, slots[e], None]
+            weighted = down[i][token_indices] * expert_weights
+            final.index_add_(0, token_indices, weighted.to(final.dtype))
+        del gate_up, act, down
+    return final
