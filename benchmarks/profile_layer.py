@@ -16,6 +16,10 @@ config made by `benchmarks.synthetic`, twice in this process's children:
   python -m benchmarks.profile_layer --config /dev/shm/syn/release.yaml --samples 512 --profile-samples 64 \
       --json out/profile.json --tables out/profile.txt
 
+`--awq KEY=VALUE` sets an `awq:` option for both runs (e.g. `fused_gpu_experts=false`, the
+experts' per-expert loop); `--scales FILE` saves the timed run's chosen scales, and `--compare A B`
+prints two such files' agreement per kind of mapping.
+
 Prints figures; asserts nothing.
 """
 
@@ -32,14 +36,19 @@ from pathlib import Path
 from typing import Any
 
 
-def _config(release_yaml: Path, samples: int, seq: int | None) -> Path:
+def _config(release_yaml: Path, samples: int, seq: int | None, awq: list[str] = ()) -> Path:
+    """The release config at `samples` (and `seq`), with `awq:` settings KEY=VALUE set."""
     import yaml
 
     raw = yaml.safe_load(release_yaml.read_text())
     raw["calibration"]["num_samples"] = samples
     if seq:
         raw["calibration"]["max_seq_length"] = seq
-    path = release_yaml.with_name(f".profile-{samples}.yaml")
+    for item in awq:
+        key, _, value = item.partition("=")
+        raw.setdefault("awq", {})[key] = yaml.safe_load(value)
+    tag = "-".join([str(samples), *(a.replace("=", "-") for a in awq)])
+    path = release_yaml.with_name(f".profile-{tag}.yaml")
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
@@ -77,16 +86,53 @@ class Utilization:
         self.thread.join()
 
 
-def run(config: Path, profile: bool, tables: Path | None) -> dict[str, Any]:
-    """One calibration of the config's first branch in this process."""
+class PassClock:
+    """The sequential pipeline's passes over the calibration samples, timed: each layer's
+    calibration pass (AWQ's statistics) and propagation pass (its outputs for the next layer),
+    from the first batch to the last one's end (the GPU synchronized). A benchmark's wrapper of
+    llm-compressor's batch iterator, for this process only."""
+
+    def __init__(self) -> None:
+        self.passes: list[dict[str, Any]] = []
+
+    def __enter__(self) -> PassClock:
+        from llmcompressor.pipelines.sequential import pipeline
+
+        self.module, self.stock = pipeline, pipeline._get_batches
+        clock = self
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            import torch
+
+            t = time.perf_counter()
+            yield from clock.stock(*args, **kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            desc = args[3] if len(args) > 3 else kwargs.get("desc", "")
+            clock.passes.append({"pass": desc, "s": round(time.perf_counter() - t, 3)})
+
+        pipeline._get_batches = timed
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.module._get_batches = self.stock
+
+
+def run(config: Path, profile: bool, tables: Path | None, scales: Path | None = None) -> dict[str, Any]:
+    """One calibration of the config's first branch in this process (with `scales`, every
+    chosen scale vector saved there as a dict of tensors)."""
+    import dataclasses
+
     import torch
 
+    from release.awq import ScaleOptions
     from release.config import load_config
     from release.quantize import calibrate, prepare_branch
 
     cfg = load_config(config)
     branch = cfg.branches[0]
     base_dir, arch, recipe_text, _fp = prepare_branch(cfg, branch)
+    options = dataclasses.replace(ScaleOptions.from_spec(cfg.awq), record_scales=scales is not None)
     ends: list[float] = []
 
     def echo(line: str) -> None:  # calibrate says "[branch] layer k/N: ..." as each layer ends
@@ -101,14 +147,15 @@ def run(config: Path, profile: bool, tables: Path | None) -> dict[str, Any]:
         from torch.profiler import profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            result = calibrate(cfg, branch, base_dir, arch, recipe_text, echo)
+            result = calibrate(cfg, branch, base_dir, arch, recipe_text, echo, options)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         out.update(profile_figures(prof, time.perf_counter() - t0, tables))
         layers = [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in result.stats.layers]
     else:
-        with Utilization() as util:
-            result = calibrate(cfg, branch, base_dir, arch, recipe_text, echo)
+        with Utilization() as util, PassClock() as clock:
+            result = calibrate(cfg, branch, base_dir, arch, recipe_text, echo, options)
+        out["passes"] = clock.passes
         layers = []
         for r, end in zip(result.stats.layers, ends):
             smooth_start = end - r.smooth_s
@@ -124,6 +171,11 @@ def run(config: Path, profile: bool, tables: Path | None) -> dict[str, Any]:
         out["nvml_samples"] = len(util.samples)
         out["mapping_s"] = {k: round(v, 2) for k, v in result.stats.mapping_s.items()}
         out["search_phase_s"] = result.stats.to_json()["search_phase_s"]
+    engine = result.stats.to_json()
+    out["engine"] = {k: engine[k] for k in ("fused_calibration_calls", "batched_expert_calls", "grouped_search_calls")}
+    out["awq"] = cfg.awq.model_dump()
+    if scales is not None:
+        torch.save(result.stats.scales, scales)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     out["oneshot_s"] = result.timings["oneshot"]
     out["load_s"] = result.timings["load"]
@@ -174,6 +226,31 @@ def profile_figures(prof: Any, wall_s: float, tables: Path | None) -> dict[str, 
     }
 
 
+def compare_scales(a: Path, b: Path) -> dict[str, Any]:
+    """Two runs' chosen scales, per kind of mapping: how many are equal, how many within 0.1 %,
+    the lowest cosine similarity and the largest relative difference."""
+    import torch
+
+    from release.awq.stats import mapping_kind
+
+    x, y = torch.load(a), torch.load(b)
+    if x.keys() != y.keys():
+        raise SystemExit(f"the runs smoothed different mappings: {sorted(set(x) ^ set(y))[:5]}")
+    kinds: dict[str, dict[str, Any]] = {}
+    for name in x:
+        u, v = x[name].float(), y[name].float()
+        k = kinds.setdefault(
+            mapping_kind(name), {"mappings": 0, "equal": 0, "within_0.1%": 0, "min_cosine": 1.0, "max_rel": 0.0}
+        )
+        rel = ((u - v).abs() / u.abs().clamp_min(1e-12)).max().item()
+        k["mappings"] += 1
+        k["equal"] += bool(torch.equal(u, v))
+        k["within_0.1%"] += rel <= 1e-3
+        k["min_cosine"] = round(min(k["min_cosine"], torch.nn.functional.cosine_similarity(u, v, dim=0).item()), 6)
+        k["max_rel"] = round(max(k["max_rel"], rel), 6)
+    return kinds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=None, help="release.yaml from benchmarks.synthetic")
@@ -182,10 +259,16 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--tables", type=Path, default=None, help="torch.profiler's own tables, as text")
+    ap.add_argument("--awq", action="append", default=[], metavar="KEY=VALUE", help="an awq: setting for both runs")
+    ap.add_argument("--scales", type=Path, default=None, help="the timed run's chosen scales, saved (torch.save)")
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="two --scales files: agreement")
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.compare:
+        print(json.dumps(compare_scales(*a.compare), indent=1))
+        return
     if a.child:
-        record = run(Path(a.child[0]), a.child[1] == "profile", a.tables)
+        record = run(Path(a.child[0]), a.child[1] == "profile", a.tables, a.scales if a.child[1] == "timed" else None)
         print("RECORD " + json.dumps(record), flush=True)
         return
     if a.config is None:
@@ -194,9 +277,18 @@ def main() -> None:
     for mode, n in (("profile", a.profile_samples), ("timed", a.samples)):  # the short one first
         if not n:
             continue
-        cmd = [sys.executable, "-m", "benchmarks.profile_layer", "--child", str(_config(a.config, n, a.seq)), mode]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.profile_layer",
+            "--child",
+            str(_config(a.config, n, a.seq, a.awq)),
+            mode,
+        ]
         if a.tables is not None and mode == "profile":
             cmd += ["--tables", str(a.tables)]
+        if a.scales is not None and mode == "timed":
+            cmd += ["--scales", str(a.scales)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RECORD ")]
         if proc.returncode != 0 or not lines:
