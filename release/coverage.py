@@ -86,11 +86,11 @@ def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = 
     """
     # per module: the counts of each batch the pipeline named (the first call of a batch), and
     # of the calls made outside a named batch, in order
-    batched: dict[tuple[str, int, int], dict[int, list[int]]] = defaultdict(dict)
-    unbatched: dict[tuple[str, int, int], list[list[int]]] = defaultdict(list)
+    batched: dict[tuple[str, int, int], dict[int, Any]] = defaultdict(dict)  # counts: a list or a device tensor
+    unbatched: dict[tuple[str, int, int], list[Any]] = defaultdict(list)
     handles = []
 
-    def record(key: tuple[str, int, int], counts: list[int]) -> None:
+    def record(key: tuple[str, int, int], counts: Any) -> None:
         batch = _current_batch()
         if batch is None:
             unbatched[key].append(counts)
@@ -98,7 +98,8 @@ def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = 
             batched[key].setdefault(batch, counts)
 
     def router_hook(mod, _inp, out, layer):
-        record(("routed", layer, -1), out[2].reshape(-1).bincount(minlength=num_experts).tolist())
+        # left on the device until the end: a .tolist() here would stall the GPU once per MoE call
+        record(("routed", layer, -1), out[2].reshape(-1).bincount(minlength=num_experts))
 
     def expert_hook(mod, inp, _out, layer, expert):
         record(("calibrated", layer, expert), [inp[0].numel() // inp[0].shape[-1]])
@@ -131,6 +132,8 @@ def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = 
             else:
                 calls = unbatched[key][:calls_per_module]
             for counts in calls:
+                if not isinstance(counts, list):
+                    counts = counts.tolist()
                 if kind == "routed":
                     routed[layer] = [a + b for a, b in zip(routed[layer], counts)]
                 else:
