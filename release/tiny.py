@@ -14,6 +14,8 @@ result is cached by a key over this file, the corpus and the torch version.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import lzma
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from importlib.metadata import version
@@ -137,6 +140,26 @@ def ensure_demo_assets(root: Path | None = None, log=print) -> DemoAssets:
     assets = DemoAssets(base)
     if (base / "DONE").exists():
         return assets
+    base.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(base.parent / f"{base.name}.lock"):  # two builds at once (parallel tests, two shells) make one
+        if (base / "DONE").exists():
+            return assets
+        _build_in_child(base, log)
+    return assets
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if missing) while the block runs."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_in_child(base: Path, log=print) -> None:
     log("building the demo's tiny GLM-4-MoE (about a minute on 2 cores)")
     env = {**os.environ, **REPRODUCIBLE_CPU_ENV}
     proc = subprocess.run(
@@ -145,7 +168,6 @@ def ensure_demo_assets(root: Path | None = None, log=print) -> DemoAssets:
     if proc.returncode != 0 or not (base / "DONE").exists():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise ReleaseError(f"building the demo assets failed:\n{tail}", hint="run `python -m release.tiny` to see why")
-    return assets
 
 
 def _build_here(root: Path, log=print) -> DemoAssets:
