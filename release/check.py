@@ -21,7 +21,7 @@ from huggingface_hub.utils import SafetensorsFileMetadata
 
 from .architecture import Glm4MoeArch
 from .errors import ReleaseError
-from .manifest import MANIFEST_FILE, VERIFY_FILE, Manifest, folder_entries, sha256_file
+from .manifest import MANIFEST_FILE, VERIFY_FILE, HashCache, Manifest, folder_entries, sha256_file
 from .vllm_rules import ServeVerdict, serve_verdicts
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -499,7 +499,7 @@ def _check_verification(report: CheckReport, record: Any, manifest: Manifest | N
 
 
 def _check_files(
-    report: CheckReport, folder: Path, no_hash: bool, third_party: bool
+    report: CheckReport, folder: Path, no_hash: bool, third_party: bool, rehash: bool = True
 ) -> tuple[list[Path], dict[str, str] | None, Manifest | None]:
     """Entry safety, required files, index vs shards, manifest sizes/hashes. Returns the shards
     to read, the index's weight map (None without an index) and the manifest (if usable)."""
@@ -530,13 +530,22 @@ def _check_files(
         report.fail("manifest", e.message)
         return shards, weight_map, None
     files = sorted(names - {MANIFEST_FILE})
-    _check_manifest_entries(
-        report,
-        manifest,
-        {n: (folder / n).stat().st_size for n in files},
-        (lambda n: None) if no_hash else (lambda n: sha256_file(folder / n)),
-        "sizes" if no_hash else "sizes and sha256",
-    )
+    sizes = {n: (folder / n).stat().st_size for n in files}
+    if no_hash:
+        digest: Callable[[str], str | None] = lambda n: None  # noqa: E731
+        how = "sizes"
+    elif rehash:
+        digest, how = (lambda n: sha256_file(folder / n)), "sizes and sha256"
+    else:
+        # a file whose size, mtime, inode and ctime are those it had when hashed is not read
+        # again (git's index does the same; ctime cannot be set back); the rest are hashed now
+        cache = HashCache(folder)
+        listed = [folder / n for n in files if n in manifest.files and sizes[n] == manifest.files[n].size]
+        vouched = cache.vouched(listed)
+        known = cache.hashes(listed)
+        digest = lambda n: known[n][1] if n in known else None  # noqa: E731
+        how = "sizes and sha256" + (f"; {len(vouched)} unchanged since hashed, not read again" if vouched else "")
+    _check_manifest_entries(report, manifest, sizes, digest, how)
     return shards, weight_map, manifest
 
 
@@ -551,18 +560,25 @@ def expected_group_size(folder: Path, explicit: int | None) -> int | None:
 
 
 def check_branch(
-    path: Path, *, group_size: int | None = None, no_hash: bool = False, third_party: bool = False
+    path: Path,
+    *,
+    group_size: int | None = None,
+    no_hash: bool = False,
+    third_party: bool = False,
+    rehash: bool = True,
 ) -> CheckReport:
     """Check one branch folder. The group size comes from the argument or the folder's `_GS<n>` suffix.
     `third_party`: a branch glmrel did not build; its records (manifest, provenance, recipe,
-    verification) are listed as skipped instead of required."""
+    verification) are listed as skipped instead of required. `rehash` False: a file the
+    release's hash cache vouches for (unchanged size, mtime, inode and ctime since it was
+    hashed) is not read again (`publish` with nothing changed reads no weight file)."""
     folder = Path(path)
     if not folder.is_dir() or folder.is_symlink():
         raise ReleaseError(
             f"{folder} is not a folder", hint="pass the path of a built branch, e.g. out/demo/W4A16_GS64"
         )
     report = CheckReport(str(folder), expected_group_size(folder, group_size), hashed=not no_hash)
-    shards, weight_map, manifest = _check_files(report, folder, no_hash, third_party)
+    shards, weight_map, manifest = _check_files(report, folder, no_hash, third_party, rehash)
     if third_party:
         report.skip("verification", f"{VERIFY_FILE}: glmrel's verification record (--third-party)")
     else:

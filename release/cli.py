@@ -379,6 +379,12 @@ def build_all_cmd(config_path: Path, force: bool, gpus: int, separate: bool, as_
 )
 @click.option("--no-hash", is_flag=True, help="Compare file sizes with the manifest but skip sha256.")
 @click.option(
+    "--rehash",
+    is_flag=True,
+    help="Hash every file, even those the release's hash cache vouches for (unchanged size, mtime, inode and "
+    "ctime since they were hashed).",
+)
+@click.option(
     "--third-party",
     is_flag=True,
     help="The branch was not built by glmrel: run every check that applies to any compressed-tensors GLM-4-MoE "
@@ -392,6 +398,7 @@ def check(
     revision: str | None,
     group_size: str | int | None,
     no_hash: bool,
+    rehash: bool,
     third_party: bool,
     as_json: bool,
     verbose: bool,
@@ -430,7 +437,7 @@ def check(
         raise ReleaseError("--revision only applies with --remote", hint="drop --revision to check a local folder")
     else:
         assert path is not None
-        report = check_branch(path, group_size=group_size, no_hash=no_hash, third_party=third_party)
+        report = check_branch(path, group_size=group_size, no_hash=no_hash, third_party=third_party, rehash=rehash)
     _emit(report.to_json(), out, report.to_text(verbose))
     if not report.passed:
         sys.exit(1)
@@ -519,8 +526,14 @@ def manifest(path: Path, export: Path | None) -> None:
     help="hf://owner/name for the Hub, or a git URL or path (default: the config's publish_remote).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
+@click.option(
+    "--rehash",
+    is_flag=True,
+    help="Read every file again: hash each branch's files and read every published revision back, even those "
+    "unchanged since they were last hashed and read back.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and results) as JSON.")
-def publish(config_path: Path, version: str, remote: str | None, dry_run: bool, as_json: bool) -> None:
+def publish(config_path: Path, version: str, remote: str | None, dry_run: bool, rehash: bool, as_json: bool) -> None:
     """Publish the built release: one branch per quant branch, main, and tags.
 
     First compares the local release with the remote's refs and prints a plan (repo to
@@ -532,13 +545,17 @@ def publish(config_path: Path, version: str, remote: str | None, dry_run: bool, 
     HF_TOKEN or `hf auth login`, never printed); quant branches start from the repo's
     initial commit, so they carry no landing-page files. Any other value is a git remote
     (a URL or a local path), where quant branches are orphan branches.
+
+    Nothing is read twice when nothing changed: a file whose size, mtime, inode and ctime
+    are those it had when hashed is not hashed again, and a branch head that already passed
+    its full read-back from this remote is not read back again (--rehash does both anyway).
     """
     from .publish import apply_plan, plan_publish, verify_published
 
     out = _json_mode(as_json)
     cfg = _load(config_path)
     echo = _progress(as_json)
-    plan, backend = plan_publish(cfg, version, remote)
+    plan, backend = plan_publish(cfg, version, remote, rehash=rehash)
     document: dict = {"plan": plan.to_json(), "dry_run": dry_run, "published": False, "read_back": []}
     if out is not None:
         out.partial = document  # a refusal from here on still prints the plan, with the error
@@ -547,7 +564,7 @@ def publish(config_path: Path, version: str, remote: str | None, dry_run: bool, 
     plan.refuse_conflicts()  # shown first: the user sees what changed
     if not dry_run:
         heads = {} if plan.empty else apply_plan(plan, backend, echo=echo)
-        results = verify_published(cfg, backend, plan.version)
+        results = verify_published(cfg, backend, plan.version, url=plan.remote, reread=rehash)
         document.update(heads=heads, read_back=[asdict(r) for r in results])
         for r in results:
             echo(f"  {'ok  ' if r.passed else 'FAIL'} {r.ref}: {r.detail}")

@@ -208,7 +208,7 @@ def quantization_summary(folder: Path) -> dict[str, Any]:
 
 
 class HashCache:
-    """sha256 of a folder's files, reused while a file's size, mtime and inode are unchanged.
+    """sha256 of a folder's files, reused while a file's size, mtime, inode and ctime are unchanged.
     Kept beside the release (`<parent>/.glmrel-cache/hashes/<folder>.json`), never published;
     a missing or unreadable cache only means hashing again."""
 
@@ -224,6 +224,16 @@ class HashCache:
         # ctime too, as git's index does: it cannot be set back, so a byte flipped in place
         # with its mtime restored is still hashed again
         return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+    def vouched(self, files: list[Path]) -> list[Path]:
+        """Those of `files` whose hash the cache holds for their present size, mtime, inode and ctime."""
+        out = []
+        for p in files:
+            cached = self.entries.get(p.name)
+            key = self._key(p.lstat())
+            if cached and len(cached) == len(key) + 1 and cached[:-1] == key:
+                out.append(p)
+        return out
 
     def hashes(self, files: list[Path]) -> dict[str, tuple[int, str]]:
         """name -> (size, sha256) for `files`, hashing only what the cache cannot vouch for."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -30,7 +31,16 @@ import git
 from .check import check_branch, check_remote
 from .config import ReleaseConfig, check_release_refs, is_network_url
 from .errors import ReleaseError, hub_error
-from .manifest import BLOCK, MANIFEST_FILE, Manifest, open_regular, release_files, sha256_file
+from .manifest import (
+    BLOCK,
+    CACHE_DIR,
+    MANIFEST_FILE,
+    Manifest,
+    open_regular,
+    release_files,
+    sha256_file,
+    write_if_changed,
+)
 from .render import CARD_FILE, load_changelog
 
 # What a landing page (`main/`) may hold: its card and the pictures it shows. Weights,
@@ -760,12 +770,13 @@ def _expected_hashes(name: str, folder: Path, files: list[Path]) -> dict[str, st
 
 
 def plan_publish(
-    cfg: ReleaseConfig, version: str, remote: str | None = None, cache: Path | None = None
+    cfg: ReleaseConfig, version: str, remote: str | None = None, cache: Path | None = None, rehash: bool = True
 ) -> tuple[Plan, Remote]:
     """Compare the local release with the remote. Refuses a branch that fails `check`
     (unverified, failed, or verified on other content included) and a landing page with
     anything but its card and images. A tag that would have to move is planned as a
-    conflict: the caller shows the plan, then `Plan.refuse_conflicts`."""
+    conflict: the caller shows the plan, then `Plan.refuse_conflicts`. `rehash` False: files
+    the release's hash cache vouches for (unchanged since hashed) are not read again."""
     url = remote if remote is not None else cfg.publish_remote or f"{HUB_SCHEME}{cfg.hub_repo}"
     version, entries = load_changelog(cfg.changelog, version)
     check_release_refs(version, [b.name for b in cfg.branches])
@@ -776,7 +787,7 @@ def plan_publish(
         folder = cfg.output_dir / b.name
         if not folder.is_dir():
             raise ReleaseError(f"branch folder {folder} does not exist", hint="run `glmrel build-all` first")
-        report = check_branch(folder, group_size=b.group_size)
+        report = check_branch(folder, group_size=b.group_size, rehash=rehash)
         if not report.passed:
             raise ReleaseError(
                 f"branch {b.name} fails check: {report.failures[0].message}",
@@ -846,13 +857,53 @@ class RemoteCheck:
     detail: str
 
 
-def verify_published(cfg: ReleaseConfig, backend: Remote, version: str) -> list[RemoteCheck]:
+READ_BACK_FILE = "read-back.json"  # under <output_dir>/.glmrel-cache: the heads already read back per remote
+
+
+def _read_back_record(cfg: ReleaseConfig) -> Path:
+    return cfg.output_dir / CACHE_DIR / READ_BACK_FILE
+
+
+def _read_back_heads(cfg: ReleaseConfig, url: str) -> dict[str, str]:
+    """Branch -> the commit a full read-back of `url` passed at (empty if unknown or unreadable)."""
+    try:
+        heads = json.loads(_read_back_record(cfg).read_text()).get(url, {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return (
+        {k: v for k, v in heads.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(heads, dict) else {}
+    )
+
+
+def _remember_read_back(cfg: ReleaseConfig, url: str, heads: dict[str, str]) -> None:
+    path = _read_back_record(cfg)
+    try:
+        record = json.loads(path.read_text())
+        record = record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        record = {}
+    record[url] = heads
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_if_changed(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    except OSError:
+        pass  # a record that cannot be written costs a read-back next time, not correctness
+
+
+def verify_published(
+    cfg: ReleaseConfig, backend: Remote, version: str, url: str | None = None, reread: bool = True
+) -> list[RemoteCheck]:
     """Read every published branch back from the remote and check it against its folder:
     the same files, and for quant branches a full `check` of what the remote holds; then
-    every tag must point at its branch's head."""
+    every tag must point at its branch's head. `url` names the remote for the record of
+    heads that passed (`<output_dir>/.glmrel-cache/read-back.json`); unless `reread`, a
+    quant branch whose head is one that already passed a full check there is not read back
+    again (a commit pins its content: nothing published since changed it)."""
     results = []
     refs = backend.refs()
     backend.fetch(refs)
+    passed = _read_back_heads(cfg, url) if url is not None and not reread else {}
+    now: dict[str, str] = {}
     for name, folder in _branch_sources(cfg):
         head = refs.get(f"refs/heads/{name}")
         if head is None:
@@ -866,8 +917,16 @@ def verify_published(cfg: ReleaseConfig, backend: Remote, version: str) -> list[
             )
         elif name == "main":
             results.append(RemoteCheck(name, True, f"files identical to {folder}"))
+        elif passed.get(name) == head:
+            results.append(
+                RemoteCheck(name, True, f"files identical to {folder}; {head[:10]} passed its full read-back before")
+            )
+            now[name] = head
         else:
-            results.append(backend.check_revision(name, head, cfg.branch(name).group_size))
+            result = backend.check_revision(name, head, cfg.branch(name).group_size)
+            results.append(result)
+            if result.passed:
+                now[name] = head
     for tag, branch in [(version, "main")] + [(f"{version}-{b.name}", b.name) for b in cfg.branches]:
         at, head = refs.get(f"refs/tags/{tag}"), refs.get(f"refs/heads/{branch}")
         ok = at is not None and at == head
@@ -878,4 +937,6 @@ def verify_published(cfg: ReleaseConfig, backend: Remote, version: str) -> list[
                 f"-> {branch} {head[:10] if head else '?'}" if ok else f"points at {at}, {branch} is at {head}",
             )
         )
+    if url is not None:
+        _remember_read_back(cfg, url, now)
     return results

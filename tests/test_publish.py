@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -83,6 +84,62 @@ def test_second_publish_makes_no_commit(release_copy):
     before = refs(remote)
     res = publish(release_copy)
     assert res.exit_code == 0 and "nothing to do" in res.output
+    assert refs(remote) == before
+
+
+def test_a_publish_with_nothing_changed_reads_nothing_again(release_copy, monkeypatch):
+    """Issue 28's no-op publish: no weight file is hashed again (the hash cache vouches for each:
+    same size, mtime, inode and ctime) and no branch is cloned back (each head passed its full
+    read-back before); --rehash reads both again. A changed file is hashed and refused."""
+    import release.check as check_mod
+    import release.manifest as manifest_mod
+
+    assert publish(release_copy).exit_code == 0
+    remote = Path(load_config(release_copy).publish_remote)
+    before = refs(remote)
+    hashed: list[str] = []
+    cloned: list[str] = []
+    real_hash_files, real_sha, real_read_back = (
+        manifest_mod.hash_files,
+        check_mod.sha256_file,
+        publish_mod.GitRemote.check_revision,
+    )
+
+    def hash_files(files):
+        hashed.extend(p.name for p in files)
+        return real_hash_files(files)
+
+    def sha256_file(path):
+        hashed.append(Path(path).name)
+        return real_sha(path)
+
+    def check_revision(self, name, head, group_size):
+        cloned.append(name)
+        return real_read_back(self, name, head, group_size)
+
+    monkeypatch.setattr(manifest_mod, "hash_files", hash_files)
+    monkeypatch.setattr(check_mod, "sha256_file", sha256_file)
+    monkeypatch.setattr(publish_mod.GitRemote, "check_revision", check_revision)
+    res = publish(release_copy)
+    assert res.exit_code == 0 and "nothing to do" in res.output and refs(remote) == before
+    assert not [n for n in hashed if n.endswith(".safetensors")], hashed
+    assert cloned == [] and res.output.count("passed its full read-back before") == len(BRANCHES)
+    res = publish(release_copy, "--rehash")
+    assert res.exit_code == 0 and "nothing to do" in res.output
+    assert cloned == list(BRANCHES)
+    assert {"model.safetensors", "model-mtp-4.safetensors"} <= set(hashed)
+    # a byte flipped with its mtime put back: the new ctime makes it hashed again, and refused
+    weights = load_config(release_copy).output_dir / "W4A16_GS64" / "model.safetensors"
+    st = weights.stat()
+    with weights.open("r+b") as f:
+        f.seek(st.st_size - 1)
+        last = f.read(1)
+        f.seek(st.st_size - 1)
+        f.write(bytes([last[0] ^ 1]))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    hashed.clear()
+    res = CliRunner().invoke(cli, ["publish", "--config", str(release_copy), "--changelog", "v1"])
+    assert res.exit_code != 0 and "W4A16_GS64 fails check" in res.output and "model.safetensors" in res.output
     assert refs(remote) == before
 
 
