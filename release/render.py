@@ -151,12 +151,6 @@ def _read_json(folder: Path, name: str, required: bool = True) -> dict[str, Any]
         raise ReleaseError(f"{path} is not valid JSON: {e}") from e
 
 
-# What one calibration pass for several branches did to a side branch, measured on glmrel's demo
-# release against each branch calibrated alone (benchmarks/results/2026-11-30-cpu-demo-single-pass;
-# tests/test_single_pass.py ties these figures to that record).
-SINGLE_PASS_MEASURED = {"max_kl_change_pct": 0.2, "record": "benchmarks/results/2026-11-30-cpu-demo-single-pass"}
-
-
 def awq_engine_text(prov: dict[str, Any]) -> str | None:
     """What the card says of the AWQ engine a branch was built with (its provenance's record);
     None for branches recorded before glmrel wrote one."""
@@ -399,7 +393,6 @@ def render_release(cfg: ReleaseConfig, version: str | None = None) -> RenderResu
         "changelog": changelog,
         "branches": branches,
         "vllm_version": VLLM_VERSION,
-        "single_pass": SINGLE_PASS_MEASURED,
         "serve_flags": serve_flags(cfg),
         "mtp_flag": mtp_flag(cfg),
     }

@@ -502,11 +502,8 @@ def test_engine_extension_kept_the_gpu_weights():
 
 
 def test_single_pass_records_back_what_the_cards_and_readme_say():
-    """The demo's one-pass figures (benchmarks/single_pass.py) are what the cards quote
-    (render.SINGLE_PASS_MEASURED) and within the issue's 2 % KL bar; the GPU run is recorded
-    as partial, with the figures its README gives read from its log."""
-    from release.render import SINGLE_PASS_MEASURED
-
+    """The demo's one-pass figures (benchmarks/single_pass.py) are within the issue's 2 % KL
+    bar; the GPU run is recorded as partial, with the figures its README gives read from its log."""
     folder = RESULTS.parent / "2026-11-30-cpu-demo-single-pass"
     record = json.loads((folder / "record.json").read_text())
     rows = {r["branch"]: r for r in record["branches"]}
@@ -515,8 +512,6 @@ def test_single_pass_records_back_what_the_cards_and_readme_say():
     assert len(sides) == 2 and all(0 not in r["layers"] and r["differ"] > 0 for r in sides)
     worst = max(abs(r["kl_change_pct"]) for r in rows.values())
     assert worst <= 2.0
-    assert SINGLE_PASS_MEASURED["max_kl_change_pct"] == round(worst, 1)
-    assert (RESULTS.parent.parent.parent / SINGLE_PASS_MEASURED["record"]).resolve() == folder.resolve()
     assert (record["builds"]["one_pass"]["wall_s"], record["builds"]["separate"]["wall_s"]) == (40.3, 43.7)
     assert "40.3 s one pass against 43.7 s" in (folder / "README.md").read_text()
     gpu = RESULTS.parent / "2026-11-30-h200-single-pass-glm47-2layer-partial"
