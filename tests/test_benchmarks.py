@@ -567,3 +567,44 @@ def test_the_512_sample_side_by_side_figures_are_read_from_its_records():
     assert (round(low / three, 2), round(high / three, 2)) == (0.69, 0.71) and "(0.69–0.71)" in text
     readme = (RESULTS.parent.parent.parent / "README.md").read_text()
     assert "2026-11-30-h200-single-pass-glm47-moe-layer-512" in readme and "0.70x" in readme
+
+
+def test_the_release_estimate_is_the_per_layer_arithmetic(tmp_path):
+    """benchmarks.release_estimate reads a profile_layer record's MoE layer (its second
+    subgraph's passes and smoothing) and adds up the release: one pass for three branches on one
+    GPU, or a pass per branch over N ranks (a + b / N per layer)."""
+    from benchmarks import release_estimate as est
+
+    record = {
+        "timed": {
+            "passes": [
+                {"pass": "(1/2): Calibrating", "s": 0.5},
+                {"pass": "(1/2): Propagating", "s": 0.4},
+                {"pass": "(2/2): Calibrating", "s": 12.0},
+                {"pass": "(2/2): Propagating", "s": 3.0},
+            ],
+            "layers": [{"calib_s": 20.0, "smooth_s": 40.0}],
+        }
+    }
+    moe = est.MoeLayer.from_record(record)
+    assert moe == est.MoeLayer(calibration_s=12.0, smoothing_s=40.0, propagation_s=3.0)
+    one = est.estimate(moe, dense_s=60.0, gpus=1)
+    side = 2 * est.SIDE_OVER_LEAD
+    assert one["moe_layer_s"] == round(55.0 + side * 40.0, 1)
+    assert one["calibration_h"] == round((89 * (55.0 + side * 40.0) + 3 * 60.0 * (1 + side)) / 3600, 2)
+    eight = est.estimate(moe, dense_s=60.0, gpus=8)
+    assert eight["moe_layer_s"] == round(4.8 + 50.2 / 8, 1)
+    assert eight["calibration_h"] == round(3 * (89 * (4.8 + 50.2 / 8) + 3 * (3.0 + 57.0 / 8)) / 3600, 2)
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(record))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.release_estimate", "--record", str(path), "--dense-s", "60"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert (
+        proc.returncode == 0
+        and f"{one['calibration_h']} h" in proc.stdout
+        and f"{eight['calibration_h']} h" in proc.stdout
+    )
