@@ -172,7 +172,10 @@ def run(config: Path, profile: bool, tables: Path | None, scales: Path | None = 
         out["mapping_s"] = {k: round(v, 2) for k, v in result.stats.mapping_s.items()}
         out["search_phase_s"] = result.stats.to_json()["search_phase_s"]
     engine = result.stats.to_json()
-    out["engine"] = {k: engine[k] for k in ("fused_calibration_calls", "batched_expert_calls", "grouped_search_calls")}
+    out["engine"] = {
+        k: engine[k]
+        for k in ("fused_calibration_calls", "routed_propagation_calls", "batched_expert_calls", "grouped_search_calls")
+    }
     out["awq"] = cfg.awq.model_dump()
     if scales is not None:
         torch.save(result.stats.scales, scales)

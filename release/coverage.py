@@ -109,6 +109,8 @@ def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = 
             hook = partial(router_hook, layer=int(m[1]))
         elif m := EXPERT_GATE_PROJ.search(name):
             hook = partial(expert_hook, layer=int(m[1]), expert=int(m[2]))
+            # counts a batch's first call only: the engine may skip the calls after it (release/awq/all_experts.py)
+            hook.first_call_per_batch = True  # type: ignore[attr-defined]
         else:
             continue
         handles.append(module.register_forward_hook(hook))

@@ -133,3 +133,31 @@ def test_grouped_search_forward_equals_the_loop():
     assert runs == [(0, 3), (3, 5), (5, 6), (6, 10)]
     assert [e for a, b in runs for e in range(a, b)] == list(range(len(counts)))
     assert all(sum(counts[a:b]) <= 12 or b - a == 1 for a, b in runs)
+
+
+def test_the_propagation_pass_runs_routed_only_where_no_hook_listens():
+    """`hooks_silent`: true only while every llm-compressor hook is off (its propagation pass)
+    and any other hook on the experts is marked as counting a batch's first call only (glmrel's
+    coverage); an unmarked hook keeps the loop, so it is called as it would be."""
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    from release.awq.all_experts import hooks_silent
+
+    class Probe(HooksMixin):
+        pass
+
+    experts = _experts()
+    probe = Probe()
+    probe.register_hook(experts[3].down_proj, lambda mod, args, out: None, "forward")
+    assert not hooks_silent(experts), "llm-compressor's hooks are on: the calibration pass"
+    with HooksMixin.disable_hooks():
+        assert hooks_silent(experts)
+        marked = lambda mod, args, out: None  # noqa: E731
+        marked.first_call_per_batch = True
+        h1 = experts[0].gate_proj.register_forward_hook(marked)
+        assert hooks_silent(experts)
+        h2 = experts[5].up_proj.register_forward_hook(lambda mod, args, out: None)
+        assert not hooks_silent(experts), "someone else's hook would see every call"
+        h1.remove()
+        h2.remove()
+    probe.remove_hooks()

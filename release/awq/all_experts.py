@@ -7,6 +7,11 @@ synchronization), the expert's three Linears called as modules (their hooks: AWQ
 and cached inputs, glmrel's expert coverage), and an `index_add_` of its routed rows. Profiled on
 an H200 at GLM-4.7 dims, that loop kept the GPU busy a third of the calibration forward.
 
+In the pipeline's propagation pass (every llm-compressor hook off: `hooks_silent`) no statistic is
+taken and only each token's top-k experts count in the output, so there the experts run on their
+routed tokens only, through the search's grouped path (experts.py): the same sum, 20x fewer
+expert products in GLM-4.7.
+
 `all_experts_forward` reads the routing once per call; then, for chunks of experts, runs gate and
 up as one product of every token with the chunk's stacked rows ([T, hid] x [hid, E x 2 inter]),
 the gate activation once, and down as a batched product ([E, T, inter] x [E, inter, hid]); calls each expert's hooks, and its
@@ -45,6 +50,30 @@ def fusable(experts: Any, hidden: Any, devices: tuple[str, ...]) -> bool:
     return not (nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks)
 
 
+def hooks_silent(experts: Any) -> bool:
+    """Whether no hook on the experts or their Linears would do anything on this call: every
+    llm-compressor hook (HooksMixin) is off, as in the pipeline's propagation pass, and any
+    other hook is marked `first_call_per_batch` (glmrel's expert coverage, which counts only
+    a batch's calibration call). Then the experts need only their routed tokens."""
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    if not HooksMixin._HOOKS_DISABLED or HooksMixin._HOOKS_KEEP_ENABLED:
+        return False
+    for e in range(experts.num_experts):
+        expert = experts[e]
+        for m in (expert, expert.gate_proj, expert.up_proj, expert.down_proj):
+            for hook in (*m._forward_pre_hooks.values(), *m._forward_hooks.values()):
+                code = getattr(hook, "__code__", None)
+                llm_compressor = (
+                    code is not None
+                    and code.co_name == "wrapped_hook"
+                    and code.co_filename.replace("\\", "/").endswith("llmcompressor/modifiers/utils/hooks.py")
+                )
+                if not (llm_compressor or getattr(hook, "first_call_per_batch", False)):
+                    return False
+    return True
+
+
 def _call_pre_hooks(module: Any, args: tuple[Any, ...]) -> None:
     for hook_id, hook in list(module._forward_pre_hooks.items()):
         if hook_id in module._forward_pre_hooks_with_kwargs:
@@ -75,6 +104,7 @@ def _stacked(experts: Any, run: RunState) -> tuple[Any, Any]:
     if run.calibration_stack is not None and run.calibration_stack[0] == id(experts):
         return run.calibration_stack[1], run.calibration_stack[2]
     run.calibration_stack = None  # the previous layer's stack freed before the new one
+    run.stacked = {}  # and the routed path's (the previous layer's propagation)
     trios = [(experts[i].gate_proj, experts[i].up_proj, experts[i].down_proj) for i in range(experts.num_experts)]
     gate_up = torch.stack([torch.cat([_effective_weight(g), _effective_weight(u)]) for g, u, _ in trios])
     down = torch.stack([_effective_weight(d) for _, _, d in trios])

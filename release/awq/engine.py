@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .all_experts import all_experts_forward, fusable
+from .all_experts import all_experts_forward, fusable, hooks_silent
 from .caches import _deduplicate_batch, _Ledger, _resident_budget, _WriteBack
 from .experts import _batchable, _grouped_experts_forward, grouped_gemm_works
 from .hooks import Patches
@@ -176,10 +176,18 @@ def scaled_awq(
             else:
                 yield
 
+    def grouped_gemm(like: Any) -> bool:
+        """Whether torch's grouped GEMM works on `like`'s device (tried once per device and run)."""
+        where = str(like.device)
+        if where not in engine.grouped_gemm:
+            engine.grouped_gemm[where] = grouped_gemm_works(like)
+        return engine.grouped_gemm[where]
+
     def experts_forward(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
         """Outside the smoothing step, with every expert calibrated on every token: the
-        experts as batched products (all_experts.py). Inside it (patch 5): the routed experts
-        as batched (or grouped) matmuls."""
+        experts as batched products (all_experts.py), or on their routed tokens where no hook
+        listens (the propagation pass). Inside it (patch 5): the routed experts as batched (or
+        grouped) matmuls."""
         fused = hidden_states.device.type in options.fused_expert_devices
         if not run.routed:
             if (
@@ -187,6 +195,12 @@ def scaled_awq(
                 and get_calibrate_all_experts_flag()
                 and fusable(self, hidden_states, options.fused_expert_devices)
             ):
+                if hooks_silent(self):  # the propagation pass: the routed tokens make the output
+                    run.calibration_stack = None
+                    stats.routed_propagation_calls += 1
+                    return _grouped_experts_forward(
+                        self, hidden_states, top_k_index, top_k_weights, run=run, grouped=grouped_gemm(hidden_states)
+                    )
                 stats.fused_calibration_calls += 1
                 return all_experts_forward(self, hidden_states, top_k_index, top_k_weights, run)
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
@@ -194,12 +208,7 @@ def scaled_awq(
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         if not self.has_gate or not _batchable(self):
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-        grouped = False
-        if fused:
-            where = str(hidden_states.device)
-            if where not in engine.grouped_gemm:  # tried once per device and run
-                engine.grouped_gemm[where] = grouped_gemm_works(hidden_states)
-            grouped = engine.grouped_gemm[where]
+        grouped = fused and grouped_gemm(hidden_states)
         out = _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights, run=run, grouped=grouped)
         if id(self) not in run.checked:  # first call for this layer: compare with the loop
             run.checked.add(id(self))

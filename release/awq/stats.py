@@ -31,6 +31,7 @@ class ScaleStats:
     batched_expert_calls: int = 0
     fused_calibration_calls: int = 0  # all_experts.py: experts calls of the calibration forward batched
     grouped_search_calls: int = 0  # ... of the search, through torch's grouped GEMM (no padding)
+    routed_propagation_calls: int = 0  # ... of the propagation pass, on their routed tokens only
     batched_expert_searches: int = 0  # patch 8: expert mappings searched together
     expert_searches_run: int = 0  # ... of which this rank ran the grid search (its share, under patch 10)
     merged_forwards: dict[str, int] = field(default_factory=dict)  # patch 7: parent type -> merged forwards
@@ -74,6 +75,7 @@ class ScaleStats:
             "batched_expert_calls": self.batched_expert_calls,
             "fused_calibration_calls": self.fused_calibration_calls,
             "grouped_search_calls": self.grouped_search_calls,
+            "routed_propagation_calls": self.routed_propagation_calls,
             "merged_search_forwards": dict(self.merged_forwards),
             "batched_expert_searches": self.batched_expert_searches,
             "expert_searches_run": self.expert_searches_run,
