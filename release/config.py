@@ -79,9 +79,9 @@ class _Strict(BaseModel):
 class BaseModelSpec(_Strict):
     """The unquantized parent: a local folder, or a Hub id pinned to a revision."""
 
-    path: Path | None = None
-    hub_id: str | None = None
-    revision: str | None = None
+    path: Path | None = Field(default=None, description="a local folder with the parent's config and safetensors")
+    hub_id: str | None = Field(default=None, description="the parent's Hub id (owner/name), e.g. zai-org/GLM-4.7")
+    revision: str | None = Field(default=None, description="the parent's commit on the Hub (required with hub_id)")
     license: str | None = Field(default=None, description="SPDX-like Hub license id of the parent")
     card_id: str | None = Field(default=None, description="Hub id to name as base_model in cards when `path` is local")
 
@@ -109,14 +109,18 @@ class CalibrationSpec(_Strict):
 
     dataset: str | None = Field(default=None, description="Hub dataset id, loaded with datasets.load_dataset")
     path: Path | None = Field(default=None, description="local JSON lines or parquet file with a messages column")
-    split: str = "train"
-    revision: str | None = None
-    messages_column: str = "messages"
-    num_samples: int = Field(default=512, ge=1)
-    max_seq_length: int = Field(default=2048, ge=8)
+    split: str = Field(default="train", description="the dataset split")
+    revision: str | None = Field(default=None, description="the dataset's commit on the Hub")
+    messages_column: str = Field(
+        default="messages", description="the column of chat messages, rendered with the model's template"
+    )
+    num_samples: int = Field(default=512, ge=1, description="conversations drawn (seeded) for calibration")
+    max_seq_length: int = Field(default=2048, ge=8, description="tokens a conversation is cut to")
     min_tokens: int = Field(default=16, ge=1, description="samples shorter than this after rendering are dropped")
-    seed: int = 42
-    moe_calibrate_all_experts: bool = True
+    seed: int = Field(default=42, description="the seed of the sample draw")
+    moe_calibrate_all_experts: bool = Field(
+        default=True, description="every routed expert sees every calibration token (the output stays top-k routing's)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> CalibrationSpec:
@@ -132,10 +136,10 @@ class CalibrationSpec(_Strict):
 class BranchSpec(_Strict):
     """One Hub branch of the release: a scheme at one group size."""
 
-    name: str
-    scheme: Literal["W4A16"] = "W4A16"
-    group_size: int
-    description: str = ""
+    name: str = Field(description="the Hub branch, e.g. W4A16_GS64 (a git ref name; main and HEAD are reserved)")
+    scheme: Literal["W4A16"] = Field(default="W4A16", description="INT4 weights, 16-bit activations")
+    group_size: int = Field(description="weights per quantization scale: 32, 64 or 128")
+    description: str = Field(default="", description="a line for the cards and the landing page")
 
     @field_validator("name")
     @classmethod
@@ -156,8 +160,10 @@ class BranchSpec(_Strict):
 
 
 class AwqSpec(_Strict):
-    n_grid: int = Field(default=20, ge=1)
-    duo_scaling: bool = True
+    """AWQ's settings (the recipe's) and glmrel's engine for it."""
+
+    n_grid: int = Field(default=20, ge=1, description="grid points of AWQ's scale search")
+    duo_scaling: bool = Field(default=True, description="AWQ scales from activations and weights (false: activations)")
     engine: Literal["glmrel", "stock"] = Field(
         default="glmrel",
         description="glmrel: llm-compressor's AWQ with release/awq/'s memory and MoE patches; "
@@ -249,30 +255,32 @@ class VerifySpec(_Strict):
     """Held-out text and the thresholds a branch must meet against the base model."""
 
     heldout: Path | None = Field(default=None, description="JSON list of held-out texts")
-    max_tokens: int = Field(default=256, ge=8)
-    max_kl: float = Field(default=0.5, gt=0)
-    min_top1: float = Field(default=0.5, ge=0, le=1)
+    max_tokens: int = Field(default=256, ge=8, description="tokens of each held-out text compared")
+    max_kl: float = Field(default=0.5, gt=0, description="a branch fails above this mean next-token KL to the base")
+    min_top1: float = Field(default=0.5, ge=0, le=1, description="... or below this top-1 agreement with the base")
 
 
 class ReleaseConfig(_Strict):
-    name: str
+    name: str = Field(description="the release's name, on the cards")
     base_model: BaseModelSpec
-    hub_repo: str
-    output_dir: Path
-    recipe: Path
+    hub_repo: str = Field(description="the Hub repo the release is published to (owner/name)")
+    output_dir: Path = Field(description="where the branches, the landing page (main/) and glmrel's caches go")
+    recipe: Path = Field(description="the llm-compressor recipe template (recipes/glm4moe_awq_w4a16.yaml.j2)")
     calibration: CalibrationSpec
     awq: AwqSpec = AwqSpec()
     offload: OffloadSpec = OffloadSpec()
     serving: ServingSpec = ServingSpec()
     branches: list[BranchSpec] = Field(min_length=1)
     verify: VerifySpec = VerifySpec()
-    templates: Path | None = None
-    changelog: Path | None = None
+    templates: Path | None = Field(default=None, description="a folder of card templates (default: glmrel's)")
+    changelog: Path | None = Field(default=None, description="the release's changelog (YAML: versions, summaries)")
     publish_remote: str | None = Field(
         default=None,
         description="hf://owner/name for the Hub, or a git URL or path (default: hf://<hub_repo>)",
     )
-    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(
+        default="bfloat16", description="the dtype the base model is loaded and calibrated in"
+    )
     cpu_numerics: Literal["native", "reproducible"] = Field(
         default="native",
         description="reproducible: pin torch's and MKL's CPU kernels to AVX2 and two threads, so a CPU build "

@@ -91,3 +91,16 @@ def test_offload_folder_resolves_against_the_config(write_config, tmp_path):
     cfg = load_config(write_config({"offload": {"cpu_gib": 48, "folder": "scratch/offload"}}))
     assert cfg.offload.cpu_gib == 48 and cfg.offload.folder == (tmp_path / "scratch" / "offload").resolve()
     assert load_config(write_config()).offload.cpu_gib is None, "in RAM unless asked"
+
+
+def test_the_config_reference_page_is_the_configs_own_definition():
+    """docs/config.md is made from ReleaseConfig (`make docs`): every key the loader accepts is on
+    it with its default and a description, and nothing else."""
+    from release.reference import reference_markdown
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
+    assert page == reference_markdown(), "docs/config.md is stale: run `make docs`"
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    assert len(rows) > 40 and all(not line.endswith("|  |") for line in rows), "a key without a description"
+    for key in ("awq.fused_gpu_experts", "offload.cpu_gib", "branches[].group_size", "calibration.num_samples"):
+        assert f"| `{key}` |" in page
