@@ -117,12 +117,12 @@ def main() -> None:
 
     import torch
 
-    from release.awq.balance import _balance_groups
+    from release.awq.balance import balance_groups
 
     layers = build(a.experts, a.out, a.in_f, a.group_size, a.device)
     orig = {lin: lin.weight.detach().clone() for lin in layers}
     scales = (torch.rand(1, a.in_f, device=a.device) * 2 + 0.1).float()
-    groups = _balance_groups(layers)
+    groups = balance_groups(layers)
     with torch.no_grad():
         stock_s = timed(lambda: stock_step(layers, orig, scales), a.reps, a.device)
         stock_out = snapshot(layers)

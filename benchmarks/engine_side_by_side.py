@@ -45,8 +45,9 @@ def build(config: Path, scales: Path) -> dict[str, Any]:
     import torch
 
     from release.awq import ScaleOptions
+    from release.calibrate import LAST_SCALE_STATS
     from release.config import load_config
-    from release.quantize import LAST_SCALE_STATS, quantize_branch
+    from release.quantize import quantize_branch
 
     cfg = load_config(config)
     branch = cfg.branches[0].name

@@ -2,7 +2,7 @@
 
 Builds a random-init GLM-4-MoE (benchmarks/synthetic.py: `tiny` for CI, `glm47` for
 GLM-4.7's real per-layer dimensions at any depth), then, for each sample count and each
-engine, runs `glmrel quantize`'s calibration (release.quantize.calibrate: same recipe, same
+engine, runs `glmrel quantize`'s calibration (release.calibrate.calibrate: same recipe, same
 data, MoE-aware) in a fresh subprocess so peak host memory is that run's alone. Prints per
 layer: calibration-forward time, AWQ smoothing time, peak GPU and peak host memory, then
 the stock/glmrel time ratio per layer, and how peak memory moves with the sample count.
@@ -102,8 +102,9 @@ def run_one(
 
     from release import distributed
     from release.awq import ScaleOptions
+    from release.branch_folder import prepare_branch
+    from release.calibrate import calibrate, resource_peaks
     from release.config import load_config
-    from release.quantize import calibrate, prepare_branch, resource_peaks
 
     if distributed.in_worker():
         distributed.init()

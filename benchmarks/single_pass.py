@@ -117,9 +117,10 @@ def main() -> None:
 
     import shutil
 
-    from release import quantize
+    from release import one_pass, quantize
+    from release.branch_folder import resolve_base_model
     from release.config import load_config
-    from release.quantize import build_branches, resolve_base_model
+    from release.quantize import build_branches
     from release.tiny import ensure_demo_assets
     from release.verify import BaseReference, load_heldout, verify_branches
 
@@ -162,13 +163,13 @@ def main() -> None:
                         f.unlink()
                 hashing[0] += time.time() - t
 
-            quantize.seal_folder = seal_then_drop
+            quantize.seal_folder = one_pass.seal_folder = seal_then_drop  # both call it
         t = time.time()
         try:
             builds = build_branches(cfg, names, 1, None, force=True, separate=mode == "separate", echo=print)
         finally:
             if a.drop:
-                quantize.seal_folder = real_seal
+                quantize.seal_folder = one_pass.seal_folder = real_seal
                 for out in kept:
                     for f in out.glob("*.safetensors"):
                         f.unlink()

@@ -250,8 +250,8 @@ def verify(config_path: Path, branch_name: str, as_json: bool) -> None:
     decodes a short reply, tries vLLM where a GPU and vllm exist (else says why it skipped),
     and fails (exit 1) above the config's verify thresholds or on any failed check.
     """
+    from .branch_folder import resolve_base_model
     from .build import seal_branch
-    from .quantize import resolve_base_model
     from .verify import BaseReference, load_heldout, verify_branch
 
     out = _json_mode(as_json)

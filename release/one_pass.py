@@ -1,7 +1,8 @@
 """One calibration pass for several branches of a release (`build-all` and `quantize --branch A
 --branch B` on one GPU): the first branch's pass also smooths every layer for the others' group
 sizes (release/awq/side.py), stores those layers, and each other branch is then made from its
-store. The pass's steps are quantize.py's, called through the module so tests can stand in for one.
+store. Its steps are branch_folder.py's (the folders' life) and calibrate.py's (calibrating and
+saving); quantize.py decides when a pass runs.
 """
 
 from __future__ import annotations
@@ -13,13 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import distributed, quantize, room
+from . import distributed, room
 from .architecture import Glm4MoeArch
 from .awq import ScaleOptions, SideBranch
+from .branch_folder import (
+    BranchBuild,
+    Log,
+    partial_folder,
+    pass_fingerprint,
+    prepare_branch,
+    remove_stale_partials,
+    seal_folder,
+    up_to_date,
+)
+from .calibrate import Calibrated, forget_offload, offload_folder, resource_peaks, run_oneshot, write_branch_files
 from .config import BranchSpec, ReleaseConfig
 from .errors import ReleaseError
 from .owned import create_owned, remove_owned, require_replaceable, require_writable_folder
-from .quantize import BranchBuild, Calibrated, Log
 
 PASS_FOLDER = "calibration-pass"  # .calibration-pass.partial-<pid>@<host>: the side branches' stores
 
@@ -35,29 +46,28 @@ def quantize_pass(
 ) -> list[BranchBuild]:
     """Build several branches from ONE calibration pass (the first named propagates its
     smoothed layers; the others are smoothed beside it, layer by layer: release/awq/side.py),
-    skipping the branches whose inputs are unchanged. One branch: `quantize_branch`.
+    skipping the branches whose inputs are unchanged (two branches or more; one branch is
+    `quantize.quantize_branch`).
 
     The first branch is saved as a build of its own would be (bit for bit the same); each
     other branch's layers are quantized in the pass and stored, and the branch is then
     assembled from its store in the first one's saved layout (`finish_side_branch`: no second
     load of the model). Every branch's provenance names the pass."""
     specs = [cfg.branch(n) for n in dict.fromkeys(branch_names)]
-    if len(specs) == 1:
-        if progress:
-            progress(specs[0].name)
-        return [quantize.quantize_branch(cfg, specs[0].name, force=force, echo=echo, scale_options=scale_options)]
+    if len(specs) < 2:
+        raise ValueError("one calibration pass is for two branches or more: quantize.quantize_branch builds one")
     if distributed.in_worker():
         raise ReleaseError("one calibration pass for several branches runs in one process, not under torchrun")
     names = [b.name for b in specs]
     t_start = time.time()
-    prepared = {b.name: quantize.prepare_branch(cfg, b) for b in specs}
+    prepared = {b.name: prepare_branch(cfg, b) for b in specs}
     base_dir, arch = prepared[names[0]][0], prepared[names[0]][1]
-    fingerprints = {n: quantize.pass_fingerprint(prepared[n][3], names) for n in names}
+    fingerprints = {n: pass_fingerprint(prepared[n][3], names) for n in names}
     store_root = cfg.offload.pass_store or cfg.output_dir
     for name in names:
-        quantize.remove_stale_partials(cfg.output_dir, name, echo)
-    quantize.remove_stale_partials(store_root, PASS_FOLDER, echo)
-    stale = [b for b in specs if force or not quantize.up_to_date(cfg, b, prepared[b.name][3], names, echo)]
+        remove_stale_partials(cfg.output_dir, name, echo)
+    remove_stale_partials(store_root, PASS_FOLDER, echo)
+    stale = [b for b in specs if force or not up_to_date(cfg, b, prepared[b.name][3], names, echo)]
     builds: dict[str, BranchBuild] = {
         b.name: BranchBuild(b.name, cfg.output_dir / b.name, True, 0.0, fingerprints[b.name])
         for b in specs
@@ -66,9 +76,9 @@ def quantize_pass(
     if not stale:
         return [builds[n] for n in names]
     lead, rest = specs[0], [b for b in specs[1:] if b in stale]
-    work = quantize.partial_folder(store_root, PASS_FOLDER)
+    work = partial_folder(store_root, PASS_FOLDER)
     side = tuple(SideBranch(b.name, b.group_size, work / b.name, prepared[b.name][2]) for b in rest)
-    tmps = {b.name: quantize.partial_folder(cfg.output_dir, b.name) for b in stale}
+    tmps = {b.name: partial_folder(cfg.output_dir, b.name) for b in stale}
     require_writable_folder(cfg.output_dir, "output_dir")
     if side:
         require_writable_folder(store_root, "offload.pass_store")
@@ -85,14 +95,14 @@ def quantize_pass(
         if progress:
             progress(lead.name)
         lead_tmp = tmps.get(lead.name)
-        timings, run = quantize._run_oneshot(
+        timings, run = run_oneshot(
             cfg, lead, base_dir, arch, prepared[lead.name][2], lead_tmp, echo, scale_options, side
         )
         shared = {k: timings[k] for k in ("calibration_data", "load", "oneshot", "awq_engine") if k in timings}
         pass_s = round(time.time() - t_start, 1)
         if lead_tmp is not None:
             timings["calibration_pass_s"] = pass_s
-            quantize.seal_folder(
+            seal_folder(
                 cfg, lead, base_dir, arch, lead_tmp, cfg.output_dir / lead.name, fingerprints[lead.name], timings, names
             )
             builds[lead.name] = BranchBuild(
@@ -106,7 +116,7 @@ def quantize_pass(
                 cfg, b, base_dir, arch, prepared[b.name][2], sb, cfg.output_dir / lead.name, tmps[b.name], run, echo
             )
             side_timings["calibration_pass"] = {**shared, "seconds": pass_s, "propagated_through": lead.name}
-            quantize.seal_folder(
+            seal_folder(
                 cfg, b, base_dir, arch, tmps[b.name], cfg.output_dir / b.name, fingerprints[b.name], side_timings, names
             )
             builds[b.name] = BranchBuild(
@@ -117,7 +127,7 @@ def quantize_pass(
         for folder in [work, *tmps.values()]:
             remove_owned(folder, echo)
         if cfg.offload.cpu_gib is not None:
-            quantize.forget_offload(quantize.offload_folder(cfg))
+            forget_offload(offload_folder(cfg))
     return [builds[n] for n in names]
 
 
@@ -164,7 +174,7 @@ def finish_side_branch(
     has it (every quantized Linear of the decoder layers, and what smoothing changed unquantized:
     norms, the router, biases), else the propagating branch's (embeddings, head, the other
     norms: the base model's in both). Then the MTP layer, tokenizer, recipe and records as any
-    build (`_write_branch_files`). The same bits as the base model with the branch's smoothed
+    build (`write_branch_files`). The same bits as the base model with the branch's smoothed
     layers quantized by QuantizationModifier and saved compressed (the demo's pinned digests)."""
     from safetensors.torch import save_file
 
@@ -198,9 +208,9 @@ def finish_side_branch(
             shutil.copy2(lead_dir / name, out / name)
     timings["finish"] = {"from_store": stored, "seconds": round(time.time() - t, 2)}  # no model is loaded
     t = time.time()
-    quantize._write_branch_files(cfg, base_dir, arch, recipe_text, out, run)
+    write_branch_files(cfg, base_dir, arch, recipe_text, out, run)
     timings["save"] = round(time.time() - t, 2)
-    timings.update(quantize.resource_peaks())
+    timings.update(resource_peaks())
     return timings
 
 
@@ -251,7 +261,7 @@ class TensorFiles:
 
 @dataclass
 class SavedLayout:
-    """A saved branch's weights without its MTP layer(s) (`_write_branch_files` puts those
+    """A saved branch's weights without its MTP layer(s) (`write_branch_files` puts those
     back): its shards in order, what each holds, and which modules are quantized."""
 
     folder: Path

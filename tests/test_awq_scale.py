@@ -23,8 +23,9 @@ import torch
 
 from release.awq import ScaleOptions
 from release.build_log import read_build_log
+from release.calibrate import LAST_SCALE_STATS
 from release.config import load_config
-from release.quantize import LAST_SCALE_STATS, quantize_branch
+from release.quantize import quantize_branch
 from release.verify import BaseReference, load_heldout, verify_branch
 
 # Tests that build the demo's branches (the `builds` fixture) are slow; the unit tests of the
@@ -237,14 +238,14 @@ def test_deferred_write_back_lands_once_through_the_staging_buffers():
     from compressed_tensors.offload import disable_offloading, offload_module
     from compressed_tensors.offload.cache.cpu import CPUCache
 
-    from release.awq.caches import _WriteBack
+    from release.awq.caches import WriteBack
 
     with mock.patch.object(CPUCache, "onload", _onload_as_a_copy):
         lin = torch.nn.Linear(40, 30, bias=True)
         offload_module(lin, "cpu", "cpu")
         offloaded = lin._parameters.offloaded_values
         before = {k: v.clone() for k, v in offloaded.items()}
-        wb = _WriteBack(stage_bytes=1000, check=True)  # the weight is 4,800 bytes: pieces over both buffers
+        wb = WriteBack(stage_bytes=1000, check=True)  # the weight is 4,800 bytes: pieces over both buffers
         new_w, new_b = torch.randn(30, 40), torch.randn(30)
         assert not wb.defer(lin, "weight", new_w), "outside disable_offloading: written as stock"
         with disable_offloading():
@@ -276,14 +277,14 @@ def test_batched_balance_quantization_is_stocks_bit_for_bit(preset, group_size):
     update_qparams, forward_quantize, /s), on two shapes and chunks that split a group, for the
     strategies it takes (group, channel; symmetric, asymmetric, MX scales)."""
     from benchmarks.balance_quant import quantized_linears, stock_step
-    from release.awq.balance import _balance_groups, _quantize_balance_group
+    from release.awq.balance import _quantize_balance_group, balance_groups
 
     shapes = [(24, 64)] * 5 + [(8, 64)] * 2
     stock, ours = (quantized_linears(shapes, preset, group_size, std=0.3) for _ in range(2))
     orig = {lin: lin.weight.detach().clone() for lin in stock + ours}
     scales = (torch.rand(1, 64) * 3 + 0.05).float()
     stock_step(stock, orig, scales)  # llmcompressor 0.14.0.1's _compute_best_scale, one grid point
-    groups = _balance_groups(ours)
+    groups = balance_groups(ours)
     assert [len(g) for g in groups] == [5, 2]
     per_layer = 24 * 64 * 12
     for group in groups:
@@ -299,13 +300,13 @@ def test_batched_balance_quantization_is_stocks_bit_for_bit(preset, group_size):
 
 def test_batched_balance_quantization_leaves_other_schemes_to_stock():
     from benchmarks.balance_quant import quantized_linears
-    from release.awq.balance import _balance_groups
+    from release.awq.balance import balance_groups
 
-    assert _balance_groups(quantized_linears([(8, 32)], "NVFP4")) is None, "a global scale: stock's loop"
+    assert balance_groups(quantized_linears([(8, 32)], "NVFP4")) is None, "a global scale: stock's loop"
     channel = quantized_linears([(8, 32), (8, 32)], "W8A16", "channel")  # one scale per row
-    assert _balance_groups(channel) == [channel]
+    assert balance_groups(channel) == [channel]
     plain = torch.nn.Linear(32, 8)  # no quantization scheme: stock leaves it alone in the search
-    assert _balance_groups([plain]) == []
+    assert balance_groups([plain]) == []
 
 
 @pytest.mark.slow
@@ -418,16 +419,16 @@ def test_fused_experts_stay_with_the_loop(builds):
 
 def test_gram_loss_equals_the_loss_over_rows():
     """The identity patch 10 rests on: ||X D^T||^2 = tr(D G D^T) with G = X^T X (fp32 sums)."""
-    from release.awq.experts import _gram
+    from release.awq.experts import gram_matrix
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 24, generator=g)
     d = torch.randn(5, 16, 24, generator=g)  # five experts' Wq - W
     rows = torch.stack([(x @ di.T).pow(2).sum() for di in d])
-    gram = _gram(x).expand(5, 24, 24)
+    gram = gram_matrix(x).expand(5, 24, 24)
     assert torch.allclose((torch.bmm(d, gram) * d).sum(dim=(1, 2)), rows, rtol=1e-5)
-    halves = _gram(x[:100]) + _gram(x[100:])  # what batches (and ranks) add up
-    assert torch.allclose(halves, _gram(x), rtol=1e-5, atol=1e-4)
+    halves = gram_matrix(x[:100]) + gram_matrix(x[100:])  # what batches (and ranks) add up
+    assert torch.allclose(halves, gram_matrix(x), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -547,8 +548,8 @@ def test_the_recipe_runs_moe_awq_with_the_rendered_settings(write_config):
 
     from release.awq import scaled_awq
     from release.awq.modifier import MoeAWQModifier
+    from release.branch_folder import prepare_branch
     from release.config import load_config
-    from release.quantize import prepare_branch
 
     cfg = load_config(write_config())
     _base, _arch, text, _fp = prepare_branch(cfg, cfg.branches[0])
@@ -588,7 +589,7 @@ def test_batched_experts_equal_the_loop_on_uneven_routing():
     from transformers import Glm4MoeConfig
     from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeExperts
 
-    from release.awq.experts import _grouped_experts_forward
+    from release.awq.experts import grouped_experts_forward
 
     torch.manual_seed(0)
     cfg = Glm4MoeConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=6, num_experts_per_tok=2)
@@ -602,12 +603,12 @@ def test_batched_experts_equal_the_loop_on_uneven_routing():
     idx = torch.stack([torch.randint(0, 5, (40,)), torch.full((40,), 1)], dim=1)  # expert 5 idle, 1 busy
     idx[:, 1] = torch.where(idx[:, 0] == 1, 2, 1)
     weights = torch.rand(40, 2)
-    ours = _grouped_experts_forward(experts, hidden, idx, weights)
+    ours = grouped_experts_forward(experts, hidden, idx, weights)
     ref = LinearExperts2D.forward(experts, hidden, idx, weights)
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5)
     # padded temporaries for 20 rows a chunk: the busy expert alone, the others in runs
     row_bytes = (2 * hidden.shape[-1] + 5 * experts[0].up_proj.out_features) * hidden.element_size()
-    chunked = _grouped_experts_forward(experts, hidden, idx, weights, padded_bytes=20 * row_bytes)
+    chunked = grouped_experts_forward(experts, hidden, idx, weights, padded_bytes=20 * row_bytes)
     assert torch.allclose(chunked, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -656,33 +657,33 @@ def _attention_batch(model, length: int, seed: int) -> dict:
 def test_merged_attention_forward_equals_one_per_sample():
     """Patch 7, attention: equal-length samples stacked on the batch axis (RoPE and masks too),
     a different length starts a new forward, and the outputs are those of separate forwards."""
-    from release.awq.merge import _merged_batches
+    from release.awq.merge import merged_batches
 
     model, layer = _tiny_layer()
     batches = [_attention_batch(model, n, i) for i, n in enumerate((12, 12, 12, 7, 12))]
     counts: dict[str, int] = {}
     with torch.no_grad():
         separate = [layer.self_attn(**b)[0] for b in batches]
-        merged = list(_merged_batches(iter(batches), False, 10**6, counts, "attn"))
+        merged = list(merged_batches(iter(batches), False, 10**6, counts, "attn"))
         assert [m["hidden_states"].shape[0] for m in merged] == [3, 1, 1]
         outs = [layer.self_attn(**m)[0] for m in merged]
     assert counts == {"attn": 1}
     assert torch.allclose(torch.cat(outs[:1]), torch.cat(separate[:3]), atol=1e-5)
     assert torch.allclose(outs[1], separate[3], atol=1e-6) and torch.allclose(outs[2], separate[4], atol=1e-6)
     # the token budget splits groups
-    assert [m["hidden_states"].shape[0] for m in _merged_batches(iter(batches[:3]), False, 24, {}, "a")] == [2, 1]
+    assert [m["hidden_states"].shape[0] for m in merged_batches(iter(batches[:3]), False, 24, {}, "a")] == [2, 1]
 
 
 def test_merged_moe_block_forward_equals_one_per_sample():
     """Patch 7, token-wise parents: samples of any length concatenated on the token axis."""
-    from release.awq.merge import _mergeable, _merged_batches
+    from release.awq.merge import _mergeable, merged_batches
 
     _model, layer = _tiny_layer()
     g = torch.Generator().manual_seed(1)
     batches = [{"hidden_states": torch.randn(1, n, 32, generator=g)} for n in (12, 5, 9)]
     with torch.no_grad():
         separate = torch.cat([layer.mlp(**b) for b in batches], dim=1)
-        merged = list(_merged_batches(iter(batches), True, 10**6, {}, "moe"))
+        merged = list(merged_batches(iter(batches), True, 10**6, {}, "moe"))
         assert len(merged) == 1 and merged[0]["hidden_states"].shape == (1, 26, 32)
         out = layer.mlp(**merged[0])
     assert torch.allclose(out, separate, atol=1e-5)
@@ -698,13 +699,13 @@ def test_resident_budget_defaults_to_35_percent_of_the_gpu(monkeypatch):
 
     import torch
 
-    from release.awq.caches import _resident_budget
+    from release.awq.caches import resident_budget
 
-    assert _resident_budget(1.5) == int(1.5 * 2**30)
+    assert resident_budget(1.5) == int(1.5 * 2**30)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _resident_budget(None) == 0
+    assert resident_budget(None) == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     card = types.SimpleNamespace(total_memory=81559 * 2**20)  # what nvidia-smi lists for an H100 80GB
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: card)
-    assert round(_resident_budget(None) / 2**30, 1) == 27.9
+    assert round(resident_budget(None) / 2**30, 1) == 27.9

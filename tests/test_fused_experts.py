@@ -113,7 +113,7 @@ def test_grouped_search_forward_equals_the_loop():
     split by a row budget, against the loop; bf16, as the GPU runs it."""
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
 
-    from release.awq.experts import _grouped_experts_forward, _row_runs, grouped_gemm_works
+    from release.awq.experts import _row_runs, grouped_experts_forward, grouped_gemm_works
 
     experts = _experts(dtype=torch.bfloat16)
     hidden = torch.randn(40, 32, dtype=torch.bfloat16)
@@ -124,7 +124,7 @@ def test_grouped_search_forward_equals_the_loop():
         ref = LinearExperts2D.forward(experts, hidden, idx, weights.to(torch.bfloat16)).float()
         row_bytes = (2 * 32 + 5 * 16) * hidden.element_size()
         for budget in (4 * 2**30, 20 * row_bytes):
-            ours = _grouped_experts_forward(
+            ours = grouped_experts_forward(
                 experts, hidden, idx, weights.to(torch.bfloat16), padded_bytes=budget, grouped=True
             ).float()
             assert ((ours - ref).norm() / ref.norm()).item() < 1e-2

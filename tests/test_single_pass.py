@@ -11,7 +11,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from release import one_pass, quantize
+from release import branch_folder, calibrate, one_pass, quantize
 from release.build_log import read_build_log
 from release.cli import cli
 from release.config import load_config
@@ -111,7 +111,7 @@ def test_configs_and_records_say_what_made_each_branch(two_ways):
 def test_side_branches_stay_within_two_percent_of_their_own_build_in_kl(two_ways):
     """The issue's bar: one-pass branches' KL against the base within 2 % of separate builds
     (the demo release's figures: benchmarks/results/2026-11-30-cpu-demo-single-pass)."""
-    from release.quantize import resolve_base_model
+    from release.branch_folder import resolve_base_model
     from release.verify import BaseReference, load_heldout, verify_branches
 
     cfg = two_ways["one"]["cfg"]
@@ -132,12 +132,12 @@ def test_a_second_pass_does_nothing_and_a_branch_alone_is_up_to_date(two_ways, t
     again = quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
     assert [b.skipped for b in again] == [True, True, True]
     # GS64 alone has a fingerprint of its own (a build alone differs from layer 1 on) ...
-    _base, _arch, _recipe, alone = quantize.prepare_branch(cfg, cfg.branch("W4A16_GS64"))
+    _base, _arch, _recipe, alone = branch_folder.prepare_branch(cfg, cfg.branch("W4A16_GS64"))
     assert alone != again[1].inputs_fingerprint
-    reordered = quantize.pass_fingerprint(alone, ["W4A16_GS64", "W4A16_GS32"])
+    reordered = branch_folder.pass_fingerprint(alone, ["W4A16_GS64", "W4A16_GS32"])
     assert reordered != again[1].inputs_fingerprint  # another branch propagating is another pass
     # ... but `quantize --branch W4A16_GS64` after build-all finds it built from unchanged inputs
-    assert one_pass.quantize_pass(cfg, ["W4A16_GS64"], echo=lambda s: None)[0].skipped
+    assert quantize.build_branches(cfg, ["W4A16_GS64"], 1, None, echo=lambda s: None)[0].skipped
     # and the separate builds are up to date for a one-pass build-all (nothing rebuilt)
     sep = two_ways["separate"]["cfg"]
     assert all(b.skipped for b in quantize.build_branches(sep, NAMES, 1, None, echo=lambda s: None))
@@ -147,9 +147,9 @@ def test_a_second_pass_does_nothing_and_a_branch_alone_is_up_to_date(two_ways, t
     raw["branches"][2]["name"] = "W4A16_GS64B"
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(raw))
     changed = load_config(tmp_path / "changed.yaml")
-    own = quantize.prepare_branch(changed, changed.branch("W4A16_GS64"))[3]
+    own = branch_folder.prepare_branch(changed, changed.branch("W4A16_GS64"))[3]
     assert own == alone  # GS64's own inputs did not change: the pass it was built by did
-    assert not quantize.up_to_date(changed, changed.branch("W4A16_GS64"), own, ["W4A16_GS32", "W4A16_GS64"])
+    assert not branch_folder.up_to_date(changed, changed.branch("W4A16_GS64"), own, ["W4A16_GS32", "W4A16_GS64"])
 
 
 @pytest.mark.slow
@@ -186,7 +186,7 @@ def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path,
         rebuilt.append(f"{lead.name} -> {'saved' if out_tmp is not None else 'calibrate only'}")
         raise ReleaseError("stop here (test)")
 
-    monkeypatch.setattr(quantize, "_run_oneshot", recorded)
+    monkeypatch.setattr(one_pass, "run_oneshot", recorded)
     said: list[str] = []
     with pytest.raises(ReleaseError, match="stop here"):
         quantize.build_branches(cfg, NAMES, 1, None, echo=said.append)
@@ -216,7 +216,7 @@ def test_side_branches_from_offloaded_base_weights_and_in_many_shards_are_the_in
     from release.awq import side
 
     cfg = load_config(_config(tmp_path, demo_assets, offload={"cpu_gib": 0.002}))
-    monkeypatch.setattr(quantize, "SHARD_SIZE", "1MB")
+    monkeypatch.setattr(calibrate, "SHARD_SIZE", "1MB")
     monkeypatch.setattr(side, "QUANTIZE_CHUNK_BYTES", 1)  # and each Linear of a side run quantized alone
     quantize.build_branches(cfg, ["W4A16_GS32", "W4A16_GS128"], 1, None, echo=lambda s: None)
     monkeypatch.undo()
@@ -230,7 +230,7 @@ def test_side_branches_from_offloaded_base_weights_and_in_many_shards_are_the_in
     for name in ("W4A16_GS32", "W4A16_GS128"):
         a, b = _tensors(cfg.output_dir / name), _tensors(ram.output_dir / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    assert not quantize.offload_folder(cfg).exists()
+    assert not calibrate.offload_folder(cfg).exists()
 
 
 def test_a_tampered_store_is_refused_by_name(tmp_path):
@@ -367,13 +367,13 @@ def test_a_pass_whose_stores_cannot_fit_is_refused_before_any_work(tmp_path, dem
     need = room.weights_bytes(cfg.base_model.path, arch, cfg.dtype, 128, decoder_only=True)
     # what a pass really stores, per side branch, is within the estimate
     quantize.build_branches(cfg, ["W4A16_GS32", "W4A16_GS128"], 1, None, echo=lambda s: None)
-    stored = sum(r.side_stored_gib for r in quantize.LAST_SCALE_STATS[0].layers) * 2**30
+    stored = sum(r.side_stored_gib for r in calibrate.LAST_SCALE_STATS[0].layers) * 2**30
     assert 0.8 * need <= stored <= need, (stored, need)
 
     real = shutil.disk_usage
-    monkeypatch.setattr(quantize.shutil, "disk_usage", lambda p: real(p)._replace(free=need))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=need))
     loaded: list[int] = []
-    monkeypatch.setattr(quantize, "load_base_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(calibrate, "load_base_model", lambda *a, **k: loaded.append(1))
     with pytest.raises(
         ReleaseError, match=r"needs about .* [KMG]iB at .* \(2 side branch\(es\)' stores .* [KMG]iB, 3 branch"
     ) as e:
@@ -403,8 +403,8 @@ def test_a_build_that_cannot_fit_is_refused_before_any_work_and_the_estimate_bou
         assert 0.8 * need <= used <= need, (name, used, need)
     cfg = load_config(_config(tmp_path, demo_assets))
     real = shutil.disk_usage
-    monkeypatch.setattr(quantize.shutil, "disk_usage", lambda p: real(p)._replace(free=used // 2))
-    monkeypatch.setattr(quantize, "load_base_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=used // 2))
+    monkeypatch.setattr(calibrate, "load_base_model", lambda *a, **k: pytest.fail("loaded before the check"))
     with pytest.raises(ReleaseError, match=r"building W4A16_GS32 needs about .* [KMG]iB at .*out \(W4A16_GS32 "):
         quantize.quantize_branch(cfg, "W4A16_GS32", echo=lambda s: None)
     assert not cfg.output_dir.exists() or not [p for p in cfg.output_dir.iterdir() if p.name != ".glmrel-cache"]

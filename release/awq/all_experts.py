@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .experts import _batchable, _effective_weight
+from .experts import batchable, effective_weight
 from .state import RunState
 
 CHUNK_BYTES = 4 * 2**30  # the batched products' temporaries per chunk of experts
@@ -44,7 +44,7 @@ def fusable(experts: Any, hidden: Any, devices: tuple[str, ...]) -> bool:
 
     if hidden.device.type not in devices or hidden.dim() != 2 or not getattr(experts, "has_gate", False):
         return False
-    if not _batchable(experts):  # gated, no biases, weights-only quantization
+    if not batchable(experts):  # gated, no biases, weights-only quantization
         return False
     # global hooks would see every module call: only the loop makes those calls
     return not (nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks)
@@ -106,8 +106,8 @@ def _stacked(experts: Any, run: RunState) -> tuple[Any, Any]:
     run.calibration_stack = None  # the previous layer's stack freed before the new one
     run.stacked = {}  # and the routed path's (the previous layer's propagation)
     trios = [(experts[i].gate_proj, experts[i].up_proj, experts[i].down_proj) for i in range(experts.num_experts)]
-    gate_up = torch.stack([torch.cat([_effective_weight(g), _effective_weight(u)]) for g, u, _ in trios])
-    down = torch.stack([_effective_weight(d) for _, _, d in trios])
+    gate_up = torch.stack([torch.cat([effective_weight(g), effective_weight(u)]) for g, u, _ in trios])
+    down = torch.stack([effective_weight(d) for _, _, d in trios])
     run.calibration_stack = (id(experts), gate_up, down)
     return gate_up, down
 

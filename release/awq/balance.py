@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .experts import _candidate_scales, _expert_chunk
+from .experts import candidate_scales, expert_chunk
 
 
-def _balance_groups(layers: list[Any]) -> list[list[Any]] | None:
+def balance_groups(layers: list[Any]) -> list[list[Any]] | None:
     """Patch 12: the balance layers stock's grid search quantizes (those with a weight scheme),
     grouped by weight shape, dtype, device and quantization arguments. None where one of them is
     not quantized row by row from its min/max (a per-tensor, block, global or dynamic scale, or
@@ -62,7 +62,7 @@ def _quantize_balance_group(
     # arithmetic runs in the promoted dtype and is rounded once on the write, as stock's
     # `(orig * s)` copied into the weight and `(Q(W*s) / s).to(dtype)` are, without their
     # full-size fp32 temporaries.
-    chunk = _expert_chunk(out_f * in_f * 12, budget_bytes)
+    chunk = expert_chunk(out_f * in_f * 12, budget_bytes)
     for start in range(0, len(layers), chunk):
         group = layers[start : start + chunk]
         ws = torch.empty((len(group) * out_f, in_f), dtype=dtype, device=device)
@@ -82,7 +82,7 @@ def _quantize_balance_group(
         del fq
 
 
-def _batched_balance_search(
+def batched_balance_search(
     modifier: Any,
     mapping: Any,
     fp16_outputs: Any,
@@ -95,7 +95,7 @@ def _batched_balance_search(
     its progress bar and debug log), but for the balance layers' quantization at each grid point
     (`_quantize_balance_group`); `phases` adds up its time by phase. Stock
     swaps in min/max weight observers for the search and fuses observers of TENSOR_GROUP layers
-    only: `_balance_groups` admits neither observer state nor such layers, so neither applies."""
+    only: `balance_groups` admits neither observer state nor such layers, so neither applies."""
     import torch
     from llmcompressor.modifiers.transform.awq import base as awq_base
 
@@ -111,7 +111,7 @@ def _batched_balance_search(
     x_mean = x_sum.to(device) / count.to(device)
     w_mean = modifier._compute_layer_means(mapping.balance_layers).to(device) if modifier.duo_scaling else None
     for ratio, use_duo_scaling in modifier._get_grid_search_params():
-        scales = _candidate_scales(x_mean.view(-1), w_mean, ratio, use_duo_scaling)
+        scales = candidate_scales(x_mean.view(-1), w_mean, ratio, use_duo_scaling)
         scales_view = scales.view(1, -1).to(device)
         t = time.perf_counter()
         for group in groups:

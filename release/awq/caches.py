@@ -10,7 +10,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from .ranks import _ranks
+from .ranks import rank_count
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -53,7 +53,7 @@ def _deduplicate(new: Any, prev: Any) -> int:
     return 0
 
 
-def _deduplicate_batch(cache: Any, batch_index: int) -> tuple[int, int]:
+def deduplicate_batch(cache: Any, batch_index: int) -> tuple[int, int]:
     """Patch 9: store the DEDUPLICATED_INPUTS of batch `batch_index` once where they equal the
     previous batch's; returns (values, bytes) saved."""
     if batch_index < 1 or batch_index >= len(cache.batch_intermediates):
@@ -68,11 +68,11 @@ def _deduplicate_batch(cache: Any, batch_index: int) -> tuple[int, int]:
     return values, saved
 
 
-def _give_back(ledger: _Ledger, held: list[int]) -> None:
+def _give_back(ledger: Ledger, held: list[int]) -> None:
     ledger.used -= held[0]
 
 
-class _Ledger:
+class Ledger:
     """GPU bytes held by caches (patch 9's resident inputs against the run's budget; patch 10's
     Gram matrices, unbounded), and their peak. Each holder's bytes come back when it is
     collected."""
@@ -101,7 +101,7 @@ class _Ledger:
         held[0] -= n
 
 
-class _WriteBack:
+class WriteBack:
     """Patch 11: smoothed weights written to the onloaded (GPU) copy during a layer's AWQ
     smoothing, and copied to their CPU offload once, at the end of it."""
 
@@ -160,7 +160,7 @@ class _WriteBack:
         items = list(self.dirty.values())
         everything = items
         self.dirty.clear()
-        ranks = _ranks()
+        ranks = rank_count()
         shared = ranks > 1 and any(s for _o, _g, s in items)
         if shared:
             import torch.distributed as dist
@@ -231,7 +231,7 @@ def _land(done: Any, moves: list[tuple[Any, Any]]) -> None:
         d.copy_(staged)
 
 
-def _resident_budget(gib: float | None) -> int:
+def resident_budget(gib: float | None) -> int:
     """Bytes of GPU memory patch 9 may hold: `gib`, or (None) 35 % of this process's GPU; none
     without one. 35 %: at 512 x 2048 on an H100 80GB, 28 GiB kept the dense layer's host window
     at 55.4 GiB (72.0 GiB at 20 %) with the GPU peak at 54.1 GiB allocated, 65.1 reserved."""
@@ -256,7 +256,7 @@ def cache_classes() -> tuple[Any, Any, Any]:
     from llmcompressor.pipelines.cache import IntermediatesCache
     from torch.utils._pytree import tree_leaves, tree_map
 
-    from .experts import _gram
+    from .experts import gram_matrix
 
     class SampledCache(IntermediatesCache):
         """An expert down_proj's cached inputs: at most `budget` rows over all batches, kept as
@@ -270,7 +270,7 @@ def cache_classes() -> tuple[Any, Any, Any]:
             self.engine = engine
             # the budget is for the whole run: under data parallelism each rank keeps its share
             # (the grid-search loss is all-reduced over the ranks' rows)
-            self.per_batch = max(1, math.ceil(budget / max(1, engine.num_batches * _ranks())))
+            self.per_batch = max(1, math.ceil(budget / max(1, engine.num_batches * rank_count())))
             self.salt = salt
             self.appended = 0
             self.pending: list[Any] = []
@@ -375,7 +375,7 @@ def cache_classes() -> tuple[Any, Any, Any]:
                     "and awq.max_expert_tokens: null"
                 )
             flat = x.reshape(-1, x.shape[-1])
-            g = _gram(flat)
+            g = gram_matrix(flat)
             if self.gram is None:
                 self.gram = g
                 self.engine.grams.take(g.nbytes, self.engine.grams.holder(self))
@@ -423,7 +423,7 @@ def cache_classes() -> tuple[Any, Any, Any]:
             else:
                 engine.stock_update(self, batch_index, values)
                 engine.stats.offloaded_batches += 1
-            count, saved_bytes = _deduplicate_batch(self, batch_index)
+            count, saved_bytes = deduplicate_batch(self, batch_index)
             engine.stats.deduplicated_values += count
             if resident:
                 engine.ledger.give(saved_bytes, self.held)

@@ -12,14 +12,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .all_experts import all_experts_forward, fusable, hooks_silent
-from .caches import _deduplicate_batch, _Ledger, _resident_budget, _WriteBack
-from .experts import _batchable, _grouped_experts_forward, grouped_gemm_works
+from .caches import Ledger, WriteBack, deduplicate_batch, resident_budget
+from .experts import batchable, grouped_experts_forward, grouped_gemm_works
 from .hooks import Patches
 from .options import TARGET_VERSION, ScaleOptions
-from .ranks import _cpu_allreduce_sum, _SharedSmoothFix
+from .ranks import SharedSmoothFix, cpu_allreduce_sum
 from .side import SideBranch, StoreWriter, write_onloaded
 from .state import RunState
-from .stats import ScaleStats, _HostPeak
+from .stats import HostPeak, ScaleStats
 
 
 class Engine:
@@ -46,14 +46,14 @@ class Engine:
         self.on_layer = on_layer  # called with each decoder layer's record as the layer is done (progress)
         self.run = RunState()
         self.deduplicating = options.resident_cache_gib != 0  # patch 9
-        self.ledger = _Ledger(_resident_budget(options.resident_cache_gib) if self.deduplicating else 0)
-        self.grams = _Ledger(math.inf)  # patch 10's Gram matrices
-        self.write_back = _WriteBack(check=options.check_write_back) if options.deferred_write_back else None
+        self.ledger = Ledger(resident_budget(options.resident_cache_gib) if self.deduplicating else 0)
+        self.grams = Ledger(math.inf)  # patch 10's Gram matrices
+        self.write_back = WriteBack(check=options.check_write_back) if options.deferred_write_back else None
         self.clock = {"last": time.perf_counter(), "mapping": time.perf_counter()}
         # ranks on CPU (the test of the data-parallel path) share their weights' memory
         self.cpu_ranks = torch.accelerator.current_accelerator() is None and awq_base.is_distributed()
-        self.shared_fix = _SharedSmoothFix() if self.cpu_ranks else None
-        self.host = _HostPeak()
+        self.shared_fix = SharedSmoothFix() if self.cpu_ranks else None
+        self.host = HostPeak()
         # the library's own functions, which the patches call
         self.stock_update = IntermediatesCache.update
         self.stock_experts_forward = LinearExperts2D.forward
@@ -154,7 +154,7 @@ def scaled_awq(
         """Patch 9, every cache the engine does not replace (the pipeline's layer inputs among
         them): stock, then values equal to the previous sample's stored once."""
         engine.stock_update(self, batch_index, values)
-        stats.deduplicated_values += _deduplicate_batch(self, batch_index)[0]
+        stats.deduplicated_values += deduplicate_batch(self, batch_index)[0]
 
     def timed_allreduce(data: list[Any]) -> list[Any]:
         """Stock's all-reduce, timed from when this rank's GPU work is done: the time this rank
@@ -198,7 +198,7 @@ def scaled_awq(
                 if hooks_silent(self):  # the propagation pass: the routed tokens make the output
                     run.calibration_stack = None
                     stats.routed_propagation_calls += 1
-                    return _grouped_experts_forward(
+                    return grouped_experts_forward(
                         self, hidden_states, top_k_index, top_k_weights, run=run, grouped=grouped_gemm(hidden_states)
                     )
                 stats.fused_calibration_calls += 1
@@ -206,10 +206,10 @@ def scaled_awq(
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         if not (options.batched_experts and stats.batched_experts_disabled is None):
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-        if not self.has_gate or not _batchable(self):
+        if not self.has_gate or not batchable(self):
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         grouped = fused and grouped_gemm(hidden_states)
-        out = _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights, run=run, grouped=grouped)
+        out = grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights, run=run, grouped=grouped)
         if id(self) not in run.checked:  # first call for this layer: compare with the loop
             run.checked.add(id(self))
             ref = stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
@@ -242,7 +242,7 @@ def scaled_awq(
         if write_back is not None or side:
             patches.hook("offload_write", update_offload_parameter)
         if engine.cpu_ranks:
-            patches.hook("allreduce", _cpu_allreduce_sum)
+            patches.hook("allreduce", cpu_allreduce_sum)
         elif awq_base.is_distributed() and torch.cuda.is_available():
             patches.hook("allreduce", timed_allreduce)
         engine.clock["last"] = time.perf_counter()

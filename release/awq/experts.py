@@ -7,12 +7,12 @@ import itertools
 import math
 from typing import Any
 
-from .ranks import _divided_smooth_weight, _ranks
+from .ranks import divided_smooth_weight, rank_count
 from .state import RunState
 from .stats import ScaleStats
 
 
-def _effective_weight(linear: Any) -> Any:
+def effective_weight(linear: Any) -> Any:
     """The weight a compressed-tensors Linear's forward would multiply by (fake-quantized
     when its quantization is enabled), as `set_forward_quantized` computes it."""
     from compressed_tensors.quantization import QuantizationStatus
@@ -52,7 +52,7 @@ def grouped_gemm_works(like: Any) -> bool:
     return bool(((out - ref).abs() <= 1e-2 * ref.abs().amax()).all())
 
 
-def _batchable(experts: Any) -> bool:
+def batchable(experts: Any) -> bool:
     first = experts[0]
     for lin in (getattr(first, "gate_proj", None), getattr(first, "up_proj", None), first.down_proj):
         if lin is None or lin.bias is not None:
@@ -94,7 +94,7 @@ def _row_runs(counts: list[int], max_rows: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _grouped_experts_forward(
+def grouped_experts_forward(
     experts: Any,
     hidden: Any,
     top_k_index: Any,
@@ -129,7 +129,7 @@ def _grouped_experts_forward(
             bufs = cached[1]
         for i, m in enumerate(members):
             for buf, lin in zip(bufs, (m.gate_proj, m.up_proj, m.down_proj)):
-                buf[i].copy_(_effective_weight(lin))
+                buf[i].copy_(effective_weight(lin))
         run.stacked = {key: (run.generation, bufs)}  # one layer at a time
         cached = run.stacked[key]
     w_gate, w_up, w_down = cached[1]
@@ -192,12 +192,12 @@ def _grouped_experts_forward(
     return slots.sum(dim=1, dtype=torch.float32).to(hidden.dtype)
 
 
-def _expert_chunk(bytes_per_expert: int, budget_bytes: int = 4 * 2**30) -> int:
+def expert_chunk(bytes_per_expert: int, budget_bytes: int = 4 * 2**30) -> int:
     """Experts per batched search step, for the step's temporaries to fit `budget_bytes`."""
     return max(1, budget_bytes // max(1, bytes_per_expert))
 
 
-def _gram(x: Any) -> Any:
+def gram_matrix(x: Any) -> Any:
     """X^T X in fp32 for rows X [tokens, in] (patch 10): bf16 products are exact in fp32, and
     on a GPU the sum runs on the tensor cores with fp32 accumulation."""
     import torch
@@ -211,7 +211,7 @@ def _gram(x: Any) -> Any:
     return x.T @ x
 
 
-def _candidate_scales(x_mean: Any, w_mean: Any, ratio: float, duo: bool) -> Any:
+def candidate_scales(x_mean: Any, w_mean: Any, ratio: float, duo: bool) -> Any:
     """AWQ's scales for one grid point (llm-compressor 0.14.0.1's `_compute_best_scale`), over
     the last dimension: one mapping's [in] or a batch of experts' [E, in]."""
     import torch
@@ -252,7 +252,7 @@ def _search_experts(
     best_loss = torch.full((e,), float("inf"), device=w.device)
     first_loss = best = None
     for ratio, duo in grid:
-        sc = _candidate_scales(x_mean, w_mean, ratio, duo)
+        sc = candidate_scales(x_mean, w_mean, ratio, duo)
         ws = (w * sc[:, None, :]).to(w.dtype).reshape(e * out_f, in_f)
         observed = flatten_for_calibration(ws, "weight", args)
         qscale, qzero = calculate_qparams(torch.amin(observed, dim=(0, -1)), torch.amax(observed, dim=(0, -1)), args)
@@ -278,7 +278,7 @@ def _search_experts(
     return best, first_loss, best_loss
 
 
-def _batched_expert_search(
+def search_routed_experts(
     modifier: Any, maps: list[Any], stats_of: dict[str, Any], allreduce: Any, stats: ScaleStats, record: bool
 ) -> bool:
     """Patches 8 and 10: the routed experts' down_proj scale searches of one layer, batched
@@ -302,7 +302,7 @@ def _batched_expert_search(
             )
         return False  # experts with different row counts or shapes: stock's loop does them
     grid = modifier._get_grid_search_params()
-    ranks = _ranks()
+    ranks = rank_count()
     distributed = ranks > 1
     rank = 0
     if distributed:
@@ -313,9 +313,9 @@ def _batched_expert_search(
     (input_shape,) = inputs
     out_f, in_f = maps[0].parent.weight.shape
     if gram:  # w, w*s, its fake quantization, Wq, D and D@G, at most 4 bytes an element
-        chunk = _expert_chunk(out_f * in_f * 22)
+        chunk = expert_chunk(out_f * in_f * 22)
     else:  # reference, output and fp32 error of [rows, out]
-        chunk = _expert_chunk(math.prod(input_shape[:-1]) * out_f * 12)
+        chunk = expert_chunk(math.prod(input_shape[:-1]) * out_f * 12)
     for start in range(0, len(maps), chunk):
         group = maps[start : start + chunk]
         downs, ups = [m.parent for m in group], [m.smooth_layer for m in group]
@@ -391,7 +391,7 @@ def _batched_expert_search(
                 s_i = best[i]
                 # through AWQ's module: patch 11 defers these writes as it does stock's
                 awq_base.update_offload_parameter(d, "weight", w[i] * s_i.view(1, -1))
-                awq_base.update_offload_parameter(u, "weight", _divided_smooth_weight(up_orig[i], s_i))
+                awq_base.update_offload_parameter(u, "weight", divided_smooth_weight(up_orig[i], s_i))
                 modifier._error_metrics.append(
                     {
                         "layer_name": m.smooth_name,

@@ -69,7 +69,7 @@ def _merge(group: list[dict[str, Any]], token_wise: bool) -> dict[str, Any]:
     return {k: cat([b[k] for b in group]) for k in group[0]}
 
 
-def _merged_batches(
+def merged_batches(
     batches: Any, token_wise: bool, budget: int, counts: dict[str, int], kind: str
 ) -> Iterator[dict[str, Any]]:
     """Consecutive cached batches merged into forwards of at most `budget` tokens (patch 7);

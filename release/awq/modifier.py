@@ -19,14 +19,14 @@ from llmcompressor.pipelines.cache import IntermediatesCache
 from pydantic import PrivateAttr
 
 from .activations import register_calibration_hooks, sums_to_host
-from .balance import _balance_groups, _batched_balance_search
+from .balance import balance_groups, batched_balance_search
 from .caches import cache_classes
-from .experts import _batched_expert_search
+from .experts import search_routed_experts
 from .hooks import Patches
-from .merge import TOKEN_WISE_PARENTS, _merged_batches
+from .merge import TOKEN_WISE_PARENTS, merged_batches
 from .side import SideTimes, smooth_side_branches
 from .state import first
-from .stats import LayerRecord, _pinned_peak_gib, mapping_kind, release_host_memory
+from .stats import LayerRecord, mapping_kind, pinned_peak_gib, release_host_memory
 
 
 class MoeAWQModifier(AWQModifier):
@@ -52,7 +52,7 @@ class MoeAWQModifier(AWQModifier):
             kind = type(module).__name__
             token_wise = kind in TOKEN_WISE_PARENTS
             if token_wise or options.sdpa_in_search:
-                batches = _merged_batches(
+                batches = merged_batches(
                     batches, token_wise, options.search_batch_tokens, e.stats.merged_forwards, kind
                 )
         outputs = (first(module(**batch)) for batch in batches)  # patch 1: element 0 as each batch ends
@@ -72,12 +72,12 @@ class MoeAWQModifier(AWQModifier):
         if e.shared_fix is not None:
             e.shared_fix.before(mapping)
         try:
-            groups = _balance_groups(mapping.balance_layers) if options.batched_balance_layers else None
+            groups = balance_groups(mapping.balance_layers) if options.batched_balance_layers else None
             if groups:  # patch 12
                 phases = stats.search_phase_s.setdefault(mapping_kind(mapping.smooth_name), {})
                 phases["prepare"] = phases.get("prepare", 0.0) + time.perf_counter() - clock["mapping"]
                 losses: list[float] = []
-                best = _batched_balance_search(self, mapping, fp16_outputs, orig_layer_weights, groups, phases, losses)
+                best = batched_balance_search(self, mapping, fp16_outputs, orig_layer_weights, groups, phases, losses)
                 stats.grid_losses[mapping.smooth_name] = losses
                 stats.batched_balance_mappings += 1
                 stats.batched_balance_layers += sum(len(g) for g in groups)
@@ -163,7 +163,7 @@ class MoeAWQModifier(AWQModifier):
             if batched:
                 t_search = time.perf_counter()
                 with awq_base.calibration_forward_context(model):
-                    done = _batched_expert_search(
+                    done = search_routed_experts(
                         self, batched, held, awq_base._allreduce_data_sum, stats, options.record_scales
                     )
                 if not done:
@@ -207,7 +207,7 @@ class MoeAWQModifier(AWQModifier):
                         round(end - t - excluded, 3),
                         round(gpu, 3),
                         round(e.host.take(), 3),
-                        round(_pinned_peak_gib(), 3),
+                        round(pinned_peak_gib(), 3),
                         round(reserved, 3),
                         side_s=round(side.seconds, 3) if side is not None else 0.0,
                         side_stored_gib=round(side.stored_bytes / 2**30, 6) if side is not None else 0.0,

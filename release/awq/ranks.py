@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 
-def _ranks() -> int:
+def rank_count() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _cpu_allreduce_sum(data: list[Any]) -> list[Any]:
+def cpu_allreduce_sum(data: list[Any]) -> list[Any]:
     import torch.distributed as dist
 
     data = [datum.clone() for datum in data]
@@ -20,7 +20,7 @@ def _cpu_allreduce_sum(data: list[Any]) -> list[Any]:
     return data
 
 
-def _divided_smooth_weight(weight: Any, scales: Any) -> Any:
+def divided_smooth_weight(weight: Any, scales: Any) -> Any:
     """Stock's smoothing of a smooth layer's weight (`_apply_smoothing._smooth`), out of place:
     a norm is divided by the scales; a Linear has its last rows divided (v_proj smoothed for
     o_proj, up_proj for down_proj)."""
@@ -31,7 +31,7 @@ def _divided_smooth_weight(weight: Any, scales: Any) -> Any:
     return fixed
 
 
-class _SharedSmoothFix:
+class SharedSmoothFix:
     """Ranks on CPU only (the test of the data-parallel path): compressed-tensors offloads the
     weights of a distributed run to shared CPU memory and, when the execution device is the
     CPU too, onloads them without a copy, so stock's in-place `smooth_layer.weight.div_(scales)`
@@ -62,6 +62,6 @@ class _SharedSmoothFix:
         layer, weight, bias, scales = self.pending
         self.pending = None
         scales = scales.to(weight.device)
-        awq_base.update_offload_parameter(layer, "weight", _divided_smooth_weight(weight, scales))
+        awq_base.update_offload_parameter(layer, "weight", divided_smooth_weight(weight, scales))
         if bias is not None:
             awq_base.update_offload_parameter(layer, "bias", bias.div(scales))

@@ -107,7 +107,7 @@ class ScaleStats:
         }
 
 
-class _HostPeak:
+class HostPeak:
     """Peak resident set size of this process, sampled every 50 ms on a daemon thread."""
 
     def __init__(self) -> None:
@@ -173,7 +173,7 @@ def release_host_memory() -> None:
         trim(0)
 
 
-def _pinned_peak_gib() -> float:
+def pinned_peak_gib() -> float:
     """Peak bytes of PyTorch's pinned host allocator since the last call, in GiB."""
     import torch
 
