@@ -45,7 +45,6 @@ def build(config: Path, scales: Path) -> dict[str, Any]:
     import torch
 
     from release.awq import ScaleOptions
-    from release.calibrate import LAST_SCALE_STATS
     from release.config import load_config
     from release.quantize import quantize_branch
 
@@ -54,7 +53,7 @@ def build(config: Path, scales: Path) -> dict[str, Any]:
     options = dataclasses.replace(ScaleOptions.from_spec(cfg.awq), record_scales=True)
     t = time.perf_counter()
     built = quantize_branch(cfg, branch, force=True, echo=lambda s: None, scale_options=options)
-    stats = LAST_SCALE_STATS[0]
+    stats = built.stats
     torch.save(stats.scales, scales)
     engine = stats.to_json()
     return {

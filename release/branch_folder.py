@@ -11,7 +11,7 @@ import os
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class BranchBuild:
     seconds: float
     inputs_fingerprint: str
     calibrated_by: str | None = None  # a side branch of one pass: the branch whose pass calibrated it
+    # what the AWQ engine recorded in the calibration that built it (release.awq.ScaleStats; none if skipped)
+    stats: Any = field(default=None, compare=False, repr=False)
 
     @property
     def outcome(self) -> str:
@@ -59,7 +61,7 @@ class BranchBuild:
         return f"built in {self.seconds:.0f}s"
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stats"}
         d["path"] = str(self.path)
         return d
 

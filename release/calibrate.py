@@ -26,8 +26,6 @@ from .errors import ReleaseError
 from .manifest import CACHE_DIR
 from .owned import create_owned, remove_owned
 
-LAST_SCALE_STATS: list[ScaleStats | None] = [None]  # the most recent oneshot's AWQ records (tests, benchmarks)
-
 
 def resource_peaks() -> dict[str, float]:
     """Peak host RSS of this process and, on a GPU, peak allocated device memory (GiB)."""
@@ -125,7 +123,6 @@ def calibrate(
     scale_stats = engine.stats
     counts = distributed.sum_counts(counts)  # each rank counted its own samples
     timings["awq_engine"] = {"engine": cfg.awq.engine, **options.to_json(), **scale_stats.to_json()}
-    LAST_SCALE_STATS[0] = scale_stats
     return Calibrated(model, tokenizer, timings, scale_stats, counts, calib_prov)
 
 

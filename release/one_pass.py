@@ -106,7 +106,7 @@ def quantize_pass(
                 cfg, lead, base_dir, arch, lead_tmp, cfg.output_dir / lead.name, fingerprints[lead.name], timings, names
             )
             builds[lead.name] = BranchBuild(
-                lead.name, cfg.output_dir / lead.name, False, pass_s, fingerprints[lead.name]
+                lead.name, cfg.output_dir / lead.name, False, pass_s, fingerprints[lead.name], stats=run.stats
             )
         for b, sb in zip(rest, side):
             if progress:
@@ -120,7 +120,13 @@ def quantize_pass(
                 cfg, b, base_dir, arch, tmps[b.name], cfg.output_dir / b.name, fingerprints[b.name], side_timings, names
             )
             builds[b.name] = BranchBuild(
-                b.name, cfg.output_dir / b.name, False, round(time.time() - t, 1), fingerprints[b.name], lead.name
+                b.name,
+                cfg.output_dir / b.name,
+                False,
+                round(time.time() - t, 1),
+                fingerprints[b.name],
+                lead.name,
+                run.stats,
             )
             shutil.rmtree(sb.store, ignore_errors=True)
     finally:

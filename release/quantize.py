@@ -66,7 +66,7 @@ def quantize_branch(
     create_owned(tmp, f"building {branch.name}")
     failed = True
     try:
-        timings, _run = run_oneshot(cfg, branch, base_dir, arch, recipe_text, tmp, echo, scale_options)
+        timings, run = run_oneshot(cfg, branch, base_dir, arch, recipe_text, tmp, echo, scale_options)
         seal_folder(cfg, branch, base_dir, arch, tmp, out_dir, fingerprint, timings, [branch.name])
         failed = False
     finally:
@@ -75,7 +75,7 @@ def quantize_branch(
             distributed.barrier_and_close()
         if cfg.offload.cpu_gib is not None:  # every rank is done with the offloaded weights
             forget_offload(offload_folder(cfg))
-    return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
+    return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint, stats=run.stats)
 
 
 def build_branches(

@@ -23,7 +23,6 @@ import torch
 
 from release.awq import ScaleOptions
 from release.build_log import read_build_log
-from release.calibrate import LAST_SCALE_STATS
 from release.config import load_config
 from release.quantize import quantize_branch
 from release.verify import BaseReference, load_heldout, verify_branch
@@ -91,7 +90,7 @@ def builds(tmp_path_factory, demo_assets):
         onload = mock.patch.object(CPUCache, "onload", _onload_as_a_copy) if name == "memory" else nullcontext()
         with onload:
             build = quantize_branch(cfg, BRANCH, echo=lambda s: None, scale_options=options)
-        out[name] = {"cfg": cfg, "dir": build.path, "stats": LAST_SCALE_STATS[0], "yaml": path}
+        out[name] = {"cfg": cfg, "dir": build.path, "stats": build.stats, "yaml": path}
     ref_cfg = out["stock"]["cfg"]
     reference = BaseReference(ref_cfg.base_model.path, load_heldout(ref_cfg), ref_cfg.verify.max_tokens)
     for run in out.values():
