@@ -608,3 +608,16 @@ def test_the_release_estimate_is_the_per_layer_arithmetic(tmp_path):
         and f"{one['calibration_h']} h" in proc.stdout
         and f"{eight['calibration_h']} h" in proc.stdout
     )
+
+
+def test_the_performance_page_states_the_estimate_its_record_gives():
+    """docs/performance.md's full-release figures are benchmarks.release_estimate's on the H200
+    record of the fused engine (run, not copied)."""
+    from benchmarks import release_estimate as est
+
+    record = RESULTS.parent / "2026-12-03-h200-fused-experts-glm47-moe-layer" / "profile-512.json"
+    moe = est.MoeLayer.from_record(json.loads(record.read_text()))
+    page = " ".join((RESULTS.parent.parent.parent / "docs" / "performance.md").read_text().split())
+    for gpus in (1, 8):
+        assert f"{est.estimate(moe, gpus=gpus)['calibration_h']} h" in page, gpus
+    assert f"{moe.calibration_s:.1f} s calibration pass" in page and f"{moe.smoothing_s:.1f} s search" in page
