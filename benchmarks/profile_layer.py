@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 
-def _config(release_yaml: Path, samples: int, seq: int | None, awq: list[str] = ()) -> Path:
-    """The release config at `samples` (and `seq`), with `awq:` settings KEY=VALUE set."""
+def _config(release_yaml: Path, samples: int, seq: int | None, awq: list[str] = (), sets: list[str] = ()) -> Path:
+    """The release config at `samples` (and `seq`), with `awq:` settings KEY=VALUE and any
+    SECTION.KEY=VALUE (`sets`) set."""
     import yaml
 
     raw = yaml.safe_load(release_yaml.read_text())
@@ -47,7 +48,11 @@ def _config(release_yaml: Path, samples: int, seq: int | None, awq: list[str] = 
     for item in awq:
         key, _, value = item.partition("=")
         raw.setdefault("awq", {})[key] = yaml.safe_load(value)
-    tag = "-".join([str(samples), *(a.replace("=", "-") for a in awq)])
+    for item in sets:
+        dotted, _, value = item.partition("=")
+        section, _, key = dotted.partition(".")
+        raw.setdefault(section, {})[key] = yaml.safe_load(value)
+    tag = "-".join([str(samples), *(a.replace("=", "-") for a in [*awq, *sets])])
     path = release_yaml.with_name(f".profile-{tag}.yaml")
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -264,6 +269,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--tables", type=Path, default=None, help="torch.profiler's own tables, as text")
     ap.add_argument("--awq", action="append", default=[], metavar="KEY=VALUE", help="an awq: setting for both runs")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--scales", type=Path, default=None, help="the timed run's chosen scales, saved (torch.save)")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="two --scales files: agreement")
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
@@ -286,7 +292,7 @@ def main() -> None:
             "-m",
             "benchmarks.profile_layer",
             "--child",
-            str(_config(a.config, n, a.seq, a.awq)),
+            str(_config(a.config, n, a.seq, a.awq, a.sets)),
             mode,
         ]
         if a.tables is not None and mode == "profile":

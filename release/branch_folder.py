@@ -112,7 +112,7 @@ def inputs_fingerprint(
     payload: dict[str, Any] = {
         "tool": __version__,
         "branch": branch.model_dump(mode="json"),
-        "calibration": cfg.calibration.model_dump(mode="json", exclude={"path"}),
+        "calibration": cfg.calibration.model_dump(mode="json", exclude={"path", "activations_on_gpu"}),  # how, not what
         "calibration_data": calib_fp,
         "awq": cfg.awq.model_dump(mode="json"),
         "dtype": cfg.dtype,

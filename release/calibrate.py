@@ -118,12 +118,25 @@ def calibrate(
             shuffle_calibration_samples=False,  # the seeded choice above is the order
             moe_calibrate_all_experts=cfg.calibration.moe_calibrate_all_experts,
             pipeline="sequential",
+            # where the pipeline keeps each layer's inputs between layers: host RAM (stock), or the
+            # GPU the layers run on (no copy out and back per layer and sample)
+            sequential_offload_device=activations_device(cfg),
         )
     timings["oneshot"] = round(time.time() - t, 2)
     scale_stats = engine.stats
     counts = distributed.sum_counts(counts)  # each rank counted its own samples
     timings["awq_engine"] = {"engine": cfg.awq.engine, **options.to_json(), **scale_stats.to_json()}
     return Calibrated(model, tokenizer, timings, scale_stats, counts, calib_prov)
+
+
+def activations_device(cfg: ReleaseConfig) -> str:
+    """`calibration.activations_on_gpu`: the pipeline's cached layer inputs on this process's
+    GPU; otherwise (and without a GPU) in host RAM, as llm-compressor does by default."""
+    import torch
+
+    if cfg.calibration.activations_on_gpu and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
 
 
 def load_base_model(cfg: ReleaseConfig, base_dir: Path, label: str, echo: Log = print) -> Any:
