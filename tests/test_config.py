@@ -104,3 +104,20 @@ def test_the_config_reference_page_is_the_configs_own_definition():
     assert len(rows) > 40 and all(not line.endswith("|  |") for line in rows), "a key without a description"
     for key in ("awq.fused_gpu_experts", "offload.cpu_gib", "branches[].group_size", "calibration.num_samples"):
         assert f"| `{key}` |" in page
+
+
+def test_activations_on_gpu_is_how_not_what(write_config):
+    """`calibration.activations_on_gpu` says where llm-compressor keeps the cached layer inputs
+    (the GPU, else host RAM; host RAM without a GPU): it changes no value, so it is not part of
+    a branch's fingerprint (a branch built either way is up to date for the other)."""
+    import torch
+
+    from release.branch_folder import prepare_branch
+    from release.calibrate import activations_device
+    from release.config import load_config
+
+    off = load_config(write_config())
+    on = load_config(write_config({"calibration.activations_on_gpu": True}, name="on.yaml"))
+    assert prepare_branch(off, off.branches[0])[3] == prepare_branch(on, on.branches[0])[3]
+    assert activations_device(off) == "cpu"
+    assert activations_device(on) == ("cuda:0" if torch.cuda.is_available() else "cpu")
