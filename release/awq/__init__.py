@@ -7,9 +7,12 @@ to AWQ's own steps are overrides in `MoeAWQModifier` (modifier.py), a subclass o
 the all-reduce) `scaled_awq()` patches for one run through `hooks.Patches` and undoes when it
 exits. `scaled_awq` refuses any other llm-compressor version rather than patching blind.
 Modules: options (the knobs), state (what a run's patches share), stats (what it records),
-caches, experts, merge, balance, ranks (the patches' pieces), modifier, engine, hooks, and
-side (one calibration pass for several group sizes: each layer smoothed once per side branch
-before the propagating branch's own smoothing; its docstring says why that is sound).
+caches, experts, merge, balance, ranks (the patches' pieces), activations (AWQ's calibration
+hooks, their sums kept on the device), all_experts (on a GPU, every expert on every token as
+batched products in the calibration pass, and the routed tokens only in the propagation pass),
+modifier, engine, hooks, and side (one calibration pass for several group sizes: each layer
+smoothed once per side branch before the propagating branch's own smoothing; its docstring says
+why that is sound).
 
 What stock 0.14.0.1 does and what each patch changes:
 
