@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from .config import SUPPORTED_GROUP_SIZES
+from .console import JsonOut
 from .errors import ReleaseError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,21 +25,6 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 JSON_KEY = "glmrel.json"
 BUG_HINT = "run again with GLMREL_DEBUG=1 to see the traceback, and report it with the command you ran"
-
-
-class JsonOut:
-    """A command's one JSON document under --json: `emit` writes it to the real standard output
-    once; a command that fails before it emits gets an error document with what it had so far
-    (`partial`) from `GlmrelGroup`."""
-
-    def __init__(self, emit) -> None:
-        self._emit = emit
-        self.partial: dict = {}
-        self.emitted = False
-
-    def emit(self, data) -> None:
-        self._emit(json.dumps(data, indent=2, sort_keys=True))
-        self.emitted = True
 
 
 class GlmrelGroup(click.Group):

@@ -12,6 +12,7 @@ document: anything else written there, by any library or child process, goes to 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 # progress bars the libraries draw themselves (tqdm reads TQDM_DISABLE; the Hub client its own)
 QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -155,3 +156,18 @@ def load_report(mtp_layers: list[int], echo: Callable[[str], None]) -> Iterator[
 
 def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+class JsonOut:
+    """A command's one JSON document under --json: `emit` writes it to the real standard output
+    once; a command that fails before it emits gets an error document with what it had so far
+    (`partial`) from the CLI's group."""
+
+    def __init__(self, emit: Any) -> None:
+        self._emit = emit
+        self.partial: dict = {}
+        self.emitted = False
+
+    def emit(self, data: Any) -> None:
+        self._emit(json.dumps(data, indent=2, sort_keys=True))
+        self.emitted = True

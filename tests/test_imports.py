@@ -1,6 +1,6 @@
 """The package's shape (issue 29): no import circle in release/ (imports inside functions
 count; imports only for type checking do not), no module reaching into another's private names,
-and no module past 600 lines but the two still to split, which may not grow."""
+and no module past 600 lines but the two still to split (check.py, publish.py), which may not grow."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 RELEASE = Path(__file__).resolve().parent.parent / "release"
 MAX_LINES = 600
 # still over the limit (issue 29 asks for their split); a ceiling each, so they only shrink
-NOT_YET_SPLIT = {"check.py": 858, "publish.py": 942, "cli.py": 605}
+NOT_YET_SPLIT = {"check.py": 858, "publish.py": 942}
 
 
 def _modules() -> dict[str, Path]:
