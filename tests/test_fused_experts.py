@@ -113,7 +113,7 @@ def test_grouped_search_forward_equals_the_loop():
     split by a row budget, against the loop; bf16, as the GPU runs it."""
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
 
-    from release.awq.experts import _row_runs, grouped_experts_forward, grouped_gemm_works
+    from release.awq.experts import _expert_chunks, grouped_experts_forward, grouped_gemm_works
 
     experts = _experts(dtype=torch.bfloat16)
     hidden = torch.randn(40, 32, dtype=torch.bfloat16)
@@ -129,7 +129,7 @@ def test_grouped_search_forward_equals_the_loop():
             ).float()
             assert ((ours - ref).norm() / ref.norm()).item() < 1e-2
     counts = [3, 0, 9, 2, 2, 40, 1, 1, 1, 0]
-    runs = _row_runs(counts, 12)
+    runs = [(a, b) for a, b, _w in _expert_chunks(counts, 12, padded=False)]
     assert runs == [(0, 3), (3, 5), (5, 6), (6, 10)]
     assert [e for a, b in runs for e in range(a, b)] == list(range(len(counts)))
     assert all(sum(counts[a:b]) <= 12 or b - a == 1 for a, b in runs)

@@ -63,35 +63,21 @@ def batchable(experts: Any) -> bool:
     return True
 
 
-def _expert_chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, int]]:
+def _expert_chunks(counts: list[int], max_rows: int, padded: bool = True) -> list[tuple[int, int, int]]:
     """Runs [first, last) of consecutive experts with their padded width (the most rows of any
-    expert in the run), each with at most `max_rows` padded rows (experts x width), or a single
-    expert where one alone has more."""
+    expert in the run), each with at most `max_rows` rows (`padded`: experts x width; else the
+    experts' own rows added up), or a single expert where one alone has more."""
     chunks: list[tuple[int, int, int]] = []
-    first, width = 0, 0
+    first, width, rows = 0, 0, 0
     for e, c in enumerate(counts):
-        if e > first and (e + 1 - first) * max(width, c) > max_rows:
+        cost = (e + 1 - first) * max(width, c) if padded else rows + c
+        if e > first and cost > max_rows:
             chunks.append((first, e, width))
-            first, width = e, 0
-        width = max(width, c)
+            first, width, rows = e, 0, 0
+        width, rows = max(width, c), rows + c
     if counts:
         chunks.append((first, len(counts), width))
     return chunks
-
-
-def _row_runs(counts: list[int], max_rows: int) -> list[tuple[int, int]]:
-    """Runs [first, last) of consecutive experts with at most `max_rows` rows in all, or a single
-    expert where one alone has more."""
-    runs: list[tuple[int, int]] = []
-    first, rows = 0, 0
-    for e, c in enumerate(counts):
-        if e > first and rows + c > max_rows:
-            runs.append((first, e))
-            first, rows = e, 0
-        rows += c
-    if counts:
-        runs.append((first, len(counts)))
-    return runs
 
 
 def grouped_experts_forward(
@@ -151,11 +137,12 @@ def grouped_experts_forward(
     y = hidden.new_empty(flat.numel(), hid)
     per_expert = counts.tolist()
     ends = list(itertools.accumulate(per_expert))
-    if grouped:  # each expert's rows and no padding: torch's grouped GEMM, in runs of experts
-        for first, last in _row_runs(per_expert, max(1, padded_bytes // row_bytes)):
-            lo, hi = ends[first] - per_expert[first], ends[last - 1]
-            if hi == lo:
-                continue
+    # with `grouped` each expert's own rows, no padding: torch's grouped GEMM
+    for first, last, width in _expert_chunks(per_expert, max(1, padded_bytes // row_bytes), padded=not grouped):
+        lo, hi = ends[first] - per_expert[first], ends[last - 1]
+        if hi == lo:
+            continue
+        if grouped:
             offs = torch.tensor(ends[first:last], dtype=torch.int32, device=hidden.device) - lo
             x = hidden[token_of[lo:hi]]
             gate_up = torch.cat(
@@ -169,10 +156,6 @@ def grouped_experts_forward(
             del x, gate_up
             y[lo:hi] = torch._grouped_mm(act, w_down[first:last].transpose(1, 2), offs=offs)
             del act
-        per_expert = []  # done: the padded loop below has nothing to do
-    for first, last, width in _expert_chunks(per_expert, max(1, padded_bytes // row_bytes)):
-        lo, hi = ends[first] - per_expert[first], ends[last - 1]
-        if hi == lo:
             continue
         e_of, r_of = expert_of[lo:hi] - first, rank[lo:hi]
         x = hidden.new_zeros(last - first, width, hid)
