@@ -539,12 +539,11 @@ def _check_files(
     else:
         # a file whose size, mtime, inode and ctime are those it had when hashed is not read
         # again (git's index does the same; ctime cannot be set back); the rest are hashed now
-        cache = HashCache(folder)
         listed = [folder / n for n in files if n in manifest.files and sizes[n] == manifest.files[n].size]
-        vouched = cache.vouched(listed)
-        known = cache.hashes(listed)
+        known, read = HashCache(folder).hashes_and_read(listed)
         digest = lambda n: known[n][1] if n in known else None  # noqa: E731
-        how = "sizes and sha256" + (f"; {len(vouched)} unchanged since hashed, not read again" if vouched else "")
+        vouched = len(listed) - len(read)
+        how = "sizes and sha256" + (f"; {vouched} unchanged since hashed, not read again" if vouched else "")
     _check_manifest_entries(report, manifest, sizes, digest, how)
     return shards, weight_map, manifest
 

@@ -225,18 +225,12 @@ class HashCache:
         # with its mtime restored is still hashed again
         return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
-    def vouched(self, files: list[Path]) -> list[Path]:
-        """Those of `files` whose hash the cache holds for their present size, mtime, inode and ctime."""
-        out = []
-        for p in files:
-            cached = self.entries.get(p.name)
-            key = self._key(p.lstat())
-            if cached and len(cached) == len(key) + 1 and cached[:-1] == key:
-                out.append(p)
-        return out
-
     def hashes(self, files: list[Path]) -> dict[str, tuple[int, str]]:
         """name -> (size, sha256) for `files`, hashing only what the cache cannot vouch for."""
+        return self.hashes_and_read(files)[0]
+
+    def hashes_and_read(self, files: list[Path]) -> tuple[dict[str, tuple[int, str]], list[Path]]:
+        """`hashes`, and which of `files` had to be read (the cache could not vouch for them)."""
         stats = {p: p.lstat() for p in files}
         out: dict[str, tuple[int, str]] = {}
         todo = []
@@ -256,7 +250,7 @@ class HashCache:
                 write_if_changed(self.path, json.dumps(fresh, sort_keys=True))
             except OSError:
                 pass  # a cache that cannot be written costs time, not correctness
-        return out
+        return out, todo
 
 
 def build_manifest(folder: Path, branch: str | None = None) -> Manifest:
