@@ -81,52 +81,73 @@ def calibrate(
         dataset = dataset.select(range(*distributed.partition(len(dataset))))
     timings["calibration_data"] = round(time.time() - t, 2)
 
-    t = time.time()
-    model = load_base_model(cfg, base_dir, branch.name, echo)
-    timings["load"] = round(time.time() - t, 2)
+    with library_fixes(cfg):  # from the load to the end of oneshot: the offload is written until then
+        t = time.time()
+        model = load_base_model(cfg, base_dir, branch.name, echo)
+        timings["load"] = round(time.time() - t, 2)
 
-    options = options or ScaleOptions.from_spec(cfg.awq)
-    also = f"; in the same pass group {', '.join(str(b.group_size) for b in side)}" if side else ""
-    echo(
-        f"[{branch.name}] AWQ W4A16 group {branch.group_size}{also} on {len(dataset)} samples "
-        f"(MoE-aware: {cfg.calibration.moe_calibrate_all_experts}; AWQ engine: {cfg.awq.engine})"
-    )
-    t = time.time()
-    torch.manual_seed(cfg.calibration.seed)
-    layers = arch.num_hidden_layers
-    done = [0]
-
-    def on_layer(record: Any) -> None:  # glmrel's own progress, a line per decoder layer
-        done[0] += 1
-        sides = f", {record.side_s:.1f}s for the other group sizes" if side else ""
+        options = options or ScaleOptions.from_spec(cfg.awq)
+        also = f"; in the same pass group {', '.join(str(b.group_size) for b in side)}" if side else ""
         echo(
-            f"[{branch.name}] layer {done[0]}/{layers}: calibration forward {record.calib_s:.1f}s, "
-            f"smoothing {record.smooth_s:.1f}s{sides}"
+            f"[{branch.name}] AWQ W4A16 group {branch.group_size}{also} on {len(dataset)} samples "
+            f"(MoE-aware: {cfg.calibration.moe_calibrate_all_experts}; AWQ engine: {cfg.awq.engine})"
         )
+        t = time.time()
+        torch.manual_seed(cfg.calibration.seed)
+        layers = arch.num_hidden_layers
+        done = [0]
 
-    with (
-        scaled_awq(options, num_batches=len(dataset), side=side, on_layer=on_layer) as engine,
-        count_expert_tokens(model, arch.n_routed_experts, calls_per_module=len(dataset)) as counts,
-    ):
-        oneshot(
-            model=model,
-            processor=tokenizer,  # type: ignore[arg-type]  # oneshot takes a tokenizer as its processor
-            dataset=dataset,
-            recipe=engine.recipe(recipe_text),  # AWQ as glmrel's MoeAWQModifier, bound to this run
-            num_calibration_samples=len(dataset),
-            max_seq_length=cfg.calibration.max_seq_length,
-            shuffle_calibration_samples=False,  # the seeded choice above is the order
-            moe_calibrate_all_experts=cfg.calibration.moe_calibrate_all_experts,
-            pipeline="sequential",
-            # where the pipeline keeps each layer's inputs between layers: host RAM (stock), or the
-            # GPU the layers run on (no copy out and back per layer and sample)
-            sequential_offload_device=activations_device(cfg),
-        )
+        def on_layer(record: Any) -> None:  # glmrel's own progress, a line per decoder layer
+            done[0] += 1
+            sides = f", {record.side_s:.1f}s for the other group sizes" if side else ""
+            echo(
+                f"[{branch.name}] layer {done[0]}/{layers}: calibration forward {record.calib_s:.1f}s, "
+                f"smoothing {record.smooth_s:.1f}s{sides}"
+            )
+
+        with (
+            scaled_awq(options, num_batches=len(dataset), side=side, on_layer=on_layer) as engine,
+            count_expert_tokens(model, arch.n_routed_experts, calls_per_module=len(dataset)) as counts,
+        ):
+            oneshot(
+                model=model,
+                processor=tokenizer,  # type: ignore[arg-type]  # oneshot takes a tokenizer as its processor
+                dataset=dataset,
+                recipe=engine.recipe(recipe_text),  # AWQ as glmrel's MoeAWQModifier, bound to this run
+                num_calibration_samples=len(dataset),
+                max_seq_length=cfg.calibration.max_seq_length,
+                shuffle_calibration_samples=False,  # the seeded choice above is the order
+                moe_calibrate_all_experts=cfg.calibration.moe_calibrate_all_experts,
+                pipeline="sequential",
+                # where the pipeline keeps each layer's inputs between layers: host RAM (stock), or the
+                # GPU the layers run on (no copy out and back per layer and sample)
+                sequential_offload_device=activations_device(cfg),
+            )
     timings["oneshot"] = round(time.time() - t, 2)
     scale_stats = engine.stats
     counts = distributed.sum_counts(counts)  # each rank counted its own samples
     timings["awq_engine"] = {"engine": cfg.awq.engine, **options.to_json(), **scale_stats.to_json()}
     return Calibrated(model, tokenizer, timings, scale_stats, counts, calib_prov)
+
+
+@contextmanager
+def library_fixes(cfg: ReleaseConfig) -> Iterator[None]:
+    """The fixes of compressed-tensors a calibration needs (compat.py), through the `HOOKS`
+    table, undone when it ends: ranks under torchrun updating disk-offloaded weights."""
+    from .awq import Patches
+    from .compat import atomic_update_offload, distributed_disk_update_is_fixed_upstream
+
+    fixes = Patches()
+    try:
+        if (
+            cfg.offload.cpu_gib is not None
+            and distributed.world_size() > 1
+            and not distributed_disk_update_is_fixed_upstream()
+        ):
+            fixes.hook("distributed_disk_update", atomic_update_offload)
+        yield
+    finally:
+        fixes.undo()
 
 
 def activations_device(cfg: ReleaseConfig) -> str:
@@ -190,10 +211,6 @@ def load_offloaded(cfg: ReleaseConfig, base_dir: Path, dtype: Any, echo: Log = p
     from compressed_tensors.offload import load_offloaded_model
     from transformers import AutoModelForCausalLM
 
-    from .compat import patch_distributed_disk_update
-
-    if distributed.world_size() > 1:
-        patch_distributed_disk_update()
     folder = offload_folder(cfg)
     if distributed.rank() == 0:
         remove_stale_partials(offload_root(cfg), OFFLOAD, echo)  # what a killed run left

@@ -208,7 +208,7 @@ def finish_side_branch(
                 tensors[name] = lead.get(name)
         save_file(tensors, str(out / shard), metadata={"format": "pt"})
         del tensors
-    layout.write_index_and_config(out, branch.group_size)
+    layout.write_index_and_config(out, store_quantization(side.store, branch))
     for name in ("generation_config.json",):
         if (lead_dir / name).is_file():
             shutil.copy2(lead_dir / name, out / name)
@@ -284,20 +284,20 @@ class SavedLayout:
         module, _, part = name.rpartition(".")
         return part in QUANT_PARTS and module in self.parts
 
-    def write_index_and_config(self, out: Path, group_size: int) -> None:
-        """The side branch's `config.json` (the propagating branch's with the weights' group
-        size changed, and without the MTP ignore entry `_carry_mtp_layers` adds back) and, for
-        several shards, its index, as llm-compressor's save writes them."""
+    def write_index_and_config(self, out: Path, quantization: dict[str, Any]) -> None:
+        """The side branch's `config.json`: the propagating branch's model config, whose
+        `quantization_config` takes its `config_groups` from the side run's own quantizer
+        (`quantization`: what its store's `quantization_config.json` holds) and keeps what the
+        pass shares (ignored modules, format, versions) without the MTP ignore entry
+        `_carry_mtp_layers` adds back; and, for several shards, its index, as llm-compressor's
+        save writes them."""
         import json
 
         from compressed_tensors.utils import update_safetensors_index
 
         config = json.loads((self.folder / "config.json").read_text())
         qc = config["quantization_config"]
-        for group in qc["config_groups"].values():
-            weights = group.get("weights") or {}
-            if weights.get("strategy") == "group":
-                weights["group_size"] = group_size
+        qc["config_groups"] = quantization["config_groups"]
         mtp = {"re:^" + p.replace(".", "\\.") for p in self.mtp_prefixes}
         qc["ignore"] = [x for x in qc.get("ignore", []) if x not in mtp]
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -364,6 +364,30 @@ def check_store(store: TensorFiles, where: Path, layout: SavedLayout, lead: Tens
         if have != layout.parts[module]:
             missing = sorted(layout.parts[module] - have)
             raise ReleaseError(f"{store.where(next(iter(have)))}: {module} lacks {', '.join(missing)}", hint=hint)
+
+
+def store_quantization(store: Path, branch: BranchSpec) -> dict[str, Any]:
+    """The quantization scheme a side run wrote beside its store's layers (side.py's
+    `Quantizer.describe`), refused unless it is the branch's: one weight scheme, of the
+    branch's group size."""
+    import json
+
+    from .awq import QUANTIZATION_FILE
+
+    hint = "the pass's store is not this release's; rebuild the branch: glmrel quantize --force"
+    path = store / QUANTIZATION_FILE
+    try:
+        quantization = json.loads(path.read_text())
+        groups = [g["weights"] for g in quantization["config_groups"].values() if g.get("weights")]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ReleaseError(f"{path} is missing or unreadable ({e})", hint=hint) from e
+    if [g.get("group_size") for g in groups] != [branch.group_size]:
+        raise ReleaseError(
+            f"{path} describes group sizes {[g.get('group_size') for g in groups]}, {branch.name}'s is "
+            f"{branch.group_size}",
+            hint=hint,
+        )
+    return quantization
 
 
 def check_sealed_files(folder: Path, arch: Glm4MoeArch) -> None:

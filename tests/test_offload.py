@@ -1,4 +1,5 @@
-"""compat.patch_distributed_disk_update: ranks updating the same disk-offloaded weight."""
+"""compat.atomic_update_offload (hook `distributed_disk_update`): ranks updating the same
+disk-offloaded weight."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from safetensors.torch import load_file, save_file
 def test_update_replaces_the_symlink_and_never_writes_the_checkpoint(tmp_path):
     from compressed_tensors.offload.cache.dist_disk import DistributedDiskCache
 
-    from release.compat import patch_distributed_disk_update
+    from release.awq import Patches
+    from release.compat import atomic_update_offload, distributed_disk_update_is_fixed_upstream
 
-    assert patch_distributed_disk_update()
-    assert patch_distributed_disk_update(), "idempotent"
+    assert not distributed_disk_update_is_fixed_upstream(), "compressed-tensors 0.19.0 inherits DiskCache's"
+    stock = DistributedDiskCache.update_offload
+    fixes = Patches()
+    fixes.hook("distributed_disk_update", atomic_update_offload)
     ckpt = tmp_path / "model-00001.safetensors"
     save_file({"model.layers.0.w": torch.ones(4, 4)}, ckpt)
     before = ckpt.read_bytes()
@@ -36,6 +40,8 @@ def test_update_replaces_the_symlink_and_never_writes_the_checkpoint(tmp_path):
             cache.update_offload(offloaded, torch.full((16,), 2.0))
     finally:
         del DistributedDiskCache.index[offloaded]
+        fixes.undo()
+    assert DistributedDiskCache.update_offload is stock and "update_offload" not in vars(DistributedDiskCache)
     assert not link.is_symlink()
     assert torch.equal(load_file(link)["model.layers.0.w"], torch.full((4, 4), 2.0))
     assert ckpt.read_bytes() == before, "the base checkpoint is never written"

@@ -108,6 +108,21 @@ def test_configs_and_records_say_what_made_each_branch(two_ways):
 
 
 @pytest.mark.slow
+def test_every_library_hook_is_the_librarys_own_again_after_a_pass(two_ways):
+    """Every attribute of the HOOKS table (the engine's run, a layer's smoothing, a side
+    branch's smoothing, the compressed-tensors fix) holds no glmrel object after the passes."""
+    from llmcompressor.modeling.moe import context
+
+    from release.awq import HOOKS
+
+    for name, hook in HOOKS.items():
+        owner, attr = hook.owner_and_name()
+        value = getattr(owner, attr)
+        assert not str(getattr(value, "__module__", "")).startswith("release"), f"{name}: {value} left in place"
+    assert context._CALIBRATE_ALL_EXPERTS is False, "llm-compressor's default outside oneshot"
+
+
+@pytest.mark.slow
 def test_side_branches_stay_within_two_percent_of_their_own_build_in_kl(two_ways):
     """The issue's bar: one-pass branches' KL against the base within 2 % of separate builds
     (the demo release's figures: benchmarks/results/2026-11-30-cpu-demo-single-pass)."""
@@ -285,6 +300,30 @@ def test_a_tampered_store_is_refused_by_name(tmp_path):
         check({})
 
 
+def test_a_side_branch_config_takes_its_scheme_from_its_store_and_refuses_another(tmp_path):
+    """A side branch's `config.json` gets its quantization scheme from what its own side run
+    described (`quantization_config.json` in the store), refused when missing, unreadable or
+    of another group size."""
+    from release.awq import QUANTIZATION_FILE
+    from release.config import BranchSpec
+    from release.one_pass import store_quantization
+
+    branch = BranchSpec(name="W4A16_GS64", group_size=64)
+    path = tmp_path / QUANTIZATION_FILE
+    with pytest.raises(ReleaseError, match="missing or unreadable"):
+        store_quantization(tmp_path, branch)
+    path.write_text("{not json")
+    with pytest.raises(ReleaseError, match="missing or unreadable"):
+        store_quantization(tmp_path, branch)
+    groups = {"group_0": {"targets": ["Linear"], "weights": {"group_size": 32, "num_bits": 4}}}
+    path.write_text(json.dumps({"config_groups": groups}))
+    with pytest.raises(ReleaseError, match=r"describes group sizes \[32\], W4A16_GS64's is 64"):
+        store_quantization(tmp_path, branch)
+    groups["group_0"]["weights"]["group_size"] = 64
+    path.write_text(json.dumps({"config_groups": groups}))
+    assert store_quantization(tmp_path, branch) == {"config_groups": groups}
+
+
 def test_a_sealed_branch_changed_linked_or_pointing_outside_is_refused(tmp_path):
     """What side branches are made from, when an earlier run sealed it: its files as its
     manifest records them, regular files only, and an index naming files of its own folder."""
@@ -431,26 +470,32 @@ def test_the_store_writer_keeps_one_write_in_flight_and_raises_its_error(tmp_pat
         writer.close()
 
 
-def test_a_group_size_swap_is_local_to_its_block():
-    """The side run's scheme: another group size on each module inside the block, the shared
-    scheme object itself untouched, and the grid search's scratch qparams put back after."""
+def test_a_side_scheme_is_local_to_its_block_and_differs_in_group_size_only():
+    """The side run's scheme: the side branch's own weight args on each module inside the
+    block, the shared scheme object itself untouched, and the grid search's scratch qparams
+    put back after; args that differ in more than the group size are refused."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    from release.awq.side import group_size
+    from release.awq.side import weight_scheme
 
-    scheme = QuantizationScheme(
-        targets=["Linear"], weights=QuantizationArgs(num_bits=4, strategy="group", group_size=32, symmetric=True)
-    )
+    def args(**kw):
+        return QuantizationArgs(**{"num_bits": 4, "strategy": "group", "group_size": 32, "symmetric": True, **kw})
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=args())
     a, b = torch.nn.Linear(128, 4), torch.nn.Linear(128, 4)
     for m in (a, b):
         m.quantization_scheme = scheme
         m.weight_scale = torch.nn.Parameter(torch.ones(4, 4), requires_grad=False)
     before = a.weight_scale.data
-    with group_size([("a", a), ("b", b)], 128):
+    with weight_scheme([("a", a), ("b", b)], args(group_size=128)):
         assert a.quantization_scheme.weights.group_size == 128 and a.quantization_scheme is b.quantization_scheme
         a.weight_scale.data = torch.ones(4, 1)  # what update_qparams(only_update_onload=True) does
     assert a.quantization_scheme is scheme and scheme.weights.group_size == 32
     assert a.weight_scale.data_ptr() == before.data_ptr() and tuple(a.weight_scale.shape) == (4, 4)
+    with pytest.raises(ValueError, match="more than the group size"):
+        with weight_scheme([("a", a)], args(group_size=128, symmetric=False)):
+            pass
+    assert a.quantization_scheme is scheme
 
 
 def test_quantizing_a_layer_in_chunks_gives_the_same_tensors_as_at_once():

@@ -120,13 +120,17 @@ What stock 0.14.0.1 does and what each patch changes:
 """
 
 from .engine import Engine, scaled_awq
+from .hooks import HOOKS, Patches
 from .options import EXPERT_SEARCHES, TARGET_VERSION, ScaleOptions
-from .side import SideBranch
+from .side import QUANTIZATION_FILE, SideBranch
 from .stats import LayerRecord, ScaleStats, release_host_memory
 
 __all__ = [
     "EXPERT_SEARCHES",
     "Engine",
+    "HOOKS",
+    "Patches",
+    "QUANTIZATION_FILE",
     "TARGET_VERSION",
     "LayerRecord",
     "ScaleOptions",

@@ -17,7 +17,7 @@ from .experts import batchable, grouped_experts_forward, grouped_gemm_works
 from .hooks import Patches
 from .options import TARGET_VERSION, ScaleOptions
 from .ranks import SharedSmoothFix, cpu_allreduce_sum
-from .side import SideBranch, StoreWriter, write_onloaded
+from .side import SideBranch, SideRun
 from .state import RunState
 from .stats import HostPeak, ScaleStats
 
@@ -40,8 +40,7 @@ class Engine:
 
         self.options = options
         self.num_batches = num_batches
-        self.side = list(side)  # branches calibrated by this run's pass (side.py)
-        self.side_writer = StoreWriter() if side else None
+        self.side_run = SideRun(side) if side else None  # branches calibrated by this run's pass (side.py)
         self.stats = ScaleStats()
         self.on_layer = on_layer  # called with each decoder layer's record as the layer is done (progress)
         self.run = RunState()
@@ -69,7 +68,9 @@ class Engine:
         from .modifier import MoeAWQModifier
 
         recipe = Recipe.create_instance(recipe_text)
-        recipe.modifiers = [MoeAWQModifier.bound(m, self) if type(m) is AWQModifier else m for m in recipe.modifiers]
+        recipe.modifiers = [
+            MoeAWQModifier.bound(m, self, self.side_run) if type(m) is AWQModifier else m for m in recipe.modifiers
+        ]
         return recipe
 
     def route_experts(self, model: Any) -> None:
@@ -103,12 +104,12 @@ class Engine:
             self.stats.write_back_s = wb.seconds
             self.stats.write_back_checked, self.stats.write_back_mismatches = wb.checked, wb.mismatches
             wb.stages = []
-        if self.side_writer is not None:
-            writer, self.side_writer = self.side_writer, None
+        if self.side_run is not None:
+            side, self.side_run = self.side_run, None
             try:
-                writer.close()
+                side.close()
             finally:
-                self.stats.side_store_wait_s = writer.waited_s
+                self.stats.side_store_wait_s = side.writer.waited_s
 
 
 @contextlib.contextmanager
@@ -143,11 +144,9 @@ def scaled_awq(
     stock_experts_forward = engine.stock_experts_forward
 
     def update_offload_parameter(module: Any, name: str, data: Any) -> None:
-        """Patch 11: inside the smoothing step a write lands on the onloaded copy only (and
-        always in a side branch's run, whose weights never reach the offload)."""
-        if run.side:
-            write_onloaded(module, name, data)
-        elif not (write_back is not None and run.smoothing and write_back.defer(module, name, data)):
+        """Deferred write-back: inside the smoothing step a write lands on the onloaded copy
+        only, and the CPU offload is written once a layer (`WriteBack.flush`)."""
+        if not (write_back is not None and run.smoothing and write_back.defer(module, name, data)):
             stock_write(module, name, data)
 
     def update(self: Any, batch_index: int, values: dict[str, Any]) -> None:
@@ -239,7 +238,7 @@ def scaled_awq(
             patches.hook("experts_forward", experts_forward)
         if options.sdpa_in_search:
             patches.hook("forward_context", search_forward_context)
-        if write_back is not None or side:
+        if write_back is not None:
             patches.hook("offload_write", update_offload_parameter)
         if engine.cpu_ranks:
             patches.hook("allreduce", cpu_allreduce_sum)

@@ -1,5 +1,7 @@
-"""The library functions the engine replaces for one run (what a subclass of AWQModifier cannot
-reach), in one table, and `Patches`, which applies them and puts each back when the run ends."""
+"""Every library attribute glmrel replaces (what a subclass of AWQModifier cannot reach, and one
+fix of compressed-tensors), in one table, and `Patches`, which applies them and puts each back
+when their scope ends: the engine's run (`scaled_awq`), one layer's smoothing, a side branch's
+smoothing, or a calibration under torchrun with disk-offloaded weights (calibrate.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ _ABSENT = object()
 @dataclass(frozen=True)
 class Hook:
     target: str  # "module:attribute" or "module:Class.attribute"
+    scope: str  # how long it is in place: "run", "smoothing", "side run" or "calibration"
     when: str  # what turns it on
     exact: bool  # True: stock's values, bit for bit
     why: str
@@ -30,40 +33,70 @@ _AWQ = "llmcompressor.modifiers.transform.awq.base"
 HOOKS = {
     "cache_update": Hook(
         "llmcompressor.pipelines.cache:IntermediatesCache.update",
-        "awq.resident_cache_gib != 0 (patch 9)",
+        "run",
+        "awq.resident_cache_gib != 0 (resident caches)",
         True,
         "the pipeline's own layer-input caches store a value equal to the previous sample's once",
     ),
     "cache_pin": Hook(
         "llmcompressor.pipelines.cache:IntermediatesCache.pin_memory",
+        "run",
         "no accelerator",
         True,
         "AWQ pins cached inputs, which raises on CPU-only torch; with no device there is nothing to pin",
     ),
     "experts_forward": Hook(
         "llmcompressor.modeling.moe.linear_experts:LinearExperts2D.forward",
-        "batched_experts (patch 5)",
+        "run",
+        "batched_experts or fused_gpu_experts",
         False,
-        "inside the smoothing step the routed experts run as batched matmuls (checked against the loop)",
+        "inside the smoothing step the routed experts run as batched matmuls (checked against the loop); on a "
+        "GPU the calibration pass runs every expert on every token as batched products",
     ),
     "forward_context": Hook(
         f"{_AWQ}:calibration_forward_context",
-        "sdpa_in_search (patch 6)",
+        "run",
+        "sdpa_in_search",
         False,
         "inside the smoothing step attention runs through SDPA instead of the eager attention forced for calibration",
     ),
     "offload_write": Hook(
         f"{_AWQ}:update_offload_parameter",
-        "awq.deferred_write_back (patch 11), or side branches (side.py)",
+        "run",
+        "awq.deferred_write_back",
         True,
-        "inside the smoothing step a write lands on the onloaded copy; the CPU offload is written once a layer "
-        "(a side branch's run writes the onloaded copy only)",
+        "inside the smoothing step a write lands on the onloaded copy; the CPU offload is written once a layer",
+    ),
+    "side_offload_write": Hook(
+        f"{_AWQ}:update_offload_parameter",
+        "side run",
+        "a side branch's smoothing of a layer (side.py)",
+        True,
+        "a side branch's smoothed weights land on the onloaded copy only: they never reach the offload, the next "
+        "layer or the propagating branch",
+    ),
+    "calibrate_all_experts": Hook(
+        "llmcompressor.modeling.moe.context:_CALIBRATE_ALL_EXPERTS",
+        "smoothing",
+        "routed_experts_in_search",
+        False,
+        "inside the smoothing step the MoE block runs each expert on its routed tokens only (the block's output, "
+        "what AWQ's loss compares, uses nothing else); the calibration statistics still see every token",
     ),
     "allreduce": Hook(
         f"{_AWQ}:_allreduce_data_sum",
+        "run",
         "data-parallel ranks",
         True,
         "on CPU ranks gloo sums CPU tensors (stock moves them to an accelerator there is not); on GPUs timed",
+    ),
+    "distributed_disk_update": Hook(
+        "compressed_tensors.offload.cache.dist_disk:DistributedDiskCache.update_offload",
+        "calibration",
+        "ranks under torchrun with disk-offloaded base weights (compat.py)",
+        True,
+        "ranks updating the same disk-offloaded weight each write a file of their own and rename it over the "
+        "offload, instead of racing to unlink and rewrite one file",
     ),
 }
 

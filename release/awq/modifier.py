@@ -16,7 +16,7 @@ from typing import Any
 from llmcompressor.modifiers.transform.awq import base as awq_base
 from llmcompressor.modifiers.transform.awq.base import AWQModifier
 from llmcompressor.pipelines.cache import IntermediatesCache
-from pydantic import PrivateAttr
+from pydantic import Field
 
 from .activations import register_calibration_hooks, sums_to_host
 from .balance import balance_groups, batched_balance_search
@@ -24,23 +24,36 @@ from .caches import cache_classes
 from .experts import search_routed_experts
 from .hooks import Patches
 from .merge import TOKEN_WISE_PARENTS, merged_batches
-from .side import SideTimes, smooth_side_branches
+from .side import SideRun, SideTimes
 from .state import first
 from .stats import LayerRecord, mapping_kind, pinned_peak_gib, release_host_memory
 
 
 class MoeAWQModifier(AWQModifier):
-    _engine: Any = PrivateAttr(default=None)  # the run's Engine (engine.py)
+    # the run's Engine (engine.py) and its side branches (side.py), given by `bound`; neither is
+    # part of the recipe (not serialized)
+    engine: Any = Field(default=None, exclude=True, repr=False)
+    side_run: SideRun | None = Field(default=None, exclude=True, repr=False)
 
     @classmethod
-    def bound(cls, stock: AWQModifier, engine: Any) -> MoeAWQModifier:
-        """This class with `stock`'s settings (those the recipe set), for `engine`'s run."""
-        modifier = cls.model_validate(stock.model_dump(exclude_unset=True))
-        modifier._engine = engine
-        return modifier
+    def bound(cls, stock: AWQModifier, engine: Any, side_run: SideRun | None = None) -> MoeAWQModifier:
+        """This class with `stock`'s settings (those the recipe set), for `engine`'s run, which
+        also smooths each layer for `side_run`'s branches."""
+        return cls.model_validate({**stock.model_dump(exclude_unset=True), "engine": engine, "side_run": side_run})
+
+    def layer_state(self) -> tuple[dict[Any, Any], dict[Any, Any]]:
+        """AWQ's per-layer statistics and input caches as they are (a side run puts them back)."""
+        return dict(self._smooth_activation_stats), dict(self._parent_args_cache)
+
+    def restore_layer_state(self, state: tuple[dict[Any, Any], dict[Any, Any]]) -> None:
+        stats, caches = state
+        self._smooth_activation_stats.clear()
+        self._smooth_activation_stats.update(stats)
+        self._parent_args_cache.clear()
+        self._parent_args_cache.update(caches)
 
     def _run_samples(self, module: Any) -> Any:
-        e = self._engine
+        e = self.engine
         if e is None or not (e.options.keep_first_output or e.options.stream_loss):
             return super()._run_samples(module)
         options, run = e.options, e.run
@@ -61,7 +74,7 @@ class MoeAWQModifier(AWQModifier):
         return list(outputs)
 
     def _compute_best_scale(self, mapping: Any, fp16_outputs: Any, orig_layer_weights: Any) -> Any:
-        e = self._engine
+        e = self.engine
         if e is None:
             return super()._compute_best_scale(mapping, fp16_outputs, orig_layer_weights)
         options, stats, run, clock = e.options, e.stats, e.run, e.clock
@@ -99,12 +112,12 @@ class MoeAWQModifier(AWQModifier):
 
     def on_calibration_start(self, state: Any, event: Any, **kwargs: Any) -> Any:
         started = super().on_calibration_start(state, event, **kwargs)
-        if self._engine is not None:
-            self._engine.route_experts(state.model)
+        if self.engine is not None:
+            self.engine.route_experts(state.model)
         return started
 
     def _apply_smoothing(self, model: Any) -> None:
-        e = self._engine
+        e = self.engine
         if e is None:
             return super()._apply_smoothing(model)
         sums_to_host(self)  # where the smoothing (stock's and the side runs') reads them
@@ -115,22 +128,20 @@ class MoeAWQModifier(AWQModifier):
             e.run.calibration_stack = None
 
     def _apply_smoothing_engine(self, model: Any) -> None:
-        e = self._engine
         side = None
-        if e.side:  # the side branches first (side.py), then the branch whose outputs propagate
+        if self.side_run is not None:  # the side branches first (side.py), then the branch whose outputs propagate
             mappings = [m for m in self._resolved_mappings if m.smooth_name in self._smooth_activation_stats]
             if mappings:
-                side = smooth_side_branches(
-                    self, model, mappings, e.side, lambda: self._smooth_layer(model, record=False), e.run, e.side_writer
+                side = self.side_run.smooth_layer(
+                    self, model, mappings, lambda: self._smooth_layer(model, record=False)
                 )
         self._smooth_layer(model, side=side)
 
     def _smooth_layer(self, model: Any, *, record: bool = True, side: SideTimes | None = None) -> None:
         """The engine's smoothing of one layer (stock's loop with patches 3, 5, 8, 10, 11),
         timed into a LayerRecord unless it is a side branch's run (`record=False`)."""
-        e = self._engine
+        e = self.engine
         import torch
-        from llmcompressor.modeling.moe import context as moe_context
 
         options, stats, run, clock, write_back = e.options, e.stats, e.run, e.clock, e.write_back
         t = time.perf_counter()
@@ -139,7 +150,7 @@ class MoeAWQModifier(AWQModifier):
         mappings = len(self._smooth_activation_stats)
         swaps = Patches()  # undone when the layer's smoothing ends
         if options.routed_experts_in_search:  # patch 3
-            swaps.set(moe_context, "_CALIBRATE_ALL_EXPERTS", False)
+            swaps.hook("calibrate_all_experts", False)
         run.routed = options.routed_experts_in_search
         run.smoothing = True
         batched: list[Any] = []
@@ -219,7 +230,7 @@ class MoeAWQModifier(AWQModifier):
                 clock["last"] = end
 
     def _setup_activation_cache_hooks(self) -> None:
-        e = self._engine
+        e = self.engine
         if e is not None and e.options.device_activation_sums:
             register_calibration_hooks(self)
         else:

@@ -8,18 +8,19 @@ next layer receives is the same for every group size up to float rounding: one p
 every branch of a release.
 
 At the end of each layer (`MoeAWQModifier._apply_smoothing`), before the propagating branch's
-own smoothing, `smooth_side_branches` smooths the layer once per side branch, with that
-branch's group size and from the layer's original weights, over the same cached calibration
-inputs; quantizes and compresses the layer's Linears for that branch, on the GPU, as
+own smoothing, the run's `SideRun` (which the modifier holds) smooths the layer once per side
+branch, with that branch's own weight scheme (from its recipe) and from the layer's original
+weights, over the same cached calibration inputs; quantizes and compresses the layer's Linears for that branch, on the GPU, as
 QuantizationModifier and the compressed save would (`Quantizer`), and writes them with the
 smoothed tensors that stay unquantized (norms, the router, biases) to the branch's store (one
 safetensors file per layer, about a quarter of the layer's bf16 size); and puts the layer back
 as it was: weights, the grid search's scratch quantization parameters and AWQ's per-layer
-caches. A side run writes only the onloaded copy of a weight (the CPU or disk offload keeps
-the original), so only the propagating branch's smoothing reaches the offload, the next layer
+caches. A side run writes only the onloaded copy of a weight (hook `side_offload_write`; the CPU
+or disk offload keeps the original), so only the propagating branch's smoothing reaches the offload, the next layer
 and QuantizationModifier, exactly as in a build of that branch alone. A side branch's store
-becomes a branch in `one_pass.finish_side_branch`, without loading the model again: its
-tensors in the propagating branch's saved layout.
+(and the quantization scheme its run describes beside it, for its `config.json`) becomes a
+branch in `one_pass.finish_side_branch`, without loading the model again: its tensors in the
+propagating branch's saved layout.
 
 Memory: the layer's originals stay on the GPU when it has room for them (else in host memory);
 each side branch's quantized layer is copied to host memory and written to its store by a
@@ -30,7 +31,7 @@ The side runs reuse the propagating run's caches and buffers.
 from __future__ import annotations
 
 import contextlib
-import functools
+import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ SIDE_PARAMS = ("weight", "bias")  # what AWQ's smoothing writes
 # the grid search's scratch quantization parameters: `update_qparams(only_update_onload=True)`
 # replaces their onloaded data with tensors shaped for the group size searched
 SCRATCH_QPARAMS = ("weight_scale", "weight_zero_point", "weight_g_idx")
+QUANTIZATION_FILE = "quantization_config.json"  # in a store: the branch's config groups, as saved
 LAYER_PREFIX = re.compile(r"^(.*?layers\.\d+)\.")
 
 
@@ -147,10 +149,12 @@ def write_onloaded(module: Any, name: str, data: Any) -> None:
 
 
 @contextlib.contextmanager
-def group_size(modules: list[tuple[str, Any]], size: int) -> Iterator[None]:
-    """The weight quantization scheme of `modules` with another group size, for the grid search
-    (stock's observers, `_compute_layer_means` and the engine's batched searches all read it
-    from the module), and their scratch qparams put back after."""
+def weight_scheme(modules: list[tuple[str, Any]], weights: Any) -> Iterator[None]:
+    """The weight quantization args of `modules` replaced by a side branch's own (`weights`,
+    from its recipe), for the grid search (stock's observers, `_compute_layer_means` and the
+    engine's batched searches all read them from the module), and their scratch qparams put
+    back after. Refuses args that differ from the modules' own in more than the group size:
+    what the next layer sees is then no longer the same for every branch of the pass."""
     from compressed_tensors.utils import patch_attr
 
     copies: dict[int, Any] = {}
@@ -160,7 +164,12 @@ def group_size(modules: list[tuple[str, Any]], size: int) -> Iterator[None]:
             if scheme is None or getattr(scheme, "weights", None) is None:
                 continue
             if id(scheme) not in copies:
-                weights = scheme.weights.model_copy(update={"group_size": size})
+                ours = scheme.weights.model_dump(exclude={"group_size"})
+                if ours != weights.model_dump(exclude={"group_size"}):
+                    raise ValueError(
+                        f"a side branch's weights ({weights}) differ from the propagating branch's "
+                        f"({scheme.weights}) in more than the group size; one pass cannot make both"
+                    )
                 copies[id(scheme)] = scheme.model_copy(update={"weights": weights})
             stack.enter_context(patch_attr(module, "quantization_scheme", copies[id(scheme)]))
         scratch = [
@@ -189,6 +198,20 @@ class Quantizer:
             raise ValueError(f"the recipe has {len(found)} QuantizationModifiers; one pass needs exactly one")
         self.modifier = found[0]
         self.device = device
+        groups = [g for g in (self.modifier.config_groups or {}).values() if g.weights is not None]
+        if len(groups) != 1:
+            raise ValueError(f"the recipe's QuantizationModifier has {len(groups)} weight schemes; one pass needs one")
+        self.weights = groups[0].weights  # what the side branch's grid search quantizes with
+        self.config_groups: dict[str, Any] | None = None  # as a compressed save writes them, once quantized
+
+    def describe(self, path: Path) -> None:
+        """Write the branch's `config_groups` as its compressed save would put them in
+        `config.json` (`QuantizationConfig.from_pretrained` over the modules it quantized):
+        the side branch's `config.json` takes its quantization scheme from here."""
+        if self.config_groups is None:
+            raise RuntimeError("nothing was quantized yet: no config groups to describe")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"config_groups": self.config_groups}, indent=2, sort_keys=True) + "\n")
 
     def quantize(self, weights: dict[str, Any]) -> dict[str, Any]:
         """`{module name: weight}` -> the compressed tensors a save writes for them, by name, in
@@ -220,20 +243,13 @@ class Quantizer:
         m.end_calibration(root)
         for module in modules:
             compress_module(module)
+        if self.config_groups is None and modules:
+            from compressed_tensors.quantization import QuantizationConfig
+
+            fmt = modules[0].quantization_scheme.format
+            config = QuantizationConfig.from_pretrained(root, format=getattr(fmt, "value", fmt))
+            self.config_groups = json.loads(config.model_dump_json())["config_groups"]
         return {k: v.detach().to("cpu").contiguous() for k, v in root.state_dict().items()}
-
-
-@functools.cache
-def quantizer(recipe_text: str, device: str) -> Quantizer:
-    return Quantizer(recipe_text, device)
-
-
-@functools.cache
-def main_device() -> str:
-    """Where llm-compressor's data-free pipeline would quantize (asked once: on a CPU it warns)."""
-    from llmcompressor.utils.dev import get_main_device
-
-    return str(get_main_device())
 
 
 # How many bytes of weights a side run quantizes at once: its temporaries (observers' min/max,
@@ -271,58 +287,72 @@ def quantized_linears(model: Any, key: str) -> dict[str, Any]:
     }
 
 
-def smooth_side_branches(
-    modifier: Any,
-    model: Any,
-    mappings: list[Any],
-    branches: list[SideBranch],
-    smooth: Callable[[], None],
-    run: Any,
-    writer: StoreWriter,
-) -> SideTimes:
-    """Smooth the layer of `mappings` once per side branch (`smooth()` is the engine's smoothing
-    of the layer as it stands), quantize and compress the layer's Linears for that branch
-    (`Quantizer`: the smoothed ones and those no mapping touches alike) and store them with the
-    smoothed tensors that stay unquantized (norms, the router, biases), through `writer`; then
-    leave the layer, its caches and statistics as they were for the propagating branch's own
-    smoothing."""
-    import torch
+class SideRun:
+    """The side branches of one calibration pass and what their runs need for the whole pass:
+    each branch's `Quantizer` (its own recipe's QuantizationModifier, on the device
+    llm-compressor's data-free pipeline would use) and the store writer. Made by the run's
+    `Engine`, given to the run's `MoeAWQModifier`, closed by the engine (`close`: the last
+    store write finished, or its error raised)."""
 
-    times = SideTimes(started=time.perf_counter())
-    modules = touched_modules(mappings)
-    key = layer_key(modules)
-    linears = quantized_linears(model, key)
-    # (module, parameter name, full name) of every tensor smoothing may write
-    params = [(m, p, f"{name}.{p}") for name, m in modules for p in SIDE_PARAMS if _tensor(m, p) is not None]
-    originals = [_keep(getattr(m, p)) for m, p, _ in params]
-    raw = [(m, p, full) for m, p, full in params if not (p == "weight" and full[: -len(".weight")] in linears)]
-    stats = dict(modifier._smooth_activation_stats)
-    caches = dict(modifier._parent_args_cache)
-    try:
-        for branch in branches:
-            run.side = True
-            try:
-                with group_size(modules, branch.group_size):
-                    smooth()
-            finally:
-                run.side = False
-            q = quantizer(branch.recipe, main_device())
-            layer: dict[str, Any] = {}
-            for chunk in _chunks(linears, QUANTIZE_CHUNK_BYTES):  # bounded GPU memory: a few GiB at a time
-                layer.update(q.quantize({name: m.weight for name, m in chunk.items()}))
-            layer.update({full: getattr(m, p).detach().to("cpu", copy=True).contiguous() for m, p, full in raw})
-            times.stored_bytes += sum(t.nbytes for t in layer.values())
-            writer.write(layer, branch.store / f"{key}.safetensors")
-            del layer
-            # the layer as before this side run
-            for (m, p, _), t in zip(params, originals):
-                write_onloaded(m, p, t)
-            modifier._smooth_activation_stats.clear()
-            modifier._smooth_activation_stats.update(stats)
-            modifier._parent_args_cache.clear()
-            modifier._parent_args_cache.update(caches)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    finally:
-        times.seconds = time.perf_counter() - times.started
-    return times
+    def __init__(self, branches: tuple[SideBranch, ...]) -> None:
+        from llmcompressor.utils.dev import get_main_device
+
+        self.branches = branches
+        device = str(get_main_device())
+        self.quantizers = {b.name: Quantizer(b.recipe, device) for b in branches}
+        self.writer = StoreWriter()
+        self.described: set[str] = set()  # branches whose store has its quantization config
+
+    def smooth_layer(self, modifier: Any, model: Any, mappings: list[Any], smooth: Callable[[], None]) -> SideTimes:
+        """Smooth the layer of `mappings` once per side branch (`smooth()` is the engine's
+        smoothing of the layer as it stands), with the branch's own weight scheme on the
+        layer's modules and every weight write landing on the onloaded copy only; quantize
+        and compress the layer's Linears for that branch (`Quantizer`: the smoothed ones and
+        those no mapping touches alike) and store them with the smoothed tensors that stay
+        unquantized (norms, the router, biases); then put the layer, the modifier's per-layer
+        statistics and caches back as they were for the propagating branch's own smoothing."""
+        import torch
+
+        from .hooks import Patches
+
+        times = SideTimes(started=time.perf_counter())
+        modules = touched_modules(mappings)
+        key = layer_key(modules)
+        linears = quantized_linears(model, key)
+        # (module, parameter name, full name) of every tensor smoothing may write
+        params = [(m, p, f"{name}.{p}") for name, m in modules for p in SIDE_PARAMS if _tensor(m, p) is not None]
+        originals = [_keep(getattr(m, p)) for m, p, _ in params]
+        raw = [(m, p, full) for m, p, full in params if not (p == "weight" and full[: -len(".weight")] in linears)]
+        state = modifier.layer_state()
+        try:
+            for branch in self.branches:
+                q = self.quantizers[branch.name]
+                writes = Patches()
+                writes.hook("side_offload_write", write_onloaded)
+                try:
+                    with weight_scheme(modules, q.weights):
+                        smooth()
+                finally:
+                    writes.undo()
+                layer: dict[str, Any] = {}
+                for chunk in _chunks(linears, QUANTIZE_CHUNK_BYTES):  # bounded GPU memory: a few GiB at a time
+                    layer.update(q.quantize({name: m.weight for name, m in chunk.items()}))
+                layer.update({full: getattr(m, p).detach().to("cpu", copy=True).contiguous() for m, p, full in raw})
+                times.stored_bytes += sum(t.nbytes for t in layer.values())
+                self.writer.write(layer, branch.store / f"{key}.safetensors")
+                if branch.name not in self.described:
+                    q.describe(branch.store / QUANTIZATION_FILE)
+                    self.described.add(branch.name)
+                del layer
+                # the layer as before this side run
+                for (m, p, _), t in zip(params, originals):
+                    write_onloaded(m, p, t)
+                modifier.restore_layer_state(state)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        finally:
+            times.seconds = time.perf_counter() - times.started
+        return times
+
+    def close(self) -> None:
+        self.writer.close()

@@ -20,7 +20,6 @@ class RunState:
     generation: int = 0  # balance weights change only between `_run_samples` calls (patch 5)
     stacked: dict[int, tuple[int, Any]] = field(default_factory=dict)  # patch 5: one layer's stacked weights
     checked: set[int] = field(default_factory=set)  # patch 5: expert layers compared once with the loop
-    side: bool = False  # a side branch's smoothing (side.py): weight writes land on the onloaded copy only
     # all_experts.py: (id of the experts module, [E, 2 x inter, hid], [E, hid, inter]) of the layer being
     # calibrated; dropped when a smoothing starts and ends (the only place weights change)
     calibration_stack: tuple[int, Any, Any] | None = None
