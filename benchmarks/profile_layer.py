@@ -137,7 +137,7 @@ def run(config: Path, profile: bool, tables: Path | None, scales: Path | None = 
 
     cfg = load_config(config)
     branch = cfg.branches[0]
-    base_dir, arch, recipe_text, _fp = prepare_branch(cfg, branch)
+    job = prepare_branch(cfg, branch)
     options = dataclasses.replace(ScaleOptions.from_spec(cfg.awq), record_scales=scales is not None)
     ends: list[float] = []
 
@@ -153,14 +153,14 @@ def run(config: Path, profile: bool, tables: Path | None, scales: Path | None = 
         from torch.profiler import profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            result = calibrate(cfg, branch, base_dir, arch, recipe_text, echo, options)
+            result = calibrate(job, echo, options)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         out.update(profile_figures(prof, time.perf_counter() - t0, tables))
         layers = [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in result.stats.layers]
     else:
         with Utilization() as util, PassClock() as clock:
-            result = calibrate(cfg, branch, base_dir, arch, recipe_text, echo, options)
+            result = calibrate(job, echo, options)
         out["passes"] = clock.passes
         layers = []
         for r, end in zip(result.stats.layers, ends):

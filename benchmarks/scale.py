@@ -111,7 +111,7 @@ def run_one(
 
     cfg = load_config(bench_config(release_yaml, engine, samples, seq))
     branch = cfg.branches[0]
-    base_dir, arch, recipe_text, _fp = prepare_branch(cfg, branch)
+    job = prepare_branch(cfg, branch)
     t = time.time()
     options = dataclasses.replace(
         ScaleOptions.from_spec(cfg.awq),
@@ -122,7 +122,7 @@ def run_one(
         from benchmarks import gpu_memory
 
         gpu_memory.record()
-    run = calibrate(cfg, branch, base_dir, arch, recipe_text, lambda s: print(s, file=sys.stderr), options)
+    run = calibrate(job, lambda s: print(s, file=sys.stderr), options)
     import torch
 
     if memory_trace is not None:
@@ -155,7 +155,7 @@ def run_one(
         "samples": samples,
         "seq": seq,
         "tokens": run.calibration.total_tokens,
-        "dense_layers": len(arch.dense_layers),
+        "dense_layers": len(job.arch.dense_layers),
         "oneshot_s": run.timings["oneshot"],
         "wall_s": round(time.time() - t, 1),
         "peak_host_gib": resource_peaks()["peak_host_rss_gib"],

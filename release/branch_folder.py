@@ -66,6 +66,32 @@ class BranchBuild:
         return d
 
 
+@dataclass(frozen=True)
+class BranchJob:
+    """One branch to build, with everything that could be checked before torch is imported:
+    the release config, the branch's spec, the base model's folder and architecture, the
+    rendered recipe and the fingerprint of every input (`prepare_branch`)."""
+
+    cfg: ReleaseConfig
+    spec: BranchSpec
+    base_dir: Path
+    arch: Glm4MoeArch
+    recipe: str
+    fingerprint: str  # its own inputs' (`inputs_fingerprint`); a shared pass's is `sealed_fingerprint`
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def out_dir(self) -> Path:
+        return self.cfg.output_dir / self.spec.name
+
+    def sealed_fingerprint(self, calibration_pass: list[str] | None) -> str:
+        """What the branch's provenance records when `calibration_pass` made it."""
+        return pass_fingerprint(self.fingerprint, calibration_pass)
+
+
 def resolve_base_model(cfg: ReleaseConfig) -> Path:
     """A local folder holding the base model (downloaded from the Hub when given an id)."""
     spec = cfg.base_model
@@ -166,10 +192,9 @@ def project_commit() -> dict[str, Any]:
         return {"commit": None, "dirty": None, "note": type(e).__name__}
 
 
-def prepare_branch(cfg: ReleaseConfig, branch: BranchSpec) -> tuple[Path, Glm4MoeArch, str, str]:
+def prepare_branch(cfg: ReleaseConfig, branch: BranchSpec) -> BranchJob:
     """Everything that can fail fast, before torch is imported: model folder, architecture,
-    group size, recipe. Returns (base_dir, arch, recipe_text, inputs_fingerprint); a branch
-    made by a pass shared with others has `pass_fingerprint` of it."""
+    group size, recipe, and the inputs' fingerprint."""
     base_dir = resolve_base_model(cfg)
     arch = Glm4MoeArch.from_dir(base_dir)
     arch.check_group_size(branch.group_size, branch.name)
@@ -179,7 +204,7 @@ def prepare_branch(cfg: ReleaseConfig, branch: BranchSpec) -> tuple[Path, Glm4Mo
         )
     recipe_text = render_recipe(cfg.recipe, arch, branch, cfg.awq)
     fp = inputs_fingerprint(cfg, branch, recipe_text, base_model_fingerprint(base_dir), calibration_fingerprint(cfg))
-    return base_dir, arch, recipe_text, fp
+    return BranchJob(cfg, branch, base_dir, arch, recipe_text, fp)
 
 
 def recorded_pass(out_dir: Path) -> list[str] | None:
@@ -191,39 +216,30 @@ def recorded_pass(out_dir: Path) -> list[str] | None:
     return [str(n) for n in value] if isinstance(value, list) and value else None
 
 
-def up_to_date(
-    cfg: ReleaseConfig,
-    branch: BranchSpec,
-    fingerprint: str,
-    calibration_pass: list[str] | None = None,
-    echo: Log | None = None,
-) -> bool:
+def up_to_date(job: BranchJob, calibration_pass: list[str] | None = None, echo: Log | None = None) -> bool:
     """`built_from` these inputs, and its content still what was sealed (its manifest): a
     branch whose files changed afterwards is rebuilt, never approved again; `echo` says why."""
-    if not built_from(cfg, branch, fingerprint, calibration_pass):
+    if not built_from(job, calibration_pass):
         return False
-    changes = sealed_changes(cfg.output_dir / branch.name)
+    changes = sealed_changes(job.out_dir)
     if changes and echo is not None:
-        echo(f"[{branch.name}] {first_change(changes)} since it was built: rebuilding it")
+        echo(f"[{job.name}] {first_change(changes)} since it was built: rebuilding it")
     return not changes
 
 
-def built_from(
-    cfg: ReleaseConfig, branch: BranchSpec, fingerprint: str, calibration_pass: list[str] | None = None
-) -> bool:
-    """The branch's folder was built from these inputs (`fingerprint`: the branch's own, from
-    `prepare_branch`): by the pass asked for now (`calibration_pass`; none: the branch alone),
-    or by the pass its provenance records (built with the others by `build-all`, or alone)
-    while all of that pass's branches are still in the config. Either way nothing it was built
-    from has changed, so `quantize --branch X` after `build-all` does not rebuild X."""
-    out_dir = cfg.output_dir / branch.name
-    if branch_is_current(out_dir, pass_fingerprint(fingerprint, calibration_pass)):
+def built_from(job: BranchJob, calibration_pass: list[str] | None = None) -> bool:
+    """The branch's folder was built from these inputs: by the pass asked for now
+    (`calibration_pass`; none: the branch alone), or by the pass its provenance records (built
+    with the others by `build-all`, or alone) while all of that pass's branches are still in
+    the config. Either way nothing it was built from has changed, so `quantize --branch X`
+    after `build-all` does not rebuild X."""
+    if branch_is_current(job.out_dir, job.sealed_fingerprint(calibration_pass)):
         return True
-    recorded = recorded_pass(out_dir)
-    names = {b.name for b in cfg.branches}
-    if not recorded or branch.name not in recorded or not set(recorded) <= names:
+    recorded = recorded_pass(job.out_dir)
+    names = {b.name for b in job.cfg.branches}
+    if not recorded or job.name not in recorded or not set(recorded) <= names:
         return False
-    return branch_is_current(out_dir, pass_fingerprint(fingerprint, recorded))
+    return branch_is_current(job.out_dir, job.sealed_fingerprint(recorded))
 
 
 def branch_is_current(out_dir: Path, fingerprint: str) -> bool:
@@ -291,43 +307,35 @@ def remove_stale_partials(output_dir: Path, branch: str, echo: Log = print) -> l
     return removed
 
 
-def check_branch_room(cfg: ReleaseConfig, branch: BranchSpec, base_dir: Path, arch: Glm4MoeArch) -> None:
+def check_branch_room(job: BranchJob) -> None:
     """Refuse a build whose branch cannot fit in `output_dir`, before any work."""
     from . import room
 
-    need = room.branch_bytes(base_dir, arch, cfg.dtype, branch.group_size)
+    need = room.branch_bytes(job.base_dir, job.arch, job.cfg.dtype, job.spec.group_size)
     room.check_room(
-        f"building {branch.name}",
-        [(cfg.output_dir, need, branch.name)],
+        f"building {job.name}",
+        [(job.cfg.output_dir, need, job.name)],
         hint="free space there, or set output_dir to a disk with room",
     )
 
 
-def seal_folder(
-    cfg: ReleaseConfig,
-    branch: BranchSpec,
-    base_dir: Path,
-    arch: Glm4MoeArch,
-    tmp: Path,
-    out_dir: Path,
-    fingerprint: str,
-    timings: dict[str, Any],
-    calibration_pass: list[str],
-) -> None:
+def seal_folder(job: BranchJob, tmp: Path, timings: dict[str, Any], calibration_pass: list[str]) -> None:
     """A built branch's records (provenance.json, manifest.json) into `tmp`, then `tmp` swapped
-    in as `out_dir`: an interrupted run leaves a hidden .partial, never a branch."""
+    in as the branch's folder: an interrupted run leaves a hidden .partial, never a branch.
+    `calibration_pass`: the branches of the pass that made it, the propagating one first."""
+    cfg, fingerprint, out_dir = job.cfg, job.sealed_fingerprint(calibration_pass), job.out_dir
     provenance = {
         "schema": PROVENANCE_SCHEMA,
         "tool": {"name": "glmrel", "version": __version__, **project_commit()},
         "libraries": library_versions(),
         "release": cfg.name,
-        "branch": branch.model_dump(mode="json"),
+        "branch": job.spec.model_dump(mode="json"),
         "base_model": {
             # an id, not this machine's path: the same inputs give the same bytes anywhere
             "id": cfg.base_model.card_base_model or Path(cfg.base_model.display_id).name,
             "revision": cfg.base_model.revision,
-            "fingerprint": base_model_fingerprint(base_dir),
-            "architecture": asdict(arch),
+            "fingerprint": base_model_fingerprint(job.base_dir),
+            "architecture": asdict(job.arch),
         },
         "calibration": json.loads((tmp / ".calibration.json").read_text()),
         "moe_calibrate_all_experts": cfg.calibration.moe_calibrate_all_experts,
@@ -342,13 +350,13 @@ def seal_folder(
     }
     (tmp / ".calibration.json").unlink()
     (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-    write_manifest(tmp, branch.name)
+    write_manifest(tmp, job.name)
     # how this run went (timings, peaks, the engine's counters) is local: the branch holds
     # only what its inputs decide, so a rebuild from the same inputs gives the same bytes
-    write_build_log(cfg.output_dir, branch.name, "quantize", {"inputs_fingerprint": fingerprint, "timings_s": timings})
+    write_build_log(cfg.output_dir, job.name, "quantize", {"inputs_fingerprint": fingerprint, "timings_s": timings})
     if out_dir.exists() or out_dir.is_symlink():
-        require_replaceable(out_dir, branch.name)
-        old = partial_folder(cfg.output_dir, branch.name, "old")
+        require_replaceable(out_dir, job.name)
+        old = partial_folder(cfg.output_dir, job.name, "old")
         out_dir.rename(old)
         tmp.rename(out_dir)
         remove_owned(old)

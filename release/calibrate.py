@@ -18,8 +18,8 @@ from typing import Any
 from . import distributed
 from .architecture import Glm4MoeArch
 from .awq import ScaleOptions, ScaleStats, SideBranch
-from .branch_folder import COVERAGE_FILE, RECIPE_FILE, Log, partial_folder, remove_stale_partials
-from .config import BranchSpec, ReleaseConfig
+from .branch_folder import COVERAGE_FILE, RECIPE_FILE, BranchJob, Log, partial_folder, remove_stale_partials
+from .config import ReleaseConfig
 from .console import load_report
 from .coverage import ExpertCounts
 from .errors import ReleaseError
@@ -53,11 +53,7 @@ class Calibrated:
 
 
 def calibrate(
-    cfg: ReleaseConfig,
-    branch: BranchSpec,
-    base_dir: Path,
-    arch: Glm4MoeArch,
-    recipe_text: str,
+    job: BranchJob,
     echo: Log = print,
     options: ScaleOptions | None = None,
     side: tuple[SideBranch, ...] = (),
@@ -73,6 +69,7 @@ def calibrate(
     from .calibration import build_calibration_set
     from .coverage import count_expert_tokens
 
+    cfg, branch, base_dir, arch = job.cfg, job.spec, job.base_dir, job.arch
     timings: dict[str, Any] = {}
     t = time.time()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -113,7 +110,7 @@ def calibrate(
                 model=model,
                 processor=tokenizer,  # type: ignore[arg-type]  # oneshot takes a tokenizer as its processor
                 dataset=dataset,
-                recipe=engine.recipe(recipe_text),  # AWQ as glmrel's MoeAWQModifier, bound to this run
+                recipe=engine.recipe(job.recipe),  # AWQ as glmrel's MoeAWQModifier, bound to this run
                 num_calibration_samples=len(dataset),
                 max_seq_length=cfg.calibration.max_seq_length,
                 shuffle_calibration_samples=False,  # the seeded choice above is the order
@@ -276,20 +273,16 @@ def released_after_oneshot(echo: Log = print) -> Iterator[Callable[[Any], None]]
 
 
 def run_oneshot(
-    cfg: ReleaseConfig,
-    branch: BranchSpec,
-    base_dir: Path,
-    arch: Glm4MoeArch,
-    recipe_text: str,
+    job: BranchJob,
     out: Path | None,
     echo: Log,
     options: ScaleOptions | None = None,
     side: tuple[SideBranch, ...] = (),
 ) -> tuple[dict[str, Any], Calibrated]:
-    """Calibrate and save `branch` into `out` (None: calibrate only, for its side branches);
+    """Calibrate and save the branch into `out` (None: calibrate only, for its side branches);
     returns its timings and the run (model released) whose records the side branches share."""
     with released_after_oneshot(echo) as track:
-        run = calibrate(cfg, branch, base_dir, arch, recipe_text, echo, options, side=side)
+        run = calibrate(job, echo, options, side=side)
         track(run.model)
         timings = run.timings
         t = time.time()
@@ -297,7 +290,7 @@ def run_oneshot(
             run.model.save_pretrained(out, save_compressed=True, max_shard_size=SHARD_SIZE)
         run.model = None  # the calibrated model is written: nothing of this branch keeps it alive
     if out is not None:
-        write_branch_files(cfg, base_dir, arch, recipe_text, out, run)
+        write_branch_files(job, out, run)
     timings["save"] = round(time.time() - t, 2)
     timings.update(resource_peaks())
     if "peak_gpu_gib" in timings:  # the AWQ records reset the device's peak counter per layer
@@ -305,24 +298,22 @@ def run_oneshot(
     return timings, run
 
 
-def write_branch_files(
-    cfg: ReleaseConfig, base_dir: Path, arch: Glm4MoeArch, recipe_text: str, out: Path, run: Calibrated
-) -> None:
+def write_branch_files(job: BranchJob, out: Path, run: Calibrated) -> None:
     """Beside the saved weights: tokenizer, generation config, the MTP layer, the recipe, the
     expert coverage and the calibration record (folded into provenance.json by `seal_folder`)."""
     from .coverage import ExpertCoverage
 
     run.tokenizer.save_pretrained(out)
     for name in ("generation_config.json",):
-        if (base_dir / name).is_file() and not (out / name).exists():
-            shutil.copy2(base_dir / name, out / name)
-    _carry_mtp_layers(base_dir, out, arch)
-    (out / RECIPE_FILE).write_text(recipe_text)
+        if (job.base_dir / name).is_file() and not (out / name).exists():
+            shutil.copy2(job.base_dir / name, out / name)
+    _carry_mtp_layers(job.base_dir, out, job.arch)
+    (out / RECIPE_FILE).write_text(job.recipe)
     coverage = ExpertCoverage(
         total_tokens=run.calibration.total_tokens,
         routed={k: v for k, v in sorted(run.counts["routed"].items())},
         calibrated={k: v for k, v in sorted(run.counts["calibrated"].items())},
-        moe_calibrate_all_experts=cfg.calibration.moe_calibrate_all_experts,
+        moe_calibrate_all_experts=job.cfg.calibration.moe_calibrate_all_experts,
     )
     (out / COVERAGE_FILE).write_text(json.dumps(coverage.to_json(), indent=1) + "\n")
     (out / ".calibration.json").write_text(json.dumps(run.calibration.to_json()))

@@ -19,9 +19,9 @@ from .architecture import Glm4MoeArch
 from .awq import ScaleOptions, SideBranch
 from .branch_folder import (
     BranchBuild,
+    BranchJob,
     Log,
     partial_folder,
-    pass_fingerprint,
     prepare_branch,
     remove_stale_partials,
     seal_folder,
@@ -60,16 +60,15 @@ def quantize_pass(
         raise ReleaseError("one calibration pass for several branches runs in one process, not under torchrun")
     names = [b.name for b in specs]
     t_start = time.time()
-    prepared = {b.name: prepare_branch(cfg, b) for b in specs}
-    base_dir, arch = prepared[names[0]][0], prepared[names[0]][1]
-    fingerprints = {n: pass_fingerprint(prepared[n][3], names) for n in names}
+    jobs = {b.name: prepare_branch(cfg, b) for b in specs}
+    lead_job = jobs[names[0]]
     store_root = cfg.offload.pass_store or cfg.output_dir
     for name in names:
         remove_stale_partials(cfg.output_dir, name, echo)
     remove_stale_partials(store_root, PASS_FOLDER, echo)
-    stale = [b for b in specs if force or not up_to_date(cfg, b, prepared[b.name][3], names, echo)]
+    stale = [b for b in specs if force or not up_to_date(jobs[b.name], names, echo)]
     builds: dict[str, BranchBuild] = {
-        b.name: BranchBuild(b.name, cfg.output_dir / b.name, True, 0.0, fingerprints[b.name])
+        b.name: BranchBuild(b.name, jobs[b.name].out_dir, True, 0.0, jobs[b.name].sealed_fingerprint(names))
         for b in specs
         if b not in stale
     }
@@ -77,16 +76,16 @@ def quantize_pass(
         return [builds[n] for n in names]
     lead, rest = specs[0], [b for b in specs[1:] if b in stale]
     work = partial_folder(store_root, PASS_FOLDER)
-    side = tuple(SideBranch(b.name, b.group_size, work / b.name, prepared[b.name][2]) for b in rest)
+    side = tuple(SideBranch(b.name, b.group_size, work / b.name, jobs[b.name].recipe) for b in rest)
     tmps = {b.name: partial_folder(cfg.output_dir, b.name) for b in stale}
     require_writable_folder(cfg.output_dir, "output_dir")
     if side:
         require_writable_folder(store_root, "offload.pass_store")
     for b in stale:
-        require_replaceable(cfg.output_dir / b.name, b.name)
-    check_pass_room(cfg, base_dir, arch, side, {b.name: b.group_size for b in stale}, store_root)
+        require_replaceable(jobs[b.name].out_dir, b.name)
+    check_pass_room(lead_job, side, {b.name: b.group_size for b in stale}, store_root)
     if side and lead not in stale:  # sealed by an earlier run: what the side branches are made from
-        check_sealed_files(cfg.output_dir / lead.name, arch)
+        check_sealed_files(lead_job.out_dir, lead_job.arch)
     echo(f"[{lead.name}] one calibration pass for {', '.join(names)} (propagating through {lead.name})")
     create_owned(work, "the calibration pass's side-branch stores")
     for name, folder in tmps.items():
@@ -95,36 +94,29 @@ def quantize_pass(
         if progress:
             progress(lead.name)
         lead_tmp = tmps.get(lead.name)
-        timings, run = run_oneshot(
-            cfg, lead, base_dir, arch, prepared[lead.name][2], lead_tmp, echo, scale_options, side
-        )
+        timings, run = run_oneshot(lead_job, lead_tmp, echo, scale_options, side)
         shared = {k: timings[k] for k in ("calibration_data", "load", "oneshot", "awq_engine") if k in timings}
         pass_s = round(time.time() - t_start, 1)
         if lead_tmp is not None:
             timings["calibration_pass_s"] = pass_s
-            seal_folder(
-                cfg, lead, base_dir, arch, lead_tmp, cfg.output_dir / lead.name, fingerprints[lead.name], timings, names
-            )
+            seal_folder(lead_job, lead_tmp, timings, names)
             builds[lead.name] = BranchBuild(
-                lead.name, cfg.output_dir / lead.name, False, pass_s, fingerprints[lead.name], stats=run.stats
+                lead.name, lead_job.out_dir, False, pass_s, lead_job.sealed_fingerprint(names), stats=run.stats
             )
         for b, sb in zip(rest, side):
             if progress:
                 progress(b.name)
             t = time.time()
-            side_timings = finish_side_branch(
-                cfg, b, base_dir, arch, prepared[b.name][2], sb, cfg.output_dir / lead.name, tmps[b.name], run, echo
-            )
+            job = jobs[b.name]
+            side_timings = finish_side_branch(job, sb, lead_job.out_dir, tmps[b.name], run, echo)
             side_timings["calibration_pass"] = {**shared, "seconds": pass_s, "propagated_through": lead.name}
-            seal_folder(
-                cfg, b, base_dir, arch, tmps[b.name], cfg.output_dir / b.name, fingerprints[b.name], side_timings, names
-            )
+            seal_folder(job, tmps[b.name], side_timings, names)
             builds[b.name] = BranchBuild(
                 b.name,
-                cfg.output_dir / b.name,
+                job.out_dir,
                 False,
                 round(time.time() - t, 1),
-                fingerprints[b.name],
+                job.sealed_fingerprint(names),
                 lead.name,
                 run.stats,
             )
@@ -137,16 +129,10 @@ def quantize_pass(
     return [builds[n] for n in names]
 
 
-def check_pass_room(
-    cfg: ReleaseConfig,
-    base_dir: Path,
-    arch: Glm4MoeArch,
-    side: tuple[SideBranch, ...],
-    stale: dict[str, int],
-    store_root: Path,
-) -> None:
+def check_pass_room(lead: BranchJob, side: tuple[SideBranch, ...], stale: dict[str, int], store_root: Path) -> None:
     """Refuse a pass whose side branches' stores and built branches (`stale`: name -> group
     size) cannot fit where they go, before any work."""
+    cfg, base_dir, arch = lead.cfg, lead.base_dir, lead.arch
     needs = []
     if side:
         stores = sum(room.weights_bytes(base_dir, arch, cfg.dtype, b.group_size, decoder_only=True) for b in side)
@@ -162,16 +148,7 @@ def check_pass_room(
 
 
 def finish_side_branch(
-    cfg: ReleaseConfig,
-    branch: BranchSpec,
-    base_dir: Path,
-    arch: Glm4MoeArch,
-    recipe_text: str,
-    side: SideBranch,
-    lead_dir: Path,
-    out: Path,
-    run: Calibrated,
-    echo: Log = print,
+    job: BranchJob, side: SideBranch, lead_dir: Path, out: Path, run: Calibrated, echo: Log = print
 ) -> dict[str, Any]:
     """A side branch of a pass into `out`, without loading the model again. The pass stored
     each decoder layer of the branch quantized and compressed (release/awq/side.py); the
@@ -184,9 +161,10 @@ def finish_side_branch(
     layers quantized by QuantizationModifier and saved compressed (the demo's pinned digests)."""
     from safetensors.torch import save_file
 
+    branch = job.spec
     timings: dict[str, Any] = {}
     t = time.time()
-    layout = saved_layout(lead_dir, arch)
+    layout = saved_layout(lead_dir, job.arch)
     lead = TensorFiles.of([lead_dir / s for s in layout.shards])
     store = TensorFiles.of(sorted(side.store.glob("*.safetensors")))
     check_store(store, side.store, layout, lead, branch.name)
@@ -214,7 +192,7 @@ def finish_side_branch(
             shutil.copy2(lead_dir / name, out / name)
     timings["finish"] = {"from_store": stored, "seconds": round(time.time() - t, 2)}  # no model is loaded
     t = time.time()
-    write_branch_files(cfg, base_dir, arch, recipe_text, out, run)
+    write_branch_files(job, out, run)
     timings["save"] = round(time.time() - t, 2)
     timings.update(resource_peaks())
     return timings

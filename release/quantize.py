@@ -43,31 +43,32 @@ def quantize_branch(
     branch = cfg.branch(branch_name)
     out_dir = cfg.output_dir / branch.name
     t_start = time.time()
-    base_dir, arch, recipe_text, fingerprint = prepare_branch(cfg, branch)
+    job = prepare_branch(cfg, branch)
+    fingerprint = job.fingerprint
     if distributed.rank() == 0:
         remove_stale_partials(cfg.output_dir, branch.name, echo)
-    if not force and up_to_date(cfg, branch, fingerprint, echo=echo):
+    if not force and up_to_date(job, echo=echo):
         return BranchBuild(branch.name, out_dir, True, 0.0, fingerprint)
 
     if not distributed.in_worker():  # the launcher checked for the ranks (quantize_on_gpus)
         require_writable_folder(cfg.output_dir, "output_dir")
         require_replaceable(out_dir, branch.name)
-        check_branch_room(cfg, branch, base_dir, arch)
+        check_branch_room(job)
     # llm-compressor's save compresses the model across ranks (only rank 0 writes), so under
     # torchrun every rank calls it with the same folder: named by the launcher they share.
     tmp = partial_folder(cfg.output_dir, branch.name)
     if distributed.in_worker():
         distributed.init()
         if distributed.rank() != 0:  # calibrate its share of the samples; rank 0 writes the branch
-            run = calibrate(cfg, branch, base_dir, arch, recipe_text, lambda s: None, scale_options)
+            run = calibrate(job, lambda s: None, scale_options)
             run.model.save_pretrained(tmp, save_compressed=True, max_shard_size=SHARD_SIZE)
             distributed.barrier_and_close()
             return BranchBuild(branch.name, out_dir, False, round(time.time() - t_start, 1), fingerprint)
     create_owned(tmp, f"building {branch.name}")
     failed = True
     try:
-        timings, run = run_oneshot(cfg, branch, base_dir, arch, recipe_text, tmp, echo, scale_options)
-        seal_folder(cfg, branch, base_dir, arch, tmp, out_dir, fingerprint, timings, [branch.name])
+        timings, run = run_oneshot(job, tmp, echo, scale_options)
+        seal_folder(job, tmp, timings, [branch.name])
         failed = False
     finally:
         remove_owned(tmp, echo)
@@ -153,14 +154,14 @@ def quantize_on_gpus(
 ) -> BranchBuild:
     """Build one branch on `gpus` GPUs (rank 0 writes it); skip it when its inputs are unchanged."""
     spec = cfg.branch(branch)
-    base_dir, arch, _recipe, fingerprint = prepare_branch(cfg, spec)
-    out = cfg.output_dir / spec.name
-    if not force and up_to_date(cfg, spec, fingerprint, echo=echo):
+    job = prepare_branch(cfg, spec)
+    fingerprint, out = job.fingerprint, job.out_dir
+    if not force and up_to_date(job, echo=echo):
         return BranchBuild(spec.name, out, True, 0.0, fingerprint)
     distributed.check_gpus(gpus, cfg.calibration.num_samples)
     require_writable_folder(cfg.output_dir, "output_dir")
     require_replaceable(out, spec.name)
-    check_branch_room(cfg, spec, base_dir, arch)
+    check_branch_room(job)
     t = time.time()
     echo(f"[{spec.name}] launching {gpus} ranks with torchrun")
     distributed.launch(gpus, config_path, spec.name)

@@ -551,7 +551,7 @@ def test_the_recipe_runs_moe_awq_with_the_rendered_settings(write_config):
     from release.config import load_config
 
     cfg = load_config(write_config())
-    _base, _arch, text, _fp = prepare_branch(cfg, cfg.branches[0])
+    text = prepare_branch(cfg, cfg.branches[0]).recipe
     stock = Recipe.create_instance(text)
     with scaled_awq(ScaleOptions(), 1) as engine:
         ours = engine.recipe(text)

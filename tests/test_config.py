@@ -118,6 +118,6 @@ def test_activations_on_gpu_is_how_not_what(write_config):
 
     off = load_config(write_config())
     on = load_config(write_config({"calibration.activations_on_gpu": True}, name="on.yaml"))
-    assert prepare_branch(off, off.branches[0])[3] == prepare_branch(on, on.branches[0])[3]
+    assert prepare_branch(off, off.branches[0]).fingerprint == prepare_branch(on, on.branches[0]).fingerprint
     assert activations_device(off) == "cpu"
     assert activations_device(on) == ("cuda:0" if torch.cuda.is_available() else "cpu")

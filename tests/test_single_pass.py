@@ -147,7 +147,7 @@ def test_a_second_pass_does_nothing_and_a_branch_alone_is_up_to_date(two_ways, t
     again = quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
     assert [b.skipped for b in again] == [True, True, True]
     # GS64 alone has a fingerprint of its own (a build alone differs from layer 1 on) ...
-    _base, _arch, _recipe, alone = branch_folder.prepare_branch(cfg, cfg.branch("W4A16_GS64"))
+    alone = branch_folder.prepare_branch(cfg, cfg.branch("W4A16_GS64")).fingerprint
     assert alone != again[1].inputs_fingerprint
     reordered = branch_folder.pass_fingerprint(alone, ["W4A16_GS64", "W4A16_GS32"])
     assert reordered != again[1].inputs_fingerprint  # another branch propagating is another pass
@@ -162,9 +162,10 @@ def test_a_second_pass_does_nothing_and_a_branch_alone_is_up_to_date(two_ways, t
     raw["branches"][2]["name"] = "W4A16_GS64B"
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(raw))
     changed = load_config(tmp_path / "changed.yaml")
-    own = branch_folder.prepare_branch(changed, changed.branch("W4A16_GS64"))[3]
+    job = branch_folder.prepare_branch(changed, changed.branch("W4A16_GS64"))
+    own = job.fingerprint
     assert own == alone  # GS64's own inputs did not change: the pass it was built by did
-    assert not branch_folder.up_to_date(changed, changed.branch("W4A16_GS64"), own, ["W4A16_GS32", "W4A16_GS64"])
+    assert not branch_folder.up_to_date(job, ["W4A16_GS32", "W4A16_GS64"])
 
 
 @pytest.mark.slow
@@ -176,11 +177,11 @@ def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path,
     real = one_pass.finish_side_branch
     calls: list[str] = []
 
-    def failing(cfg_, branch, *args, **kwargs):
-        calls.append(branch.name)
-        if branch.name == "W4A16_GS128":
+    def failing(job, *args, **kwargs):
+        calls.append(job.name)
+        if job.name == "W4A16_GS128":
             raise RuntimeError("disk full (simulated)")
-        return real(cfg_, branch, *args, **kwargs)
+        return real(job, *args, **kwargs)
 
     monkeypatch.setattr(one_pass, "finish_side_branch", failing)
     with pytest.raises(RuntimeError, match="simulated"):
@@ -197,7 +198,7 @@ def test_an_interrupted_pass_resumes_without_redoing_finished_branches(tmp_path,
     config.write_text(sealed.replace('"group_size": 32', '"group_size": 33'))
     rebuilt: list[str] = []
 
-    def recorded(cfg_, lead, base_dir, arch, recipe, out_tmp, *a, **k):
+    def recorded(lead, out_tmp, *a, **k):
         rebuilt.append(f"{lead.name} -> {'saved' if out_tmp is not None else 'calibrate only'}")
         raise ReleaseError("stop here (test)")
 
