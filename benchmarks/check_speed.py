@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from release.architecture import Glm4MoeArch
-from release.check import DTYPE_BYTES, check_branch, expected_inventory
+from release.check import check_branch
+from release.layout import DTYPE_BYTES, expected_inventory
 from release.manifest import MANIFEST_SCHEMA, FileEntry, Manifest, hash_files, sha256_file
 from release.owned import create_owned
 

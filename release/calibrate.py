@@ -23,6 +23,7 @@ from .config import ReleaseConfig
 from .console import load_report
 from .coverage import ExpertCounts
 from .errors import ReleaseError
+from .layout import mtp_ignore_entry, mtp_prefix
 from .manifest import CACHE_DIR
 from .owned import create_owned, remove_owned
 
@@ -326,7 +327,7 @@ def _carry_mtp_layers(base_dir: Path, out: Path, arch: Glm4MoeArch) -> None:
     from compressed_tensors.utils import save_mtp_tensors_to_checkpoint
 
     for layer in arch.mtp_layers:
-        prefix = f"model.layers.{layer}."
+        prefix = mtp_prefix(layer)
         save_mtp_tensors_to_checkpoint(
             str(base_dir), str(out), mtp_prefix=prefix, shard_name=f"model-mtp-{layer}.safetensors"
         )
@@ -334,7 +335,7 @@ def _carry_mtp_layers(base_dir: Path, out: Path, arch: Glm4MoeArch) -> None:
         cfg = json.loads(cfg_path.read_text())
         qc = cfg["quantization_config"]
         loose = f"re:^{prefix}.*"
-        exact = "re:^model\\.layers\\." + str(layer) + "\\."
+        exact = mtp_ignore_entry(layer)
         qc["ignore"] = [exact if x == loose else x for x in qc.get("ignore", [])]
         if exact not in qc["ignore"]:
             raise ReleaseError(

@@ -15,9 +15,9 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import SUPPORTED_GROUP_SIZES
 from .console import JsonOut
 from .errors import ReleaseError
+from .layout import SUPPORTED_GROUP_SIZES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"

@@ -14,14 +14,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ReleaseError
+from .layout import SUPPORTED_GROUP_SIZES
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 BRANCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # how the AWQ engine searches each routed expert's down_proj scale (release/awq/ reads
 # it from here: the config owns its options, and loading a config does not load the engine)
 ExpertSearch = Literal["gram", "sampled", "sampled-batched"]
-# group sizes that compressed-tensors packs and vLLM's Marlin kernels accept (-1 = per channel)
-SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
 
 
 # refs git and the Hub treat specially: no release branch or tag may take these names

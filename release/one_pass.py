@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from .branch_folder import (
 from .calibrate import Calibrated, forget_offload, offload_folder, resource_peaks, run_oneshot, write_branch_files
 from .config import BranchSpec, ReleaseConfig
 from .errors import ReleaseError
+from .layout import INDEX_FILE, SavedLayout, TensorFiles, saved_layout
 from .owned import create_owned, remove_owned, require_replaceable, require_writable_folder
 
 PASS_FOLDER = "calibration-pass"  # .calibration-pass.partial-<pid>@<host>: the side branches' stores
@@ -198,123 +198,6 @@ def finish_side_branch(
     return timings
 
 
-QUANT_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
-
-
-class TensorFiles:
-    """The tensors of some safetensors files, by name (each file opened once, read lazily)."""
-
-    def __init__(self, files: dict[str, Path]) -> None:
-        self.names = files
-        self.handles: dict[Path, Any] = {}
-
-    @classmethod
-    def of(cls, paths: list[Path]) -> TensorFiles:
-        from safetensors import SafetensorError, safe_open
-
-        names: dict[str, Path] = {}
-        for path in paths:
-            try:
-                with safe_open(str(path), framework="pt") as fh:
-                    names.update(dict.fromkeys(fh.keys(), path))
-            except (SafetensorError, OSError) as e:
-                raise ReleaseError(
-                    f"{path} cannot be read as safetensors ({e}): it was truncated or changed after it was written",
-                    hint="build again: glmrel makes the pass (and its stores) anew; make sure nothing else writes there",
-                ) from e
-        return cls(names)
-
-    def where(self, name: str) -> str:
-        return self.names[name].name
-
-    def handle(self, name: str) -> Any:
-        from safetensors import safe_open
-
-        path = self.names[name]
-        if path not in self.handles:
-            self.handles[path] = safe_open(str(path), framework="pt")
-        return self.handles[path]
-
-    def get(self, name: str) -> Any:
-        return self.handle(name).get_tensor(name)
-
-    def header(self, name: str) -> tuple[tuple[int, ...], str]:
-        s = self.handle(name).get_slice(name)
-        return tuple(s.get_shape()), s.get_dtype()
-
-
-@dataclass
-class SavedLayout:
-    """A saved branch's weights without its MTP layer(s) (`write_branch_files` puts those
-    back): its shards in order, what each holds, and which modules are quantized."""
-
-    folder: Path
-    shards: list[str]
-    by_shard: dict[str, list[str]]
-    parts: dict[str, set[str]]  # quantized module -> its saved tensors (`weight_packed`, `weight_scale`, ...)
-    mtp_prefixes: tuple[str, ...]
-
-    @property
-    def names(self) -> set[str]:
-        return {n for names in self.by_shard.values() for n in names}
-
-    def is_quantized_part(self, name: str) -> bool:
-        module, _, part = name.rpartition(".")
-        return part in QUANT_PARTS and module in self.parts
-
-    def write_index_and_config(self, out: Path, quantization: dict[str, Any]) -> None:
-        """The side branch's `config.json`: the propagating branch's model config, whose
-        `quantization_config` takes its `config_groups` from the side run's own quantizer
-        (`quantization`: what its store's `quantization_config.json` holds) and keeps what the
-        pass shares (ignored modules, format, versions) without the MTP ignore entry
-        `_carry_mtp_layers` adds back; and, for several shards, its index, as llm-compressor's
-        save writes them."""
-        import json
-
-        from compressed_tensors.utils import update_safetensors_index
-
-        config = json.loads((self.folder / "config.json").read_text())
-        qc = config["quantization_config"]
-        qc["config_groups"] = quantization["config_groups"]
-        mtp = {"re:^" + p.replace(".", "\\.") for p in self.mtp_prefixes}
-        qc["ignore"] = [x for x in qc.get("ignore", []) if x not in mtp]
-        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if len(self.shards) > 1:
-            weight_map = {n: s for s in self.shards for n in sorted(self.by_shard[s])}
-            update_safetensors_index(str(out), sum((out / s).stat().st_size for s in self.shards), weight_map)
-
-
-def saved_layout(folder: Path, arch: Glm4MoeArch) -> SavedLayout:
-    """`folder`'s saved weights as `SavedLayout` (from its index, or its one shard); refuses an
-    index naming a shard outside the folder."""
-    import json
-
-    from .check import INDEX_FILE
-
-    index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    else:
-        weight_map = dict.fromkeys(TensorFiles.of([folder / "model.safetensors"]).names, "model.safetensors")
-    mtp = tuple(f"model.layers.{n}." for n in arch.mtp_layers)
-    by_shard: dict[str, list[str]] = {}
-    for name, shard in weight_map.items():
-        if not isinstance(shard, str) or Path(shard).name != shard or shard.startswith("."):
-            raise ReleaseError(
-                f"{index} maps {name} to {shard!r}, not a file of {folder.name}",
-                hint=f"rebuild {folder.name}: glmrel quantize --branch {folder.name} --force",
-            )
-        if not name.startswith(mtp) if mtp else True:
-            by_shard.setdefault(shard, []).append(name)
-    names = [n for shard in by_shard.values() for n in shard]
-    parts: dict[str, set[str]] = {n.rpartition(".")[0]: set() for n in names if n.endswith(".weight_packed")}
-    for n in names:
-        module, _, part = n.rpartition(".")
-        if part in QUANT_PARTS and module in parts:
-            parts[module].add(n)
-    return SavedLayout(folder, sorted(by_shard), by_shard, parts, mtp)
-
-
 def check_store(store: TensorFiles, where: Path, layout: SavedLayout, lead: TensorFiles, branch: str) -> None:
     """Refuse a side branch's store that is not this release's, by file and tensor name: empty,
     naming a tensor the branch does not have, one of another dtype or shape (a quantized
@@ -372,7 +255,6 @@ def check_sealed_files(folder: Path, arch: Glm4MoeArch) -> None:
     """Refuse to make side branches from a propagating branch sealed by an earlier run whose
     files (the index, shards, `config.json` and `generation_config.json` they are made from) are
     not those its manifest records: changed, missing, outside the folder or swapped for a link."""
-    from .check import INDEX_FILE
     from .manifest import MANIFEST_FILE, Manifest, hash_files, release_files
 
     release_files(folder)  # regular files only: nothing is read through a link

@@ -25,6 +25,7 @@ from .architecture import Glm4MoeArch
 from .config import BranchSpec, ReleaseConfig, check_release_refs, ref_name_problem
 from .coverage import ExpertCoverage
 from .errors import ReleaseError
+from .layout import mtp_ignore_entry
 from .manifest import require_sealed, write_if_changed
 from .paths import shipped
 from .vllm_rules import TARGETS, VLLM_VERSION, servable_tp, serve_verdicts, serving_layout
@@ -176,7 +177,7 @@ def describe_ignore(ignore: list[str], arch: Glm4MoeArch) -> list[str]:
     """quantization_config.ignore in words: the routers as one item, the MTP layer's regex as
     what it is, anything else by name (Markdown)."""
     routers = [n for n in ignore if re.fullmatch(r"model\.layers\.\d+\.mlp\.gate", n)]
-    mtp = {f"re:^model\\.layers\\.{n}\\.": n for n in arch.mtp_layers}
+    mtp = {mtp_ignore_entry(n): n for n in arch.mtp_layers}
     out = []
     for name in ignore:
         if name in routers:

@@ -27,11 +27,11 @@ RECORDS_BYTES = 1 << 20
 def weights_bytes(base_dir: Path, arch: Glm4MoeArch, dtype: str, group_size: int, *, decoder_only: bool) -> int:
     """What a W4A16 branch's weights take (or, `decoder_only`, a side branch's store: its
     decoder layers), from the tensors `glmrel check` requires of such a branch
-    (`check.expected_inventory`: packed Linears and their scales, the rest in the dtype the
+    (`layout.expected_inventory`: packed Linears and their scales, the rest in the dtype the
     build loads), but the MTP layers, which are copied from the checkpoint as it holds them."""
     import json
 
-    from .check import DTYPE_BYTES, TORCH_TO_ST, expected_inventory, read_shard
+    from .layout import DTYPE_BYTES, TORCH_TO_ST, expected_inventory, read_shard
 
     if dtype in TORCH_TO_ST:
         model_dtype = TORCH_TO_ST[dtype]

@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ReleaseError
-
-INDEX_FILE = "model.safetensors.index.json"
+from .layout import read_weight_map
 
 
 @dataclass(frozen=True)
@@ -56,24 +55,8 @@ class Checkpoint:
     """Tensors of a safetensors checkpoint by name, through its index (or its one shard)."""
 
     def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
         self.folder = Path(folder)
-        index = self.folder / INDEX_FILE
-        if index.is_file():
-            try:
-                self.weight_map: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ReleaseError(f"{index} is unreadable: {e}", hint="run `glmrel check` on the folder") from e
-        else:
-            shards = sorted(self.folder.glob("*.safetensors"))
-            if len(shards) != 1:
-                raise ReleaseError(f"{self.folder} has {len(shards)} shards and no {INDEX_FILE}")
-            with safe_open(str(shards[0]), framework="pt") as f:
-                self.weight_map = {k: shards[0].name for k in f.keys()}
-        for shard in set(self.weight_map.values()):
-            if "/" in shard or shard.startswith("."):
-                raise ReleaseError(f"{index} names shard {shard!r} outside {self.folder}")
+        self.weight_map = read_weight_map(self.folder)
         try:
             self.config = json.loads((self.folder / "config.json").read_text())
         except (OSError, ValueError) as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 RELEASE = Path(__file__).resolve().parent.parent / "release"
 MAX_LINES = 600
 # still over the limit (issue 29 asks for their split); a ceiling each, so they only shrink
-NOT_YET_SPLIT = {"check.py": 858, "publish.py": 942}
+NOT_YET_SPLIT = {"publish.py": 942}
 
 
 def _modules() -> dict[str, Path]:

@@ -257,7 +257,8 @@ def test_a_tampered_store_is_refused_by_name(tmp_path):
 
     from safetensors.torch import save_file
 
-    from release.one_pass import TensorFiles, check_store, saved_layout
+    from release.layout import TensorFiles, saved_layout
+    from release.one_pass import check_store
 
     lead, store = tmp_path / "lead", tmp_path / "store"
     lead.mkdir()

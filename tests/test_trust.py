@@ -274,7 +274,7 @@ def test_a_truncated_store_file_is_named(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from release.one_pass import TensorFiles
+    from release.layout import TensorFiles
 
     path = tmp_path / "layer-1.safetensors"
     save_file({"w": torch.zeros(64)}, str(path))
