@@ -123,18 +123,18 @@ def test_a_file_changed_after_the_check_is_not_published(release_copy, monkeypat
     """Between the plan (which checked the files) and the push, a file is rewritten: the
     git backend stores what it hashed, and a file whose bytes differ from the checked
     manifest is refused."""
-    import release.publish as publish_mod
+    from release.publish import git_remote
 
     cfg = load_config(release_copy)
     gen = cfg.output_dir / "W4A16_GS64" / "generation_config.json"
-    real = publish_mod._digests
+    real = git_remote.file_digests
 
     def rewritten_first(p):
         if p == gen:
             gen.write_text(gen.read_text() + " ")
         return real(p)
 
-    monkeypatch.setattr(publish_mod, "_digests", rewritten_first)
+    monkeypatch.setattr(git_remote, "file_digests", rewritten_first)
     refused(publish(release_copy), "generation_config.json changed after it was checked")
     assert "refs/heads/W4A16_GS64" not in refs(Path(cfg.publish_remote)) if Path(cfg.publish_remote).exists() else True
 

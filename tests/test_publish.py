@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import refs
 
-import release.publish as publish_mod
+import release.publish.git_remote as publish_mod
 from release.cli import cli
 from release.config import load_config
 from release.errors import ReleaseError
@@ -91,7 +91,7 @@ def test_a_publish_with_nothing_changed_reads_nothing_again(release_copy, monkey
     """Issue 28's no-op publish: no weight file is hashed again (the hash cache vouches for each:
     same size, mtime, inode and ctime) and no branch is cloned back (each head passed its full
     read-back before); --rehash reads both again. A changed file is hashed and refused."""
-    import release.check as check_mod
+    import release.check.sources as check_mod
     import release.manifest as manifest_mod
 
     assert publish(release_copy).exit_code == 0
