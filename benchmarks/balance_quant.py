@@ -1,5 +1,5 @@
 """One AWQ grid point's quantization of a MoE block's balance layers: stock llm-compressor's
-per-layer path against glmrel's patch 12 (release/awq/), same inputs, same outputs.
+per-layer path against glmrel's batched balance layers (release/awq/), same inputs, same outputs.
 
 At GLM-4.7 size the MoE block's AWQ mapping balances 322 Linears (160 experts' gate and up
 projections and the shared expert's, each [1536, 5120]) and quantizes all of them at each of
@@ -133,7 +133,7 @@ def main() -> None:
     where = torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device
     print(f"{len(layers)} balance layers [{a.out}, {a.in_f}] bf16 ({gib:.2f} GiB), W4A16 GS{a.group_size}, on {where}")
     print(f"stock, layer by layer:  {stock_s * 1e3:9.1f} ms per grid point")
-    print(f"glmrel (patch 12):      {ours_s * 1e3:9.1f} ms per grid point ({stock_s / ours_s:.1f}x)")
+    print(f"glmrel (batched balance layers):      {ours_s * 1e3:9.1f} ms per grid point ({stock_s / ours_s:.1f}x)")
     print(f"bit for bit: {same}")
     if a.profile and a.device.startswith("cuda"):
         from torch.profiler import ProfilerActivity, profile

@@ -45,8 +45,8 @@ def build(config: Path, scales: Path) -> dict[str, Any]:
     import torch
 
     from release.awq import ScaleOptions
+    from release.build.quantize import quantize_branch
     from release.config import load_config
-    from release.quantize import quantize_branch
 
     cfg = load_config(config)
     branch = cfg.branches[0].name
@@ -87,7 +87,7 @@ def main() -> None:
 
     from release.config import load_config
     from release.owned import create_owned
-    from release.verify import BaseReference, load_heldout, verify_branches
+    from release.verify.branch import BaseReference, load_heldout, verify_branches
 
     create_owned(a.work, "engine side-by-side")
     record: dict[str, Any] = {"config": str(a.config), "b_sets": a.awq, "samples": a.samples, "runs": {}}

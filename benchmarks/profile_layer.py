@@ -1,7 +1,7 @@
 """Where one calibration's time goes on a GPU: per-layer phases, GPU busy time, and the top
 kernels and operators (torch.profiler).
 
-Runs `release.calibrate.calibrate` (what `glmrel quantize` runs before saving) on a release
+Runs `release.build.calibrate.calibrate` (what `glmrel quantize` runs before saving) on a release
 config made by `benchmarks.synthetic`, twice in this process's children:
 
 1. `--samples N` unprofiled: each decoder layer's calibration forward and AWQ smoothing, with
@@ -131,8 +131,8 @@ def run(config: Path, profile: bool, tables: Path | None, scales: Path | None = 
     import torch
 
     from release.awq import ScaleOptions
-    from release.branch_folder import prepare_branch
-    from release.calibrate import calibrate
+    from release.build.branch_folder import prepare_branch
+    from release.build.calibrate import calibrate
     from release.config import load_config
 
     cfg = load_config(config)

@@ -2,7 +2,7 @@
 
 Builds a random-init GLM-4-MoE (benchmarks/synthetic.py: `tiny` for CI, `glm47` for
 GLM-4.7's real per-layer dimensions at any depth), then, for each sample count and each
-engine, runs `glmrel quantize`'s calibration (release.calibrate.calibrate: same recipe, same
+engine, runs `glmrel quantize`'s calibration (release.build.calibrate.calibrate: same recipe, same
 data, MoE-aware) in a fresh subprocess so peak host memory is that run's alone. Prints per
 layer: calibration-forward time, AWQ smoothing time, peak GPU and peak host memory, then
 the stock/glmrel time ratio per layer, and how peak memory moves with the sample count.
@@ -100,10 +100,10 @@ def run_one(
     `memory_trace` (one GPU), the breakdown of the GPU memory peak is written there as JSON."""
     import dataclasses
 
-    from release import distributed
     from release.awq import ScaleOptions
-    from release.branch_folder import prepare_branch
-    from release.calibrate import calibrate, resource_peaks
+    from release.build import distributed
+    from release.build.branch_folder import prepare_branch
+    from release.build.calibrate import calibrate, resource_peaks
     from release.config import load_config
 
     if distributed.in_worker():
@@ -116,7 +116,7 @@ def run_one(
     options = dataclasses.replace(
         ScaleOptions.from_spec(cfg.awq),
         record_scales=scales_out is not None,
-        check_write_back=bool(os.environ.get("GLMREL_CHECK_WRITE_BACK")),  # patch 11 against the GPU copies
+        check_write_back=bool(os.environ.get("GLMREL_CHECK_WRITE_BACK")),  # deferred write-back against the GPU copies
     )
     if memory_trace is not None:
         from benchmarks import gpu_memory
@@ -163,7 +163,7 @@ def run_one(
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "weights_digest": digest,
         "write_back": stats["write_back"],
-        "batched_balance": stats["batched_balance"],  # patch 12
+        "batched_balance": stats["batched_balance"],  # batched balance layers
         "search_phase_s": stats["search_phase_s"],
         "allreduce_wait_s": stats["allreduce_wait_s"],
         "ranks": ranks,
@@ -193,8 +193,8 @@ def table(records: list[dict]) -> str:
         for i, layer in enumerate(r["layers"]):
             kind = "dense" if i < r["dense_layers"] else "MoE"
             total = layer["calib_s"] + layer["smooth_s"]
-            pinned = layer.get("pinned_host_gib")  # recorded from patch 9 on
-            reserved = layer.get("reserved_gpu_gib")  # from patch 11 on
+            pinned = layer.get("pinned_host_gib")  # recorded from resident caches on
+            reserved = layer.get("reserved_gpu_gib")  # from deferred write-back on
             out.append(
                 f"| {r['engine']} | {r['samples']} | {i} | {kind} | {layer['calib_s']:.1f} | {layer['smooth_s']:.1f} "
                 f"| {total:.1f} | {layer['peak_gpu_gib']:.2f} | {'-' if reserved is None else f'{reserved:.2f}'} "
@@ -229,7 +229,7 @@ def table(records: list[dict]) -> str:
             )
         )
     phased = [r for r in records if r.get("search_phase_s")]
-    for r in phased:  # patch 12's grid searches, by phase
+    for r in phased:  # the batched balance layers' grid searches, by phase
         out.append(
             f"Grid-search phases (s), {r['engine']} N={r['samples']} {r.get('gpus', 1)} GPU: "
             + "; ".join(
@@ -362,7 +362,7 @@ def main() -> None:
         "--check-write-back",
         action="store_true",
         help="with --gpus: after each layer, every rank compares the shared CPU copy of each smoothed weight with "
-        "its own (patch 11's split write-back; adds that copy's time to the multi-GPU runs)",
+        "its own (the deferred write-back's split write-back; adds that copy's time to the multi-GPU runs)",
     )
     ap.add_argument("--report", type=Path, default=None, help="print the tables of a --json file and exit")
     ap.add_argument("--run-one", nargs=4, metavar=("RELEASE_YAML", "ENGINE", "SAMPLES", "SEQ"), help=argparse.SUPPRESS)
@@ -380,7 +380,7 @@ def main() -> None:
             print("RECORD " + json.dumps(rec), flush=True)
         return
 
-    from release.distributed import CUDA_ALLOC_CONF
+    from release.build.distributed import CUDA_ALLOC_CONF
 
     if a.memory_trace:
         import torch

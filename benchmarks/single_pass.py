@@ -117,12 +117,12 @@ def main() -> None:
 
     import shutil
 
-    from release import one_pass, quantize
-    from release.branch_folder import resolve_base_model
+    from release.build import one_pass, quantize
+    from release.build.branch_folder import resolve_base_model
+    from release.build.quantize import build_branches
     from release.config import load_config
-    from release.quantize import build_branches
     from release.tiny import ensure_demo_assets
-    from release.verify import BaseReference, load_heldout, verify_branches
+    from release.verify.branch import BaseReference, load_heldout, verify_branches
 
     if a.config.resolve() == (REPO / "configs" / "demo.yaml").resolve():
         ensure_demo_assets()
@@ -149,10 +149,10 @@ def main() -> None:
             kept: list[Path] = []
 
             def seal_then_drop(
-                cfg_, branch, *args, real_seal=real_seal, mode=mode, hashing=hashing, kept=kept, lead=names[0], **kwargs
+                job, *args, real_seal=real_seal, mode=mode, hashing=hashing, kept=kept, lead=names[0], **kwargs
             ):
-                real_seal(cfg_, branch, *args, **kwargs)
-                out = cfg_.output_dir / branch.name
+                real_seal(job, *args, **kwargs)
+                out, branch = job.out_dir, job.spec
                 t = time.time()
                 if not a.no_hash:
                     hashes[mode][branch.name] = tensor_hashes(out)

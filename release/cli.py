@@ -213,7 +213,7 @@ def quantize(config_path: Path, branch_names: tuple[str, ...], force: bool, gpus
     GPU calibrates its share of the samples and AWQ all-reduces its statistics, so every
     rank picks the same scales; rank 0 writes the branch.
     """
-    from .quantize import build_branches
+    from .build.quantize import build_branches
 
     cfg = _load(config_path)
     for name in branch_names:
@@ -236,9 +236,9 @@ def verify(config_path: Path, branch_name: str, as_json: bool) -> None:
     decodes a short reply, tries vLLM where a GPU and vllm exist (else says why it skipped),
     and fails (exit 1) above the config's verify thresholds or on any failed check.
     """
-    from .branch_folder import resolve_base_model
-    from .build import seal_branch
-    from .verify import BaseReference, load_heldout, verify_branch
+    from .build.branch_folder import resolve_base_model
+    from .build.pipeline import seal_branch
+    from .verify.branch import BaseReference, load_heldout, verify_branch
 
     out = _json_mode(as_json)
     cfg = _load(config_path)
@@ -280,7 +280,7 @@ def vllm_check(config_path: Path, branch_names: tuple[str, ...], folders: tuple[
     cards to show it. Exit 1 if any branch fails.
     """
     from .manifest import refresh_manifest, require_sealed
-    from .vllm_external import record, run, summary, vllm_python
+    from .serving.external import record, run, summary, vllm_python
 
     out = _json_mode(as_json)
     cfg = _load(config_path)
@@ -320,7 +320,7 @@ def build_all_cmd(config_path: Path, force: bool, gpus: int, separate: bool, as_
     versions) are unchanged and whose output is complete are skipped; --force redoes them.
     Stops with exit 1 if any branch fails verification.
     """
-    from .build import build_all
+    from .build.pipeline import build_all
 
     out = _json_mode(as_json)
     cfg = _load(config_path)
@@ -576,8 +576,8 @@ def _verbose_requested(argv: list[str]) -> bool:
 
 
 def main() -> None:
+    from .build.distributed import CUDA_ALLOC_CONF
     from .console import QUIET_ENV
-    from .distributed import CUDA_ALLOC_CONF
 
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
     if not _verbose_requested(sys.argv[1:]):

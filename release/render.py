@@ -22,13 +22,13 @@ from huggingface_hub import ModelCard, ModelCardData
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from .architecture import Glm4MoeArch
+from .build.coverage import ExpertCoverage
 from .config import BranchSpec, ReleaseConfig, check_release_refs, ref_name_problem
-from .coverage import ExpertCoverage
 from .errors import ReleaseError
 from .layout import mtp_ignore_entry
 from .manifest import require_sealed, write_if_changed
 from .paths import shipped
-from .vllm_rules import TARGETS, VLLM_VERSION, servable_tp, serve_verdicts, serving_layout
+from .serving.rules import TARGETS, VLLM_VERSION, servable_tp, serve_verdicts, serving_layout
 
 DEFAULT_TEMPLATES = shipped("templates")  # the checkout's, or the installed wheel's
 CARD_FILE = "README.md"

@@ -88,7 +88,7 @@ def DELETE():
 @pytest.fixture(scope="session")
 def demo_release(tmp_path_factory, demo_assets):
     """The demo release built once for the whole session (three branches, verified)."""
-    from release.build import build_all
+    from release.build.pipeline import build_all
     from release.config import load_config
 
     root = tmp_path_factory.mktemp("demo_release")

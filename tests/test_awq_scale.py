@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from release.awq import ScaleOptions
+from release.build.quantize import quantize_branch
 from release.build_log import read_build_log
 from release.config import load_config
-from release.quantize import quantize_branch
-from release.verify import BaseReference, load_heldout, verify_branch
+from release.verify.branch import BaseReference, load_heldout, verify_branch
 
 # Tests that build the demo's branches (the `builds` fixture) are slow; the unit tests of the
 # engine's pieces below them are the fast lane (`make test-fast`).
@@ -48,9 +48,9 @@ def _onload_as_a_copy(self, offloaded):
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory, demo_assets):
     """Builds of one branch with identical inputs: stock, memory patches, full engine (harsh
-    expert sample, per-expert search), the engine as the config sets it (the default: patch 10's
-    Gram search), and the harsh expert sample with the routed experts' searches batched (patch 8).
-    The memory build onloads weights as copies, as on a GPU, so patch 11 defers its writes."""
+    expert sample, per-expert search), the engine as the config sets it (the default: the Gram search's
+    Gram search), and the harsh expert sample with the routed experts' searches batched (batched expert search).
+    The memory build onloads weights as copies, as on a GPU, so deferred write-back defers its writes."""
     from contextlib import nullcontext
     from unittest import mock
 
@@ -61,12 +61,12 @@ def builds(tmp_path_factory, demo_assets):
     root = tmp_path_factory.mktemp("awq_scale")
     runs = {
         "stock": ScaleOptions.stock(record_scales=True),
-        # patch 9 with a budget that keeps some cached inputs "resident" (cloned) and sends the rest
+        # resident caches with a budget that keeps some cached inputs "resident" (cloned) and sends the rest
         # to the offload device, as a GPU run past its budget does
         "memory": dataclasses.replace(ScaleOptions.memory_only(record_scales=True), resident_cache_gib=RESIDENT_GIB),
         "glmrel": ScaleOptions(expert_search="sampled", max_expert_tokens=SAMPLE_BUDGET, record_scales=True),
         "config": None,  # the engine as the config chooses it: what `quantize --gpus` workers run
-        # (and patch 9 keeping the expert rows "resident": the per-expert build offloads them)
+        # (and resident caches keeping the expert rows "resident": the per-expert build offloads them)
         "batched": ScaleOptions(
             expert_search="sampled-batched", max_expert_tokens=SAMPLE_BUDGET, record_scales=True, resident_cache_gib=1.0
         ),
@@ -153,7 +153,7 @@ def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
     path = tmp_path / "two-ranks.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "release.worker", "--config", str(path), "--branch", BRANCH]  # what `--gpus 2` launches
+    cmd += ["-m", "release.build.worker", "--config", str(path), "--branch", BRANCH]  # what `--gpus 2` launches
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     out, one_dir = tmp_path / "out" / BRANCH, builds["config"]["dir"]
@@ -209,7 +209,7 @@ def test_memory_patches_are_bit_for_bit(builds):
     s, m = builds["stock"]["stats"].scales, builds["memory"]["stats"].scales
     assert s.keys() == m.keys() and len(s) > 10
     assert all(torch.equal(s[k], m[k]) for k in s)
-    # patch 9 really ran both ways, and stored equal masks and RoPE tables once
+    # resident caches really ran both ways, and stored equal masks and RoPE tables once
     stats = builds["memory"]["stats"]
     print(
         f"resident {stats.resident_batches}, offloaded {stats.offloaded_batches}, "
@@ -219,18 +219,18 @@ def test_memory_patches_are_bit_for_bit(builds):
     assert stats.deduplicated_values > 0
     assert 0 < stats.resident_peak_gib <= RESIDENT_GIB
     assert builds["stock"]["stats"].resident_batches == builds["stock"]["stats"].deduplicated_values == 0
-    # patch 11 held the smoothed weights on the onloaded copies, and wrote each back once a layer
+    # deferred write-back held the smoothed weights on the onloaded copies, and wrote each back once a layer
     print(f"deferred writes {stats.deferred_writes}, written back {stats.written_back_gib * 2**20:.0f} KiB")
     assert stats.deferred_writes > stats.written_back_gib > 0
     assert builds["stock"]["stats"].deferred_writes == 0
-    # patch 12 quantized every mapping's balance layers together (the MoE block's experts among them)
+    # batched balance layers quantized every mapping's balance layers together (the MoE block's experts among them)
     print(f"batched balance searches {stats.batched_balance_mappings} over {stats.batched_balance_layers} layers")
     assert stats.batched_balance_mappings == len(s) and stats.batched_balance_layers > 2 * len(s)
     assert builds["stock"]["stats"].batched_balance_mappings == 0
 
 
 def test_deferred_write_back_lands_once_through_the_staging_buffers():
-    """Patch 11 on one offloaded Linear: writes inside the pipeline's `disable_offloading` land on
+    """Deferred write-back on one offloaded Linear: writes inside the pipeline's `disable_offloading` land on
     the onloaded copy only; `flush` copies them to the CPU offload, in staging-buffer pieces."""
     from unittest import mock
 
@@ -272,7 +272,7 @@ def test_deferred_write_back_lands_once_through_the_staging_buffers():
     ids=["int4-group-symmetric", "int4-group-asymmetric", "int8-channel", "mxfp4-group"],
 )
 def test_batched_balance_quantization_is_stocks_bit_for_bit(preset, group_size):
-    """Patch 12 against llm-compressor's per-layer grid-point step (scaled copy, min/max observer,
+    """Batched balance layers against llm-compressor's per-layer grid-point step (scaled copy, min/max observer,
     update_qparams, forward_quantize, /s), on two shapes and chunks that split a group, for the
     strategies it takes (group, channel; symmetric, asymmetric, MX scales)."""
     from benchmarks.balance_quant import quantized_linears, stock_step
@@ -344,10 +344,10 @@ def test_full_engine_scales_stay_close_to_stock(builds):
 
 @pytest.mark.slow
 def test_batched_expert_search_chooses_what_the_per_expert_search_chooses(builds):
-    """Patch 8 against patch 4's per-expert searches: the same scale for every routed expert (fp32
+    """The batched expert search against the per-expert searches of sampled rows: the same scale for every routed expert (fp32
     tiny model), every other mapping untouched, KL unchanged. The batched build also keeps its
-    cached inputs and expert rows in memory budgeted for the GPU (patch 9), where the per-expert
-    build offloads them: the equal choices show patch 9 leaves the values alone too."""
+    cached inputs and expert rows in memory budgeted for the GPU (resident caches), where the per-expert
+    build offloads them: the equal choices show resident caches leaves the values alone too."""
     loop, batched = builds["glmrel"]["stats"], builds["batched"]["stats"]
     assert batched.batched_expert_searches == 3 * 8 and loop.batched_expert_searches == 0
     assert batched.resident_expert_caches == 3 * 8 and loop.resident_expert_caches == 0
@@ -369,7 +369,7 @@ def test_batched_expert_search_chooses_what_the_per_expert_search_chooses(builds
 
 @pytest.mark.slow
 def test_gram_search_sees_every_token_and_stays_with_stock(builds):
-    """Patch 10, the default: each routed expert's scale is searched on X^T X over every
+    """Gram search, the default: each routed expert's scale is searched on X^T X over every
     calibration token (no rows kept, nothing sampled). On the fp32 tiny model its loss is
     stock's up to float rounding, so the experts choose what stock chooses up to the small
     drift the other patches cause upstream, and KL stays within 2 % of stock."""
@@ -417,7 +417,7 @@ def test_fused_experts_stay_with_the_loop(builds):
 
 
 def test_gram_loss_equals_the_loss_over_rows():
-    """The identity patch 10 rests on: ||X D^T||^2 = tr(D G D^T) with G = X^T X (fp32 sums)."""
+    """The identity Gram search rests on: ||X D^T||^2 = tr(D G D^T) with G = X^T X (fp32 sums)."""
     from release.awq.experts import gram_matrix
 
     g = torch.Generator().manual_seed(0)
@@ -547,7 +547,7 @@ def test_the_recipe_runs_moe_awq_with_the_rendered_settings(write_config):
 
     from release.awq import scaled_awq
     from release.awq.modifier import MoeAWQModifier
-    from release.branch_folder import prepare_branch
+    from release.build.branch_folder import prepare_branch
     from release.config import load_config
 
     cfg = load_config(write_config())
@@ -584,7 +584,7 @@ def test_sample_rows_is_deterministic_and_spread():
 
 
 def test_batched_experts_equal_the_loop_on_uneven_routing():
-    """Patch 5 against llm-compressor's own loop, with an idle expert and a busy one."""
+    """Batched experts against llm-compressor's own loop, with an idle expert and a busy one."""
     from transformers import Glm4MoeConfig
     from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeExperts
 
@@ -612,7 +612,7 @@ def test_batched_experts_equal_the_loop_on_uneven_routing():
 
 
 def test_expert_chunks_bound_the_padded_rows():
-    """Patch 5's runs of consecutive experts: each within the row budget unless one expert alone
+    """The batched experts' runs of consecutive experts: each within the row budget unless one expert alone
     is over it, every expert in exactly one run, idle experts included."""
     from release.awq.experts import _expert_chunks
 
@@ -654,7 +654,7 @@ def _attention_batch(model, length: int, seed: int) -> dict:
 
 
 def test_merged_attention_forward_equals_one_per_sample():
-    """Patch 7, attention: equal-length samples stacked on the batch axis (RoPE and masks too),
+    """Merged batches, attention: equal-length samples stacked on the batch axis (RoPE and masks too),
     a different length starts a new forward, and the outputs are those of separate forwards."""
     from release.awq.merge import merged_batches
 
@@ -674,7 +674,7 @@ def test_merged_attention_forward_equals_one_per_sample():
 
 
 def test_merged_moe_block_forward_equals_one_per_sample():
-    """Patch 7, token-wise parents: samples of any length concatenated on the token axis."""
+    """Merged batches, token-wise parents: samples of any length concatenated on the token axis."""
     from release.awq.merge import _mergeable, merged_batches
 
     _model, layer = _tiny_layer()
@@ -692,7 +692,7 @@ def test_merged_moe_block_forward_equals_one_per_sample():
 
 
 def test_resident_budget_defaults_to_35_percent_of_the_gpu(monkeypatch):
-    """Patch 9's budget: the recipe's GiB when set, else 35 % of the card (the share measured at
+    """The resident caches' budget: the recipe's GiB when set, else 35 % of the card (the share measured at
     512 x 2048 on an H100 80GB: benchmarks/results/README.md, run Q); none on a machine without a GPU."""
     import types
 

@@ -181,13 +181,13 @@ def test_report_of_the_deferred_write_back_runs():
 
 
 def test_report_of_the_batched_balance_runs():
-    """Runs L, N and O (the figures benchmarks/results/README.md quotes): patch 12 on and off with the same weights,
+    """Runs L, N and O (the figures benchmarks/results/README.md quotes): batched balance layers on and off with the same weights,
     one GPU against two at N=64 and 256, and each rank's times."""
     from benchmarks.scale import report
 
     (off,) = json.loads((RESULTS / "n64-patch12-off-790b3d4.json").read_text())
     on = [r for r in json.loads((RESULTS / "n64-1-vs-2gpu-patch12-790b3d4.json").read_text()) if r["gpus"] == 1][0]
-    assert off["weights_digest"] == on["weights_digest"], "patch 12 leaves the weights bit for bit"
+    assert off["weights_digest"] == on["weights_digest"], "batched balance layers leaves the weights bit for bit"
     assert off["awq_options"]["batched_balance_layers"] is False and on["awq_options"]["batched_balance_layers"]
     assert off["batched_balance"]["mappings"] == 0 and on["batched_balance"] == {"mappings": 6, "layers": 332}
     assert (off["mapping_s"]["mlp_or_moe_block"], on["mapping_s"]["mlp_or_moe_block"]) == (18.27, 15.15)
@@ -206,7 +206,9 @@ def test_report_of_the_batched_balance_runs():
     text = report(ranks)
     assert "| 64 | 2 | 1 | MoE | 31.5 | 20.3 | 1.55x |" in text
     assert "rank 0: 1.6 + 4.5 / 6.9 + 13.5, wait 2.3; rank 1: 1.9 + 3.7 / 8.1 + 12.2, wait 0.3" in text
-    assert ranks[0]["weights_digest"] == on["weights_digest"], "patch 12 without temporaries: the same weights"
+    assert ranks[0]["weights_digest"] == on["weights_digest"], (
+        "batched balance layers without temporaries: the same weights"
+    )
 
 
 def test_memory_trace_without_a_gpu_says_so(tmp_path):
@@ -259,7 +261,7 @@ def test_memory_trace_breakdown_finds_the_peak_and_what_was_alive():
 
 
 def test_balance_quantization_benchmark_on_cpu():
-    """benchmarks.balance_quant at toy size: stock's per-layer grid-point step and patch 12's give
+    """benchmarks.balance_quant at toy size: stock's per-layer grid-point step and the batched balance layers' give
     the same weights, scales and zero points."""
     import subprocess
     import sys

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from release.build import build_all
+from release.build.pipeline import build_all
 from release.build_log import read_build_log
 
 pytestmark = pytest.mark.slow
@@ -300,7 +300,7 @@ def test_offloaded_base_weights_give_the_same_branch(demo_release, write_config,
     held weights, and its folder is gone afterwards."""
     import hashlib
 
-    from release import quantize
+    from release.build import quantize
     from release.config import load_config
 
     mine = write_config().parent / "mine"  # a folder of the user's: glmrel works in a sub-folder of its own

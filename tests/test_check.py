@@ -16,7 +16,7 @@ from release.architecture import Glm4MoeArch
 from release.check import check_branch
 from release.cli import cli
 from release.manifest import Manifest, build_manifest, write_manifest
-from release.vllm_rules import servable_tp, serve_verdicts
+from release.serving.rules import servable_tp, serve_verdicts
 from tests.test_architecture import GLM47
 
 pytestmark = pytest.mark.slow
@@ -288,7 +288,7 @@ def test_glm47_group_checks_at_tp8():
 
 
 def test_a_refused_tensor_parallel_size_gets_a_layout_on_the_same_gpus():
-    from release.vllm_rules import serving_layout
+    from release.serving.rules import serving_layout
 
     arch = Glm4MoeArch.from_config(GLM47)
     assert serving_layout(serve_verdicts(arch, 128), 8) == (4, 2)  # TP8 refused: TP4 x PP2

@@ -148,7 +148,7 @@ def test_quantize_gpus_needs_a_sample_per_gpu(write_config):
 
 
 def test_rank_partition_covers_every_sample_once(monkeypatch):
-    from release import distributed
+    from release.build import distributed
 
     for n, world in ((12, 2), (13, 4), (512, 8), (3, 3)):
         spans = []
@@ -251,23 +251,31 @@ def test_nothing_imports_the_cli():
 
 
 def test_a_torchrun_rank_starts_the_worker_not_the_cli(tmp_path, monkeypatch):
-    """`--gpus N` launches `python -m release.worker` on each rank (not the CLI with --force),
+    """`--gpus N` launches `python -m release.build.worker` on each rank (not the CLI with --force),
     and a rank's error ends as the CLI's do: Error and Hint on stderr, exit 1, no traceback."""
     import subprocess
     import sys
     from pathlib import Path
 
-    from release import distributed
+    from release.build import distributed
 
     seen = {}
     with monkeypatch.context() as m:  # subprocess.run is the module's own: patched only for the launch
         m.setattr(distributed.subprocess, "run", lambda cmd, env: seen.setdefault("cmd", cmd) and _Done())
         distributed.launch(2, Path("c.yaml"), "W4A16_GS64")
-    assert seen["cmd"][-6:] == ["-m", "release.worker", "--config", "c.yaml", "--branch", "W4A16_GS64"]
+    assert seen["cmd"][-6:] == ["-m", "release.build.worker", "--config", "c.yaml", "--branch", "W4A16_GS64"]
     assert "--nproc-per-node=2" in seen["cmd"]
 
     proc = subprocess.run(
-        [sys.executable, "-m", "release.worker", "--config", str(tmp_path / "missing.yaml"), "--branch", "W4A16_GS64"],
+        [
+            sys.executable,
+            "-m",
+            "release.build.worker",
+            "--config",
+            str(tmp_path / "missing.yaml"),
+            "--branch",
+            "W4A16_GS64",
+        ],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,

@@ -112,8 +112,8 @@ def test_activations_on_gpu_is_how_not_what(write_config):
     a branch's fingerprint (a branch built either way is up to date for the other)."""
     import torch
 
-    from release.branch_folder import prepare_branch
-    from release.calibrate import activations_device
+    from release.build.branch_folder import prepare_branch
+    from release.build.calibrate import activations_device
     from release.config import load_config
 
     off = load_config(write_config())

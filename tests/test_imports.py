@@ -112,3 +112,25 @@ def test_modules_stay_small():
     sizes = {p.relative_to(RELEASE).as_posix(): len(p.read_text().splitlines()) for p in _modules().values()}
     over = {name: n for name, n in sizes.items() if n > MAX_LINES}
     assert not over, f"over {MAX_LINES} lines: {over}"
+
+
+# what each stage folder may import of the others (each folder's docstring says the same)
+NEVER = {
+    "release.check": ("release.build", "release.verify", "release.publish", "release.awq"),
+    "release.publish": ("release.build", "release.verify", "release.awq"),
+    "release.verify": ("release.build", "release.serving", "release.publish", "release.check"),
+    "release.serving": ("release.build", "release.publish", "release.check"),
+    "release.awq": ("release.build", "release.verify", "release.check", "release.publish", "release.serving"),
+}
+
+
+def test_stages_import_only_what_their_folders_allow():
+    modules = _modules()
+    offences = []
+    for name, path in modules.items():
+        for stage, banned in NEVER.items():
+            if name == stage or name.startswith(stage + "."):
+                for target, _names, line in _imports(name, path, modules):
+                    if any(target == b or target.startswith(b + ".") for b in banned):
+                        offences.append(f"{path.relative_to(RELEASE.parent)}:{line} imports {target}")
+    assert not offences, "\n".join(offences)

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import refs
 
-from release.build import build_all
+from release.build.pipeline import build_all
 from release.cli import cli
 from release.config import load_config
 from release.errors import ReleaseError

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from release.coverage import count_expert_tokens
+from release.build.coverage import count_expert_tokens
 
 
 def test_all_experts_see_every_token_and_outputs_are_unchanged(demo_assets):

@@ -13,7 +13,7 @@ def test_update_replaces_the_symlink_and_never_writes_the_checkpoint(tmp_path):
     from compressed_tensors.offload.cache.dist_disk import DistributedDiskCache
 
     from release.awq import Patches
-    from release.compat import atomic_update_offload, distributed_disk_update_is_fixed_upstream
+    from release.build.compat import atomic_update_offload, distributed_disk_update_is_fixed_upstream
 
     assert not distributed_disk_update_is_fixed_upstream(), "compressed-tensors 0.19.0 inherits DiskCache's"
     stock = DistributedDiskCache.update_offload

@@ -45,8 +45,13 @@ def test_installed_wheel_renders_the_cards(recorded_release, tmp_path):  # noqa:
     # this environment's editable install of glmrel is not activated)
     (Path(purelib) / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    stages = "release.build, release.verify, release.check, release.serving, release.publish, release.awq"
     where = subprocess.run(
-        [str(python), "-c", "import release.render as r; print(r.__file__); print(r.DEFAULT_TEMPLATES)"],
+        [
+            str(python),
+            "-c",
+            f"import {stages}; import release.render as r; print(r.__file__); print(r.DEFAULT_TEMPLATES)",
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,

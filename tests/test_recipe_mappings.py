@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from release.architecture import Glm4MoeArch
+from release.build.recipe import recipe_weight_args, render_recipe
 from release.config import AwqSpec, BranchSpec
-from release.recipe import recipe_weight_args, render_recipe
 from tests.test_architecture import GLM47
 
 REPO = Path(__file__).resolve().parent.parent

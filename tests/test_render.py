@@ -152,7 +152,7 @@ def test_glm47_cards_carry_its_serving_flags_and_the_vllm_release():
 
     from release.config import load_config
     from release.render import card_data, compose_card, mtp_flag, serve_flags
-    from release.vllm_rules import VLLM_VERSION
+    from release.serving.rules import VLLM_VERSION
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "glm-4.7.yaml")
     assert serve_flags(cfg) == "--enable-auto-tool-choice --tool-call-parser glm47 --reasoning-parser glm47"

@@ -11,7 +11,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from release import branch_folder, calibrate, one_pass, quantize
+from release.build import branch_folder, calibrate, one_pass, quantize
 from release.build_log import read_build_log
 from release.cli import cli
 from release.config import load_config
@@ -126,8 +126,8 @@ def test_every_library_hook_is_the_librarys_own_again_after_a_pass(two_ways):
 def test_side_branches_stay_within_two_percent_of_their_own_build_in_kl(two_ways):
     """The issue's bar: one-pass branches' KL against the base within 2 % of separate builds
     (the demo release's figures: benchmarks/results/2026-11-30-cpu-demo-single-pass)."""
-    from release.branch_folder import resolve_base_model
-    from release.verify import BaseReference, load_heldout, verify_branches
+    from release.build.branch_folder import resolve_base_model
+    from release.verify.branch import BaseReference, load_heldout, verify_branches
 
     cfg = two_ways["one"]["cfg"]
     reference = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)
@@ -257,8 +257,8 @@ def test_a_tampered_store_is_refused_by_name(tmp_path):
 
     from safetensors.torch import save_file
 
+    from release.build.one_pass import check_store
     from release.layout import TensorFiles, saved_layout
-    from release.one_pass import check_store
 
     lead, store = tmp_path / "lead", tmp_path / "store"
     lead.mkdir()
@@ -307,8 +307,8 @@ def test_a_side_branch_config_takes_its_scheme_from_its_store_and_refuses_anothe
     described (`quantization_config.json` in the store), refused when missing, unreadable or
     of another group size."""
     from release.awq import QUANTIZATION_FILE
+    from release.build.one_pass import store_quantization
     from release.config import BranchSpec
-    from release.one_pass import store_quantization
 
     branch = BranchSpec(name="W4A16_GS64", group_size=64)
     path = tmp_path / QUANTIZATION_FILE
@@ -334,8 +334,8 @@ def test_a_sealed_branch_changed_linked_or_pointing_outside_is_refused(tmp_path)
 
     from safetensors.torch import save_file
 
+    from release.build.one_pass import check_sealed_files
     from release.manifest import write_manifest
-    from release.one_pass import check_sealed_files
 
     lead = tmp_path / "W4A16_GS32"
     lead.mkdir()
@@ -399,8 +399,8 @@ def test_a_pass_whose_stores_cannot_fit_is_refused_before_any_work(tmp_path, dem
     branches their own (estimated from the tensors `glmrel check` requires of a branch, upper
     bounds of what a pass writes): with room for one store, the pass is refused with the sizes,
     the place and the way out, before the model is loaded."""
-    from release import room
     from release.architecture import Glm4MoeArch
+    from release.build import room
     from release.errors import ReleaseError
 
     cfg = load_config(_config(tmp_path, demo_assets))
@@ -432,8 +432,8 @@ def test_a_build_that_cannot_fit_is_refused_before_any_work_and_the_estimate_bou
     """What a built branch takes on disk is within its estimate (room.branch_bytes, from the
     tensors `glmrel check` requires of a branch); a build with less room than that is refused before the
     model is loaded, and nothing is left."""
-    from release import room
     from release.architecture import Glm4MoeArch
+    from release.build import room
 
     sep = two_ways["separate"]["cfg"]
     arch = Glm4MoeArch.from_dir(sep.base_model.path)

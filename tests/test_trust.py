@@ -14,13 +14,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from release import quantize
+from release.build import quantize
+from release.build.room import check_room, size_text
 from release.cli import cli
 from release.config import check_release_refs, load_config
 from release.errors import ReleaseError
 from release.manifest import MANIFEST_FILE, sealed_changes, write_manifest
 from release.owned import MARKER, create_owned, made_by_glmrel, remove_owned, require_replaceable
-from release.room import check_room, size_text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -144,7 +144,7 @@ def test_a_byte_flipped_with_its_mtime_restored_is_still_a_change(tmp_path):
 def test_changed_weights_are_rebuilt_never_approved_again(release_copy, demo_release):
     """A byte flipped in a built branch: verify, render and manifest refuse it by name, and
     build-all rebuilds that branch (not 'up to date'), to the same bytes as before."""
-    from release.build import build_all
+    from release.build.pipeline import build_all
 
     cfg = load_config(release_copy)
     folder = cfg.output_dir / "W4A16_GS64"
@@ -386,7 +386,7 @@ def test_a_forced_rebuild_gives_byte_identical_published_files(write_config):
     """build-all --force with unchanged inputs: every published file (weights, config, records,
     cards, manifests, plots) is the same bytes; what differs from run to run (timings, host,
     process) is in the local build log only."""
-    from release.build import build_all
+    from release.build.pipeline import build_all
     from release.build_log import read_build_log
 
     cfg = load_config(write_config({"calibration.num_samples": 4, "calibration.max_seq_length": 64}))

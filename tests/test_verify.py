@@ -2,7 +2,7 @@ import pytest
 
 from release.config import load_config
 from release.errors import ReleaseError
-from release.verify import load_heldout, vllm_check
+from release.verify.branch import load_heldout, vllm_check
 
 
 def test_vllm_check_says_skipped_and_why_without_a_gpu(tmp_path):
@@ -29,8 +29,8 @@ def test_streaming_equals_the_in_memory_load(demo_release, demo_assets):
     same KL, top-1 and perplexity as the in-memory verify (measured: bit for bit)."""
     import torch
 
-    from release.stream import stream_compare
-    from release.verify import BaseReference, in_memory_logprobs
+    from release.verify.branch import BaseReference, in_memory_logprobs
+    from release.verify.stream import stream_compare
 
     cfg = demo_release["config"]
     ref = BaseReference(demo_assets.model, load_heldout(cfg), cfg.verify.max_tokens)
@@ -54,7 +54,7 @@ def test_streaming_equals_the_in_memory_load(demo_release, demo_assets):
 
 @pytest.mark.slow
 def test_one_piece_of_each_model_is_resident_at_a_time(demo_release, demo_assets, monkeypatch):
-    import release.stream as stream
+    import release.verify.stream as stream
 
     cfg = demo_release["config"]
     live: dict[str, str] = {}
@@ -80,7 +80,7 @@ def test_one_piece_of_each_model_is_resident_at_a_time(demo_release, demo_assets
 
     monkeypatch.setattr(stream, "_materialized", tracked)
     ref_texts = load_heldout(cfg)[:2]
-    from release.verify import BaseReference
+    from release.verify.branch import BaseReference
 
     ref = BaseReference(demo_assets.model, ref_texts, 64)
     stream.stream_compare(demo_assets.model, {"W4A16_GS64": cfg.output_dir / "W4A16_GS64"}, ref.batches)
@@ -108,7 +108,7 @@ def test_verify_records_each_layers_divergence(demo_release):
 
 
 def test_decode_is_skipped_and_said_where_the_branch_does_not_fit(tmp_path, monkeypatch):
-    import release.verify as verify
+    import release.verify.branch as verify
 
     (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
     monkeypatch.setattr(verify.os, "sysconf", lambda name: 1000 if name == "SC_PHYS_PAGES" else 1)
@@ -125,7 +125,7 @@ def test_decode_is_skipped_and_said_where_the_branch_does_not_fit(tmp_path, monk
 def test_a_verify_record_reads_back_as_the_report_it_was(tmp_path):
     """build-all keeps a skipped branch's earlier verify.json as a QualityReport: the same
     fields, the keys other tools added to the file (vllm-check's) left in the file."""
-    from release.verify import QualityReport
+    from release.verify.branch import QualityReport
 
     report = QualityReport(
         branch="W4A16_GS64", passed=True, heldout_texts=2, heldout_tokens=10, mean_kl=0.01, top1_agreement=0.9,

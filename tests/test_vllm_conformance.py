@@ -1,4 +1,4 @@
-"""glmrel's serving verdicts (release/vllm_rules.py) against the pinned vLLM release's own code.
+"""glmrel's serving verdicts (release/serving/rules.py) against the pinned vLLM release's own code.
 
 For GLM-4.7 and the demo model, every tensor-parallel-sharded layer class x TP {1, 2, 4, 8, 16}
 x expert parallel off/on x group size {32, 64, 128} x {SM90, SM80} x {bf16, fp16}: the linear
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from release.architecture import Glm4MoeArch
-from release.vllm_rules import TARGETS, TP_SIZES, VLLM_VERSION, layer_shapes, serve_verdicts
+from release.serving.rules import TARGETS, TP_SIZES, VLLM_VERSION, layer_shapes, serve_verdicts
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = REPO / ".vllm-env" / "bin" / "python"

@@ -17,7 +17,7 @@ from release.check import check_branch
 from release.cli import cli
 from release.config import load_config
 from release.errors import ReleaseError
-from release.vllm_external import DEFAULT_PYTHON, record, vllm_python
+from release.serving.external import DEFAULT_PYTHON, record, vllm_python
 
 pytestmark = pytest.mark.slow
 

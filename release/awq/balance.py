@@ -1,4 +1,4 @@
-"""Patch 12: a grid point quantizes same-shape balance layers together."""
+"""Batched balance layers: a grid point quantizes same-shape balance layers together."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from .experts import candidate_scales, expert_chunk
 
 
 def balance_groups(layers: list[Any]) -> list[list[Any]] | None:
-    """Patch 12: the balance layers stock's grid search quantizes (those with a weight scheme),
+    """Batched balance layers: the balance layers stock's grid search quantizes (those with a weight scheme),
     grouped by weight shape, dtype, device and quantization arguments. None where one of them is
     not quantized row by row from its min/max (a per-tensor, block, global or dynamic scale, or
     an already compressed weight): stock's loop then runs."""
@@ -42,7 +42,7 @@ def balance_groups(layers: list[Any]) -> list[list[Any]] | None:
 def _quantize_balance_group(
     layers: list[Any], orig: dict[Any, Any], scales: Any, budget_bytes: int = 2 * 2**30
 ) -> None:
-    """Patch 12, one grid point for layers of one shape and scheme: what stock does layer by layer
+    """Batched balance layers, one grid point for layers of one shape and scheme: what stock does layer by layer
     (W*s rounded to the weight's dtype, min/max observer, `calculate_qparams`, `forward_quantize`,
     then /s), for a chunk of layers at a time. Each layer's weight, and its onloaded scale and
     zero point, become tensors of their own, as stock's are: compressed-tensors' offload assumes
@@ -91,7 +91,7 @@ def batched_balance_search(
     phases: dict[str, float],
     losses: list[float] | None = None,
 ) -> Any:
-    """Patch 12: llm-compressor 0.14.0.1's `AWQModifier._compute_best_scale`, step for step (less
+    """Batched balance layers: llm-compressor 0.14.0.1's `AWQModifier._compute_best_scale`, step for step (less
     its progress bar and debug log), but for the balance layers' quantization at each grid point
     (`_quantize_balance_group`); `phases` adds up its time by phase. Stock
     swaps in min/max weight observers for the search and fuses observers of TENSOR_GROUP layers

@@ -1,6 +1,6 @@
 """Where cached calibration inputs live: sampled rows and Gram matrices of the routed experts' down_proj
-(patches 4 and 10), resident and deduplicated parent inputs (patch 9), the GPU ledger, and the
-deferred write-back of smoothed weights (patch 11)."""
+(sampled expert rows and the Gram search), resident and deduplicated parent inputs (resident caches), the GPU ledger, and the
+deferred write-back of smoothed weights (deferred write-back)."""
 
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ def _subsample_rows(x: Any, keep: int, salt: int) -> Any:
     return flat.index_select(0, idx.clamp_(max=n - 1)).unsqueeze(0)
 
 
-DEDUPLICATED_INPUTS = ("attention_mask", "position_embeddings", "position_ids")  # patch 9
+DEDUPLICATED_INPUTS = ("attention_mask", "position_embeddings", "position_ids")  # resident caches
 
 
 def _deduplicate(new: Any, prev: Any) -> int:
-    """Patch 9: point the tensors of IntermediateValue `new` (nested in tuples or lists) at
+    """Resident caches: point the tensors of IntermediateValue `new` (nested in tuples or lists) at
     `prev`'s where they are equal; returns the bytes no longer held twice."""
     import torch
 
@@ -54,7 +54,7 @@ def _deduplicate(new: Any, prev: Any) -> int:
 
 
 def deduplicate_batch(cache: Any, batch_index: int) -> tuple[int, int]:
-    """Patch 9: store the DEDUPLICATED_INPUTS of batch `batch_index` once where they equal the
+    """Resident caches: store the DEDUPLICATED_INPUTS of batch `batch_index` once where they equal the
     previous batch's; returns (values, bytes) saved."""
     if batch_index < 1 or batch_index >= len(cache.batch_intermediates):
         return 0, 0
@@ -73,7 +73,7 @@ def _give_back(ledger: Ledger, held: list[int]) -> None:
 
 
 class Ledger:
-    """GPU bytes held by caches (patch 9's resident inputs against the run's budget; patch 10's
+    """GPU bytes held by caches (the resident caches' resident inputs against the run's budget; the Gram search's
     Gram matrices, unbounded), and their peak. Each holder's bytes come back when it is
     collected."""
 
@@ -102,7 +102,7 @@ class Ledger:
 
 
 class WriteBack:
-    """Patch 11: smoothed weights written to the onloaded (GPU) copy during a layer's AWQ
+    """Deferred write-back: smoothed weights written to the onloaded (GPU) copy during a layer's AWQ
     smoothing, and copied to their CPU offload once, at the end of it."""
 
     def __init__(self, stage_bytes: int = 256 * 2**20, check: bool = False) -> None:
@@ -232,7 +232,7 @@ def _land(done: Any, moves: list[tuple[Any, Any]]) -> None:
 
 
 def resident_budget(gib: float | None) -> int:
-    """Bytes of GPU memory patch 9 may hold: `gib`, or (None) 35 % of this process's GPU; none
+    """Bytes of GPU memory resident caches may hold: `gib`, or (None) 35 % of this process's GPU; none
     without one. 35 %: at 512 x 2048 on an H100 80GB, 28 GiB kept the dense layer's host window
     at 55.4 GiB (72.0 GiB at 20 %) with the GPU peak at 54.1 GiB allocated, 65.1 reserved."""
     import torch
@@ -247,8 +247,8 @@ def resident_budget(gib: float | None) -> int:
 @functools.cache
 def cache_classes() -> tuple[Any, Any, Any]:
     """The engine's replacements of AWQ's per-parent `IntermediatesCache`: `SampledCache` and
-    `GramCache` (a routed expert's down_proj inputs, patches 4 and 10) and `ResidentCache`
-    (patch 9). Defined on first use, so that llm-compressor is imported only when AWQ runs;
+    `GramCache` (a routed expert's down_proj inputs, sampled expert rows and the Gram search) and `ResidentCache`
+    (resident caches). Defined on first use, so that llm-compressor is imported only when AWQ runs;
     each takes the run's `Engine`."""
     import torch
     from compressed_tensors.utils import patch_attr
@@ -276,7 +276,7 @@ def cache_classes() -> tuple[Any, Any, Any]:
             self.pending: list[Any] = []
             self.resident: list[dict[str, Any]] | None = None
             self.device: Any = None  # where the rows were computed: the grid search runs there
-            self.held = engine.ledger.holder(self)  # patch 9: bytes of rows kept on that device
+            self.held = engine.ledger.holder(self)  # resident caches: bytes of rows kept on that device
 
         def append(self, values: dict[str, Any]) -> None:
             x = values.get("input")
@@ -292,7 +292,7 @@ def cache_classes() -> tuple[Any, Any, Any]:
             if self.offload_device is None:
                 self.pending.append(x.clone())
             elif self.engine.deduplicating and self.engine.ledger.take(x.nbytes, self.held):
-                self.pending.append(x.clone())  # patch 9: stays on the GPU (no copy to host and back)
+                self.pending.append(x.clone())  # resident caches: stays on the GPU (no copy to host and back)
             else:
                 self.pending.append(x.to(self.offload_device))
 
@@ -327,7 +327,7 @@ def cache_classes() -> tuple[Any, Any, Any]:
             self._flush()
             if not (self.engine.options.search_batch_tokens and self.engine.run.smoothing and input_names is None):
                 return super().iter(input_names)
-            # the grid search reads these rows 22 times: onload them once (patch 7); the
+            # the grid search reads these rows 22 times: onload them once (merged batches); the
             # copy goes with this cache when AWQ deletes it after the mapping
             if self.resident is None:
                 # flushed rows sit on the offload device, so fetch() would return them there
@@ -352,9 +352,9 @@ def cache_classes() -> tuple[Any, Any, Any]:
                 super().pin_memory(batch_index, input_names)
 
     class GramCache(IntermediatesCache):
-        """Patch 10: an expert down_proj's cached inputs, kept as the fp32 sum of X^T X over every
+        """Gram search: an expert down_proj's cached inputs, kept as the fp32 sum of X^T X over every
         calibration token (and the token count), on the device they were computed on. It holds
-        no rows: the batched search (patches 8 and 10) reads `gram` and `rows`."""
+        no rows: the batched search (the batched expert search and the Gram search) reads `gram` and `rows`."""
 
         def __init__(self, engine: Engine, offload_device: Any) -> None:
             super().__init__(None, offload_device)
@@ -400,7 +400,7 @@ def cache_classes() -> tuple[Any, Any, Any]:
             return None
 
     class ResidentCache(IntermediatesCache):
-        """Patch 9: a parent's cached inputs stay on the device they were computed on while the
+        """Resident caches: a parent's cached inputs stay on the device they were computed on while the
         run's budget lasts, the rest go to the offload device (stock); inputs equal to the
         previous sample's are stored once."""
 

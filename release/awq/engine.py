@@ -44,9 +44,9 @@ class Engine:
         self.stats = ScaleStats()
         self.on_layer = on_layer  # called with each decoder layer's record as the layer is done (progress)
         self.run = RunState()
-        self.deduplicating = options.resident_cache_gib != 0  # patch 9
+        self.deduplicating = options.resident_cache_gib != 0  # resident caches
         self.ledger = Ledger(resident_budget(options.resident_cache_gib) if self.deduplicating else 0)
-        self.grams = Ledger(math.inf)  # patch 10's Gram matrices
+        self.grams = Ledger(math.inf)  # the Gram search's Gram matrices
         self.write_back = WriteBack(check=options.check_write_back) if options.deferred_write_back else None
         self.clock = {"last": time.perf_counter(), "mapping": time.perf_counter()}
         # ranks on CPU (the test of the data-parallel path) share their weights' memory
@@ -150,7 +150,7 @@ def scaled_awq(
             stock_write(module, name, data)
 
     def update(self: Any, batch_index: int, values: dict[str, Any]) -> None:
-        """Patch 9, every cache the engine does not replace (the pipeline's layer inputs among
+        """Resident caches, every cache the engine does not replace (the pipeline's layer inputs among
         them): stock, then values equal to the previous sample's stored once."""
         engine.stock_update(self, batch_index, values)
         stats.deduplicated_values += deduplicate_batch(self, batch_index)[0]
@@ -167,7 +167,7 @@ def scaled_awq(
 
     @contextlib.contextmanager
     def search_forward_context(model: Any) -> Iterator[None]:
-        """Stock's calibration context (which forces eager attention), then SDPA (patch 6)."""
+        """Stock's calibration context (which forces eager attention), then SDPA (SDPA in the search)."""
         with stock_forward_context(model):
             if run.smoothing and getattr(getattr(model, "config", None), "_attn_implementation", None) == "eager":
                 with patch_attr(model.config, "_attn_implementation", "sdpa"):
@@ -185,7 +185,7 @@ def scaled_awq(
     def experts_forward(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
         """Outside the smoothing step, with every expert calibrated on every token: the
         experts as batched products (all_experts.py), or on their routed tokens where no hook
-        listens (the propagation pass). Inside it (patch 5): the routed experts as batched (or
+        listens (the propagation pass). Inside it (batched experts): the routed experts as batched (or
         grouped) matmuls."""
         fused = hidden_states.device.type in options.fused_expert_devices
         if not run.routed:

@@ -1,5 +1,5 @@
-"""The routed experts: batched forwards of a LinearExperts2D (patch 5) and the batched down_proj
-scale search on sampled rows or Gram matrices (patches 8 and 10)."""
+"""The routed experts: batched forwards of a LinearExperts2D (batched experts) and the batched down_proj
+scale search on sampled rows or Gram matrices (the batched expert search and the Gram search)."""
 
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def expert_chunk(bytes_per_expert: int, budget_bytes: int = 4 * 2**30) -> int:
 
 
 def gram_matrix(x: Any) -> Any:
-    """X^T X in fp32 for rows X [tokens, in] (patch 10): bf16 products are exact in fp32, and
+    """X^T X in fp32 for rows X [tokens, in] (Gram search): bf16 products are exact in fp32, and
     on a GPU the sum runs on the tensor cores with fp32 accumulation."""
     import torch
 
@@ -221,7 +221,7 @@ def _search_experts(
     rows: tuple[Any, Any] | None,
     allreduce: Any,
 ) -> tuple[Any, Any, Any]:
-    """AWQ's grid search for a batch of experts' down_proj (patches 8 and 10): per grid point one
+    """AWQ's grid search for a batch of experts' down_proj (the batched expert search and the Gram search): per grid point one
     scale computation, one min/max, one `calculate_qparams`, one fake quantization and one batched
     product. The loss is tr(D G D^T) from `gram` = (G, fp32 W), or the error over `rows` = (X,
     X W^T), all-reduced with `allreduce` when ranks hold different rows. Returns the best scales,
@@ -266,7 +266,7 @@ def search_routed_experts(
 ) -> bool:
     """Patches 8 and 10: the routed experts' down_proj scale searches of one layer, batched
     across experts, then smoothing with stock's formulas (see the module docstring). The loss
-    comes from each expert's Gram matrix (patch 10's GramCache) or from its sampled rows."""
+    comes from each expert's Gram matrix (the Gram search's GramCache) or from its sampled rows."""
     import torch
     from compressed_tensors.offload import align_modules
     from llmcompressor.modifiers.transform.awq import base as awq_base
@@ -372,7 +372,7 @@ def search_routed_experts(
             first, best_err = first_loss.tolist(), best_loss.tolist()
             for i, (m, d, u) in enumerate(zip(group, downs, ups)):
                 s_i = best[i]
-                # through AWQ's module: patch 11 defers these writes as it does stock's
+                # through AWQ's module: deferred write-back defers these writes as it does stock's
                 awq_base.update_offload_parameter(d, "weight", w[i] * s_i.view(1, -1))
                 awq_base.update_offload_parameter(u, "weight", divided_smooth_weight(up_orig[i], s_i))
                 modifier._error_metrics.append(

@@ -1,4 +1,4 @@
-"""Patch 7: consecutive cached batches merged into fewer, larger forwards in the grid search."""
+"""Merged batches: consecutive cached batches merged into fewer, larger forwards in the grid search."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def _merge(group: list[dict[str, Any]], token_wise: bool) -> dict[str, Any]:
 def merged_batches(
     batches: Any, token_wise: bool, budget: int, counts: dict[str, int], kind: str
 ) -> Iterator[dict[str, Any]]:
-    """Consecutive cached batches merged into forwards of at most `budget` tokens (patch 7);
+    """Consecutive cached batches merged into forwards of at most `budget` tokens (merged batches);
     `counts[kind]` counts the forwards that merged more than one batch."""
     group: list[dict[str, Any]] = []
     tokens = 0

@@ -68,9 +68,9 @@ class MoeAWQModifier(AWQModifier):
                 batches = merged_batches(
                     batches, token_wise, options.search_batch_tokens, e.stats.merged_forwards, kind
                 )
-        outputs = (first(module(**batch)) for batch in batches)  # patch 1: element 0 as each batch ends
+        outputs = (first(module(**batch)) for batch in batches)  # first output only: element 0 as each batch ends
         if options.stream_loss and run.lazy:
-            return outputs  # patch 2: consumed one batch at a time by _compute_loss
+            return outputs  # streamed loss: consumed one batch at a time by _compute_loss
         return list(outputs)
 
     def _compute_best_scale(self, mapping: Any, fp16_outputs: Any, orig_layer_weights: Any) -> Any:
@@ -86,7 +86,7 @@ class MoeAWQModifier(AWQModifier):
             e.shared_fix.before(mapping)
         try:
             groups = balance_groups(mapping.balance_layers) if options.batched_balance_layers else None
-            if groups:  # patch 12
+            if groups:  # batched balance layers
                 phases = stats.search_phase_s.setdefault(mapping_kind(mapping.smooth_name), {})
                 phases["prepare"] = phases.get("prepare", 0.0) + time.perf_counter() - clock["mapping"]
                 losses: list[float] = []
@@ -138,7 +138,7 @@ class MoeAWQModifier(AWQModifier):
         self._smooth_layer(model, side=side)
 
     def _smooth_layer(self, model: Any, *, record: bool = True, side: SideTimes | None = None) -> None:
-        """The engine's smoothing of one layer (stock's loop with patches 3, 5, 8, 10, 11),
+        """The engine's smoothing of one layer (stock's loop with routed experts in the search, batched experts, the batched and Gram expert searches, deferred write-back),
         timed into a LayerRecord unless it is a side branch's run (`record=False`)."""
         e = self.engine
         import torch
@@ -149,13 +149,13 @@ class MoeAWQModifier(AWQModifier):
         clock["mapping"] = t
         mappings = len(self._smooth_activation_stats)
         swaps = Patches()  # undone when the layer's smoothing ends
-        if options.routed_experts_in_search:  # patch 3
+        if options.routed_experts_in_search:  # routed experts in the search
             swaps.hook("calibrate_all_experts", False)
         run.routed = options.routed_experts_in_search
         run.smoothing = True
         batched: list[Any] = []
         held: dict[str, Any] = {}
-        if options.batched_expert_search:  # patches 8 and 10
+        if options.batched_expert_search:  # the batched expert search and the Gram search
             sampled, gram, _resident = cache_classes()
             for m in self._resolved_mappings:
                 cache = self._parent_args_cache.get(m.parent)
@@ -188,7 +188,7 @@ class MoeAWQModifier(AWQModifier):
 
                 e.shared_fix.flush()
                 dist.barrier()  # every rank's last write lands before the layer's outputs propagate
-            if write_back is not None and record:  # patch 11 (a side run writes no offload)
+            if write_back is not None and record:  # deferred write-back (a side run writes no offload)
                 t_write, checking = time.perf_counter(), write_back.check_seconds
                 write_back.flush()  # the layer's smoothed weights, to the CPU offload once
                 excluded = write_back.check_seconds - checking

@@ -35,12 +35,16 @@ class ScaleOptions:
     batched_experts: bool = True
     sdpa_in_search: bool = True
     search_batch_tokens: int | None = 16384
-    # routed experts' down_proj scale search: "gram" (patch 10: every token, no rows kept),
-    # "sampled" (patch 4's rows, stock's per-expert loop), "sampled-batched" (patch 4 + patch 8)
+    # routed experts' down_proj scale search: "gram" (Gram search: every token, no rows kept),
+    # "sampled" (the sampled expert rows' rows, stock's per-expert loop), "sampled-batched" (sampled expert rows, searched together)
     expert_search: ExpertSearch = _DEFAULT.expert_search
-    resident_cache_gib: float | None = _DEFAULT.resident_cache_gib  # patch 9: None = 35 % of the GPU; 0 = stock
-    deferred_write_back: bool = _DEFAULT.deferred_write_back  # patch 11: smoothed weights to the CPU once a layer
-    batched_balance_layers: bool = _DEFAULT.batched_balance_layers  # patch 12: same-shape balance layers together
+    resident_cache_gib: float | None = _DEFAULT.resident_cache_gib  # resident caches: None = 35 % of the GPU; 0 = stock
+    deferred_write_back: bool = (
+        _DEFAULT.deferred_write_back
+    )  # deferred write-back: smoothed weights to the CPU once a layer
+    batched_balance_layers: bool = (
+        _DEFAULT.batched_balance_layers
+    )  # batched balance layers: same-shape balance layers together
     # on a GPU, the experts as batched products in the calibration forward (all_experts.py) and
     # as grouped products in the search (experts.py): the last bits of an expert's output may
     # differ from the per-expert loop's, so the CPU (the demo's pinned bits) keeps the loop
@@ -48,7 +52,9 @@ class ScaleOptions:
     fused_gpu_experts: bool = _DEFAULT.fused_gpu_experts
     fused_on_cpu: bool = False
     device_activation_sums: bool = True  # activations.py: AWQ's sums added on the device, same bits
-    check_write_back: bool = False  # patch 11, benchmarks: compare every CPU copy with the GPU's after each layer
+    check_write_back: bool = (
+        False  # deferred write-back, benchmarks: compare every CPU copy with the GPU's after each layer
+    )
     record_scales: bool = False  # keep every chosen scale vector (tests, small models only)
 
     @classmethod
@@ -92,7 +98,7 @@ class ScaleOptions:
 
     @property
     def sampled_expert_rows(self) -> int | None:
-        """Patch 4's row budget, where the expert search replays rows."""
+        """The sampled expert rows' budget, where the expert search replays rows."""
         return None if self.expert_search == "gram" else self.max_expert_tokens
 
     @classmethod

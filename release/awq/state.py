@@ -14,12 +14,14 @@ class RunState:
     the smoothing step's grid search than in the calibration forward.
     """
 
-    lazy: bool = False  # patch 2: `_run_samples` called from inside the grid search
-    routed: bool = False  # patches 3 and 5: experts run on their routed tokens only
-    smoothing: bool = False  # inside AWQModifier._apply_smoothing (patches 6, 7 and 11)
-    generation: int = 0  # balance weights change only between `_run_samples` calls (patch 5)
-    stacked: dict[int, tuple[int, Any]] = field(default_factory=dict)  # patch 5: one layer's stacked weights
-    checked: set[int] = field(default_factory=set)  # patch 5: expert layers compared once with the loop
+    lazy: bool = False  # streamed loss: `_run_samples` called from inside the grid search
+    routed: bool = False  # routed experts in the search, batched experts: experts run on their routed tokens only
+    smoothing: bool = (
+        False  # inside AWQModifier._apply_smoothing (SDPA in the search, merged batches, deferred write-back)
+    )
+    generation: int = 0  # balance weights change only between `_run_samples` calls (batched experts)
+    stacked: dict[int, tuple[int, Any]] = field(default_factory=dict)  # batched experts: one layer's stacked weights
+    checked: set[int] = field(default_factory=set)  # batched experts: expert layers compared once with the loop
     # all_experts.py: (id of the experts module, [E, 2 x inter, hid], [E, hid, inter]) of the layer being
     # calibrated; dropped when a smoothing starts and ends (the only place weights change)
     calibration_stack: tuple[int, Any, Any] | None = None

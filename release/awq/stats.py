@@ -32,26 +32,28 @@ class ScaleStats:
     fused_calibration_calls: int = 0  # all_experts.py: experts calls of the calibration forward batched
     grouped_search_calls: int = 0  # ... of the search, through torch's grouped GEMM (no padding)
     routed_propagation_calls: int = 0  # ... of the propagation pass, on their routed tokens only
-    batched_expert_searches: int = 0  # patch 8: expert mappings searched together
-    expert_searches_run: int = 0  # ... of which this rank ran the grid search (its share, under patch 10)
-    merged_forwards: dict[str, int] = field(default_factory=dict)  # patch 7: parent type -> merged forwards
+    batched_expert_searches: int = 0  # batched expert search: expert mappings searched together
+    expert_searches_run: int = 0  # ... of which this rank ran the grid search (its share, under Gram search)
+    merged_forwards: dict[str, int] = field(default_factory=dict)  # merged batches: parent type -> merged forwards
     batched_experts_disabled: str | None = None  # why, when the first-call check failed
     tokens_seen: int = 0
     tokens_kept: int = 0
-    resident_batches: int = 0  # patch 9: cached parent inputs kept on the GPU ...
+    resident_batches: int = 0  # resident caches: cached parent inputs kept on the GPU ...
     offloaded_batches: int = 0  # ... and sent to host RAM
     resident_peak_gib: float = 0.0
     deduplicated_values: int = 0  # values stored once for consecutive equal samples
     resident_expert_caches: int = 0  # expert down_proj row samples kept on the GPU
-    gram_gib: float = 0.0  # patch 10: GPU memory of the experts' Gram matrices (all layers' peak)
-    deferred_writes: int = 0  # patch 11: weight writes that landed on the onloaded copy only ...
+    gram_gib: float = 0.0  # Gram search: GPU memory of the experts' Gram matrices (all layers' peak)
+    deferred_writes: int = 0  # deferred write-back: weight writes that landed on the onloaded copy only ...
     write_back_checked: int = 0  # ... (check_write_back) CPU copies compared after the flush ...
     write_back_mismatches: int = 0  # ... and how many differed from the onloaded copy
     written_back_gib: float = 0.0  # ... what this rank then copied to the CPU offload
     write_back_s: float = 0.0  # ... and how long that took
-    batched_balance_mappings: int = 0  # patch 12: grid searches that quantized their balance layers together
+    batched_balance_mappings: int = (
+        0  # batched balance layers: grid searches that quantized their balance layers together
+    )
     batched_balance_layers: int = 0  # ... over this many balance layers
-    # seconds per kind of mapping and phase of patch 12's search: "prepare" (from the previous mapping's end
+    # seconds per kind of mapping and phase of the batched balance layers' search: "prepare" (from the previous mapping's end
     # to the search: its smoothing writes, this one's reference forward and weight copies), "quantize"
     # (the balance layers at every grid point, timed to the GPU's completion) and "forward_loss"
     search_phase_s: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -60,7 +62,7 @@ class ScaleStats:
     layers: list[LayerRecord] = field(default_factory=list)
     scales: dict[str, Any] = field(default_factory=dict)  # smooth layer name -> chosen scales
     mapping_s: dict[str, float] = field(default_factory=dict)  # seconds per kind of mapping
-    # patch 12's grid searches: smooth layer name -> the loss at every grid point, in the order of
+    # the batched balance layers' grid searches: smooth layer name -> the loss at every grid point, in the order of
     # `_get_grid_search_params` (the first point, ratio 0 without duo scaling, leaves the weights
     # unsmoothed: it depends only on the data the ranks saw together)
     grid_losses: dict[str, list[float]] = field(default_factory=dict)
@@ -162,7 +164,7 @@ def _malloc_trim() -> Any:
 
 
 def release_host_memory() -> None:
-    """Patch 9: give the pinned blocks PyTorch keeps cached, and the freed pages glibc keeps in
+    """Resident caches: give the pinned blocks PyTorch keeps cached, and the freed pages glibc keeps in
     its heaps, back to the system."""
     import torch
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..vllm_rules import ServeVerdict
+from ..serving.rules import ServeVerdict
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from ..layout import (
     mtp_prefix,
 )
 from ..manifest import MANIFEST_FILE, VERIFY_FILE, Manifest
-from ..vllm_rules import serve_verdicts
+from ..serving.rules import serve_verdicts
 from .report import CheckReport
 from .sources import ShardReader
 

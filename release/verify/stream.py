@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ReleaseError
-from .layout import read_weight_map
+from ..errors import ReleaseError
+from ..layout import read_weight_map
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..errors import ReleaseError
 from .coverage import ExpertCounts
-from .errors import ReleaseError
 
 # Calibration allocates tensors of many sizes for hours (sample batches, padded expert
 # products, each layer's weights): expandable segments keep the CUDA allocator from
@@ -79,7 +79,7 @@ def _torchrun_module_available() -> bool:
 
 
 def launch(gpus: int, config: Path, branch: str) -> None:
-    """Build `branch` on `gpus` ranks: torchrun starts `python -m release.worker` on each
+    """Build `branch` on `gpus` ranks: torchrun starts `python -m release.build.worker` on each
     (after `check_gpus`); raise if any rank fails."""
     cmd = [
         sys.executable,
@@ -88,7 +88,7 @@ def launch(gpus: int, config: Path, branch: str) -> None:
         "--standalone",
         f"--nproc-per-node={gpus}",
         "-m",
-        "release.worker",
+        "release.build.worker",
         "--config",
         str(config),
         "--branch",

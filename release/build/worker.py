@@ -1,4 +1,4 @@
-"""The entry point of a torchrun rank: `python -m release.worker --config C --branch B`.
+"""The entry point of a torchrun rank: `python -m release.build.worker --config C --branch B`.
 
 `quantize --gpus N` (and `build-all --gpus N`) launch N of these with torchrun
 (`distributed.launch`); each joins the process group, calibrates its share of the samples,
@@ -14,15 +14,15 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ReleaseError
+from ..errors import ReleaseError
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m release.worker", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m release.build.worker", description=__doc__)
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--branch", required=True)
     a = ap.parse_args(argv)
-    from .config import load_for_run
+    from ..config import load_for_run
     from .distributed import CUDA_ALLOC_CONF
     from .quantize import quantize_branch
 

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..check import CheckReport, check_branch
+from ..config import ReleaseConfig
+from ..errors import ReleaseError
+from ..manifest import folder_content_digest, refresh_manifest
+from ..render import render_release
+from ..verify.branch import VERIFY_FILE, BaseReference, QualityReport, load_heldout, verify_branches
 from .branch_folder import BranchBuild, resolve_base_model
-from .check import CheckReport, check_branch
-from .config import ReleaseConfig
-from .errors import ReleaseError
-from .manifest import folder_content_digest, refresh_manifest
 from .quantize import build_branches
-from .render import render_release
-from .verify import VERIFY_FILE, BaseReference, QualityReport, load_heldout, verify_branches
 
 
 @dataclass(frozen=True)

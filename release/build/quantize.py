@@ -10,8 +10,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..awq import ScaleOptions
+from ..config import ReleaseConfig
+from ..errors import ReleaseError
+from ..owned import create_owned, remove_owned, require_replaceable, require_writable_folder
 from . import distributed
-from .awq import ScaleOptions
 from .branch_folder import (
     BranchBuild,
     Log,
@@ -24,10 +27,7 @@ from .branch_folder import (
     up_to_date,
 )
 from .calibrate import SHARD_SIZE, calibrate, forget_offload, offload_folder, run_oneshot
-from .config import ReleaseConfig
-from .errors import ReleaseError
 from .one_pass import quantize_pass
-from .owned import create_owned, remove_owned, require_replaceable, require_writable_folder
 
 
 def quantize_branch(

@@ -15,14 +15,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import __version__, distributed
-from .architecture import Glm4MoeArch
-from .awq import ScaleOptions
-from .build_log import write_build_log
-from .config import BranchSpec, ReleaseConfig
-from .errors import ReleaseError
-from .manifest import first_change, sealed_changes, write_manifest
-from .owned import made_by_glmrel, remove_owned, require_replaceable
+from .. import __version__
+from ..architecture import Glm4MoeArch
+from ..awq import ScaleOptions
+from ..build_log import write_build_log
+from ..config import BranchSpec, ReleaseConfig
+from ..errors import ReleaseError
+from ..manifest import first_change, sealed_changes, write_manifest
+from ..owned import made_by_glmrel, remove_owned, require_replaceable
+from . import distributed
 from .recipe import render_recipe
 
 PROVENANCE_FILE = "provenance.json"

@@ -7,9 +7,9 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from .architecture import Glm4MoeArch
-from .config import AwqSpec, BranchSpec
-from .errors import ReleaseError
+from ..architecture import Glm4MoeArch
+from ..config import AwqSpec, BranchSpec
+from ..errors import ReleaseError
 
 
 def render_recipe(template: Path, arch: Glm4MoeArch, branch: BranchSpec, awq: AwqSpec) -> str:

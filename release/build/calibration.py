@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import CalibrationSpec
-from .errors import ReleaseError
+from ..config import CalibrationSpec
+from ..errors import ReleaseError
 
 
 @dataclass(frozen=True)

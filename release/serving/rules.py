@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .architecture import Glm4MoeArch
+from ..architecture import Glm4MoeArch
 
 VLLM_VERSION = "0.33.0"
 VLLM_SOURCE = {

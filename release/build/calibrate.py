@@ -15,17 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..architecture import Glm4MoeArch
+from ..awq import ScaleOptions, ScaleStats, SideBranch
+from ..config import ReleaseConfig
+from ..console import load_report
+from ..errors import ReleaseError
+from ..layout import mtp_ignore_entry, mtp_prefix
+from ..manifest import CACHE_DIR
+from ..owned import create_owned, remove_owned
 from . import distributed
-from .architecture import Glm4MoeArch
-from .awq import ScaleOptions, ScaleStats, SideBranch
 from .branch_folder import COVERAGE_FILE, RECIPE_FILE, BranchJob, Log, partial_folder, remove_stale_partials
-from .config import ReleaseConfig
-from .console import load_report
 from .coverage import ExpertCounts
-from .errors import ReleaseError
-from .layout import mtp_ignore_entry, mtp_prefix
-from .manifest import CACHE_DIR
-from .owned import create_owned, remove_owned
 
 
 def resource_peaks() -> dict[str, float]:
@@ -66,7 +66,7 @@ def calibrate(
     from llmcompressor import oneshot
     from transformers import AutoTokenizer
 
-    from .awq import scaled_awq
+    from ..awq import scaled_awq
     from .calibration import build_calibration_set
     from .coverage import count_expert_tokens
 
@@ -132,7 +132,7 @@ def calibrate(
 def library_fixes(cfg: ReleaseConfig) -> Iterator[None]:
     """The fixes of compressed-tensors a calibration needs (compat.py), through the `HOOKS`
     table, undone when it ends: ranks under torchrun updating disk-offloaded weights."""
-    from .awq import Patches
+    from ..awq import Patches
     from .compat import atomic_update_offload, distributed_disk_update_is_fixed_upstream
 
     fixes = Patches()
@@ -252,7 +252,7 @@ def released_after_oneshot(echo: Log = print) -> Iterator[Callable[[Any], None]]
     import torch.fx._symbolic_trace as fx_trace
     from llmcompressor.core import active_session
 
-    from .awq import release_host_memory
+    from ..awq import release_host_memory
 
     registered = set(fx_trace._wrapped_fns_to_patch)
     tracked: list[weakref.ref] = []

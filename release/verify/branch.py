@@ -1,7 +1,7 @@
 """Numerical verification of built branches against their base model (needs torch).
 
 The base model and the branches are compared by streaming them layer by layer
-(`release/stream.py`): one decoder layer per model resident at a time, read from the
+(`release/verify/stream.py`): one decoder layer per model resident at a time, read from the
 safetensors shards, the branch's decompressed by compressed-tensors as transformers does when
 it loads the branch (on the demo the log-probabilities equal the in-memory load's bit for
 bit, tested). So `verify` runs at GLM-4.7 size on one GPU, reading each model once, and
@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .build_log import write_build_log
-from .config import ReleaseConfig
-from .errors import ReleaseError
-from .manifest import VERIFY_FILE, folder_content_digest, require_sealed, write_if_changed
+from ..build_log import write_build_log
+from ..config import ReleaseConfig
+from ..errors import ReleaseError
+from ..manifest import VERIFY_FILE, folder_content_digest, require_sealed, write_if_changed
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class QualityReport:
     # what was measured: `manifest.content_digest` of the branch's files (all but the records
     # written after verification); check and publish refuse a verify.json about other content
     content_sha256: str = ""
-    # each decoder layer's output against the base model's (release/stream.py), and how
+    # each decoder layer's output against the base model's (release/verify/stream.py), and how
     method: str = ""
     layers: list[dict[str, Any]] = field(default_factory=list)
 
