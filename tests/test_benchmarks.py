@@ -429,112 +429,179 @@ def test_the_dress_rehearsal_runs_the_release_path(tmp_path):
     assert all(v["passed"] and v["method"].startswith("streamed") for v in report["verify"].values())
 
 
-def test_offload_record_behind_the_readme_figures():
-    """Run U (the figures benchmarks/results/README.md quotes): the same branch in RAM and with the base weights
-    offloaded to disk under a cgroup limit below the model's size; the same weights."""
+def _record(path):
+    return json.loads((RESULTS.parent / path).read_text())
+
+
+def _stage(name):
+    return lambda r: next(s for s in r["stages"] if s["stage"] == name)["wall_s"]
+
+
+def _run(i, key):
+    return lambda r: r["runs"][i][key]
+
+
+def _one(key, *path):
+    def get(r):
+        value = r[0] if isinstance(r, list) else r
+        for k in (key, *path):
+            value = value[k]
+        return value
+
+    return get
+
+
+DOCS = RESULTS.parent.parent.parent / "docs" / "performance.md"  # the figures users read
+ACCOUNT = RESULTS.parent / "README.md"  # the run-by-run account docs/performance.md links to
+# Every figure a document quotes from a committed record: (document, record, how to read the
+# value from it, how the document writes it). The test reads each from its record, so a
+# document that drifts from its record fails, and no figure is written twice in the suite.
+CITED = [
+    (ACCOUNT, "2026-11-30-h200x2-offload-glm47-4layer/U-1gpu-ram-vs-offload.json", _run(0, "wall_s"), "{:.1f} s"),
+    (ACCOUNT, "2026-11-30-h200x2-offload-glm47-4layer/U-1gpu-ram-vs-offload.json", _run(1, "wall_s"), "{:.1f} s"),
+    (
+        ACCOUNT,
+        "2026-11-30-h200x2-offload-glm47-4layer/U-1gpu-ram-vs-offload.json",
+        _run(0, "peak_host_rss_gib"),
+        "{:.1f} GiB",
+    ),
+    (
+        ACCOUNT,
+        "2026-11-30-h200x2-offload-glm47-4layer/U-1gpu-ram-vs-offload.json",
+        _run(1, "peak_host_rss_gib"),
+        "{:.1f} GiB",
+    ),
+    (DOCS, "2026-11-30-h200x2-offload-glm47-4layer/Y-2gpu-offload-cgroup34.8.json", _run(0, "wall_s"), "{:.1f} s"),
+    (DOCS, "2026-11-30-h200x2-rehearsal-glm47-2layer/run-X-c465fcc-2gpu.json", _stage("build-all"), "{:.1f} s"),
+    (ACCOUNT, "2026-11-30-h200x2-rehearsal-glm47-2layer/run-X-c465fcc-2gpu.json", _stage("build-all"), "{:.1f} s"),
+    (DOCS, "2026-11-30-h200x2-rehearsal-glm47-2layer/run-X-c465fcc-2gpu.json", _stage("publish hub"), "{:.1f} s"),
+    (
+        ACCOUNT,
+        "2026-11-30-h200x2-rehearsal-glm47-2layer/run-X-c465fcc-2gpu.json",
+        _stage("publish hub again"),
+        "{:.1f} s",
+    ),
+    (
+        DOCS,
+        "2026-11-30-h200x2-rehearsal-glm47-2layer/run-X-c465fcc-2gpu.json",
+        lambda r: " / ".join(f"{b['host_rss_gib']:.2f}" for b in _stage_record(r)["host_rss_at_branch_start_gib"]),
+        "{} GiB",
+    ),
+    (ACCOUNT, "2026-11-30-h200-engine-package-before-after/before-9fb33a4.json", _one("oneshot_s"), "{:.1f}"),
+    (ACCOUNT, "2026-11-30-h200-engine-package-before-after/after-7a5957d.json", _one("oneshot_s"), "{:.1f} s"),
+    *[
+        (RESULTS.parent / "2026-11-30-h200-engine-extension-before-after" / "README.md", f, get, fmt)
+        for f in (
+            "2026-11-30-h200-engine-extension-before-after/before-9fb33a4.json",
+            "2026-11-30-h200-engine-extension-before-after/after-8c22299.json",
+        )
+        for get, fmt in ((_one("oneshot_s"), "{:.1f} s"), (_one("weights_digest"), "`{}`"))
+    ],
+    *[
+        (RESULTS.parent / "2026-12-03-h200-house-digest" / "README.md", f, get, fmt)
+        for f in ("2026-12-03-h200-house-digest/loop-fused-off.json", "2026-12-03-h200-house-digest/fused-on.json")
+        for get, fmt in ((_one("oneshot_s"), "{:.1f} s"), (_one("weights_digest"), "`{}`"))
+    ],
+    (
+        RESULTS.parent / "2026-11-30-cpu-demo-single-pass" / "README.md",
+        "2026-11-30-cpu-demo-single-pass/record.json",
+        lambda r: (r["builds"]["one_pass"]["wall_s"], r["builds"]["separate"]["wall_s"]),
+        "{0[0]:.1f} s one pass against {0[1]:.1f} s",
+    ),
+]
+
+
+def _stage_record(r, name="build-all"):
+    return next(s for s in r["stages"] if s["stage"] == name)
+
+
+@pytest.mark.parametrize("doc,record,get,fmt", CITED, ids=[f"{c[0].parent.name}/{c[0].name}:{c[1]}" for c in CITED])
+def test_every_quoted_figure_is_its_records(doc, record, get, fmt):
+    figure = fmt.format(get(_record(record)))
+    assert figure in doc.read_text(), f"{doc} does not quote {figure} from {record}"
+
+
+def test_offload_record_keeps_the_weights_under_a_cap_below_the_model():
+    """Runs U and Y: the branch built with the base weights offloaded to disk under a cgroup
+    limit below the model's size has the in-RAM build's weights, and stayed under the limit."""
     folder = RESULTS.parent / "2026-11-30-h200x2-offload-glm47-4layer"
     record = json.loads((folder / "U-1gpu-ram-vs-offload.json").read_text())
     ram, off = record["runs"]
     assert (ram["mode"], off["mode"]) == ("ram", "offload") and ram["exit"] == off["exit"] == 0
     assert ram["weights_sha256"] == off["weights_sha256"]
-    assert (ram["wall_s"], off["wall_s"], ram["peak_host_rss_gib"], off["peak_host_rss_gib"]) == (
-        114.0,
-        230.3,
-        63.7,
-        32.48,
-    )
+    assert off["peak_host_rss_gib"] < ram["peak_host_rss_gib"]
     limit = float(off["memory_limit"].split("= ")[1].split()[0])
-    assert limit < record["model_gib"] == 35.81 and off["cgroup_memory_peak_gib"] <= limit + 0.05
+    assert limit < record["model_gib"] and off["cgroup_memory_peak_gib"] <= limit + 0.05
+    y = json.loads((folder / "Y-2gpu-offload-cgroup34.8.json").read_text())
+    (run,) = y["runs"]
+    assert (run["mode"], run["gpus"], run["exit"]) == ("offload", 2, 0)
+    limit = float(run["memory_limit"].split("= ")[1].split()[0])
+    assert limit < y["model_gib"] and run["cgroup_memory_peak_gib"] <= limit + 0.05
 
 
-def test_rehearsal_and_offload_records_behind_the_readme_figures():
-    """Run X (the 2-GPU rehearsal through publish) and run Y (2 GPUs under the memory cap):
-    the figures benchmarks/results/README.md quotes are the committed records'."""
-    readme = (RESULTS.parent.parent.parent / "docs" / "performance.md").read_text()  # the figures users read
+def test_rehearsal_record_ran_the_release_path_with_flat_host_memory():
+    """Run X (the 2-GPU rehearsal through publish): every stage passed, the host RSS at each
+    branch's start stayed flat, and the second publish had nothing to do."""
     x = json.loads(
         (RESULTS.parent / "2026-11-30-h200x2-rehearsal-glm47-2layer" / "run-X-c465fcc-2gpu.json").read_text()
     )
     st = {s["stage"]: s for s in x["stages"]}
-    build = st["build-all"]
-    assert x["gpus"] == 2 and build["exit"] == 0 and build["wall_s"] == 395.7
-    starts = [round(b["host_rss_gib"], 2) for b in build["host_rss_at_branch_start_gib"]]
-    assert starts == [3.67, 3.66, 4.79] and max(starts) - starts[0] < 2.0  # flat across branches
-    assert [b["built_s"] for b in build["branches"]] == [99, 98, 96]
-    assert (st["publish hub"]["wall_s"], st["publish hub again"]["wall_s"]) == (116.1, 45.2)
+    assert x["gpus"] == 2 and st["build-all"]["exit"] == 0
+    starts = [b["host_rss_gib"] for b in st["build-all"]["host_rss_at_branch_start_gib"]]
+    assert len(starts) == 3 and max(starts) - starts[0] < 2.0  # flat across branches
     assert "nothing to do" in st["publish hub again"]["output_tail"]
     assert "skipped" in st["publish git"]
-    account = (RESULTS.parent / "README.md").read_text()  # the run-by-run account the README links to
-    for figure in ("395.7 s", "3.67 / 3.66 / 4.79 GiB", "116.1 s"):
-        assert figure in readme and figure in account
-    assert "45.2 s" in account
-    y = json.loads(
-        (RESULTS.parent / "2026-11-30-h200x2-offload-glm47-4layer" / "Y-2gpu-offload-cgroup34.8.json").read_text()
-    )
-    (run,) = y["runs"]
-    assert (run["mode"], run["gpus"], run["exit"], run["wall_s"]) == ("offload", 2, 0, 284.1)
-    limit = float(run["memory_limit"].split("= ")[1].split()[0])
-    assert limit < y["model_gib"] and run["cgroup_memory_peak_gib"] <= limit + 0.05
-    assert "284.1 s" in readme
 
 
-def test_engine_package_kept_the_gpu_weights():
-    """The split of release/awq_scale.py into release/awq/ (7a5957d), run side by side with the
-    commit before it on one H200 at GLM-4.7 layer dims: the same weights and memory peaks."""
-    folder = RESULTS.parent / "2026-11-30-h200-engine-package-before-after"
-    (before,) = json.loads((folder / "before-9fb33a4.json").read_text())
-    (after,) = json.loads((folder / "after-7a5957d.json").read_text())
-    assert before["weights_digest"] == after["weights_digest"] == "8fe225c94e3483c5f11d4194391d2884"
-    assert (before["samples"], after["samples"]) == (64, 64) and "H200" in after["gpu"]
-    assert (before["oneshot_s"], after["oneshot_s"]) == (58.88, 56.74)
+def test_every_gpu_digest_record_of_the_engine_has_the_same_weights():
+    """The engine's GPU weights digest at GLM-4.7 layer dims, 64 x 2048 (issue 29 asks that
+    it stay): the package split's pair, the extension's pair and this session's house rewrite
+    (fused experts off and on) all recorded the same digest, on H200s."""
+    records = [
+        "2026-11-30-h200-engine-package-before-after/before-9fb33a4.json",
+        "2026-11-30-h200-engine-package-before-after/after-7a5957d.json",
+        "2026-11-30-h200-engine-extension-before-after/before-9fb33a4.json",
+        "2026-11-30-h200-engine-extension-before-after/after-8c22299.json",
+        "2026-12-03-h200-house-digest/loop-fused-off.json",
+        "2026-12-03-h200-house-digest/fused-on.json",
+    ]
+    runs = [_record(r)[0] for r in records]
+    assert all((r["samples"], r["seq"]) == (64, 2048) and "H200" in r["gpu"] for r in runs)
+    assert len({r["weights_digest"] for r in runs}) == 1
+    fused = _record("2026-12-03-h200-house-digest/fused-on.json")[0]["awq_options"]["fused_gpu_experts"]
+    loop = _record("2026-12-03-h200-house-digest/loop-fused-off.json")[0]["awq_options"]["fused_gpu_experts"]
+    assert (fused, loop) == (True, False)
 
 
-def test_engine_extension_kept_the_gpu_weights():
-    """The engine as an AWQModifier subclass (8c22299), run side by side with 9fb33a4 (the
-    single patching module) on one H200 at GLM-4.7 layer dims: the same weights and peaks,
-    and the same digest as the package split's pair."""
-    folder = RESULTS.parent / "2026-11-30-h200-engine-extension-before-after"
-    (before,) = json.loads((folder / "before-9fb33a4.json").read_text())
-    (after,) = json.loads((folder / "after-8c22299.json").read_text())
-    assert before["weights_digest"] == after["weights_digest"] == "8fe225c94e3483c5f11d4194391d2884"
-    assert (before["samples"], after["samples"], before["seq"], after["seq"]) == (64, 64, 2048, 2048)
-    assert "H200" in after["gpu"] and before["peak_gpu_gib"] == after["peak_gpu_gib"]
-    assert (before["oneshot_s"], after["oneshot_s"]) == (52.24, 49.46)
-    readme = (folder / "README.md").read_text()
-    assert "52.2 s" in readme and "49.5 s" in readme and "8fe225c94e3483c5f11d4194391d2884" in readme
-
-
-def test_single_pass_records_back_what_the_cards_and_readme_say():
+def test_single_pass_records_back_what_the_readme_says():
     """The demo's one-pass figures (benchmarks/single_pass.py) are within the issue's 2 % KL
-    bar; the GPU run is recorded as partial, with the figures its README gives read from its log."""
+    bar; the GPU run is recorded as partial, with the figure its README gives read from its log."""
     folder = RESULTS.parent / "2026-11-30-cpu-demo-single-pass"
     record = json.loads((folder / "record.json").read_text())
     rows = {r["branch"]: r for r in record["branches"]}
     assert rows["W4A16_GS32"]["role"] == "propagating" and rows["W4A16_GS32"]["differ"] == 0
     sides = [r for r in rows.values() if r["role"] == "side"]
     assert len(sides) == 2 and all(0 not in r["layers"] and r["differ"] > 0 for r in sides)
-    worst = max(abs(r["kl_change_pct"]) for r in rows.values())
-    assert worst <= 2.0
-    assert (record["builds"]["one_pass"]["wall_s"], record["builds"]["separate"]["wall_s"]) == (40.3, 43.7)
-    assert "40.3 s one pass against 43.7 s" in (folder / "README.md").read_text()
+    assert max(abs(r["kl_change_pct"]) for r in rows.values()) <= 2.0
     gpu = RESULTS.parent / "2026-11-30-h200-single-pass-glm47-2layer-partial"
     log = (gpu / "one-pass-cut.log").read_text()
     stamps = re.findall(r"^(2026-11-30T\d\d:\d\d:\d\d\.\d+) \| (\w+) \|", log, re.M)
     t = {f"{name}{i}": datetime.fromisoformat(ts) for i, (ts, name) in enumerate(stamps)}
     first_init = next(v for k, v in t.items() if k.startswith("reset"))
     first_finalize = next(v for k, v in t.items() if k.startswith("finalize"))
-    assert round((first_finalize - first_init).total_seconds(), 1) == 137.3
-    assert "137.3 s" in (gpu / "README.md").read_text() and "[W4A16_GS128] loading" in log
+    oneshot = round((first_finalize - first_init).total_seconds(), 1)
+    assert f"{oneshot} s" in (gpu / "README.md").read_text() and "[W4A16_GS128] loading" in log
 
 
 def test_the_512_sample_side_by_side_figures_are_read_from_its_records():
-    """The H200 side-by-side at 512 x 2048 (one MoE layer at GLM-4.7 dims): the README's and
-    the record's figures are those of its JSON, provenance and log, including the cut pass's
-    bounds, which are derived here from llm-compressor's timestamps as the record says."""
+    """The H200 side-by-side at 512 x 2048 (one MoE layer at GLM-4.7 dims): the README's
+    figures are those of its JSON, provenance and log, including the cut pass's bounds, which
+    are derived here from llm-compressor's timestamps as the record says."""
     folder = RESULTS.parent / "2026-11-30-h200-single-pass-glm47-moe-layer-512"
     text = (folder / "README.md").read_text()
     seps = [json.loads((folder / f"separate-{g}.json").read_text())["builds"]["separate"] for g in ("GS128", "GS32")]
     walls = [s["wall_s"] for s in seps]
-    assert walls == [278.2, 277.2] and "**278.2 s** (GS128) and **277.2 s** (GS32)" in text
+    assert f"**{walls[0]} s** (GS128) and **{walls[1]} s** (GS32)" in text
     lead = json.loads((folder / "one-pass-provenance-W4A16_GS32.json").read_text())
     side = json.loads((folder / "one-pass-provenance-W4A16_GS64.json").read_text())
     assert lead["calibration_pass"] == {
@@ -543,14 +610,9 @@ def test_the_512_sample_side_by_side_figures_are_read_from_its_records():
     }
     t = lead["timings_s"]
     layer = t["awq_engine"]["layers"][0]
-    assert (t["calibration_pass_s"], t["oneshot"], layer["calib_s"], layer["smooth_s"], layer["side_s"]) == (
-        519.5,
-        492.48,
-        70.115,
-        125.312,
-        256.116,
-    )
-    assert "load" not in side["timings_s"] and side["timings_s"]["finish"]["seconds"] == 5.72
+    for figure in (t["calibration_pass_s"], layer["calib_s"], layer["smooth_s"], layer["side_s"]):
+        assert f"{figure:.1f} s" in text, figure
+    assert "load" not in side["timings_s"] and side["timings_s"]["finish"]["seconds"] > 0
     log = (folder / "one-pass-cut.log").read_text()
     stamps = [
         (datetime.fromisoformat(ts), what)
@@ -564,11 +626,11 @@ def test_the_512_sample_side_by_side_figures_are_read_from_its_records():
     gs64_rest = (quantizing[1] - copied[1]).total_seconds()
     low, high = at_gs128 + gs64_write, at_gs128 + gs64_write + gs64_rest
     three = sum(walls) + sum(walls) / 2
-    assert (round(at_gs128, 1), round(gs64_write, 1), round(gs64_rest, 1)) == (559.8, 11.6, 16.8)
-    assert (round(low), round(high), round(three)) == (571, 588, 833)
-    assert (round(low / three, 2), round(high / three, 2)) == (0.69, 0.71) and "(0.69–0.71)" in text
+    for figure in (f"{at_gs128:.1f} s after", f"{gs64_write:.1f} s", f"{gs64_rest:.1f} s", f"{low:.0f}–{high:.0f} s"):
+        assert figure in text, figure
+    assert f"~{three:.0f} s for three" in text and f"({low / three:.2f}–{high / three:.2f})" in text
     readme = (RESULTS.parent.parent.parent / "docs" / "performance.md").read_text()  # the figures users read
-    assert "2026-11-30-h200-single-pass-glm47-moe-layer-512" in readme and "0.70x" in readme
+    assert "2026-11-30-h200-single-pass-glm47-moe-layer-512" in readme and f"{(low + high) / 2 / three:.2f}x" in readme
 
 
 def test_the_release_estimate_is_the_per_layer_arithmetic(tmp_path):
