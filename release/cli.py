@@ -187,8 +187,8 @@ _gpus_option = click.option(
 _separate_option = click.option(
     "--separate",
     is_flag=True,
-    help="Calibrate each branch in a pass of its own (default on one GPU: one pass for all of them, "
-    "the first branch's smoothed layers propagating; the others are smoothed beside it).",
+    help="Calibrate each branch in a pass of its own (default, on one GPU or several: one pass for all "
+    "of them, the first branch's smoothed layers propagating; the others are smoothed beside it).",
 )
 
 
@@ -211,7 +211,7 @@ def quantize(config_path: Path, branch_names: tuple[str, ...], force: bool, gpus
     <output_dir>/<branch> only when complete. Unchanged inputs mean no work. Several
     --branch share one calibration pass (the first named propagates). With --gpus N each
     GPU calibrates its share of the samples and AWQ all-reduces its statistics, so every
-    rank picks the same scales; rank 0 writes the branch.
+    rank picks the same scales; rank 0 writes the branches.
     """
     from .build.quantize import build_branches
 

@@ -636,7 +636,7 @@ def test_the_512_sample_side_by_side_figures_are_read_from_its_records():
 def test_the_release_estimate_is_the_per_layer_arithmetic(tmp_path):
     """benchmarks.release_estimate reads a profile_layer record's MoE layer (its second
     subgraph's passes and smoothing) and adds up the release: one pass for three branches on one
-    GPU, or a pass per branch over N ranks (a + b / N per layer)."""
+    GPU or over N ranks (a + b / N per layer), or a pass per branch over N ranks."""
     from benchmarks import release_estimate as est
 
     record = {
@@ -657,8 +657,13 @@ def test_the_release_estimate_is_the_per_layer_arithmetic(tmp_path):
     assert one["moe_layer_s"] == round(55.0 + side * 40.0, 1)
     assert one["calibration_h"] == round((89 * (55.0 + side * 40.0) + 3 * 60.0 * (1 + side)) / 3600, 2)
     eight = est.estimate(moe, dense_s=60.0, gpus=8)
-    assert eight["moe_layer_s"] == round(4.8 + 50.2 / 8, 1)
-    assert eight["calibration_h"] == round(3 * (89 * (4.8 + 50.2 / 8) + 3 * (3.0 + 57.0 / 8)) / 3600, 2)
+    layer = 55.0 + side * 40.0
+    assert eight["moe_layer_s"] == round(4.8 + (layer - 4.8) / 8, 1)
+    dense = 3.0 + (60.0 * (1 + side) - 3.0) / 8
+    assert eight["calibration_h"] == round((89 * (4.8 + (layer - 4.8) / 8) + 3 * dense) / 3600, 2)
+    apart = est.estimate(moe, dense_s=60.0, gpus=8, separate=True)
+    assert apart["moe_layer_s"] == round(4.8 + 50.2 / 8, 1)
+    assert apart["calibration_h"] == round(3 * (89 * (4.8 + 50.2 / 8) + 3 * (3.0 + 57.0 / 8)) / 3600, 2)
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(record))
     proc = subprocess.run(
@@ -671,6 +676,7 @@ def test_the_release_estimate_is_the_per_layer_arithmetic(tmp_path):
         proc.returncode == 0
         and f"{one['calibration_h']} h" in proc.stdout
         and f"{eight['calibration_h']} h" in proc.stdout
+        and f"{apart['calibration_h']} h" in proc.stdout
     )
 
 
@@ -682,6 +688,6 @@ def test_the_performance_page_states_the_estimate_its_record_gives():
     record = RESULTS.parent / "2026-12-03-h200-fused-experts-glm47-moe-layer" / "profile-512.json"
     moe = est.MoeLayer.from_record(json.loads(record.read_text()))
     page = " ".join((RESULTS.parent.parent.parent / "docs" / "performance.md").read_text().split())
-    for gpus in (1, 8):
-        assert f"{est.estimate(moe, gpus=gpus)['calibration_h']} h" in page, gpus
+    for gpus, separate in ((1, False), (8, False), (8, True)):
+        assert f"{est.estimate(moe, gpus=gpus, separate=separate)['calibration_h']} h" in page, gpus
     assert f"{moe.calibration_s:.1f} s calibration pass" in page and f"{moe.smoothing_s:.1f} s search" in page

@@ -532,3 +532,48 @@ quant_stage:
     before = linears["model.layers.0.a"].weight.detach().clone()
     q.quantize({"model.layers.0.a": linears["model.layers.0.a"].weight})
     assert torch.equal(linears["model.layers.0.a"].weight, before), "the weights are read, not changed"
+
+
+@pytest.mark.slow
+def test_one_pass_on_two_ranks_makes_each_branch_as_the_ranks_would_alone(tmp_path, demo_assets, monkeypatch):
+    """`build-all --gpus 2`: one calibration pass for the three branches over two ranks (here
+    CPU ranks over gloo, whose weights share one memory; `check_gpus` stood in for, torchrun
+    real). The propagating branch is the two ranks' build of it alone, bit for bit (the side
+    runs leave no trace in the shared weights); a side branch's layer 0, which sees the
+    calibration data itself, is its own two-rank build's, bit for bit, and so is its whole
+    config.json; rank 0 alone wrote, nothing is left behind, and a second run launches nothing."""
+    from release.build import distributed
+
+    monkeypatch.setattr(distributed, "check_gpus", lambda gpus, samples=None: None)  # no GPU here
+    runs = {}
+    for mode in ("pass", "separate"):
+        path = _config(tmp_path / mode, demo_assets)
+        cfg = load_config(path)
+        names = NAMES if mode == "pass" else NAMES[:2]
+        said: list[str] = []
+        builds = quantize.build_branches(cfg, names, 2, path, separate=mode == "separate", echo=said.append)
+        assert not any(b.skipped for b in builds), said
+        runs[mode] = (cfg, builds, said)
+    cfg, builds, said = runs["pass"]
+    assert (
+        "[W4A16_GS32] launching 2 ranks with torchrun for one calibration pass of W4A16_GS32, W4A16_GS64, W4A16_GS128"
+        in said
+    )
+    assert [b.calibrated_by for b in builds] == [None, "W4A16_GS32", "W4A16_GS32"]
+    one, sep = cfg.output_dir, runs["separate"][0].output_dir
+    for name in NAMES:
+        prov = json.loads((one / name / "provenance.json").read_text())
+        assert prov["gpus"] == 2 and prov["calibration_pass"]["branches"] == NAMES, name
+    a, b = _tensors(one / "W4A16_GS32"), _tensors(sep / "W4A16_GS32")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the side runs left a trace"
+    side, alone = _tensors(one / "W4A16_GS64"), _tensors(sep / "W4A16_GS64")
+    layers = _layers_differing(side, alone)
+    assert 0 not in layers and layers, layers
+    assert [k for k in side if not k.startswith("model.layers.") and not torch.equal(side[k], alone[k])] == []
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (sep / "W4A16_GS64" / name).exists():
+            assert (one / "W4A16_GS64" / name).read_text() == (sep / "W4A16_GS64" / name).read_text(), name
+    assert sorted(p.name for p in one.iterdir() if p.name != ".glmrel-cache") == sorted(NAMES)
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("launched with nothing to build"))
+    again = quantize.build_branches(cfg, NAMES, 2, one.parent / "release.yaml", echo=lambda s: None)
+    assert all(b.skipped for b in again)

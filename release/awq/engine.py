@@ -40,7 +40,6 @@ class Engine:
 
         self.options = options
         self.num_batches = num_batches
-        self.side_run = SideRun(side) if side else None  # branches calibrated by this run's pass (side.py)
         self.stats = ScaleStats()
         self.on_layer = on_layer  # called with each decoder layer's record as the layer is done (progress)
         self.run = RunState()
@@ -52,6 +51,11 @@ class Engine:
         # ranks on CPU (the test of the data-parallel path) share their weights' memory
         self.cpu_ranks = torch.accelerator.current_accelerator() is None and awq_base.is_distributed()
         self.shared_fix = SharedSmoothFix() if self.cpu_ranks else None
+        # branches calibrated by this run's pass (side.py); under data parallelism rank 0 stores them
+        self.side_run = None
+        if side:
+            rank = torch.distributed.get_rank() if awq_base.is_distributed() else 0
+            self.side_run = SideRun(side, rank, shared_weights=self.cpu_ranks)
         self.host = HostPeak()
         # the library's own functions, which the patches call
         self.stock_update = IntermediatesCache.update
@@ -134,8 +138,6 @@ def scaled_awq(
             f"glmrel's AWQ patches target llmcompressor {TARGET_VERSION}, found {llmcompressor.__version__}; "
             "re-read llmcompressor/modifiers/transform/awq/base.py and update release/awq/"
         )
-    if side and awq_base.is_distributed():
-        raise RuntimeError("one calibration pass for several group sizes runs in one process, not under torchrun")
     engine = Engine(options, num_batches, side, on_layer)
     stats, run, write_back = engine.stats, engine.run, engine.write_back
     stock_write = awq_base.update_offload_parameter

@@ -183,7 +183,7 @@ class MoeAWQModifier(AWQModifier):
                 stats.mapping_s["routed_expert_down"] = (
                     stats.mapping_s.get("routed_expert_down", 0.0) + time.perf_counter() - t_search
                 )
-            if e.shared_fix is not None and record:
+            if e.shared_fix is not None:  # a side run's too: its last mapping is read and then put back
                 import torch.distributed as dist
 
                 e.shared_fix.flush()

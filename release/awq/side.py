@@ -295,7 +295,7 @@ class SideRun:
     `Engine`, given to the run's `MoeAWQModifier`, closed by the engine (`close`: the last
     store write finished, or its error raised)."""
 
-    def __init__(self, branches: tuple[SideBranch, ...]) -> None:
+    def __init__(self, branches: tuple[SideBranch, ...], rank: int = 0, shared_weights: bool = False) -> None:
         from llmcompressor.utils.dev import get_main_device
 
         self.branches = branches
@@ -303,6 +303,12 @@ class SideRun:
         self.quantizers = {b.name: Quantizer(b.recipe, device) for b in branches}
         self.writer = StoreWriter()
         self.described: set[str] = set()  # branches whose store has its quantization config
+        # data-parallel ranks: each smooths every side branch (AWQ's statistics and losses are
+        # all-reduced, so every rank chooses the same scales); rank 0 alone quantizes and stores
+        self.stores = rank == 0
+        # ranks on CPU compute on one shared copy of the weights: they wait for each other around
+        # each side branch's reading and restoring of the layer (on GPUs each rank has its own)
+        self.shared_weights = shared_weights
 
     def smooth_layer(self, modifier: Any, model: Any, mappings: list[Any], smooth: Callable[[], None]) -> SideTimes:
         """Smooth the layer of `mappings` once per side branch (`smooth()` is the engine's
@@ -335,25 +341,39 @@ class SideRun:
                         smooth()
                 finally:
                     writes.undo()
-                layer: dict[str, Any] = {}
-                for chunk in _chunks(linears, QUANTIZE_CHUNK_BYTES):  # bounded GPU memory: a few GiB at a time
-                    layer.update(q.quantize({name: m.weight for name, m in chunk.items()}))
-                layer.update({full: getattr(m, p).detach().to("cpu", copy=True).contiguous() for m, p, full in raw})
-                times.stored_bytes += sum(t.nbytes for t in layer.values())
-                self.writer.write(layer, branch.store / f"{key}.safetensors")
-                if branch.name not in self.described:
-                    q.describe(branch.store / QUANTIZATION_FILE)
-                    self.described.add(branch.name)
-                del layer
-                # the layer as before this side run
+                if self.stores:
+                    self.store_layer(branch, q, key, linears, raw, times)
+                self.wait_for_ranks()  # every rank smoothed, rank 0 read the layer: now it may be put back
                 for (m, p, _), t in zip(params, originals):
                     write_onloaded(m, p, t)
+                self.wait_for_ranks()  # every rank put it back before any smooths it again
                 modifier.restore_layer_state(state)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
         finally:
             times.seconds = time.perf_counter() - times.started
         return times
+
+    def store_layer(
+        self, branch: SideBranch, q: Quantizer, key: str, linears: dict[str, Any], raw: list[Any], times: SideTimes
+    ) -> None:
+        """The layer as this side branch has it: its Linears quantized and compressed, and the
+        smoothed tensors that stay unquantized, written to the branch's store."""
+        layer: dict[str, Any] = {}
+        for chunk in _chunks(linears, QUANTIZE_CHUNK_BYTES):  # bounded GPU memory: a few GiB at a time
+            layer.update(q.quantize({name: m.weight for name, m in chunk.items()}))
+        layer.update({full: getattr(m, p).detach().to("cpu", copy=True).contiguous() for m, p, full in raw})
+        times.stored_bytes += sum(t.nbytes for t in layer.values())
+        self.writer.write(layer, branch.store / f"{key}.safetensors")
+        if branch.name not in self.described:
+            q.describe(branch.store / QUANTIZATION_FILE)
+            self.described.add(branch.name)
+
+    def wait_for_ranks(self) -> None:
+        if self.shared_weights:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def close(self) -> None:
         self.writer.close()

@@ -78,9 +78,10 @@ def _torchrun_module_available() -> bool:
     return importlib.util.find_spec("torch.distributed.run") is not None
 
 
-def launch(gpus: int, config: Path, branch: str) -> None:
-    """Build `branch` on `gpus` ranks: torchrun starts `python -m release.build.worker` on each
-    (after `check_gpus`); raise if any rank fails."""
+def launch(gpus: int, config: Path, branch: str | list[str], force: bool = True) -> None:
+    """Build `branch` (several: in one calibration pass) on `gpus` ranks: torchrun starts
+    `python -m release.build.worker` on each (after `check_gpus`); raise if any rank fails."""
+    branches = [branch] if isinstance(branch, str) else list(branch)
     cmd = [
         sys.executable,
         "-m",
@@ -91,8 +92,8 @@ def launch(gpus: int, config: Path, branch: str) -> None:
         "release.build.worker",
         "--config",
         str(config),
-        "--branch",
-        branch,
+        *[arg for name in branches for arg in ("--branch", name)],
+        *(["--force"] if force and len(branches) > 1 else []),
     ]
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:

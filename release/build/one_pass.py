@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,16 @@ from .branch_folder import (
     seal_folder,
     up_to_date,
 )
-from .calibrate import Calibrated, forget_offload, offload_folder, resource_peaks, run_oneshot, write_branch_files
+from .calibrate import (
+    SHARD_SIZE,
+    Calibrated,
+    calibrate,
+    forget_offload,
+    offload_folder,
+    resource_peaks,
+    run_oneshot,
+    write_branch_files,
+)
 
 PASS_FOLDER = "calibration-pass"  # .calibration-pass.partial-<pid>@<host>: the side branches' stores
 
@@ -56,44 +66,37 @@ def quantize_pass(
     specs = [cfg.branch(n) for n in dict.fromkeys(branch_names)]
     if len(specs) < 2:
         raise ValueError("one calibration pass is for two branches or more: quantize.quantize_branch builds one")
-    if distributed.in_worker():
-        raise ReleaseError("one calibration pass for several branches runs in one process, not under torchrun")
+    leader = distributed.rank() == 0  # under torchrun, rank 0 prepares, seals and makes the side branches
+    if not leader:
+        echo = _quiet
     names = [b.name for b in specs]
     t_start = time.time()
-    jobs = {b.name: prepare_branch(cfg, b) for b in specs}
-    lead_job = jobs[names[0]]
-    store_root = cfg.offload.pass_store or cfg.output_dir
-    for name in names:
-        remove_stale_partials(cfg.output_dir, name, echo)
-    remove_stale_partials(store_root, PASS_FOLDER, echo)
-    stale = [b for b in specs if force or not up_to_date(jobs[b.name], names, echo)]
-    builds: dict[str, BranchBuild] = {
-        b.name: BranchBuild(b.name, jobs[b.name].out_dir, True, 0.0, jobs[b.name].sealed_fingerprint(names))
-        for b in specs
-        if b not in stale
-    }
-    if not stale:
+    plan = plan_pass(cfg, specs, force, echo, clean=leader)
+    builds = plan.skipped
+    if not plan.stale:
         return [builds[n] for n in names]
-    lead, rest = specs[0], [b for b in specs[1:] if b in stale]
-    work = partial_folder(store_root, PASS_FOLDER)
-    side = tuple(SideBranch(b.name, b.group_size, work / b.name, jobs[b.name].recipe) for b in rest)
-    tmps = {b.name: partial_folder(cfg.output_dir, b.name) for b in stale}
-    require_writable_folder(cfg.output_dir, "output_dir")
-    if side:
-        require_writable_folder(store_root, "offload.pass_store")
-    for b in stale:
-        require_replaceable(jobs[b.name].out_dir, b.name)
-    check_pass_room(lead_job, side, {b.name: b.group_size for b in stale}, store_root)
-    if side and lead not in stale:  # sealed by an earlier run: what the side branches are made from
-        check_sealed_files(lead_job.out_dir, lead_job.arch)
+    lead, lead_job, jobs, side = specs[0], plan.jobs[names[0]], plan.jobs, plan.side
+    rest = [b for b in specs[1:] if b in plan.stale]
+    tmps = {b.name: partial_folder(cfg.output_dir, b.name) for b in plan.stale}
+    lead_tmp = tmps.get(lead.name)
+    if not distributed.in_worker():  # the launcher checked for the ranks (quantize_pass_on_gpus)
+        check_pass(plan)
+    else:
+        distributed.init()
+        if not leader:  # calibrate this rank's share of the samples in the same pass; rank 0 writes
+            run = calibrate(lead_job, echo, scale_options, side=side)
+            if lead_tmp is not None:
+                run.model.save_pretrained(lead_tmp, save_compressed=True, max_shard_size=SHARD_SIZE)
+            distributed.barrier_and_close()
+            return [builds.get(n) or BranchBuild(n, jobs[n].out_dir, False, 0.0, plan.fingerprint(n)) for n in names]
     echo(f"[{lead.name}] one calibration pass for {', '.join(names)} (propagating through {lead.name})")
-    create_owned(work, "the calibration pass's side-branch stores")
+    create_owned(plan.work, "the calibration pass's side-branch stores")
     for name, folder in tmps.items():
         create_owned(folder, f"building {name}")
+    failed = True
     try:
         if progress:
             progress(lead.name)
-        lead_tmp = tmps.get(lead.name)
         timings, run = run_oneshot(lead_job, lead_tmp, echo, scale_options, side)
         shared = {k: timings[k] for k in ("calibration_data", "load", "oneshot", "awq_engine") if k in timings}
         pass_s = round(time.time() - t_start, 1)
@@ -101,7 +104,7 @@ def quantize_pass(
             timings["calibration_pass_s"] = pass_s
             seal_folder(lead_job, lead_tmp, timings, names)
             builds[lead.name] = BranchBuild(
-                lead.name, lead_job.out_dir, False, pass_s, lead_job.sealed_fingerprint(names), stats=run.stats
+                lead.name, lead_job.out_dir, False, pass_s, plan.fingerprint(lead.name), stats=run.stats
             )
         for b, sb in zip(rest, side):
             if progress:
@@ -112,21 +115,75 @@ def quantize_pass(
             side_timings["calibration_pass"] = {**shared, "seconds": pass_s, "propagated_through": lead.name}
             seal_folder(job, tmps[b.name], side_timings, names)
             builds[b.name] = BranchBuild(
-                b.name,
-                job.out_dir,
-                False,
-                round(time.time() - t, 1),
-                job.sealed_fingerprint(names),
-                lead.name,
-                run.stats,
+                b.name, job.out_dir, False, round(time.time() - t, 1), plan.fingerprint(b.name), lead.name, run.stats
             )
             shutil.rmtree(sb.store, ignore_errors=True)
+        failed = False
     finally:
-        for folder in [work, *tmps.values()]:
+        for folder in [plan.work, *tmps.values()]:
             remove_owned(folder, echo)
+        if distributed.in_worker() and not failed:  # after an error the other ranks may wait in a collective
+            distributed.barrier_and_close()
         if cfg.offload.cpu_gib is not None:
             forget_offload(offload_folder(cfg))
     return [builds[n] for n in names]
+
+
+def _quiet(line: str) -> None:
+    """What ranks other than 0 say: nothing (rank 0 speaks for the pass)."""
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """What one calibration pass will do: each branch's job, which branches it builds (`stale`)
+    and which are up to date (`skipped`), the side branches it smooths and where their stores
+    go (`work`, under `store_root`)."""
+
+    names: list[str]
+    jobs: dict[str, BranchJob]
+    stale: list[BranchSpec]
+    skipped: dict[str, BranchBuild]
+    side: tuple[SideBranch, ...]
+    work: Path
+    store_root: Path
+
+    def fingerprint(self, name: str) -> str:
+        return self.jobs[name].sealed_fingerprint(self.names)
+
+
+def plan_pass(cfg: ReleaseConfig, specs: list[BranchSpec], force: bool, echo: Log, *, clean: bool) -> PassPlan:
+    """The pass's plan, before torch is imported (`clean`: first remove what killed runs left)."""
+    names = [b.name for b in specs]
+    jobs = {b.name: prepare_branch(cfg, b) for b in specs}
+    store_root = cfg.offload.pass_store or cfg.output_dir
+    if clean:
+        for name in names:
+            remove_stale_partials(cfg.output_dir, name, echo)
+        remove_stale_partials(store_root, PASS_FOLDER, echo)
+    stale = [b for b in specs if force or not up_to_date(jobs[b.name], names, echo)]
+    skipped = {
+        b.name: BranchBuild(b.name, jobs[b.name].out_dir, True, 0.0, jobs[b.name].sealed_fingerprint(names))
+        for b in specs
+        if b not in stale
+    }
+    work = partial_folder(store_root, PASS_FOLDER)
+    side = tuple(SideBranch(b.name, b.group_size, work / b.name, jobs[b.name].recipe) for b in specs[1:] if b in stale)
+    return PassPlan(names, jobs, stale, skipped, side, work, store_root)
+
+
+def check_pass(plan: PassPlan) -> None:
+    """Refuse, before any work, a pass that cannot write where it goes or cannot fit there, or
+    whose side branches would be made from a propagating branch changed since it was sealed."""
+    lead_job = plan.jobs[plan.names[0]]
+    cfg = lead_job.cfg
+    require_writable_folder(cfg.output_dir, "output_dir")
+    if plan.side:
+        require_writable_folder(plan.store_root, "offload.pass_store")
+    for b in plan.stale:
+        require_replaceable(plan.jobs[b.name].out_dir, b.name)
+    check_pass_room(lead_job, plan.side, {b.name: b.group_size for b in plan.stale}, plan.store_root)
+    if plan.side and lead_job.spec not in plan.stale:  # what the side branches are made from, sealed earlier
+        check_sealed_files(lead_job.out_dir, lead_job.arch)
 
 
 def check_pass_room(lead: BranchJob, side: tuple[SideBranch, ...], stale: dict[str, int], store_root: Path) -> None:

@@ -27,7 +27,7 @@ from .branch_folder import (
     up_to_date,
 )
 from .calibrate import SHARD_SIZE, calibrate, forget_offload, offload_folder, run_oneshot
-from .one_pass import quantize_pass
+from .one_pass import check_pass, plan_pass, quantize_pass
 
 
 def quantize_branch(
@@ -126,10 +126,12 @@ def _build_branches(
     separate: bool,
     progress: Callable[[str], None] | None,
 ) -> list[BranchBuild]:
-    if gpus == 1 and not separate and len(dict.fromkeys(branches)) > 1:
-        return quantize_pass(cfg, branches, force=force, echo=echo, progress=progress)
-    if len(branches) > 1 and not separate:
-        echo(f"one calibration pass runs on one GPU: with --gpus {gpus} each branch is calibrated on its own")
+    if not separate and len(dict.fromkeys(branches)) > 1:
+        if gpus == 1:
+            return quantize_pass(cfg, branches, force=force, echo=echo, progress=progress)
+        if config_path is None:
+            raise ReleaseError("a multi-GPU build needs the config's path to hand to torchrun")
+        return quantize_pass_on_gpus(cfg, config_path, branches, gpus, force=force, echo=echo)
     builds = []
     for name in branches:
         if progress:
@@ -147,6 +149,33 @@ def build_branch(
     if config_path is None:
         raise ReleaseError("a multi-GPU build needs the config's path to hand to torchrun")
     return quantize_on_gpus(cfg, config_path, branch, gpus, force=force, echo=echo)
+
+
+def quantize_pass_on_gpus(
+    cfg: ReleaseConfig, config_path: Path, branches: list[str], gpus: int, *, force: bool = False, echo: Log = print
+) -> list[BranchBuild]:
+    """Several branches in one calibration pass on `gpus` GPUs: every rank calibrates its share
+    of the samples for every branch; rank 0 writes them. Checked here, before torchrun starts."""
+    names = list(dict.fromkeys(branches))
+    plan = plan_pass(cfg, [cfg.branch(n) for n in names], force, echo, clean=True)
+    if not plan.stale:
+        return [plan.skipped[n] for n in names]
+    distributed.check_gpus(gpus, cfg.calibration.num_samples)
+    check_pass(plan)
+    t = time.time()
+    echo(f"[{names[0]}] launching {gpus} ranks with torchrun for one calibration pass of {', '.join(names)}")
+    distributed.launch(gpus, config_path, names, force=force)
+    builds = []
+    for n in names:
+        if n in plan.skipped:
+            builds.append(plan.skipped[n])
+            continue
+        out, fingerprint = plan.jobs[n].out_dir, plan.fingerprint(n)
+        if not branch_is_current(out, fingerprint):
+            raise ReleaseError(f"the {gpus}-GPU pass finished but wrote no current branch {n} at {out}")
+        calibrated_by = None if n == names[0] else names[0]
+        builds.append(BranchBuild(n, out, False, round(time.time() - t, 1), fingerprint, calibrated_by))
+    return builds
 
 
 def quantize_on_gpus(
