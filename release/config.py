@@ -117,11 +117,13 @@ class CalibrationSpec(_Strict):
     max_seq_length: int = Field(default=2048, ge=8, description="tokens a conversation is cut to")
     min_tokens: int = Field(default=16, ge=1, description="samples shorter than this after rendering are dropped")
     seed: int = Field(default=42, description="the seed of the sample draw")
-    activations_on_gpu: bool = Field(
-        default=False,
-        description="keep llm-compressor's cached layer inputs between layers on the GPU (about samples x "
+    activations_on_gpu: bool | Literal["auto"] = Field(
+        default="auto",
+        description="keep llm-compressor's cached layer inputs between layers on the GPU (about samples / GPUs x "
         "max_seq_length x hidden x 2 bytes: 10 GiB at GLM-4.7's 512 x 2048) instead of host RAM: no copy out "
-        "and back per layer and sample; ignored without a GPU. The same values either way",
+        "and back at each layer boundary (measured at 512 x 2048 on an H200: 12.9 s to 0.5 s). auto: on where "
+        "they take at most 10 % of the GPU's memory (an H200 at 512 x 2048, not an 80 GB card). Ignored without "
+        "a GPU; the same values either way",
     )
     moe_calibrate_all_experts: bool = Field(
         default=True, description="every routed expert sees every calibration token (the output stays top-k routing's)"

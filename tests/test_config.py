@@ -109,15 +109,31 @@ def test_the_config_reference_page_is_the_configs_own_definition():
 def test_activations_on_gpu_is_how_not_what(write_config):
     """`calibration.activations_on_gpu` says where llm-compressor keeps the cached layer inputs
     (the GPU, else host RAM; host RAM without a GPU): it changes no value, so it is not part of
-    a branch's fingerprint (a branch built either way is up to date for the other)."""
+    a branch's fingerprint (a branch built any way is up to date for the others). `auto` (the
+    default) keeps them on the GPU where they take at most 10 % of its memory: GLM-4.7's
+    512 x 2048 on one H200 (141 GB) but not on an 80 GB card, and on 80 GB cards with 2 ranks."""
     import torch
 
     from release.build.branch_folder import prepare_branch
-    from release.build.calibrate import activations_device
-    from release.config import load_config
+    from release.build.calibrate import AUTO_ACTIVATIONS_SHARE, activations_device, cached_activation_bytes
 
-    off = load_config(write_config())
+    auto = load_config(write_config())
+    assert auto.calibration.activations_on_gpu == "auto"
+    off = load_config(write_config({"calibration.activations_on_gpu": False}, name="off.yaml"))
     on = load_config(write_config({"calibration.activations_on_gpu": True}, name="on.yaml"))
-    assert prepare_branch(off, off.branches[0]).fingerprint == prepare_branch(on, on.branches[0]).fingerprint
-    assert activations_device(off) == "cpu"
-    assert activations_device(on) == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    fingerprints = {prepare_branch(c, c.branches[0]).fingerprint for c in (auto, off, on)}
+    assert len(fingerprints) == 1
+    assert activations_device(off, 5120) == "cpu"
+    if not torch.cuda.is_available():
+        assert activations_device(on, 5120) == activations_device(auto, 5120) == "cpu"
+    glm = load_config(
+        write_config(
+            {"calibration.num_samples": 512, "calibration.max_seq_length": 2048, "dtype": "bfloat16"}, name="glm.yaml"
+        )
+    )
+    need = cached_activation_bytes(glm, 5120)
+    assert need == 512 * 2048 * 5120 * 2
+    assert need <= AUTO_ACTIVATIONS_SHARE * 141e9 and need > AUTO_ACTIVATIONS_SHARE * 85e9
+    assert cached_activation_bytes(glm, 5120, ranks=2) <= AUTO_ACTIVATIONS_SHARE * 85e9
+    with pytest.raises(ReleaseError, match="activations_on_gpu"):
+        load_config(write_config({"calibration.activations_on_gpu": "sometimes"}, name="bad.yaml"))

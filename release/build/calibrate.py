@@ -119,7 +119,7 @@ def calibrate(
                 pipeline="sequential",
                 # where the pipeline keeps each layer's inputs between layers: host RAM (stock), or the
                 # GPU the layers run on (no copy out and back per layer and sample)
-                sequential_offload_device=activations_device(cfg),
+                sequential_offload_device=activations_device(cfg, arch.hidden_size),
             )
     timings["oneshot"] = round(time.time() - t, 2)
     scale_stats = engine.stats
@@ -148,14 +148,31 @@ def library_fixes(cfg: ReleaseConfig) -> Iterator[None]:
         fixes.undo()
 
 
-def activations_device(cfg: ReleaseConfig) -> str:
+AUTO_ACTIVATIONS_SHARE = 0.10  # `activations_on_gpu: auto`: at most this share of the GPU's memory
+
+
+def cached_activation_bytes(cfg: ReleaseConfig, hidden_size: int, ranks: int = 1) -> int:
+    """What llm-compressor's cache of one layer's inputs takes on a rank: its samples, each at
+    most `max_seq_length` tokens of `hidden_size` values (2 bytes each; 4 in float32)."""
+    samples = -(-cfg.calibration.num_samples // ranks)
+    return samples * cfg.calibration.max_seq_length * hidden_size * (4 if cfg.dtype == "float32" else 2)
+
+
+def activations_device(cfg: ReleaseConfig, hidden_size: int) -> str:
     """`calibration.activations_on_gpu`: the pipeline's cached layer inputs on this process's
-    GPU; otherwise (and without a GPU) in host RAM, as llm-compressor does by default."""
+    GPU (`auto`: where they take at most `AUTO_ACTIVATIONS_SHARE` of its memory); otherwise,
+    and without a GPU, in host RAM, as llm-compressor does by default."""
     import torch
 
-    if cfg.calibration.activations_on_gpu and torch.cuda.is_available():
-        return f"cuda:{torch.cuda.current_device()}"
-    return "cpu"
+    choice = cfg.calibration.activations_on_gpu
+    if not choice or not torch.cuda.is_available():
+        return "cpu"
+    device = torch.cuda.current_device()
+    if choice == "auto":
+        total = torch.cuda.get_device_properties(device).total_memory
+        if cached_activation_bytes(cfg, hidden_size, distributed.world_size()) > AUTO_ACTIVATIONS_SHARE * total:
+            return "cpu"
+    return f"cuda:{device}"
 
 
 def load_base_model(cfg: ReleaseConfig, base_dir: Path, label: str, echo: Log = print) -> Any:
