@@ -42,6 +42,7 @@ from .calibrate import (
     write_branch_files,
 )
 
+FOREIGN_STORE_HINT = "the pass's store is not this release's; rebuild the branch: glmrel quantize --force"
 PASS_FOLDER = "calibration-pass"  # .calibration-pass.partial-<pid>@<host>: the side branches' stores
 
 
@@ -264,7 +265,7 @@ def check_store(store: TensorFiles, where: Path, layout: SavedLayout, lead: Tens
         raise ReleaseError(
             f"the side branch store {where} holds no layers", hint="rebuild the branch: glmrel quantize --force"
         )
-    hint = "the pass's store is not this release's; rebuild the branch: glmrel quantize --force"
+    hint = FOREIGN_STORE_HINT
     parts: dict[str, set[str]] = {}
     for key in store.names:
         if key not in layout.names:
@@ -292,7 +293,7 @@ def store_quantization(store: Path, branch: BranchSpec) -> dict[str, Any]:
 
     from ..awq import QUANTIZATION_FILE
 
-    hint = "the pass's store is not this release's; rebuild the branch: glmrel quantize --force"
+    hint = FOREIGN_STORE_HINT
     path = store / QUANTIZATION_FILE
     try:
         quantization = json.loads(path.read_text())

@@ -25,6 +25,7 @@ from ..layout import (
     expected_inventory,
     group_size_from_scales,
     mtp_prefix,
+    shard_in_folder,
 )
 from ..manifest import MANIFEST_FILE, VERIFY_FILE, Manifest
 from ..serving.rules import serve_verdicts
@@ -205,7 +206,7 @@ def check_index(
     referenced = sorted(set(weight_map.values()))
     shards = []
     for shard in referenced:
-        if "/" in shard or "\\" in shard or shard.startswith(".."):
+        if not shard_in_folder(shard):
             report.fail("files", f"{INDEX_FILE} names shard {shard!r} outside the branch folder")
         elif shard not in names:
             report.fail("files", f"{INDEX_FILE} names shard {shard} which is missing")
