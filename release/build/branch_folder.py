@@ -187,7 +187,7 @@ def project_commit() -> dict[str, Any]:
     try:
         import git
 
-        repo = git.Repo(Path(__file__).resolve().parent.parent, search_parent_directories=False)
+        repo = git.Repo(Path(__file__).resolve().parents[2], search_parent_directories=False)  # the checkout
         return {"commit": repo.head.commit.hexsha, "dirty": repo.is_dirty(untracked_files=False)}
     except Exception as e:  # not a git checkout (e.g. installed from a wheel)
         return {"commit": None, "dirty": None, "note": type(e).__name__}
