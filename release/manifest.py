@@ -26,13 +26,15 @@ from .errors import ReleaseError
 
 MANIFEST_FILE = "manifest.json"
 VERIFY_FILE = "verify.json"
+# `glmrel eval`'s record (release/evaluation/records.py): written after verification, bound to the content
+EVAL_FILE = "eval.json"
 MANIFEST_SCHEMA = 2
 BLOCK = 8 << 20
 CACHE_DIR = ".glmrel-cache"
 # Files written after a branch is verified (the record of the verification itself, the card,
 # its plot, the manifest): everything else is the content `verify` measured.
 WRITTEN_AFTER_VERIFY = frozenset(
-    {VERIFY_FILE, "README.md", "expert_coverage.png", "layer_divergence.png", MANIFEST_FILE}
+    {VERIFY_FILE, EVAL_FILE, "README.md", "expert_coverage.png", "layer_divergence.png", MANIFEST_FILE}
 )
 
 

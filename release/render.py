@@ -18,16 +18,18 @@ from typing import Any
 
 import jinja2
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from .architecture import Glm4MoeArch
 from .build.coverage import ExpertCoverage
 from .config import BranchSpec, ReleaseConfig, check_release_refs, ref_name_problem
 from .errors import ReleaseError
+from .evaluation.cards import branch_eval, eval_results, eval_view, landing_eval
 from .layout import mtp_ignore_entry
 from .manifest import require_sealed, write_if_changed
 from .paths import shipped
+from .serving.external import BASE_VLLM_FILE
 from .serving.rules import TARGETS, VLLM_VERSION, servable_tp, serve_verdicts, serving_layout
 
 DEFAULT_TEMPLATES = shipped("templates")  # the checkout's, or the installed wheel's
@@ -209,12 +211,22 @@ def divergence_summary(quality: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def mtp_view(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The MTP drafter's run `vllm-check` recorded (a branch's verify.json or base-vllm.json)."""
+    run = (record or {}).get("vllm_run", record) or {}
+    mtp = run.get("mtp") if isinstance(run, dict) else None
+    if not isinstance(mtp, dict) or not mtp.get("draft_tokens"):
+        return None
+    return {**mtp, "vllm": run.get("version"), "device": run.get("device")}
+
+
 def branch_record(cfg: ReleaseConfig, branch: BranchSpec) -> dict[str, Any]:
     """Everything a card says about one branch, read from the branch's own files."""
     folder = cfg.output_dir / branch.name
     model_cfg = _read_json(folder, "config.json")
     prov = _read_json(folder, "provenance.json")
     quality = _read_json(folder, "verify.json", required=False)
+    evaluated = branch_eval(folder, branch.name)
     coverage_raw = _read_json(folder, "expert_coverage.json", required=False)
     assert model_cfg is not None and prov is not None
     arch = Glm4MoeArch.from_config(model_cfg, str(folder / "config.json"))
@@ -273,6 +285,10 @@ def branch_record(cfg: ReleaseConfig, branch: BranchSpec) -> dict[str, Any]:
         "layouts": {n: serving_layout(verdicts, n, hopper) for n in unsupported},
         "quality": quality,
         "divergence": divergence_summary(quality),
+        "eval": eval_view(evaluated),
+        "mtp": mtp_view(quality),
+        "mtp_base": mtp_view(_read_json(cfg.output_dir, BASE_VLLM_FILE, required=False)),
+        "eval_results": eval_results(cfg, branch.name, evaluated),
         "coverage": cov,
         "has_plot": (folder / PLOT_FILE).is_file(),
         "calibration": prov["calibration"],
@@ -288,7 +304,8 @@ def branch_record(cfg: ReleaseConfig, branch: BranchSpec) -> dict[str, Any]:
 # ---------------------------------------------------------------- metadata
 
 
-def card_data(cfg: ReleaseConfig) -> ModelCardData:
+def card_data(cfg: ReleaseConfig, branch: str | None = None, results: list[EvalResult] | None = None) -> ModelCardData:
+    """The card's front matter; a branch's card also carries its evaluation results (model-index)."""
     license_id = cfg.base_model.license or "other"
     if license_id not in HUB_LICENSES:
         raise ReleaseError(
@@ -306,6 +323,8 @@ def card_data(cfg: ReleaseConfig) -> ModelCardData:
         datasets=datasets,
         language=list(cfg.serving.language) or None,
         vllm_version=VLLM_VERSION,  # the vLLM release whose rules decided the cards' serving verdicts
+        model_name=f"{cfg.hub_repo} ({branch})" if results else None,
+        eval_results=results or None,
     )
 
 
@@ -396,6 +415,7 @@ def render_release(cfg: ReleaseConfig, version: str | None = None) -> RenderResu
         "vllm_version": VLLM_VERSION,
         "serve_flags": serve_flags(cfg),
         "mtp_flag": mtp_flag(cfg),
+        "eval_note": cfg.eval.note,
     }
     cards: dict[str, Path] = {}
     for record in branches:
@@ -407,13 +427,16 @@ def render_release(cfg: ReleaseConfig, version: str | None = None) -> RenderResu
             record["has_plot"] = True
         if record["divergence"]:
             write_divergence_plot({record["name"]: record["quality"]["layers"]}, folder / DIVERGENCE_PLOT)
-        text = compose_card(data, _render(env, "branch.md.j2", {**context, "b": record}))
+        results = record.pop("eval_results")
+        branch_data = card_data(cfg, record["name"], results) if results else data
+        text = compose_card(branch_data, _render(env, "branch.md.j2", {**context, "b": record}))
         write_if_changed(folder / CARD_FILE, text)
         cards[record["name"]] = folder / CARD_FILE
     main = cfg.output_dir / "main"
     main.mkdir(parents=True, exist_ok=True)
     series = {r["name"]: r["quality"]["layers"] for r in branches if r["divergence"]}
     context["has_divergence_plot"] = bool(series)
+    context["eval"] = landing_eval(branches)
     if series:
         write_divergence_plot(series, main / DIVERGENCE_PLOT)
     write_if_changed(main / CARD_FILE, compose_card(data, _render(env, "landing.md.j2", context)))

@@ -50,6 +50,7 @@ def demo_raw_config(assets) -> dict:
     raw["verify"]["heldout"] = str(assets.heldout)
     raw["recipe"] = str(REPO / "recipes" / "glm4moe_awq_w4a16.yaml.j2")
     raw["changelog"] = str(REPO / "releases" / "demo-changelog.yaml")
+    raw["eval"]["include_path"] = str(REPO / "release" / "data" / "eval")
     return raw
 
 

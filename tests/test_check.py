@@ -67,8 +67,16 @@ def test_json_report(branch):
     res = run_check(branch, "--json")
     data = json.loads(res.output)
     assert data["passed"] and data["group_size"] == 64 and data["tensors"] == 383
-    assert {c["check"] for c in data["checks"]} == {"manifest", "verification", "config", "headers", "inventory"}
-    assert data["skipped"] == []
+    assert {c["check"] for c in data["checks"]} == {
+        "manifest",
+        "verification",
+        "evaluation",
+        "config",
+        "headers",
+        "inventory",
+    }
+    # a branch `glmrel eval` never scored: the one check that did not run says so
+    assert data["skipped"] == ["evaluation: no eval.json: task recovery was not measured (`glmrel eval`)"]
 
 
 def test_check_does_not_import_torch(branch):
@@ -382,7 +390,12 @@ def test_a_third_party_branch_is_checked_for_what_applies(branch):
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     assert lines[0].endswith("PASSED (1287 tensors in 2 shards)") or "PASSED" in lines[0]
-    for skipped in ("skip [records] skipped:", "skip [manifest] skipped:", "skip [verification] skipped:"):
+    for skipped in (
+        "skip [records] skipped:",
+        "skip [manifest] skipped:",
+        "skip [verification] skipped:",
+        "skip [evaluation] skipped:",
+    ):
         assert any(skipped in line for line in lines), (skipped, res.output)
     doc = json.loads(run_check(branch, "--third-party", "--json").output)
-    assert doc["passed"] and len(doc["skipped"]) == 3
+    assert doc["passed"] and len(doc["skipped"]) == 4

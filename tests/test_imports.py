@@ -121,6 +121,7 @@ NEVER = {
     "release.verify": ("release.build", "release.serving", "release.publish", "release.check"),
     "release.serving": ("release.build", "release.publish", "release.check"),
     "release.awq": ("release.build", "release.verify", "release.check", "release.publish", "release.serving"),
+    "release.evaluation": ("release.build", "release.verify", "release.check", "release.publish", "release.awq"),
 }
 
 

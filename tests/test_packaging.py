@@ -45,12 +45,17 @@ def test_installed_wheel_renders_the_cards(recorded_release, tmp_path):  # noqa:
     # this environment's editable install of glmrel is not activated)
     (Path(purelib) / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    stages = "release.build, release.verify, release.check, release.serving, release.publish, release.awq"
+    stages = (
+        "release.build, release.verify, release.check, release.serving, release.publish, release.awq, "
+        "release.evaluation.harness, release.evaluation.demo_tasks"
+    )
     where = subprocess.run(
         [
             str(python),
             "-c",
-            f"import {stages}; import release.render as r; print(r.__file__); print(r.DEFAULT_TEMPLATES)",
+            f"import {stages}; import release.render as r; print(r.__file__); print(r.DEFAULT_TEMPLATES);"
+            " from release.evaluation.demo_tasks import TASK_DIR, render;"
+            " assert all((TASK_DIR / n).read_text() == t for n, t in render().items()), 'demo tasks not in the wheel'",
         ],
         capture_output=True,
         text=True,

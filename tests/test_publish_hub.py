@@ -332,7 +332,7 @@ def test_check_remote_third_party_branch(hub, demo_release, tmp_path):
     res = CliRunner().invoke(cli, [*args, "--third-party"])
     assert res.exit_code == 0, res.output
     assert "PASSED" in res.output.splitlines()[0]
-    assert res.output.count("skipped:") == 3
+    assert res.output.count("skipped:") == 4
 
 
 @pytest.mark.slow

@@ -75,7 +75,86 @@ def test_real_vllm_loads_and_scores_a_demo_branch(demo_release):
         env={"GLMREL_VLLM_PYTHON": python},
     )
     assert res.exit_code == 0, res.output[-3000:]
-    result = json.loads(res.stdout[res.stdout.index("{") :])[str(folder)]
+    result = json.loads(res.stdout)["results"][str(folder)]
     print(json.dumps({k: v for k, v in result.items() if k != "chat"}))
     assert result["passed"] and result["top1_agree"] / result["positions"] >= 0.9
     assert result["chat"]["prompt_tokens"] == result["chat_prompt_tokens_expected"]
+    # the kept MTP layer served as the drafter: vLLM drafted (the tiny model's layer is untrained,
+    # so what it accepts says nothing)
+    assert result["mtp"]["draft_tokens"] > 0 and result["mtp"]["num_speculative_tokens"] == 1
+
+
+def test_the_script_and_the_default_environment_are_where_glmrel_looks():
+    """vllm-check starts release/serving/run.py with the checkout's .vllm-cpu-env by default."""
+    from pathlib import Path
+
+    from release.serving.external import SCRIPT
+
+    repo = Path(__file__).resolve().parent.parent
+    assert SCRIPT.is_file() and SCRIPT == repo / "release" / "serving" / "run.py"
+    assert DEFAULT_PYTHON == repo / ".vllm-cpu-env" / "bin" / "python"
+
+
+def _mtp(accepted: int, drafted: int) -> dict:
+    return {
+        "num_speculative_tokens": 1,
+        "load_s": 21.0,
+        "prompts": 4,
+        "generated_tokens": 128,
+        "drafts": drafted,
+        "draft_tokens": drafted,
+        "accepted_tokens": accepted,
+        "accepted_per_position": [accepted],
+        "acceptance_rate": round(accepted / drafted, 4),
+        "mean_acceptance_length": round(1 + accepted / drafted, 4),
+    }
+
+
+def test_the_mtp_drafter_is_recorded_and_a_drafter_vllm_cannot_load_fails_the_branch(release_copy):
+    cfg = load_config(release_copy)
+    folder = cfg.output_dir / "W4A16_GS64"
+    result = {**_result(True), "load_s": 23.0, "mtp": _mtp(3, 120)}
+    record(folder, result)
+    data = json.loads((folder / "verify.json").read_text())
+    assert data["passed"] and "MTP drafter (1 token) accepted 3/120 drafts (2.5%)" in data["vllm"]
+    assert data["vllm_run"]["mtp"]["accepted_tokens"] == 3
+    assert "load_s" not in data["vllm_run"] and "load_s" not in data["vllm_run"]["mtp"], "timings stay in the log"
+    failed = {**_result(False), "mtp": {"error": "KeyError: 'model.layers.4.eh_proj.weight'"}}
+    failed["problems"] = ["MTP speculative decoding: vLLM could not serve the kept MTP layer as the drafter: KeyError"]
+    record(folder, failed)
+    data = json.loads((folder / "verify.json").read_text())
+    assert not data["passed"] and "MTP FAILED" in data["vllm"] and "could not serve the kept MTP layer" in data["vllm"]
+
+
+def test_the_card_shows_the_measured_acceptance_next_to_the_base_models(release_copy):
+    from release.manifest import write_manifest
+    from release.serving.external import record_base
+
+    cfg = load_config(release_copy)
+    folder = cfg.output_dir / "W4A16_GS64"
+    record(folder, {**_result(True), "mtp": _mtp(3, 120)})
+    write_manifest(folder, "W4A16_GS64")
+    res = CliRunner().invoke(cli, ["render", "--config", str(release_copy)])
+    assert res.exit_code == 0, res.output
+    card = (folder / "README.md").read_text()
+    assert "**3 of 120 draft tokens accepted (2.5%)**; the base model was not run" in card
+    other = (cfg.output_dir / "W4A16_GS32" / "README.md").read_text()
+    assert "not run by glmrel's checks for this branch" in other, "a branch without the run says so"
+    record_base(cfg.output_dir, "fingerprint", {**_result(True), "mtp": _mtp(5, 118)})
+    assert CliRunner().invoke(cli, ["render", "--config", str(release_copy)]).exit_code == 0
+    card = (folder / "README.md").read_text()
+    assert "**3 of 120 draft tokens accepted (2.5%)**, the base model's 5 of 118 (4.2%) on the same prompts" in card
+
+
+def test_project_commit_names_the_checkout_it_runs_from():
+    """provenance.json's glmrel commit is the checkout's HEAD (not None because the module moved)."""
+    import subprocess
+    from pathlib import Path
+
+    from release.build.branch_folder import project_commit
+
+    repo = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("skipped: not a git checkout")
+    assert project_commit()["commit"] == head.stdout.strip()

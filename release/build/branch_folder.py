@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -21,7 +22,7 @@ from ..awq import ScaleOptions
 from ..build_log import write_build_log
 from ..config import BranchSpec, ReleaseConfig
 from ..errors import ReleaseError
-from ..manifest import first_change, sealed_changes, write_manifest
+from ..manifest import EVAL_FILE, first_change, folder_content_digest, sealed_changes, write_manifest
 from ..owned import made_by_glmrel, remove_owned, require_replaceable
 from . import distributed
 from .recipe import render_recipe
@@ -360,9 +361,27 @@ def seal_folder(job: BranchJob, tmp: Path, timings: dict[str, Any], calibration_
         old = partial_folder(cfg.output_dir, job.name, "old")
         out_dir.rename(old)
         tmp.rename(out_dir)
+        carry_evaluation(old, out_dir)
         remove_owned(old)
     else:
         tmp.rename(out_dir)
+
+
+def carry_evaluation(old: Path, new: Path) -> bool:
+    """A rebuild that gave the very content `glmrel eval` scored keeps its eval.json (the
+    record names that content's digest; a rebuild to other content drops it, and its card then
+    says the branch was not scored). Returns whether it was carried."""
+    path = old / EVAL_FILE
+    if path.is_symlink() or not path.is_file():  # only a regular file glmrel wrote is carried
+        return False
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or record.get("content_sha256") != folder_content_digest(new):
+        return False
+    shutil.copyfile(old / EVAL_FILE, new / EVAL_FILE)
+    return True
 
 
 def engine_description(timings: dict[str, Any]) -> dict[str, Any]:

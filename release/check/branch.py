@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ReleaseError
+from ..evaluation.records import record_problems
 from ..layout import INDEX_FILE
-from ..manifest import MANIFEST_FILE, VERIFY_FILE, Manifest
+from ..manifest import EVAL_FILE, MANIFEST_FILE, VERIFY_FILE, Manifest
 from .report import CheckReport
 from .rules import (
     REQUIRED_FILES,
@@ -46,6 +47,7 @@ def check_source(report: CheckReport, source: BranchSource, third_party: bool) -
     if third_party:
         report.skip("manifest", f"{MANIFEST_FILE}: glmrel's file record (--third-party)")
         report.skip("verification", f"{VERIFY_FILE}: glmrel's verification record (--third-party)")
+        report.skip("evaluation", f"{EVAL_FILE}: glmrel's evaluation record (--third-party)")
     elif MANIFEST_FILE not in names:
         report.fail("manifest", source.no_manifest)
     else:
@@ -63,6 +65,7 @@ def check_source(report: CheckReport, source: BranchSource, third_party: bool) -
         except (OSError, ValueError):
             record = "unreadable"
         check_verification(report, record, manifest, source.label)
+        check_evaluation(report, source, names, manifest)
     found = read_all_shards(report, [(s, source.header(s)) for s in shards])
     try:
         cfg = source.json("config.json")
@@ -71,6 +74,27 @@ def check_source(report: CheckReport, source: BranchSource, third_party: bool) -
         return report
     check_model(report, cfg, source.where("config.json"), found, weight_map)
     return report
+
+
+def check_evaluation(report: CheckReport, source: BranchSource, names: set[str], manifest: Manifest | None) -> None:
+    """eval.json is optional; where there is one, it must be about this very content and add
+    up (a card and the Hub's metadata show what it says)."""
+    if EVAL_FILE not in names:
+        report.skip("evaluation", f"no {EVAL_FILE}: task recovery was not measured (`glmrel eval`)")
+        return
+    try:
+        record: Any = source.json(EVAL_FILE)
+    except (OSError, ValueError):
+        record = "unreadable"
+    if manifest is None:
+        report.fail("evaluation", f"without a manifest the content {EVAL_FILE} names cannot be compared")
+        return
+    problems = record_problems(record, source.label, manifest.content_digest())
+    if problems:
+        report.fail("evaluation", problems[0])
+        return
+    tasks = ", ".join(f"{r['task']} {r['recovery_pct']}%" for r in record["recovery"])
+    report.ok("evaluation", f"scored this content ({manifest.content_digest()[:12]}): recovery {tasks}")
 
 
 def check_branch(

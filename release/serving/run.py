@@ -2,6 +2,7 @@
 process of its own: `glmrel vllm-check` starts it; glmrel never imports this module).
 
     PYTHON release/serving/run.py BRANCH_DIR CASES.json OUT.json
+    PYTHON release/serving/run.py --mtp N BRANCH_DIR CASES.json OUT.json
 
 CASES.json: {"sequences": [[token ids], ...], "reference_top1": [[ids], ...], "chat": [messages]}.
 For every sequence it asks vLLM (bfloat16, eager) for the prompt logprobs (teacher forcing) and
@@ -9,6 +10,11 @@ compares vLLM's top-1 next token at each position with the reference's (transfor
 records how far vLLM's logprob of the reference token is from its own top-1 where they
 differ (the largest such gap; positions where the reference is outside vLLM's top 20 counted). Then it serves the branch with vLLM's OpenAI server and asks one chat completion, which
 goes through the branch's own chat template. Writes figures, versions and the device to OUT.json.
+
+With --mtp N it loads the branch with its kept MTP layer as the drafter of N speculative
+tokens (`speculative_config={"method": "mtp"}`), generates greedily from the first tokens of
+each sequence, and writes vLLM's speculative-decoding counters: drafts, draft tokens,
+accepted tokens (in all and per position) and the acceptance rate.
 """
 
 from __future__ import annotations
@@ -114,8 +120,63 @@ def _chat(branch: str, messages: list) -> dict:
             server.kill()
 
 
+MTP_PROMPT_TOKENS, MTP_NEW_TOKENS = 16, 32
+
+
+def _mtp(branch: str, cases: dict, n: int) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.time()
+    llm = LLM(
+        model=branch,
+        dtype="bfloat16",
+        enforce_eager=True,
+        max_model_len=1024,
+        seed=0,
+        gpu_memory_utilization=MEMORY,
+        speculative_config={"method": "mtp", "num_speculative_tokens": n},
+        disable_log_stats=False,
+    )
+    load_s = time.time() - t0
+    prompts = [TokensPrompt(prompt_token_ids=ids[:MTP_PROMPT_TOKENS]) for ids in cases["sequences"]]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=MTP_NEW_TOKENS, temperature=0.0), use_tqdm=False)
+    counters: dict = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode_"):
+            key = m.name[len("vllm:spec_decode_") :]
+            if hasattr(m, "values"):
+                old = counters.get(key) or [0] * len(m.values)
+                counters[key] = [a + b for a, b in zip(old, m.values)]
+            elif hasattr(m, "value"):
+                counters[key] = counters.get(key, 0) + m.value
+    drafted = counters.get("num_draft_tokens", 0)
+    accepted = counters.get("num_accepted_tokens", 0)
+    drafts = counters.get("num_drafts", 0)
+    return {
+        "num_speculative_tokens": n,
+        "load_s": round(load_s, 1),
+        "prompts": len(prompts),
+        "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+        "drafts": int(drafts),
+        "draft_tokens": int(drafted),
+        "accepted_tokens": int(accepted),
+        "accepted_per_position": [int(v) for v in counters.get("num_accepted_tokens_per_pos", [])],
+        "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+        # vLLM's own figure: tokens per target forward (1 + accepted per draft)
+        "mean_acceptance_length": round(1 + accepted / drafts, 4) if drafts else None,
+    }
+
+
 def main() -> None:
-    branch, cases_path, out_path = sys.argv[1:4]
+    args = sys.argv[1:]
+    if args[0] == "--mtp":
+        n, (branch, cases_path, out_path) = int(args[1]), args[2:5]
+        result = _mtp(branch, json.loads(open(cases_path).read()), n)
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=1)
+        return
+    branch, cases_path, out_path = args[0:3]
     cases = json.loads(open(cases_path).read())
     import torch
     import vllm
