@@ -93,7 +93,10 @@ def check_evaluation(report: CheckReport, source: BranchSource, names: set[str],
     if problems:
         report.fail("evaluation", problems[0])
         return
-    tasks = ", ".join(f"{r['task']} {r['recovery_pct']}%" for r in record["recovery"])
+    tasks = ", ".join(
+        f"{r['task']} " + ("n/a (the base scored 0)" if r["recovery_pct"] is None else f"{r['recovery_pct']}%")
+        for r in record["recovery"]
+    )
     report.ok("evaluation", f"scored this content ({manifest.content_digest()[:12]}): recovery {tasks}")
 
 
