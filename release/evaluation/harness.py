@@ -100,7 +100,9 @@ def run_lm_eval(
             )
         except subprocess.TimeoutExpired as e:
             raise ReleaseError(f"lm-eval on {model_dir} did not finish in {timeout} s") from e
-        if proc.returncode != 0 or not out.is_file():
+        # the runner renames a finished result into place: one that is there is whole, even
+        # where vLLM's CPU build aborted as the process exited (it does, now and then)
+        if not out.is_file():
             tail = (proc.stderr or proc.stdout)[-2000:]
             raise ReleaseError(
                 f"lm-eval through vLLM failed on {model_dir} (exit {proc.returncode}):\n{tail}",

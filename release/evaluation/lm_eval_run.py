@@ -121,8 +121,10 @@ def main() -> None:
         "seconds": round(time.time() - t0, 1),
         "tasks": tasks,
     }
-    with open(out_path, "w") as f:
+    # whole or not at all (vLLM's CPU build may abort as the process exits): renamed into place
+    with open(out_path + ".part", "w") as f:
         json.dump(result, f, indent=1)
+    os.replace(out_path + ".part", out_path)
 
 
 if __name__ == "__main__":

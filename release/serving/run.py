@@ -172,9 +172,7 @@ def main() -> None:
     args = sys.argv[1:]
     if args[0] == "--mtp":
         n, (branch, cases_path, out_path) = int(args[1]), args[2:5]
-        result = _mtp(branch, json.loads(open(cases_path).read()), n)
-        with open(out_path, "w") as f:
-            json.dump(result, f, indent=1)
+        _write(out_path, _mtp(branch, json.loads(open(cases_path).read()), n))
         return
     branch, cases_path, out_path = args[0:3]
     cases = json.loads(open(cases_path).read())
@@ -192,8 +190,15 @@ def main() -> None:
     }
     result.update(_score(branch, cases))
     result["chat"] = _chat(branch, cases["chat"])
-    with open(out_path, "w") as f:
+    _write(out_path, result)
+
+
+def _write(out_path: str, result: dict) -> None:
+    """The result, whole or not at all: written beside, then renamed into place (vLLM's CPU
+    build may abort as the process exits; glmrel keeps a result that is all there)."""
+    with open(out_path + ".part", "w") as f:
         json.dump(result, f, indent=1)
+    os.replace(out_path + ".part", out_path)
 
 
 if __name__ == "__main__":
