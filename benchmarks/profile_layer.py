@@ -16,6 +16,9 @@ config made by `benchmarks.synthetic`, twice in this process's children:
   python -m benchmarks.profile_layer --config /dev/shm/syn/release.yaml --samples 512 --profile-samples 64 \
       --json out/profile.json --tables out/profile.txt
 
+`--h2d-samples N` adds a run that counts the host-to-device copies from unpinned memory by the
+line that made them (`H2DSources`).
+
 `--awq KEY=VALUE` sets an `awq:` option for both runs (e.g. `fused_gpu_experts=false`, the
 experts' per-expert loop); `--scales FILE` saves the timed run's chosen scales, and `--compare A B`
 prints two such files' agreement per kind of mapping.
@@ -123,7 +126,69 @@ class PassClock:
         self.module._get_batches = self.stock
 
 
-def run(config: Path, profile: bool, tables: Path | None, scales: Path | None = None) -> dict[str, Any]:
+class H2DSources:
+    """Where the host-to-device copies from unpinned (pageable) memory come from: wraps
+    `Tensor.to`, `Tensor.cuda` and `Tensor.copy_` while a calibration runs and counts, per call
+    site (the first frame outside torch), the copies of a CPU tensor that is not pinned to a
+    CUDA device, with their bytes and a few shapes."""
+
+    def __init__(self) -> None:
+        self.sites: dict[str, dict[str, Any]] = {}
+
+    def _note(self, src: Any, dst_cuda: bool) -> None:
+        import traceback
+
+        if not dst_cuda or not hasattr(src, "is_pinned") or src.device.type != "cpu" or src.is_pinned():
+            return
+        site = "?"
+        for frame in reversed(traceback.extract_stack(limit=14)[:-2]):
+            if "/torch/" not in frame.filename:
+                site = f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno} {frame.name}"
+                break
+        s = self.sites.setdefault(site, {"copies": 0, "gib": 0.0, "shapes": []})
+        s["copies"] += 1
+        s["gib"] += src.numel() * src.element_size() / 2**30
+        if len(s["shapes"]) < 3 and list(src.shape) not in s["shapes"]:
+            s["shapes"].append(list(src.shape))
+
+    def __enter__(self) -> H2DSources:
+        import torch
+
+        self.saved = {n: getattr(torch.Tensor, n) for n in ("to", "cuda", "copy_")}
+        to, cuda, copy_ = self.saved["to"], self.saved["cuda"], self.saved["copy_"]
+        note = self._note
+
+        def wrapped_to(t: Any, *args: Any, **kwargs: Any) -> Any:
+            out = to(t, *args, **kwargs)
+            if out is not t:
+                note(t, out.device.type == "cuda")
+            return out
+
+        def wrapped_cuda(t: Any, *args: Any, **kwargs: Any) -> Any:
+            note(t, True)
+            return cuda(t, *args, **kwargs)
+
+        def wrapped_copy(t: Any, src: Any, *args: Any, **kwargs: Any) -> Any:
+            note(src, t.device.type == "cuda")
+            return copy_(t, src, *args, **kwargs)
+
+        torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_ = wrapped_to, wrapped_cuda, wrapped_copy
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+    def top(self, n: int = 15) -> list[dict[str, Any]]:
+        rows = sorted(self.sites.items(), key=lambda kv: -kv[1]["gib"])[:n]
+        return [{"site": k, "copies": v["copies"], "gib": round(v["gib"], 3), "shapes": v["shapes"]} for k, v in rows]
+
+
+def run(
+    config: Path, profile: bool, tables: Path | None, scales: Path | None = None, h2d: bool = False
+) -> dict[str, Any]:
     """One calibration of the config's first branch in this process (with `scales`, every
     chosen scale vector saved there as a dict of tensors)."""
     import dataclasses
@@ -157,6 +222,11 @@ def run(config: Path, profile: bool, tables: Path | None, scales: Path | None = 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         out.update(profile_figures(prof, time.perf_counter() - t0, tables))
+        layers = [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in result.stats.layers]
+    elif h2d:
+        with H2DSources() as sources:
+            result = calibrate(job, echo, options)
+        out["h2d_pageable_sources"] = sources.top()
         layers = [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in result.stats.layers]
     else:
         with Utilization() as util, PassClock() as clock:
@@ -265,6 +335,12 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=None, help="release.yaml from benchmarks.synthetic")
     ap.add_argument("--samples", type=int, default=512, help="the unprofiled run's calibration samples (0: skip)")
     ap.add_argument("--profile-samples", type=int, default=64, help="the profiled run's samples (0: skip)")
+    ap.add_argument(
+        "--h2d-samples",
+        type=int,
+        default=0,
+        help="a run at N samples counting pageable host-to-device copies by call site",
+    )
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--tables", type=Path, default=None, help="torch.profiler's own tables, as text")
@@ -278,13 +354,16 @@ def main() -> None:
         print(json.dumps(compare_scales(*a.compare), indent=1))
         return
     if a.child:
-        record = run(Path(a.child[0]), a.child[1] == "profile", a.tables, a.scales if a.child[1] == "timed" else None)
+        mode = a.child[1]
+        record = run(
+            Path(a.child[0]), mode == "profile", a.tables, a.scales if mode == "timed" else None, mode == "h2d"
+        )
         print("RECORD " + json.dumps(record), flush=True)
         return
     if a.config is None:
         ap.error("--config is required")
     records = {}
-    for mode, n in (("profile", a.profile_samples), ("timed", a.samples)):  # the short one first
+    for mode, n in (("h2d", a.h2d_samples), ("profile", a.profile_samples), ("timed", a.samples)):  # short first
         if not n:
             continue
         cmd = [
