@@ -691,3 +691,24 @@ def test_the_performance_page_states_the_estimate_its_record_gives():
     for gpus, separate in ((1, False), (8, False), (8, True)):
         assert f"{est.estimate(moe, gpus=gpus, separate=separate)['calibration_h']} h" in page, gpus
     assert f"{moe.calibration_s:.1f} s calibration pass" in page and f"{moe.smoothing_s:.1f} s search" in page
+
+
+def test_h2d_sources_counts_unpinned_copies_by_call_site_and_restores_torch():
+    """profile_layer --h2d-samples: a copy of an unpinned CPU tensor to a CUDA device is counted
+    under the line that made it (the CUDA side is stood in for: this machine has no GPU)."""
+    import torch
+
+    from benchmarks.profile_layer import H2DSources
+
+    originals = (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_)
+    with H2DSources() as sources:
+
+        def wrapper(t: torch.Tensor, to_gpu: bool) -> None:  # as Tensor.to's wrapper calls it
+            sources._note(t, dst_cuda=to_gpu)
+
+        wrapper(torch.ones(4, 8), True)
+        wrapper(torch.ones(4, 8), False)  # not to a GPU: not counted
+        torch.ones(2).to(torch.float64)  # a CPU cast goes through the wrapper, counts nothing
+    (row,) = sources.top()
+    assert row["copies"] == 1 and row["shapes"] == [[4, 8]] and "test_benchmarks.py" in row["site"]
+    assert (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_) == originals
