@@ -48,7 +48,7 @@ def vllm_check_cmd(
     Re-render the cards to show it. Exit 1 if any model fails.
     """
     from .build.branch_folder import base_model_fingerprint, resolve_base_model
-    from .manifest import refresh_manifest, require_sealed
+    from .manifest import refresh_manifest, require_built
     from .serving.external import record, record_base, run, summary, vllm_python
 
     out = json_mode(as_json)
@@ -56,9 +56,7 @@ def vllm_check_cmd(
     targets = [(b, cfg.output_dir / b) for b in (branch_names or [b.name for b in cfg.branches])] if not folders else []
     for name, folder in targets:
         cfg.branch(name)
-        if not (folder / "config.json").is_file():
-            raise ReleaseError(f"branch folder {folder} has no config.json", hint="build the release first")
-        require_sealed(folder, name)  # its result is recorded in the branch: only about what was built
+        require_built(folder, name)  # its result is recorded in the branch: only about what was built
     py = vllm_python(python)
     targets += [(str(f), f) for f in folders]
     results = {}
@@ -184,17 +182,7 @@ def ablate_cmd(
         raise ReleaseError(
             f"the release's {branch_name} is not built and verified", hint="run `glmrel build-all` first"
         )
-    record = evaluate(cfg, base, fingerprint, [branch_name], python, echo=echo)[branch_name]
-    quality = json.loads((folder / VERIFY_FILE).read_text())
-    rows.append(
-        {
-            "variant": BASELINE,
-            "overrides": {},
-            "mean_kl": quality["mean_kl"],
-            "top1": quality["top1_agreement"],
-            "recovery": record["recovery"],
-        }
-    )
+    rows.append(_ablation_row(BASELINE, {}, folder, evaluate(cfg, base, fingerprint, [branch_name], python, echo=echo)))
     for (name, overrides), path in zip(parsed, paths):
         echo(f"[{name}] building {branch_name} with {overrides} in {path.parent}")
         vcfg = load(path)
@@ -203,20 +191,27 @@ def ablate_cmd(
             vcfg.output_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(shared, vcfg.output_dir / BASE_EVAL_FILE)  # reused where it matches
         build_all(vcfg, echo=echo, config_path=path)
-        vrecord = evaluate(vcfg, base, fingerprint, [branch_name], python, echo=echo)[branch_name]
-        vquality = json.loads((vcfg.output_dir / branch_name / VERIFY_FILE).read_text())
-        rows.append(
-            {
-                "variant": name,
-                "overrides": overrides,
-                "mean_kl": vquality["mean_kl"],
-                "top1": vquality["top1_agreement"],
-                "recovery": vrecord["recovery"],
-            }
-        )
+        scored = evaluate(vcfg, base, fingerprint, [branch_name], python, echo=echo)
+        rows.append(_ablation_row(name, overrides, vcfg.output_dir / branch_name, scored))
     text = table(rows)
     (work / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
     (work / "ablation.md").write_text(text + "\n")
     echo(text)
     if out is not None:
         out.emit({"ok": True, "rows": rows, "work": str(work)})
+
+
+def _ablation_row(variant: str, overrides: dict, folder: Path, scored: dict) -> dict:
+    """One row of the ablation: the branch folder's verification (KL, top-1) and its recovery."""
+    import json
+
+    from .manifest import VERIFY_FILE
+
+    quality = json.loads((folder / VERIFY_FILE).read_text())
+    return {
+        "variant": variant,
+        "overrides": overrides,
+        "mean_kl": quality["mean_kl"],
+        "top1": quality["top1_agreement"],
+        "recovery": scored[folder.name]["recovery"],
+    }

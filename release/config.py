@@ -71,6 +71,11 @@ def check_release_refs(version: str, branches: list[str]) -> None:
         )
 
 
+def repeated(names: list[str]) -> list[str]:
+    """The names that occur more than once, sorted."""
+    return sorted({n for n in names if names.count(n) > 1})
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -319,8 +324,7 @@ class EvalSpec(_Strict):
 
     @model_validator(mode="after")
     def _distinct_tasks(self) -> EvalSpec:
-        names = [t.name for t in self.tasks]
-        twice = sorted({n for n in names if names.count(n) > 1})
+        twice = repeated([t.name for t in self.tasks])
         if twice:
             raise ValueError(f"eval task {twice[0]!r} is listed twice; list each task once")
         return self
@@ -364,8 +368,7 @@ class ReleaseConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_branches(self) -> ReleaseConfig:
-        names = [b.name for b in self.branches]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = repeated([b.name for b in self.branches])
         if dupes:
             raise ValueError(f"branch names must be unique; repeated: {', '.join(dupes)}")
         return self

@@ -314,6 +314,16 @@ def require_sealed(folder: Path, branch: str) -> None:
         )
 
 
+def require_built(folder: Path, branch: str) -> None:
+    """A branch folder a later stage may record into: built (it has its config.json) and
+    sealed (its content is what glmrel built, `require_sealed`)."""
+    if not (folder / "config.json").is_file():
+        raise ReleaseError(
+            f"branch folder {folder} has no config.json", hint="build the release first (`glmrel build-all`)"
+        )
+    require_sealed(folder, branch)
+
+
 def refresh_manifest(folder: Path, branch: str | None = None) -> Manifest:
     """The manifest again after records were written (verify.json, the card): only those may
     change. A built branch whose content changed since it was sealed is refused

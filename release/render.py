@@ -287,7 +287,6 @@ def branch_record(cfg: ReleaseConfig, branch: BranchSpec) -> dict[str, Any]:
         "divergence": divergence_summary(quality),
         "eval": eval_view(evaluated),
         "mtp": mtp_view(quality),
-        "mtp_base": mtp_view(_read_json(cfg.output_dir, BASE_VLLM_FILE, required=False)),
         "eval_results": eval_results(cfg, branch.name, evaluated),
         "coverage": cov,
         "has_plot": (folder / PLOT_FILE).is_file(),
@@ -416,6 +415,8 @@ def render_release(cfg: ReleaseConfig, version: str | None = None) -> RenderResu
         "serve_flags": serve_flags(cfg),
         "mtp_flag": mtp_flag(cfg),
         "eval_note": cfg.eval.note,
+        # the base model's vllm-check run, once for every card (the branches' drafters are read against it)
+        "mtp_base": mtp_view(_read_json(cfg.output_dir, BASE_VLLM_FILE, required=False)),
     }
     cards: dict[str, Path] = {}
     for record in branches:

@@ -22,7 +22,7 @@ from typing import Any
 from ..build_log import write_build_log
 from ..config import ReleaseConfig
 from ..errors import ReleaseError
-from ..manifest import folder_content_digest, refresh_manifest, require_sealed, write_if_changed
+from ..manifest import folder_content_digest, refresh_manifest, require_built, write_if_changed
 from ..serving.external import vllm_python
 from .records import BASE_EVAL_FILE, EVAL_FILE, RUNNER, SCHEMA, read_record, recovery, settings, settings_key
 
@@ -48,6 +48,14 @@ def env_versions(python: Path) -> dict[str, str]:
     if missing:
         raise ReleaseError(f"the vLLM environment at {python} has no {' or '.join(missing)}", hint=LM_EVAL_HINT)
     return found
+
+
+def earlier_record(path: Path) -> dict[str, Any] | None:
+    """An earlier run's record, to reuse; one that cannot be read is scored again and rewritten."""
+    try:
+        return read_record(path)
+    except ReleaseError:
+        return None
 
 
 def model_args(cfg: ReleaseConfig, base: bool = False) -> dict[str, Any]:
@@ -132,10 +140,7 @@ def base_scores(
 ) -> dict[str, Any]:
     """The base model's record: reused when it is about this base, settings and versions."""
     path = cfg.output_dir / BASE_EVAL_FILE
-    try:
-        old = read_record(path)
-    except ReleaseError:
-        old = None  # unreadable: scored again, and rewritten
+    old = earlier_record(path)
     if not force and old and old.get("key") == key and old.get("base_fingerprint") == base_fingerprint:
         echo(f"[base] eval: reusing {path.name} (same base model, settings and versions)")
         return old
@@ -177,11 +182,7 @@ def evaluate(
     for name in branches:
         cfg.branch(name)
         folder = cfg.output_dir / name
-        if not (folder / "config.json").is_file():
-            raise ReleaseError(
-                f"branch folder {folder} has no config.json", hint="build the release first (`glmrel build-all`)"
-            )
-        require_sealed(folder, name)  # only what glmrel built and sealed is scored
+        require_built(folder, name)  # only what glmrel built and sealed is scored
         folders[name] = folder
     py = vllm_python(python or spec.python)
     versions = env_versions(py)
@@ -191,10 +192,7 @@ def evaluate(
     records = {}
     for name, folder in folders.items():
         digest = folder_content_digest(folder)
-        try:
-            old = read_record(folder / EVAL_FILE)
-        except ReleaseError:
-            old = None
+        old = earlier_record(folder / EVAL_FILE)
         if not force and old and old.get("key") == key and old.get("content_sha256") == digest:
             echo(f"[{name}] eval: up to date (scored this content with these settings)")
             records[name] = old
