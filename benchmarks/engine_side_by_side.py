@@ -45,6 +45,7 @@ def build(config: Path, scales: Path) -> dict[str, Any]:
     import torch
 
     from release.awq import ScaleOptions
+    from release.awq.stats import ENGINE_COUNTERS
     from release.build.quantize import quantize_branch
     from release.config import load_config
 
@@ -61,15 +62,7 @@ def build(config: Path, scales: Path) -> dict[str, Any]:
         "folder": str(built.path),
         "build_s": round(time.perf_counter() - t, 1),
         "layers": [dataclasses.asdict(r) for r in stats.layers],
-        "engine": {
-            k: engine[k]
-            for k in (
-                "fused_calibration_calls",
-                "routed_propagation_calls",
-                "batched_expert_calls",
-                "grouped_search_calls",
-            )
-        },
+        "engine": {k: engine[k] for k in ENGINE_COUNTERS},
         "awq": cfg.awq.model_dump(),
     }
 

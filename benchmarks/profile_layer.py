@@ -196,6 +196,7 @@ def run(
     import torch
 
     from release.awq import ScaleOptions
+    from release.awq.stats import ENGINE_COUNTERS
     from release.build.branch_folder import prepare_branch
     from release.build.calibrate import calibrate
     from release.config import load_config
@@ -248,10 +249,7 @@ def run(
         out["mapping_s"] = {k: round(v, 2) for k, v in result.stats.mapping_s.items()}
         out["search_phase_s"] = result.stats.to_json()["search_phase_s"]
     engine = result.stats.to_json()
-    out["engine"] = {
-        k: engine[k]
-        for k in ("fused_calibration_calls", "routed_propagation_calls", "batched_expert_calls", "grouped_search_calls")
-    }
+    out["engine"] = {k: engine[k] for k in ENGINE_COUNTERS}
     out["awq"] = cfg.awq.model_dump()
     if scales is not None:
         torch.save(result.stats.scales, scales)

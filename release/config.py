@@ -221,6 +221,19 @@ class AwqSpec(_Strict):
         "of one expert at a time (glmrel engine). An expert's outputs may differ from the loop's in the last "
         "bit (GEMM blocking); the CPU keeps the loop. false: the loop on a GPU too",
     )
+    search_batch_tokens: int | None = Field(
+        default=16384,
+        ge=1,
+        description="tokens per forward in AWQ's grid search: consecutive calibration samples merged into one "
+        "forward of at most this many tokens (glmrel engine; null: one sample a forward, as stock)",
+    )
+    batched_expert_hooks: bool = Field(
+        default=True,
+        description="with fused_gpu_experts: take AWQ's activation sums, the experts' Gram matrices and the "
+        "coverage counts for a chunk of experts at once in the calibration forward instead of expert by expert "
+        "(glmrel engine). The sums may differ from the per-expert ones in the last bit (reduction order). "
+        "false: expert by expert",
+    )
 
 
 class OffloadSpec(_Strict):

@@ -161,3 +161,154 @@ def test_the_propagation_pass_runs_routed_only_where_no_hook_listens():
         h1.remove()
         h2.remove()
     probe.remove_hooks()
+
+
+def _exact_experts(n_experts: int = 6, hidden: int = 32, inter: int = 16):
+    """bf16 experts whose every product is exact in any blocking: integer weights and inputs
+    keep each sum an integer below 2^24, and gate rows of ones with inputs >= 1 put gate >= 32,
+    where silu(x) is x. Only the routing weights' products and their sums round, so two paths
+    that add the weighted expert outputs in the same order give the same bits, on any CPU."""
+    experts = _experts(n_experts, hidden, inter, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for e in range(n_experts):
+            experts[e].gate_proj.weight.fill_(1)
+            experts[e].up_proj.weight.copy_(torch.randint(-1, 2, (inter, hidden), generator=g))
+            experts[e].down_proj.weight.copy_(torch.randint(-1, 2, (hidden, inter), generator=g))
+    x = torch.randint(1, 3, (40, hidden), generator=g).to(torch.bfloat16)
+    return experts, x
+
+
+def test_the_routed_sum_keeps_the_loops_order_and_bits():
+    """The routed rows are added per token in ascending expert order, as the loop's
+    `index_add_` calls add them: the same bf16 output, bit for bit, with and without batched
+    hooks and across chunk seams."""
+    from llmcompressor.modeling.moe.context import moe_calibration_context
+
+    from release.awq import all_experts
+    from release.awq.state import RunState
+
+    experts, hidden = _exact_experts()
+    g = torch.Generator().manual_seed(3)  # top-4 of 6 (two terms would add alike in any order)
+    idx = torch.stack([torch.randperm(6, generator=g)[:4] for _ in range(40)])
+    weights = torch.rand(40, 4, generator=g) * torch.tensor([1.0, 100.0, 0.01, 7.0])
+    stock = type(experts).__mro__[1].forward
+    with moe_calibration_context(), torch.no_grad():
+        ref = stock(experts, hidden, idx, weights)
+        per_expert = 40 * (5 * 16 + 32) * hidden.element_size()
+        for chunk_bytes in (4 * 2**30, 2 * per_expert):
+            for batched in (True, False):
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(all_experts, "CHUNK_BYTES", chunk_bytes)
+                    ours = all_experts.all_experts_forward(experts, hidden, idx, weights, RunState(), batched)
+                assert torch.equal(ours, ref), (chunk_bytes, batched)
+
+
+class _Mapping:
+    def __init__(self, smooth_name, balance_layers, parent):
+        self.smooth_name, self.balance_layers, self.parent = smooth_name, balance_layers, parent
+        self.activation_hook_target = None
+        self.parent_name = "layers.0.mlp.experts.x.down_proj"
+
+
+def _hooked(experts, model):
+    """glmrel's AWQ calibration hooks as a GLM-4-MoE layer has them on its experts (each
+    expert's up_proj -> down_proj mapping, its parent the down_proj with a Gram cache; the MoE
+    block's mapping hooked on expert 0's gate_proj), and the expert coverage."""
+    from types import SimpleNamespace
+    from typing import Any
+
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    from release.awq.activations import register_calibration_hooks
+    from release.awq.caches import Ledger, cache_classes
+
+    class Modifier(HooksMixin):
+        offload_device: Any = None
+
+    modifier = Modifier()
+    modifier._smooth_activation_stats = {}
+    modifier._parent_args_cache = {}
+    modifier._resolved_mappings = [_Mapping("mlp_block", [experts[0].gate_proj], experts)] + [
+        _Mapping(f"{e}.up_proj", [experts[e].down_proj], experts[e].down_proj) for e in range(experts.num_experts)
+    ]
+    register_calibration_hooks(modifier)
+    engine = SimpleNamespace(grams=Ledger(float("inf")), stats=SimpleNamespace(tokens_seen=0, tokens_kept=0))
+    gram = cache_classes()[1]
+    for e in range(experts.num_experts):
+        modifier._parent_args_cache[experts[e].down_proj] = gram(engine, None)
+    return modifier
+
+
+def test_batched_hooks_leave_what_each_expert_hook_leaves():
+    """glmrel's own hooks once per chunk of experts (`over_experts`): AWQ's activation sums and
+    counts, each expert's Gram matrix and token count, and the coverage counts are what the
+    per-expert calls leave (sums to fp32 rounding), and no hook is called per expert."""
+    from llmcompressor.modeling.moe.context import moe_calibration_context
+
+    from release.awq import all_experts
+    from release.awq.state import RunState
+    from release.build.coverage import count_expert_tokens
+
+    results = {}
+    for batched in (False, True):
+        experts = _experts(dtype=torch.bfloat16)
+        model = torch.nn.Module()
+        model.layers = torch.nn.ModuleList([torch.nn.Module()])
+        model.layers[0].mlp = torch.nn.Module()
+        model.layers[0].mlp.experts = experts
+        modifier = _hooked(experts, model)
+        with (
+            moe_calibration_context(),
+            torch.no_grad(),
+            count_expert_tokens(model, experts.num_experts) as counts,
+            pytest.MonkeyPatch.context() as mp,
+        ):
+            if batched:
+                mp.setattr(all_experts, "_call_hooks", None)  # a per-expert call would fail
+                mp.setattr(all_experts, "_call_pre_hooks", None)
+            for seed in (0, 1):  # two samples: the second adds to the first
+                g = torch.Generator().manual_seed(seed)
+                hidden = torch.randn(40, 32, generator=g).to(torch.bfloat16)
+                idx, weights = _routing(40, experts.num_experts)
+                all_experts.all_experts_forward(experts, hidden, idx, weights, RunState(), batched)
+        modifier.remove_hooks()
+        caches = modifier._parent_args_cache
+        results[batched] = {
+            "stats": {k: (v[0].clone(), int(v[1])) for k, v in modifier._smooth_activation_stats.items()},
+            "grams": [(caches[experts[e].down_proj].gram, caches[experts[e].down_proj].rows) for e in range(6)],
+            "coverage": counts["calibrated"],
+        }
+    loop, ours = results[False], results[True]
+    assert loop["stats"].keys() == ours["stats"].keys() and len(ours["stats"]) == 7
+    for name, (total, count) in loop["stats"].items():
+        assert ours["stats"][name][1] == count == 80
+        assert torch.allclose(ours["stats"][name][0], total, rtol=1e-6, atol=1e-5), name
+    for (g_loop, rows_loop), (g_ours, rows_ours) in zip(loop["grams"], ours["grams"]):
+        assert rows_ours == rows_loop == 80
+        assert torch.allclose(g_ours, g_loop, rtol=1e-6, atol=1e-4)
+    assert ours["coverage"] == loop["coverage"] == {0: [80] * 6}
+
+
+def test_a_hook_without_a_batched_form_is_called_per_expert():
+    """One foreign hook on one expert's Linear: the chunk's hooks all go back to per-expert
+    calls, so that hook sees every call the loop would make."""
+    from llmcompressor.modeling.moe.context import moe_calibration_context
+
+    from release.awq.all_experts import all_experts_forward
+    from release.awq.state import RunState
+
+    experts = _experts(dtype=torch.bfloat16)
+    model = torch.nn.Module()
+    modifier = _hooked(experts, model)
+    seen = []
+    handle = experts[4].up_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    hidden = torch.randn(40, 32).to(torch.bfloat16)
+    idx, weights = _routing(40, experts.num_experts)
+    with moe_calibration_context(), torch.no_grad():
+        all_experts_forward(experts, hidden, idx, weights, RunState(), True)
+    handle.remove()
+    modifier.remove_hooks()
+    assert seen == [(40, 16)]
+    assert int(modifier._smooth_activation_stats["4.up_proj"][1]) == 40
+    assert modifier._parent_args_cache[experts[4].down_proj].rows == 40

@@ -12,6 +12,11 @@ that the per-batch fp32 sum is added into an fp32 sum on the device it was compu
 `sums_to_host` copies those sums to host memory once per layer, before the smoothing reads
 them. The same additions of the same fp32 values in the same order (IEEE addition rounds
 alike on either side), so AWQ sees the same statistics, bit for bit.
+
+Both hooks carry `over_experts` (all_experts.py's batched hooks): the sums of a chunk of experts
+as one reduction over [n, tokens, in], added with one `_foreach_add_`; the Gram matrices of the
+experts' down_proj inputs as one batched product. The reduction over the stacked inputs may round
+a sum's last bit otherwise than the expert's own reduction.
 """
 
 from __future__ import annotations
@@ -39,6 +44,37 @@ def register_calibration_hooks(modifier: Any) -> None:
                 arguments[k] = None
         modifier._parent_args_cache[module].append(arguments)
 
+    def parents_over_experts(pairs: list[tuple[Any, Any]], inputs: Any, _outputs: Any) -> None:
+        """cache_parent_kwargs_hook for each (module, hook) of `pairs` (all_experts.py): the
+        Gram caches of the experts' down_proj in one batched product, any other cache per call."""
+        caches = [modifier._parent_args_cache.get(module) for module, _ in pairs]
+        if inputs.stride(0) != 0 and all(getattr(c, "add_grams", None) is not None for c in caches):
+            type(caches[0]).add_grams(caches, inputs)
+            return
+        for i, (module, hook) in enumerate(pairs):
+            hook(module, (inputs[i],), {})
+
+    cache_parent_kwargs_hook.over_experts = parents_over_experts  # type: ignore[attr-defined]
+
+    def sums_over_experts(pairs: list[tuple[Any, Any]], inputs: Any, outputs: Any) -> None:
+        """cache_smooth_activations_hook for each (module, hook) of `pairs` (all_experts.py)."""
+        state = active_session().state
+        names = [hook.smooth_name for _, hook in pairs]
+        if (state is not None and state.loss_masks) or len(set(names)) < len(names):
+            for i, (module, hook) in enumerate(pairs):
+                hook(module, (inputs[i],), None if outputs is None else outputs[i])
+            return
+        if inputs.stride(0) == 0:  # every expert's input is the same tensor: one sum
+            sums = [inputs[0].abs().float().sum(dim=0)] * len(pairs)
+        else:
+            sums = list(inputs.abs().float().sum(dim=1).unbind(0))
+        rows = inputs.shape[1]
+        for name, new_sum in zip(names, sums):
+            if name not in stats:
+                stats[name] = [torch.zeros_like(new_sum), torch.zeros_like(torch.tensor(rows))]
+            stats[name][1] += rows
+        torch._foreach_add_([stats[name][0] for name in names], sums)
+
     def sum_hook(smooth_name: str) -> Any:
         def cache_smooth_activations_hook(_module: Any, args: tuple[Any, ...], _output: Any) -> None:
             activations = args[0].abs().detach()
@@ -58,6 +94,8 @@ def register_calibration_hooks(modifier: Any) -> None:
             stats[smooth_name][0] += new_sum
             stats[smooth_name][1] += new_count
 
+        cache_smooth_activations_hook.smooth_name = smooth_name  # type: ignore[attr-defined]
+        cache_smooth_activations_hook.over_experts = sums_over_experts  # type: ignore[attr-defined]
         return cache_smooth_activations_hook
 
     for mapping in modifier._resolved_mappings:

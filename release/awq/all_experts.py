@@ -22,6 +22,19 @@ here and stops the run with a message. The values are the loop's up to GEMM bloc
 product may round an element's last bit otherwise than the expert's own product), so this runs
 only on the device types `ScaleOptions.fused_expert_devices` names: a GPU by default, where the
 time is; on the CPU the loop stays (the demo's pinned bits).
+
+Batched hooks (`ScaleOptions.batched_expert_hooks`). Per expert and sample the hooks were the
+host's work: at GLM-4.7 size 160 experts x (AWQ's activation sum, the Gram matrix of down_proj's
+input, the coverage count) and an `index_add_`, some 15 small kernels and as many Python calls
+each, ~80 ms a 2,048-token sample against ~20 ms of products. A hook may carry `over_experts`, a
+function `f(pairs, inputs, outputs)` that does for every `(module, hook)` of `pairs` what calling
+the hook with `inputs[i]` (and `outputs[i]`) would: `inputs` is [n, tokens, in] (an expanded
+view, stride 0 on its first dimension, where every expert has the same input), `outputs`
+[n, tokens, out] or None for a pre-hook. Where every hook on a chunk's experts and Linears has one
+(glmrel's AWQ hooks, activations.py; the expert coverage, build/coverage.py) and llm-compressor's
+hooks are on, each kind runs once per chunk; otherwise every hook is called per expert as before.
+The routed rows go to each token's slot in ascending expert order, then k `index_add_` calls add
+them in that order: the loop's additions, the same bits.
 """
 
 from __future__ import annotations
@@ -112,8 +125,59 @@ def _stacked(experts: Any, run: RunState) -> tuple[Any, Any]:
     return gate_up, down
 
 
-def all_experts_forward(experts: Any, hidden: Any, top_k_index: Any, top_k_weights: Any, run: RunState) -> Any:
-    """`LinearExperts2D.forward` under `moe_calibrate_all_experts`, batched (module docstring)."""
+HOOK_ORDER = (  # the order the modules call their hooks in the loop
+    ("expert", "pre"),
+    ("gate_proj", "pre"),
+    ("gate_proj", "post"),
+    ("up_proj", "pre"),
+    ("up_proj", "post"),
+    ("down_proj", "pre"),
+    ("down_proj", "post"),
+    ("expert", "post"),
+)
+
+
+def _module(expert: Any, role: str) -> Any:
+    return expert if role == "expert" else getattr(expert, role)
+
+
+def _hook_plan(experts: Any, first: int, last: int) -> list[tuple[str, str, list[tuple[Any, list[Any]]]]] | None:
+    """Batched hooks: per (role, phase) of HOOK_ORDER, the chunk's hooks grouped by their
+    `over_experts`; None where a hook has none (then every hook is called per expert)."""
+    plan = []
+    for role, phase in HOOK_ORDER:
+        groups: dict[Any, list[Any]] = {}
+        for e in range(first, last):
+            module = _module(experts[e], role)
+            hooks = module._forward_pre_hooks if phase == "pre" else module._forward_hooks
+            for hook in hooks.values():
+                over = getattr(hook, "over_experts", None)
+                if over is None:
+                    return None
+                groups.setdefault(over, []).append((module, hook))
+        if groups:
+            plan.append((role, phase, list(groups.items())))
+    return plan
+
+
+def _hooks_enabled() -> bool:
+    """llm-compressor's hooks run (its wrapped hooks return early while they are disabled)."""
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    return not HooksMixin._HOOKS_DISABLED
+
+
+def all_experts_forward(
+    experts: Any,
+    hidden: Any,
+    top_k_index: Any,
+    top_k_weights: Any,
+    run: RunState,
+    batched_hooks: bool = True,
+    stats: Any = None,
+) -> Any:
+    """`LinearExperts2D.forward` under `moe_calibrate_all_experts`, batched (module docstring);
+    `stats` (a ScaleStats) counts the chunks whose hooks ran batched and per expert."""
     import torch
 
     n_exp = experts.num_experts
@@ -123,14 +187,21 @@ def all_experts_forward(experts: Any, hidden: Any, top_k_index: Any, top_k_weigh
     mask = torch.nn.functional.one_hot(top_k_index, n_exp).permute(2, 1, 0)
     where = mask.nonzero()
     counts = torch.bincount(where[:, 0], minlength=n_exp).tolist()
-    slots = where[:, 1].split(counts)
-    tokens = where[:, 2].split(counts)
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    # each (token, slot)'s place among the token's experts in ascending order: the loop adds a
+    # token's expert outputs in that order
+    k = top_k_index.shape[1]
+    rank = (top_k_index.unsqueeze(2) > top_k_index.unsqueeze(1)).sum(dim=2)
     gate_up_w, down_w = _stacked(experts, run)
     n_tok, hid = hidden.shape
+    routed = torch.empty(n_tok, k, hid, dtype=final.dtype, device=hidden.device)
     inter = down_w.shape[-1]
     per_expert = n_tok * (5 * inter + hid) * hidden.element_size()  # gate_up twice (product, per expert), act, down
     chunk = max(1, CHUNK_BYTES // per_expert)
     args = (hidden,)
+    use_plan = batched_hooks and _hooks_enabled()
     for first in range(0, n_exp, chunk):
         last = min(n_exp, first + chunk)
         # one product of every token with the chunk's gate and up rows, then per expert
@@ -142,21 +213,38 @@ def all_experts_forward(experts: Any, hidden: Any, top_k_index: Any, top_k_weigh
         )
         act = experts[first]._apply_gate(gate_up)
         down = torch.bmm(act, down_w[first:last].transpose(1, 2))
-        for e in range(first, last):
-            i = e - first
-            expert = experts[e]
-            gate_proj, up_proj, down_proj = expert.gate_proj, expert.up_proj, expert.down_proj
-            _call_pre_hooks(expert, args)
-            _call_pre_hooks(gate_proj, args)
-            _call_hooks(gate_proj, args, gate_up[i, :, :inter])
-            _call_pre_hooks(up_proj, args)
-            _call_hooks(up_proj, args, gate_up[i, :, inter:])
-            _call_pre_hooks(down_proj, (act[i],))
-            _call_hooks(down_proj, (act[i],), down[i])
-            _call_hooks(expert, args, down[i])
-            token_indices = tokens[e]
-            expert_weights = top_k_weights[token_indices, slots[e], None]
-            weighted = down[i][token_indices] * expert_weights
-            final.index_add_(0, token_indices, weighted.to(final.dtype))
-        del gate_up, act, down
+        plan = _hook_plan(experts, first, last) if use_plan else None
+        if stats is not None:
+            stats.batched_hook_chunks += plan is not None
+            stats.per_expert_hook_chunks += plan is None
+        if plan is not None:
+            shared = hidden.expand(last - first, n_tok, hid)
+            outputs = {"gate_proj": gate_up[:, :, :inter], "up_proj": gate_up[:, :, inter:], "down_proj": down}
+            for role, phase, groups in plan:
+                inputs = act if role == "down_proj" else shared
+                out = None if phase == "pre" else outputs.get(role, down)
+                for over, pairs in groups:
+                    over(pairs, inputs, out)
+        else:
+            for e in range(first, last):
+                i = e - first
+                expert = experts[e]
+                gate_proj, up_proj, down_proj = expert.gate_proj, expert.up_proj, expert.down_proj
+                _call_pre_hooks(expert, args)
+                _call_pre_hooks(gate_proj, args)
+                _call_hooks(gate_proj, args, gate_up[i, :, :inter])
+                _call_pre_hooks(up_proj, args)
+                _call_hooks(up_proj, args, gate_up[i, :, inter:])
+                _call_pre_hooks(down_proj, (act[i],))
+                _call_hooks(down_proj, (act[i],), down[i])
+                _call_hooks(expert, args, down[i])
+        # the chunk's routed rows, weighted as the loop weights them, into each token's slot
+        rows = where[starts[first] : starts[last]]
+        experts_of, slots, tokens = rows[:, 0] - first, rows[:, 1], rows[:, 2]
+        weighted = down.view(-1, hid)[experts_of * n_tok + tokens] * top_k_weights[tokens, slots, None]
+        routed[tokens, rank[tokens, slots]] = weighted.to(final.dtype)
+        del gate_up, act, down, weighted
+    every = torch.arange(n_tok, device=hidden.device)
+    for r in range(k):  # a token's experts in ascending order, as the loop's index_add_ calls add them
+        final.index_add_(0, every, routed[:, r])
     return final

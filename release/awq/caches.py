@@ -256,7 +256,15 @@ def cache_classes() -> tuple[Any, Any, Any]:
     from llmcompressor.pipelines.cache import IntermediatesCache
     from torch.utils._pytree import tree_leaves, tree_map
 
-    from .experts import gram_matrix
+    from .experts import gram_matrices, gram_matrix
+
+    def _no_loss_masks() -> None:
+        state = awq_base.active_session().state
+        if state is not None and getattr(state, "loss_masks", None):
+            raise RuntimeError(
+                "glmrel's Gram expert search does not support loss masks; set awq.expert_search: sampled "
+                "and awq.max_expert_tokens: null"
+            )
 
     class SampledCache(IntermediatesCache):
         """An expert down_proj's cached inputs: at most `budget` rows over all batches, kept as
@@ -368,22 +376,38 @@ def cache_classes() -> tuple[Any, Any, Any]:
                 raise RuntimeError(
                     "glmrel's Gram expert search expects a Linear's single input; set awq.expert_search: sampled"
                 )
-            state = awq_base.active_session().state
-            if state is not None and getattr(state, "loss_masks", None):
-                raise RuntimeError(
-                    "glmrel's Gram expert search does not support loss masks; set awq.expert_search: sampled "
-                    "and awq.max_expert_tokens: null"
-                )
+            _no_loss_masks()
             flat = x.reshape(-1, x.shape[-1])
             g = gram_matrix(flat)
             if self.gram is None:
-                self.gram = g
-                self.engine.grams.take(g.nbytes, self.engine.grams.holder(self))
+                self._first(g)
             else:
                 self.gram += g
-            self.rows += flat.shape[0]
-            self.engine.stats.tokens_seen += flat.shape[0]
-            self.engine.stats.tokens_kept += flat.shape[0]
+            self._count(flat.shape[0])
+
+        def _first(self, g: Any) -> None:
+            self.gram = g
+            self.engine.grams.take(g.nbytes, self.engine.grams.holder(self))
+
+        def _count(self, rows: int) -> None:
+            self.rows += rows
+            self.engine.stats.tokens_seen += rows
+            self.engine.stats.tokens_kept += rows
+
+        @staticmethod
+        def add_grams(caches: list[GramCache], inputs: Any) -> None:
+            """`append` for each cache of `caches` with its input `inputs[i]` ([n, tokens, in]),
+            the Gram matrices as one batched product (all_experts.py's batched hooks)."""
+            _no_loss_masks()
+            grams = gram_matrices(inputs)
+            adding = [(c, g) for c, g in zip(caches, grams.unbind(0)) if c.gram is not None]
+            for c, g in zip(caches, grams.unbind(0)):
+                if c.gram is None:
+                    c._first(g.clone())
+            if adding:
+                torch._foreach_add_([c.gram for c, _ in adding], [g for _, g in adding])
+            for c in caches:
+                c._count(inputs.shape[1])
 
         def __len__(self) -> int:
             return 1 if self.rows else 0

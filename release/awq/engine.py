@@ -203,7 +203,9 @@ def scaled_awq(
                         self, hidden_states, top_k_index, top_k_weights, run=run, grouped=grouped_gemm(hidden_states)
                     )
                 stats.fused_calibration_calls += 1
-                return all_experts_forward(self, hidden_states, top_k_index, top_k_weights, run)
+                return all_experts_forward(
+                    self, hidden_states, top_k_index, top_k_weights, run, options.batched_expert_hooks, stats
+                )
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         if not (options.batched_experts and stats.batched_experts_disabled is None):
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)

@@ -194,6 +194,20 @@ def gram_matrix(x: Any) -> Any:
     return x.T @ x
 
 
+def gram_matrices(x: Any) -> Any:
+    """`gram_matrix` of each x[i] ([n, tokens, in] -> [n, in, in] fp32) as one batched product
+    (the batched hooks): the same sums, possibly blocked otherwise."""
+    import torch
+
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.bmm(x.transpose(1, 2), x, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    x = x.float()
+    return torch.bmm(x.transpose(1, 2), x)
+
+
 def candidate_scales(x_mean: Any, w_mean: Any, ratio: float, duo: bool) -> Any:
     """AWQ's scales for one grid point (llm-compressor 0.14.0.1's `_compute_best_scale`), over
     the last dimension: one mapping's [in] or a batch of experts' [E, in]."""

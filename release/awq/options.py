@@ -20,6 +20,8 @@ CONFIG_FIELDS = (
     "deferred_write_back",
     "batched_balance_layers",
     "fused_gpu_experts",
+    "batched_expert_hooks",
+    "search_batch_tokens",
 )
 _DEFAULT = AwqSpec()
 
@@ -34,7 +36,7 @@ class ScaleOptions:
     max_expert_tokens: int | None = _DEFAULT.max_expert_tokens
     batched_experts: bool = True
     sdpa_in_search: bool = True
-    search_batch_tokens: int | None = 16384
+    search_batch_tokens: int | None = _DEFAULT.search_batch_tokens
     # routed experts' down_proj scale search: "gram" (Gram search: every token, no rows kept),
     # "sampled" (the sampled expert rows' rows, stock's per-expert loop), "sampled-batched" (sampled expert rows, searched together)
     expert_search: ExpertSearch = _DEFAULT.expert_search
@@ -51,6 +53,8 @@ class ScaleOptions:
     # unless `fused_on_cpu` (tests) asks
     fused_gpu_experts: bool = _DEFAULT.fused_gpu_experts
     fused_on_cpu: bool = False
+    # with the experts fused: each kind of hook once per chunk of experts (all_experts.py)
+    batched_expert_hooks: bool = _DEFAULT.batched_expert_hooks
     device_activation_sums: bool = True  # activations.py: AWQ's sums added on the device, same bits
     check_write_back: bool = (
         False  # deferred write-back, benchmarks: compare every CPU copy with the GPU's after each layer
@@ -79,6 +83,7 @@ class ScaleOptions:
             deferred_write_back=False,
             batched_balance_layers=False,
             fused_gpu_experts=False,
+            batched_expert_hooks=False,
             device_activation_sums=False,
             record_scales=record_scales,
         )

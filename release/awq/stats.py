@@ -23,6 +23,17 @@ class LayerRecord:
     side_stored_gib: float = 0.0  # ... and what they wrote to their stores
 
 
+# the engine's counters a benchmark prints: which fused and batched paths ran
+ENGINE_COUNTERS = (
+    "fused_calibration_calls",
+    "routed_propagation_calls",
+    "batched_expert_calls",
+    "grouped_search_calls",
+    "batched_hook_chunks",
+    "per_expert_hook_chunks",
+)
+
+
 @dataclass
 class ScaleStats:
     """What the patches observed, for provenance and the benchmark."""
@@ -32,6 +43,8 @@ class ScaleStats:
     fused_calibration_calls: int = 0  # all_experts.py: experts calls of the calibration forward batched
     grouped_search_calls: int = 0  # ... of the search, through torch's grouped GEMM (no padding)
     routed_propagation_calls: int = 0  # ... of the propagation pass, on their routed tokens only
+    batched_hook_chunks: int = 0  # all_experts.py: chunks of experts whose hooks ran once per kind
+    per_expert_hook_chunks: int = 0  # ... whose hooks were called expert by expert
     batched_expert_searches: int = 0  # batched expert search: expert mappings searched together
     expert_searches_run: int = 0  # ... of which this rank ran the grid search (its share, under Gram search)
     merged_forwards: dict[str, int] = field(default_factory=dict)  # merged batches: parent type -> merged forwards
@@ -78,6 +91,8 @@ class ScaleStats:
             "fused_calibration_calls": self.fused_calibration_calls,
             "grouped_search_calls": self.grouped_search_calls,
             "routed_propagation_calls": self.routed_propagation_calls,
+            "batched_hook_chunks": self.batched_hook_chunks,
+            "per_expert_hook_chunks": self.per_expert_hook_chunks,
             "merged_search_forwards": dict(self.merged_forwards),
             "batched_expert_searches": self.batched_expert_searches,
             "expert_searches_run": self.expert_searches_run,

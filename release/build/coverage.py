@@ -104,6 +104,12 @@ def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = 
     def expert_hook(mod, inp, _out, layer, expert):
         record(("calibrated", layer, expert), [inp[0].numel() // inp[0].shape[-1]])
 
+    def experts_over(pairs, inputs, _outputs):
+        # release/awq/all_experts.py's batched hooks: expert_hook for each expert, inputs [n, tokens, in]
+        rows = inputs[0].numel() // inputs.shape[-1]
+        for _module, hook in pairs:
+            record(("calibrated", hook.keywords["layer"], hook.keywords["expert"]), [rows])
+
     for name, module in model.named_modules():
         if m := ROUTER.search(name):
             hook = partial(router_hook, layer=int(m[1]))
@@ -111,6 +117,7 @@ def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = 
             hook = partial(expert_hook, layer=int(m[1]), expert=int(m[2]))
             # counts a batch's first call only: the engine may skip the calls after it (release/awq/all_experts.py)
             hook.first_call_per_batch = True  # type: ignore[attr-defined]
+            hook.over_experts = experts_over  # type: ignore[attr-defined]
         else:
             continue
         handles.append(module.register_forward_hook(hook))
