@@ -101,24 +101,32 @@ def grouped_experts_forward(
     n_exp = experts.num_experts
     key = id(experts)
     cached = run.stacked.get(key)
-    if cached is None or cached[0] != run.generation:
+    if cached is None or cached[0] != run.generation or len(cached[1]) != (2 if grouped else 3):
         # One buffer per projection for the layer, refilled in place at each grid point:
-        # torch.stack of freshly fake-quantized weights held two copies at once.
+        # torch.stack of freshly fake-quantized weights held two copies at once. Grouped: gate
+        # and up rows in one [E, 2 x inter, hid] buffer (gate first, the order the loop
+        # concatenates their outputs), one product for both and no concatenation; the padded
+        # products (the CPU's, whose bits the demo pins) keep a buffer each.
         members = [experts[i] for i in range(n_exp)]
-        if cached is None:
-            ref = members[0]
-            bufs = tuple(
-                torch.empty((n_exp, *lin.weight.shape), dtype=lin.weight.dtype, device=lin.weight.device)
-                for lin in (ref.gate_proj, ref.up_proj, ref.down_proj)
-            )
+        if cached is None or len(cached[1]) != (2 if grouped else 3):
+            g, d = members[0].gate_proj.weight, members[0].down_proj.weight
+            shapes = [(2 * g.shape[0], g.shape[1])] if grouped else [g.shape, members[0].up_proj.weight.shape]
+            bufs = tuple(torch.empty((n_exp, *shape), dtype=g.dtype, device=g.device) for shape in [*shapes, d.shape])
         else:
             bufs = cached[1]
         for i, m in enumerate(members):
-            for buf, lin in zip(bufs, (m.gate_proj, m.up_proj, m.down_proj)):
-                buf[i].copy_(effective_weight(lin))
+            if grouped:
+                inter = m.gate_proj.weight.shape[0]
+                bufs[0][i, :inter].copy_(effective_weight(m.gate_proj))
+                bufs[0][i, inter:].copy_(effective_weight(m.up_proj))
+            else:
+                bufs[0][i].copy_(effective_weight(m.gate_proj))
+                bufs[1][i].copy_(effective_weight(m.up_proj))
+            bufs[-1][i].copy_(effective_weight(m.down_proj))
         run.stacked = {key: (run.generation, bufs)}  # one layer at a time
         cached = run.stacked[key]
-    w_gate, w_up, w_down = cached[1]
+    w_down = cached[1][-1]
+    hid, inter = hidden.shape[-1], w_down.shape[-1]
     n_tok, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -132,7 +140,6 @@ def grouped_experts_forward(
     # the chunks sized so their temporaries stay within `padded_bytes`: padding to the busiest
     # expert of the whole layer grew with routing skew (the most tokens one expert got in a
     # merged batch), 26.8 GiB at N=32 at GLM-4.7 size on random-init routing (H200 allocator trace)
-    hid, inter = hidden.shape[-1], w_gate.shape[1]
     row_bytes = (2 * hid + 5 * inter) * hidden.element_size()  # x, gate, up, cat, act, down out
     y = hidden.new_empty(flat.numel(), hid)
     per_expert = counts.tolist()
@@ -145,13 +152,7 @@ def grouped_experts_forward(
         if grouped:
             offs = torch.tensor(ends[first:last], dtype=torch.int32, device=hidden.device) - lo
             x = hidden[token_of[lo:hi]]
-            gate_up = torch.cat(
-                [
-                    torch._grouped_mm(x, w_gate[first:last].transpose(1, 2), offs=offs),
-                    torch._grouped_mm(x, w_up[first:last].transpose(1, 2), offs=offs),
-                ],
-                dim=-1,
-            )
+            gate_up = torch._grouped_mm(x, cached[1][0][first:last].transpose(1, 2), offs=offs)
             act = experts[0]._apply_gate(gate_up)
             del x, gate_up
             y[lo:hi] = torch._grouped_mm(act, w_down[first:last].transpose(1, 2), offs=offs)
@@ -160,6 +161,7 @@ def grouped_experts_forward(
         e_of, r_of = expert_of[lo:hi] - first, rank[lo:hi]
         x = hidden.new_zeros(last - first, width, hid)
         x[e_of, r_of] = hidden[token_of[lo:hi]].to(x.dtype)
+        w_gate, w_up = cached[1][0], cached[1][1]
         gate_up = torch.cat(
             [torch.bmm(x, w_gate[first:last].transpose(1, 2)), torch.bmm(x, w_up[first:last].transpose(1, 2))], dim=-1
         )
