@@ -243,21 +243,31 @@ def _hooked(experts, model):
 def test_batched_hooks_leave_what_each_expert_hook_leaves():
     """glmrel's own hooks once per chunk of experts (`over_experts`): AWQ's activation sums and
     counts, each expert's Gram matrix and token count, and the coverage counts are what the
-    per-expert calls leave (sums to fp32 rounding), and no hook is called per expert."""
+    per-expert calls leave (sums to fp32 rounding), and no hook is called per expert. None of
+    them reads a down_proj's output, so with torch's grouped GEMM down_proj runs on the routed
+    rows only: the same statistics, bit for bit, and the same output to bf16 rounding."""
+    from types import SimpleNamespace
+
     from llmcompressor.modeling.moe.context import moe_calibration_context
 
     from release.awq import all_experts
+    from release.awq.experts import grouped_gemm_works
     from release.awq.state import RunState
     from release.build.coverage import count_expert_tokens
 
+    variants = {"loop": (False, False), "batched": (True, False)}
+    if grouped_gemm_works(torch.zeros(1, dtype=torch.bfloat16)):
+        variants["routed down"] = (True, True)
     results = {}
-    for batched in (False, True):
+    for name, (batched, grouped) in variants.items():
         experts = _experts(dtype=torch.bfloat16)
         model = torch.nn.Module()
         model.layers = torch.nn.ModuleList([torch.nn.Module()])
         model.layers[0].mlp = torch.nn.Module()
         model.layers[0].mlp.experts = experts
         modifier = _hooked(experts, model)
+        stats = SimpleNamespace(batched_hook_chunks=0, per_expert_hook_chunks=0, routed_down_chunks=0)
+        outputs = []
         with (
             moe_calibration_context(),
             torch.no_grad(),
@@ -271,15 +281,19 @@ def test_batched_hooks_leave_what_each_expert_hook_leaves():
                 g = torch.Generator().manual_seed(seed)
                 hidden = torch.randn(40, 32, generator=g).to(torch.bfloat16)
                 idx, weights = _routing(40, experts.num_experts)
-                all_experts.all_experts_forward(experts, hidden, idx, weights, RunState(), batched)
+                outputs.append(
+                    all_experts.all_experts_forward(experts, hidden, idx, weights, RunState(), batched, stats, grouped)
+                )
         modifier.remove_hooks()
         caches = modifier._parent_args_cache
-        results[batched] = {
+        results[name] = {
             "stats": {k: (v[0].clone(), int(v[1])) for k, v in modifier._smooth_activation_stats.items()},
             "grams": [(caches[experts[e].down_proj].gram, caches[experts[e].down_proj].rows) for e in range(6)],
             "coverage": counts["calibrated"],
+            "outputs": outputs,
+            "chunks": stats,
         }
-    loop, ours = results[False], results[True]
+    loop, ours = results["loop"], results["batched"]
     assert loop["stats"].keys() == ours["stats"].keys() and len(ours["stats"]) == 7
     for name, (total, count) in loop["stats"].items():
         assert ours["stats"][name][1] == count == 80
@@ -288,6 +302,17 @@ def test_batched_hooks_leave_what_each_expert_hook_leaves():
         assert rows_ours == rows_loop == 80
         assert torch.allclose(g_ours, g_loop, rtol=1e-6, atol=1e-4)
     assert ours["coverage"] == loop["coverage"] == {0: [80] * 6}
+    assert all(torch.equal(a, b) for a, b in zip(ours["outputs"], loop["outputs"]))
+    assert (loop["chunks"].per_expert_hook_chunks, ours["chunks"].batched_hook_chunks) == (2, 2)
+    if "routed down" not in results:
+        return
+    routed = results["routed down"]
+    assert routed["chunks"].routed_down_chunks == 2 and ours["chunks"].routed_down_chunks == 0
+    for name, (total, count) in ours["stats"].items():
+        assert torch.equal(routed["stats"][name][0], total) and routed["stats"][name][1] == count
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(routed["grams"], ours["grams"]))
+    for a, b in zip(routed["outputs"], ours["outputs"]):
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_a_hook_without_a_batched_form_is_called_per_expert():

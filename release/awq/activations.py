@@ -75,6 +75,8 @@ def register_calibration_hooks(modifier: Any) -> None:
             stats[name][1] += rows
         torch._foreach_add_([stats[name][0] for name in names], sums)
 
+    sums_over_experts.uses_output = False  # type: ignore[attr-defined]
+
     def sum_hook(smooth_name: str) -> Any:
         def cache_smooth_activations_hook(_module: Any, args: tuple[Any, ...], _output: Any) -> None:
             activations = args[0].abs().detach()

@@ -204,7 +204,14 @@ def scaled_awq(
                     )
                 stats.fused_calibration_calls += 1
                 return all_experts_forward(
-                    self, hidden_states, top_k_index, top_k_weights, run, options.batched_expert_hooks, stats
+                    self,
+                    hidden_states,
+                    top_k_index,
+                    top_k_weights,
+                    run,
+                    options.batched_expert_hooks,
+                    stats,
+                    grouped_gemm(hidden_states),
                 )
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         if not (options.batched_experts and stats.batched_experts_disabled is None):

@@ -31,6 +31,7 @@ ENGINE_COUNTERS = (
     "grouped_search_calls",
     "batched_hook_chunks",
     "per_expert_hook_chunks",
+    "routed_down_chunks",
 )
 
 
@@ -45,6 +46,7 @@ class ScaleStats:
     routed_propagation_calls: int = 0  # ... of the propagation pass, on their routed tokens only
     batched_hook_chunks: int = 0  # all_experts.py: chunks of experts whose hooks ran once per kind
     per_expert_hook_chunks: int = 0  # ... whose hooks were called expert by expert
+    routed_down_chunks: int = 0  # ... whose down_proj ran on the routed rows only (no hook read its output)
     batched_expert_searches: int = 0  # batched expert search: expert mappings searched together
     expert_searches_run: int = 0  # ... of which this rank ran the grid search (its share, under Gram search)
     merged_forwards: dict[str, int] = field(default_factory=dict)  # merged batches: parent type -> merged forwards
@@ -93,6 +95,7 @@ class ScaleStats:
             "routed_propagation_calls": self.routed_propagation_calls,
             "batched_hook_chunks": self.batched_hook_chunks,
             "per_expert_hook_chunks": self.per_expert_hook_chunks,
+            "routed_down_chunks": self.routed_down_chunks,
             "merged_search_forwards": dict(self.merged_forwards),
             "batched_expert_searches": self.batched_expert_searches,
             "expert_searches_run": self.expert_searches_run,

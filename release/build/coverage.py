@@ -110,6 +110,8 @@ def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = 
         for _module, hook in pairs:
             record(("calibrated", hook.keywords["layer"], hook.keywords["expert"]), [rows])
 
+    experts_over.uses_output = False  # type: ignore[attr-defined]
+
     for name, module in model.named_modules():
         if m := ROUTER.search(name):
             hook = partial(router_hook, layer=int(m[1]))
