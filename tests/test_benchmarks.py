@@ -451,6 +451,11 @@ def _one(key, *path):
     return get
 
 
+def _moe_calibration_s(r):
+    """profile_layer --json: the MoE layer's calibration pass (the second subgraph's)."""
+    return next(p["s"] for p in r["timed"]["passes"] if p["pass"] == "(2/2): Calibrating")
+
+
 DOCS = RESULTS.parent.parent.parent / "docs" / "performance.md"  # the figures users read
 ACCOUNT = RESULTS.parent / "README.md"  # the run-by-run account docs/performance.md links to
 # Every figure a document quotes from a committed record: (document, record, how to read the
@@ -501,6 +506,12 @@ CITED = [
         (RESULTS.parent / "2026-12-03-h200-house-digest" / "README.md", f, get, fmt)
         for f in ("2026-12-03-h200-house-digest/loop-fused-off.json", "2026-12-03-h200-house-digest/fused-on.json")
         for get, fmt in ((_one("oneshot_s"), "{:.1f} s"), (_one("weights_digest"), "`{}`"))
+    ],
+    *[
+        (doc, f"2026-12-03-h200-batched-hooks-moe-layer/{run}-512.json", get, fmt)
+        for doc in (DOCS, RESULTS.parent / "2026-12-03-h200-batched-hooks-moe-layer" / "README.md")
+        for run in ("before-87dccd0", "routed-down")
+        for get, fmt in ((_moe_calibration_s, "{:.2f} s"), (_one("timed", "oneshot_s"), "{:.2f}"))
     ],
     (
         RESULTS.parent / "2026-11-30-cpu-demo-single-pass" / "README.md",
@@ -682,10 +693,10 @@ def test_the_release_estimate_is_the_per_layer_arithmetic(tmp_path):
 
 def test_the_performance_page_states_the_estimate_its_record_gives():
     """docs/performance.md's full-release figures are benchmarks.release_estimate's on the H200
-    record of the fused engine (run, not copied)."""
+    record of the engine's latest MoE layer (run, not copied)."""
     from benchmarks import release_estimate as est
 
-    record = RESULTS.parent / "2026-12-03-h200-fused-experts-glm47-moe-layer" / "profile-512.json"
+    record = RESULTS.parent / "2026-12-03-h200-batched-hooks-moe-layer" / "routed-down-512.json"
     moe = est.MoeLayer.from_record(json.loads(record.read_text()))
     page = " ".join((RESULTS.parent.parent.parent / "docs" / "performance.md").read_text().split())
     for gpus, separate in ((1, False), (8, False), (8, True)):

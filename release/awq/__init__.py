@@ -121,6 +121,12 @@ the ScaleOptions field that turns it on):
    keeps stock's loop) and each product and quotient is rounded to the weight's dtype once, as in
    stock, so the values are the same, bit for bit (tests/test_awq_scale.py; equal weight digests at
    GLM-4.7 size on an H200).
+13. **Fused experts** (`fused_gpu_experts`, on a GPU) **and batched hooks** (`batched_expert_hooks`).
+   The calibration forward runs every expert on every token as batched products, and the hooks
+   glmrel registers on the experts (AWQ's sums, the Gram matrices, the coverage counts) once per
+   chunk of experts; down_proj then runs on the routed rows only, since no hook reads its output.
+   The routed sum keeps the loop's order (same bits); the batched sums may round a last bit
+   otherwise (all_experts.py; measured at GLM-4.7 size: the same KL).
 """
 
 from .engine import Engine, scaled_awq
