@@ -16,6 +16,16 @@ config made by `benchmarks.synthetic`, twice in this process's children:
   python -m benchmarks.profile_layer --config /dev/shm/syn/release.yaml --samples 512 --profile-samples 64 \
       --json out/profile.json --tables out/profile.txt
 
+`--one-pass` smooths the config's other branches beside the first in the same pass, as
+`build-all` does: with one dense and one MoE layer and three group sizes this is the record
+`benchmarks.release_estimate` turns into the full release's time:
+
+  python -m benchmarks.synthetic --preset glm47 --layers 2 --dense 1 --device cuda --out /dev/shm/syn \
+      --group-size 32 --group-size 64 --group-size 128 --samples 512 --seq 2048
+  python -m benchmarks.profile_layer --config /dev/shm/syn/release.yaml --samples 512 --profile-samples 0 \
+      --one-pass --json out/pass.json
+  python -m benchmarks.release_estimate --record out/pass.json
+
 `--h2d-samples N` adds a run that counts the host-to-device copies from unpinned memory by the
 line that made them (`H2DSources`).
 
@@ -187,18 +197,27 @@ class H2DSources:
 
 
 def run(
-    config: Path, profile: bool, tables: Path | None, scales: Path | None = None, h2d: bool = False
+    config: Path,
+    profile: bool,
+    tables: Path | None,
+    scales: Path | None = None,
+    h2d: bool = False,
+    one_pass: bool = False,
 ) -> dict[str, Any]:
     """One calibration of the config's first branch in this process (with `scales`, every
-    chosen scale vector saved there as a dict of tensors)."""
+    chosen scale vector saved there as a dict of tensors); `one_pass`: the config's other
+    branches smoothed beside it in the same pass, as `build-all` does (their stores in a scratch
+    folder under the config's output_dir, removed after)."""
     import dataclasses
+    import shutil
+    import tempfile
 
     import torch
 
-    from release.awq import ScaleOptions
+    from release.awq import ScaleOptions, SideBranch
     from release.awq.stats import ENGINE_COUNTERS
     from release.build.branch_folder import prepare_branch
-    from release.build.calibrate import calibrate
+    from release.build.calibrate import calibrate as calibrate_pass
     from release.config import load_config
 
     cfg = load_config(config)
@@ -206,13 +225,32 @@ def run(
     job = prepare_branch(cfg, branch)
     options = dataclasses.replace(ScaleOptions.from_spec(cfg.awq), record_scales=scales is not None)
     ends: list[float] = []
+    stores: Path | None = None
+    side: tuple[SideBranch, ...] = ()
+    if one_pass:
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        stores = Path(tempfile.mkdtemp(prefix=".profile-pass-", dir=cfg.output_dir))
+        side = tuple(
+            SideBranch(b.name, b.group_size, stores / b.name, prepare_branch(cfg, b).recipe) for b in cfg.branches[1:]
+        )
+
+    def calibrate(job: Any, echo: Any, options: Any) -> Any:
+        try:
+            return calibrate_pass(job, echo, options, side)
+        finally:
+            if stores is not None:
+                shutil.rmtree(stores, ignore_errors=True)
 
     def echo(line: str) -> None:  # calibrate says "[branch] layer k/N: ..." as each layer ends
         if re.search(r"\] layer \d+/\d+:", line):
             ends.append(time.perf_counter())
         print(line, file=sys.stderr, flush=True)
 
-    out: dict[str, Any] = {"samples": cfg.calibration.num_samples, "seq": cfg.calibration.max_seq_length}
+    out: dict[str, Any] = {
+        "samples": cfg.calibration.num_samples,
+        "seq": cfg.calibration.max_seq_length,
+        "pass": [branch.name, *(b.name for b in side)],  # the first propagates; the others are side branches
+    }
     t0 = time.perf_counter()
     if profile:
         from torch.profiler import ProfilerActivity
@@ -238,8 +276,10 @@ def run(
             smooth_start = end - r.smooth_s
             layers.append(
                 {
+                    "mappings": r.mappings,
                     "calib_s": r.calib_s,
                     "smooth_s": r.smooth_s,
+                    "side_s": r.side_s,
                     "peak_gpu_gib": r.peak_gpu_gib,
                     "gpu_util_calib_pct": util.mean(smooth_start - r.calib_s, smooth_start),
                     "gpu_util_smooth_pct": util.mean(smooth_start, end),
@@ -346,6 +386,11 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--scales", type=Path, default=None, help="the timed run's chosen scales, saved (torch.save)")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="two --scales files: agreement")
+    ap.add_argument(
+        "--one-pass",
+        action="store_true",
+        help="smooth the config's other branches beside the first in the same pass (build-all's one pass)",
+    )
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.compare:
@@ -354,7 +399,12 @@ def main() -> None:
     if a.child:
         mode = a.child[1]
         record = run(
-            Path(a.child[0]), mode == "profile", a.tables, a.scales if mode == "timed" else None, mode == "h2d"
+            Path(a.child[0]),
+            mode == "profile",
+            a.tables,
+            a.scales if mode == "timed" else None,
+            mode == "h2d",
+            a.one_pass,
         )
         print("RECORD " + json.dumps(record), flush=True)
         return
@@ -376,6 +426,8 @@ def main() -> None:
             cmd += ["--tables", str(a.tables)]
         if a.scales is not None and mode == "timed":
             cmd += ["--scales", str(a.scales)]
+        if a.one_pass:
+            cmd += ["--one-pass"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RECORD ")]
         if proc.returncode != 0 or not lines:

@@ -1,6 +1,10 @@
 """The full GLM-4.7 release's calibration time, from one measured MoE layer: the arithmetic
 the README's estimate comes from, with every input named as measured or assumed.
 
+Measured where the record has it: a `profile_layer --one-pass` record of one dense and one MoE
+layer in one pass of three group sizes gives the dense layer and the side branches' time, and
+the two assumptions below are not used.
+
 Input: a `benchmarks.profile_layer` record (`--json`) of one GLM-4.7-dims MoE layer at the
 recipe's 512 x 2048 on one GPU: its calibration pass, AWQ smoothing (one group size) and
 propagation pass. From it, on one GPU, one calibration pass for the three branches:
@@ -44,42 +48,82 @@ RUN_P_FIXED_S = {"moe": 4.8, "dense": 3.0}  # per-rank part a of a + b / N (run 
 
 @dataclass(frozen=True)
 class MoeLayer:
-    """One MoE layer's measured seconds on one GPU."""
+    """One decoder layer's measured seconds on one GPU (a MoE layer, or a dense one); `side_s`:
+    the release's side branches' smoothing and stores, where the record measured them (a
+    `--one-pass` run, scaled to the release's BRANCHES - 1 side branches), else None."""
 
     calibration_s: float
     smoothing_s: float
     propagation_s: float
+    side_s: float | None = None
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> MoeLayer:
-        """From a profile_layer `--json` record of a one-MoE-layer model: the layer's passes
-        (the second subgraph's: the first is the embeddings) and its smoothing."""
+        """The MoE layer of a profile_layer `--json` record: the layer with the most mappings."""
+        layers = cls.all_from_record(record)
+        return layers[max(range(len(layers)), key=lambda i: record["timed"]["layers"][i].get("mappings", 0))]
+
+    @classmethod
+    def dense_from_record(cls, record: dict[str, Any]) -> MoeLayer | None:
+        """The record's dense layer (the one with the fewest mappings), if it has one beside its MoE layer."""
+        rows = record["timed"]["layers"]
+        if len(rows) < 2:
+            return None
+        layers = cls.all_from_record(record)
+        return layers[min(range(len(layers)), key=lambda i: rows[i].get("mappings", 0))]
+
+    @classmethod
+    def all_from_record(cls, record: dict[str, Any]) -> list[MoeLayer]:
+        """Each decoder layer of the record: its calibration and propagation passes (the
+        pipeline's subgraph k + 2 for layer k: the first subgraph is the embeddings) and its
+        smoothing; the side branches' time where the run was a pass of several branches."""
         timed = record["timed"]
         passes = {p["pass"]: p["s"] for p in timed["passes"]}
-        moe = [k for k in passes if k.startswith("(2/")]
-        calib = next(passes[k] for k in moe if k.endswith("Calibrating"))
-        prop = next(passes[k] for k in moe if k.endswith("Propagating"))
-        return cls(calib, timed["layers"][-1]["smooth_s"], prop)
+        sides = len(timed.get("pass", [])) - 1
+        out = []
+        for k, row in enumerate(timed["layers"]):
+            prefix = f"({k + 2}/"
+            calib = next(s for name, s in passes.items() if name.startswith(prefix) and name.endswith("Calibrating"))
+            prop = next(s for name, s in passes.items() if name.startswith(prefix) and name.endswith("Propagating"))
+            side = row["side_s"] / sides * (BRANCHES - 1) if sides > 0 and "side_s" in row else None
+            out.append(cls(calib, row["smooth_s"], prop, side))
+        return out
 
 
-def estimate(moe: MoeLayer, dense_s: float = RUN_P_DENSE_S, gpus: int = 1, separate: bool = False) -> dict[str, Any]:
-    """Seconds of calibration for the release's three branches (see the module docstring)."""
-    lead = moe.calibration_s + moe.propagation_s + moe.smoothing_s
-    sides = (BRANCHES - 1) * SIDE_OVER_LEAD
-    # one GPU's seconds per layer, and how many passes
-    moe_1, dense_1, passes = (
-        (lead, dense_s, BRANCHES) if separate else (lead + sides * moe.smoothing_s, dense_s * (1 + sides), 1)
-    )
+def estimate(
+    moe: MoeLayer,
+    dense_s: float = RUN_P_DENSE_S,
+    gpus: int = 1,
+    separate: bool = False,
+    dense: MoeLayer | None = None,
+) -> dict[str, Any]:
+    """Seconds of calibration for the release's three branches (see the module docstring); a
+    measured `dense` layer replaces `dense_s`, and a layer's measured side branches replace
+    the assumed SIDE_OVER_LEAD."""
+
+    def one_gpu(layer: MoeLayer) -> tuple[float, float]:  # (a pass per branch, one pass) seconds
+        lead = layer.calibration_s + layer.propagation_s + layer.smoothing_s
+        sides = layer.side_s if layer.side_s is not None else (BRANCHES - 1) * SIDE_OVER_LEAD * layer.smoothing_s
+        return lead, lead + sides
+
+    moe_sep, moe_pass = one_gpu(moe)
+    if dense is not None:
+        dense_sep, dense_pass = one_gpu(dense)
+    else:
+        dense_sep, dense_pass = dense_s, dense_s * (1 + (BRANCHES - 1) * SIDE_OVER_LEAD)
+    moe_1, dense_1, passes = (moe_sep, dense_sep, BRANCHES) if separate else (moe_pass, dense_pass, 1)
     a_moe, a_dense = (RUN_P_FIXED_S["moe"], RUN_P_FIXED_S["dense"]) if gpus > 1 else (0.0, 0.0)
     moe_layer = a_moe + (moe_1 - a_moe) / gpus  # a + (t1 - a) / N on N ranks
-    dense = a_dense + (dense_1 - a_dense) / gpus
-    total = passes * (MOE_LAYERS * moe_layer + DENSE_LAYERS * dense)
+    dense_layer = a_dense + (dense_1 - a_dense) / gpus
+    total = passes * (MOE_LAYERS * moe_layer + DENSE_LAYERS * dense_layer)
     how = ("a pass per branch" if separate else "one pass for the three branches") + (
         f" over {gpus} ranks" if gpus > 1 else ""
     )
     return {
         "measured_moe_layer": asdict(moe),
-        "dense_layer_s": dense_s,
+        "dense_layer_s": round(dense_1, 1),
+        "dense_measured": dense is not None,
+        "side_measured": moe.side_s is not None,
         "gpus": gpus,
         "separate": separate,
         "how": how,
@@ -94,12 +138,15 @@ def main() -> None:
     ap.add_argument("--dense-s", type=float, default=RUN_P_DENSE_S, help="one dense layer's seconds on one GPU")
     ap.add_argument("--gpus", type=int, action="append", default=None, help="GPUs of one node (repeatable)")
     a = ap.parse_args()
-    moe = MoeLayer.from_record(json.loads(a.record.read_text()))
+    record = json.loads(a.record.read_text())
+    moe, dense = MoeLayer.from_record(record), MoeLayer.dense_from_record(record)
     for gpus, separate in [(g, False) for g in a.gpus or [1, 8]] + [(g, True) for g in a.gpus or [8]]:
-        e = estimate(moe, a.dense_s, gpus, separate)
+        e = estimate(moe, a.dense_s, gpus, separate, dense)
         print(
             f"{gpus} GPU(s), {e['how']}: MoE layer {e['moe_layer_s']} s -> calibration of the release "
-            f"{e['calibration_h']} h (measured: {e['measured_moe_layer']}; dense {e['dense_layer_s']} s)"
+            f"{e['calibration_h']} h (measured: {e['measured_moe_layer']}; dense layer on one GPU "
+            f"{e['dense_layer_s']} s, {'measured' if e['dense_measured'] else 'run P'}; side branches "
+            f"{'measured' if e['side_measured'] else f'assumed at {SIDE_OVER_LEAD:.2f}x the lead'})"
         )
 
 

@@ -691,6 +691,72 @@ def test_the_release_estimate_is_the_per_layer_arithmetic(tmp_path):
     )
 
 
+def test_a_one_pass_record_gives_the_estimate_its_measured_dense_layer_and_side_branches():
+    """A `profile_layer --one-pass` record of one dense and one MoE layer in a pass of three
+    group sizes: the estimate takes both layers and the side branches' time from it (the pass's
+    side time scaled to the release's two side branches), not run P's dense layer or the assumed
+    side ratio."""
+    from benchmarks import release_estimate as est
+
+    record = {
+        "timed": {
+            "pass": ["A", "B"],  # one side branch measured: the release has two
+            "passes": [
+                {"pass": "(1/3): Calibrating", "s": 0.5},
+                {"pass": "(1/3): Propagating", "s": 0.4},
+                {"pass": "(2/3): Calibrating", "s": 4.0},
+                {"pass": "(2/3): Propagating", "s": 1.0},
+                {"pass": "(3/3): Calibrating", "s": 12.0},
+                {"pass": "(3/3): Propagating", "s": 3.0},
+            ],
+            "layers": [
+                {"mappings": 3, "calib_s": 5.0, "smooth_s": 10.0, "side_s": 9.0},
+                {"mappings": 163, "calib_s": 20.0, "smooth_s": 40.0, "side_s": 30.0},
+            ],
+        }
+    }
+    moe, dense = est.MoeLayer.from_record(record), est.MoeLayer.dense_from_record(record)
+    assert moe == est.MoeLayer(calibration_s=12.0, smoothing_s=40.0, propagation_s=3.0, side_s=60.0)
+    assert dense == est.MoeLayer(calibration_s=4.0, smoothing_s=10.0, propagation_s=1.0, side_s=18.0)
+    one = est.estimate(moe, gpus=1, dense=dense)
+    assert one["moe_layer_s"] == 115.0 and one["dense_measured"] and one["side_measured"]
+    assert one["calibration_h"] == round((89 * 115.0 + 3 * 33.0) / 3600, 2)
+    apart = est.estimate(moe, gpus=1, separate=True, dense=dense)
+    assert apart["calibration_h"] == round(3 * (89 * 55.0 + 3 * 15.0) / 3600, 2)
+
+
+def test_profile_layer_one_pass_on_the_tiny_model(tmp_path):
+    """`profile_layer --one-pass` on a tiny synthetic model (1 dense + 1 MoE layer, three group
+    sizes) on the CPU: the side branches are smoothed in the pass and timed per layer, their
+    stores are removed, and release_estimate reads the record as measured."""
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    syn = tmp_path / "syn"
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=repo, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    sizes = ["--group-size", "32", "--group-size", "64", "--group-size", "128", "--samples", "2", "--seq", "32"]
+    run("benchmarks.synthetic", "--preset", "tiny", "--layers", "2", "--dense", "1", "--out", str(syn), *sizes)
+    out = tmp_path / "pass.json"
+    run(
+        "benchmarks.profile_layer",
+        *("--config", str(syn / "release.yaml"), "--samples", "2", "--seq", "32", "--profile-samples", "0"),
+        *("--one-pass", "--json", str(out)),
+    )
+    timed = json.loads(out.read_text())["timed"]
+    assert timed["pass"] == ["W4A16_GS32", "W4A16_GS64", "W4A16_GS128"]
+    assert [row["mappings"] for row in timed["layers"]] == [3, 11]
+    assert all(row["side_s"] > 0 for row in timed["layers"])
+    branches = yaml.safe_load((syn / "release.yaml").read_text())["output_dir"]
+    assert not list((syn / branches).glob(".profile-pass-*")), "the side branches' stores are removed"
+    printed = run("benchmarks.release_estimate", "--record", str(out))
+    assert "dense layer on one GPU" in printed and "measured; side branches measured" in printed
+
+
 def test_the_performance_page_states_the_estimate_its_record_gives():
     """docs/performance.md's full-release figures are benchmarks.release_estimate's on the H200
     record of the engine's latest MoE layer (run, not copied)."""
