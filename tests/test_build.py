@@ -1,6 +1,7 @@
 """build-all on the demo release: real compressed-tensors branches that reload, decode and carry MTP."""
 
 import json
+import os
 import time
 
 import pytest
@@ -317,6 +318,16 @@ def test_offloaded_base_weights_give_the_same_branch(demo_release, write_config,
         real(path)
 
     monkeypatch.setattr(quantize, "forget_offload", counted)
+    from release.awq import read_ahead
+
+    advised: list[tuple[str, int, int, int]] = []  # and the file's size when it was advised
+    real_advise = read_ahead.advise
+
+    def advise(ranges):
+        advised.extend((path, offset, length, os.path.getsize(path)) for path, offset, length in ranges)
+        real_advise(ranges)
+
+    monkeypatch.setattr(read_ahead, "advise", advise)
     build = quantize.quantize_branch(cfg, "W4A16_GS128", echo=lambda s: None)
     digest = hashlib.sha256((build.path / "model.safetensors").read_bytes()).hexdigest()
     assert digest == pinned(SEPARATE_DIGESTS_BY_VENDOR)["W4A16_GS128 model.safetensors"]
@@ -325,6 +336,12 @@ def test_offloaded_base_weights_give_the_same_branch(demo_release, write_config,
         "the coverage report counts the calibration pass only (offloaded, layer 1's router runs once more)"
     )
     assert seen and seen[0] > 50, f"offloaded tensors on disk at the end of the branch: {seen}"
+    # the next layer's offloaded weights were read ahead as each layer was smoothed: byte ranges
+    # of the checkpoint (the weights no smoothing wrote yet) inside their files
+    assert build.stats.read_ahead_layers >= 2 and build.stats.read_ahead_gib > 0
+    checkpoint = str((demo_release["config"].base_model.path / "model.safetensors").resolve())
+    assert any(path == checkpoint for path, *_ in advised)
+    assert all(0 < length and offset + length <= size for _, offset, length, size in advised)
     assert not folder.exists(), "the offload folder is emptied after the branch"
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"], "the user's folder is as it was"
     prov = json.loads((build.path / "provenance.json").read_text())

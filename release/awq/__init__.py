@@ -127,6 +127,9 @@ the ScaleOptions field that turns it on):
    chunk of experts; down_proj then runs on the routed rows only, since no hook reads its output.
    The routed sum keeps the loop's order (same bits); the batched sums may round a last bit
    otherwise (all_experts.py; measured at GLM-4.7 size: the same KL).
+14. **Read ahead** (`read_ahead`). With the base weights offloaded to disk, the next decoder
+   layer's byte ranges are asked into the page cache while a layer is smoothed (read_ahead.py):
+   a hint, the same weights.
 """
 
 from .engine import Engine, scaled_awq

@@ -17,6 +17,7 @@ from .experts import batchable, grouped_experts_forward, grouped_gemm_works
 from .hooks import Patches
 from .options import TARGET_VERSION, ScaleOptions
 from .ranks import SharedSmoothFix, cpu_allreduce_sum
+from .read_ahead import ReadAhead
 from .side import SideBranch, SideRun
 from .state import RunState
 from .stats import HostPeak, ScaleStats
@@ -62,6 +63,7 @@ class Engine:
         self.stock_experts_forward = LinearExperts2D.forward
         self.model_patches = Patches()  # route_experts: the model's experts modules, for the run
         self.grouped_gemm: dict[str, bool] = {}  # device -> torch's grouped GEMM works there
+        self.read_ahead = ReadAhead() if options.read_ahead else None  # read_ahead.py: offloaded weights
 
     def recipe(self, recipe_text: str) -> Any:
         """The rendered recipe as llm-compressor reads it, each AWQModifier replaced by this
@@ -108,6 +110,10 @@ class Engine:
             self.stats.write_back_s = wb.seconds
             self.stats.write_back_checked, self.stats.write_back_mismatches = wb.checked, wb.mismatches
             wb.stages = []
+        if self.read_ahead is not None:
+            ahead, self.read_ahead = self.read_ahead, None
+            ahead.close()
+            self.stats.read_ahead_layers, self.stats.read_ahead_gib = ahead.layers, ahead.advised_bytes / 2**30
         if self.side_run is not None:
             side, self.side_run = self.side_run, None
             try:

@@ -24,7 +24,7 @@ from .caches import cache_classes
 from .experts import search_routed_experts
 from .hooks import Patches
 from .merge import TOKEN_WISE_PARENTS, merged_batches
-from .side import SideRun, SideTimes
+from .side import SideRun, SideTimes, layer_key, touched_modules
 from .state import first
 from .stats import LayerRecord, mapping_kind, pinned_peak_gib, release_host_memory
 
@@ -128,9 +128,11 @@ class MoeAWQModifier(AWQModifier):
             e.run.calibration_stack = None
 
     def _apply_smoothing_engine(self, model: Any) -> None:
+        mappings = [m for m in self._resolved_mappings if m.smooth_name in self._smooth_activation_stats]
+        if mappings and self.engine.read_ahead is not None:  # the next layer's offloaded weights, meanwhile
+            self.engine.read_ahead.after(model, layer_key(touched_modules(mappings)))
         side = None
         if self.side_run is not None:  # the side branches first (side.py), then the branch whose outputs propagate
-            mappings = [m for m in self._resolved_mappings if m.smooth_name in self._smooth_activation_stats]
             if mappings:
                 side = self.side_run.smooth_layer(
                     self, model, mappings, lambda: self._smooth_layer(model, record=False)

@@ -56,6 +56,7 @@ class ScaleOptions:
     # with the experts fused: each kind of hook once per chunk of experts (all_experts.py)
     batched_expert_hooks: bool = _DEFAULT.batched_expert_hooks
     device_activation_sums: bool = True  # activations.py: AWQ's sums added on the device, same bits
+    read_ahead: bool = True  # read_ahead.py: the next layer's disk-offloaded weights read ahead (a hint)
     check_write_back: bool = (
         False  # deferred write-back, benchmarks: compare every CPU copy with the GPU's after each layer
     )
@@ -85,6 +86,7 @@ class ScaleOptions:
             fused_gpu_experts=False,
             batched_expert_hooks=False,
             device_activation_sums=False,
+            read_ahead=False,
             record_scales=record_scales,
         )
 

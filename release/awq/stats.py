@@ -47,6 +47,8 @@ class ScaleStats:
     batched_hook_chunks: int = 0  # all_experts.py: chunks of experts whose hooks ran once per kind
     per_expert_hook_chunks: int = 0  # ... whose hooks were called expert by expert
     routed_down_chunks: int = 0  # ... whose down_proj ran on the routed rows only (no hook read its output)
+    read_ahead_layers: int = 0  # read_ahead.py: layers whose disk-offloaded weights were read ahead
+    read_ahead_gib: float = 0.0  # ... and their bytes
     batched_expert_searches: int = 0  # batched expert search: expert mappings searched together
     expert_searches_run: int = 0  # ... of which this rank ran the grid search (its share, under Gram search)
     merged_forwards: dict[str, int] = field(default_factory=dict)  # merged batches: parent type -> merged forwards
@@ -96,6 +98,7 @@ class ScaleStats:
             "batched_hook_chunks": self.batched_hook_chunks,
             "per_expert_hook_chunks": self.per_expert_hook_chunks,
             "routed_down_chunks": self.routed_down_chunks,
+            "read_ahead": {"layers": self.read_ahead_layers, "gib": round(self.read_ahead_gib, 3)},
             "merged_search_forwards": dict(self.merged_forwards),
             "batched_expert_searches": self.batched_expert_searches,
             "expert_searches_run": self.expert_searches_run,
