@@ -211,6 +211,7 @@ def all_experts_forward(
     rank = (top_k_index.unsqueeze(2) > top_k_index.unsqueeze(1)).sum(dim=2)
     gate_up_w, down_w = _stacked(experts, run)
     n_tok, hid = hidden.shape
+    # top-k gives each token k distinct experts, so the chunks write every (token, slot) once
     routed = torch.empty(n_tok, k, hid, dtype=final.dtype, device=hidden.device)
     inter = down_w.shape[-1]
     per_expert = n_tok * (5 * inter + hid) * hidden.element_size()  # gate_up twice (product, per expert), act, down
