@@ -13,6 +13,10 @@ from .cli_options import config_option, json_mode, load, progress, quiet_librari
 from .errors import ReleaseError
 
 PYTHON_HELP = "Python of the vLLM environment (default: $GLMREL_VLLM_PYTHON, else .vllm-cpu-env/bin/python)."
+# the vLLM environment's Python, for every command that runs vLLM
+python_option = click.option(
+    "--python", "python", type=click.Path(path_type=Path, dir_okay=False), default=None, help=PYTHON_HELP
+)
 
 
 @click.command("vllm-check")
@@ -25,7 +29,7 @@ PYTHON_HELP = "Python of the vLLM environment (default: $GLMREL_VLLM_PYTHON, els
     type=click.Path(path_type=Path, file_okay=False),
     help="Run on a branch folder outside the release (e.g. cloned from the published remote); prints only.",
 )
-@click.option("--python", "python", type=click.Path(path_type=Path, dir_okay=False), default=None, help=PYTHON_HELP)
+@python_option
 @click.option(
     "--base/--no-base",
     "with_base",
@@ -83,7 +87,7 @@ def vllm_check_cmd(
 @click.command("eval")
 @config_option
 @click.option("--branch", "branch_names", multiple=True, help="Branches to score (default: all of the config's).")
-@click.option("--python", "python", type=click.Path(path_type=Path, dir_okay=False), default=None, help=PYTHON_HELP)
+@python_option
 @click.option(
     "--force", is_flag=True, help="Score again even where a record of this content and these settings exists."
 )
@@ -136,7 +140,7 @@ def eval_cmd(config_path: Path, branch_names: tuple[str, ...], python: Path | No
     default=None,
     help="Scratch folder for the variants' builds (default: <output_dir>-ablation).",
 )
-@click.option("--python", "python", type=click.Path(path_type=Path, dir_okay=False), default=None, help=PYTHON_HELP)
+@python_option
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def ablate_cmd(
     config_path: Path,

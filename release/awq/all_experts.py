@@ -39,6 +39,7 @@ them in that order: the loop's additions, the same bits.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from .experts import batchable, effective_weight
@@ -202,9 +203,7 @@ def all_experts_forward(
     mask = torch.nn.functional.one_hot(top_k_index, n_exp).permute(2, 1, 0)
     where = mask.nonzero()
     counts = torch.bincount(where[:, 0], minlength=n_exp).tolist()
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
+    starts = [0, *itertools.accumulate(counts)]  # each expert's first row in `where`
     # each (token, slot)'s place among the token's experts in ascending order: the loop adds a
     # token's expert outputs in that order
     k = top_k_index.shape[1]

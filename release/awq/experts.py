@@ -101,14 +101,15 @@ def grouped_experts_forward(
     n_exp = experts.num_experts
     key = id(experts)
     cached = run.stacked.get(key)
-    if cached is None or cached[0] != run.generation or len(cached[1]) != (2 if grouped else 3):
+    n_bufs = 2 if grouped else 3  # grouped: [gate; up] and down; padded: gate, up and down
+    if cached is None or cached[0] != run.generation or len(cached[1]) != n_bufs:
         # One buffer per projection for the layer, refilled in place at each grid point:
         # torch.stack of freshly fake-quantized weights held two copies at once. Grouped: gate
         # and up rows in one [E, 2 x inter, hid] buffer (gate first, the order the loop
         # concatenates their outputs), one product for both and no concatenation; the padded
         # products (the CPU's, whose bits the demo pins) keep a buffer each.
         members = [experts[i] for i in range(n_exp)]
-        if cached is None or len(cached[1]) != (2 if grouped else 3):
+        if cached is None or len(cached[1]) != n_bufs:
             g, d = members[0].gate_proj.weight, members[0].down_proj.weight
             shapes = [(2 * g.shape[0], g.shape[1])] if grouped else [g.shape, members[0].up_proj.weight.shape]
             bufs = tuple(torch.empty((n_exp, *shape), dtype=g.dtype, device=g.device) for shape in [*shapes, d.shape])
@@ -182,18 +183,24 @@ def expert_chunk(bytes_per_expert: int, budget_bytes: int = 4 * 2**30) -> int:
     return max(1, budget_bytes // max(1, bytes_per_expert))
 
 
-def gram_matrix(x: Any) -> Any:
-    """X^T X in fp32 for rows X [tokens, in] (Gram search): bf16 products are exact in fp32, and
-    on a GPU the sum runs on the tensor cores with fp32 accumulation."""
+def _fp32_product(product: Any, a: Any, b: Any) -> Any:
+    """`product(a, b)` in fp32: bf16/fp16 on a GPU through the tensor cores with fp32 output
+    (bf16 products are exact in fp32), otherwise on fp32 copies."""
     import torch
 
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         try:
-            return torch.mm(x.T, x, out_dtype=torch.float32)
+            return product(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
             pass
-    x = x.float()
-    return x.T @ x
+    return product(a.float(), b.float())
+
+
+def gram_matrix(x: Any) -> Any:
+    """X^T X in fp32 for rows X [tokens, in] (Gram search)."""
+    import torch
+
+    return _fp32_product(torch.mm, x.T, x)
 
 
 def gram_matrices(x: Any) -> Any:
@@ -201,13 +208,7 @@ def gram_matrices(x: Any) -> Any:
     (the batched hooks): the same sums, possibly blocked otherwise."""
     import torch
 
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        try:
-            return torch.bmm(x.transpose(1, 2), x, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass
-    x = x.float()
-    return torch.bmm(x.transpose(1, 2), x)
+    return _fp32_product(torch.bmm, x.transpose(1, 2), x)
 
 
 def candidate_scales(x_mean: Any, w_mean: Any, ratio: float, duo: bool) -> Any:
