@@ -1,0 +1,261 @@
+"""The grid search's forwards alone: one MoE block and one attention at a preset's dimensions,
+run the way AWQ's smoothing runs them (merged batches, a reference output, a forward and an MSE
+loss per grid point), timed and profiled without building a model or running oneshot.
+
+The search is most of a layer's time (issue 28: 202 of a GLM-4.7 MoE layer's 231 s for three
+group sizes), and a profile of the whole pipeline mixes it with loading, calibration and
+offload. This isolates the two parents whose forwards the grid search repeats:
+
+- `moe`: `Glm4MoeMoE` with its experts as llm-compressor's `LinearExperts2D` (what oneshot
+  sees), the experts' forward as the engine runs it inside the search
+  (`grouped_experts_forward`, torch's grouped GEMM where it works), router and shared expert
+  included;
+- `attention`: `Glm4MoeAttention` under SDPA on stacked samples, with the attention mask the
+  calibration pipeline caches (`--mask eager`: the materialized [b, 1, q, k] causal mask eager
+  attention builds) or none (`--mask none`: SDPA's own causal flag).
+
+  python -m benchmarks.search_forward --preset glm47 --device cuda --batches 8 --grid 3 --profile
+
+Weights are random (std 0.02) and each grid point bumps the run's weight generation, so the
+experts are restacked as in the search; the weights' values do not change the kernels. The
+figure `projected_s` scales the measured time per merged batch to `--project-samples` x
+`--seq` tokens and 21 forwards (20 grid points and the reference), one branch's search of
+this parent. `--experts-module FILE` runs another copy of release/awq/experts.py (e.g. an older
+commit's) for a before/after on the same machine.
+
+Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _config(preset: str) -> Any:
+    from transformers import Glm4MoeConfig
+
+    from release.tiny import GLM4MOE_FEATURES
+
+    from .synthetic import PRESETS
+
+    p = dict(PRESETS[preset])
+    p.pop("layers", None)
+    p.pop("vocab_size", None)
+    cfg = Glm4MoeConfig(num_hidden_layers=1, **{**GLM4MOE_FEATURES, "first_k_dense_replace": 0}, **p)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def _experts_module(path: str | None) -> Any:
+    """release/awq/experts.py, or the copy at `path` (loaded inside the package, for its
+    relative imports)."""
+    if path is None:
+        from release.awq import experts
+
+        return experts
+    spec = importlib.util.spec_from_file_location("release.awq._other_experts", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _init(module: Any) -> None:
+    import torch
+
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.02)
+
+
+def moe_block(cfg: Any, device: str, experts_module: Any, fused_sum: bool) -> tuple[Any, Any, dict[str, bool]]:
+    """The MoE block with LinearExperts2D experts whose forward is the search's, the run
+    state whose generation a grid point bumps, and the paths it takes (a dict the caller may
+    change between forwards)."""
+    import torch
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
+
+    from release.awq.state import RunState
+
+    with torch.device(device):
+        block = Glm4MoeMoE(cfg)
+    _init(block)
+    with torch.no_grad():
+        block.gate.e_score_correction_bias.normal_(0, 0.01)
+    linear = LinearExperts2D.get_linear_experts_cls(type(block.experts)).from_experts_module(block.experts, cfg)
+    block.experts = linear.to(device)
+    block.to(torch.bfloat16)
+    block.gate.e_score_correction_bias.data = block.gate.e_score_correction_bias.float()
+    run = RunState(routed=True, smoothing=True)
+    like = next(block.parameters())
+    paths = {"grouped": experts_module.grouped_gemm_works(like)}
+    if hasattr(experts_module, "weighted_slot_sum_fused"):  # an older copy has no kernel
+        from release.awq.kernels import fused_sum_works
+
+        paths["fused_sum"] = fused_sum and fused_sum_works(like)
+
+    def forward(self: Any, hidden: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+        return experts_module.grouped_experts_forward(self, hidden, top_k_index, top_k_weights, run=run, **paths)
+
+    block.experts.forward = forward.__get__(block.experts)
+    return block, run, paths
+
+
+def attention(cfg: Any, device: str) -> tuple[Any, Any]:
+    import torch
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeAttention, Glm4MoeRotaryEmbedding
+
+    with torch.device(device):
+        attn = Glm4MoeAttention(cfg, layer_idx=0)
+        rope = Glm4MoeRotaryEmbedding(cfg)
+    _init(attn)
+    return attn.to(torch.bfloat16), rope
+
+
+def _eager_mask(b: int, seq: int, device: str) -> Any:
+    """The causal mask eager attention's pipeline caches: 0 where a query may attend, the
+    dtype's minimum elsewhere, [b, 1, q, k]."""
+    import torch
+
+    keep = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+    mask = torch.zeros(seq, seq, dtype=torch.bfloat16, device=device)
+    mask.masked_fill_(~keep, torch.finfo(torch.bfloat16).min)
+    return mask.expand(b, 1, seq, seq).contiguous()
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _search(forward: Any, batches: list[Any], grid: int, run: Any, device: str) -> tuple[float, float]:
+    """A reference forward, then `grid` grid points of forward + MSE sum; seconds per grid point."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        refs = [forward(b) for b in batches]
+        _sync(device)
+        t = time.perf_counter()
+        total = 0.0
+        for _ in range(grid):
+            if run is not None:
+                run.generation += 1
+            loss = torch.zeros((), device=device)
+            for b, ref in zip(batches, refs):
+                loss += F.mse_loss(ref, forward(b), reduction="sum")
+            total += loss.item()
+        return (time.perf_counter() - t) / grid, total
+
+
+def _table(prof: Any, rows: int) -> str:
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
+
+
+def _profiled(forward: Any, batches: list[Any], run: Any, device: str, rows: int) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch.no_grad(), profile(activities=activities) as prof:
+        _search(forward, batches, 1, run, device)
+    return _table(prof, rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="glm47")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--merge", type=int, default=8, help="samples per merged batch (search_batch_tokens / seq)")
+    ap.add_argument("--batches", type=int, default=8, help="merged batches per grid point")
+    ap.add_argument("--grid", type=int, default=3, help="grid points timed")
+    ap.add_argument("--parts", default="moe,attention")
+    ap.add_argument("--mask", default="eager,none", help="attention masks to time: eager and/or none")
+    ap.add_argument("--experts-module", help="another copy of release/awq/experts.py to run")
+    ap.add_argument("--no-fused-sum", action="store_true", help="the routed rows' sum by torch's ops, not kernels.py")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--project-samples", type=int, default=512)
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one grid point")
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    cfg = _config(args.preset)
+    dev = args.device
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hid = cfg.hidden_size
+    shape = (args.merge, args.seq, hid)
+    batches = [torch.randn(shape, generator=gen).to(dev, torch.bfloat16) for _ in range(args.batches)]
+    scale = args.project_samples / (args.merge * args.batches) * 21
+    out: dict[str, Any] = {
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name() if dev.startswith("cuda") else dev,
+        "tokens_per_batch": args.merge * args.seq,
+        "batches": args.batches,
+        "grid": args.grid,
+        "label": args.label,
+        "experts_module": args.experts_module,
+        "parts": {},
+    }
+    parts = args.parts.split(",")
+    if "moe" in parts:
+        block, run, paths = moe_block(cfg, dev, _experts_module(args.experts_module), not args.no_fused_sum)
+        flat = [b.view(1, -1, hid) for b in batches]
+        _search(block, flat[:1], 1, run, dev)  # warm-up: kernels chosen, buffers made
+        s, loss = _search(block, flat, args.grid, run, dev)
+        moe = {"s_per_grid_point": round(s, 4), "projected_s": round(s * scale, 2), "loss": loss, "paths": dict(paths)}
+        if paths.get("fused_sum"):  # the kernel against torch's ops on one batch of these dimensions
+            with torch.no_grad():
+                fused = block(flat[0]).float()
+                paths["fused_sum"] = False
+                ops = block(flat[0]).float()
+                paths["fused_sum"] = True
+            moe["fused_sum_vs_torch"] = {
+                "max_abs_diff": (fused - ops).abs().max().item(),
+                "max_abs": ops.abs().max().item(),
+                "bit_equal_fraction": (fused == ops).float().mean().item(),
+            }
+            print(f"fused sum against torch's ops: {moe['fused_sum_vs_torch']}", flush=True)
+        out["parts"]["moe"] = moe
+        print(f"moe {paths}: {s * 1e3 / args.batches:.2f} ms per merged batch, projected {s * scale:.2f} s", flush=True)
+        if args.profile:
+            print(_profiled(block, flat, run, dev, args.rows), flush=True)
+        del block, run, paths
+    if "attention" in parts:
+        attn, rope = attention(cfg, dev)
+        pos = torch.arange(args.seq, device=dev).expand(args.merge, -1)
+        cos_sin = rope(batches[0], pos)
+        for kind in args.mask.split(","):
+            mask = _eager_mask(args.merge, args.seq, dev) if kind == "eager" else None
+
+            def forward(x: Any, mask: Any = mask) -> Any:
+                return attn(x, position_embeddings=cos_sin, attention_mask=mask)[0]
+
+            _search(forward, batches[:1], 1, None, dev)
+            s, loss = _search(forward, batches, args.grid, None, dev)
+            key = f"attention_mask_{kind}"
+            out["parts"][key] = {"s_per_grid_point": round(s, 4), "projected_s": round(s * scale, 2), "loss": loss}
+            print(f"{key}: {s * 1e3 / args.batches:.2f} ms per merged batch, projected {s * scale:.2f} s", flush=True)
+            if args.profile:
+                print(_profiled(forward, batches, None, dev, args.rows), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
