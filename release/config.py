@@ -234,6 +234,13 @@ class AwqSpec(_Strict):
         "(glmrel engine). The sums may differ from the per-expert ones in the last bit (reduction order). "
         "false: expert by expert",
     )
+    causal_search_attention: bool = Field(
+        default=True,
+        description="with fused_gpu_experts, on a GPU: in AWQ's grid search, leave out a cached attention mask "
+        "that is exactly the causal pattern, so SDPA runs its causal kernel (half the products, no repeated "
+        "key/value heads) instead of adding the mask to every score (glmrel engine). Attention's output may "
+        "differ in the last bit; the reference and every grid point take the same path. false: the mask",
+    )
 
 
 class OffloadSpec(_Strict):

@@ -397,12 +397,14 @@ def test_gram_search_sees_every_token_and_stays_with_stock(builds):
 @pytest.mark.slow
 def test_fused_experts_stay_with_the_loop(builds):
     """The experts fused as a GPU runs them (every expert on every token as batched products in
-    the calibration forward, the routed tokens only in the propagation pass; here on the CPU,
-    fp32) against the per-expert loop of the same engine: the same statistics up to GEMM rounding, so the same or nearly the same scales for
+    the calibration forward, the routed tokens only in the propagation pass; attention in the
+    search without its causal mask; here on the CPU, fp32) against the per-expert loop of the same engine: the same statistics up to GEMM rounding, so the same or nearly the same scales for
     every mapping, and the branch's KL within 1 % (issue 28's bound for a faster kernel)."""
     loop, fused = builds["config"], builds["fused"]
     assert fused["stats"].fused_calibration_calls > 0 and loop["stats"].fused_calibration_calls == 0
     assert fused["stats"].routed_propagation_calls > 0 and loop["stats"].routed_propagation_calls == 0
+    # and attention's cached causal mask left out of the search (SDPA's causal kernel), as on a GPU
+    assert fused["stats"].causal_search_forwards > 0 and loop["stats"].causal_search_forwards == 0
     s, f = loop["stats"].scales, fused["stats"].scales
     assert s.keys() == f.keys() and s
     same = sum(torch.allclose(s[k], f[k], rtol=1e-4, atol=1e-6) for k in s)

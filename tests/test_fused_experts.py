@@ -109,30 +109,66 @@ def test_a_hook_that_changes_an_output_is_refused_not_ignored():
 
 
 def test_grouped_search_forward_equals_the_loop():
-    """The search's routed experts through torch's grouped GEMM (no padding), in runs of experts
-    split by a row budget, against the loop; bf16, as the GPU runs it."""
+    """The search's routed experts through torch's grouped GEMM (no padding) against the loop,
+    bf16 as the GPU runs it; in steps of a row budget that cut experts in two (each part a group
+    of its own step), the same bits as one step."""
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
 
-    from release.awq.experts import _expert_chunks, grouped_experts_forward, grouped_gemm_works
+    from release.awq.experts import grouped_experts_forward, grouped_gemm_works
 
     experts = _experts(dtype=torch.bfloat16)
     hidden = torch.randn(40, 32, dtype=torch.bfloat16)
     idx, weights = _routing(40, experts.num_experts)
     if not grouped_gemm_works(hidden):
         pytest.skip("torch._grouped_mm does not run on this CPU build of torch")
+    w = weights.to(torch.bfloat16)
     with torch.no_grad():
-        ref = LinearExperts2D.forward(experts, hidden, idx, weights.to(torch.bfloat16)).float()
-        row_bytes = (2 * 32 + 5 * 16) * hidden.element_size()
-        for budget in (4 * 2**30, 20 * row_bytes):
-            ours = grouped_experts_forward(
-                experts, hidden, idx, weights.to(torch.bfloat16), padded_bytes=budget, grouped=True
-            ).float()
-            assert ((ours - ref).norm() / ref.norm()).item() < 1e-2
-    counts = [3, 0, 9, 2, 2, 40, 1, 1, 1, 0]
-    runs = [(a, b) for a, b, _w in _expert_chunks(counts, 12, padded=False)]
-    assert runs == [(0, 3), (3, 5), (5, 6), (6, 10)]
-    assert [e for a, b in runs for e in range(a, b)] == list(range(len(counts)))
-    assert all(sum(counts[a:b]) <= 12 or b - a == 1 for a, b in runs)
+        ref = LinearExperts2D.forward(experts, hidden, idx, w).float()
+        one = grouped_experts_forward(experts, hidden, idx, w, grouped=True)
+        assert ((one.float() - ref).norm() / ref.norm()).item() < 1e-2
+        row_bytes = (2 * 32 + 4 * 16) * hidden.element_size()
+        for rows in (7, 13, 79):  # 80 routed rows: steps of 7, 13 and 79 rows end inside experts
+            steps = grouped_experts_forward(experts, hidden, idx, w, padded_bytes=rows * row_bytes, grouped=True)
+            assert torch.equal(steps, one), rows
+
+
+def test_the_routed_sum_is_one_gather_of_the_weighted_rows():
+    """The routed rows (sorted by expert) weighted, rounded to their dtype, gathered back to
+    their tokens and summed in fp32 (kernels.py, torch's ops): the sum written out token by token.
+    The values are exact in bf16 and in any order of addition, so the check is bit for bit."""
+    from release.awq.kernels import fused_sum_works, weighted_slot_sum_torch
+
+    g = torch.Generator().manual_seed(4)
+    n_tok, k, hid = 11, 3, 40
+    y = torch.randint(-8, 8, (n_tok * k, hid), generator=g).to(torch.bfloat16)
+    weights = torch.randint(1, 5, (n_tok, k), generator=g).float() / 4
+    order = torch.randperm(n_tok * k, generator=g)
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel())
+    want = torch.zeros(n_tok, hid)
+    for r, slot in enumerate(order.tolist()):  # sorted row r is token slot // k's slot slot % k
+        want[slot // k] += (y[r].float() * weights[slot // k, slot % k]).to(torch.bfloat16).float()
+    got = weighted_slot_sum_torch(y.clone(), weights, order, back, n_tok, k)
+    assert got.dtype == torch.bfloat16 and torch.equal(got.float(), want)
+    assert not fused_sum_works(y), "the Triton kernel is for CUDA devices only"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a CUDA device")
+def test_the_fused_sum_kernel_equals_torchs_ops():
+    from release.awq.kernels import fused_sum_works, weighted_slot_sum_fused, weighted_slot_sum_torch
+
+    like = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+    if not fused_sum_works(like):
+        pytest.skip("Triton is not installed or cannot build the kernel here")
+    g = torch.Generator().manual_seed(5)
+    n_tok, k, hid = 300, 8, 5120
+    y = torch.randint(-8, 8, (n_tok * k, hid), generator=g).to("cuda", torch.bfloat16)
+    weights = (torch.randint(1, 5, (n_tok, k), generator=g).float() / 4).cuda()
+    order = torch.randperm(n_tok * k, generator=g).cuda()
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device="cuda")
+    fused = weighted_slot_sum_fused(y, weights, back, n_tok, k)
+    assert torch.equal(fused, weighted_slot_sum_torch(y.clone(), weights, order, back, n_tok, k))
 
 
 def test_the_propagation_pass_runs_routed_only_where_no_hook_listens():

@@ -15,6 +15,7 @@ from .all_experts import all_experts_forward, fusable, hooks_silent
 from .caches import Ledger, WriteBack, deduplicate_batch, resident_budget
 from .experts import batchable, grouped_experts_forward, grouped_gemm_works
 from .hooks import Patches
+from .kernels import fused_sum_works
 from .options import TARGET_VERSION, ScaleOptions
 from .ranks import SharedSmoothFix, cpu_allreduce_sum
 from .read_ahead import ReadAhead
@@ -63,6 +64,7 @@ class Engine:
         self.stock_experts_forward = LinearExperts2D.forward
         self.model_patches = Patches()  # route_experts: the model's experts modules, for the run
         self.grouped_gemm: dict[str, bool] = {}  # device -> torch's grouped GEMM works there
+        self.fused_sum: dict[str, bool] = {}  # device -> the routed rows' weighted sum kernel works there
         self.read_ahead = ReadAhead() if options.read_ahead else None  # read_ahead.py: offloaded weights
 
     def recipe(self, recipe_text: str) -> Any:
@@ -190,6 +192,16 @@ def scaled_awq(
             engine.grouped_gemm[where] = grouped_gemm_works(like)
         return engine.grouped_gemm[where]
 
+    def fused_sum(like: Any) -> bool:
+        """Whether the weighted-sum kernel (kernels.py) works on `like`'s device, on the devices
+        whose experts run fused (tried once per device and run)."""
+        if like.device.type not in options.fused_expert_devices:
+            return False
+        where = str(like.device)
+        if where not in engine.fused_sum:
+            engine.fused_sum[where] = fused_sum_works(like)
+        return engine.fused_sum[where]
+
     def experts_forward(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
         """Outside the smoothing step, with every expert calibrated on every token: the
         experts as batched products (all_experts.py), or on their routed tokens where no hook
@@ -206,7 +218,13 @@ def scaled_awq(
                     run.calibration_stack = None
                     stats.routed_propagation_calls += 1
                     return grouped_experts_forward(
-                        self, hidden_states, top_k_index, top_k_weights, run=run, grouped=grouped_gemm(hidden_states)
+                        self,
+                        hidden_states,
+                        top_k_index,
+                        top_k_weights,
+                        run=run,
+                        grouped=grouped_gemm(hidden_states),
+                        fused_sum=fused_sum(hidden_states),
                     )
                 stats.fused_calibration_calls += 1
                 return all_experts_forward(
@@ -225,7 +243,10 @@ def scaled_awq(
         if not self.has_gate or not batchable(self):
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         grouped = fused and grouped_gemm(hidden_states)
-        out = grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights, run=run, grouped=grouped)
+        summed = fused and fused_sum(hidden_states)
+        out = grouped_experts_forward(
+            self, hidden_states, top_k_index, top_k_weights, run=run, grouped=grouped, fused_sum=summed
+        )
         if id(self) not in run.checked:  # first call for this layer: compare with the loop
             run.checked.add(id(self))
             ref = stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
@@ -235,6 +256,7 @@ def scaled_awq(
                 return ref
         stats.batched_expert_calls += 1
         stats.grouped_search_calls += grouped
+        stats.fused_sum_calls += summed
         return out
 
     def no_pin(self: Any, batch_index: int, input_names: Any = None) -> None:

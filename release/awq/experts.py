@@ -7,6 +7,7 @@ import itertools
 import math
 from typing import Any
 
+from .kernels import weighted_slot_sum_fused, weighted_slot_sum_torch
 from .ranks import divided_smooth_weight, rank_count
 from .state import RunState
 from .stats import ScaleStats
@@ -63,18 +64,17 @@ def batchable(experts: Any) -> bool:
     return True
 
 
-def _expert_chunks(counts: list[int], max_rows: int, padded: bool = True) -> list[tuple[int, int, int]]:
+def _expert_chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, int]]:
     """Runs [first, last) of consecutive experts with their padded width (the most rows of any
-    expert in the run), each with at most `max_rows` rows (`padded`: experts x width; else the
-    experts' own rows added up), or a single expert where one alone has more."""
+    expert in the run), each with at most `max_rows` padded rows (experts x width), or a single
+    expert where one alone has more."""
     chunks: list[tuple[int, int, int]] = []
-    first, width, rows = 0, 0, 0
+    first, width = 0, 0
     for e, c in enumerate(counts):
-        cost = (e + 1 - first) * max(width, c) if padded else rows + c
-        if e > first and cost > max_rows:
+        if e > first and (e + 1 - first) * max(width, c) > max_rows:
             chunks.append((first, e, width))
-            first, width, rows = e, 0, 0
-        width, rows = max(width, c), rows + c
+            first, width = e, 0
+        width = max(width, c)
     if counts:
         chunks.append((first, len(counts), width))
     return chunks
@@ -88,12 +88,14 @@ def grouped_experts_forward(
     padded_bytes: int = 4 * 2**30,
     run: RunState | None = None,
     grouped: bool = False,
+    fused_sum: bool = False,
 ) -> Any:
     """The routed (top-k) output of a LinearExperts2D with gated experts, as batched matmuls:
     `grouped`, torch's grouped GEMM over each expert's own rows; otherwise batched products
     padded to the busiest expert of each run of experts (with skewed routing most of their
     work is padding). `run` keeps the layer's stacked weights between calls of one weight
-    generation (without it, they are stacked anew)."""
+    generation (without it, they are stacked anew). `fused_sum`: the weighted sum of each
+    token's k rows as one kernel (kernels.py; a GPU with Triton)."""
     import torch
 
     run = run if run is not None else RunState()
@@ -131,51 +133,69 @@ def grouped_experts_forward(
     n_tok, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    expert_of = flat[order]
     token_of = order // k
-    slot_of = order % k
     counts = torch.bincount(flat, minlength=n_exp)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(flat.numel(), device=flat.device) - starts[expert_of]
-    # [expert, row] products padded to the busiest expert of each chunk of consecutive experts,
-    # the chunks sized so their temporaries stay within `padded_bytes`: padding to the busiest
-    # expert of the whole layer grew with routing skew (the most tokens one expert got in a
-    # merged batch), 26.8 GiB at N=32 at GLM-4.7 size on random-init routing (H200 allocator trace)
-    row_bytes = (2 * hid + 5 * inter) * hidden.element_size()  # x, gate, up, cat, act, down out
-    y = hidden.new_empty(flat.numel(), hid)
-    per_expert = counts.tolist()
-    ends = list(itertools.accumulate(per_expert))
-    # with `grouped` each expert's own rows, no padding: torch's grouped GEMM
-    for first, last, width in _expert_chunks(per_expert, max(1, padded_bytes // row_bytes), padded=not grouped):
-        lo, hi = ends[first] - per_expert[first], ends[last - 1]
-        if hi == lo:
-            continue
-        if grouped:
-            offs = torch.tensor(ends[first:last], dtype=torch.int32, device=hidden.device) - lo
-            x = hidden[token_of[lo:hi]]
-            gate_up = torch._grouped_mm(x, cached[1][0][first:last].transpose(1, 2), offs=offs)
+    # the temporaries of one step stay within `padded_bytes`: padding to the busiest expert of
+    # the whole layer grew with routing skew, 26.8 GiB at N=32 at GLM-4.7 size on random-init
+    # routing (H200 allocator trace). Padded: x, gate, up, their concatenation, the activation
+    # and down's output; grouped: x, [gate; up], the activation and down's output (one step
+    # for a 16k-token batch of GLM-4.7's top-8)
+    row_bytes = (2 * hid + (4 if grouped else 5) * inter) * hidden.element_size()
+    max_rows = max(1, padded_bytes // row_bytes)
+    if grouped:
+        # torch's grouped GEMM over each expert's own rows, in steps of at most `max_rows` sorted
+        # rows; an expert cut by a step's edge is two groups, one in each step. The groups' ends
+        # stay on the device: no wait for the GPU to learn the experts' counts. One step: its
+        # output is y itself, not copied into it.
+        ends = torch.cumsum(counts, 0)
+        total = flat.numel()
+        y = hidden.new_empty(total, hid) if not 0 < total <= max_rows else None
+        for lo in range(0, total, max_rows):
+            hi = min(total, lo + max_rows)
+            offs = (ends.clamp(lo, hi) - lo).to(torch.int32)
+            x = hidden.index_select(0, token_of[lo:hi])
+            gate_up = torch._grouped_mm(x, cached[1][0].transpose(1, 2), offs=offs)
             act = experts[0]._apply_gate(gate_up)
             del x, gate_up
-            y[lo:hi] = torch._grouped_mm(act, w_down[first:last].transpose(1, 2), offs=offs)
+            down = torch._grouped_mm(act, w_down.transpose(1, 2), offs=offs)
             del act
-            continue
-        e_of, r_of = expert_of[lo:hi] - first, rank[lo:hi]
-        x = hidden.new_zeros(last - first, width, hid)
-        x[e_of, r_of] = hidden[token_of[lo:hi]].to(x.dtype)
+            if y is None:
+                y = down
+            else:
+                y[lo:hi] = down
+            del down
+    else:
+        y = hidden.new_empty(flat.numel(), hid)
+        # [expert, row] products padded to the busiest expert of each chunk of consecutive experts
+        expert_of = flat[order]
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(flat.numel(), device=flat.device) - starts[expert_of]
+        per_expert = counts.tolist()
+        ends_of = list(itertools.accumulate(per_expert))
         w_gate, w_up = cached[1][0], cached[1][1]
-        gate_up = torch.cat(
-            [torch.bmm(x, w_gate[first:last].transpose(1, 2)), torch.bmm(x, w_up[first:last].transpose(1, 2))], dim=-1
-        )
-        act = experts[0]._apply_gate(gate_up)
-        del x, gate_up
-        y[lo:hi] = torch.bmm(act, w_down[first:last].transpose(1, 2))[e_of, r_of]
-        del act
-    weights = top_k_weights[token_of, slot_of, None]
-    # Each (token, slot) is written once, then the k slots are summed in fp32: no atomic
-    # index_add_ of 16k x 8 rows into bf16 (the loop's way; same terms, rounded once here).
-    slots = hidden.new_zeros(n_tok, k, hidden.shape[-1])
-    slots[token_of, slot_of] = y.mul_(weights)  # computed in fp32, stored in y's dtype: no fp32 copy of y
-    return slots.sum(dim=1, dtype=torch.float32).to(hidden.dtype)
+        for first, last, width in _expert_chunks(per_expert, max_rows):
+            lo, hi = ends_of[first] - per_expert[first], ends_of[last - 1]
+            if hi == lo:
+                continue
+            e_of, r_of = expert_of[lo:hi] - first, rank[lo:hi]
+            x = hidden.new_zeros(last - first, width, hid)
+            x[e_of, r_of] = hidden[token_of[lo:hi]].to(x.dtype)
+            gate_up = torch.cat(
+                [torch.bmm(x, w_gate[first:last].transpose(1, 2)), torch.bmm(x, w_up[first:last].transpose(1, 2))],
+                dim=-1,
+            )
+            act = experts[0]._apply_gate(gate_up)
+            del x, gate_up
+            y[lo:hi] = torch.bmm(act, w_down[first:last].transpose(1, 2))[e_of, r_of]
+            del act
+    # Each (token, slot)'s weighted row, gathered back into token order (the inverse of the sort:
+    # a row copy, no scatter into zeros), then the k slots summed in fp32: no atomic index_add_
+    # of 16k x 8 rows into bf16 (the loop's way; same terms, rounded once here).
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device=order.device)
+    if fused_sum:
+        return weighted_slot_sum_fused(y, top_k_weights, back, n_tok, k)
+    return weighted_slot_sum_torch(y, top_k_weights, order, back, n_tok, k)
 
 
 def expert_chunk(bytes_per_expert: int, budget_bytes: int = 4 * 2**30) -> int:

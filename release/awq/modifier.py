@@ -21,6 +21,7 @@ from pydantic import Field
 from .activations import register_calibration_hooks, sums_to_host
 from .balance import balance_groups, batched_balance_search
 from .caches import cache_classes
+from .causal import causal_sdpa
 from .experts import search_routed_experts
 from .hooks import Patches
 from .merge import TOKEN_WISE_PARENTS, merged_batches
@@ -61,9 +62,17 @@ class MoeAWQModifier(AWQModifier):
         cache = self._parent_args_cache[module]
         state = awq_base.active_session().state
         batches: Any = cache.iter_prefetch() if state.sequential_prefetch else cache
+        kind = type(module).__name__
+        token_wise = kind in TOKEN_WISE_PARENTS
+        if (
+            options.causal_search_attention
+            and run.smoothing
+            and not token_wise
+            and causal_sdpa(module)
+            and awq_base.get_execution_device(module).type in options.fused_expert_devices
+        ):
+            batches = run.causal_masks.dropped_from(batches, e.stats)  # causal.py
         if options.search_batch_tokens and run.smoothing and not getattr(state, "loss_masks", None):
-            kind = type(module).__name__
-            token_wise = kind in TOKEN_WISE_PARENTS
             if token_wise or options.sdpa_in_search:
                 batches = merged_batches(
                     batches, token_wise, options.search_batch_tokens, e.stats.merged_forwards, kind

@@ -22,6 +22,7 @@ CONFIG_FIELDS = (
     "fused_gpu_experts",
     "batched_expert_hooks",
     "search_batch_tokens",
+    "causal_search_attention",
 )
 _DEFAULT = AwqSpec()
 
@@ -36,6 +37,10 @@ class ScaleOptions:
     max_expert_tokens: int | None = _DEFAULT.max_expert_tokens
     batched_experts: bool = True
     sdpa_in_search: bool = True
+    # causal.py: a cached mask that is exactly the causal pattern left out of the search's
+    # attention forwards (SDPA's causal GQA kernel): the last bits of attention's output change,
+    # so, as the fused experts, only on `fused_expert_devices` (the CPU's demo bits are pinned)
+    causal_search_attention: bool = _DEFAULT.causal_search_attention
     search_batch_tokens: int | None = _DEFAULT.search_batch_tokens
     # routed experts' down_proj scale search: "gram" (Gram search: every token, no rows kept),
     # "sampled" (the sampled expert rows' rows, stock's per-expert loop), "sampled-batched" (sampled expert rows, searched together)
@@ -78,6 +83,7 @@ class ScaleOptions:
             max_expert_tokens=None,
             batched_experts=False,
             sdpa_in_search=False,
+            causal_search_attention=False,
             search_batch_tokens=None,
             expert_search="sampled",  # with max_expert_tokens None: every token, as stock
             resident_cache_gib=0,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .causal import CausalMasks
+
 
 @dataclass
 class RunState:
@@ -25,6 +27,7 @@ class RunState:
     # all_experts.py: (id of the experts module, [E, 2 x inter, hid], [E, hid, inter]) of the layer being
     # calibrated; dropped when a smoothing starts and ends (the only place weights change)
     calibration_stack: tuple[int, Any, Any] | None = None
+    causal_masks: CausalMasks = field(default_factory=CausalMasks)  # causal.py: the masks' verdicts
 
 
 def first(output: Any) -> Any:

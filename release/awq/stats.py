@@ -32,6 +32,8 @@ ENGINE_COUNTERS = (
     "batched_hook_chunks",
     "per_expert_hook_chunks",
     "routed_down_chunks",
+    "causal_search_forwards",
+    "fused_sum_calls",
 )
 
 
@@ -47,6 +49,8 @@ class ScaleStats:
     batched_hook_chunks: int = 0  # all_experts.py: chunks of experts whose hooks ran once per kind
     per_expert_hook_chunks: int = 0  # ... whose hooks were called expert by expert
     routed_down_chunks: int = 0  # ... whose down_proj ran on the routed rows only (no hook read its output)
+    fused_sum_calls: int = 0  # kernels.py: search calls whose routed rows were summed by the one kernel
+    causal_search_forwards: int = 0  # causal.py: search batches whose causal mask was left out (SDPA's causal kernel)
     read_ahead_layers: int = 0  # read_ahead.py: layers whose disk-offloaded weights were read ahead
     read_ahead_gib: float = 0.0  # ... and their bytes
     batched_expert_searches: int = 0  # batched expert search: expert mappings searched together
@@ -98,6 +102,8 @@ class ScaleStats:
             "batched_hook_chunks": self.batched_hook_chunks,
             "per_expert_hook_chunks": self.per_expert_hook_chunks,
             "routed_down_chunks": self.routed_down_chunks,
+            "causal_search_forwards": self.causal_search_forwards,
+            "fused_sum_calls": self.fused_sum_calls,
             "read_ahead": {"layers": self.read_ahead_layers, "gib": round(self.read_ahead_gib, 3)},
             "merged_search_forwards": dict(self.merged_forwards),
             "batched_expert_searches": self.batched_expert_searches,
