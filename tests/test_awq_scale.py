@@ -227,6 +227,10 @@ def test_memory_patches_are_bit_for_bit(builds):
     print(f"batched balance searches {stats.batched_balance_mappings} over {stats.batched_balance_layers} layers")
     assert stats.batched_balance_mappings == len(s) and stats.batched_balance_layers > 2 * len(s)
     assert builds["stock"]["stats"].batched_balance_mappings == 0
+    # the MoE blocks' searches reused the reference forward's routing at every grid point, same bits
+    print(f"routing reused {stats.routing_reused} times")
+    assert stats.routing_reused > 0 and stats.routing_reuse_disabled is None
+    assert builds["stock"]["stats"].routing_reused == 0
 
 
 def test_deferred_write_back_lands_once_through_the_staging_buffers():

@@ -373,3 +373,31 @@ def test_a_hook_without_a_batched_form_is_called_per_expert():
     assert seen == [(40, 16)]
     assert int(modifier._smooth_activation_stats["4.up_proj"][1]) == 40
     assert modifier._parent_args_cache[experts[4].down_proj].rows == 40
+
+
+def test_the_gate_kernel_is_chosen_only_for_silu_gates_on_a_gpu():
+    """kernels.py computes transformers' default gate with SiLU; GLM-4.7's experts have it. On a
+    CPU (no Triton, no CUDA) the experts keep torch's ops, and those are the experts' own gate."""
+    from release.awq.kernels import TORCH_OPS, Kernels, silu_gate
+
+    experts = _experts(dtype=torch.bfloat16)
+    assert silu_gate(experts)
+    experts.act_fn = torch.nn.GELU()
+    assert not silu_gate(experts)
+    experts = _experts(dtype=torch.bfloat16)
+    assert Kernels.on(torch.zeros(1, dtype=torch.bfloat16)) == TORCH_OPS
+    x = torch.randn(7, 32, dtype=torch.bfloat16)
+    gate, up = x.chunk(2, dim=-1)
+    assert torch.equal(TORCH_OPS.gate(experts, x), torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a CUDA device")
+def test_the_gate_kernel_gives_torchs_bits():
+    from release.awq.kernels import gate_kernel_works, silu_and_mul_fused
+
+    like = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+    if not gate_kernel_works(like):
+        pytest.skip("Triton is not installed or cannot build the kernel here")
+    x = (torch.randn(4096, 2 * 1536, generator=torch.Generator().manual_seed(6)) * 8).to("cuda", torch.bfloat16)
+    gate, up = x.chunk(2, dim=-1)
+    assert torch.equal(silu_and_mul_fused(x), torch.nn.functional.silu(gate) * up)

@@ -43,6 +43,7 @@ import itertools
 from typing import Any
 
 from .experts import batchable, effective_weight
+from .kernels import TORCH_OPS, Kernels
 from .state import RunState
 
 CHUNK_BYTES = 4 * 2**30  # the batched products' temporaries per chunk of experts
@@ -188,12 +189,14 @@ def all_experts_forward(
     batched_hooks: bool = True,
     stats: Any = None,
     grouped: bool = False,
+    kernels: Kernels = TORCH_OPS,
 ) -> Any:
     """`LinearExperts2D.forward` under `moe_calibrate_all_experts`, batched (module docstring);
     `stats` (a ScaleStats) counts the chunks whose hooks ran batched and per expert. `grouped`
     (torch's grouped GEMM works here): where no hook of a chunk reads a down_proj's or an
     expert's output, down_proj runs on the routed rows only (1/20 of its product at GLM-4.7's
-    top-8 of 160), as the propagation pass runs it."""
+    top-8 of 160), as the propagation pass runs it. `kernels`: the gate as one kernel where it was
+    checked (kernels.py)."""
     import torch
 
     n_exp = experts.num_experts
@@ -226,7 +229,7 @@ def all_experts_forward(
             .transpose(0, 1)
             .contiguous()
         )
-        act = experts[first]._apply_gate(gate_up)
+        act = kernels.gate(experts, gate_up)
         plan = _hook_plan(experts, first, last) if use_plan else None
         # the chunk's routed rows: (expert, slot, token), by expert
         rows = where[starts[first] : starts[last]]

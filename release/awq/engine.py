@@ -14,8 +14,8 @@ from typing import Any
 from .all_experts import all_experts_forward, fusable, hooks_silent
 from .caches import Ledger, WriteBack, deduplicate_batch, resident_budget
 from .experts import batchable, grouped_experts_forward, grouped_gemm_works
-from .hooks import Patches
-from .kernels import fused_sum_works
+from .hooks import HOOKS, Patches
+from .kernels import TORCH_OPS, Kernels
 from .options import TARGET_VERSION, ScaleOptions
 from .ranks import SharedSmoothFix, cpu_allreduce_sum
 from .read_ahead import ReadAhead
@@ -64,7 +64,7 @@ class Engine:
         self.stock_experts_forward = LinearExperts2D.forward
         self.model_patches = Patches()  # route_experts: the model's experts modules, for the run
         self.grouped_gemm: dict[str, bool] = {}  # device -> torch's grouped GEMM works there
-        self.fused_sum: dict[str, bool] = {}  # device -> the routed rows' weighted sum kernel works there
+        self.kernels: dict[str, Kernels] = {}  # device -> the kernels (kernels.py) that work there
         self.read_ahead = ReadAhead() if options.read_ahead else None  # read_ahead.py: offloaded weights
 
     def recipe(self, recipe_text: str) -> Any:
@@ -192,15 +192,16 @@ def scaled_awq(
             engine.grouped_gemm[where] = grouped_gemm_works(like)
         return engine.grouped_gemm[where]
 
-    def fused_sum(like: Any) -> bool:
-        """Whether the weighted-sum kernel (kernels.py) works on `like`'s device, on the devices
-        whose experts run fused (tried once per device and run)."""
+    def kernels(like: Any) -> Kernels:
+        """The kernels (kernels.py) that work on `like`'s device, on the devices whose experts
+        run fused (tried once per device and run)."""
         if like.device.type not in options.fused_expert_devices:
-            return False
+            return TORCH_OPS
         where = str(like.device)
-        if where not in engine.fused_sum:
-            engine.fused_sum[where] = fused_sum_works(like)
-        return engine.fused_sum[where]
+        if where not in engine.kernels:
+            engine.kernels[where] = Kernels.on(like)
+            stats.gpu_kernels[where] = vars(engine.kernels[where]).copy()
+        return engine.kernels[where]
 
     def experts_forward(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
         """Outside the smoothing step, with every expert calibrated on every token: the
@@ -224,7 +225,7 @@ def scaled_awq(
                         top_k_weights,
                         run=run,
                         grouped=grouped_gemm(hidden_states),
-                        fused_sum=fused_sum(hidden_states),
+                        kernels=kernels(hidden_states),
                     )
                 stats.fused_calibration_calls += 1
                 return all_experts_forward(
@@ -236,6 +237,7 @@ def scaled_awq(
                     options.batched_expert_hooks,
                     stats,
                     grouped_gemm(hidden_states),
+                    kernels(hidden_states),
                 )
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         if not (options.batched_experts and stats.batched_experts_disabled is None):
@@ -243,9 +245,9 @@ def scaled_awq(
         if not self.has_gate or not batchable(self):
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         grouped = fused and grouped_gemm(hidden_states)
-        summed = fused and fused_sum(hidden_states)
+        used = kernels(hidden_states) if fused else TORCH_OPS
         out = grouped_experts_forward(
-            self, hidden_states, top_k_index, top_k_weights, run=run, grouped=grouped, fused_sum=summed
+            self, hidden_states, top_k_index, top_k_weights, run=run, grouped=grouped, kernels=used
         )
         if id(self) not in run.checked:  # first call for this layer: compare with the loop
             run.checked.add(id(self))
@@ -256,7 +258,19 @@ def scaled_awq(
                 return ref
         stats.batched_expert_calls += 1
         stats.grouped_search_calls += grouped
-        stats.fused_sum_calls += summed
+        stats.fused_sum_calls += used.weighted_sum
+        return out
+
+    owner, name = HOOKS["router_forward"].owner_and_name()
+    stock_router: Callable[[Any, Any], Any] = getattr(owner, name)
+
+    def router_forward(self: Any, hidden_states: Any) -> Any:
+        """Routing reuse in the search (routing.py): outside a MoE block's search, stock's."""
+        if not run.smoothing:
+            return stock_router(self, hidden_states)
+        out = run.routing.route(self, hidden_states, stock_router)
+        stats.routing_reused = run.routing.reused
+        stats.routing_reuse_disabled = run.routing.disabled
         return out
 
     def no_pin(self: Any, batch_index: int, input_names: Any = None) -> None:
@@ -277,6 +291,8 @@ def scaled_awq(
             patches.hook("experts_forward", experts_forward)
         if options.sdpa_in_search:
             patches.hook("forward_context", search_forward_context)
+        if options.reuse_routing:
+            patches.hook("router_forward", router_forward)
         if write_back is not None:
             patches.hook("offload_write", update_offload_parameter)
         if engine.cpu_ranks:

@@ -7,7 +7,7 @@ import itertools
 import math
 from typing import Any
 
-from .kernels import weighted_slot_sum_fused, weighted_slot_sum_torch
+from .kernels import TORCH_OPS, Kernels, weighted_slot_sum_fused, weighted_slot_sum_torch
 from .ranks import divided_smooth_weight, rank_count
 from .state import RunState
 from .stats import ScaleStats
@@ -88,14 +88,14 @@ def grouped_experts_forward(
     padded_bytes: int = 4 * 2**30,
     run: RunState | None = None,
     grouped: bool = False,
-    fused_sum: bool = False,
+    kernels: Kernels = TORCH_OPS,
 ) -> Any:
     """The routed (top-k) output of a LinearExperts2D with gated experts, as batched matmuls:
     `grouped`, torch's grouped GEMM over each expert's own rows; otherwise batched products
     padded to the busiest expert of each run of experts (with skewed routing most of their
     work is padding). `run` keeps the layer's stacked weights between calls of one weight
-    generation (without it, they are stacked anew). `fused_sum`: the weighted sum of each
-    token's k rows as one kernel (kernels.py; a GPU with Triton)."""
+    generation (without it, they are stacked anew). `kernels`: the gate and the weighted sum of
+    each token's k rows as single kernels where they were checked (kernels.py; a GPU)."""
     import torch
 
     run = run if run is not None else RunState()
@@ -155,7 +155,7 @@ def grouped_experts_forward(
             offs = (ends.clamp(lo, hi) - lo).to(torch.int32)
             x = hidden.index_select(0, token_of[lo:hi])
             gate_up = torch._grouped_mm(x, cached[1][0].transpose(1, 2), offs=offs)
-            act = experts[0]._apply_gate(gate_up)
+            act = kernels.gate(experts, gate_up)
             del x, gate_up
             down = torch._grouped_mm(act, w_down.transpose(1, 2), offs=offs)
             del act
@@ -193,7 +193,7 @@ def grouped_experts_forward(
     # of 16k x 8 rows into bf16 (the loop's way; same terms, rounded once here).
     back = torch.empty_like(order)
     back[order] = torch.arange(order.numel(), device=order.device)
-    if fused_sum:
+    if kernels.weighted_sum:
         return weighted_slot_sum_fused(y, top_k_weights, back, n_tok, k)
     return weighted_slot_sum_torch(y, top_k_weights, order, back, n_tok, k)
 

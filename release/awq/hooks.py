@@ -60,6 +60,14 @@ HOOKS = {
         False,
         "inside the smoothing step attention runs through SDPA instead of the eager attention forced for calibration",
     ),
+    "router_forward": Hook(
+        "transformers.models.glm4_moe.modeling_glm4_moe:Glm4MoeTopkRouter.forward",
+        "run",
+        "reuse_routing",
+        True,
+        "inside a MoE block's grid search the router's outputs of the reference forward are reused at every grid "
+        "point (its weight and input do not change there; the first reuse is recomputed and compared)",
+    ),
     "offload_write": Hook(
         f"{_AWQ}:update_offload_parameter",
         "run",

@@ -1,4 +1,6 @@
-"""The routed experts' weighted sum as one GPU kernel (Triton), where torch's ops take four.
+"""Two steps of the experts as single GPU kernels (Triton), where torch's ops take several passes.
+
+**The weighted sum of the routed rows** (`weighted_slot_sum_*`).
 
 After the grouped products, each routed row y[r] (sorted by expert) is multiplied by its routing
 weight, rounded to y's dtype, put back in token order and the token's k slots summed in fp32,
@@ -10,13 +12,21 @@ rounding at the end); only the order in which the k slots are added may differ f
 reduction, so the result agrees with `weighted_slot_sum_torch` to fp32 rounding before the
 final cast.
 
-Triton ships with CUDA builds of torch, not CPU ones: elsewhere (and wherever the kernel fails
+**The gate** (`silu_and_mul`). transformers' `_default_apply_gate` splits [gate; up] into two
+strided halves and runs `silu(gate) * up` as two non-vectorized passes (0.6 ms each a 16k-token
+batch of GLM-4.7, at 131k routed rows); the kernel reads each row once and writes the product,
+with torch's own arithmetic (`x / (1 + exp(-x))` in fp32 with an IEEE division and libdevice's
+exp, rounded to the dtype, then the product in fp32 rounded once), so the bits are torch's
+(checked on the device before use). Only for experts whose gate is that function with SiLU.
+
+Triton ships with CUDA builds of torch, not CPU ones: elsewhere (and wherever a kernel fails
 its first check against torch's ops on a small case) the torch ops run.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -91,3 +101,94 @@ def fused_sum_works(like: Any) -> bool:
     # equal but for the order of k fp32 additions, then one rounding to y's dtype: a unit in the last place
     ulp = ref.abs().clamp_min(1e-30) * torch.finfo(like.dtype).eps
     return bool(((fused - ref).abs() <= ulp).all())
+
+
+@functools.cache
+def _gate_kernel() -> Any:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def silu_and_mul_kernel(x_ptr, out_ptr, inter, row_stride, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < inter
+        gate = tl.load(x_ptr + row * row_stride + cols, mask=inside, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * row_stride + inter + cols, mask=inside, other=0.0)
+        act = tl.math.div_rn(gate, 1.0 + libdevice.exp(-gate)).to(up.dtype)
+        tl.store(out_ptr + row * inter + cols, (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype), mask=inside)
+
+    return silu_and_mul_kernel
+
+
+def silu_and_mul_fused(gate_up: Any, block: int = 1024) -> Any:
+    """silu(gate) * up of `gate_up` [..., 2 x inter] (rows with a unit last stride), as one kernel."""
+    import triton
+
+    two_inter = gate_up.shape[-1]
+    rows = gate_up.reshape(-1, two_inter)  # a view where the leading axes allow it
+    out = gate_up.new_empty(*gate_up.shape[:-1], two_inter // 2)
+    if rows.shape[0]:
+        grid = (rows.shape[0], triton.cdiv(two_inter // 2, block))
+        _gate_kernel()[grid](rows, out, two_inter // 2, rows.stride(0), BLOCK=block)
+    return out
+
+
+def silu_gate(experts: Any) -> bool:
+    """Whether `experts`' gate is transformers' default split with SiLU (what the kernel computes)."""
+    try:
+        from transformers.activations import SiLUActivation
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return False
+    gate = getattr(experts[0], "_apply_gate", None)
+    owner = getattr(gate, "__self__", None)
+    return (
+        getattr(gate, "__func__", None) is _default_apply_gate
+        and type(getattr(owner, "act_fn", None)) is SiLUActivation
+    )
+
+
+def gate_kernel_works(like: Any) -> bool:
+    """Whether the gate kernel runs on `like`'s device and gives torch's bits on a small case
+    (odd widths, a partial column block, values across SiLU's range)."""
+    import torch
+
+    if not like.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = (torch.randn(67, 2 * 1100, generator=gen) * 6).to(like.device, like.dtype)
+        gate, up = x.chunk(2, dim=-1)
+        ref = torch.nn.functional.silu(gate) * up
+        fused = silu_and_mul_fused(x)
+        torch.cuda.synchronize(like.device)
+    except Exception:  # a Triton or driver that cannot build it: torch's ops instead
+        return False
+    return bool(torch.equal(fused, ref))
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which of this module's kernels the experts use on a device (each checked there first)."""
+
+    weighted_sum: bool = False
+    silu_gate: bool = False
+
+    @classmethod
+    def on(cls, like: Any) -> Kernels:
+        return cls(weighted_sum=fused_sum_works(like), silu_gate=gate_kernel_works(like))
+
+    def gate(self, experts: Any, gate_up: Any) -> Any:
+        """The experts' activation of [gate; up]: the kernel where it computes their gate."""
+        if self.silu_gate and silu_gate(experts):
+            return silu_and_mul_fused(gate_up)
+        return experts[0]._apply_gate(gate_up)
+
+
+TORCH_OPS = Kernels()

@@ -64,6 +64,8 @@ class MoeAWQModifier(AWQModifier):
         batches: Any = cache.iter_prefetch() if state.sequential_prefetch else cache
         kind = type(module).__name__
         token_wise = kind in TOKEN_WISE_PARENTS
+        if options.reuse_routing and run.smoothing:
+            run.routing.start(module)  # routing.py: this pass over the cache is matched call by call
         if (
             options.causal_search_attention
             and run.smoothing
@@ -109,6 +111,7 @@ class MoeAWQModifier(AWQModifier):
                 e.shared_fix.chosen(best)
         finally:
             run.lazy = False
+            run.routing.forget()  # smoothing changes the router's weight next
             # from the end of the previous mapping's search: its smoothing, this one's setup,
             # reference forward and grid search
             now = time.perf_counter()
@@ -210,6 +213,7 @@ class MoeAWQModifier(AWQModifier):
             swaps.undo()
             run.routed = run.smoothing = False
             run.stacked = {}
+            run.routing.forget()
             if write_back is not None:
                 write_back.dirty.clear()  # flushed above; a failed smoothing leaves the CPU copies as they were
             if e.deduplicating:

@@ -41,6 +41,7 @@ class ScaleOptions:
     # attention forwards (SDPA's causal GQA kernel): the last bits of attention's output change,
     # so, as the fused experts, only on `fused_expert_devices` (the CPU's demo bits are pinned)
     causal_search_attention: bool = _DEFAULT.causal_search_attention
+    reuse_routing: bool = True  # routing.py: the search's router outputs computed once per batch (same bits)
     search_batch_tokens: int | None = _DEFAULT.search_batch_tokens
     # routed experts' down_proj scale search: "gram" (Gram search: every token, no rows kept),
     # "sampled" (the sampled expert rows' rows, stock's per-expert loop), "sampled-batched" (sampled expert rows, searched together)
@@ -84,6 +85,7 @@ class ScaleOptions:
             batched_experts=False,
             sdpa_in_search=False,
             causal_search_attention=False,
+            reuse_routing=False,
             search_batch_tokens=None,
             expert_search="sampled",  # with max_expert_tokens None: every token, as stock
             resident_cache_gib=0,
@@ -116,8 +118,8 @@ class ScaleOptions:
 
     @classmethod
     def memory_only(cls, record_scales: bool = False) -> ScaleOptions:
-        """Only the patches that leave AWQ's arithmetic unchanged (1, 2, 9, 11 and 12, and the
-        activation sums on the device)."""
+        """Only the patches that leave AWQ's arithmetic unchanged (1, 2, 9, 11 and 12, the
+        activation sums on the device and the search's routing reuse)."""
         return dataclasses.replace(
             cls.stock(record_scales),
             keep_first_output=True,
@@ -126,6 +128,7 @@ class ScaleOptions:
             deferred_write_back=True,
             batched_balance_layers=True,
             device_activation_sums=True,
+            reuse_routing=True,
         )
 
     def to_json(self) -> dict[str, Any]:

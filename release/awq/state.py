@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .causal import CausalMasks
+from .routing import RoutingMemo
 
 
 @dataclass
@@ -28,6 +29,7 @@ class RunState:
     # calibrated; dropped when a smoothing starts and ends (the only place weights change)
     calibration_stack: tuple[int, Any, Any] | None = None
     causal_masks: CausalMasks = field(default_factory=CausalMasks)  # causal.py: the masks' verdicts
+    routing: RoutingMemo = field(default_factory=RoutingMemo)  # routing.py: a MoE block search's top-k
 
 
 def first(output: Any) -> Any:

@@ -34,6 +34,7 @@ ENGINE_COUNTERS = (
     "routed_down_chunks",
     "causal_search_forwards",
     "fused_sum_calls",
+    "routing_reused",
 )
 
 
@@ -49,6 +50,9 @@ class ScaleStats:
     batched_hook_chunks: int = 0  # all_experts.py: chunks of experts whose hooks ran once per kind
     per_expert_hook_chunks: int = 0  # ... whose hooks were called expert by expert
     routed_down_chunks: int = 0  # ... whose down_proj ran on the routed rows only (no hook read its output)
+    routing_reused: int = 0  # routing.py: router calls of the search answered from the reference forward's
+    routing_reuse_disabled: str | None = None  # ... or why reuse was turned off
+    gpu_kernels: dict[str, dict[str, bool]] = field(default_factory=dict)  # kernels.py: device -> kernels used
     fused_sum_calls: int = 0  # kernels.py: search calls whose routed rows were summed by the one kernel
     causal_search_forwards: int = 0  # causal.py: search batches whose causal mask was left out (SDPA's causal kernel)
     read_ahead_layers: int = 0  # read_ahead.py: layers whose disk-offloaded weights were read ahead
@@ -104,6 +108,9 @@ class ScaleStats:
             "routed_down_chunks": self.routed_down_chunks,
             "causal_search_forwards": self.causal_search_forwards,
             "fused_sum_calls": self.fused_sum_calls,
+            "gpu_kernels": dict(self.gpu_kernels),
+            "routing_reused": self.routing_reused,
+            "routing_reuse_disabled": self.routing_reuse_disabled,
             "read_ahead": {"layers": self.read_ahead_layers, "gib": round(self.read_ahead_gib, 3)},
             "merged_search_forwards": dict(self.merged_forwards),
             "batched_expert_searches": self.batched_expert_searches,
