@@ -74,7 +74,7 @@ def _init(module: Any) -> None:
             p.normal_(0, 0.02)
 
 
-def moe_block(cfg: Any, device: str, experts_module: Any, fused_sum: bool) -> tuple[Any, Any, dict[str, bool]]:
+def moe_block(cfg: Any, device: str, experts_module: Any, use_kernels: bool) -> tuple[Any, Any, dict[str, Any]]:
     """The MoE block with LinearExperts2D experts whose forward is the search's, the run
     state whose generation a grid point bumps, and the paths it takes (a dict the caller may
     change between forwards)."""
@@ -95,11 +95,9 @@ def moe_block(cfg: Any, device: str, experts_module: Any, fused_sum: bool) -> tu
     block.gate.e_score_correction_bias.data = block.gate.e_score_correction_bias.float()
     run = RunState(routed=True, smoothing=True)
     like = next(block.parameters())
-    paths = {"grouped": experts_module.grouped_gemm_works(like)}
-    if hasattr(experts_module, "weighted_slot_sum_fused"):  # an older copy has no kernel
-        from release.awq.kernels import fused_sum_works
-
-        paths["fused_sum"] = fused_sum and fused_sum_works(like)
+    paths: dict[str, Any] = {"grouped": experts_module.grouped_gemm_works(like)}
+    if hasattr(experts_module, "Kernels"):  # an older copy has no kernels
+        paths["kernels"] = experts_module.Kernels.on(like) if use_kernels else experts_module.TORCH_OPS
 
     def forward(self: Any, hidden: Any, top_k_index: Any, top_k_weights: Any) -> Any:
         return experts_module.grouped_experts_forward(self, hidden, top_k_index, top_k_weights, run=run, **paths)
@@ -184,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--parts", default="moe,attention")
     ap.add_argument("--mask", default="eager,none", help="attention masks to time: eager and/or none")
     ap.add_argument("--experts-module", help="another copy of release/awq/experts.py to run")
-    ap.add_argument("--no-fused-sum", action="store_true", help="the routed rows' sum by torch's ops, not kernels.py")
+    ap.add_argument("--torch-ops", action="store_true", help="torch's ops for the gate and the sum, not kernels.py")
     ap.add_argument("--label", default="")
     ap.add_argument("--project-samples", type=int, default=512)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one grid point")
@@ -211,25 +209,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     parts = args.parts.split(",")
     if "moe" in parts:
-        block, run, paths = moe_block(cfg, dev, _experts_module(args.experts_module), not args.no_fused_sum)
+        block, run, paths = moe_block(cfg, dev, _experts_module(args.experts_module), not args.torch_ops)
         flat = [b.view(1, -1, hid) for b in batches]
         _search(block, flat[:1], 1, run, dev)  # warm-up: kernels chosen, buffers made
         s, loss = _search(block, flat, args.grid, run, dev)
-        moe = {"s_per_grid_point": round(s, 4), "projected_s": round(s * scale, 2), "loss": loss, "paths": dict(paths)}
-        if paths.get("fused_sum"):  # the kernel against torch's ops on one batch of these dimensions
+        shown = {k: vars(v) if k == "kernels" else v for k, v in paths.items()}
+        moe = {"s_per_grid_point": round(s, 4), "projected_s": round(s * scale, 2), "loss": loss, "paths": shown}
+        used = paths.get("kernels")
+        if used is not None and (used.weighted_sum or used.silu_gate):  # against torch's ops, one batch
             with torch.no_grad():
                 fused = block(flat[0]).float()
-                paths["fused_sum"] = False
+                paths["kernels"] = type(used)()  # torch's ops
                 ops = block(flat[0]).float()
-                paths["fused_sum"] = True
-            moe["fused_sum_vs_torch"] = {
+                paths["kernels"] = used
+            moe["kernels_vs_torch"] = {
                 "max_abs_diff": (fused - ops).abs().max().item(),
                 "max_abs": ops.abs().max().item(),
                 "bit_equal_fraction": (fused == ops).float().mean().item(),
             }
-            print(f"fused sum against torch's ops: {moe['fused_sum_vs_torch']}", flush=True)
+            print(f"kernels against torch's ops: {moe['kernels_vs_torch']}", flush=True)
         out["parts"]["moe"] = moe
-        print(f"moe {paths}: {s * 1e3 / args.batches:.2f} ms per merged batch, projected {s * scale:.2f} s", flush=True)
+        print(f"moe {shown}: {s * 1e3 / args.batches:.2f} ms per merged batch, projected {s * scale:.2f} s", flush=True)
         if args.profile:
             print(_profiled(block, flat, run, dev, args.rows), flush=True)
         del block, run, paths
