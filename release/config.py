@@ -241,6 +241,13 @@ class AwqSpec(_Strict):
         "key/value heads) instead of adding the mask to every score (glmrel engine). Attention's output may "
         "differ in the last bit; the reference and every grid point take the same path. false: the mask",
     )
+    triton_kernels: bool = Field(
+        default=True,
+        description="with fused_gpu_experts, on a GPU with Triton: the routed experts' SiLU gate and the weighted "
+        "sum of each token's expert outputs as single kernels, each checked against torch's ops on a small case "
+        "before use (glmrel engine). The gate may differ from torch's in the last bit of a few elements. false: "
+        "torch's ops",
+    )
 
 
 class OffloadSpec(_Strict):

@@ -195,7 +195,7 @@ def scaled_awq(
     def kernels(like: Any) -> Kernels:
         """The kernels (kernels.py) that work on `like`'s device, on the devices whose experts
         run fused (tried once per device and run)."""
-        if like.device.type not in options.fused_expert_devices:
+        if not options.triton_kernels or like.device.type not in options.fused_expert_devices:
             return TORCH_OPS
         where = str(like.device)
         if where not in engine.kernels:

@@ -23,6 +23,7 @@ CONFIG_FIELDS = (
     "batched_expert_hooks",
     "search_batch_tokens",
     "causal_search_attention",
+    "triton_kernels",
 )
 _DEFAULT = AwqSpec()
 
@@ -41,6 +42,7 @@ class ScaleOptions:
     # attention forwards (SDPA's causal GQA kernel): the last bits of attention's output change,
     # so, as the fused experts, only on `fused_expert_devices` (the CPU's demo bits are pinned)
     causal_search_attention: bool = _DEFAULT.causal_search_attention
+    triton_kernels: bool = _DEFAULT.triton_kernels  # kernels.py, on fused_expert_devices where each checks out
     reuse_routing: bool = True  # routing.py: the search's router outputs computed once per batch (same bits)
     search_batch_tokens: int | None = _DEFAULT.search_batch_tokens
     # routed experts' down_proj scale search: "gram" (Gram search: every token, no rows kept),
@@ -86,6 +88,7 @@ class ScaleOptions:
             sdpa_in_search=False,
             causal_search_attention=False,
             reuse_routing=False,
+            triton_kernels=False,
             search_batch_tokens=None,
             expert_search="sampled",  # with max_expert_tokens None: every token, as stock
             resident_cache_gib=0,
