@@ -24,8 +24,12 @@ searches on its share of the samples, all-reduced, as for the propagating branch
 quantizes and stores the side layers, a part not separated in the record), not measured on
 several GPUs.
 
-Not counted: loading (the model's ~710 GB read once per pass), saving, verify, check and the
-upload; benchmarks/results/README.md gives their measured rates.
+The rest of the release (`rest`): the base model loaded once per pass, each branch compressed
+and saved, each branch verified against the base model (streamed layer by layer on one GPU), the
+manifests hashed once, and the bytes to upload. Their rates come from the rehearsal-sized runs
+that measured them (run U's in-RAM build for load and save, run X for verify, the manifest
+benchmark for hashing), scaled to GLM-4.7's bytes: arithmetic from measured rates, not a
+measurement of the full model. The upload is given as bytes and the time at two uplinks.
 
   python -m benchmarks.release_estimate --record benchmarks/results/<run>/profile-512.json
 
@@ -44,6 +48,58 @@ MOE_LAYERS, DENSE_LAYERS, BRANCHES = 89, 3, 3
 SIDE_OVER_LEAD = 128.1 / 125.3  # a side branch's smoothing against the propagating one's (run of 2026-11-30)
 RUN_P_DENSE_S = 108.0  # one dense layer, 512 x 2048, one H200 (run P, ec296b7)
 RUN_P_FIXED_S = {"moe": 4.8, "dense": 3.0}  # per-rank part a of a + b / N (run P's 2- and 4-GPU fit)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUN_U = RESULTS / "2026-11-30-h200x2-offload-glm47-4layer" / "U-1gpu-ram-vs-offload.json"
+RUN_X = RESULTS / "2026-11-30-h200x2-rehearsal-glm47-2layer" / "run-X-c465fcc-2gpu.json"
+GIB = 2**30
+# GLM-4.7: 355 B parameters in bf16 (MTP layer included); the routers and the embeddings and
+# lm_head (151,552 x 5,120 each) stay bf16 in a branch, every other Linear is INT4 with one bf16
+# scale per group (symmetric: no zero point)
+BASE_PARAMS, KEPT_PARAMS = 355e9, 2 * 151_552 * 5_120 + 92 * 160 * 5_120
+GROUP_SIZES = (32, 64, 128)
+# run X's model (benchmarks.synthetic --preset glm47 --layers 2): 5.81 B parameters as the
+# synthetic prints them, plus the appended MTP layer's 5.54 B (run U's 35.81 GiB model less its
+# 13.68 B printed parameters, in bf16)
+RUN_X_BASE_GIB = (5.81e9 + 5.54e9) * 2 / GIB
+HASH_GIB_S = 2 * 943 / 1024  # manifest hashing, 2 threads on the 2-core CPU (docs/performance.md)
+
+
+def branch_gib(group_size: int) -> float:
+    quantized = BASE_PARAMS - KEPT_PARAMS
+    return (quantized * (0.5 + 2 / group_size) + KEPT_PARAMS * 2) / GIB
+
+
+def rest(upload_gbit_s: tuple[float, ...] = (10.0, 1.0)) -> dict[str, Any]:
+    """Load, save, verify, manifests and upload of the release's three branches at the rates
+    measured on rehearsal-sized models (module docstring), in hours."""
+    u = next(r for r in json.loads(RUN_U.read_text())["runs"] if r["mode"] == "ram")
+    load_gib_s = u["model_gib"] / u["timings_s"]["load"]  # from the page cache: a cold read is slower
+    save_gib_s = u["model_gib"] / u["timings_s"]["save"]  # GiB of base weights compressed and written a second
+    x = json.loads(RUN_X.read_text())["verify"]
+    verify_s = sum(v["seconds"] for v in x.values()) / len(x)  # one branch, streamed on one GPU
+    verify_gib_s = RUN_X_BASE_GIB / verify_s
+    base = BASE_PARAMS * 2 / GIB
+    branches = sum(branch_gib(g) for g in GROUP_SIZES)
+    hours = {
+        "load": base / load_gib_s / 3600,
+        "save": len(GROUP_SIZES) * base / save_gib_s / 3600,
+        "verify": len(GROUP_SIZES) * base / verify_gib_s / 3600,
+        "manifests": branches / HASH_GIB_S / 3600,
+    }
+    return {
+        "base_gib": round(base, 1),
+        "branches_gib": round(branches, 1),
+        "rates_gib_s": {
+            "load": round(load_gib_s, 2),
+            "save": round(save_gib_s, 2),
+            "verify": round(verify_gib_s, 2),
+            "hash": round(HASH_GIB_S, 2),
+        },
+        "hours": {k: round(v, 2) for k, v in hours.items()},
+        "total_h": round(sum(hours.values()), 2),
+        "upload_h": {f"{g:g} Gbit/s": round(branches * GIB * 8 / (g * 1e9) / 3600, 2) for g in upload_gbit_s},
+    }
 
 
 @dataclass(frozen=True)
@@ -148,6 +204,16 @@ def main() -> None:
             f"{e['dense_layer_s']} s, {'measured' if e['dense_measured'] else 'run P'}; side branches "
             f"{'measured' if e['side_measured'] else f'assumed at {SIDE_OVER_LEAD:.2f}x the lead'})"
         )
+    r = rest()
+    h, rates = r["hours"], r["rates_gib_s"]
+    print(
+        f"the rest, at rates measured on rehearsal-sized models (arithmetic): load {r['base_gib']} GiB once "
+        f"{h['load']} h (run U, {rates['load']} GiB/s from the page cache); save three branches {h['save']} h "
+        f"(run U, {rates['save']} GiB of base weights/s); verify three branches {h['verify']} h (run X, "
+        f"{rates['verify']} GiB of base weights/s, one GPU each in turn); manifests of {r['branches_gib']} GiB "
+        f"{h['manifests']} h ({rates['hash']} GiB/s): {r['total_h']} h"
+    )
+    print(f"upload: {r['branches_gib']} GiB, " + ", ".join(f"{v} h at {k}" for k, v in r["upload_h"].items()))
 
 
 if __name__ == "__main__":

@@ -456,6 +456,11 @@ def _moe_calibration_s(r):
     return next(p["s"] for p in r["timed"]["passes"] if p["pass"] == "(2/2): Calibrating")
 
 
+def _pass_s(name):
+    """profile_layer --json: one pipeline pass's seconds, by its name."""
+    return lambda r: next(p["s"] for p in r["timed"]["passes"] if p["pass"] == name)
+
+
 DOCS = RESULTS.parent.parent.parent / "docs" / "performance.md"  # the figures users read
 ACCOUNT = RESULTS.parent / "README.md"  # the run-by-run account docs/performance.md links to
 # Every figure a document quotes from a committed record: (document, record, how to read the
@@ -512,6 +517,36 @@ CITED = [
         for doc in (DOCS, RESULTS.parent / "2026-12-03-h200-batched-hooks-moe-layer" / "README.md")
         for run in ("before-87dccd0", "routed-down")
         for get, fmt in ((_moe_calibration_s, "{:.2f} s"), (_one("timed", "oneshot_s"), "{:.2f}"))
+    ],
+    *[
+        (
+            RESULTS.parent / "2026-12-03-h200-search-kernels" / "README.md",
+            f"2026-12-03-h200-search-kernels/{f}",
+            get,
+            fmt,
+        )
+        for f, get, fmt in (
+            ("call2-search-512.json", _one("timed", "layers", 0, "smooth_s"), "{:.2f} s"),
+            ("call2-search-512.json", _one("timed", "search_phase_s", "attention_qkv", "forward_loss"), "{:.2f} s"),
+            ("call2-search-512.json", _one("timed", "search_phase_s", "mlp_or_moe_block", "forward_loss"), "{:.2f} s"),
+            ("call2-search-512.json", _one("timed", "oneshot_s"), "{:.2f} s"),
+            ("call3-pass-512.json", _one("timed", "layers", 1, "smooth_s"), "{:.2f} s"),
+            ("call3-pass-512.json", _one("timed", "layers", 1, "side_s"), "{:.2f} s"),
+            ("call3-pass-512.json", _one("timed", "layers", 0, "smooth_s"), "{:.2f} s"),
+            ("call3-pass-512.json", _one("timed", "layers", 0, "side_s"), "{:.2f} s"),
+            *[
+                ("call3-pass-512.json", _pass_s(f"({k}/3): {phase}"), "{:.2f} s")
+                for k in (2, 3)
+                for phase in ("Calibrating", "Propagating")
+            ],
+            ("call1-sf-head-1.json", _one("parts", "moe", "projected_s"), "{:.2f} s"),
+            ("call1-sf-new-1.json", _one("parts", "attention_mask_eager", "projected_s"), "{:.2f} s"),
+            ("call1-sf-new-1.json", _one("parts", "attention_mask_none", "projected_s"), "{:.2f} s"),
+            ("call2-sf-fused.json", _one("parts", "moe", "projected_s"), "{:.2f} s"),
+            ("call3-sf-kernels.json", _one("parts", "moe", "projected_s"), "{:.2f} s"),
+            ("call2-sbs-causal-64.json", _one("runs", "a", "mean_kl"), "{}"),
+            ("call4-sbs-kernels-64.json", _one("runs", "b", "mean_kl"), "{}"),
+        )
     ],
     (
         RESULTS.parent / "2026-11-30-cpu-demo-single-pass" / "README.md",
@@ -759,15 +794,37 @@ def test_profile_layer_one_pass_on_the_tiny_model(tmp_path):
 
 def test_the_performance_page_states_the_estimate_its_record_gives():
     """docs/performance.md's full-release figures are benchmarks.release_estimate's on the H200
-    record of the engine's latest MoE layer (run, not copied)."""
+    one-pass record of the engine's latest dense and MoE layers (run, not copied)."""
     from benchmarks import release_estimate as est
 
-    record = RESULTS.parent / "2026-12-03-h200-batched-hooks-moe-layer" / "routed-down-512.json"
-    moe = est.MoeLayer.from_record(json.loads(record.read_text()))
+    record = json.loads((RESULTS.parent / "2026-12-03-h200-search-kernels" / "call3-pass-512.json").read_text())
+    moe, dense = est.MoeLayer.from_record(record), est.MoeLayer.dense_from_record(record)
+    assert dense is not None and moe.side_s is not None, "a one-pass record: nothing assumed"
     page = " ".join((RESULTS.parent.parent.parent / "docs" / "performance.md").read_text().split())
     for gpus, separate in ((1, False), (8, False), (8, True)):
-        assert f"{est.estimate(moe, gpus=gpus, separate=separate)['calibration_h']} h" in page, gpus
+        assert f"{est.estimate(moe, gpus=gpus, separate=separate, dense=dense)['calibration_h']} h" in page, gpus
     assert f"{moe.calibration_s:.1f} s calibration pass" in page and f"{moe.smoothing_s:.1f} s search" in page
+    rest = est.rest()
+    assert f"{rest['total_h']} h" in page and f"{rest['hours']['verify']} h" in page
+
+
+def test_the_rest_of_the_release_is_bytes_over_measured_rates():
+    """release_estimate.rest: GLM-4.7's bytes (a branch: INT4 Linears with a bf16 scale per group,
+    the embeddings, lm_head and routers in bf16) over the load and save rates of run U's in-RAM
+    build and run X's verify, read from their records."""
+    from benchmarks import release_estimate as est
+
+    assert [round(est.branch_gib(g)) for g in (32, 64, 128)] == [188, 178, 173]  # ~0.53 B a parameter
+    u = next(r for r in json.loads(est.RUN_U.read_text())["runs"] if r["mode"] == "ram")
+    x = json.loads(est.RUN_X.read_text())["verify"]
+    r = est.rest()
+    base = 355e9 * 2 / 2**30
+    assert r["base_gib"] == round(base, 1)
+    assert r["hours"]["load"] == round(base / (u["model_gib"] / u["timings_s"]["load"]) / 3600, 2)
+    assert r["hours"]["save"] == round(3 * base * u["timings_s"]["save"] / u["model_gib"] / 3600, 2)
+    per_branch = sum(v["seconds"] for v in x.values()) / 3
+    assert r["hours"]["verify"] == round(3 * base * per_branch / est.RUN_X_BASE_GIB / 3600, 2)
+    assert r["upload_h"]["10 Gbit/s"] == round(r["branches_gib"] * 2**30 * 8 / 10e9 / 3600, 2)
 
 
 def test_h2d_sources_counts_unpinned_copies_by_call_site_and_restores_torch():

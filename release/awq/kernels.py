@@ -15,9 +15,13 @@ final cast.
 **The gate** (`silu_and_mul`). transformers' `_default_apply_gate` splits [gate; up] into two
 strided halves and runs `silu(gate) * up` as two non-vectorized passes (0.6 ms each a 16k-token
 batch of GLM-4.7, at 131k routed rows); the kernel reads each row once and writes the product,
-with torch's own arithmetic (`x / (1 + exp(-x))` in fp32 with an IEEE division and libdevice's
-exp, rounded to the dtype, then the product in fp32 rounded once), so the bits are torch's
-(checked on the device before use). Only for experts whose gate is that function with SiLU.
+with torch's arithmetic (`x / (1 + exp(-x))` in fp32 with an IEEE division and libdevice's exp,
+rounded to the dtype, then the product in fp32 rounded once). It is checked bit for bit against
+torch's ops on a small case before use; on an H200 at GLM-4.7's dimensions a few of a MoE
+block's outputs still differed from torch's by one bf16 ulp (an exp rounded otherwise), and a
+side-by-side build chose the same scales for all 163 mappings with the same KL
+(benchmarks/results/2026-12-03-h200-search-kernels). Only for experts whose gate is that
+function with SiLU; `awq.triton_kernels: false` keeps torch's ops.
 
 Triton ships with CUDA builds of torch, not CPU ones: elsewhere (and wherever a kernel fails
 its first check against torch's ops on a small case) the torch ops run.
