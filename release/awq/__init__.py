@@ -7,12 +7,12 @@ to AWQ's own steps are overrides in `MoeAWQModifier` (modifier.py), a subclass o
 the all-reduce) `scaled_awq()` patches for one run through `hooks.Patches` and undoes when it
 exits. `scaled_awq` refuses any other llm-compressor version rather than patching blind.
 Modules: options (the knobs), state (what a run's patches share), stats (what it records),
-caches, experts, merge, balance, ranks (the patches' pieces), activations (AWQ's calibration
-hooks, their sums kept on the device), all_experts (on a GPU, every expert on every token as
-batched products in the calibration pass, and the routed tokens only in the propagation pass),
-modifier, engine, hooks, and side (one calibration pass for several group sizes: each layer
-smoothed once per side branch before the propagating branch's own smoothing; its docstring says
-why that is sound).
+caches, experts, merge, balance, ranks, causal, routing, kernels (the patches' pieces),
+activations (AWQ's calibration hooks, their sums kept on the device), all_experts (on a GPU,
+every expert on every token as batched products in the calibration pass, and the routed tokens
+only in the propagation pass), modifier, engine, hooks, and side (one calibration pass for
+several group sizes: each layer smoothed once per side branch before the propagating branch's
+own smoothing; its docstring says why that is sound).
 
 What stock 0.14.0.1 does and what each change does, by the name comments use for it (and
 the ScaleOptions field that turns it on):
@@ -130,6 +130,19 @@ the ScaleOptions field that turns it on):
 14. **Read ahead** (`read_ahead`). With the base weights offloaded to disk, the next decoder
    layer's byte ranges are asked into the page cache while a layer is smoothed (read_ahead.py):
    a hint, the same weights.
+15. **Causal attention in the search** (`causal_search_attention`, on a GPU). A cached attention
+   mask that is exactly the causal pattern (what eager attention's pipeline caches) is left out
+   of the search's SDPA forwards, so SDPA runs its causal GQA kernel instead of adding the mask
+   to every score with the key/value heads repeated (causal.py). The last bits of attention's
+   output may differ; the reference and every grid point take the same path.
+16. **Routing reuse** (`reuse_routing`). Inside a MoE block's search the router's outputs of the
+   reference forward answer the grid points' calls in the same order (routing.py): its weight
+   has no scheme the search quantizes and its input is the cached one. Same bits; the first
+   reuse of each mapping is recomputed and compared.
+17. **Triton kernels** (`triton_kernels`, on a GPU). The routed rows' weighted sum (with the
+   gather back to token order and the fp32 sum) and the experts' SiLU gate as single kernels
+   (kernels.py), each checked against torch's ops on the device before use; the gate may differ
+   from torch's in the last bit of a few elements.
 """
 
 from .engine import Engine, scaled_awq
