@@ -78,16 +78,23 @@ def weighted_slot_sum_fused(y: Any, weights: Any, back: Any, n_tok: int, k: int,
     return out
 
 
-def fused_sum_works(like: Any) -> bool:
-    """Whether the kernel runs on `like`'s device (Triton present, a CUDA device) and agrees with
-    torch's ops on a small case with uneven routing (tried once per caller's cache)."""
-    import torch
-
+def _triton_on(like: Any) -> bool:
+    """A CUDA tensor and an importable Triton (CPU builds of torch ship none)."""
     if not like.is_cuda:
         return False
     try:
         import triton  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def fused_sum_works(like: Any) -> bool:
+    """Whether the kernel runs on `like`'s device (Triton present, a CUDA device) and agrees with
+    torch's ops on a small case with uneven routing (tried once per caller's cache)."""
+    import torch
+
+    if not _triton_on(like):
         return False
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -159,11 +166,7 @@ def gate_kernel_works(like: Any) -> bool:
     (odd widths, a partial column block, values across SiLU's range)."""
     import torch
 
-    if not like.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not _triton_on(like):
         return False
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
