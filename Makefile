@@ -44,7 +44,7 @@ bench-scale: $(STAMP)
 
 ## test: run the test suite
 test: $(STAMP) git-lfs
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 ## vllm-env: vLLM (the release glmrel's serving rules are read from) in an environment of its own
 VLLM_VERSION := 0.33.0
