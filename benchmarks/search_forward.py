@@ -12,7 +12,8 @@ offload. This isolates the two parents whose forwards the grid search repeats:
   included;
 - `attention`: `Glm4MoeAttention` under SDPA on stacked samples, with the attention mask the
   calibration pipeline caches (`--mask eager`: the materialized [b, 1, q, k] causal mask eager
-  attention builds) or none (`--mask none`: SDPA's own causal flag).
+  attention builds) or none (`--mask none`: SDPA's own causal flag);
+- `mlp` (with `--parts`): a dense layer's `Glm4MoeMLP`.
 
   python -m benchmarks.search_forward --preset glm47 --device cuda --batches 8 --grid 3 --profile
 
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--merge", type=int, default=8, help="samples per merged batch (search_batch_tokens / seq)")
     ap.add_argument("--batches", type=int, default=8, help="merged batches per grid point")
     ap.add_argument("--grid", type=int, default=3, help="grid points timed")
-    ap.add_argument("--parts", default="moe,attention")
+    ap.add_argument("--parts", default="moe,attention", help="any of moe, attention, mlp (a dense layer's)")
     ap.add_argument("--mask", default="eager,none", help="attention masks to time: eager and/or none")
     ap.add_argument("--experts-module", help="another copy of release/awq/experts.py to run")
     ap.add_argument("--torch-ops", action="store_true", help="torch's ops for the gate and the sum, not kernels.py")
@@ -233,6 +234,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.profile:
             print(_profiled(block, flat, run, dev, args.rows), flush=True)
         del block, run, paths
+    if "mlp" in parts:  # a dense layer's MLP, the parent of its gate/up mapping
+        from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMLP
+
+        with torch.device(dev):
+            mlp = Glm4MoeMLP(cfg)
+        _init(mlp)
+        mlp.to(torch.bfloat16)
+        flat = [b.view(1, -1, hid) for b in batches]
+        _search(mlp, flat[:1], 1, None, dev)
+        s, loss = _search(mlp, flat, args.grid, None, dev)
+        out["parts"]["mlp"] = {"s_per_grid_point": round(s, 4), "projected_s": round(s * scale, 2), "loss": loss}
+        print(f"mlp: {s * 1e3 / args.batches:.2f} ms per merged batch, projected {s * scale:.2f} s", flush=True)
+        if args.profile:
+            print(_profiled(mlp, flat, None, dev, args.rows), flush=True)
+        del mlp
     if "attention" in parts:
         attn, rope = attention(cfg, dev)
         pos = torch.arange(args.seq, device=dev).expand(args.merge, -1)

@@ -846,3 +846,24 @@ def test_h2d_sources_counts_unpinned_copies_by_call_site_and_restores_torch():
     (row,) = sources.top()
     assert row["copies"] == 1 and row["shapes"] == [[4, 8]] and "test_benchmarks.py" in row["site"]
     assert (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_) == originals
+
+
+def test_search_forward_times_each_parent_on_the_tiny_preset(tmp_path):
+    """benchmarks.search_forward on the CPU at the tiny preset: every parent timed and projected,
+    the grid points' forwards equal to the reference (the weights do not change there, so a
+    nonzero loss would mean a forward that is not deterministic), and another copy of experts.py
+    run in place of the package's."""
+    import shutil
+
+    from benchmarks import search_forward
+
+    other = tmp_path / "experts_copy.py"
+    shutil.copy(Path(search_forward.__file__).parent.parent / "release" / "awq" / "experts.py", other)
+    args = ["--preset", "tiny", "--device", "cpu", "--seq", "32", "--merge", "2", "--batches", "2", "--grid", "1"]
+    out = search_forward.main([*args, "--parts", "moe,mlp,attention", "--json", str(tmp_path / "sf.json")])
+    assert set(out["parts"]) == {"moe", "mlp", "attention_mask_eager", "attention_mask_none"}
+    assert all(p["projected_s"] > 0 and p["loss"] == 0.0 for p in out["parts"].values())
+    assert out["parts"]["moe"]["paths"]["kernels"] == {"weighted_sum": False, "silu_gate": False}, "no Triton on a CPU"
+    assert json.loads((tmp_path / "sf.json").read_text()) == out
+    copy = search_forward.main([*args, "--parts", "moe", "--experts-module", str(other)])
+    assert copy["experts_module"] == str(other) and copy["parts"]["moe"]["loss"] == 0.0
