@@ -209,13 +209,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "parts": {},
     }
     parts = args.parts.split(",")
+
+    def timed(name: str, forward: Any, inputs: list[Any], run: Any, label: str = "") -> dict[str, Any]:
+        """A warm-up grid point (kernels chosen, buffers made), then `args.grid` timed ones."""
+        _search(forward, inputs[:1], 1, run, dev)
+        s, loss = _search(forward, inputs, args.grid, run, dev)
+        out["parts"][name] = {"s_per_grid_point": round(s, 4), "projected_s": round(s * scale, 2), "loss": loss}
+        print(
+            f"{label or name}: {s * 1e3 / args.batches:.2f} ms per merged batch, projected {s * scale:.2f} s",
+            flush=True,
+        )
+        if args.profile:
+            print(_profiled(forward, inputs, run, dev, args.rows), flush=True)
+        return out["parts"][name]
+
+    flat = [b.view(1, -1, hid) for b in batches]  # token-wise parents: one sample of 8 x 2048 tokens
     if "moe" in parts:
         block, run, paths = moe_block(cfg, dev, _experts_module(args.experts_module), not args.torch_ops)
-        flat = [b.view(1, -1, hid) for b in batches]
-        _search(block, flat[:1], 1, run, dev)  # warm-up: kernels chosen, buffers made
-        s, loss = _search(block, flat, args.grid, run, dev)
         shown = {k: vars(v) if k == "kernels" else v for k, v in paths.items()}
-        moe = {"s_per_grid_point": round(s, 4), "projected_s": round(s * scale, 2), "loss": loss, "paths": shown}
+        moe = timed("moe", block, flat, run, f"moe {shown}")
+        moe["paths"] = shown
         used = paths.get("kernels")
         if used is not None and (used.weighted_sum or used.silu_gate):  # against torch's ops, one batch
             with torch.no_grad():
@@ -229,10 +242,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "bit_equal_fraction": (fused == ops).float().mean().item(),
             }
             print(f"kernels against torch's ops: {moe['kernels_vs_torch']}", flush=True)
-        out["parts"]["moe"] = moe
-        print(f"moe {shown}: {s * 1e3 / args.batches:.2f} ms per merged batch, projected {s * scale:.2f} s", flush=True)
-        if args.profile:
-            print(_profiled(block, flat, run, dev, args.rows), flush=True)
         del block, run, paths
     if "mlp" in parts:  # a dense layer's MLP, the parent of its gate/up mapping
         from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMLP
@@ -240,14 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with torch.device(dev):
             mlp = Glm4MoeMLP(cfg)
         _init(mlp)
-        mlp.to(torch.bfloat16)
-        flat = [b.view(1, -1, hid) for b in batches]
-        _search(mlp, flat[:1], 1, None, dev)
-        s, loss = _search(mlp, flat, args.grid, None, dev)
-        out["parts"]["mlp"] = {"s_per_grid_point": round(s, 4), "projected_s": round(s * scale, 2), "loss": loss}
-        print(f"mlp: {s * 1e3 / args.batches:.2f} ms per merged batch, projected {s * scale:.2f} s", flush=True)
-        if args.profile:
-            print(_profiled(mlp, flat, None, dev, args.rows), flush=True)
+        timed("mlp", mlp.to(torch.bfloat16), flat, None)
         del mlp
     if "attention" in parts:
         attn, rope = attention(cfg, dev)
@@ -259,13 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             def forward(x: Any, mask: Any = mask) -> Any:
                 return attn(x, position_embeddings=cos_sin, attention_mask=mask)[0]
 
-            _search(forward, batches[:1], 1, None, dev)
-            s, loss = _search(forward, batches, args.grid, None, dev)
-            key = f"attention_mask_{kind}"
-            out["parts"][key] = {"s_per_grid_point": round(s, 4), "projected_s": round(s * scale, 2), "loss": loss}
-            print(f"{key}: {s * 1e3 / args.batches:.2f} ms per merged batch, projected {s * scale:.2f} s", flush=True)
-            if args.profile:
-                print(_profiled(forward, batches, None, dev, args.rows), flush=True)
+            timed(f"attention_mask_{kind}", forward, batches, None)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1) + "\n")
