@@ -184,7 +184,7 @@ def grouped_experts_forward(
                 [torch.bmm(x, w_gate[first:last].transpose(1, 2)), torch.bmm(x, w_up[first:last].transpose(1, 2))],
                 dim=-1,
             )
-            act = experts[0]._apply_gate(gate_up)
+            act = kernels.gate(experts, gate_up)
             del x, gate_up
             y[lo:hi] = torch.bmm(act, w_down[first:last].transpose(1, 2))[e_of, r_of]
             del act
