@@ -105,6 +105,10 @@ class Engine:
         self.host.stop()
         self.stats.resident_peak_gib = self.ledger.peak / 2**30
         self.stats.gram_gib = self.grams.peak / 2**30
+        self.stats.routing_reused, self.stats.routing_reuse_disabled = (
+            self.run.routing.reused,
+            self.run.routing.disabled,
+        )
         wb = self.write_back
         if wb is not None:
             self.stats.deferred_writes = wb.deferred
@@ -268,10 +272,7 @@ def scaled_awq(
         """Routing reuse in the search (routing.py): outside a MoE block's search, stock's."""
         if not run.smoothing:
             return stock_router(self, hidden_states)
-        out = run.routing.route(self, hidden_states, stock_router)
-        stats.routing_reused = run.routing.reused
-        stats.routing_reuse_disabled = run.routing.disabled
-        return out
+        return run.routing.route(self, hidden_states, stock_router)
 
     def no_pin(self: Any, batch_index: int, input_names: Any = None) -> None:
         """Without an accelerator: AWQ's smoothing pins cached inputs, and `tensor.pin_memory()`
