@@ -25,9 +25,8 @@ quantizes and stores the side layers, a part not separated in the record), not m
 several GPUs.
 
 The rest of the release (`rest`): the base model loaded once per pass, each branch compressed
-and saved, the three branches verified against the base model (one pass streamed layer by layer on one
-GPU, the base model read once), the
-manifests hashed once, and the bytes to upload. Their rates come from the rehearsal-sized runs
+and saved, the three branches verified against the base model (one pass streamed layer by
+layer on one GPU, the base model read once), the manifests hashed once, and the bytes to upload. Their rates come from the rehearsal-sized runs
 that measured them (run U's in-RAM build for load and save, run X for verify, the manifest
 benchmark for hashing), scaled to GLM-4.7's bytes: arithmetic from measured rates, not a
 measurement of the full model. The upload is given as bytes and the time at two uplinks.
@@ -45,7 +44,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-MOE_LAYERS, DENSE_LAYERS, BRANCHES = 89, 3, 3
+GROUP_SIZES = (32, 64, 128)  # the release's branches
+MOE_LAYERS, DENSE_LAYERS, BRANCHES = 89, 3, len(GROUP_SIZES)
 SIDE_OVER_LEAD = 128.1 / 125.3  # a side branch's smoothing against the propagating one's (run of 2026-11-30)
 RUN_P_DENSE_S = 108.0  # one dense layer, 512 x 2048, one H200 (run P, ec296b7)
 RUN_P_FIXED_S = {"moe": 4.8, "dense": 3.0}  # per-rank part a of a + b / N (run P's 2- and 4-GPU fit)
@@ -58,7 +58,6 @@ GIB = 2**30
 # lm_head (151,552 x 5,120 each) stay bf16 in a branch, every other Linear is INT4 with one bf16
 # scale per group (symmetric: no zero point)
 BASE_PARAMS, KEPT_PARAMS = 355e9, 2 * 151_552 * 5_120 + 92 * 160 * 5_120
-GROUP_SIZES = (32, 64, 128)
 # run X's model (benchmarks.synthetic --preset glm47 --layers 2): 5.81 B parameters as the
 # synthetic prints them, plus the appended MTP layer's 5.54 B (run U's 35.81 GiB model less its
 # 13.68 B printed parameters, in bf16)
@@ -85,7 +84,7 @@ def rest(upload_gbit_s: tuple[float, ...] = (10.0, 1.0)) -> dict[str, Any]:
     branches = sum(branch_gib(g) for g in GROUP_SIZES)
     hours = {
         "load": base / load_gib_s / 3600,
-        "save": len(GROUP_SIZES) * base / save_gib_s / 3600,
+        "save": BRANCHES * base / save_gib_s / 3600,
         "verify": base / verify_gib_s / 3600,
         "manifests": branches / HASH_GIB_S / 3600,
     }
