@@ -136,14 +136,14 @@ def load_report(mtp_layers: list[int], echo: Callable[[str], None]) -> Iterator[
     finally:
         lg.removeHandler(handler)
     for message in handler.messages:
-        rows = re.findall(r"^(\S+)\s*\|\s*([A-Z_]+)\s*\|", _plain(message), flags=re.M)
+        rows = re.findall(r"^(\S.*?)\s*\|\s*([A-Z_]+)\s*\|", _plain(message), flags=re.M)
         rows = [(k, s) for k, s in rows if k != "Key"]
         mtp = tuple(f"model.layers.{n}." for n in mtp_layers)
         expected = [k for k, s in rows if s == "UNEXPECTED" and k.startswith(mtp)]
         other = [(k, s) for k, s in rows if (k, s) not in {(e, "UNEXPECTED") for e in expected}]
         if expected:
             echo(
-                f"the base checkpoint's MTP layer ({len(expected)} tensors under "
+                f"the base checkpoint's MTP layer ({sum(map(_tensors_in_row, expected))} tensors under "
                 f"{', '.join(p + '*' for p in mtp)}) is not part of transformers' model class: expected, "
                 "glmrel carries it over unquantized"
             )
@@ -152,6 +152,15 @@ def load_report(mtp_layers: list[int], echo: Callable[[str], None]) -> Iterator[
                 f" and {len(other) - 5} more" if len(other) > 5 else ""
             )
             echo(f"warning: transformers' load report names {len(other)} tensor(s) besides the MTP layer: {listed}")
+
+
+def _tensors_in_row(key: str) -> int:
+    """How many tensors one row of transformers' load report names: it folds the experts' names
+    into one row (`mlp.experts.{0, 1, 2}.up_proj.weight`: three)."""
+    count = 1
+    for group in re.findall(r"\{([^{}]*)\}", key):
+        count *= len([part for part in group.split(",") if part.strip()])
+    return count
 
 
 def _plain(text: str) -> str:

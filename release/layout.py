@@ -28,6 +28,7 @@ TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
 QUANT_SUFFIX = re.compile(r"\.(weight_packed|weight_scale|weight_shape|weight_zero_point|weight_g_idx)$")
 FUSED_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)(_\w+)?$")
+PER_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 # ---------------------------------------------------------------- the MTP layer
@@ -78,6 +79,14 @@ def read_weight_map(folder: Path) -> dict[str, str]:
         if not shard_in_folder(shard):
             raise ReleaseError(f"{index} maps {name} to {shard!r}, not a file of {folder.name}", hint=hint)
     return dict(weight_map)
+
+
+def experts_per_expert(weight_map: dict[str, str]) -> bool:
+    """Whether a base checkpoint stores its routed experts one Linear each
+    (`mlp.experts.<e>.gate_proj.weight`, as GLM-4.7 and transformers' own saves do) and never
+    fused (`mlp.experts.gate_up_proj`): then its experts load straight into per-expert Linears."""
+    names = list(weight_map)
+    return any(PER_EXPERT.search(n) for n in names) and not any(FUSED_EXPERTS.search(n) for n in names)
 
 
 def read_shard(path: Path) -> tuple[SafetensorsFileMetadata | None, list[str]]:

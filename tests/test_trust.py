@@ -337,7 +337,7 @@ def test_json_refusals_print_one_json_document_with_the_error(write_config, tmp_
 def test_build_all_json_is_one_document_and_the_console_is_glmrels(demo_assets, tmp_path):
     """A real build under --json: stdout is one JSON document (llm-compressor's logger wrote
     300+ lines there), the libraries' logs are in the log file, and the console says what the
-    MTP load report means instead of listing 24 tensors as UNEXPECTED."""
+    MTP load report means instead of listing its 46 tensors (8 experts) as UNEXPECTED."""
     from conftest import demo_raw_config
 
     raw = demo_raw_config(demo_assets)
@@ -357,7 +357,7 @@ def test_build_all_json_is_one_document_and_the_console_is_glmrels(demo_assets, 
     doc = json.loads(proc.stdout)
     assert doc["ok"] is True and doc["passed"] is True and [b["branch"] for b in doc["branches"]] == ["W4A16_GS128"]
     assert "UNEXPECTED" not in proc.stderr and "No accelerator available" not in proc.stderr
-    assert "MTP layer (24 tensors under model.layers.4.*) is not part of transformers' model class" in proc.stderr
+    assert "MTP layer (46 tensors under model.layers.4.*) is not part of transformers' model class" in proc.stderr
     assert "[W4A16_GS128] layer 4/4:" in proc.stderr
     log = tmp_path / "out" / ".glmrel-cache" / "logs" / "build-all.log"
     assert "No accelerator available" in log.read_text() and "LOAD REPORT" in log.read_text()

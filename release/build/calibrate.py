@@ -10,7 +10,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,12 @@ from ..awq import ScaleOptions, ScaleStats, SideBranch
 from ..config import ReleaseConfig
 from ..console import load_report
 from ..errors import ReleaseError
-from ..layout import mtp_ignore_entry, mtp_prefix
+from ..layout import experts_per_expert, mtp_ignore_entry, mtp_prefix, read_weight_map
 from ..manifest import CACHE_DIR
 from ..owned import create_owned, remove_owned
 from . import distributed
 from .branch_folder import COVERAGE_FILE, RECIPE_FILE, BranchJob, Log, partial_folder, remove_stale_partials
+from .compat import linearized_load
 from .coverage import ExpertCounts
 
 
@@ -185,14 +186,38 @@ def load_base_model(cfg: ReleaseConfig, base_dir: Path, label: str, echo: Log = 
 
     echo(f"[{label}] loading {cfg.base_model.display_id}")
     dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    # a per-expert checkpoint (GLM-4.7's) loads straight into per-expert Linears; a fused one is
+    # loaded as transformers builds it and linearized after
+    weight_map = read_weight_map(base_dir)
+    direct = experts_per_expert(weight_map)
     with load_report(Glm4MoeArch.from_dir(base_dir).mtp_layers, lambda s: echo(f"[{label}] {s}")):
-        if cfg.offload.cpu_gib is None:
-            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-        else:
-            model = load_offloaded(cfg, base_dir, dtype, echo=lambda s: echo(f"[{label}] {s}"))
+        with linearized_load("glm4_moe") if direct else nullcontext():
+            if cfg.offload.cpu_gib is None:
+                model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+            else:
+                model = load_offloaded(cfg, base_dir, dtype, echo=lambda s: echo(f"[{label}] {s}"))
+    if direct and (missing := _not_in_checkpoint(model, weight_map)):
+        raise ReleaseError(
+            f"the base checkpoint has no tensor for {len(missing)} of the model's weights "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): they would be random",
+            hint="point base_model at a complete GLM-4-MoE checkpoint (every shard its index names)",
+        )
     model.eval()
-    linearize_moe(model)
+    if not direct:
+        linearize_moe(model)
     return model
+
+
+def _not_in_checkpoint(model: Any, weight_map: dict[str, str]) -> list[str]:
+    """The model's parameters and persistent buffers that no tensor of the checkpoint has a name
+    for. Loaded straight into per-expert Linears, a model's names are the checkpoint's: one
+    missing here was left as initialized, not loaded."""
+    names = {name for name, _ in model.named_parameters()}
+    for prefix, module in model.named_modules():
+        names |= {
+            f"{prefix}.{b}" if prefix else b for b in module._buffers if b not in module._non_persistent_buffers_set
+        }
+    return sorted(names - set(weight_map))
 
 
 # Shards of a saved branch: the size of GLM-4.7's own, and what bounds host RAM while saving a
@@ -220,8 +245,8 @@ def load_offloaded(cfg: ReleaseConfig, base_dir: Path, dtype: Any, echo: Log = p
     """The base model with at most `offload.cpu_gib` of its weights in host RAM, the rest in
     safetensors files under `offload_folder` (compressed-tensors' disk offload, read back a
     tensor at a time when the sequential pipeline onloads a layer). Weights the checkpoint
-    already holds are symlinked, not copied; the experts linearized after loading, and every
-    weight AWQ smooths, are written there. Under torchrun, rank 0 loads and the ranks share
+    already holds are symlinked, not copied (a per-expert checkpoint's experts too: they load
+    straight into per-expert Linears); every weight AWQ smooths is written there. Under torchrun, rank 0 loads and the ranks share
     its offload: one copy per node."""
     from compressed_tensors.offload import load_offloaded_model
     from transformers import AutoModelForCausalLM
@@ -235,7 +260,11 @@ def load_offloaded(cfg: ReleaseConfig, base_dir: Path, dtype: Any, echo: Log = p
     echo(f"offloading the base model's weights beyond {cfg.offload.cpu_gib:g} GiB of host RAM to {folder}")
     with load_offloaded_model():
         return AutoModelForCausalLM.from_pretrained(
-            base_dir, dtype=dtype, device_map="auto_offload", max_memory={"cpu": cap}, offload_folder=str(folder)
+            base_dir,
+            dtype=dtype,
+            device_map="auto_offload",
+            max_memory={"cpu": cap},
+            offload_folder=str(folder),
         )
 
 
