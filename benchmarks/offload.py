@@ -14,7 +14,9 @@ modes must give the same bits).
 
 With `--enforce`, the offload run is put in a cgroup v2 whose `memory.max` is the model's size
 on disk minus one GiB (or `--limit-gib`): it could not hold the model in RAM if it tried. Where the machine does
-not let this process create a cgroup, the record says so and the cap is only measured.
+not let this process create a cgroup, the record says so and the cap is only measured. With
+`--drop-caches` each mode starts with an empty page cache (the record says whether it could):
+the model is read from disk, not from what the previous mode left cached.
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ def _cgroup(limit: int) -> tuple[Path | None, str]:
         return None, f"not enforced: cannot create a cgroup here ({e.strerror or e}); measured only"
 
 
+def _drop_page_cache() -> str:
+    """Write back and drop the kernel's page cache, so the next run reads the model from disk
+    (where the machine lets this process: it needs root)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "dropped"
+    except OSError as e:
+        return f"not dropped ({e.strerror or e})"
+
+
 def _weights_digest(branch: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(branch.glob("model*.safetensors")):
@@ -62,7 +75,8 @@ def _weights_digest(branch: Path) -> str:
 def run_mode(
     mode: str, config: Path, work: Path, branch: str, gpus: int, limit: tuple[Path | None, str] | None
 ) -> dict[str, Any]:
-    folder = work / "branches" / ".glmrel-cache" / "offload"
+    # the offload lives in a sub-folder of the cache named for the process (.offload.partial-<pid>@<host>)
+    folder = work / "branches" / ".glmrel-cache"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "release.cli", "quantize", "--config", str(config), "--branch", branch, "--force"]
     argv += ["--gpus", str(gpus)] if gpus > 1 else []
@@ -132,6 +146,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse the synthetic model already in --work")
     ap.add_argument("--enforce", action="store_true", help="run the offload mode under a cgroup memory limit")
     ap.add_argument("--limit-gib", type=float, default=None, help="that limit (default: the model's size - 1 GiB)")
+    ap.add_argument("--drop-caches", action="store_true", help="empty the page cache before each mode (root)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     work = a.work.resolve()
@@ -152,6 +167,8 @@ def main() -> None:
     raw = yaml.safe_load(config.read_text())
     for mode in a.modes.split(","):
         raw.pop("offload", None)
+        if a.drop_caches:  # each mode reads the model from disk, as a node whose RAM cannot cache it does
+            report.setdefault("page_cache", {})[mode] = _drop_page_cache()
         limit = None
         if mode == "offload":
             raw["offload"] = {"cpu_gib": a.cpu_gib}

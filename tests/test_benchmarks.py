@@ -867,3 +867,23 @@ def test_search_forward_times_each_parent_on_the_tiny_preset(tmp_path):
     assert json.loads((tmp_path / "sf.json").read_text()) == out
     copy = search_forward.main([*args, "--parts", "moe", "--experts-module", str(other)])
     assert copy["experts_module"] == str(other) and copy["parts"]["moe"]["loss"] == 0.0
+
+
+def test_verify_profile_names_where_the_streaming_verify_spends_its_time(demo_release):
+    """benchmarks.verify_profile on the demo release: every span of the streaming verify is
+    timed (the base and three branches read, decompressed, made real and run through each of
+    the 4 layers), the spans fit inside the wall time, and the branches' verify.json are what
+    build-all wrote (the same comparison, the same content)."""
+    from benchmarks import verify_profile
+
+    cfg = demo_release["config"]
+    before = {b.name: (cfg.output_dir / b.name / "verify.json").read_bytes() for b in cfg.branches}
+    rec = verify_profile.profile_verify(demo_release["config_path"])
+    spans = rec["spans_s"]
+    assert {"read", "decompress", "fuse", "materialize", "forward", "divergence", "digest", "decode"} <= set(spans)
+    models, layers = 1 + len(cfg.branches), 4
+    assert spans["forward"]["calls"] == models * layers and spans["divergence"]["calls"] == layers
+    assert spans["fuse"]["calls"] == models * 3, "the MoE layers' experts fused, per model"
+    assert 0 < rec["spans_sum_s"] <= rec["wall_s"]
+    assert rec["passed"] == {b.name: True for b in cfg.branches}
+    assert {b.name: (cfg.output_dir / b.name / "verify.json").read_bytes() for b in cfg.branches} == before

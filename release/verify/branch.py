@@ -215,7 +215,7 @@ def verify_branches(
     it measured; a branch whose files change meanwhile gets none."""
     import torch
 
-    from .stream import stream_compare
+    from .stream import phase, stream_compare
 
     t0 = time.time()
     for name, folder in branches.items():
@@ -224,7 +224,8 @@ def verify_branches(
                 f"branch folder {folder} has no config.json", hint=f"run `glmrel quantize --branch {name}` first"
             )
         require_sealed(folder, name)  # only what glmrel built and sealed is measured
-    contents = {name: folder_content_digest(folder) for name, folder in branches.items()}
+    with phase("digest"):
+        contents = {name: folder_content_digest(folder) for name, folder in branches.items()}
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     base, results = stream_compare(reference.base_dir, branches, reference.batches, device=device, log=log)
     base_ppl = _perplexity(base.logprobs, reference.batches)
@@ -240,10 +241,12 @@ def verify_branches(
         mean_kl, agreement = kl_sum / n, top1 / n
         fits, why = _fits_in_memory(folder)
         if fits:
-            prompt, decoded, generated = _decode(folder, reference.tokenizer)
+            with phase("decode"):
+                prompt, decoded, generated = _decode(folder, reference.tokenizer)
         else:
             prompt, decoded, generated = "", f"decode skipped: {why}", True
-        vllm_line, vllm_failed = vllm_check(folder)
+        with phase("vllm_check"):
+            vllm_line, vllm_failed = vllm_check(folder)
         failures = []
         if vllm_failed:
             failures.append(vllm_line)
@@ -275,7 +278,9 @@ def verify_branches(
                 for d in results[name].layers
             ],
         )
-        if folder_content_digest(folder) != contents[name]:
+        with phase("digest"):
+            changed = folder_content_digest(folder) != contents[name]
+        if changed:
             raise ReleaseError(
                 f"the files of {folder} changed while it was being verified; no verify.json was written",
                 hint=f"run `glmrel verify --branch {name}` again once nothing else writes to the branch",

@@ -51,6 +51,14 @@ class StreamResult:
     layers: list[LayerDivergence]
 
 
+def phase(name: str) -> Any:
+    """A named span of the streaming verify (`verify.<name>`) for torch's profiler: what
+    benchmarks/verify_profile.py sums. Costs nothing when no profiler runs."""
+    import torch
+
+    return torch.profiler.record_function(f"verify.{name}")
+
+
 class Checkpoint:
     """Tensors of a safetensors checkpoint by name, through its index (or its one shard)."""
 
@@ -130,9 +138,10 @@ def _fused_experts(tensors: dict[str, Any], n_experts: int) -> dict[str, Any]:
 def _materialized(module: Any, tensors: dict[str, Any], device: Any, what: str) -> Iterator[Any]:
     """`module` (built on the meta device) with `tensors` on `device` for the block's duration,
     then back on the meta device (its memory released)."""
-    module.to_empty(device=device)
     try:
-        missing, unexpected = module.load_state_dict(tensors, strict=False)
+        with phase("materialize"):
+            module.to_empty(device=device)
+            missing, unexpected = module.load_state_dict(tensors, strict=False)
     except RuntimeError as e:  # shape mismatches
         raise ReleaseError(f"{what} does not fit the model: {e}", hint="run `glmrel check` on it") from e
     if missing or unexpected:
@@ -161,9 +170,13 @@ class _Model:
         self.n_experts = int(model_config.n_routed_experts)
 
     def piece(self, module: Any, prefix: str, device: Any, fuse: bool = False):  # type: ignore[no-untyped-def]
-        tensors = _decompressed(self.checkpoint.load(prefix, device), self.scheme)
+        with phase("read"):
+            tensors = self.checkpoint.load(prefix, device)
+        with phase("decompress"):
+            tensors = _decompressed(tensors, self.scheme)
         if fuse:
-            tensors = _fused_experts(tensors, self.n_experts)
+            with phase("fuse"):
+                tensors = _fused_experts(tensors, self.n_experts)
         return _materialized(module, tensors, device, f"{self.name}: {prefix or 'top level'}")
 
 
@@ -222,9 +235,11 @@ def stream_compare(
             moe = i >= config.first_k_dense_replace
             for name, m in models.items():
                 with m.piece(m.model.model.layers[i], f"model.layers.{i}.", device, fuse=moe) as layer:
-                    hidden[name] = [layer(h, use_cache=False, **x) for h, x in zip(hidden[name], extras)]
-            for name in branch_dirs:
-                layers[name].append(_divergence(i, hidden[name], hidden[""]))
+                    with phase("forward"):
+                        hidden[name] = [layer(h, use_cache=False, **x) for h, x in zip(hidden[name], extras)]
+            with phase("divergence"):
+                for name in branch_dirs:
+                    layers[name].append(_divergence(i, hidden[name], hidden[""]))
             log(f"layer {i}: " + ", ".join(f"{n} {layers[n][-1].rel_error:.2e}" for n in branch_dirs))
         results = {}
         for name, m in models.items():
