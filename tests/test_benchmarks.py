@@ -482,6 +482,16 @@ CITED = [
         "{:.1f} GiB",
     ),
     (DOCS, "2026-11-30-h200x2-offload-glm47-4layer/Y-2gpu-offload-cgroup34.8.json", _run(0, "wall_s"), "{:.1f} s"),
+    (DOCS, "2026-12-03-h200-offload-direct-load/call1-ram-512.json", _run(0, "wall_s"), "{:.1f} s"),
+    (DOCS, "2026-12-03-h200-offload-direct-load/call2-offload-512.json", _run(0, "wall_s"), "{:.1f} s"),
+    (ACCOUNT, "2026-12-03-h200-offload-direct-load/call1-ram-512.json", _run(0, "wall_s"), "{:.1f} s"),
+    (ACCOUNT, "2026-12-03-h200-offload-direct-load/call2-offload-512.json", _run(0, "wall_s"), "{:.1f} s"),
+    (
+        DOCS,
+        "2026-12-03-h200-offload-direct-load/call2-offload-512.json",
+        _run(0, "peak_offload_folder_gib"),
+        "{:.1f} GiB",
+    ),
     (DOCS, "2026-11-30-h200x2-rehearsal-glm47-2layer/run-X-c465fcc-2gpu.json", _stage("build-all"), "{:.1f} s"),
     (ACCOUNT, "2026-11-30-h200x2-rehearsal-glm47-2layer/run-X-c465fcc-2gpu.json", _stage("build-all"), "{:.1f} s"),
     (DOCS, "2026-11-30-h200x2-rehearsal-glm47-2layer/run-X-c465fcc-2gpu.json", _stage("publish hub"), "{:.1f} s"),
@@ -583,6 +593,23 @@ def test_offload_record_keeps_the_weights_under_a_cap_below_the_model():
     assert (run["mode"], run["gpus"], run["exit"]) == ("offload", 2, 0)
     limit = float(run["memory_limit"].split("= ")[1].split()[0])
     assert limit < y["model_gib"] and run["cgroup_memory_peak_gib"] <= limit + 0.05
+
+
+def test_offload_record_of_the_per_expert_load_keeps_the_weights_and_writes_only_smoothed_ones():
+    """The 2026-12-03 pair: the offloaded build (cap below the model's size, page cache dropped)
+    has the in-RAM build's weights, stayed under its limit, and its offload folder never held
+    more than the smoothed layers (well under half the model; 1.2x before the per-expert load)."""
+    folder = RESULTS.parent / "2026-12-03-h200-offload-direct-load"
+    (ram,) = json.loads((folder / "call1-ram-512.json").read_text())["runs"]
+    off_record = json.loads((folder / "call2-offload-512.json").read_text())
+    (off,) = off_record["runs"]
+    assert (ram["mode"], off["mode"]) == ("ram", "offload") and ram["exit"] == off["exit"] == 0
+    assert ram["weights_sha256"] == off["weights_sha256"]
+    assert off_record["page_cache"] == {"offload": "dropped"}
+    limit = float(off["memory_limit"].split("= ")[1].split()[0])
+    assert limit < off_record["model_gib"] and off["cgroup_memory_peak_gib"] <= limit + 0.05
+    assert 0 < off["peak_offload_folder_gib"] < 0.5 * off_record["model_gib"]
+    assert round(off["wall_s"] / ram["wall_s"], 2) == 1.29
 
 
 def test_rehearsal_record_ran_the_release_path_with_flat_host_memory():
