@@ -199,6 +199,11 @@ def test_two_ranks_match_one_process(builds, tmp_path, expert_search):
     assert not list((tmp_path / "out").glob(".*partial*")), "no temporary folder left behind"
     assert not (tmp_path / "out" / ".glmrel-cache" / "offload").exists(), "no offloaded weights left behind"
     assert prov["offload_cpu_gib"] == raw.get("offload", {}).get("cpu_gib")
+    if raw.get("offload"):  # each smoothed weight on disk written by one rank, not by both
+        wb = engine["write_back"]
+        layers = 4  # one flush per smoothed layer; rank 0 takes the odd one of each
+        assert 0 < wb["disk_weights_written_here"] < wb["disk_weights"], wb
+        assert wb["disk_weights_written_here"] <= (wb["disk_weights"] + layers) // 2, wb
 
 
 @pytest.mark.slow

@@ -106,7 +106,10 @@ the ScaleOptions field that turns it on):
    staging buffers (the copy from the GPU of one overlaps the host copy of the other), and under
    data parallelism each rank copies its share of the layers' weights into the shared CPU memory,
    then waits for the others. Until then nothing reads the CPU copies: the layer stays onloaded
-   through its smoothing and the propagation pass. Same values, bit for bit.
+   through its smoothing and the propagation pass. Same values, bit for bit. Weights offloaded
+   to disk (`offload.cpu_gib`) are deferred the same way and their files written at the end of
+   the layer; under data parallelism each by one rank (stock: every rank rewrote every smoothed
+   weight's file, N copies of the layer's experts per node).
 12. **Batched balance layers** (`batched_balance_layers`). At each grid point stock quantizes the
    mapping's balance layers one by one: for each Linear a scaled copy, an observer pass (min/max),
    `update_qparams` and `forward_quantize`, ~30 small kernels and their framework calls. The MoE

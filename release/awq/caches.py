@@ -103,17 +103,21 @@ class Ledger:
 
 class WriteBack:
     """Deferred write-back: smoothed weights written to the onloaded (GPU) copy during a layer's AWQ
-    smoothing, and copied to their CPU offload once, at the end of it."""
+    smoothing, and copied to their offload once, at the end of it: into host memory, or (base
+    weights offloaded to disk) written to their file. Under data parallelism every rank holds the
+    same smoothed weights, so each weight is written by one rank only."""
 
     def __init__(self, stage_bytes: int = 256 * 2**20, check: bool = False) -> None:
         self.stage_bytes = stage_bytes
         self.check = check  # after each flush, compare every CPU copy (all ranks' shares) with ours
         self.checked = self.mismatches = 0
         self.check_seconds = 0.0  # left out of the layer's smoothing time
-        self.dirty: dict[int, tuple[Any, Any, bool]] = {}  # id(offloaded) -> (offloaded, onloaded, shared)
+        # id(offloaded) -> (offloaded, onloaded, shared by the ranks, its DiskCache for a weight on disk)
+        self.dirty: dict[int, tuple[Any, Any, bool, Any]] = {}
         self.stages: list[Any] = []
         self.deferred = 0
         self.bytes = 0
+        self.disk_deferred = self.disk_written = 0  # weights on disk: marked, and written by this rank
         self.seconds = 0.0
 
     def defer(self, module: Any, name: str, data: Any) -> bool:
@@ -122,7 +126,9 @@ class WriteBack:
         import torch
         from compressed_tensors.offload.cache.base import OffloadCache
         from compressed_tensors.offload.cache.cpu import CPUCache
+        from compressed_tensors.offload.cache.disk import DiskCache
         from compressed_tensors.offload.cache.dist_cpu import DistributedCPUCache
+        from compressed_tensors.offload.cache.dist_disk import DistributedDiskCache
 
         if not OffloadCache.offloading_disabled or OffloadCache.onloading_disabled:
             return False
@@ -134,34 +140,42 @@ class WriteBack:
             ),
             None,
         )
-        if not isinstance(cache, CPUCache):  # disk and device offloads write as stock
+        disk = isinstance(cache, DiskCache)
+        if cache is None or not (disk or isinstance(cache, CPUCache)):  # device offloads write as stock
             return False
         offloaded = cache.offloaded_values.get(name)
         onloaded = None if offloaded is None else OffloadCache.keep_onloaded_values.get(offloaded)
         if (
             onloaded is None
-            or onloaded.untyped_storage().data_ptr() == offloaded.untyped_storage().data_ptr()
             or not torch.is_same_size(offloaded, data)
+            # onloaded without a copy (CPU offload, execution on the CPU); a disk offload's
+            # onloaded tensor is always a copy of its file
+            or (not disk and onloaded.untyped_storage().data_ptr() == offloaded.untyped_storage().data_ptr())
         ):
-            return False  # not onloaded, or onloaded without a copy (execution on the CPU)
+            return False
         if data is not onloaded:
             with torch.no_grad():
                 onloaded.copy_(data)
-        self.dirty[id(offloaded)] = (offloaded, onloaded, isinstance(cache, DistributedCPUCache))
+        shared = isinstance(cache, (DistributedCPUCache, DistributedDiskCache))
+        if disk and id(offloaded) not in self.dirty:
+            self.disk_deferred += 1
+        self.dirty[id(offloaded)] = (offloaded, onloaded, shared, cache if disk else None)
         self.deferred += 1
         return True
 
     def flush(self) -> None:
-        """Copy every marked weight to its CPU offload. Under data parallelism every rank holds
-        the same smoothed weights (the grid-search losses are all-reduced); weights offloaded to
-        shared memory are split between the ranks, and each waits for the others."""
+        """Copy every marked weight to its offload. Under data parallelism every rank holds the
+        same smoothed weights (the grid-search losses are all-reduced); weights offloaded to
+        shared memory or to the shared disk offload are split between the ranks (each written
+        once, not once per rank), and each waits for the others. The ranks mark the same
+        weights in the same order, so their splits agree."""
         import torch
 
         items = list(self.dirty.values())
         everything = items
         self.dirty.clear()
         ranks = rank_count()
-        shared = ranks > 1 and any(s for _o, _g, s in items)
+        shared = ranks > 1 and any(it[2] for it in items)
         if shared:
             import torch.distributed as dist
 
@@ -169,15 +183,21 @@ class WriteBack:
             items = [it for i, it in enumerate(items) if not it[2] or i % ranks == rank]
         t = time.perf_counter()
         with torch.no_grad():
-            self._copy([(o, g) for o, g, _s in items])
+            self._copy([(o, g) for o, g, _s, disk in items if disk is None])
+            for o, g, _s, disk in items:
+                if disk is not None:  # the file replaced whole (compat.atomic_update_offload under ranks)
+                    disk.update_offload(o, g)
+                    self.bytes += g.nbytes
+                    self.disk_written += 1
         if shared:
             dist.barrier()
         self.seconds += time.perf_counter() - t
         if self.check:
             t = time.perf_counter()
-            for o, g, _s in everything:
+            for o, g, _s, disk in everything:
                 self.checked += 1
-                self.mismatches += not torch.equal(o.to(g.device), g)
+                written = disk.onload(o) if disk is not None else o
+                self.mismatches += not torch.equal(written.to(g.device), g)
             self.check_seconds += time.perf_counter() - t
 
     def _copy(self, pairs: list[tuple[Any, Any]]) -> None:

@@ -115,6 +115,7 @@ class Engine:
             self.stats.written_back_gib = wb.bytes / 2**30
             self.stats.write_back_s = wb.seconds
             self.stats.write_back_checked, self.stats.write_back_mismatches = wb.checked, wb.mismatches
+            self.stats.disk_writes_deferred, self.stats.disk_writes = wb.disk_deferred, wb.disk_written
             wb.stages = []
         if self.read_ahead is not None:
             ahead, self.read_ahead = self.read_ahead, None

@@ -72,7 +72,9 @@ class ScaleStats:
     deferred_writes: int = 0  # deferred write-back: weight writes that landed on the onloaded copy only ...
     write_back_checked: int = 0  # ... (check_write_back) CPU copies compared after the flush ...
     write_back_mismatches: int = 0  # ... and how many differed from the onloaded copy
-    written_back_gib: float = 0.0  # ... what this rank then copied to the CPU offload
+    written_back_gib: float = 0.0  # ... what this rank then copied to the CPU offload or wrote to disk
+    disk_writes_deferred: int = 0  # ... weights offloaded to disk among them (each written once per run) ...
+    disk_writes: int = 0  # ... and how many of those this rank wrote (its share under data parallelism)
     write_back_s: float = 0.0  # ... and how long that took
     batched_balance_mappings: int = (
         0  # batched balance layers: grid searches that quantized their balance layers together
@@ -119,6 +121,8 @@ class ScaleStats:
             "write_back": {
                 "deferred_writes": self.deferred_writes,
                 "written_back_gib": round(self.written_back_gib, 3),
+                "disk_weights": self.disk_writes_deferred,
+                "disk_weights_written_here": self.disk_writes,
                 "write_back_s": round(self.write_back_s, 2),
                 "checked": self.write_back_checked,
                 "mismatches": self.write_back_mismatches,
