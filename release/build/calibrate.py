@@ -246,8 +246,8 @@ def load_offloaded(cfg: ReleaseConfig, base_dir: Path, dtype: Any, echo: Log = p
     safetensors files under `offload_folder` (compressed-tensors' disk offload, read back a
     tensor at a time when the sequential pipeline onloads a layer). Weights the checkpoint
     already holds are symlinked, not copied (a per-expert checkpoint's experts too: they load
-    straight into per-expert Linears); every weight AWQ smooths is written there. Under torchrun, rank 0 loads and the ranks share
-    its offload: one copy per node."""
+    straight into per-expert Linears); every weight AWQ smooths is written there. Under
+    torchrun, rank 0 loads and the ranks share its offload: one copy per node."""
     from compressed_tensors.offload import load_offloaded_model
     from transformers import AutoModelForCausalLM
 
@@ -260,11 +260,7 @@ def load_offloaded(cfg: ReleaseConfig, base_dir: Path, dtype: Any, echo: Log = p
     echo(f"offloading the base model's weights beyond {cfg.offload.cpu_gib:g} GiB of host RAM to {folder}")
     with load_offloaded_model():
         return AutoModelForCausalLM.from_pretrained(
-            base_dir,
-            dtype=dtype,
-            device_map="auto_offload",
-            max_memory={"cpu": cap},
-            offload_folder=str(folder),
+            base_dir, dtype=dtype, device_map="auto_offload", max_memory={"cpu": cap}, offload_folder=str(folder)
         )
 
 
