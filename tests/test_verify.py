@@ -139,3 +139,66 @@ def test_a_verify_record_reads_back_as_the_report_it_was(tmp_path):
         "W4A16_GS64: PASSED",
         "  mean KL 0.010000 (max 0.05), top-1 agreement 0.9000 (min 0.8)",
     ]
+
+
+@pytest.mark.slow
+def test_read_ahead_reads_the_next_pieces_in_threads_and_changes_no_bit(demo_release, demo_assets, monkeypatch):
+    """The pieces to come are read by the pool's threads at most `read_ahead` before they are
+    materialized, and the log-probabilities and divergences are those of reading each piece
+    when it is needed (read_ahead=0)."""
+    import threading
+
+    import torch
+
+    import release.verify.stream as stream
+    from release.verify.branch import BaseReference
+
+    cfg = demo_release["config"]
+    ref = BaseReference(demo_assets.model, load_heldout(cfg)[:2], 64)
+    branches = {"W4A16_GS64": cfg.output_dir / "W4A16_GS64"}
+    base0, res0 = stream.stream_compare(demo_assets.model, branches, ref.batches, read_ahead=0)
+
+    reads: list[tuple[str, str]] = []
+    materialized: list[int] = []
+    real_read, real_mat = stream.Checkpoint.read, stream._materialized
+
+    def read(self, prefix, device):
+        reads.append((threading.current_thread().name, prefix))
+        return real_read(self, prefix, device)
+
+    def mat(module, tensors, device, what):
+        materialized.append(len(reads))
+        return real_mat(module, tensors, device, what)
+
+    monkeypatch.setattr(stream.Checkpoint, "read", read)
+    monkeypatch.setattr(stream, "_materialized", mat)
+    base, res = stream.stream_compare(demo_assets.model, branches, ref.batches, read_ahead=2)
+    assert len(reads) == len(materialized) == 2 * 7, "every piece of both models read once"
+    assert all(t.startswith("glmrel-verify-read") for t, _ in reads), "read by the pool's threads"
+    for k, issued in enumerate(materialized):  # when piece k is materialized: read up to k + 2
+        assert k + 1 <= issued <= k + 3, (k, issued)
+    for a, b in zip(base0.logprobs + res0["W4A16_GS64"].logprobs, base.logprobs + res["W4A16_GS64"].logprobs):
+        assert torch.equal(a, b)
+    assert res0["W4A16_GS64"].layers == res["W4A16_GS64"].layers
+
+
+@pytest.mark.slow
+def test_a_read_that_fails_in_a_thread_fails_the_verify_and_stops_the_pool(demo_release, demo_assets, monkeypatch):
+    import threading
+
+    import release.verify.stream as stream
+    from release.verify.branch import BaseReference
+
+    cfg = demo_release["config"]
+    ref = BaseReference(demo_assets.model, load_heldout(cfg)[:1], 32)
+    real_read = stream.Checkpoint.read
+
+    def read(self, prefix, device):
+        if prefix == "model.layers.2.":
+            raise OSError(f"read error in {self.folder}")
+        return real_read(self, prefix, device)
+
+    monkeypatch.setattr(stream.Checkpoint, "read", read)
+    with pytest.raises(OSError, match="read error"):
+        stream.stream_compare(demo_assets.model, {"W4A16_GS64": cfg.output_dir / "W4A16_GS64"}, ref.batches)
+    assert not [t for t in threading.enumerate() if t.name.startswith("glmrel-verify-read")], "the pool is shut down"

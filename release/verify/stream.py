@@ -70,20 +70,65 @@ class Checkpoint:
         except (OSError, ValueError) as e:
             raise ReleaseError(f"{self.folder}/config.json is unreadable: {e}") from e
 
-    def load(self, prefix: str, device: Any) -> dict[str, Any]:
-        """Every tensor whose name starts with `prefix`, keyed by the rest of its name, on `device`."""
+    def read(self, prefix: str, device: Any) -> dict[str, Any]:
+        """Every tensor whose name starts with `prefix`, read from its shard into host memory:
+        for a CUDA `device`, into one pinned buffer (copied on with non_blocking), else a copy
+        of its own. What `_ReadAhead`'s threads do while the device computes; the copies run
+        outside the GIL (torch's)."""
+        import torch
         from safetensors import safe_open
 
         by_shard: dict[str, list[str]] = {}
         for name, shard in self.weight_map.items():
             if name.startswith(prefix):
                 by_shard.setdefault(shard, []).append(name)
-        out = {}
+        mapped = {}  # views of the memory-mapped shards: nothing is read yet
         for shard, names in sorted(by_shard.items()):
-            with safe_open(str(self.folder / shard), framework="pt", device=str(device)) as f:
+            with safe_open(str(self.folder / shard), framework="pt", device="cpu") as f:
                 for name in names:
-                    out[name[len(prefix) :]] = f.get_tensor(name)
+                    mapped[name[len(prefix) :]] = f.get_tensor(name)
+        if torch.device(device).type != "cuda":
+            return {k: t.clone() for k, t in mapped.items()}
+        buffer = torch.empty(sum(t.nbytes for t in mapped.values()), dtype=torch.uint8, pin_memory=True)
+        out, at = {}, 0
+        for k, t in mapped.items():
+            out[k] = buffer[at : at + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
+            at += t.nbytes
         return out
+
+
+class _ReadAhead:
+    """The pieces of every model, in the order the stream computes them, read into host memory
+    by a pool of threads (one a model) up to `ahead` pieces before they are needed: the disk
+    reads of the next layer overlap the device's work on this one, and the models' shards are
+    read side by side. At most `ahead` pieces wait in host memory (one layer of each model by
+    default: for GLM-4.7 in bf16 about 7.5 GiB of the base model and the branches' compressed
+    layers)."""
+
+    def __init__(self, order: list[tuple[Checkpoint, str]], device: Any, ahead: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._order, self._device, self._ahead = order, device, max(ahead, 0)
+        self._pool = ThreadPoolExecutor(max(1, min(len(order), ahead)), thread_name_prefix="glmrel-verify-read")
+        self._futures: dict[int, Any] = {}
+        self._next = 0
+
+    def take(self, checkpoint: Checkpoint, prefix: str) -> dict[str, Any]:
+        """The piece `prefix` of `checkpoint` on the device: it must be the next in the order."""
+        i = self._next
+        if i >= len(self._order) or self._order[i] != (checkpoint, prefix):
+            raise RuntimeError(f"verify read {prefix!r} of {checkpoint.folder} out of its order")  # a bug, not input
+        self._next += 1
+        for j in range(i, min(i + 1 + self._ahead, len(self._order))):
+            if j not in self._futures:
+                c, p = self._order[j]
+                self._futures[j] = self._pool.submit(c.read, p, self._device)
+        tensors = self._futures.pop(i).result()
+        return {k: t.to(self._device, non_blocking=True) for k, t in tensors.items()}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._futures.clear()
 
 
 def _quantization_scheme(config: dict) -> Any | None:
@@ -169,9 +214,9 @@ class _Model:
             self.model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
         self.n_experts = int(model_config.n_routed_experts)
 
-    def piece(self, module: Any, prefix: str, device: Any, fuse: bool = False):  # type: ignore[no-untyped-def]
+    def piece(self, module: Any, prefix: str, device: Any, reader: _ReadAhead, fuse: bool = False):  # type: ignore[no-untyped-def]
         with phase("read"):
-            tensors = self.checkpoint.load(prefix, device)
+            tensors = reader.take(self.checkpoint, prefix)
         with phase("decompress"):
             tensors = _decompressed(tensors, self.scheme)
         if fuse:
@@ -202,9 +247,12 @@ def stream_compare(
     device: Any = "cpu",
     dtype: Any = None,
     log: Callable[[str], None] = lambda s: None,
+    read_ahead: int | None = None,
 ) -> tuple[StreamResult, dict[str, StreamResult]]:
     """Run the base model and every branch over `batches` (token ids, [1, T] each), one piece
-    of each model resident at a time. Returns (base result, {branch: result})."""
+    of each model resident at a time on the device, the pieces to come read ahead into host
+    memory (`read_ahead` of them; default one layer of every model; 0: each read when needed).
+    Returns (base result, {branch: result})."""
     import torch
     from transformers import AutoConfig
     from transformers.masking_utils import create_causal_mask
@@ -219,33 +267,41 @@ def stream_compare(
     position_ids = [torch.arange(ids.shape[1], device=device).unsqueeze(0) for ids in batches]
     rotary = type(template.rotary_emb)(config=config, device=device)
     layers: dict[str, list[LayerDivergence]] = {n: [] for n in branch_dirs}
-
-    with torch.no_grad():
-        hidden: dict[str, list[Any]] = {}
-        for name, m in models.items():
-            with m.piece(m.model.model.embed_tokens, "model.embed_tokens.", device) as embed:
-                hidden[name] = [embed(ids.to(device)) for ids in batches]
-        extras = []
-        for h, pos in zip(hidden[""], position_ids):
-            mask = create_causal_mask(
-                config=template.config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos
-            )
-            extras.append({"attention_mask": mask, "position_ids": pos, "position_embeddings": rotary(h, pos)})
-        for i in range(config.num_hidden_layers):
-            moe = i >= config.first_k_dense_replace
+    prefixes = ["model.embed_tokens."] + [f"model.layers.{i}." for i in range(config.num_hidden_layers)]
+    order = [(m.checkpoint, p) for p in prefixes for m in models.values()]
+    order += [(m.checkpoint, p) for m in models.values() for p in ("model.norm.", "lm_head.")]
+    reader = _ReadAhead(order, device, len(models) if read_ahead is None else read_ahead)
+    try:
+        with torch.no_grad():
+            hidden: dict[str, list[Any]] = {}
             for name, m in models.items():
-                with m.piece(m.model.model.layers[i], f"model.layers.{i}.", device, fuse=moe) as layer:
-                    with phase("forward"):
-                        hidden[name] = [layer(h, use_cache=False, **x) for h, x in zip(hidden[name], extras)]
-            with phase("divergence"):
-                for name in branch_dirs:
-                    layers[name].append(_divergence(i, hidden[name], hidden[""]))
-            log(f"layer {i}: " + ", ".join(f"{n} {layers[n][-1].rel_error:.2e}" for n in branch_dirs))
-        results = {}
-        for name, m in models.items():
-            with m.piece(m.model.model.norm, "model.norm.", device) as norm:
-                hidden[name] = [norm(h) for h in hidden[name]]
-            with m.piece(m.model.lm_head, "lm_head.", device) as head:
-                logprobs = [torch.log_softmax(head(h)[0].float(), dim=-1).cpu() for h in hidden[name]]
-            results[name] = StreamResult(logprobs, layers.get(name, []))
+                with m.piece(m.model.model.embed_tokens, "model.embed_tokens.", device, reader) as embed:
+                    hidden[name] = [embed(ids.to(device)) for ids in batches]
+            extras = []
+            for h, pos in zip(hidden[""], position_ids):
+                mask = create_causal_mask(
+                    config=template.config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos
+                )
+                extras.append({"attention_mask": mask, "position_ids": pos, "position_embeddings": rotary(h, pos)})
+            for i in range(config.num_hidden_layers):
+                moe = i >= config.first_k_dense_replace
+                for name, m in models.items():
+                    with m.piece(
+                        m.model.model.layers[i], f"model.layers.{i}.", device, fuse=moe, reader=reader
+                    ) as layer:
+                        with phase("forward"):
+                            hidden[name] = [layer(h, use_cache=False, **x) for h, x in zip(hidden[name], extras)]
+                with phase("divergence"):
+                    for name in branch_dirs:
+                        layers[name].append(_divergence(i, hidden[name], hidden[""]))
+                log(f"layer {i}: " + ", ".join(f"{n} {layers[n][-1].rel_error:.2e}" for n in branch_dirs))
+            results = {}
+            for name, m in models.items():
+                with m.piece(m.model.model.norm, "model.norm.", device, reader) as norm:
+                    hidden[name] = [norm(h) for h in hidden[name]]
+                with m.piece(m.model.lm_head, "lm_head.", device, reader) as head:
+                    logprobs = [torch.log_softmax(head(h)[0].float(), dim=-1).cpu() for h in hidden[name]]
+                results[name] = StreamResult(logprobs, layers.get(name, []))
+    finally:
+        reader.close()
     return results.pop(""), results
