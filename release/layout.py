@@ -283,6 +283,35 @@ class TensorFiles:
         return tuple(s.get_shape()), s.get_dtype()
 
 
+# How many shards `write_shards` writes at once: each holds one shard's tensors in memory (5 GB
+# for a GLM-4.7 branch), and reading and writing them is memory copies the cores share.
+SHARD_WRITERS = 4
+
+
+def write_shards(
+    out: Path, by_shard: dict[str, list[str]], source: dict[str, Path], writers: int | None = None
+) -> None:
+    """Write each shard of `by_shard` (file name -> its tensors' names, in order) into `out`,
+    each tensor read from the safetensors file `source` names for it, `writers` shards at a
+    time on threads (default: SHARD_WRITERS, at most the machine's cores); each shard reads
+    through handles of its own. The same bytes whatever `writers` is: a shard's content and
+    order do not depend on which thread writes it. The first error is raised once the shards
+    in flight are done; the caller removes `out`."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import save_file
+
+    def write(shard: str) -> None:
+        files = TensorFiles(source)  # handles of this shard's own: nothing shared between threads
+        save_file({name: files.get(name) for name in by_shard[shard]}, str(out / shard), metadata={"format": "pt"})
+
+    workers = max(1, min(writers or SHARD_WRITERS, os.cpu_count() or 1, len(by_shard)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="glmrel-shard-write") as pool:
+        for done in [pool.submit(write, shard) for shard in by_shard]:
+            done.result()
+
+
 @dataclass
 class SavedLayout:
     """A saved branch's weights without its MTP layer(s) (`write_branch_files` puts those

@@ -302,6 +302,69 @@ def test_a_tampered_store_is_refused_by_name(tmp_path):
         check({})
 
 
+def test_shards_are_written_on_threads_with_the_same_bytes_and_a_failing_one_raises(tmp_path, monkeypatch):
+    """`write_shards` (how a side branch's shards are written): several shards at once, each on
+    a writer thread of its own handles, byte for byte what one writer makes; a tensor whose
+    file is gone fails the write with safetensors' error."""
+    import threading
+
+    from safetensors.torch import save_file
+
+    from release import layout
+    from release.layout import write_shards
+
+    src = tmp_path / "src"
+    src.mkdir()
+    a = {f"a.{i}": torch.randn(64, 8) for i in range(6)}
+    b = {f"b.{i}": torch.arange(16, dtype=torch.int32) + i for i in range(6)}
+    save_file(a, str(src / "a.safetensors"))
+    save_file(b, str(src / "b.safetensors"))
+    source = {**dict.fromkeys(a, src / "a.safetensors"), **dict.fromkeys(b, src / "b.safetensors")}
+    by_shard = {f"out-{k}.safetensors": [f"a.{k}", f"b.{5 - k}", f"a.{5 - k}"] for k in range(3)}
+    threads: set[str] = set()
+    real = layout.TensorFiles.get
+
+    def get(self, name):
+        threads.add(threading.current_thread().name)
+        return real(self, name)
+
+    monkeypatch.setattr(layout.TensorFiles, "get", get)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    one, three = tmp_path / "one", tmp_path / "three"
+    one.mkdir(), three.mkdir()
+    write_shards(one, by_shard, source, writers=1)
+    threads.clear()
+    write_shards(three, by_shard, source, writers=3)
+    assert len(threads) > 1 and all(t.startswith("glmrel-shard-write") for t in threads)
+    for shard in by_shard:
+        assert (one / shard).read_bytes() == (three / shard).read_bytes(), shard
+    (src / "b.safetensors").unlink()
+    with pytest.raises(Exception, match="No such file"):
+        write_shards(tmp_path, by_shard, source, writers=3)
+
+
+def test_a_side_branch_whose_store_lacks_a_quantized_linear_is_refused_before_anything_is_written(tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    lead, store, out = tmp_path / "lead", tmp_path / "store", tmp_path / "out"
+    lead.mkdir(), store.mkdir()
+    q = {"weight_packed": torch.zeros(3, 1, dtype=torch.int32), "weight_scale": torch.ones(3, 1)}
+    q["weight_shape"] = torch.tensor([3, 8])
+    save_file(
+        {f"model.layers.0.{m}.{k}": v.clone() for m in ("a", "b") for k, v in q.items()}
+        | {"model.norm.weight": torch.ones(4)},
+        str(lead / "model.safetensors"),
+    )
+    save_file({f"model.layers.0.a.{k}": v for k, v in q.items()}, str(store / "model.layers.0.safetensors"))
+    job = SimpleNamespace(arch=SimpleNamespace(mtp_layers=[]), spec=SimpleNamespace(name="B", group_size=32))
+    side = SimpleNamespace(store=store)
+    with pytest.raises(ReleaseError, match=r"model\.layers\.0\.b\.weight_packed is not in the pass's store") as e:
+        one_pass.finish_side_branch(job, side, lead, out, run=None, echo=lambda s: None)
+    assert "--separate" in e.value.hint and not out.exists()
+
+
 def test_a_side_branch_config_takes_its_scheme_from_its_store_and_refuses_another(tmp_path):
     """A side branch's `config.json` gets its quantization scheme from what its own side run
     described (`quantization_config.json` in the store), refused when missing, unreadable or

@@ -18,7 +18,7 @@ from ..architecture import Glm4MoeArch
 from ..awq import ScaleOptions, SideBranch
 from ..config import BranchSpec, ReleaseConfig
 from ..errors import ReleaseError
-from ..layout import INDEX_FILE, SavedLayout, TensorFiles, saved_layout
+from ..layout import INDEX_FILE, SavedLayout, TensorFiles, saved_layout, write_shards
 from ..owned import create_owned, remove_owned, require_replaceable, require_writable_folder
 from . import distributed, room
 from .branch_folder import (
@@ -217,8 +217,6 @@ def finish_side_branch(
     norms: the base model's in both). Then the MTP layer, tokenizer, recipe and records as any
     build (`write_branch_files`). The same bits as the base model with the branch's smoothed
     layers quantized by QuantizationModifier and saved compressed (the demo's pinned digests)."""
-    from safetensors.torch import save_file
-
     branch = job.spec
     timings: dict[str, Any] = {}
     t = time.time()
@@ -226,24 +224,17 @@ def finish_side_branch(
     lead = TensorFiles.of([lead_dir / s for s in layout.shards])
     store = TensorFiles.of(sorted(side.store.glob("*.safetensors")))
     check_store(store, side.store, layout, lead, branch.name)
+    missing = [n for n in sorted(layout.names) if n not in store.names and layout.is_quantized_part(n)]
+    if missing:  # refused before anything is written
+        raise ReleaseError(
+            f"{missing[0]} is not in the pass's store {side.store}: {branch.name} cannot be made from it",
+            hint="build this branch on its own: glmrel quantize --separate",
+        )
     echo(f"[{branch.name}] from the pass's store: group size {branch.group_size}, in {lead_dir.name}'s layout")
     out.mkdir(parents=True, exist_ok=True)
-    stored = 0
-    for shard in layout.shards:
-        tensors: dict[str, Any] = {}
-        for name in layout.by_shard[shard]:
-            if name in store.names:
-                tensors[name] = store.get(name)
-                stored += 1
-            elif layout.is_quantized_part(name):
-                raise ReleaseError(
-                    f"{name} is not in the pass's store {side.store}: {branch.name} cannot be made from it",
-                    hint="build this branch on its own: glmrel quantize --separate",
-                )
-            else:
-                tensors[name] = lead.get(name)
-        save_file(tensors, str(out / shard), metadata={"format": "pt"})
-        del tensors
+    # each tensor from the store where it has it, else the propagating branch's
+    write_shards(out, layout.by_shard, {**lead.names, **store.names})
+    stored = sum(1 for n in layout.names if n in store.names)
     layout.write_index_and_config(out, store_quantization(side.store, branch))
     for name in ("generation_config.json",):
         if (lead_dir / name).is_file():
