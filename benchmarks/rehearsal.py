@@ -380,6 +380,10 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
         )
     prov = json.loads((branch_dir(work, 64) / "provenance.json").read_text())
     built = read_build_log(branch_dir(work, 64).parent, branch_dir(work, 64).name).get("quantize", {})
+    from release.build.branch_folder import resolve_base_model
+    from release.config import load_config
+
+    base = resolve_base_model(load_config(config))
     return {
         "preset": a.preset,
         "layers": a.layers,
@@ -393,6 +397,14 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
             for g, v in verify.items()
         },
         "quantize_timings_s_gs64": built.get("timings_s", {}),
+        # every branch's: in one pass the first saves as a build would, the others finish from stores
+        "quantize_timings_s": {
+            g: read_build_log(branch_dir(work, g).parent, branch_dir(work, g).name)
+            .get("quantize", {})
+            .get("timings_s", {})
+            for g in GROUP_SIZES
+        },
+        "base_model_gib": round(sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**30, 2),
         "libraries": prov.get("libraries"),
         "gpu": built.get("timings_s", {}).get("gpu"),
     }

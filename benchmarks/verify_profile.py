@@ -21,12 +21,19 @@ from pathlib import Path
 from typing import Any
 
 
-def profile_verify(config: Path, branches: list[str] | None = None, top: int = 15) -> dict[str, Any]:
+def profile_verify(
+    config: Path, branches: list[str] | None = None, top: int = 15, read_ahead: int | None = None
+) -> dict[str, Any]:
+    """`read_ahead`: stream_compare's (None: its default, one layer of every model; 0: each
+    piece read when it is needed, as before the read-ahead)."""
+    import functools
+
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from release.build.branch_folder import resolve_base_model
     from release.config import load_config
+    from release.verify import stream
     from release.verify.branch import BaseReference, load_heldout, verify_branches
 
     cfg = load_config(config)
@@ -35,10 +42,15 @@ def profile_verify(config: Path, branches: list[str] | None = None, top: int = 1
     reference = BaseReference(resolve_base_model(cfg), load_heldout(cfg), cfg.verify.max_tokens)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     t0 = time.perf_counter()
-    with profile(activities=activities) as prof:
-        reports = verify_branches(cfg, folders, reference)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    compare = stream.stream_compare
+    stream.stream_compare = functools.partial(compare, read_ahead=read_ahead)  # what verify_branches calls
+    try:
+        with profile(activities=activities) as prof:
+            reports = verify_branches(cfg, folders, reference)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    finally:
+        stream.stream_compare = compare
     wall = time.perf_counter() - t0
     events = prof.key_averages()
     # a span comes back twice under CUDA: the host's annotation (its wall time) and the device's
@@ -64,6 +76,7 @@ def profile_verify(config: Path, branches: list[str] | None = None, top: int = 1
         "branches": names,
         "heldout_tokens": sum(int(b.shape[1]) for b in reference.batches),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "read_ahead": "default (one layer of every model)" if read_ahead is None else read_ahead,
         "wall_s": round(wall, 2),
         "spans_s": dict(sorted(spans.items(), key=lambda kv: -kv[1]["s"])),
         "spans_sum_s": round(sum(v["s"] for v in spans.values()), 2),
@@ -77,10 +90,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--branch", action="append", default=None, help="a branch (repeatable; default: all)")
+    ap.add_argument("--read-ahead", type=int, default=None, help="pieces read ahead (default: verify's; 0: none)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
-    rec = profile_verify(a.config, a.branch)
-    print(f"verify of {', '.join(rec['branches'])} on {rec['device']}: {rec['wall_s']} s wall")
+    rec = profile_verify(a.config, a.branch, read_ahead=a.read_ahead)
+    print(
+        f"verify of {', '.join(rec['branches'])} on {rec['device']}, read-ahead {rec['read_ahead']}: {rec['wall_s']} s wall"
+    )
     for name, v in rec["spans_s"].items():
         print(f"  {name:12s} {v['s']:9.2f} s  ({v['calls']} calls)")
     print("top host ops:", json.dumps(rec["top_host_ops"][:8], indent=1))

@@ -854,6 +854,34 @@ def test_the_rest_of_the_release_is_bytes_over_measured_rates():
     assert r["upload_h"]["10 Gbit/s"] == round(r["branches_gib"] * 2**30 * 8 / 10e9 / 3600, 2)
 
 
+def test_the_rest_can_come_from_a_one_pass_rehearsal(tmp_path):
+    """release_estimate.rest(record=...): a one-pass rehearsal's build-all gives the load (the
+    propagating branch's), the save of the three (its compressed save and each side branch's
+    finish from its store with its files) and the verify of the three, per GiB of its base model;
+    a record that is not one pass of the three branches is refused."""
+    from benchmarks import release_estimate as est
+
+    lead = {"load": 4.0, "save": 20.0, "calibration_pass_s": 80.0}
+    side = {"finish": {"seconds": 6.0}, "save": 4.0}
+    record = {
+        "base_model_gib": 20.0,
+        "quantize_timings_s": {"32": lead, "64": side, "128": side},
+        "verify": {g: {"seconds": s} for g, s in (("32", 20.0), ("64", 25.0), ("128", 30.0))},
+    }
+    path = tmp_path / "rehearsal.json"
+    path.write_text(json.dumps(record))
+    r = est.rest(record=path)
+    base = 355e9 * 2 / 2**30
+    assert r["hours"]["load"] == round(base * 4.0 / 20 / 3600, 2)
+    assert r["hours"]["save"] == round(base * (20 + 2 * 10) / 20 / 3600, 2)
+    assert r["hours"]["verify"] == round(base * 30 / 20 / 3600, 2), "the last verify.json: the whole pass"
+    assert r["measured_in"] == dict.fromkeys(("load", "save", "verify"), str(path))
+    record["quantize_timings_s"].pop("128")
+    path.write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="not a one-pass build of 3 branches"):
+        est.rest(record=path)
+
+
 def test_h2d_sources_counts_unpinned_copies_by_call_site_and_restores_torch():
     """profile_layer --h2d-samples: a copy of an unpinned CPU tensor to a CUDA device is counted
     under the line that made it (the CUDA side is stood in for: this machine has no GPU)."""
@@ -915,3 +943,9 @@ def test_verify_profile_names_where_the_streaming_verify_spends_its_time(demo_re
     assert 0 < rec["spans_sum_s"] <= rec["wall_s"]
     assert rec["passed"] == {branch: True}
     assert record.read_bytes() == before
+    from release.verify import stream
+
+    compare = stream.stream_compare
+    off = verify_profile.profile_verify(demo_release["config_path"], [branch], read_ahead=0)
+    assert off["read_ahead"] == 0 and off["passed"] == {branch: True} and record.read_bytes() == before
+    assert stream.stream_compare is compare, "verify's own stream_compare is put back"
