@@ -22,10 +22,10 @@ from typing import Any
 
 
 def profile_verify(
-    config: Path, branches: list[str] | None = None, top: int = 15, read_ahead: int | None = None
+    config: Path, branches: list[str] | None = None, top: int = 15, read_ahead: int = 0
 ) -> dict[str, Any]:
-    """`read_ahead`: stream_compare's (None: its default, one layer of every model; 0: each
-    piece read when it is needed, as before the read-ahead)."""
+    """`read_ahead`: pieces stream_compare reads ahead on threads (0, verify's default: each
+    piece read when it is needed; the number of models: one layer of each ahead)."""
     import functools
 
     import torch
@@ -76,7 +76,7 @@ def profile_verify(
         "branches": names,
         "heldout_tokens": sum(int(b.shape[1]) for b in reference.batches),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "read_ahead": "default (one layer of every model)" if read_ahead is None else read_ahead,
+        "read_ahead": read_ahead,
         "wall_s": round(wall, 2),
         "spans_s": dict(sorted(spans.items(), key=lambda kv: -kv[1]["s"])),
         "spans_sum_s": round(sum(v["s"] for v in spans.values()), 2),
@@ -90,7 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--branch", action="append", default=None, help="a branch (repeatable; default: all)")
-    ap.add_argument("--read-ahead", type=int, default=None, help="pieces read ahead (default: verify's; 0: none)")
+    ap.add_argument("--read-ahead", type=int, default=0, help="pieces read ahead on threads (default 0, verify's)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     rec = profile_verify(a.config, a.branch, read_ahead=a.read_ahead)

@@ -946,6 +946,6 @@ def test_verify_profile_names_where_the_streaming_verify_spends_its_time(demo_re
     from release.verify import stream
 
     compare = stream.stream_compare
-    off = verify_profile.profile_verify(demo_release["config_path"], [branch], read_ahead=0)
-    assert off["read_ahead"] == 0 and off["passed"] == {branch: True} and record.read_bytes() == before
+    ahead = verify_profile.profile_verify(demo_release["config_path"], [branch], read_ahead=2)
+    assert ahead["read_ahead"] == 2 and ahead["passed"] == {branch: True} and record.read_bytes() == before
     assert stream.stream_compare is compare, "verify's own stream_compare is put back"

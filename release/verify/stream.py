@@ -247,11 +247,13 @@ def stream_compare(
     device: Any = "cpu",
     dtype: Any = None,
     log: Callable[[str], None] = lambda s: None,
-    read_ahead: int | None = None,
+    read_ahead: int = 0,
 ) -> tuple[StreamResult, dict[str, StreamResult]]:
     """Run the base model and every branch over `batches` (token ids, [1, T] each), one piece
-    of each model resident at a time on the device, the pieces to come read ahead into host
-    memory (`read_ahead` of them; default one layer of every model; 0: each read when needed).
+    of each model resident at a time on the device, each piece read when it is needed, or up to
+    `read_ahead` pieces ahead on threads. Read-ahead is off by default: on one H200 with the
+    checkpoints in memory it cut the read span 2-3x but made the whole verify slower (18.6 and
+    21.3 s against 16.7 s, benchmarks/results/2026-12-04-h200-rest-of-the-release).
     Returns (base result, {branch: result})."""
     import torch
     from transformers import AutoConfig
@@ -270,7 +272,7 @@ def stream_compare(
     prefixes = ["model.embed_tokens."] + [f"model.layers.{i}." for i in range(config.num_hidden_layers)]
     order = [(m.checkpoint, p) for p in prefixes for m in models.values()]
     order += [(m.checkpoint, p) for m in models.values() for p in ("model.norm.", "lm_head.")]
-    reader = _ReadAhead(order, device, len(models) if read_ahead is None else read_ahead)
+    reader = _ReadAhead(order, device, read_ahead)
     try:
         with torch.no_grad():
             hidden: dict[str, list[Any]] = {}
