@@ -101,9 +101,9 @@ class _ReadAhead:
     """The pieces of every model, in the order the stream computes them, read into host memory
     by a pool of threads (one a model) up to `ahead` pieces before they are needed: the disk
     reads of the next layer overlap the device's work on this one, and the models' shards are
-    read side by side. At most `ahead` pieces wait in host memory (one layer of each model by
-    default: for GLM-4.7 in bf16 about 7.5 GiB of the base model and the branches' compressed
-    layers)."""
+    read side by side. At most `ahead` pieces wait in host memory (with one layer of each model
+    ahead, for GLM-4.7 in bf16 about 7.5 GiB of the base model and the branches' compressed
+    layers). `ahead=0`, stream_compare's default: each piece is read when it is taken."""
 
     def __init__(self, order: list[tuple[Checkpoint, str]], device: Any, ahead: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
