@@ -404,6 +404,11 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
             .get("timings_s", {})
             for g in GROUP_SIZES
         },
+        # build-all's last step per branch (manifest, then the check that trusts the build's hashes)
+        "seal_s": {
+            g: read_build_log(branch_dir(work, g).parent, branch_dir(work, g).name).get("seal", {}).get("seconds")
+            for g in GROUP_SIZES
+        },
         "base_model_gib": round(sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**30, 2),
         "libraries": prov.get("libraries"),
         "gpu": built.get("timings_s", {}).get("gpu"),

@@ -73,6 +73,44 @@ def test_build_all_and_publish_again_change_nothing(release_copy):
     assert refs(remote) == before_refs
 
 
+def test_sealing_reads_each_weight_file_once_and_refuses_one_changed_since(release_copy, monkeypatch):
+    """build-all's last step (manifest, then check) trusts the hashes of the files it built, as
+    publish does: a branch sealed again reads no weight file (size, mtime, inode and ctime
+    unchanged), and its seconds go to the build log. A shard whose byte changed with its mtime
+    set back is still hashed (its ctime moved) and refused, never sealed again."""
+    import release.check.sources as check_mod
+    import release.manifest as manifest_mod
+    from release.build.pipeline import seal_branch
+    from release.build_log import read_build_log
+
+    cfg = load_config(release_copy)
+    folder = cfg.output_dir / "W4A16_GS64"
+    assert seal_branch(cfg, folder.name, folder).passed  # the copy's new inodes are hashed once here
+    hashed: list[str] = []
+    real_hash_files, real_sha = manifest_mod.hash_files, check_mod.sha256_file
+    monkeypatch.setattr(
+        manifest_mod, "hash_files", lambda files: hashed.extend(p.name for p in files) or real_hash_files(files)
+    )
+    monkeypatch.setattr(check_mod, "sha256_file", lambda p: hashed.append(Path(p).name) or real_sha(p))
+    report = seal_branch(cfg, folder.name, folder)
+    assert report.passed and not [n for n in hashed if n.endswith(".safetensors")], hashed
+    seal = read_build_log(cfg.output_dir, folder.name)["seal"]
+    assert seal["passed"] and seal["seconds"] >= 0
+
+    shard = folder / "model.safetensors"
+    st = shard.stat()
+    with open(shard, "r+b") as f:
+        f.seek(st.st_size - 1)
+        last = f.read(1)
+        f.seek(st.st_size - 1)
+        f.write(bytes([last[0] ^ 1]))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ReleaseError) as e:
+        seal_branch(cfg, folder.name, folder)
+    assert "model.safetensors" in str(e.value) and e.value.hint, str(e.value)
+    assert "model.safetensors" in hashed
+
+
 # ---------------------------------------------------------------- 2. nothing from outside the release
 
 
