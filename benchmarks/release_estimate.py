@@ -31,6 +31,11 @@ that measured them (run U's in-RAM build for load and save, run X for verify, th
 benchmark for hashing), scaled to GLM-4.7's bytes: arithmetic from measured rates, not a
 measurement of the full model. The upload is given as bytes and the time at two uplinks.
 
+With `--rest-records SMALL LARGE` (two one-pass rehearsals whose models differ in MoE layers
+only, run one after the other on one machine), the rest is also given from what one more MoE
+layer costs per stage, with the fixed seconds the smaller model's less its MoE layers': measured
+at GLM-4.7's dims per layer, not scaled per GiB (`marginal_rest`).
+
   python -m benchmarks.release_estimate --record benchmarks/results/<run>/profile-512.json
 
 Prints the arithmetic; asserts nothing.
@@ -131,6 +136,70 @@ def rest(upload_gbit_s: tuple[float, ...] = (10.0, 1.0), record: Path | None = N
     }
 
 
+# GLM-4.7's parameters in a dense decoder layer against a MoE one (attention: q 96 x 128 heads,
+# k and v 8 x 128, o; the dense MLP 12,288 wide; the MoE layer's 160 routed experts and one shared
+# expert 1,536 wide, and the router): a dense layer's save and verify, taken as a MoE layer's
+# scaled by its bytes (arithmetic, not measured)
+_ATTENTION = 5_120 * 12_288 * 2 + 5_120 * 1_024 * 2
+DENSE_OVER_MOE = (_ATTENTION + 3 * 5_120 * 12_288) / (_ATTENTION + 161 * 3 * 5_120 * 1_536 + 160 * 5_120)
+REST_STAGES = ("load", "save", "verify", "seal", "other")
+
+
+def rest_stages(path: Path) -> dict[str, Any]:
+    """A one-pass rehearsal's `build-all` outside the calibration itself, in seconds per stage:
+    the base model's load, the saves (the propagating branch's compressed save, each side
+    branch's finish from its store and its files), the one streaming verify of the three, the
+    seal (manifest and check, per branch, where the record has it) and the other seconds of
+    the build-all process (its start, the model's dispatch, the side branches' manifests,
+    render): its wall less everything named, the calibration pass's `oneshot` included."""
+    rec = json.loads(path.read_text())
+    timings = rec["quantize_timings_s"].values()
+    lead = next(t for t in timings if "calibration_pass_s" in t)
+    sides = [t for t in timings if "finish" in t]
+    if len(sides) != BRANCHES - 1:
+        raise SystemExit(f"{path}: not a one-pass build of {BRANCHES} branches ({len(sides)} side branches)")
+    wall = next(s["wall_s"] for s in rec["stages"] if s["stage"] == "build-all")
+    stages = {
+        "load": lead["load"],
+        "save": lead["save"] + sum(t["finish"]["seconds"] + t["save"] for t in sides),
+        "verify": max(v["seconds"] for v in rec["verify"].values()),
+        "seal": sum(v for v in (rec.get("seal_s") or {}).values() if v is not None),
+    }
+    stages["other"] = wall - lead["oneshot"] - sum(stages.values())
+    return {"layers": rec["layers"], "wall_s": wall, "stages": stages}
+
+
+def marginal_rest(small: Path, large: Path, dense_in_record: int = 1) -> dict[str, Any]:
+    """The rest of the release from two one-pass rehearsals whose models differ in MoE layers
+    only (benchmarks.synthetic: the first `dense_in_record` layers dense, the others MoE; the
+    same machine, one after the other): per stage, the seconds one more MoE layer costs (the
+    difference over the layers added) and the fixed seconds (the smaller model's less its MoE
+    layers': the embeddings, head, MTP layer, dense layer and process costs, all at GLM-4.7's
+    dims). The release: fixed + (89 MoE layers + the 2 dense layers the record lacks, at a MoE
+    layer's cost scaled by their parameters) x the marginal cost. Each stage is one run of each
+    model: machines of the same kind gave marginal costs up to 2x apart (see the record)."""
+    a, b = rest_stages(small), rest_stages(large)
+    added = b["layers"] - a["layers"]
+    if added < 1:
+        raise SystemExit(f"{large}: {b['layers']} layers, not more than {small}'s {a['layers']}")
+    # a stage that cost less in the larger model (noise around a cost too small to see) is fixed
+    per_layer = {k: max(0.0, (b["stages"][k] - a["stages"][k]) / added) for k in REST_STAGES}
+    fixed = {k: a["stages"][k] - (a["layers"] - dense_in_record) * per_layer[k] for k in REST_STAGES}
+    layers = MOE_LAYERS + (DENSE_LAYERS - dense_in_record) * DENSE_OVER_MOE
+    seconds = {k: fixed[k] + layers * per_layer[k] for k in REST_STAGES}
+    return {
+        "records": [
+            str(p.resolve().relative_to(RESULTS)) if p.resolve().is_relative_to(RESULTS) else str(p)
+            for p in (small, large)
+        ],
+        "per_moe_layer_s": {k: round(v, 2) for k, v in per_layer.items()},
+        "per_moe_layer_total_s": round(sum(per_layer.values()), 2),
+        "fixed_s": {k: round(v, 2) for k, v in fixed.items()},
+        "hours": {k: round(v / 3600, 2) for k, v in seconds.items()},
+        "total_h": round(sum(seconds.values()) / 3600, 2),
+    }
+
+
 @dataclass(frozen=True)
 class MoeLayer:
     """One decoder layer's measured seconds on one GPU (a MoE layer, or a dense one); `side_s`:
@@ -225,6 +294,15 @@ def main() -> None:
     ap.add_argument(
         "--rest-record", type=Path, default=None, help="a one-pass benchmarks.rehearsal --json for the rest's rates"
     )
+    ap.add_argument(
+        "--rest-records",
+        type=Path,
+        nargs=2,
+        default=None,
+        metavar=("SMALL", "LARGE"),
+        help="two one-pass benchmarks.rehearsal --json records of models that differ in MoE layers: the rest"
+        " from the cost of one more layer",
+    )
     a = ap.parse_args()
     record = json.loads(a.record.read_text())
     moe, dense = MoeLayer.from_record(record), MoeLayer.dense_from_record(record)
@@ -246,6 +324,18 @@ def main() -> None:
         f"manifests of {r['branches_gib']} GiB {h['manifests']} h ({rates['hash']} GiB/s): {r['total_h']} h"
     )
     print(f"upload: {r['branches_gib']} GiB, " + ", ".join(f"{v} h at {k}" for k, v in r["upload_h"].items()))
+    if a.rest_records:
+        m = marginal_rest(*a.rest_records)
+        per, fixed = m["per_moe_layer_s"], m["fixed_s"]
+        print(
+            f"the rest from one more MoE layer ({' against '.join(m['records'])}; one run each): "
+            + ", ".join(f"{k} {per[k]} s" for k in REST_STAGES)
+            + f" a MoE layer ({m['per_moe_layer_total_s']} s), fixed "
+            + ", ".join(f"{k} {fixed[k]} s" for k in REST_STAGES)
+            + f"; the release's 89 MoE and 3 dense layers: {m['total_h']} h ("
+            + ", ".join(f"{k} {v} h" for k, v in m["hours"].items())
+            + ")"
+        )
 
 
 if __name__ == "__main__":

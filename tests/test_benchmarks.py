@@ -832,7 +832,14 @@ def test_the_performance_page_states_the_estimate_its_record_gives():
         assert f"{est.estimate(moe, gpus=gpus, separate=separate, dense=dense)['calibration_h']} h" in page, gpus
     assert f"{moe.calibration_s:.1f} s calibration pass" in page and f"{moe.smoothing_s:.1f} s search" in page
     rest = est.rest()
-    assert f"{rest['total_h']} h" in page and f"{rest['hours']['verify']} h" in page
+    assert f"{rest['total_h']} h" in page, "the older estimate of the rest, from bytes over rates"
+    pairs = RESULTS.parent / "2026-12-04-h200-marginal-moe-layer"
+    m = est.marginal_rest(pairs / "pair2-rehearsal-2.json", pairs / "pair2-rehearsal-3.json")
+    assert f"{m['per_moe_layer_total_s']} s a layer" in page and f"**{m['total_h']} h**" in page
+    per = m["per_moe_layer_s"]
+    assert f"the saves {per['save']} s, verify {per['verify']} s, the rest of build-all {per['other']} s" in page
+    earlier = est.marginal_rest(pairs / "pair1-rehearsal-2.json", pairs / "pair1-rehearsal-3.json")
+    assert f"{earlier['per_moe_layer_s']['save']} s of saves and {earlier['per_moe_layer_s']['verify']} s" in page
 
 
 def test_the_rest_of_the_release_is_bytes_over_measured_rates():
@@ -880,6 +887,50 @@ def test_the_rest_can_come_from_a_one_pass_rehearsal(tmp_path):
     path.write_text(json.dumps(record))
     with pytest.raises(SystemExit, match="not a one-pass build of 3 branches"):
         est.rest(record=path)
+
+
+def test_the_rest_is_fixed_seconds_plus_the_cost_of_one_more_moe_layer(tmp_path):
+    """release_estimate.marginal_rest: two one-pass rehearsals of 2 and 3 layers (the first
+    dense) give per stage the cost of one more MoE layer and the fixed seconds; the release is
+    fixed + (89 + 2 dense layers scaled by their parameters) x per layer. A stage that cost less
+    with more layers counts as fixed, never negative; the "other" seconds are the build-all
+    wall less the calibration and every named stage; records in the wrong order are refused."""
+    from benchmarks import release_estimate as est
+
+    def record(layers: int, load, lead_save, side_s, verify, seal, wall, oneshot):
+        side = {"finish": {"seconds": side_s / 2}, "save": side_s / 2}
+        path = tmp_path / f"r{layers}.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "layers": layers,
+                    "stages": [{"stage": "build-all", "wall_s": wall}],
+                    "quantize_timings_s": {
+                        "32": {"load": load, "save": lead_save, "oneshot": oneshot, "calibration_pass_s": 1.0},
+                        "64": side,
+                        "128": side,
+                    },
+                    "verify": {"32": {"seconds": verify - 2}, "64": {"seconds": verify}},
+                    "seal_s": {"32": seal, "64": seal, "128": None},
+                }
+            )
+        )
+        return path
+
+    small = record(2, load=1.0, lead_save=10.0, side_s=4.0, verify=40.0, seal=0.5, wall=200.0, oneshot=50.0)
+    large = record(3, load=1.5, lead_save=14.0, side_s=6.0, verify=45.0, seal=0.25, wall=260.0, oneshot=90.0)
+    stages = est.rest_stages(small)["stages"]
+    assert stages == {"load": 1.0, "save": 18.0, "verify": 40.0, "seal": 1.0, "other": 200 - 50 - 60.0}
+    m = est.marginal_rest(small, large)
+    # one more MoE layer: load 0.5, save (14 + 12) - (10 + 8) = 8, verify 5, seal 0 (it fell),
+    # other (260 - 90 - 73) - 90 = 7
+    assert m["per_moe_layer_s"] == {"load": 0.5, "save": 8.0, "verify": 5.0, "seal": 0.0, "other": 7.0}
+    assert m["fixed_s"] == {"load": 0.5, "save": 10.0, "verify": 35.0, "seal": 1.0, "other": 83.0}
+    layers = 89 + 2 * est.DENSE_OVER_MOE
+    assert 0.08 < est.DENSE_OVER_MOE < 0.09  # a dense layer: ~0.33 B parameters of a MoE layer's ~3.9 B
+    assert m["total_h"] == round((129.5 + layers * 20.5) / 3600, 2)
+    with pytest.raises(SystemExit, match="not more than"):
+        est.marginal_rest(large, small)
 
 
 def test_h2d_sources_counts_unpinned_copies_by_call_site_and_restores_torch():
