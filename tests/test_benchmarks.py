@@ -381,7 +381,7 @@ def test_the_dress_rehearsal_runs_the_release_path(tmp_path):
     import json
 
     out = tmp_path / "rehearsal.json"
-    args = ["--preset", "tiny", "--layers", "4", "--samples", "8", "--seq", "128", "--device", "cpu"]
+    args = ["--preset", "tiny", "--layers", "2", "--samples", "4", "--seq", "64", "--device", "cpu"]
     args += ["--work", str(tmp_path / "work"), "--json", str(out)]
 
     def rehearsal(*more: str) -> subprocess.CompletedProcess:
