@@ -75,53 +75,26 @@ def branch_gib(group_size: int) -> float:
     return (quantized * (0.5 + 2 / group_size) + KEPT_PARAMS * 2) / GIB
 
 
-def rehearsal_rates(path: Path) -> dict[str, Any]:
-    """Seconds per GiB of base weights of a one-pass `benchmarks.rehearsal` record (`build-all`
-    of the three branches on one GPU): the base model's load, the propagating branch's compressed
-    save, the side branches finished from their stores (`finish` and their files), and the one
-    streaming verify of the three."""
-    rec = json.loads(path.read_text())
-    base_gib = rec["base_model_gib"]
-    timings = rec["quantize_timings_s"].values()
-    lead = next(t for t in timings if "calibration_pass_s" in t)
-    sides = [t for t in timings if "finish" in t]
-    if len(sides) != BRANCHES - 1:
-        raise SystemExit(f"{path}: not a one-pass build of {BRANCHES} branches ({len(sides)} side branches)")
-    return {
-        "record": str(path.relative_to(RESULTS) if path.is_relative_to(RESULTS) else path),
-        "base_gib": base_gib,
-        "load": lead["load"] / base_gib,
-        "save": (lead["save"] + sum(t["finish"]["seconds"] + t["save"] for t in sides)) / base_gib,
-        "verify": max(v["seconds"] for v in rec["verify"].values()) / base_gib,
-    }
-
-
-def rest(upload_gbit_s: tuple[float, ...] = (10.0, 1.0), record: Path | None = None) -> dict[str, Any]:
+def rest(upload_gbit_s: tuple[float, ...] = (10.0, 1.0)) -> dict[str, Any]:
     """Load, save, verify and manifests of the release's three branches, in hours, and the
-    upload: at the rates of a one-pass rehearsal `record`, else of runs U and X (module
-    docstring)."""
+    upload, at the rates of runs U and X scaled per GiB (module docstring); `marginal_rest`
+    measures the rest per layer instead."""
     base = BASE_PARAMS * 2 / GIB
     branches = sum(branch_gib(g) for g in GROUP_SIZES)
-    if record is not None:
-        r = rehearsal_rates(record)
-        seconds = {k: base * r[k] for k in ("load", "save", "verify")}
-        rates = {k: round(1 / r[k], 2) for k in ("load", "save", "verify")}
-        source = {k: r["record"] for k in rates}
-    else:
-        u = next(r for r in json.loads(RUN_U.read_text())["runs"] if r["mode"] == "ram")
-        load_gib_s = u["model_gib"] / u["timings_s"]["load"]  # from the page cache: a cold read is slower
-        save_gib_s = u["model_gib"] / u["timings_s"]["save"]  # GiB of base weights compressed and written a second
-        # build-all verifies the three branches in one streaming pass (the base model read once); each
-        # branch's "seconds" is that pass's clock when its verify.json was written: the last is the whole
-        verify_s = max(v["seconds"] for v in json.loads(RUN_X.read_text())["verify"].values())
-        verify_gib_s = RUN_X_BASE_GIB / verify_s
-        seconds = {"load": base / load_gib_s, "save": BRANCHES * base / save_gib_s, "verify": base / verify_gib_s}
-        rates = {
-            "load": round(load_gib_s, 2),
-            "save": round(save_gib_s / BRANCHES, 2),
-            "verify": round(verify_gib_s, 2),
-        }
-        source = {"load": "run U", "save": "run U", "verify": "run X"}
+    u = next(r for r in json.loads(RUN_U.read_text())["runs"] if r["mode"] == "ram")
+    load_gib_s = u["model_gib"] / u["timings_s"]["load"]  # from the page cache: a cold read is slower
+    save_gib_s = u["model_gib"] / u["timings_s"]["save"]  # GiB of base weights compressed and written a second
+    # build-all verifies the three branches in one streaming pass (the base model read once); each
+    # branch's "seconds" is that pass's clock when its verify.json was written: the last is the whole
+    verify_s = max(v["seconds"] for v in json.loads(RUN_X.read_text())["verify"].values())
+    verify_gib_s = RUN_X_BASE_GIB / verify_s
+    seconds = {"load": base / load_gib_s, "save": BRANCHES * base / save_gib_s, "verify": base / verify_gib_s}
+    rates = {
+        "load": round(load_gib_s, 2),
+        "save": round(save_gib_s / BRANCHES, 2),
+        "verify": round(verify_gib_s, 2),
+    }
+    source = {"load": "run U", "save": "run U", "verify": "run X"}
     seconds["manifests"] = branches / HASH_GIB_S
     hours = {k: seconds[k] / 3600 for k in ("load", "save", "verify", "manifests")}
     return {
@@ -292,9 +265,6 @@ def main() -> None:
     ap.add_argument("--dense-s", type=float, default=RUN_P_DENSE_S, help="one dense layer's seconds on one GPU")
     ap.add_argument("--gpus", type=int, action="append", default=None, help="GPUs of one node (repeatable)")
     ap.add_argument(
-        "--rest-record", type=Path, default=None, help="a one-pass benchmarks.rehearsal --json for the rest's rates"
-    )
-    ap.add_argument(
         "--rest-records",
         type=Path,
         nargs=2,
@@ -314,7 +284,7 @@ def main() -> None:
             f"{e['dense_layer_s']} s, {'measured' if e['dense_measured'] else 'run P'}; side branches "
             f"{'measured' if e['side_measured'] else f'assumed at {SIDE_OVER_LEAD:.2f}x the lead'})"
         )
-    r = rest(record=a.rest_record)
+    r = rest()
     h, rates, src = r["hours"], r["rates_gib_s"], r["measured_in"]
     print(
         f"the rest, at rates measured on rehearsal-sized models (arithmetic): load {r['base_gib']} GiB once "
@@ -335,6 +305,13 @@ def main() -> None:
             + f"; the release's 89 MoE and 3 dense layers: {m['total_h']} h ("
             + ", ".join(f"{k} {v} h" for k, v in m["hours"].items())
             + ")"
+        )
+        gpus = max(a.gpus or [8])
+        calibration = estimate(moe, a.dense_s, gpus, False, dense)["calibration_h"]
+        print(
+            f"the release on one node of {gpus} GPU(s): calibration {calibration} h (one pass over {gpus} ranks) + "
+            f"the rest {m['total_h']} h (measured per layer on one GPU) = {round(calibration + m['total_h'], 2)} h, "
+            f"plus the upload"
         )
 
 
