@@ -373,13 +373,12 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(
                 f"cut at the deadline in {e}: go on with --stages build,... (build-all skips the finished branches)"
             ) from None
+    logs = {g: read_build_log(branch_dir(work, g).parent, branch_dir(work, g).name) for g in GROUP_SIZES}
     verify = {g: json.loads((branch_dir(work, g) / "verify.json").read_text()) for g in GROUP_SIZES}
     for g in GROUP_SIZES:  # how long verify took is in the build log, not in the branch
-        verify[g]["seconds"] = (
-            read_build_log(branch_dir(work, g).parent, branch_dir(work, g).name).get("verify", {}).get("seconds")
-        )
+        verify[g]["seconds"] = logs[g].get("verify", {}).get("seconds")
     prov = json.loads((branch_dir(work, 64) / "provenance.json").read_text())
-    built = read_build_log(branch_dir(work, 64).parent, branch_dir(work, 64).name).get("quantize", {})
+    built = logs[64].get("quantize", {})
     from release.build.branch_folder import resolve_base_model
     from release.config import load_config
 
@@ -398,17 +397,9 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
         },
         "quantize_timings_s_gs64": built.get("timings_s", {}),
         # every branch's: in one pass the first saves as a build would, the others finish from stores
-        "quantize_timings_s": {
-            g: read_build_log(branch_dir(work, g).parent, branch_dir(work, g).name)
-            .get("quantize", {})
-            .get("timings_s", {})
-            for g in GROUP_SIZES
-        },
+        "quantize_timings_s": {g: logs[g].get("quantize", {}).get("timings_s", {}) for g in GROUP_SIZES},
         # build-all's last step per branch (manifest, then the check that trusts the build's hashes)
-        "seal_s": {
-            g: read_build_log(branch_dir(work, g).parent, branch_dir(work, g).name).get("seal", {}).get("seconds")
-            for g in GROUP_SIZES
-        },
+        "seal_s": {g: logs[g].get("seal", {}).get("seconds") for g in GROUP_SIZES},
         "base_model_gib": round(sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**30, 2),
         "libraries": prov.get("libraries"),
         "gpu": built.get("timings_s", {}).get("gpu"),

@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from release.architecture import Glm4MoeArch
+
 GROUP_SIZES = (32, 64, 128)  # the release's branches
 MOE_LAYERS, DENSE_LAYERS, BRANCHES = 89, 3, len(GROUP_SIZES)
 SIDE_OVER_LEAD = 128.1 / 125.3  # a side branch's smoothing against the propagating one's (run of 2026-11-30)
@@ -56,6 +58,7 @@ RUN_P_DENSE_S = 108.0  # one dense layer, 512 x 2048, one H200 (run P, ec296b7)
 RUN_P_FIXED_S = {"moe": 4.8, "dense": 3.0}  # per-rank part a of a + b / N (run P's 2- and 4-GPU fit)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+GLM47_CONFIG = RESULTS.parent.parent / "configs" / "glm-4.7-config.json"
 RUN_U = RESULTS / "2026-11-30-h200x2-offload-glm47-4layer" / "U-1gpu-ram-vs-offload.json"
 RUN_X = RESULTS / "2026-11-30-h200x2-rehearsal-glm47-2layer" / "run-X-c465fcc-2gpu.json"
 GIB = 2**30
@@ -109,12 +112,14 @@ def rest(upload_gbit_s: tuple[float, ...] = (10.0, 1.0)) -> dict[str, Any]:
     }
 
 
-# GLM-4.7's parameters in a dense decoder layer against a MoE one (attention: q 96 x 128 heads,
-# k and v 8 x 128, o; the dense MLP 12,288 wide; the MoE layer's 160 routed experts and one shared
-# expert 1,536 wide, and the router): a dense layer's save and verify, taken as a MoE layer's
-# scaled by its bytes (arithmetic, not measured)
-_ATTENTION = 5_120 * 12_288 * 2 + 5_120 * 1_024 * 2
-DENSE_OVER_MOE = (_ATTENTION + 3 * 5_120 * 12_288) / (_ATTENTION + 161 * 3 * 5_120 * 1_536 + 160 * 5_120)
+def _quantized_params(arch: Glm4MoeArch, layer: int) -> int:
+    return sum(out * inp for out, inp in arch.quantized_linear_shapes(layer).values())
+
+
+# a dense decoder layer's save and verify, taken as a MoE layer's scaled by its quantized
+# parameters (GLM-4.7's config, release.architecture: arithmetic, not measured)
+_GLM47 = Glm4MoeArch.from_config(json.loads(GLM47_CONFIG.read_text()), str(GLM47_CONFIG))
+DENSE_OVER_MOE = _quantized_params(_GLM47, _GLM47.dense_layers[0]) / _quantized_params(_GLM47, _GLM47.moe_layers[0])
 REST_STAGES = ("load", "save", "verify", "seal", "other")
 
 
@@ -302,7 +307,7 @@ def main() -> None:
             + ", ".join(f"{k} {per[k]} s" for k in REST_STAGES)
             + f" a MoE layer ({m['per_moe_layer_total_s']} s), fixed "
             + ", ".join(f"{k} {fixed[k]} s" for k in REST_STAGES)
-            + f"; the release's 89 MoE and 3 dense layers: {m['total_h']} h ("
+            + f"; the release's {MOE_LAYERS} MoE and {DENSE_LAYERS} dense layers: {m['total_h']} h ("
             + ", ".join(f"{k} {v} h" for k, v in m["hours"].items())
             + ")"
         )

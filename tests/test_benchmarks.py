@@ -905,14 +905,14 @@ def test_the_rest_is_fixed_seconds_plus_the_cost_of_one_more_moe_layer(tmp_path)
     assert m["total_h"] == round((129.5 + layers * 20.5) / 3600, 2)
     with pytest.raises(SystemExit, match="not more than"):
         est.marginal_rest(large, small)
-    record = RESULTS.parent / "2026-12-03-h200-search-kernels" / "call3-pass-512.json"
+    profile = RESULTS.parent / "2026-12-03-h200-search-kernels" / "call3-pass-512.json"
     printed = subprocess.run(
         [
             sys.executable,
             "-m",
             "benchmarks.release_estimate",
             "--record",
-            str(record),
+            str(profile),
             "--rest-records",
             str(small),
             str(large),
@@ -922,7 +922,8 @@ def test_the_rest_is_fixed_seconds_plus_the_cost_of_one_more_moe_layer(tmp_path)
         cwd=RESULTS.parent.parent.parent,
         check=True,
     ).stdout
-    moe, dense = (f(json.loads(record.read_text())) for f in (est.MoeLayer.from_record, est.MoeLayer.dense_from_record))
+    layers_measured = json.loads(profile.read_text())
+    moe, dense = est.MoeLayer.from_record(layers_measured), est.MoeLayer.dense_from_record(layers_measured)
     calibration = est.estimate(moe, gpus=8, dense=dense)["calibration_h"]
     assert f"= {round(calibration + m['total_h'], 2)} h, plus the upload" in printed, printed
 
