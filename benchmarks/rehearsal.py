@@ -373,6 +373,10 @@ def rehearse(a: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(
                 f"cut at the deadline in {e}: go on with --stages build,... (build-all skips the finished branches)"
             ) from None
+    if not all((branch_dir(work, g) / "verify.json").is_file() for g in GROUP_SIZES):
+        # `--stages model`: the model and its config, to build from by hand (a profiler's run)
+        print(f"no built release in {work} (stages {a.stages}): the model and its config only", flush=True)
+        return {"preset": a.preset, "layers": a.layers, "synthetic_build_s": build_s, "stages": records}
     logs = {g: read_build_log(branch_dir(work, g).parent, branch_dir(work, g).name) for g in GROUP_SIZES}
     verify = {g: json.loads((branch_dir(work, g) / "verify.json").read_text()) for g in GROUP_SIZES}
     for g in GROUP_SIZES:  # how long verify took is in the build log, not in the branch

@@ -215,11 +215,30 @@ class HashCache:
     a missing or unreadable cache only means hashing again."""
 
     def __init__(self, folder: Path) -> None:
-        self.path = folder.resolve().parent / CACHE_DIR / "hashes" / f"{folder.name}.json"
+        self.path = self.file_of(folder)
         try:
             self.entries: dict[str, list] = dict(json.loads(self.path.read_text()))
         except (OSError, ValueError, TypeError):
             self.entries = {}
+
+    @staticmethod
+    def file_of(folder: Path) -> Path:
+        return folder.resolve().parent / CACHE_DIR / "hashes" / f"{folder.name}.json"
+
+    @classmethod
+    def follow_rename(cls, old: Path, new: Path) -> None:
+        """After the folder `old` was renamed to `new` (a build's .partial swapped in as its
+        branch): its cache becomes `new`'s. A rename keeps each file's inode and ctime, so the
+        entries still vouch for exactly the bytes they hashed; without this the branch's first
+        reader (verify) would hash every weight file again, and `old`'s cache would be left
+        behind. A cache that cannot be moved is dropped: it costs time, not correctness."""
+        src, dst = cls.file_of(old), cls.file_of(new)
+        try:
+            src.replace(dst)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            src.unlink(missing_ok=True)
 
     @staticmethod
     def _key(st: os.stat_result) -> list:

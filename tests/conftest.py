@@ -88,7 +88,9 @@ def DELETE():
 
 @pytest.fixture(scope="session")
 def demo_release(tmp_path_factory, demo_assets):
-    """The demo release built once for the whole session (three branches, verified)."""
+    """The demo release built once for the whole session (three branches, verified), with
+    every file the build hashed (`hashed`: the paths handed to manifest.hash_files)."""
+    import release.manifest as manifest_mod
     from release.build.pipeline import build_all
     from release.config import load_config
 
@@ -100,8 +102,19 @@ def demo_release(tmp_path_factory, demo_assets):
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = load_config(path)
     logs: list[str] = []
-    result = build_all(cfg, echo=logs.append)
-    return {"config_path": path, "config": cfg, "result": result, "logs": logs}
+    hashed: list[Path] = []
+    real_hash_files = manifest_mod.hash_files
+
+    def counted(paths: list[Path], workers: int | None = None) -> dict[Path, str]:
+        hashed.extend(paths)
+        return real_hash_files(paths, workers)
+
+    manifest_mod.hash_files = counted
+    try:
+        result = build_all(cfg, echo=logs.append)
+    finally:
+        manifest_mod.hash_files = real_hash_files
+    return {"config_path": path, "config": cfg, "result": result, "logs": logs, "hashed": hashed}
 
 
 @pytest.fixture()

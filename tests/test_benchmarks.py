@@ -396,8 +396,12 @@ def test_the_dress_rehearsal_runs_the_release_path(tmp_path):
     # in calls, as on the device (10 minutes a call): each goes on where the last stopped
     refused = rehearsal("--stages", "check")
     assert refused.returncode != 0 and "run the model stage first" in refused.stderr
+    # the model alone (to build from by hand, as under a profiler): no report on a release
+    model = rehearsal("--stages", "model")
+    assert model.returncode == 0 and "the model and its config only" in model.stdout, model.stderr[-2000:]
+    assert json.loads(out.read_text())["stages"] == []
     # a deadline already past when build-all starts: it is cut at once, and recorded so
-    cut = rehearsal("--stages", "model,build", "--deadline", "0.01")
+    cut = rehearsal("--stages", "build", "--deadline", "0.01")
     assert cut.returncode != 0 and "cut at the deadline in build-all" in cut.stderr, cut.stderr[-2000:]
     (first,) = json.loads(out.read_text())["stages"]
     assert first["stage"] == "build-all" and first["cut_at_deadline"] and first["exit"] != 0

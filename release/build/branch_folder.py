@@ -22,7 +22,7 @@ from ..awq import ScaleOptions
 from ..build_log import write_build_log
 from ..config import BranchSpec, ReleaseConfig
 from ..errors import ReleaseError
-from ..manifest import EVAL_FILE, first_change, folder_content_digest, sealed_changes, write_manifest
+from ..manifest import EVAL_FILE, HashCache, first_change, folder_content_digest, sealed_changes, write_manifest
 from ..owned import made_by_glmrel, remove_owned, require_replaceable
 from . import distributed
 from .recipe import render_recipe
@@ -361,10 +361,12 @@ def seal_folder(job: BranchJob, tmp: Path, timings: dict[str, Any], calibration_
         old = partial_folder(cfg.output_dir, job.name, "old")
         out_dir.rename(old)
         tmp.rename(out_dir)
+        HashCache.follow_rename(tmp, out_dir)  # the hashes just made are the branch's: not read again
         carry_evaluation(old, out_dir)
         remove_owned(old)
     else:
         tmp.rename(out_dir)
+        HashCache.follow_rename(tmp, out_dir)
 
 
 def carry_evaluation(old: Path, new: Path) -> bool:
