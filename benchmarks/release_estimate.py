@@ -34,7 +34,9 @@ measurement of the full model. The upload is given as bytes and the time at two 
 With `--rest-records SMALL LARGE` (two one-pass rehearsals whose models differ in MoE layers
 only, run one after the other on one machine), the rest is also given from what one more MoE
 layer costs per stage, with the fixed seconds the smaller model's less its MoE layers': measured
-at GLM-4.7's dims per layer, not scaled per GiB (`marginal_rest`).
+at GLM-4.7's dims per layer, not scaled per GiB (`marginal_rest`). Repeated, each pair is
+printed, the first gives the release's sum and the others its spread: one more layer's cost
+is the difference of two walls of a few minutes, and single pairs have differed 2x and more.
 
   python -m benchmarks.release_estimate --record benchmarks/results/<run>/profile-512.json
 
@@ -273,10 +275,11 @@ def main() -> None:
         "--rest-records",
         type=Path,
         nargs=2,
+        action="append",
         default=None,
         metavar=("SMALL", "LARGE"),
         help="two one-pass benchmarks.rehearsal --json records of models that differ in MoE layers: the rest"
-        " from the cost of one more layer",
+        " from the cost of one more layer (repeatable: the first pair gives the sum, the others its spread)",
     )
     a = ap.parse_args()
     record = json.loads(a.record.read_text())
@@ -300,25 +303,33 @@ def main() -> None:
     )
     print(f"upload: {r['branches_gib']} GiB, " + ", ".join(f"{v} h at {k}" for k, v in r["upload_h"].items()))
     if a.rest_records:
-        m = marginal_rest(*a.rest_records)
-        per, fixed = m["per_moe_layer_s"], m["fixed_s"]
-        print(
-            f"the rest from one more MoE layer ({' against '.join(m['records'])}; one run each): "
-            + ", ".join(f"{k} {per[k]} s" for k in REST_STAGES)
-            + f" a MoE layer ({m['per_moe_layer_total_s']} s), fixed "
-            + ", ".join(f"{k} {fixed[k]} s" for k in REST_STAGES)
-            + f"; the release's {MOE_LAYERS} MoE and {DENSE_LAYERS} dense layers: {m['total_h']} h ("
-            + ", ".join(f"{k} {v} h" for k, v in m["hours"].items())
-            + ")"
-        )
+        pairs = [marginal_rest(*pair) for pair in a.rest_records]
+        for m in pairs:
+            per, fixed = m["per_moe_layer_s"], m["fixed_s"]
+            print(
+                f"the rest from one more MoE layer ({' against '.join(m['records'])}; one run each): "
+                + ", ".join(f"{k} {per[k]} s" for k in REST_STAGES)
+                + f" a MoE layer ({m['per_moe_layer_total_s']} s), fixed "
+                + ", ".join(f"{k} {fixed[k]} s" for k in REST_STAGES)
+                + f"; the release's {MOE_LAYERS} MoE and {DENSE_LAYERS} dense layers: {m['total_h']} h ("
+                + ", ".join(f"{k} {v} h" for k, v in m["hours"].items())
+                + ")"
+            )
         gpus = max(a.gpus or [8])
         calibration = estimate(moe, a.dense_s, gpus, False, dense)["calibration_h"]
+        rest_h = pairs[0]["total_h"]
         print(
             f"the release on one node of {gpus} GPU(s): calibration {calibration} h (one pass over {gpus} ranks) + "
-            f"the rest {m['total_h']} h (measured per layer on one GPU) = {round(calibration + m['total_h'], 2)} h, "
+            f"the rest {rest_h} h (measured per layer on one GPU, the first pair) = {round(calibration + rest_h, 2)} h, "
             f"plus the upload"
         )
-
+        if len(pairs) > 1:
+            lo, hi = min(m["total_h"] for m in pairs), max(m["total_h"] for m in pairs)
+            print(
+                f"across the {len(pairs)} pairs (one run of each model; their machines and commits differ: see the "
+                f"records) the rest spans {lo}-{hi} h, the release {round(calibration + lo, 2)}-"
+                f"{round(calibration + hi, 2)} h: one more layer's cost is within the runs' noise"
+            )
 
 if __name__ == "__main__":
     main()

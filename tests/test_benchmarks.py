@@ -837,15 +837,26 @@ def test_the_performance_page_states_the_estimate_its_record_gives():
     assert f"{moe.calibration_s:.1f} s calibration pass" in page and f"{moe.smoothing_s:.1f} s search" in page
     rest = est.rest()
     assert f"{rest['total_h']} h" in page, "the older estimate of the rest, from bytes over rates"
-    pairs = RESULTS.parent / "2026-12-04-h200-marginal-moe-layer"
-    m = est.marginal_rest(pairs / "pair2-rehearsal-2.json", pairs / "pair2-rehearsal-3.json")
-    assert f"{m['per_moe_layer_total_s']} s a layer" in page and f"**{m['total_h']} h**" in page
+    latest = RESULTS.parent / "2026-12-04-h200-hash-cache-follows-rename"
+    m = est.marginal_rest(latest / "pair3-new-rehearsal-2.json", latest / "pair3-new-rehearsal-3.json")
     per = m["per_moe_layer_s"]
-    assert f"the saves {per['save']} s, verify {per['verify']} s, the rest of build-all {per['other']} s" in page
+    assert f"{m['per_moe_layer_total_s']} s a MoE layer" in page and f"**{m['total_h']:.2f} h**" in page
+    assert f"(saves {per['save']} s, verify {per['verify']} s, the rest of build-all {per['other']} s" in page
+    assert f"about {round(sum(m['fixed_s'].values()))} s fixed" in page
     calibration = est.estimate(moe, gpus=8, dense=dense)["calibration_h"]
     assert f"{round(calibration + m['total_h'], 2)} h on one 8×H200 node plus the upload" in page
-    earlier = est.marginal_rest(pairs / "pair1-rehearsal-2.json", pairs / "pair1-rehearsal-3.json")
-    assert f"{earlier['per_moe_layer_s']['save']} s of saves and {earlier['per_moe_layer_s']['verify']} s" in page
+    earlier = RESULTS.parent / "2026-12-04-h200-marginal-moe-layer"
+    pairs = [
+        m,
+        est.marginal_rest(latest / "pair3-old-rehearsal-2.json", latest / "pair3-old-rehearsal-3.json"),
+        est.marginal_rest(earlier / "pair2-rehearsal-2.json", earlier / "pair2-rehearsal-3.json"),
+        est.marginal_rest(earlier / "pair1-rehearsal-2.json", earlier / "pair1-rehearsal-3.json"),
+    ]
+    for other in pairs[1:]:
+        assert f"{other['total_h']} h (" in page, other["records"]
+    lo, hi = min(x["total_h"] for x in pairs), max(x["total_h"] for x in pairs)
+    assert f"{round(calibration + lo, 2)}-{round(calibration + hi, 2)} h across the four pairs" in page
+    assert f"saves, which no change touched, cost {pairs[1]['per_moe_layer_s']['save']} s a layer" in page
 
 
 def test_the_rest_of_the_release_is_bytes_over_measured_rates():
@@ -875,9 +886,9 @@ def test_the_rest_is_fixed_seconds_plus_the_cost_of_one_more_moe_layer(tmp_path)
     wall less the calibration and every named stage; records in the wrong order are refused."""
     from benchmarks import release_estimate as est
 
-    def record(layers: int, load, lead_save, side_s, verify, seal, wall, oneshot):
+    def record(layers: int, load, lead_save, side_s, verify, seal, wall, oneshot, name=""):
         side = {"finish": {"seconds": side_s / 2}, "save": side_s / 2}
-        path = tmp_path / f"r{layers}.json"
+        path = tmp_path / f"r{layers}{name}.json"
         path.write_text(
             json.dumps(
                 {
@@ -909,6 +920,9 @@ def test_the_rest_is_fixed_seconds_plus_the_cost_of_one_more_moe_layer(tmp_path)
     assert m["total_h"] == round((129.5 + layers * 20.5) / 3600, 2)
     with pytest.raises(SystemExit, match="not more than"):
         est.marginal_rest(large, small)
+    noisy = record(
+        3, load=1.5, lead_save=20.0, side_s=8.0, verify=50.0, seal=0.25, wall=300.0, oneshot=90.0, name="-noisy"
+    )
     profile = RESULTS.parent / "2026-12-03-h200-search-kernels" / "call3-pass-512.json"
     printed = subprocess.run(
         [
@@ -920,6 +934,9 @@ def test_the_rest_is_fixed_seconds_plus_the_cost_of_one_more_moe_layer(tmp_path)
             "--rest-records",
             str(small),
             str(large),
+            "--rest-records",  # a second pair: the spread, not the sum
+            str(small),
+            str(noisy),
         ],
         capture_output=True,
         text=True,
@@ -930,6 +947,8 @@ def test_the_rest_is_fixed_seconds_plus_the_cost_of_one_more_moe_layer(tmp_path)
     moe, dense = est.MoeLayer.from_record(layers_measured), est.MoeLayer.dense_from_record(layers_measured)
     calibration = est.estimate(moe, gpus=8, dense=dense)["calibration_h"]
     assert f"= {round(calibration + m['total_h'], 2)} h, plus the upload" in printed, printed
+    lo, hi = sorted((m["total_h"], est.marginal_rest(small, noisy)["total_h"]))
+    assert lo < hi and "across the 2 pairs" in printed and f"the rest spans {lo}-{hi} h" in printed, printed
 
 
 def test_h2d_sources_counts_unpinned_copies_by_call_site_and_restores_torch():
