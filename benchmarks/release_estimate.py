@@ -331,5 +331,6 @@ def main() -> None:
                 f"{round(calibration + hi, 2)} h: one more layer's cost is within the runs' noise"
             )
 
+
 if __name__ == "__main__":
     main()
