@@ -640,3 +640,60 @@ def test_one_pass_on_two_ranks_makes_each_branch_as_the_ranks_would_alone(tmp_pa
     monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("launched with nothing to build"))
     again = quantize.build_branches(cfg, NAMES, 2, one.parent / "release.yaml", echo=lambda s: None)
     assert all(b.skipped for b in again)
+
+
+def test_the_side_branches_are_made_at_once_and_speak_in_branch_order(tmp_path, demo_assets, monkeypatch):
+    """After the pass, the side branches are made from their stores on threads of their own
+    (each must reach a barrier the other also reaches: one after the other would time out),
+    with the shard writers split between them; their lines are printed in branch order, by the
+    caller's thread (a CLI's output belongs to it). A branch that fails does not stop the other:
+    its error is raised once both are done, and the other is sealed."""
+    import threading
+
+    cfg = load_config(_config(tmp_path, demo_assets))
+    specs = [cfg.branch(n) for n in NAMES]
+    plan = one_pass.plan_pass(cfg, specs, True, lambda s: None, clean=False)
+    rest = specs[1:]
+    tmps = {b.name: tmp_path / f".{b.name}.partial" for b in rest}
+    meet = threading.Barrier(len(rest), timeout=20)
+    calls: dict[str, tuple[str, int | None]] = {}
+    sealed: list[str] = []
+
+    def finish(job, side, lead_dir, out, run, echo=print, writers=None):
+        calls[job.name] = (threading.current_thread().name, writers)
+        echo(f"[{job.name}] first")
+        meet.wait()
+        if job.name == fail:
+            raise ReleaseError(f"{job.name} broke", hint="h")
+        echo(f"[{job.name}] done")
+        return {}
+
+    monkeypatch.setattr(one_pass, "finish_side_branch", finish)
+    monkeypatch.setattr(one_pass, "seal_folder", lambda job, tmp, timings, names: sealed.append(job.name))
+    run = type("Run", (), {"stats": None})()
+    main = threading.current_thread().name
+    said: list[tuple[str, str]] = []
+
+    def echo(line: str) -> None:
+        said.append((threading.current_thread().name, line))
+
+    for fail in (None, "W4A16_GS64"):
+        started: list[str] = []
+        for kept in (said, sealed):
+            kept.clear()
+        meet.reset()
+        if fail is None:
+            built = one_pass.finish_side_branches(plan, rest, tmps, run, {}, echo, started.append)
+            assert list(built) == ["W4A16_GS64", "W4A16_GS128"]
+            assert all(b.calibrated_by == "W4A16_GS32" and not b.skipped for b in built.values())
+        else:
+            with pytest.raises(ReleaseError, match="W4A16_GS64 broke"):
+                one_pass.finish_side_branches(plan, rest, tmps, run, {}, echo, started.append)
+        assert started == ["W4A16_GS64", "W4A16_GS128"] or fail is not None
+        assert {t for t, _ in calls.values()} != {main} and len({t for t, _ in calls.values()}) == 2
+        assert {w for _, w in calls.values()} == {one_pass.SHARD_WRITERS // 2}
+        lines = [line for _, line in said]
+        expect = ["[W4A16_GS64] first", "[W4A16_GS64] done", "[W4A16_GS128] first", "[W4A16_GS128] done"]
+        assert lines == [x for x in expect if not (fail and x == f"[{fail}] done")]
+        assert {t for t, _ in said} == {main}
+        assert sorted(sealed) == sorted(b.name for b in rest if b.name != fail)

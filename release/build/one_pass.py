@@ -18,7 +18,7 @@ from ..architecture import Glm4MoeArch
 from ..awq import ScaleOptions, SideBranch
 from ..config import BranchSpec, ReleaseConfig
 from ..errors import ReleaseError
-from ..layout import INDEX_FILE, SavedLayout, TensorFiles, saved_layout, write_shards
+from ..layout import INDEX_FILE, SHARD_WRITERS, SavedLayout, TensorFiles, saved_layout, write_shards
 from ..owned import create_owned, remove_owned, require_replaceable, require_writable_folder
 from . import distributed, room
 from .branch_folder import (
@@ -99,7 +99,9 @@ def quantize_pass(
         if progress:
             progress(lead.name)
         timings, run = run_oneshot(lead_job, lead_tmp, echo, scale_options, side)
-        shared = {k: timings[k] for k in ("calibration_data", "load", "oneshot", "awq_engine") if k in timings}
+        shared: dict[str, Any] = {
+            k: timings[k] for k in ("calibration_data", "load", "oneshot", "awq_engine") if k in timings
+        }
         pass_s = round(time.time() - t_start, 1)
         if lead_tmp is not None:
             timings["calibration_pass_s"] = pass_s
@@ -107,18 +109,8 @@ def quantize_pass(
             builds[lead.name] = BranchBuild(
                 lead.name, lead_job.out_dir, False, pass_s, plan.fingerprint(lead.name), stats=run.stats
             )
-        for b, sb in zip(rest, side):
-            if progress:
-                progress(b.name)
-            t = time.time()
-            job = jobs[b.name]
-            side_timings = finish_side_branch(job, sb, lead_job.out_dir, tmps[b.name], run, echo)
-            side_timings["calibration_pass"] = {**shared, "seconds": pass_s, "propagated_through": lead.name}
-            seal_folder(job, tmps[b.name], side_timings, names)
-            builds[b.name] = BranchBuild(
-                b.name, job.out_dir, False, round(time.time() - t, 1), plan.fingerprint(b.name), lead.name, run.stats
-            )
-            shutil.rmtree(sb.store, ignore_errors=True)
+        calibration_pass: dict[str, Any] = {**shared, "seconds": pass_s, "propagated_through": lead.name}
+        builds.update(finish_side_branches(plan, rest, tmps, run, calibration_pass, echo, progress))
         failed = False
     finally:
         for folder in [plan.work, *tmps.values()]:
@@ -128,6 +120,59 @@ def quantize_pass(
         if cfg.offload.cpu_gib is not None:
             forget_offload(offload_folder(cfg))
     return [builds[n] for n in names]
+
+
+def finish_side_branches(
+    plan: PassPlan,
+    rest: list[BranchSpec],
+    tmps: dict[str, Path],
+    run: Calibrated,
+    calibration_pass: dict[str, Any],
+    echo: Log,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, BranchBuild]:
+    """Every side branch of the pass made from its store and sealed (`finish_side_branch`,
+    `seal_folder`), all at once on threads: each reads the propagating branch's sealed folder
+    and its own store and writes a folder of its own, so they share nothing but what they read.
+    The shard writers (`SHARD_WRITERS`) are split between them: as many shards are in memory at
+    once as when they were made one after another. What each says is kept and printed in branch
+    order when it is done (a CLI's output belongs to the main thread). The first error is raised
+    once every branch is done; the caller removes what is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lead = plan.names[0]
+    lead_dir = plan.jobs[lead].out_dir
+    stores = {sb.name: sb for sb in plan.side}
+    writers = max(1, SHARD_WRITERS // max(1, len(rest)))
+
+    def finish(b: BranchSpec, said: list[str]) -> BranchBuild:
+        t = time.time()
+        job, store = plan.jobs[b.name], stores[b.name]
+        timings = finish_side_branch(job, store, lead_dir, tmps[b.name], run, said.append, writers=writers)
+        timings["calibration_pass"] = calibration_pass
+        seal_folder(job, tmps[b.name], timings, plan.names)
+        shutil.rmtree(store.store, ignore_errors=True)
+        seconds = round(time.time() - t, 1)
+        return BranchBuild(b.name, job.out_dir, False, seconds, plan.fingerprint(b.name), lead, run.stats)
+
+    for b in rest:
+        if progress:
+            progress(b.name)
+    said: dict[str, list[str]] = {b.name: [] for b in rest}
+    built: dict[str, BranchBuild] = {}
+    first_error: BaseException | None = None
+    with ThreadPoolExecutor(max(1, len(rest)), thread_name_prefix="glmrel-side-branch") as pool:
+        futures = {b.name: pool.submit(finish, b, said[b.name]) for b in rest}
+        for name, future in futures.items():
+            try:
+                built[name] = future.result()
+            except BaseException as e:  # the others finish first; then the first error is raised
+                first_error = first_error or e
+            for line in said[name]:
+                echo(line)
+    if first_error is not None:
+        raise first_error
+    return built
 
 
 def _quiet(line: str) -> None:
@@ -206,7 +251,13 @@ def check_pass_room(lead: BranchJob, side: tuple[SideBranch, ...], stale: dict[s
 
 
 def finish_side_branch(
-    job: BranchJob, side: SideBranch, lead_dir: Path, out: Path, run: Calibrated, echo: Log = print
+    job: BranchJob,
+    side: SideBranch,
+    lead_dir: Path,
+    out: Path,
+    run: Calibrated,
+    echo: Log = print,
+    writers: int | None = None,
 ) -> dict[str, Any]:
     """A side branch of a pass into `out`, without loading the model again. The pass stored
     each decoder layer of the branch quantized and compressed (release/awq/side.py); the
@@ -216,7 +267,8 @@ def finish_side_branch(
     norms, the router, biases), else the propagating branch's (embeddings, head, the other
     norms: the base model's in both). Then the MTP layer, tokenizer, recipe and records as any
     build (`write_branch_files`). The same bits as the base model with the branch's smoothed
-    layers quantized by QuantizationModifier and saved compressed (the demo's pinned digests)."""
+    layers quantized by QuantizationModifier and saved compressed (the demo's pinned digests).
+    `writers`: shards written at once (`layout.write_shards`)."""
     branch = job.spec
     timings: dict[str, Any] = {}
     t = time.time()
@@ -233,7 +285,7 @@ def finish_side_branch(
     echo(f"[{branch.name}] from the pass's store: group size {branch.group_size}, in {lead_dir.name}'s layout")
     out.mkdir(parents=True, exist_ok=True)
     # each tensor from the store where it has it, else the propagating branch's
-    write_shards(out, layout.by_shard, {**lead.names, **store.names})
+    write_shards(out, layout.by_shard, {**lead.names, **store.names}, writers)
     stored = len(store.names)  # check_store refused a store naming a tensor the branch does not have
     layout.write_index_and_config(out, store_quantization(side.store, branch))
     for name in ("generation_config.json",):
