@@ -1,8 +1,8 @@
 """One calibration pass for several branches of a release (`build-all` and `quantize --branch A
 --branch B` on one GPU): the first branch's pass also smooths every layer for the others' group
-sizes (release/awq/side.py), stores those layers, and each other branch is then made from its
-store. Its steps are branch_folder.py's (the folders' life) and calibrate.py's (calibrating and
-saving); quantize.py decides when a pass runs.
+sizes (release/awq/side.py), stores those layers, and the other branches are then made from
+their stores, at the same time (`finish_side_branches`). Its steps are branch_folder.py's (the
+folders' life) and calibrate.py's (calibrating and saving); quantize.py decides when a pass runs.
 """
 
 from __future__ import annotations
