@@ -19,7 +19,7 @@ from release.build.room import check_room, size_text
 from release.cli import cli
 from release.config import check_release_refs, load_config
 from release.errors import ReleaseError
-from release.manifest import MANIFEST_FILE, sealed_changes, write_manifest
+from release.manifest import MANIFEST_FILE, content_digest, release_files, sealed_changes, sha256_file, write_manifest
 from release.owned import MARKER, create_owned, made_by_glmrel, remove_owned, require_replaceable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -177,7 +177,20 @@ def test_changed_weights_are_rebuilt_never_approved_again(release_copy, demo_rel
     if rebuilt.get("verify.json") != original.get("verify.json"):  # name the fields, to tell why
         now, before = (json.loads(t["verify.json"]) for t in (rebuilt, original))
         differ = {k: (before.get(k), now.get(k)) for k in sorted(set(now) | set(before)) if now.get(k) != before.get(k)}
-        pytest.fail(f"verify.json of the same weights differs after the rebuild: {differ}")
+        files = [json.loads(t["manifest.json"])["files"] for t in (original, rebuilt)]
+        entries = {
+            n: (files[0].get(n), files[1].get(n))
+            for n in set(files[0]) | set(files[1])
+            if files[0].get(n) != files[1].get(n)
+        }
+        fresh = [
+            content_digest({f.name: sha256_file(f) for f in release_files(d)})
+            for d in (demo_release["config"].output_dir / "W4A16_GS64", folder)
+        ]
+        pytest.fail(
+            f"verify.json of the same weights differs after the rebuild: {differ}; manifest: {entries}; "
+            f"hashed afresh (original, rebuilt): {fresh}"
+        )
     assert rebuilt == original, "the rebuilt branch is the same bytes as the first build"
     assert run("check", str(folder)).exit_code == 0
 
