@@ -22,13 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import GLM47_CONFIG
 from release.architecture import Glm4MoeArch
 from release.check import check_branch
 from release.layout import DTYPE_BYTES, expected_inventory
 from release.manifest import MANIFEST_SCHEMA, FileEntry, Manifest, hash_files, sha256_file
 from release.owned import create_owned
 
-GLM47_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "glm-4.7-config.json"
 N_SHARDS = 40
 
 

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import GLM47_CONFIG
 from release.architecture import Glm4MoeArch
 
 GROUP_SIZES = (32, 64, 128)  # the release's branches
@@ -60,7 +61,6 @@ RUN_P_DENSE_S = 108.0  # one dense layer, 512 x 2048, one H200 (run P, ec296b7)
 RUN_P_FIXED_S = {"moe": 4.8, "dense": 3.0}  # per-rank part a of a + b / N (run P's 2- and 4-GPU fit)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GLM47_CONFIG = RESULTS.parent.parent / "configs" / "glm-4.7-config.json"
 RUN_U = RESULTS / "2026-11-30-h200x2-offload-glm47-4layer" / "U-1gpu-ram-vs-offload.json"
 RUN_X = RESULTS / "2026-11-30-h200x2-rehearsal-glm47-2layer" / "run-X-c465fcc-2gpu.json"
 GIB = 2**30

@@ -1018,3 +1018,15 @@ def test_verify_profile_names_where_the_streaming_verify_spends_its_time(demo_re
     ahead = verify_profile.profile_verify(demo_release["config_path"], [branch], read_ahead=2)
     assert ahead["read_ahead"] == 2 and ahead["passed"] == {branch: True} and record.read_bytes() == before
     assert stream.stream_compare is compare, "verify's own stream_compare is put back"
+
+
+def test_the_glm47_preset_has_glm47s_own_dimensions():
+    """Every GPU figure "at GLM-4.7 dims" comes from benchmarks.synthetic's glm47 preset: its
+    per-layer dimensions are those of GLM-4.7's own config.json (shipped in configs/)."""
+    from benchmarks import GLM47_CONFIG
+    from benchmarks.synthetic import PRESETS
+
+    config = json.loads(GLM47_CONFIG.read_text())
+    preset = PRESETS["glm47"]
+    dims = {k: v for k, v in preset.items() if k != "layers"}
+    assert dims == {k: config[k] for k in dims}, {k: (v, config.get(k)) for k, v in dims.items()}
