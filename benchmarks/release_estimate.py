@@ -128,7 +128,8 @@ REST_STAGES = ("load", "save", "verify", "seal", "other")
 def rest_stages(path: Path) -> dict[str, Any]:
     """A one-pass rehearsal's `build-all` outside the calibration itself, in seconds per stage:
     the base model's load, the saves (the propagating branch's compressed save, each side
-    branch's finish from its store and its files), the one streaming verify of the three, the
+    branch's finish from its store and its files: the longest of them where the record's side
+    branches were made at the same time, their sum where one after the other), the one streaming verify of the three, the
     seal (manifest and check, per branch, where the record has it) and the other seconds of
     the build-all process (its start, the model's dispatch, the side branches' manifests,
     render): its wall less everything named, the calibration pass's `oneshot` included."""
@@ -139,9 +140,11 @@ def rest_stages(path: Path) -> dict[str, Any]:
     if len(sides) != BRANCHES - 1:
         raise SystemExit(f"{path}: not a one-pass build of {BRANCHES} branches ({len(sides)} side branches)")
     wall = next(s["wall_s"] for s in rec["stages"] if s["stage"] == "build-all")
+    side_s = [t["finish"]["seconds"] + t["save"] for t in sides]
+    at_once = all(t.get("side_branches_at_once", 1) > 1 for t in sides)  # since d9161d9: they overlap
     stages = {
         "load": lead["load"],
-        "save": lead["save"] + sum(t["finish"]["seconds"] + t["save"] for t in sides),
+        "save": lead["save"] + (max(side_s) if at_once else sum(side_s)),
         "verify": max(v["seconds"] for v in rec["verify"].values()),
         "seal": sum(v for v in (rec.get("seal_s") or {}).values() if v is not None),
     }

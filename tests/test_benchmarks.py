@@ -923,6 +923,14 @@ def test_the_rest_is_fixed_seconds_plus_the_cost_of_one_more_moe_layer(tmp_path)
     noisy = record(
         3, load=1.5, lead_save=20.0, side_s=8.0, verify=50.0, seal=0.25, wall=300.0, oneshot=90.0, name="-noisy"
     )
+    # side branches made at the same time (since d9161d9): the longest counts, not their sum
+    at_once = json.loads(large.read_text())
+    for t in at_once["quantize_timings_s"].values():
+        if "finish" in t:
+            t["side_branches_at_once"] = 2
+    (tmp_path / "at-once.json").write_text(json.dumps(at_once))
+    assert est.rest_stages(tmp_path / "at-once.json")["stages"]["save"] == 14.0 + 6.0
+    assert est.rest_stages(large)["stages"]["save"] == 14.0 + 2 * 6.0
     profile = RESULTS.parent / "2026-12-03-h200-search-kernels" / "call3-pass-512.json"
     printed = subprocess.run(
         [

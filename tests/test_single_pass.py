@@ -669,7 +669,12 @@ def test_the_side_branches_are_made_at_once_and_speak_in_branch_order(tmp_path, 
         return {}
 
     monkeypatch.setattr(one_pass, "finish_side_branch", finish)
-    monkeypatch.setattr(one_pass, "seal_folder", lambda job, tmp, timings, names: sealed.append(job.name))
+    monkeypatch.setattr(
+        one_pass,
+        "seal_folder",
+        lambda job, tmp, timings, names: sealed.append(job.name) or at_once.append(timings["side_branches_at_once"]),
+    )
+    at_once: list[int] = []
     run = type("Run", (), {"stats": None})()
     main = threading.current_thread().name
     said: list[tuple[str, str]] = []
@@ -697,3 +702,4 @@ def test_the_side_branches_are_made_at_once_and_speak_in_branch_order(tmp_path, 
         assert lines == [x for x in expect if not (fail and x == f"[{fail}] done")]
         assert {t for t, _ in said} == {main}
         assert sorted(sealed) == sorted(b.name for b in rest if b.name != fail)
+        assert set(at_once) == {len(rest)}, "the build log says their seconds overlap"
