@@ -12,6 +12,7 @@ release folder is ever read or published.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -238,7 +239,8 @@ class HashCache:
         except FileNotFoundError:
             pass
         except OSError:
-            src.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                src.unlink(missing_ok=True)
 
     @staticmethod
     def _key(st: os.stat_result) -> list:
