@@ -322,10 +322,14 @@ def test_shards_are_written_on_threads_with_the_same_bytes_and_a_failing_one_rai
     source = {**dict.fromkeys(a, src / "a.safetensors"), **dict.fromkeys(b, src / "b.safetensors")}
     by_shard = {f"out-{k}.safetensors": [f"a.{k}", f"b.{5 - k}", f"a.{5 - k}"] for k in range(3)}
     threads: set[str] = set()
+    together: list[threading.Barrier] = []  # set for the three-writer call: each writer's first read waits for the others
     real = layout.TensorFiles.get
 
     def get(self, name):
-        threads.add(threading.current_thread().name)
+        thread = threading.current_thread().name
+        if thread not in threads and together:
+            together[0].wait()  # broken (an error) unless three writers are busy at once
+        threads.add(thread)
         return real(self, name)
 
     monkeypatch.setattr(layout.TensorFiles, "get", get)
@@ -334,8 +338,10 @@ def test_shards_are_written_on_threads_with_the_same_bytes_and_a_failing_one_rai
     one.mkdir(), three.mkdir()
     write_shards(one, by_shard, source, writers=1)
     threads.clear()
+    together.append(threading.Barrier(3, timeout=30))
     write_shards(three, by_shard, source, writers=3)
-    assert len(threads) > 1 and all(t.startswith("glmrel-shard-write") for t in threads)
+    assert len(threads) == 3 and all(t.startswith("glmrel-shard-write") for t in threads)
+    together.clear()
     for shard in by_shard:
         assert (one / shard).read_bytes() == (three / shard).read_bytes(), shard
     (src / "b.safetensors").unlink()
