@@ -29,16 +29,36 @@ REPRODUCIBLE_CPU_ENV = {
 }
 
 
+def threads_per_process() -> int:
+    """The demo's `THREADS` cores shared by the processes of one host: a torchrun rank (its
+    LOCAL_WORLD_SIZE ranks on this host) gets its share, at least one. Two ranks of two threads
+    each on two cores spin against each other (measured: a CPU rank's matmuls and element-wise
+    ops 5-10x slower than one process's); the count is fixed by the rank count, not the host,
+    so runs stay reproducible."""
+    try:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_ranks = 1
+    return max(1, THREADS // local_ranks)
+
+
 def pin_reproducible_cpu() -> None:
     """Set the environment for reproducible CPU numerics (and keep it for child processes,
-    e.g. torchrun's ranks). If torch is already loaded, it must have been loaded with these
-    settings; otherwise this raises, because nothing can change them any more."""
+    e.g. torchrun's ranks, which take their share of the threads: `threads_per_process`). If
+    torch is already loaded, its CPU kernels must have been chosen with these settings;
+    otherwise this raises, because nothing can change them any more. The thread count can
+    still be set, and is."""
+    threads = threads_per_process()
     if "torch" not in sys.modules:
-        os.environ.update(REPRODUCIBLE_CPU_ENV)
+        os.environ.update({**REPRODUCIBLE_CPU_ENV, "OMP_NUM_THREADS": str(threads)})
         return
     import torch
 
-    wrong = {k: os.environ.get(k) for k, v in REPRODUCIBLE_CPU_ENV.items() if os.environ.get(k) != v}
+    wrong = {
+        k: os.environ.get(k)
+        for k, v in REPRODUCIBLE_CPU_ENV.items()
+        if k != "OMP_NUM_THREADS" and os.environ.get(k) != v
+    }
     capability = torch.backends.cpu.get_cpu_capability()
     if wrong or capability != "AVX2":
         raise ReleaseError(
@@ -46,4 +66,5 @@ def pin_reproducible_cpu() -> None:
             f"not set: {', '.join(wrong) or 'none'})",
             hint="start the process with " + " ".join(f"{k}={v}" for k, v in REPRODUCIBLE_CPU_ENV.items()),
         )
-    torch.set_num_threads(THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for child processes
+    torch.set_num_threads(threads)

@@ -322,7 +322,8 @@ def test_shards_are_written_on_threads_with_the_same_bytes_and_a_failing_one_rai
     source = {**dict.fromkeys(a, src / "a.safetensors"), **dict.fromkeys(b, src / "b.safetensors")}
     by_shard = {f"out-{k}.safetensors": [f"a.{k}", f"b.{5 - k}", f"a.{5 - k}"] for k in range(3)}
     threads: set[str] = set()
-    together: list[threading.Barrier] = []  # set for the three-writer call: each writer's first read waits for the others
+    # set for the three-writer call: each writer's first read waits for the others
+    together: list[threading.Barrier] = []
     real = layout.TensorFiles.get
 
     def get(self, name):
