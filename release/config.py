@@ -381,7 +381,7 @@ class ReleaseConfig(_Strict):
     )
     cpu_numerics: Literal["native", "reproducible"] = Field(
         default="native",
-        description="reproducible: pin torch's and MKL's CPU kernels to AVX2 and two threads, so a CPU build "
+        description="reproducible: pin torch's and MKL's CPU kernels to AVX2 and two threads (shared by the ranks of a --gpus run on CPU), so a CPU build "
         "gives the same bits on every run and on machines of one CPU vendor (the demo); native: the host's "
         "fastest kernels",
     )

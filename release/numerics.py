@@ -9,7 +9,8 @@ changes with its code path). The demo trains a model and runs AWQ's grid search,
 last-bit difference can flip a near-tied choice, so its weight digests would differ per host.
 
 Pinning every dispatcher to AVX2 (which every x86-64 CI machine has) and the thread count to
-two makes the demo bit-reproducible. It must happen before torch is imported: the settings
+two (shared by torchrun's ranks on one host: `threads_per_process`) makes the demo
+bit-reproducible. It must happen before torch is imported: the settings
 are read once, at start-up. The GLM-4.7 release runs on GPUs and keeps native CPU kernels.
 """
 
