@@ -3,7 +3,8 @@
 A manifest is published content, so it holds only what describes the content (path, size,
 sha256): writing it twice over unchanged files gives the same bytes. Re-hashing large shards
 is avoided by a hash cache that lives beside the release, never in it
-(`<output_dir>/.glmrel-cache/hashes/<branch>.json`, keyed by size, mtime and inode).
+(`<output_dir>/.glmrel-cache/hashes/<branch>.json`, keyed by size, mtime, inode and ctime, and
+kept only for files changed before they were hashed: `HashCache.hashes_and_read`).
 
 `release_files` is the one way to list what a branch (or `main/`) publishes: it refuses
 symbolic links, sub-folders and anything that is not a regular file, so nothing outside the
@@ -18,6 +19,8 @@ import io
 import json
 import os
 import stat
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +35,9 @@ EVAL_FILE = "eval.json"
 MANIFEST_SCHEMA = 2
 BLOCK = 8 << 20
 CACHE_DIR = ".glmrel-cache"
+# how long a hash waits for the filesystem's clock to pass the ctime of the files it reads
+# (a tick: 1-10 ms on Linux); where it does not, those files' hashes are not kept
+CLOCK_WAIT_S = 0.05
 # Files written after a branch is verified (the record of the verification itself, the card,
 # its plot, the manifest): everything else is the content `verify` measured.
 WRITTEN_AFTER_VERIFY = frozenset(
@@ -252,8 +258,38 @@ class HashCache:
         """name -> (size, sha256) for `files`, hashing only what the cache cannot vouch for."""
         return self.hashes_and_read(files)[0]
 
+    def _clock(self, folder: Path, newest: int) -> int | None:
+        """The filesystem's own time now, as the ctime of a probe file made beside the cache,
+        once it is past `newest` (the newest ctime of the files about to be hashed): waited for
+        a few ticks at most, so files written just before they are hashed (a build's seal) are
+        still kept. None where no probe can be made there, or it is another filesystem than
+        `folder`'s."""
+        probe = self.path.parent / f".clock-{os.getpid()}-{threading.get_ident()}"
+        deadline = time.monotonic() + CLOCK_WAIT_S
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                try:
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                    probe.unlink(missing_ok=True)
+                if st.st_ctime_ns > newest or time.monotonic() > deadline:
+                    break
+                time.sleep(0.001)
+            return st.st_ctime_ns if st.st_dev == folder.lstat().st_dev else None
+        except OSError:
+            return None
+
     def hashes_and_read(self, files: list[Path]) -> tuple[dict[str, tuple[int, str]], list[Path]]:
-        """`hashes`, and which of `files` had to be read (the cache could not vouch for them)."""
+        """`hashes`, and which of `files` had to be read (the cache could not vouch for them).
+
+        A file is hashed after the filesystem's clock was read (`_clock`). Its entry is kept
+        only if its ctime is older than that time, as git's index treats "racily clean" files:
+        where timestamps are coarse (a jiffy on older kernels), a change within the same tick
+        as the hash would keep size, mtime and ctime, so such an entry would vouch for bytes
+        that are gone. Any change after the clock was read gets a ctime at least that time."""
         stats = {p: p.lstat() for p in files}
         out: dict[str, tuple[int, str]] = {}
         todo = []
@@ -264,9 +300,14 @@ class HashCache:
                 out[p.name] = (st.st_size, cached[-1])
             else:
                 todo.append(p)
+        clock = self._clock(files[0].parent, max(stats[p].st_ctime_ns for p in todo)) if todo else None
         for p, digest in hash_files(todo).items():
             out[p.name] = (stats[p].st_size, digest)
-        fresh = {p.name: [*self._key(stats[p]), out[p.name][1]] for p in files}
+        fresh = {
+            p.name: [*self._key(stats[p]), out[p.name][1]]
+            for p in files
+            if p not in todo or (clock is not None and stats[p].st_ctime_ns < clock)
+        }
         if fresh != self.entries:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

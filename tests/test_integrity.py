@@ -91,6 +91,7 @@ def test_build_all_reads_each_weight_file_it_wrote_once(demo_release):
     caches = {p.stem for p in (cfg.output_dir / CACHE_DIR / "hashes").glob("*.json")}
     assert not [c for c in caches if ".partial-" in c], caches
     assert {b.name for b in cfg.branches} <= caches
+    assert not list((cfg.output_dir / CACHE_DIR / "hashes").glob(".clock-*")), "the clock's probe files are gone"
 
 
 def test_sealing_reads_each_weight_file_once_and_refuses_one_changed_since(release_copy, monkeypatch):

@@ -140,6 +140,73 @@ def test_a_byte_flipped_with_its_mtime_restored_is_still_a_change(tmp_path):
     ]
 
 
+def test_a_change_in_the_same_clock_tick_as_the_hash_is_still_a_change(tmp_path, monkeypatch):
+    """Where timestamps are coarse (a jiffy on older kernels), a byte changed in the same tick
+    as the hash keeps size, mtime, inode and ctime: the hash cache must not vouch for the old
+    bytes. Here the filesystem's clock stands still at one tick, so the file's ctime is the time
+    the hash started: its entry is not kept (git's "racily clean"), and the change is found.
+    Once the clock has moved past the file's ctime, its hash is kept and trusted."""
+    from types import SimpleNamespace
+
+    from release.manifest import HashCache
+
+    tick = 1_700_000_000_000_000_000
+    clock = [tick]
+    real_lstat = Path.lstat
+
+    def coarse_lstat(self):
+        st = real_lstat(self)
+        return SimpleNamespace(
+            st_mode=st.st_mode,
+            st_dev=st.st_dev,
+            st_ino=st.st_ino,
+            st_size=st.st_size,
+            st_mtime_ns=tick,
+            st_ctime_ns=tick,
+        )
+
+    monkeypatch.setattr(Path, "lstat", coarse_lstat)
+    monkeypatch.setattr(HashCache, "_clock", lambda self, folder, newest: clock[0])
+    folder = tmp_path / "W4A16_GS64"
+    folder.mkdir()
+    path = folder / "model.safetensors"
+    path.write_bytes(b"\0" * 4096)
+    write_manifest(folder)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    with path.open("r+b") as f:  # in place, in the same tick: nothing in the stat moves
+        f.write(data)
+    assert sealed_changes(folder) == ["model.safetensors has another sha256 than the manifest sealed"]
+    clock[0] = tick + 1  # the clock moved on: the file's ctime is older than the hash
+    files = [path]
+    assert HashCache(folder).hashes_and_read(files)[1] == files, "hashed: no entry was kept in the tick"
+    assert HashCache(folder).hashes_and_read(files)[1] == [], "kept once its ctime was older than the hash"
+
+
+def test_the_hash_clock_is_the_filesystems_and_waits_for_it_to_pass_the_files(tmp_path):
+    """The time a hash starts is read from the filesystem (a probe's ctime, beside the cache),
+    after its clock passed the newest ctime of the files to read: a file written just before it
+    is hashed (a build's seal) is still trusted after. A clock that does not get there in
+    CLOCK_WAIT_S is returned as it is (those files' hashes are then not kept); no probe is left."""
+    import time
+
+    from release.manifest import CACHE_DIR, CLOCK_WAIT_S, HashCache
+
+    folder = tmp_path / "W4A16_GS64"
+    folder.mkdir()
+    path = folder / "model.safetensors"
+    path.write_bytes(b"x")
+    written = path.lstat().st_ctime_ns
+    cache = HashCache(folder)
+    assert cache._clock(folder, written) > written
+    t = time.monotonic()
+    never = written + 10**15  # a ctime the clock will not pass
+    assert cache._clock(folder, never) < never and time.monotonic() - t < CLOCK_WAIT_S + 1
+    assert HashCache(folder).hashes_and_read([path])[1] == [path]
+    assert HashCache(folder).hashes_and_read([path])[1] == [], "written just before the hash, and kept"
+    assert not list((tmp_path / CACHE_DIR).rglob(".clock-*"))
+
+
 @pytest.mark.slow
 def test_changed_weights_are_rebuilt_never_approved_again(release_copy, demo_release):
     """A byte flipped in a built branch: verify, render and manifest refuse it by name, and
