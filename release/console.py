@@ -78,11 +78,16 @@ def library_output(log_file: Path | None, verbose: bool = False) -> Iterator[Con
     `verbose`, or where the streams are not real files (click's test runner), nothing is
     redirected and `Console` writes to the usual streams."""
     targets = []
+    made: list[Path] = []  # the log's folders this call creates: removed again if nothing was logged
     if not verbose and log_file is not None:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
             targets = [sys.stdout.fileno(), sys.stderr.fileno()]
+            folder = log_file.parent
+            while not folder.exists() and folder != folder.parent:
+                made.append(folder)
+                folder = folder.parent
             log_file.parent.mkdir(parents=True, exist_ok=True)
             log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         except (AttributeError, OSError, ValueError):
@@ -108,6 +113,20 @@ def library_output(log_file: Path | None, verbose: bool = False) -> Iterator[Con
             os.close(old)
         console.out.close()
         console.err.close()
+        if log_file is not None:
+            _drop_if_empty(log_file, made)
+
+
+def _drop_if_empty(log_file: Path, made: list[Path]) -> None:
+    """A log nothing was written to is removed, with the folders made for it (the output_dir
+    of a command refused before any work): a refused command leaves nothing behind."""
+    try:
+        if log_file.is_file() and not log_file.is_symlink() and log_file.stat().st_size == 0:
+            log_file.unlink()
+            for folder in made:  # deepest first; one that holds anything else stays
+                folder.rmdir()
+    except OSError:
+        pass
 
 
 class LoadReport(logging.Handler):

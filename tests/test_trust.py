@@ -449,6 +449,33 @@ def test_build_all_json_is_one_document_and_the_console_is_glmrels(demo_assets, 
     assert len(proc.stderr.splitlines()) < 40, proc.stderr
 
 
+@pytest.mark.parametrize(
+    "command", [("build-all",), ("quantize", "--branch", "W4A16_GS32"), ("verify", "--branch", "W4A16_GS32"), ("eval",)]
+)
+def test_a_command_refused_before_any_work_leaves_no_output_dir(demo_assets, tmp_path, command):
+    """A fresh clone's first mistake (the base model not built yet): the command says so with
+    a hint and exits 1, and the output_dir it would have logged into is not left behind (the
+    libraries' log was empty, so it and the folders made for it are removed)."""
+    from conftest import demo_raw_config
+
+    raw = demo_raw_config(demo_assets)
+    raw["base_model"]["path"] = str(tmp_path / "no-model")
+    raw.update(output_dir=str(tmp_path / "out" / "demo"), publish_remote=str(tmp_path / "remote.git"))
+    config = tmp_path / "release.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        [sys.executable, "-m", "release.cli", *command, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"Error: base model folder {tmp_path / 'no-model'} does not exist" in proc.stderr
+    assert "Hint: set base_model.path" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists(), sorted(str(p) for p in (tmp_path / "out").rglob("*"))
+
+
 # ---------------------------------------------------------------- the same inputs, the same bytes
 
 
