@@ -194,6 +194,52 @@ def test_symlink_pointing_out(branch, tmp_path):
     assert f"[files] notes.txt is a symbolic link (to {outside}); a branch holds regular files only" in msgs
 
 
+def test_symlinked_shard_is_one_failure_not_a_flood(branch, tmp_path):
+    """A shard replaced by a link (even to its own bytes) is refused once; the tensors the index
+    maps to it are said not to be checked, once, instead of missing one line each."""
+    real = tmp_path / "elsewhere.safetensors"
+    shutil.move(branch / "model.safetensors", real)
+    os.symlink(real, branch / "model.safetensors")
+    msgs = failures(branch, no_hash=True)
+    assert msgs[0] == (
+        f"[files] model.safetensors is a symbolic link (to {real}); a branch holds regular files only"
+    ), msgs
+    assert not any("maps tensor" in m or "missing tensor" in m or "which is missing" in m for m in msgs), msgs
+    report = check_branch(branch, no_hash=True)
+    skipped = [i.message for i in report.skipped if i.check == "inventory"]
+    assert len(skipped) == 1 and skipped[0].endswith(
+        "tensors model.safetensors.index.json maps to model.safetensors: not checked, it is not a regular file of the branch"
+    ), skipped
+    assert msgs == msgs[:1], "the link is the one failure: not also missing from the manifest or the index"
+
+
+def test_unreadable_or_missing_shard_header_lists_its_tensors_once(branch):
+    shard = branch / "model-mtp-4.safetensors"
+    shard.write_bytes(b"\xff" * 8 + shard.read_bytes()[8:])
+    report = check_branch(branch, no_hash=True)
+    msgs = [f"[{i.check}] {i.message}" for i in report.failures]
+    assert any(m.startswith("[headers] model-mtp-4.safetensors: header length") for m in msgs), msgs
+    assert not any("maps tensor" in m or "missing tensor" in m or "MTP layer is missing" in m for m in msgs), msgs
+    assert [i.message.split(" ", 1)[1] for i in report.skipped if i.check == "inventory"] == [
+        "tensors model.safetensors.index.json maps to model-mtp-4.safetensors: not checked, its header cannot be read"
+    ]
+    # the shard that was read is still checked tensor by tensor
+    assert any(i.check == "inventory" and i.ok and "of the shards that were read" in i.message for i in report.items)
+    shard.unlink()
+    msgs = failures(branch, no_hash=True)
+    assert "[files] model.safetensors.index.json names shard model-mtp-4.safetensors which is missing" in msgs
+    assert not any("maps tensor" in m or "missing tensor" in m for m in msgs), msgs
+
+
+def test_linked_branch_folder_is_named_a_link(branch, tmp_path):
+    link = tmp_path / "b4"
+    os.symlink(branch, link)
+    res = CliRunner().invoke(cli, ["check", str(link)])
+    assert res.exit_code == 1, res.output
+    assert f"Error: {link} is a symbolic link (to {branch}), not a branch folder" in res.output
+    assert "Hint: pass the branch folder itself" in res.output
+
+
 def test_config_without_quantization_config(branch):
     cfg = json.loads((branch / "config.json").read_text())
     del cfg["quantization_config"]

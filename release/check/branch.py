@@ -42,7 +42,7 @@ def check_source(report: CheckReport, source: BranchSource, third_party: bool) -
             return {}
 
     check_required(report, names, tokenizer_config, third_party)
-    shards, weight_map = check_index(report, names, lambda: source.json(INDEX_FILE))
+    shards, weight_map, unread = check_index(report, names, lambda: source.json(INDEX_FILE))
     manifest: Manifest | None = None
     if third_party:
         report.skip("manifest", f"{MANIFEST_FILE}: glmrel's file record (--third-party)")
@@ -66,13 +66,13 @@ def check_source(report: CheckReport, source: BranchSource, third_party: bool) -
             record = "unreadable"
         check_verification(report, record, manifest, source.label)
         check_evaluation(report, source, names, manifest)
-    found = read_all_shards(report, [(s, source.header(s)) for s in shards])
+    found, unreadable = read_all_shards(report, [(s, source.header(s)) for s in shards])
     try:
         cfg = source.json("config.json")
     except (OSError, ValueError) as e:
         report.fail("config", f"config.json is unreadable: {e}")
         return report
-    check_model(report, cfg, source.where("config.json"), found, weight_map)
+    check_model(report, cfg, source.where("config.json"), found, weight_map, unread | unreadable)
     return report
 
 
@@ -113,7 +113,12 @@ def check_branch(
     hash cache vouches for (unchanged size, mtime, inode and ctime since it was hashed) is not
     read again (`publish` with nothing changed reads no weight file)."""
     folder = Path(path)
-    if not folder.is_dir() or folder.is_symlink():
+    if folder.is_symlink():
+        raise ReleaseError(
+            f"{folder} is a symbolic link (to {os.readlink(folder)}), not a branch folder",
+            hint="pass the branch folder itself; a link could point anywhere, so check does not follow it",
+        )
+    if not folder.is_dir():
         raise ReleaseError(
             f"{folder} is not a folder", hint="pass the path of a built branch, e.g. out/demo/W4A16_GS64"
         )

@@ -25,6 +25,9 @@ class CheckReport:
     tensors: int = 0
     shards: int = 0
     hashed: bool = True
+    # entries the `files` check refused (links, sub-folders, other non-regular entries): said
+    # once there, and never read as the file they are named for
+    rejected: set[str] = field(default_factory=set)
 
     @property
     def failures(self) -> list[CheckItem]:

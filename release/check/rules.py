@@ -46,13 +46,14 @@ def compare_inventory(
     expected: dict[str, Expect],
     optional: set[str],
     mtp_layers: list[int] = [],  # noqa: B006 (read only)
+    unchecked: set[str] = set(),  # noqa: B006 (read only): held by shards that could not be read
 ) -> None:
     problems: list[str] = []
     quantized_modules = {QUANT_SUFFIX.sub("", k) for k in expected if k.endswith(".weight_packed")}
     for name, (dtypes, shape) in expected.items():
         got = found.get(name)
         if got is None:
-            if name not in optional:
+            if name not in optional and name not in unchecked:
                 problems.append(f"missing tensor {name} (expected {'/'.join(sorted(dtypes))}{list(shape)})")
             continue
         if got[0] not in dtypes or got[1] != shape:
@@ -83,7 +84,7 @@ def compare_inventory(
     for layer in mtp_layers:
         prefix = f"model.layers.{layer}."
         required = [n for n in expected if n.startswith(prefix) and n not in optional]
-        if required and not any(n.startswith(prefix) for n in found):
+        if required and not any(n in unchecked for n in required) and not any(n.startswith(prefix) for n in found):
             report.diagnose(
                 "inventory",
                 f"the MTP layer is missing: none of its {len(required)} tensors ({prefix}*) is in the branch; vLLM's "
@@ -95,9 +96,13 @@ def compare_inventory(
     if len(problems) > 50:
         report.fail("inventory", f"... and {len(problems) - 50} more inventory problems")
     if not problems:
+        absent = expected.keys() - found.keys()
+        checked = len(expected) - len((optional | unchecked) & absent)
         report.ok(
             "inventory",
-            f"all {len(expected) - len(optional & (expected.keys() - found.keys()))} expected tensors present with the right dtypes and shapes",
+            f"all {checked} expected tensors present with the right dtypes and shapes"
+            if not unchecked & absent
+            else f"the {checked} expected tensors of the shards that were read present with the right dtypes and shapes",
         )
 
 
@@ -185,18 +190,20 @@ def check_required(
 
 def check_index(
     report: CheckReport, names: set[str], read_index: Callable[[], Any]
-) -> tuple[list[str], dict[str, str] | None]:
+) -> tuple[list[str], dict[str, str] | None, dict[str, str]]:
     """Which shards to read: those the index names (each must exist, no stray shard), or the
-    single shard when there is no index. Returns (shard names, weight map or None)."""
+    single shard when there is no index. Returns (shard names to read, weight map or None, and
+    the named shards that cannot be read, with why): a shard the `files` check refused (a link,
+    a sub-folder) is not said again here."""
     shards_present = sorted(n for n in names if n.endswith(".safetensors"))
     if INDEX_FILE not in names:
         if len(shards_present) == 1:
-            return shards_present, None
+            return shards_present, None, {}
         if not shards_present:
             report.fail("files", "no *.safetensors weights")
         else:
             report.fail("files", f"{len(shards_present)} shards but no {INDEX_FILE}")
-        return [], None
+        return [], None, {}
     try:
         weight_map = read_index()["weight_map"]
         assert isinstance(weight_map, dict)
@@ -204,17 +211,22 @@ def check_index(
         report.fail("files", f"{INDEX_FILE} is unreadable or has no weight_map ({e!r})")
         weight_map = {}
     referenced = sorted(set(weight_map.values()))
-    shards = []
+    shards: list[str] = []
+    unread: dict[str, str] = {}
     for shard in referenced:
         if not shard_in_folder(shard):
             report.fail("files", f"{INDEX_FILE} names shard {shard!r} outside the branch folder")
+            unread[shard] = "it is outside the branch folder"
+        elif shard in report.rejected:
+            unread[shard] = "it is not a regular file of the branch"
         elif shard not in names:
             report.fail("files", f"{INDEX_FILE} names shard {shard} which is missing")
+            unread[shard] = "it is missing"
         else:
             shards.append(shard)
     for stray in sorted(set(shards_present) - set(referenced)):
         report.fail("files", f"shard {stray} is not referenced by {INDEX_FILE} (stray shard)")
-    return shards, weight_map
+    return shards, weight_map, unread
 
 
 def check_manifest_entries(
@@ -224,7 +236,7 @@ def check_manifest_entries(
     before = len(report.failures)
     for extra in sorted(sizes.keys() - manifest.files.keys()):
         report.fail("manifest", f"file {extra} is not in the manifest")
-    for gone in sorted(manifest.files.keys() - sizes.keys()):
+    for gone in sorted(manifest.files.keys() - sizes.keys() - report.rejected):  # a refused one was said
         report.fail("manifest", f"file {gone} is listed in the manifest but missing")
     for name in sorted(sizes.keys() & manifest.files.keys()):
         entry = manifest.files[name]
@@ -283,12 +295,20 @@ def expected_group_size(folder: Path, explicit: int | None) -> int | None:
 
 
 def check_model(
-    report: CheckReport, cfg: dict, cfg_source: str, found: Found, weight_map: dict[str, str] | None
+    report: CheckReport,
+    cfg: dict,
+    cfg_source: str,
+    found: Found,
+    weight_map: dict[str, str] | None,
+    unread: dict[str, str] | None = None,
 ) -> None:
     """What a branch holds against what its config.json says it must: quantization metadata,
     index vs shard headers, the full tensor inventory, and vLLM's kernel rules. Where the
     config's group size disagrees with the scales, that is said first, and the inventory is
-    read at the scales' group size (so it lists real problems, not that one 50 times)."""
+    read at the scales' group size (so it lists real problems, not that one 50 times).
+    `unread`: shards that could not be read (and why; their own failure was said): the tensors
+    they hold are listed as not checked, once a shard, instead of as missing one by one."""
+    unread = unread or {}
     try:
         arch = Glm4MoeArch.from_config(cfg, cfg_source)
     except ReleaseError as e:
@@ -311,8 +331,13 @@ def check_model(
         )
     if report.group_size is None:
         report.group_size = gs_scales if gs_scales is not None else gs_config
+    unchecked: set[str] = set()
     if weight_map is not None:
-        mapped, present = set(weight_map), set(found)
+        for shard, why in sorted(unread.items()):
+            held = {n for n, s in weight_map.items() if s == shard}
+            unchecked |= held
+            report.skip("inventory", f"{len(held)} tensors {INDEX_FILE} maps to {shard}: not checked, {why}")
+        mapped, present = set(weight_map) - unchecked, set(found)
         for name in sorted(mapped - present)[:20]:
             report.fail("files", f"{INDEX_FILE} maps tensor {name} but no shard holds it")
         for name in sorted(present - mapped)[:20]:
@@ -324,14 +349,27 @@ def check_model(
     model_dtype = TORCH_TO_ST.get(str(cfg.get("dtype") or cfg.get("torch_dtype")), "BF16")
     if report.group_size is not None:
         expected, optional = expected_inventory(arch, report.group_size, model_dtype)
-        compare_inventory(report, {k: (v[0], v[1]) for k, v in found.items()}, expected, optional, arch.mtp_layers)
+        if weight_map is None and unread:  # the one shard could not be read: nothing to compare
+            report.skip("inventory", f"the tensors: not checked, the only shard {next(iter(unread))} could not be read")
+        else:
+            compare_inventory(
+                report,
+                {k: (v[0], v[1]) for k, v in found.items()},
+                expected,
+                optional,
+                arch.mtp_layers,
+                unchecked=unchecked,
+            )
         report.vllm = serve_verdicts(arch, report.group_size, act_dtype={"F16": "float16"}.get(model_dtype, "bfloat16"))
     else:
         report.fail("config", "cannot tell the branch's group size (no _GS<n> suffix and no group_size in config)")
 
 
-def read_all_shards(report: CheckReport, shards: list[tuple[str, ShardReader]]) -> Found:
+def read_all_shards(report: CheckReport, shards: list[tuple[str, ShardReader]]) -> tuple[Found, dict[str, str]]:
+    """Every shard's header: the tensors found, and the shards whose header could not be read
+    (with why; the header's own failure says what is wrong)."""
     found: Found = {}
+    unread: dict[str, str] = {}
     errors = 0
     for shard, read in shards:
         meta, problems = read()
@@ -339,6 +377,7 @@ def read_all_shards(report: CheckReport, shards: list[tuple[str, ShardReader]]) 
             report.fail("headers", p)
         errors += len(problems)
         if meta is None:
+            unread[shard] = "its header cannot be read"
             continue
         for name, t in meta.tensors.items():
             if name in found:
@@ -347,4 +386,4 @@ def read_all_shards(report: CheckReport, shards: list[tuple[str, ShardReader]]) 
     report.tensors, report.shards = len(found), len(shards)
     if not errors and shards:
         report.ok("headers", f"{len(shards)} shard headers valid")
-    return found
+    return found, unread

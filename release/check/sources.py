@@ -63,6 +63,7 @@ class LocalBranch:
     def files(self, report: CheckReport) -> set[str]:
         files, others = folder_entries(self.folder)
         for p, kind in others:
+            report.rejected.add(p.name)
             if kind == "link":
                 report.fail(
                     "files", f"{p.name} is a symbolic link (to {os.readlink(p)}); a branch holds regular files only"
@@ -157,6 +158,7 @@ class HubRevision:
     def files(self, report: CheckReport) -> set[str]:
         names = {p for p in self.tree if "/" not in p}
         for nested in sorted(set(self.tree) - names):
+            report.rejected.add(nested)
             report.fail("files", f"{nested} is in a subfolder; a branch holds a flat set of files")
         return names
 
