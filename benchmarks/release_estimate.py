@@ -35,8 +35,9 @@ With `--rest-records SMALL LARGE` (two one-pass rehearsals whose models differ i
 only, run one after the other on one machine), the rest is also given from what one more MoE
 layer costs per stage, with the fixed seconds the smaller model's less its MoE layers': measured
 at GLM-4.7's dims per layer, not scaled per GiB (`marginal_rest`). Repeated, each pair is
-printed, the first gives the release's sum and the others its spread: one more layer's cost
-is the difference of two walls of a few minutes, and single pairs have differed 2x and more.
+printed, and the release's sum takes the pairs' mean (`pooled_rest`), with their spread and
+standard deviation: one more layer's cost is the difference of two walls of a few minutes, and
+single pairs have differed 2x and more. Pairs pooled should come from one machine and commit.
 
   python -m benchmarks.release_estimate --record benchmarks/results/<run>/profile-512.json
 
@@ -183,6 +184,26 @@ def marginal_rest(small: Path, large: Path, dense_in_record: int = 1) -> dict[st
     }
 
 
+def pooled_rest(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of several `marginal_rest` pairs (per stage: a MoE layer's cost and the fixed
+    seconds; the release's hours), with the pairs' spread and sample standard deviation of
+    the release's rest: the noise a single pair cannot show."""
+    n = len(pairs)
+    totals = [m["total_h"] for m in pairs]
+    mean_h = sum(totals) / n
+    sd_h = (sum((t - mean_h) ** 2 for t in totals) / (n - 1)) ** 0.5 if n > 1 else None
+    per = {k: sum(m["per_moe_layer_s"][k] for m in pairs) / n for k in REST_STAGES}
+    return {
+        "pairs": n,
+        "per_moe_layer_s": {k: round(v, 2) for k, v in per.items()},
+        "per_moe_layer_total_s": round(sum(per.values()), 2),
+        "fixed_s": {k: round(sum(m["fixed_s"][k] for m in pairs) / n, 2) for k in REST_STAGES},
+        "total_h": round(mean_h, 2),
+        "sd_h": None if sd_h is None else round(sd_h, 2),
+        "range_h": (min(totals), max(totals)),
+    }
+
+
 @dataclass(frozen=True)
 class MoeLayer:
     """One decoder layer's measured seconds on one GPU (a MoE layer, or a dense one); `side_s`:
@@ -320,19 +341,23 @@ def main() -> None:
             )
         gpus = max(a.gpus or [8])
         calibration = estimate(moe, a.dense_s, gpus, False, dense)["calibration_h"]
-        rest_h = pairs[0]["total_h"]
+        pooled = pooled_rest(pairs)
+        rest_h = pooled["total_h"]
+        if len(pairs) > 1:
+            lo, hi = pooled["range_h"]
+            print(
+                f"the rest, the mean of the {len(pairs)} pairs (one run of each model a pair): "
+                + ", ".join(f"{k} {v} s" for k, v in pooled["per_moe_layer_s"].items())
+                + f" a MoE layer ({pooled['per_moe_layer_total_s']} s), {round(sum(pooled['fixed_s'].values()))} s"
+                f" fixed: {rest_h} h (standard deviation {pooled['sd_h']} h; the pairs span {lo}-{hi} h, the"
+                f" release {round(calibration + lo, 2)}-{round(calibration + hi, 2)} h)"
+            )
         print(
             f"the release on one node of {gpus} GPU(s): calibration {calibration} h (one pass over {gpus} ranks) + "
-            f"the rest {rest_h} h (measured per layer on one GPU, the first pair) = {round(calibration + rest_h, 2)} h, "
-            f"plus the upload"
+            f"the rest {rest_h} h (measured per layer on one GPU"
+            + (f", the mean of {len(pairs)} pairs" if len(pairs) > 1 else "")
+            + f") = {round(calibration + rest_h, 2)} h, plus the upload"
         )
-        if len(pairs) > 1:
-            lo, hi = min(m["total_h"] for m in pairs), max(m["total_h"] for m in pairs)
-            print(
-                f"across the {len(pairs)} pairs (one run of each model; their machines and commits differ: see the "
-                f"records) the rest spans {lo}-{hi} h, the release {round(calibration + lo, 2)}-"
-                f"{round(calibration + hi, 2)} h: one more layer's cost is within the runs' noise"
-            )
 
 
 if __name__ == "__main__":

@@ -837,26 +837,46 @@ def test_the_performance_page_states_the_estimate_its_record_gives():
     assert f"{moe.calibration_s:.1f} s calibration pass" in page and f"{moe.smoothing_s:.1f} s search" in page
     rest = est.rest()
     assert f"{rest['total_h']} h" in page, "the older estimate of the rest, from bytes over rates"
-    latest = RESULTS.parent / "2026-12-04-h200-hash-cache-follows-rename"
-    m = est.marginal_rest(latest / "pair3-new-rehearsal-2.json", latest / "pair3-new-rehearsal-3.json")
+    latest = RESULTS.parent / "2026-12-05-h200-rest-of-the-release-three-pairs"
+    pairs = [est.marginal_rest(latest / f"p4{t}-rehearsal-2.json", latest / f"p4{t}-rehearsal-3.json") for t in "abc"]
+    m = est.pooled_rest(pairs)
     per = m["per_moe_layer_s"]
-    assert f"{m['per_moe_layer_total_s']} s a MoE layer" in page and f"**{m['total_h']:.2f} h**" in page
+    assert f"{m['per_moe_layer_total_s']} s a MoE layer on their mean" in page and f"**{m['total_h']:.2f} h**" in page
     assert f"(saves {per['save']} s, verify {per['verify']} s, the rest of build-all {per['other']} s" in page
-    assert f"about {round(sum(m['fixed_s'].values()))} s fixed" in page
+    assert f"about {round(sum(m['fixed_s'].values()))} s fixed" in page and f"standard deviation {m['sd_h']} h" in page
+    assert "the pairs " + ", ".join(str(x["total_h"]) for x in sorted(pairs, key=lambda x: x["total_h"])[:2]) in page
     calibration = est.estimate(moe, gpus=8, dense=dense)["calibration_h"]
-    assert f"{round(calibration + m['total_h'], 2)} h on one 8×H200 node plus the upload" in page
-    earlier = RESULTS.parent / "2026-12-04-h200-marginal-moe-layer"
-    pairs = [
-        m,
-        est.marginal_rest(latest / "pair3-old-rehearsal-2.json", latest / "pair3-old-rehearsal-3.json"),
-        est.marginal_rest(earlier / "pair2-rehearsal-2.json", earlier / "pair2-rehearsal-3.json"),
-        est.marginal_rest(earlier / "pair1-rehearsal-2.json", earlier / "pair1-rehearsal-3.json"),
+    assert f"So {round(calibration + m['total_h'], 2)} h on one 8×H200 node plus the upload" in page
+    lo, hi = m["range_h"]
+    assert f"{round(calibration + lo, 2)}-{round(calibration + hi, 2)} h across the three pairs" in page
+    earlier = [
+        RESULTS.parent / "2026-12-04-h200-marginal-moe-layer",
+        RESULTS.parent / "2026-12-04-h200-hash-cache-follows-rename",
     ]
-    for other in pairs[1:]:
-        assert f"{other['total_h']} h (" in page, other["records"]
-    lo, hi = min(x["total_h"] for x in pairs), max(x["total_h"] for x in pairs)
-    assert f"{round(calibration + lo, 2)}-{round(calibration + hi, 2)} h across the four pairs" in page
-    assert f"saves, which no change touched, cost {pairs[1]['per_moe_layer_s']['save']} s a layer" in page
+    older = [
+        est.marginal_rest(earlier[0] / f"pair{i}-rehearsal-2.json", earlier[0] / f"pair{i}-rehearsal-3.json")
+        for i in (1, 2)
+    ]
+    older += [
+        est.marginal_rest(earlier[1] / f"pair3-{w}-rehearsal-2.json", earlier[1] / f"pair3-{w}-rehearsal-3.json")
+        for w in ("old", "new")
+    ]
+    lo, hi = min(x["total_h"] for x in older), max(x["total_h"] for x in older)
+    assert f"gave {lo}-{hi} h for the rest" in page
+
+
+def test_pooled_rest_is_the_mean_of_the_pairs_with_their_spread():
+    from benchmarks import release_estimate as est
+
+    def pair(total: float, save: float) -> dict:
+        stages = dict.fromkeys(est.REST_STAGES, 0.0) | {"save": save}
+        return {"per_moe_layer_s": stages, "fixed_s": dict.fromkeys(est.REST_STAGES, 10.0), "total_h": total}
+
+    m = est.pooled_rest([pair(0.1, 2.0), pair(0.3, 4.0)])
+    assert m["total_h"] == 0.2 and m["range_h"] == (0.1, 0.3) and m["sd_h"] == round(0.02**0.5, 2)
+    assert m["per_moe_layer_s"]["save"] == 3.0 and m["per_moe_layer_total_s"] == 3.0
+    assert m["fixed_s"]["save"] == 10.0
+    assert est.pooled_rest([pair(0.1, 2.0)])["sd_h"] is None
 
 
 def test_the_rest_of_the_release_is_bytes_over_measured_rates():
