@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from .errors import ReleaseError
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a sha256 as hexdigest() writes it
 
 MANIFEST_FILE = "manifest.json"
 VERIFY_FILE = "verify.json"
@@ -116,7 +119,10 @@ def write_if_changed(path: Path, text: str | bytes) -> bool:
     except OSError:
         pass
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
+    tmp.unlink(missing_ok=True)  # a leftover (or a planted link) is never written through
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     tmp.replace(path)
     return True
 
@@ -224,9 +230,20 @@ class HashCache:
     def __init__(self, folder: Path) -> None:
         self.path = self.file_of(folder)
         try:
-            self.entries: dict[str, list] = dict(json.loads(self.path.read_text()))
-        except (OSError, ValueError, TypeError):
-            self.entries = {}
+            raw = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            raw = {}
+        # a damaged or edited cache only costs a hash: an entry not shaped as the cache writes
+        # it (size, mtime, inode, ctime, sha256) is dropped, never trusted nor a traceback
+        self.entries: dict[str, list] = {
+            name: entry
+            for name, entry in (raw.items() if isinstance(raw, dict) else ())
+            if isinstance(entry, list)
+            and len(entry) == 5
+            and all(type(x) is int for x in entry[:4])
+            and isinstance(entry[4], str)
+            and SHA256_HEX.fullmatch(entry[4])
+        }
 
     @staticmethod
     def file_of(folder: Path) -> Path:

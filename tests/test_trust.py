@@ -512,3 +512,48 @@ def test_a_forced_rebuild_gives_byte_identical_published_files(write_config):
     changed = [name for name in first if first[name] != second[name]]
     assert changed == [], f"a forced rebuild changed {changed}"
     assert read_build_log(cfg.output_dir, "W4A16_GS32")["quantize"]["finished_unix"] >= pid_first
+
+
+def test_a_damaged_or_edited_hash_cache_is_never_trusted_nor_a_traceback(tmp_path):
+    """The hash cache is glmrel's own file, but a disk or a hand can damage it: an entry not
+    shaped as the cache writes it is dropped and the file hashed again, whatever it holds."""
+    import json
+
+    from release.manifest import HashCache, sha256_file
+
+    folder = tmp_path / "W4A16_GS64"
+    folder.mkdir()
+    path = folder / "model.safetensors"
+    path.write_bytes(b"weights")
+    cache = HashCache.file_of(folder)
+    cache.parent.mkdir(parents=True)
+    st = path.lstat()
+    key = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    for damaged in (
+        "[1, 2",
+        "[]",
+        "5",
+        json.dumps({path.name: 5}),
+        json.dumps({path.name: "abc"}),
+        json.dumps({path.name: [*key, "not a sha256"]}),
+        json.dumps({path.name: [*map(str, key), "0" * 64]}),
+        json.dumps({path.name: [*key[:3], "0" * 64]}),
+    ):
+        cache.write_text(damaged)
+        hashes, read = HashCache(folder).hashes_and_read([path])
+        assert read == [path], damaged
+        assert hashes == {path.name: (7, sha256_file(path))}, damaged
+
+
+def test_an_atomic_write_never_writes_through_a_planted_link(tmp_path):
+    import os
+
+    from release.manifest import write_if_changed
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    target = tmp_path / "rel" / "provenance.json"
+    target.parent.mkdir()
+    os.symlink(outside, target.with_name(f".{target.name}.tmp-{os.getpid()}"))
+    assert write_if_changed(target, "{}")
+    assert outside.read_text() == "keep" and target.read_text() == "{}" and not target.is_symlink()

@@ -5,14 +5,13 @@ check of a committed manifest (`check_manifest_file`)."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import ReleaseError
 from ..evaluation.records import record_problems
 from ..layout import INDEX_FILE
-from ..manifest import EVAL_FILE, MANIFEST_FILE, VERIFY_FILE, Manifest
+from ..manifest import EVAL_FILE, MANIFEST_FILE, SHA256_HEX, VERIFY_FILE, Manifest
 from .report import CheckReport
 from .rules import (
     REQUIRED_FILES,
@@ -160,7 +159,7 @@ def check_manifest_file(path: Path, group_size: int | None = None) -> CheckRepor
     if not any(n.endswith(".safetensors") for n in m.files):
         report.fail("manifest", "no *.safetensors shard is listed")
     for name, entry in m.files.items():
-        if "/" in name or name.startswith(".") or not re.fullmatch(r"[0-9a-f]{64}", entry.sha256) or entry.size < 0:
+        if "/" in name or name.startswith(".") or not SHA256_HEX.fullmatch(entry.sha256) or entry.size < 0:
             report.fail("manifest", f"entry {name!r} is malformed (name, size or sha256)")
     q = m.quantization
     want = {
