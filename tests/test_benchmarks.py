@@ -847,6 +847,10 @@ def test_the_performance_page_states_the_estimate_its_record_gives():
     assert "the pairs " + ", ".join(str(x["total_h"]) for x in sorted(pairs, key=lambda x: x["total_h"])[:2]) in page
     calibration = est.estimate(moe, gpus=8, dense=dense)["calibration_h"]
     assert f"So {round(calibration + m['total_h'], 2)} h on one 8×H200 node plus the upload" in page
+    readme = " ".join((RESULTS.parent.parent.parent / "README.md").read_text().split())
+    assert f"estimated at **{round(calibration + m['total_h'], 2)} h on one 8×H200 node**" in readme
+    one_gpu = est.estimate(moe, gpus=1, dense=dense)["calibration_h"]
+    assert f"{one_gpu} h of calibration on one H200" in readme
     lo, hi = m["range_h"]
     assert f"{round(calibration + lo, 2)}-{round(calibration + hi, 2)} h across the three pairs" in page
     earlier = [
