@@ -213,6 +213,25 @@ def test_symlinked_shard_is_one_failure_not_a_flood(branch, tmp_path):
     assert msgs == msgs[:1], "the link is the one failure: not also missing from the manifest or the index"
 
 
+def test_a_linked_single_shard_without_index_is_one_failure(branch, tmp_path):
+    """A branch of one shard and no index (as small third-party branches are): the shard a link,
+    said once, and its tensors not checked, never 'no weights' and a line per tensor."""
+    index = json.loads((branch / "model.safetensors.index.json").read_text())["weight_map"]
+    (branch / "model-mtp-4.safetensors").unlink()
+    (branch / "model.safetensors.index.json").unlink()
+    real = tmp_path / "elsewhere.safetensors"
+    shutil.move(branch / "model.safetensors", real)
+    os.symlink(real, branch / "model.safetensors")
+    assert index
+    report = check_branch(branch, no_hash=True)
+    msgs = [f"[{i.check}] {i.message}" for i in report.failures]
+    assert any(m.startswith("[files] model.safetensors is a symbolic link") for m in msgs), msgs
+    assert not any("no *.safetensors" in m or "missing tensor" in m for m in msgs), msgs
+    assert [i.message for i in report.skipped if i.check == "inventory"] == [
+        "the tensors: not checked, the only shard model.safetensors could not be read"
+    ]
+
+
 def test_unreadable_or_missing_shard_header_lists_its_tensors_once(branch):
     shard = branch / "model-mtp-4.safetensors"
     shard.write_bytes(b"\xff" * 8 + shard.read_bytes()[8:])

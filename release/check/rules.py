@@ -199,6 +199,9 @@ def check_index(
     if INDEX_FILE not in names:
         if len(shards_present) == 1:
             return shards_present, None, {}
+        refused = sorted(n for n in report.rejected if n.endswith(".safetensors"))
+        if not shards_present and len(refused) == 1:  # the one shard is a link (said): not "no weights"
+            return [], None, {refused[0]: "it is not a regular file of the branch"}
         if not shards_present:
             report.fail("files", "no *.safetensors weights")
         else:
