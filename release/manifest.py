@@ -313,7 +313,7 @@ class HashCache:
         for p, st in stats.items():
             cached = self.entries.get(p.name)
             key = self._key(st)
-            if cached and len(cached) == len(key) + 1 and cached[:-1] == key:
+            if cached is not None and cached[:-1] == key:  # entries are well-formed since loading
                 out[p.name] = (st.st_size, cached[-1])
             else:
                 todo.append(p)

@@ -37,6 +37,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
 RECORD_FILES = ("recipe.yaml", "provenance.json")
 REQUIRED_FILES = MODEL_FILES + RECORD_FILES
 BRANCH_GROUP = re.compile(r"_GS(\d+)$")
+REFUSED = "it is not a regular file of the branch"  # why a shard the `files` check refused is not read
 THIRD_PARTY_HINT = "a branch glmrel did not build has none of its records: check it with --third-party"
 
 
@@ -201,7 +202,7 @@ def check_index(
             return shards_present, None, {}
         refused = sorted(n for n in report.rejected if n.endswith(".safetensors"))
         if not shards_present and len(refused) == 1:  # the one shard is a link (said): not "no weights"
-            return [], None, {refused[0]: "it is not a regular file of the branch"}
+            return [], None, {refused[0]: REFUSED}
         if not shards_present:
             report.fail("files", "no *.safetensors weights")
         else:
@@ -221,7 +222,7 @@ def check_index(
             report.fail("files", f"{INDEX_FILE} names shard {shard!r} outside the branch folder")
             unread[shard] = "it is outside the branch folder"
         elif shard in report.rejected:
-            unread[shard] = "it is not a regular file of the branch"
+            unread[shard] = REFUSED
         elif shard not in names:
             report.fail("files", f"{INDEX_FILE} names shard {shard} which is missing")
             unread[shard] = "it is missing"
