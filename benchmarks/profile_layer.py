@@ -290,6 +290,8 @@ def run(
         out["search_phase_s"] = result.stats.to_json()["search_phase_s"]
     engine = result.stats.to_json()
     out["engine"] = {k: engine[k] for k in ENGINE_COUNTERS}
+    if engine.get("side_grid"):  # one pass: the side branches' grid searches (release/awq/grid.py)
+        out["side_grid"] = engine["side_grid"]
     out["awq"] = cfg.awq.model_dump()
     if scales is not None:
         torch.save(result.stats.scales, scales)

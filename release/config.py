@@ -248,6 +248,14 @@ class AwqSpec(_Strict):
         "before use (glmrel engine). The gate may differ from torch's in the last bit of a few elements. false: "
         "torch's ops",
     )
+    side_grid_window: int | None = Field(
+        default=None,
+        ge=1,
+        description="one calibration pass for several group sizes: each side branch searches a mapping's AWQ "
+        "scale only within this many grid steps of the propagating branch's choice, widened a step at a time "
+        "while its best point is on an edge (glmrel engine). The whole grid's choice wherever a side branch's "
+        "loss has one minimum along the ratio; fewer forwards per extra group size. null: every grid point",
+    )
 
 
 class OffloadSpec(_Strict):

@@ -45,6 +45,7 @@ class Engine:
         self.stats = ScaleStats()
         self.on_layer = on_layer  # called with each decoder layer's record as the layer is done (progress)
         self.run = RunState()
+        self.run.grid.window = options.side_grid_window if side else None
         self.deduplicating = options.resident_cache_gib != 0  # resident caches
         self.ledger = Ledger(resident_budget(options.resident_cache_gib) if self.deduplicating else 0)
         self.grams = Ledger(math.inf)  # the Gram search's Gram matrices
@@ -121,6 +122,8 @@ class Engine:
             ahead, self.read_ahead = self.read_ahead, None
             ahead.close()
             self.stats.read_ahead_layers, self.stats.read_ahead_gib = ahead.layers, ahead.advised_bytes / 2**30
+        if self.run.grid.chosen:
+            self.stats.grid = self.run.grid.to_json()
         if self.side_run is not None:
             side, self.side_run = self.side_run, None
             try:

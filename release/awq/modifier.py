@@ -27,7 +27,7 @@ from .hooks import Patches
 from .merge import TOKEN_WISE_PARENTS, merged_batches
 from .side import SideRun, SideTimes, layer_key, touched_modules
 from .state import first
-from .stats import LayerRecord, mapping_kind, pinned_peak_gib, release_host_memory
+from .stats import LayerRecord, LayerTiming, mapping_kind, pinned_peak_gib, release_host_memory
 
 
 class MoeAWQModifier(AWQModifier):
@@ -84,11 +84,23 @@ class MoeAWQModifier(AWQModifier):
             return outputs  # streamed loss: consumed one batch at a time by _compute_loss
         return list(outputs)
 
+    def _get_grid_search_params(self) -> Any:
+        grid = super()._get_grid_search_params()
+        return grid if self.engine is None else self.engine.run.grid.points(grid)  # grid.py
+
+    def _compute_loss(self, fp16_outputs: Any, int_w_outputs: Any) -> float:
+        loss = super()._compute_loss(fp16_outputs, int_w_outputs)
+        if self.engine is not None:
+            self.engine.run.grid.loss(loss)
+        return loss
+
     def _compute_best_scale(self, mapping: Any, fp16_outputs: Any, orig_layer_weights: Any) -> Any:
         e = self.engine
         if e is None:
             return super()._compute_best_scale(mapping, fp16_outputs, orig_layer_weights)
         options, stats, run, clock = e.options, e.stats, e.run, e.clock
+        side = run.grid.branch is not None  # a side branch's search (side.py): the propagating branch's records stay
+        run.grid.begin(mapping.smooth_name)
         sampled, gram, _resident = cache_classes()
         if e.deduplicating and not isinstance(self._parent_args_cache.get(mapping.parent), (sampled, gram)):
             release_host_memory()  # what earlier mappings pinned and freed
@@ -102,7 +114,8 @@ class MoeAWQModifier(AWQModifier):
                 phases["prepare"] = phases.get("prepare", 0.0) + time.perf_counter() - clock["mapping"]
                 losses: list[float] = []
                 best = batched_balance_search(self, mapping, fp16_outputs, orig_layer_weights, groups, phases, losses)
-                stats.grid_losses[mapping.smooth_name] = losses
+                if not side:
+                    stats.grid_losses[mapping.smooth_name] = losses
                 stats.batched_balance_mappings += 1
                 stats.batched_balance_layers += sum(len(g) for g in groups)
             else:
@@ -110,6 +123,7 @@ class MoeAWQModifier(AWQModifier):
             if e.shared_fix is not None:
                 e.shared_fix.chosen(best)
         finally:
+            run.grid.end()
             run.lazy = False
             run.routing.forget()  # smoothing changes the router's weight next
             # from the end of the previous mapping's search: its smoothing, this one's setup,
@@ -118,7 +132,7 @@ class MoeAWQModifier(AWQModifier):
             kind = mapping_kind(mapping.smooth_name)
             stats.mapping_s[kind] = stats.mapping_s.get(kind, 0.0) + now - clock["mapping"]
             clock["mapping"] = now
-        if options.record_scales:
+        if options.record_scales and not side:
             stats.scales[mapping.smooth_name] = best.detach().float().cpu().clone()
         return best
 
@@ -143,20 +157,27 @@ class MoeAWQModifier(AWQModifier):
         mappings = [m for m in self._resolved_mappings if m.smooth_name in self._smooth_activation_stats]
         if mappings and self.engine.read_ahead is not None:  # the next layer's offloaded weights, meanwhile
             self.engine.read_ahead.after(model, layer_key(touched_modules(mappings)))
-        side = None
-        if self.side_run is not None:  # the side branches first (side.py), then the branch whose outputs propagate
-            if mappings:
-                side = self.side_run.smooth_layer(
-                    self, model, mappings, lambda: self._smooth_layer(model, record=False)
-                )
-        self._smooth_layer(model, side=side)
+        if self.side_run is None or not mappings:
+            self._record_layer(self._smooth_layer(model))
+            return
+        # the branch whose outputs propagate first, then the side branches from the layer's
+        # originals (side.py), each searching near the propagating branch's choices (grid.py)
+        timing: list[LayerTiming] = []
+        side = self.side_run.smooth_layer(
+            self,
+            model,
+            mappings,
+            lambda: timing.append(self._smooth_layer(model)),
+            lambda: self._smooth_layer(model, record=False),
+        )
+        if timing:
+            self._record_layer(timing[0], side)
 
-    def _smooth_layer(self, model: Any, *, record: bool = True, side: SideTimes | None = None) -> None:
-        """The engine's smoothing of one layer (stock's loop with routed experts in the search, batched experts, the batched and Gram expert searches, deferred write-back),
-        timed into a LayerRecord unless it is a side branch's run (`record=False`)."""
+    def _smooth_layer(self, model: Any, *, record: bool = True) -> LayerTiming:
+        """The engine's smoothing of one layer (stock's loop with routed experts in the search,
+        batched experts, the batched and Gram expert searches, deferred write-back), timed for
+        its LayerRecord unless it is a side branch's run (`record=False`)."""
         e = self.engine
-        import torch
-
         options, stats, run, clock, write_back = e.options, e.stats, e.run, e.clock, e.write_back
         t = time.perf_counter()
         excluded = 0.0  # the benchmark's write-back check is not the layer's time
@@ -189,7 +210,12 @@ class MoeAWQModifier(AWQModifier):
                 t_search = time.perf_counter()
                 with awq_base.calibration_forward_context(model):
                     done = search_routed_experts(
-                        self, batched, held, awq_base._allreduce_data_sum, stats, options.record_scales
+                        self,
+                        batched,
+                        held,
+                        awq_base._allreduce_data_sum,
+                        stats,
+                        options.record_scales and run.grid.branch is None,
                     )
                 if not done:
                     self._smooth_activation_stats.update(held)
@@ -218,31 +244,39 @@ class MoeAWQModifier(AWQModifier):
                 write_back.dirty.clear()  # flushed above; a failed smoothing leaves the CPU copies as they were
             if e.deduplicating:
                 release_host_memory()
-            end = time.perf_counter()
-            gpu = reserved = 0.0
-            if record and torch.cuda.is_available():
-                gpu = torch.cuda.max_memory_allocated() / 2**30
-                reserved = torch.cuda.max_memory_reserved() / 2**30
-                torch.cuda.reset_peak_memory_stats()
-            if mappings and record:
-                calibrated = side.started if side is not None else t  # the side runs come after the forward
-                stats.layers.append(
-                    LayerRecord(
-                        mappings,
-                        round(calibrated - clock["last"], 3),
-                        round(end - t - excluded, 3),
-                        round(gpu, 3),
-                        round(e.host.take(), 3),
-                        round(pinned_peak_gib(), 3),
-                        round(reserved, 3),
-                        side_s=round(side.seconds, 3) if side is not None else 0.0,
-                        side_stored_gib=round(side.stored_bytes / 2**30, 6) if side is not None else 0.0,
-                    )
+        return LayerTiming(mappings, t, time.perf_counter() - t - excluded)
+
+    def _record_layer(self, timing: LayerTiming, side: SideTimes | None = None) -> None:
+        """The layer's LayerRecord: its calibration forward (from the previous layer's end to
+        the start of its smoothing), the propagating branch's smoothing, the side branches'
+        runs, and the peaks over all of it."""
+        import torch
+
+        e = self.engine
+        stats, clock = e.stats, e.clock
+        end = time.perf_counter()
+        gpu = reserved = 0.0
+        if torch.cuda.is_available():
+            gpu = torch.cuda.max_memory_allocated() / 2**30
+            reserved = torch.cuda.max_memory_reserved() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        if timing.mappings:
+            stats.layers.append(
+                LayerRecord(
+                    timing.mappings,
+                    round(timing.started - clock["last"], 3),
+                    round(timing.seconds, 3),
+                    round(gpu, 3),
+                    round(e.host.take(), 3),
+                    round(pinned_peak_gib(), 3),
+                    round(reserved, 3),
+                    side_s=round(side.seconds, 3) if side is not None else 0.0,
+                    side_stored_gib=round(side.stored_bytes / 2**30, 6) if side is not None else 0.0,
                 )
-                if e.on_layer is not None:
-                    e.on_layer(stats.layers[-1])
-            if record:
-                clock["last"] = end
+            )
+            if e.on_layer is not None:
+                e.on_layer(stats.layers[-1])
+        clock["last"] = end
 
     def _setup_activation_cache_hooks(self) -> None:
         e = self.engine

@@ -24,6 +24,7 @@ CONFIG_FIELDS = (
     "search_batch_tokens",
     "causal_search_attention",
     "triton_kernels",
+    "side_grid_window",
 )
 _DEFAULT = AwqSpec()
 
@@ -43,6 +44,8 @@ class ScaleOptions:
     # so, as the fused experts, only on `fused_expert_devices` (the CPU's demo bits are pinned)
     causal_search_attention: bool = _DEFAULT.causal_search_attention
     triton_kernels: bool = _DEFAULT.triton_kernels  # kernels.py, on fused_expert_devices where each checks out
+    # grid.py: a side branch searches each mapping near the propagating branch's choice (None: every point)
+    side_grid_window: int | None = _DEFAULT.side_grid_window
     reuse_routing: bool = True  # routing.py: the search's router outputs computed once per batch (same bits)
     search_batch_tokens: int | None = _DEFAULT.search_batch_tokens
     # routed experts' down_proj scale search: "gram" (Gram search: every token, no rows kept),
@@ -89,6 +92,7 @@ class ScaleOptions:
             causal_search_attention=False,
             reuse_routing=False,
             triton_kernels=False,
+            side_grid_window=None,
             search_batch_tokens=None,
             expert_search="sampled",  # with max_expert_tokens None: every token, as stock
             resident_cache_gib=0,

@@ -310,48 +310,71 @@ class SideRun:
         # each side branch's reading and restoring of the layer (on GPUs each rank has its own)
         self.shared_weights = shared_weights
 
-    def smooth_layer(self, modifier: Any, model: Any, mappings: list[Any], smooth: Callable[[], None]) -> SideTimes:
-        """Smooth the layer of `mappings` once per side branch (`smooth()` is the engine's
-        smoothing of the layer as it stands), with the branch's own weight scheme on the
-        layer's modules and every weight write landing on the onloaded copy only; quantize
-        and compress the layer's Linears for that branch (`Quantizer`: the smoothed ones and
-        those no mapping touches alike) and store them with the smoothed tensors that stay
-        unquantized (norms, the router, biases); then put the layer, the modifier's per-layer
-        statistics and caches back as they were for the propagating branch's own smoothing."""
+    def smooth_layer(
+        self,
+        modifier: Any,
+        model: Any,
+        mappings: list[Any],
+        lead: Callable[[], Any],
+        smooth: Callable[[], Any],
+    ) -> SideTimes:
+        """Smooth the layer of `mappings` for the propagating branch (`lead()`, which writes the
+        offload as a build of that branch alone would), then once per side branch from the
+        layer's originals (`smooth()` is the engine's smoothing of the layer as it stands), with
+        the branch's own weight scheme on the layer's modules, every weight write landing on the
+        onloaded copy only, and its grid searches near the propagating branch's choices
+        (grid.py); quantize and compress the layer's Linears for that branch (`Quantizer`: the
+        smoothed ones and those no mapping touches alike) and store them with the smoothed
+        tensors that stay unquantized (norms, the router, biases); then put the propagating
+        branch's smoothed layer, and the modifier's per-layer statistics and caches, back as
+        the propagating smoothing left them."""
         import torch
 
         from .hooks import Patches
 
-        times = SideTimes(started=time.perf_counter())
         modules = touched_modules(mappings)
         key = layer_key(modules)
         linears = quantized_linears(model, key)
         # (module, parameter name, full name) of every tensor smoothing may write
         params = [(m, p, f"{name}.{p}") for name, m in modules for p in SIDE_PARAMS if _tensor(m, p) is not None]
-        originals = [_keep(getattr(m, p)) for m, p, _ in params]
         raw = [(m, p, full) for m, p, full in params if not (p == "weight" and full[: -len(".weight")] in linears)]
-        state = modifier.layer_state()
+        originals = [_keep(getattr(m, p)) for m, p, _ in params]
+        before = modifier.layer_state()
+        lead()
+        times = SideTimes(started=time.perf_counter())
+        grid = modifier.engine.run.grid if modifier.engine is not None else None
+        smoothed = [_keep(getattr(m, p)) for m, p, _ in params]  # the propagating branch's: they go on
+        after = modifier.layer_state()
+        self.wait_for_ranks()  # every rank kept the propagating smoothing before any writes the originals
         try:
             for branch in self.branches:
                 q = self.quantizers[branch.name]
+                for (m, p, _), t in zip(params, originals):
+                    write_onloaded(m, p, t)
+                self.wait_for_ranks()  # every rank put it back before any smooths it again
+                modifier.restore_layer_state(before)
                 writes = Patches()
                 writes.hook("side_offload_write", write_onloaded)
+                if grid is not None:
+                    grid.branch = branch.name
                 try:
                     with weight_scheme(modules, q.weights):
                         smooth()
                 finally:
                     writes.undo()
+                    if grid is not None:
+                        grid.branch = None
                 if self.stores:
                     self.store_layer(branch, q, key, linears, raw, times)
                 self.wait_for_ranks()  # every rank smoothed, rank 0 read the layer: now it may be put back
-                for (m, p, _), t in zip(params, originals):
-                    write_onloaded(m, p, t)
-                self.wait_for_ranks()  # every rank put it back before any smooths it again
-                modifier.restore_layer_state(state)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
         finally:
-            times.seconds = time.perf_counter() - times.started
+            for (m, p, _), t in zip(params, smoothed):
+                write_onloaded(m, p, t)
+            modifier.restore_layer_state(after)
+        self.wait_for_ranks()  # every rank put the propagating smoothing back before the layer's outputs propagate
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.seconds = time.perf_counter() - times.started
         return times
 
     def store_layer(

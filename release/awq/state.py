@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .causal import CausalMasks
+from .grid import GridMemo
 from .routing import RoutingMemo
 
 
@@ -30,6 +31,7 @@ class RunState:
     calibration_stack: tuple[int, Any, Any] | None = None
     causal_masks: CausalMasks = field(default_factory=CausalMasks)  # causal.py: the masks' verdicts
     routing: RoutingMemo = field(default_factory=RoutingMemo)  # routing.py: a MoE block search's top-k
+    grid: GridMemo = field(default_factory=GridMemo)  # grid.py: the propagating choices, the side branches' windows
 
 
 def first(output: Any) -> Any:

@@ -23,6 +23,15 @@ class LayerRecord:
     side_stored_gib: float = 0.0  # ... and what they wrote to their stores
 
 
+@dataclass(frozen=True)
+class LayerTiming:
+    """One smoothing of a layer: its mappings, when it started and how long it took."""
+
+    mappings: int
+    started: float
+    seconds: float
+
+
 # the engine's counters a benchmark prints: which fused and batched paths ran
 ENGINE_COUNTERS = (
     "fused_calibration_calls",
@@ -86,6 +95,7 @@ class ScaleStats:
     search_phase_s: dict[str, dict[str, float]] = field(default_factory=dict)
     allreduce_wait_s: float = 0.0  # data parallel on GPUs: time in AWQ's all-reduces once this rank's work is done
     side_store_wait_s: float = 0.0  # one pass for several group sizes: GPU work waiting on side-store writes
+    grid: dict[str, Any] = field(default_factory=dict)  # grid.py: the side branches' searched points and choices
     layers: list[LayerRecord] = field(default_factory=list)
     scales: dict[str, Any] = field(default_factory=dict)  # smooth layer name -> chosen scales
     mapping_s: dict[str, float] = field(default_factory=dict)  # seconds per kind of mapping
@@ -131,6 +141,7 @@ class ScaleStats:
             "search_phase_s": {k: {p: round(v, 2) for p, v in d.items()} for k, d in self.search_phase_s.items()},
             "allreduce_wait_s": round(self.allreduce_wait_s, 2),
             "side_store_wait_s": round(self.side_store_wait_s, 2),
+            "side_grid": dict(self.grid),
             "batched_experts_disabled": self.batched_experts_disabled,
             "expert_tokens_seen": self.tokens_seen,
             "expert_tokens_kept": self.tokens_kept,
