@@ -710,3 +710,29 @@ def test_the_side_branches_are_made_at_once_and_speak_in_branch_order(tmp_path, 
         assert {t for t, _ in said} == {main}
         assert sorted(sealed) == sorted(b.name for b in rest if b.name != fail)
         assert set(at_once) == {len(rest)}, "the build log says their seconds overlap"
+
+
+@pytest.mark.slow
+def test_a_windowed_pass_searches_what_the_whole_grid_pass_replayed_and_leaves_the_propagating_branch(
+    two_ways, tmp_path, demo_assets
+):
+    """`awq.side_grid_window: 2`: the side branches search near the propagating branch's
+    choices. Every search sees the losses the whole-grid pass saw (the propagating branch is the
+    same, so every layer's inputs are), so the points it tries are exactly those the whole-grid
+    pass's replay of window 2 counted; the propagating branch is bit for bit the same; and the
+    window is in the side branches' records."""
+    cfg = load_config(_config(tmp_path, demo_assets, awq={"side_grid_window": 2}))
+    quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
+    whole = read_build_log(two_ways["one"]["cfg"].output_dir, "W4A16_GS32")["quantize"]["timings_s"]["awq_engine"]
+    windowed = read_build_log(cfg.output_dir, "W4A16_GS32")["quantize"]["timings_s"]["awq_engine"]
+    replayed = whole["side_grid"]["if_windowed"]["2"]
+    grid = windowed["side_grid"]
+    assert grid["window"] == 2 and whole["side_grid"]["window"] is None
+    assert grid["searched_points"] == replayed["tried_points"] < replayed["of_points"] == grid["full_points"]
+    assert sum(grid["side_distance"].values()) == replayed["searches"]
+    a, b = _tensors(cfg.output_dir / "W4A16_GS32"), _tensors(two_ways["one"]["cfg"].output_dir / "W4A16_GS32")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in NAMES[1:]:
+        side, full = _tensors(cfg.output_dir / name), _tensors(two_ways["one"]["cfg"].output_dir / name)
+        assert (not _layers_differing(side, full)) == (replayed["same_choice"] == replayed["searches"]), name
+        assert json.loads((cfg.output_dir / name / "provenance.json").read_text())["awq"]["side_grid_window"] == 2

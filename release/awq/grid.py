@@ -103,7 +103,10 @@ class GridMemo:
             return
         self.searched += len(self._order)
         self.full += len(self._grid)
-        self.side_chosen.setdefault(self.branch, {})[name] = (index, _distance(self._grid, self.chosen.get(name), index))
+        self.side_chosen.setdefault(self.branch, {})[name] = (
+            index,
+            _distance(self._grid, self.chosen.get(name), index),
+        )
         if self._order == list(range(len(self._grid))) and name in self.chosen:
             self.side_losses.setdefault(self.branch, {})[name] = (self._grid, self.chosen[name], list(self._losses))
 
