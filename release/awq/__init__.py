@@ -10,9 +10,10 @@ Modules: options (the knobs), state (what a run's patches share), stats (what it
 caches, experts, merge, balance, ranks, causal, routing, kernels (the patches' pieces),
 activations (AWQ's calibration hooks, their sums kept on the device), all_experts (on a GPU,
 every expert on every token as batched products in the calibration pass, and the routed tokens
-only in the propagation pass), modifier, engine, hooks, and side (one calibration pass for
-several group sizes: each layer smoothed once per side branch before the propagating branch's
-own smoothing; its docstring says why that is sound).
+only in the propagation pass), modifier, engine, hooks, side (one calibration pass for
+several group sizes: each layer smoothed once per side branch after the propagating branch's
+own smoothing, from the layer's originals; its docstring says why that is sound) and grid (the
+side branches' searches near the propagating branch's choices, `side_grid_window`).
 
 What stock 0.14.0.1 does and what each change does, by the name comments use for it (and
 the ScaleOptions field that turns it on):

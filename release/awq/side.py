@@ -7,15 +7,18 @@ scales it multiplies into the balance layers it divides out of the smooth layer)
 next layer receives is the same for every group size up to float rounding: one pass can serve
 every branch of a release.
 
-At the end of each layer (`MoeAWQModifier._apply_smoothing`), before the propagating branch's
-own smoothing, the run's `SideRun` (which the modifier holds) smooths the layer once per side
-branch, with that branch's own weight scheme (from its recipe) and from the layer's original
-weights, over the same cached calibration inputs; quantizes and compresses the layer's Linears
+At the end of each layer (`MoeAWQModifier._apply_smoothing`), the run's `SideRun` (which the
+modifier holds) keeps the layer's original weights and AWQ's per-layer state, lets the
+propagating branch smooth the layer (its offload writes and its record as in a build of that
+branch alone), then smooths the layer once per side branch, with that branch's own weight
+scheme (from its recipe), from the original weights, over the same cached calibration inputs
+(each grid search near the propagating branch's choice where `side_grid_window` asks:
+grid.py); quantizes and compresses the layer's Linears
 for that branch, on the GPU, as QuantizationModifier and the compressed save would
 (`Quantizer`), and writes them with the smoothed tensors that stay unquantized (norms, the
 router, biases) to the branch's store (one safetensors file per layer, about a quarter of the
-layer's bf16 size); and puts the layer back as it was: weights, the grid search's scratch
-quantization parameters and AWQ's per-layer caches. A side run writes only the onloaded copy of
+layer's bf16 size); and puts the layer back as the propagating branch smoothed it: weights,
+the grid search's scratch quantization parameters and AWQ's per-layer caches. A side run writes only the onloaded copy of
 a weight (hook `side_offload_write`; the CPU or disk offload keeps the original), so only the
 propagating branch's smoothing reaches the offload, the next layer and QuantizationModifier,
 exactly as in a build of that branch alone. A side branch's store (and the quantization scheme
@@ -23,7 +26,8 @@ its run describes beside it, for its `config.json`) becomes a branch in
 `one_pass.finish_side_branch`, without loading the model again: its tensors in the propagating
 branch's saved layout.
 
-Memory: the layer's originals stay on the GPU when it has room for them (else in host memory);
+Memory: the layer's originals, and during the side runs the propagating branch's smoothed
+weights, stay on the GPU when it has room for them (else in host memory);
 each side branch's quantized layer is copied to host memory and written to its store by a
 background thread while the next run computes, at most one write in flight (`StoreWriter`).
 The side runs reuse the propagating run's caches and buffers.
