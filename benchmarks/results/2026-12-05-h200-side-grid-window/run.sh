@@ -1,4 +1,4 @@
-# one GLM-4.7-dims MoE layer + MTP, 512 x 2048, one pass of three group sizes: the whole grid
+# one GLM-4.7-dims MoE layer + MTP, $SAMPLES (512) x 2048, one pass of three group sizes: the whole grid
 # (with the window replayed from its losses), then side_grid_window=2, on one machine
 set -u
 t0=$(date +%s)
@@ -7,13 +7,13 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 R=$OUT/r; mkdir -p $R
 (cat .whl/commit.txt; date; nvidia-smi; nproc; free -g) > $R/machine.txt 2>&1
 python -m benchmarks.synthetic --preset glm47 --layers 1 --dense 0 --device cuda --out /dev/shm/syn \
-  --group-size 32 --group-size 64 --group-size 128 --samples 512 --seq 2048 > $R/synthetic.log 2>&1
+  --group-size 32 --group-size 64 --group-size 128 --samples ${SAMPLES:-512} --seq 2048 > $R/synthetic.log 2>&1
 echo "synthetic rc=$? at $(( $(date +%s) - t0 )) s"
 for run in "$@"; do
   IFS=: read TAG SET <<< "$run"
   s=$(date +%s)
   timeout $(( 595 - ($(date +%s) - t0) )) python -m benchmarks.profile_layer --config /dev/shm/syn/release.yaml \
-    --samples 512 --profile-samples 0 --one-pass $SET --scales $R/$TAG-scales.pt --json $R/$TAG.json > $R/$TAG.log 2>&1
+    --samples ${SAMPLES:-512} --profile-samples 0 --one-pass $SET --scales $R/$TAG-scales.pt --json $R/$TAG.json > $R/$TAG.log 2>&1
   echo "$TAG rc=$? in $(( $(date +%s) - s )) s, at $(( $(date +%s) - t0 )) s"
 done
 python -m benchmarks.profile_layer --compare $R/full-scales.pt $R/w2-scales.pt > $R/compare-lead.txt 2>&1
