@@ -562,6 +562,23 @@ CITED = [
             ("call4-sbs-kernels-64.json", _one("runs", "b", "mean_kl"), "{}"),
         )
     ],
+    *[
+        (doc, f"2026-12-05-h100-side-grid-window/{f}", _one("timed", "layers", 0, "side_s"), "{:.2f} s")
+        for doc in (DOCS, RESULTS.parent / "2026-12-05-h100-side-grid-window" / "README.md")
+        for f in ("call2-full-256.json", "call2-w2-256.json")
+    ],
+    (
+        RESULTS.parent / "2026-12-05-h100-side-grid-window" / "README.md",
+        "2026-12-05-h100-side-grid-window/call2-full-256.json",
+        lambda r: r["timed"]["side_grid"]["if_windowed"]["2"],
+        "| **2** | **{0[tried_points]}** | **{0[same_choice]} of {0[searches]}** |",
+    ),
+    (
+        RESULTS.parent / "2026-12-05-h100-side-grid-window" / "README.md",
+        "2026-12-05-h100-side-grid-window/call2-w2-256.json",
+        lambda r: r["timed"]["side_grid"]["searched_points"],
+        "{} of 120 (two widened)",
+    ),
     (
         RESULTS.parent / "2026-11-30-cpu-demo-single-pass" / "README.md",
         "2026-11-30-cpu-demo-single-pass/record.json",
