@@ -292,6 +292,8 @@ def branch_record(cfg: ReleaseConfig, branch: BranchSpec) -> dict[str, Any]:
         "has_plot": (folder / PLOT_FILE).is_file(),
         "calibration": prov["calibration"],
         "calibration_pass": prov.get("calibration_pass"),
+        # a side branch's scale searches near the propagating branch's choices (awq.side_grid_window)
+        "side_grid_window": (prov.get("awq") or {}).get("side_grid_window"),
         "moe_calibrate_all_experts": prov.get("moe_calibrate_all_experts"),
         "libraries": prov.get("libraries", {}),
         "tool": prov.get("tool", {}),

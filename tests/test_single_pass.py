@@ -721,7 +721,12 @@ def test_a_windowed_pass_searches_what_the_whole_grid_pass_replayed_and_leaves_t
     same, so every layer's inputs are), so the points it tries are exactly those the whole-grid
     pass's replay of window 2 counted; the propagating branch is bit for bit the same; and the
     window is in the side branches' records."""
-    cfg = load_config(_config(tmp_path, demo_assets, awq={"side_grid_window": 2}))
+    from conftest import REPO
+
+    from release.render import render_release
+
+    changelog = str(REPO / "releases" / "demo-changelog.yaml")
+    cfg = load_config(_config(tmp_path, demo_assets, awq={"side_grid_window": 2}, changelog=changelog))
     quantize.build_branches(cfg, NAMES, 1, None, echo=lambda s: None)
     whole = read_build_log(two_ways["one"]["cfg"].output_dir, "W4A16_GS32")["quantize"]["timings_s"]["awq_engine"]
     windowed = read_build_log(cfg.output_dir, "W4A16_GS32")["quantize"]["timings_s"]["awq_engine"]
@@ -736,3 +741,7 @@ def test_a_windowed_pass_searches_what_the_whole_grid_pass_replayed_and_leaves_t
         side, full = _tensors(cfg.output_dir / name), _tensors(two_ways["one"]["cfg"].output_dir / name)
         assert (not _layers_differing(side, full)) == (replayed["same_choice"] == replayed["searches"]), name
         assert json.loads((cfg.output_dir / name / "provenance.json").read_text())["awq"]["side_grid_window"] == 2
+    render_release(cfg)  # the cards say so: a side branch's searches were not the whole grid
+    said = "grid points within 2 steps of `W4A16_GS32`'s choice"
+    assert said in (cfg.output_dir / "W4A16_GS64" / "README.md").read_text()
+    assert said not in (cfg.output_dir / "W4A16_GS32" / "README.md").read_text(), "the propagating branch's is whole"
