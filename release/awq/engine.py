@@ -122,9 +122,8 @@ class Engine:
             ahead, self.read_ahead = self.read_ahead, None
             ahead.close()
             self.stats.read_ahead_layers, self.stats.read_ahead_gib = ahead.layers, ahead.advised_bytes / 2**30
-        if self.run.grid.chosen:
-            self.stats.grid = self.run.grid.to_json()
         if self.side_run is not None:
+            self.stats.grid = self.run.grid.to_json()  # grid.py: what the side branches searched
             side, self.side_run = self.side_run, None
             try:
                 side.close()
