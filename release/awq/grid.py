@@ -143,14 +143,12 @@ def window_order(grid: list[GridPoint], centre: int, window: int, heard: list[fl
     if not _separate(grid):
         yield from range(len(grid))
         return
-    family = [i for i, p in enumerate(grid) if p[1] == grid[centre][1]]
-    at = family.index(centre)
-    lo, hi = max(0, at - window), min(len(family) - 1, at + window)
-    order = sorted([i for i in range(len(grid)) if grid[i][1] != grid[centre][1]] + family[lo : hi + 1])
+    family, lo, hi, order = _first_window(grid, centre, window)
     yield from order
     while True:
         if len(heard) != len(order):
-            yield from (i for i in range(len(grid)) if i not in set(order))
+            tried = set(order)
+            yield from (i for i in range(len(grid)) if i not in tried)
             return
         seen = dict(zip(order, heard))
         best = chosen_index([seen[i] for i in family[lo : hi + 1]])
@@ -167,12 +165,7 @@ def window_order(grid: list[GridPoint], centre: int, window: int, heard: list[fl
 
 def steps_widened(grid: list[GridPoint], centre: int, window: int, tried: int) -> int:
     """1 where a window search tried more points than its first window, else 0."""
-    if not _separate(grid):
-        return 0
-    family = [i for i, p in enumerate(grid) if p[1] == grid[centre][1]]
-    at = family.index(centre)
-    first = min(len(family) - 1, at + window) - max(0, at - window) + 1 + len(grid) - len(family)
-    return int(tried > first)
+    return int(_separate(grid) and tried > len(_first_window(grid, centre, window)[3]))
 
 
 def replay(searches: dict[str, dict[str, tuple[list[GridPoint], int, list[float]]]], window: int) -> dict[str, object]:
@@ -217,9 +210,24 @@ def _separate(grid: list[GridPoint]) -> bool:
     return changes <= 1
 
 
+def _family(grid: list[GridPoint], index: int) -> list[int]:
+    """The grid indices with the same duo-scaling flag as `index`, in grid order."""
+    return [i for i, p in enumerate(grid) if p[1] == grid[index][1]]
+
+
+def _first_window(grid: list[GridPoint], centre: int, window: int) -> tuple[list[int], int, int, list[int]]:
+    """The centre's family, the first window's bounds in it, and the points the window tries
+    first: the other families' and the family's within `window` steps of the centre, ascending."""
+    family = _family(grid, centre)
+    at = family.index(centre)
+    lo, hi = max(0, at - window), min(len(family) - 1, at + window)
+    others = [i for i in range(len(grid)) if grid[i][1] != grid[centre][1]]
+    return family, lo, hi, sorted(others + family[lo : hi + 1])
+
+
 def _distance(grid: list[GridPoint], centre: int | None, index: int) -> int | None:
     """Grid steps from `centre` to `index` within their family; None across families."""
     if centre is None or grid[index][1] != grid[centre][1]:
         return None
-    family = [i for i, p in enumerate(grid) if p[1] == grid[centre][1]]
+    family = _family(grid, centre)
     return family.index(index) - family.index(centre)

@@ -346,7 +346,7 @@ class SideRun:
         before = modifier.layer_state()
         lead()
         times = SideTimes(started=time.perf_counter())
-        grid = modifier.engine.run.grid if modifier.engine is not None else None
+        grid = modifier.engine.run.grid  # a modifier with side branches is bound to its run's engine
         smoothed = [_keep(getattr(m, p)) for m, p, _ in params]  # the propagating branch's: they go on
         after = modifier.layer_state()
         self.wait_for_ranks()  # every rank kept the propagating smoothing before any writes the originals
@@ -359,15 +359,13 @@ class SideRun:
                 modifier.restore_layer_state(before)
                 writes = Patches()
                 writes.hook("side_offload_write", write_onloaded)
-                if grid is not None:
-                    grid.branch = branch.name
+                grid.branch = branch.name
                 try:
                     with weight_scheme(modules, q.weights):
                         smooth()
                 finally:
                     writes.undo()
-                    if grid is not None:
-                        grid.branch = None
+                    grid.branch = None
                 if self.stores:
                     self.store_layer(branch, q, key, linears, raw, times)
                 self.wait_for_ranks()  # every rank smoothed, rank 0 read the layer: now it may be put back
