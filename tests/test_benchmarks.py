@@ -579,6 +579,26 @@ CITED = [
         lambda r: r["timed"]["side_grid"]["searched_points"],
         "{} of 120 (two widened)",
     ),
+    *[
+        (doc, f"2026-12-05-h200-side-grid-window-512/{f}", _one("timed", "layers", 0, "side_s"), "{:.2f}")
+        for doc in (DOCS, RESULTS.parent / "2026-12-05-h200-side-grid-window-512" / "README.md")
+        for f in ("call1-full.json", "call2-w2.json", "call3-w2b.json", "call3-full2.json")
+    ],
+    *[
+        (
+            RESULTS.parent / "2026-12-05-h200-side-grid-window-512" / "README.md",
+            f"2026-12-05-h200-side-grid-window-512/{f}",
+            lambda r: (r["timed"]["side_grid"]["searched_points"], r["timed"]["side_grid"]["widened"]),
+            "{0[0]} of 120 ({0[1]} widened)",
+        )
+        for f in ("call2-w2.json", "call3-w2b.json")
+    ],
+    (
+        RESULTS.parent / "2026-12-05-h200-side-grid-window-512" / "README.md",
+        "2026-12-05-h200-side-grid-window-512/call1-full.json",
+        lambda r: (w := r["timed"]["side_grid"]["if_windowed"]["2"], round(100 * w["loss_excess_max"], 2)),
+        "{0[0][same_choice]} of {0[0][searches]} choices equal to the\n  whole grid's, the others' loss {0[1]} % at most",
+    ),
     (
         RESULTS.parent / "2026-11-30-cpu-demo-single-pass" / "README.md",
         "2026-11-30-cpu-demo-single-pass/record.json",
