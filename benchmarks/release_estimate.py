@@ -306,6 +306,15 @@ def main() -> None:
         " from the cost of one more layer (repeatable: the first pair gives the sum, the others its spread)",
     )
     a = ap.parse_args()
+    for path in [a.record, *(p for pair in a.rest_records or [] for p in pair)]:
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(
+                f"Error: {path}: not a readable JSON record ({exc.__class__.__name__})\n"
+                "Hint: pass the --json file of benchmarks.profile_layer (--record) or of benchmarks.rehearsal"
+                " (--rest-records); paths are relative to the working directory"
+            ) from None
     record = json.loads(a.record.read_text())
     moe, dense = MoeLayer.from_record(record), MoeLayer.dense_from_record(record)
     for gpus, separate in [(g, False) for g in a.gpus or [1, 8]] + [(g, True) for g in a.gpus or [8]]:

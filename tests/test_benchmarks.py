@@ -794,6 +794,26 @@ def test_the_release_estimate_is_the_per_layer_arithmetic(tmp_path):
     )
 
 
+@pytest.mark.parametrize("which", ["record", "rest"])
+@pytest.mark.parametrize("bad", ["missing", "not json"])
+def test_the_release_estimate_refuses_a_record_it_cannot_read(tmp_path, monkeypatch, which, bad):
+    """A mistyped or damaged record path gets Error + Hint and a non-zero exit, not a traceback."""
+    from benchmarks import release_estimate as est
+
+    good = RESULTS.parent / "2026-12-03-h200-search-kernels" / "call3-pass-512.json"
+    broken = tmp_path / "record.json"
+    if bad == "not json":
+        broken.write_text("{ cut off")
+    args = ["--record", str(broken if which == "record" else good)]
+    if which == "rest":
+        args += ["--rest-records", str(good), str(broken)]
+    monkeypatch.setattr(sys, "argv", ["release_estimate", *args])
+    with pytest.raises(SystemExit) as exc:
+        est.main()
+    message = str(exc.value.code)
+    assert message.startswith(f"Error: {broken}: not a readable JSON record") and "\nHint: " in message
+
+
 def test_a_one_pass_record_gives_the_estimate_its_measured_dense_layer_and_side_branches():
     """A `profile_layer --one-pass` record of one dense and one MoE layer in a pass of three
     group sizes: the estimate takes both layers and the side branches' time from it (the pass's
