@@ -42,9 +42,11 @@ bench-scale: $(STAMP)
 	$(BIN)/python -m benchmarks.scale --preset tiny --samples 1,2 --seq 32 --work out/bench-scale
 	$(BIN)/python -m benchmarks.balance_quant --experts 16 --out 64 --in 512
 
-## test: run the test suite
+## test: run the test suite in two worker processes (pytest-xdist): one process leaves a core
+## idle much of the time (imports, Python-bound steps). tests/conftest.py makes idle OpenMP
+## threads sleep, so two workers' torch threads do not spin against each other.
 test: $(STAMP) git-lfs
-	$(BIN)/python -m pytest -q --durations=12
+	$(BIN)/python -m pytest -q -n 2 --durations=12
 
 ## vllm-env: vLLM (the release glmrel's serving rules are read from) in an environment of its own
 VLLM_VERSION := 0.33.0

@@ -16,6 +16,11 @@ from release.numerics import REPRODUCIBLE_CPU_ENV
 # Before anything imports torch: the demo's reproducible CPU numerics (release/numerics.py),
 # so the demo weights the tests build are the same bits on every x86 machine.
 os.environ.update(REPRODUCIBLE_CPU_ENV)
+# `make test` runs two workers (pytest-xdist) on CI's two cores. OpenMP's threads spin while
+# they wait, so two processes' torch threads on two cores spin against each other: measured
+# here, one small build took 31 s alone and 181 s beside another; with idle threads sleeping,
+# 42 s for the two together. The wait policy changes no result, only what an idle thread does.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
