@@ -26,6 +26,11 @@ config made by `benchmarks.synthetic`, twice in this process's children:
       --one-pass --json out/pass.json
   python -m benchmarks.release_estimate --record out/pass.json
 
+`--profile-calibrating K` narrows the profiled run to subgraph K's calibration pass (1-based, as
+llm-compressor's progress bar counts them; with `--layers 1 --dense 0` the MoE layer's is 2): the
+profiler starts at its first batch and stops after its last, the GPU synchronized, so the kernels'
+sum against that window's wall is how busy the GPU was in it.
+
 `--h2d-samples N` adds a run that counts the host-to-device copies from unpinned memory by the
 line that made them (`H2DSources`).
 
@@ -136,6 +141,51 @@ class PassClock:
         self.module._get_batches = self.stock
 
 
+class CalibratingWindow:
+    """torch.profiler over one subgraph's calibration pass only: wraps llm-compressor's batch
+    iterator as `PassClock` does and runs the profiler from the pass's first batch to the end of
+    its last (the GPU synchronized at both ends)."""
+
+    def __init__(self, subgraph: int) -> None:
+        self.prefix = f"({subgraph}/"
+        self.prof: Any = None
+        self.wall_s = 0.0
+
+    def __enter__(self) -> CalibratingWindow:
+        from llmcompressor.pipelines.sequential import pipeline
+
+        self.module, self.stock = pipeline, pipeline._get_batches
+        window = self
+
+        def profiled(*args: Any, **kwargs: Any) -> Any:
+            import torch
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            desc = args[3] if len(args) > 3 else kwargs.get("desc", "")
+            if window.prof is not None or not (desc.startswith(window.prefix) and "Calibrating" in desc):
+                yield from window.stock(*args, **kwargs)
+                return
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.synchronize()
+            activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+            window.prof = torch_profile(activities=activities)
+            window.prof.start()
+            t = time.perf_counter()
+            yield from window.stock(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            window.wall_s = time.perf_counter() - t
+            window.prof.stop()
+
+        pipeline._get_batches = profiled
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.module._get_batches = self.stock
+
+
 class H2DSources:
     """Where the host-to-device copies from unpinned (pageable) memory come from: wraps
     `Tensor.to`, `Tensor.cuda` and `Tensor.copy_` while a calibration runs and counts, per call
@@ -203,6 +253,7 @@ def run(
     scales: Path | None = None,
     h2d: bool = False,
     one_pass: bool = False,
+    calibrating: int = 0,
 ) -> dict[str, Any]:
     """One calibration of the config's first branch in this process (with `scales`, every
     chosen scale vector saved there as a dict of tensors); `one_pass`: the config's other
@@ -252,7 +303,15 @@ def run(
         "pass": [branch.name, *(b.name for b in side)],  # the first propagates; the others are side branches
     }
     t0 = time.perf_counter()
-    if profile:
+    if profile and calibrating:
+        with CalibratingWindow(calibrating) as window:
+            result = calibrate(job, echo, options)
+        if window.prof is None:
+            raise SystemExit(f"no calibration pass of subgraph {calibrating} ran")
+        out["window"] = f"subgraph {calibrating}'s calibration pass"
+        out.update(profile_figures(window.prof, window.wall_s, tables))
+        layers = [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in result.stats.layers]
+    elif profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
@@ -381,6 +440,13 @@ def main() -> None:
         default=0,
         help="a run at N samples counting pageable host-to-device copies by call site",
     )
+    ap.add_argument(
+        "--profile-calibrating",
+        type=int,
+        default=0,
+        metavar="K",
+        help="profile only subgraph K's calibration pass (1-based)",
+    )
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--tables", type=Path, default=None, help="torch.profiler's own tables, as text")
@@ -407,6 +473,7 @@ def main() -> None:
             a.scales if mode == "timed" else None,
             mode == "h2d",
             a.one_pass,
+            a.profile_calibrating,
         )
         print("RECORD " + json.dumps(record), flush=True)
         return
@@ -430,6 +497,8 @@ def main() -> None:
             cmd += ["--scales", str(a.scales)]
         if a.one_pass:
             cmd += ["--one-pass"]
+        if a.profile_calibrating and mode == "profile":
+            cmd += ["--profile-calibrating", str(a.profile_calibrating)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RECORD ")]
         if proc.returncode != 0 or not lines:

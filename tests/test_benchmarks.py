@@ -1064,6 +1064,32 @@ def test_h2d_sources_counts_unpinned_copies_by_call_site_and_restores_torch():
     assert (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_) == originals
 
 
+def test_the_calibrating_window_profiles_one_pass_only(monkeypatch):
+    """profile_layer --profile-calibrating K: the profiler runs over subgraph K's calibration
+    pass, from its first batch to its last, and over nothing else; the pipeline's iterator is
+    restored after."""
+    import torch
+    from llmcompressor.pipelines.sequential import pipeline
+
+    from benchmarks.profile_layer import CalibratingWindow, profile_figures
+
+    def batches(model, loader, names, desc):
+        for i in range(3):
+            yield i, torch.ones(64, 64) @ torch.ones(64, 64) + (i if "Calibrating" in desc else 0)
+
+    monkeypatch.setattr(pipeline, "_get_batches", batches)
+    with CalibratingWindow(2) as window:
+        assert list(pipeline._get_batches(None, None, None, "(1/2): Calibrating"))
+        assert window.prof is None, "another subgraph's pass is not profiled"
+        list(pipeline._get_batches(None, None, None, "(2/2): Propagating"))
+        assert window.prof is None, "nor its propagation"
+        assert len(list(pipeline._get_batches(None, None, None, "(2/2): Calibrating"))) == 3
+    assert pipeline._get_batches is batches
+    assert window.prof is not None and window.wall_s > 0
+    figures = profile_figures(window.prof, window.wall_s, None)
+    assert any(row["name"] == "aten::mm" and row["calls"] == 3 for row in figures["top_ops_by_calls"]), figures
+
+
 def test_search_forward_times_each_parent_on_the_tiny_preset(tmp_path):
     """benchmarks.search_forward on the CPU at the tiny preset: every parent timed and projected,
     the grid points' forwards equal to the reference (the weights do not change there, so a
