@@ -29,7 +29,9 @@ config made by `benchmarks.synthetic`, twice in this process's children:
 `--profile-calibrating K` narrows the profiled run to subgraph K's calibration pass (1-based, as
 llm-compressor's progress bar counts them; with `--layers 1 --dense 0` the MoE layer's is 2): the
 profiler starts at its first batch and stops after its last, the GPU synchronized, so the kernels'
-sum against that window's wall is how busy the GPU was in it.
+sum against that window's wall is how busy the GPU was in it. `--stacks` adds, for that window,
+the operators by the Python lines that called them (`by_stack`: which line made a copy or waited
+on the GPU).
 
 `--h2d-samples N` adds a run that counts the host-to-device copies from unpinned memory by the
 line that made them (`H2DSources`).
@@ -146,8 +148,9 @@ class CalibratingWindow:
     iterator as `PassClock` does and runs the profiler from the pass's first batch to the end of
     its last (the GPU synchronized at both ends)."""
 
-    def __init__(self, subgraph: int) -> None:
+    def __init__(self, subgraph: int, stacks: bool = False) -> None:
         self.prefix = f"({subgraph}/"
+        self.stacks = stacks
         self.prof: Any = None
         self.wall_s = 0.0
 
@@ -170,7 +173,7 @@ class CalibratingWindow:
             if cuda:
                 torch.cuda.synchronize()
             activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-            window.prof = torch_profile(activities=activities)
+            window.prof = torch_profile(activities=activities, with_stack=window.stacks)
             window.prof.start()
             t = time.perf_counter()
             yield from window.stock(*args, **kwargs)
@@ -254,6 +257,7 @@ def run(
     h2d: bool = False,
     one_pass: bool = False,
     calibrating: int = 0,
+    stacks: bool = False,
 ) -> dict[str, Any]:
     """One calibration of the config's first branch in this process (with `scales`, every
     chosen scale vector saved there as a dict of tensors); `one_pass`: the config's other
@@ -304,12 +308,12 @@ def run(
     }
     t0 = time.perf_counter()
     if profile and calibrating:
-        with CalibratingWindow(calibrating) as window:
+        with CalibratingWindow(calibrating, stacks) as window:
             result = calibrate(job, echo, options)
         if window.prof is None:
             raise SystemExit(f"no calibration pass of subgraph {calibrating} ran")
         out["window"] = f"subgraph {calibrating}'s calibration pass"
-        out.update(profile_figures(window.prof, window.wall_s, tables))
+        out.update(profile_figures(window.prof, window.wall_s, tables, stacks))
         layers = [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in result.stats.layers]
     elif profile:
         from torch.profiler import ProfilerActivity
@@ -362,8 +366,53 @@ def run(
     return out
 
 
-def profile_figures(prof: Any, wall_s: float, tables: Path | None) -> dict[str, Any]:
-    """The profile's totals and top entries (and, with `tables`, torch's own tables as text)."""
+def by_stack(prof: Any, n: int = 30, depth: int = 6) -> dict[str, list[dict[str, Any]]]:
+    """The operators by the Python functions that called them (a profile taken `with_stack`):
+    the top `n` by their own GPU time and by their own host time (a synchronization's wait is
+    host time), each with the nearest operator above it and its first `depth` callers outside
+    torch, innermost first (the profiler names a function by the line it starts on)."""
+    import re
+
+    python = re.compile(r"\.py\(\d+\): ")
+    groups: dict[tuple[str, ...], dict[str, Any]] = {}
+    for e in prof.events():
+        if e.device_type.name != "CPU" or python.search(e.name) or e.name.startswith("<built-in"):
+            continue
+        stack: list[str] = []
+        parent = e.cpu_parent
+        while parent is not None and len(stack) < depth:
+            name = parent.name
+            if python.search(name):
+                if "torch/" not in name and "<frozen" not in name:
+                    stack.append(name)
+            elif not stack:  # the operator that called it, if before any Python function
+                stack.append(f"op {name}")
+            parent = parent.cpu_parent
+        key = (e.name, *stack)
+        g = groups.setdefault(key, {"op": e.name, "calls": 0, "gpu_us": 0.0, "cpu_us": 0.0, "stack": stack})
+        g["calls"] += 1
+        g["gpu_us"] += e.self_device_time_total
+        g["cpu_us"] += e.self_cpu_time_total
+
+    def rows(field: str) -> list[dict[str, Any]]:
+        top = sorted(groups.values(), key=lambda g: -g[field])[:n]
+        return [
+            {
+                "op": g["op"],
+                "calls": g["calls"],
+                "gpu_s": round(g["gpu_us"] / 1e6, 3),
+                "cpu_s": round(g["cpu_us"] / 1e6, 3),
+                "stack": g["stack"],
+            }
+            for g in top
+        ]
+
+    return {"by_gpu": rows("gpu_us"), "by_cpu": rows("cpu_us")}
+
+
+def profile_figures(prof: Any, wall_s: float, tables: Path | None, stacks: bool = False) -> dict[str, Any]:
+    """The profile's totals and top entries (and, with `tables`, torch's own tables as text);
+    `stacks` (a profile taken `with_stack`): the operators by the lines that called them."""
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type.name == "CUDA"]
     kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6
@@ -387,7 +436,8 @@ def profile_figures(prof: Any, wall_s: float, tables: Path | None) -> dict[str, 
             events.table(sort_by="self_cpu_time_total", row_limit=40),
         ]
         tables.write_text("\n".join(text))
-    return {
+    figures: dict[str, Any] = {"by_stack": by_stack(prof)} if stacks else {}
+    return figures | {
         "profiled_wall_s": round(wall_s, 1),
         "kernel_s": round(kernel_s, 2),
         "kernel_share_of_wall": round(kernel_s / wall_s, 3),
@@ -447,6 +497,11 @@ def main() -> None:
         metavar="K",
         help="profile only subgraph K's calibration pass (1-based)",
     )
+    ap.add_argument(
+        "--stacks",
+        action="store_true",
+        help="with --profile-calibrating: the operators by the Python lines that called them (slower)",
+    )
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--tables", type=Path, default=None, help="torch.profiler's own tables, as text")
@@ -474,6 +529,7 @@ def main() -> None:
             mode == "h2d",
             a.one_pass,
             a.profile_calibrating,
+            a.stacks,
         )
         print("RECORD " + json.dumps(record), flush=True)
         return
@@ -498,7 +554,7 @@ def main() -> None:
         if a.one_pass:
             cmd += ["--one-pass"]
         if a.profile_calibrating and mode == "profile":
-            cmd += ["--profile-calibrating", str(a.profile_calibrating)]
+            cmd += ["--profile-calibrating", str(a.profile_calibrating)] + (["--stacks"] if a.stacks else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RECORD ")]
         if proc.returncode != 0 or not lines:

@@ -1088,6 +1088,14 @@ def test_the_calibrating_window_profiles_one_pass_only(monkeypatch):
     assert window.prof is not None and window.wall_s > 0
     figures = profile_figures(window.prof, window.wall_s, None)
     assert any(row["name"] == "aten::mm" and row["calls"] == 3 for row in figures["top_ops_by_calls"]), figures
+    assert "by_stack" not in figures
+
+    # --stacks: the same window's operators by the line that called them (here, `batches` above)
+    with CalibratingWindow(2, stacks=True) as window:
+        list(pipeline._get_batches(None, None, None, "(2/2): Calibrating"))
+    rows = profile_figures(window.prof, window.wall_s, None, stacks=True)["by_stack"]["by_cpu"]
+    mm = [r for r in rows if r["op"] == "aten::mm"]  # (a generator's first call and later ones may differ)
+    assert sum(r["calls"] for r in mm if any(": batches" in f for f in r["stack"])) == 3, rows
 
 
 def test_search_forward_times_each_parent_on_the_tiny_preset(tmp_path):

@@ -14,9 +14,10 @@ them. The same additions of the same fp32 values in the same order (IEEE additio
 alike on either side), so AWQ sees the same statistics, bit for bit.
 
 Both hooks carry `over_experts` (all_experts.py's batched hooks): the sums of a chunk of experts
-as one reduction over [n, tokens, in], added with one `_foreach_add_`; the Gram matrices of the
-experts' down_proj inputs as one batched product. The reduction over the stacked inputs may round
-a sum's last bit otherwise than the expert's own reduction.
+as one reduction over [n, tokens, in] (an fp32 1-norm of the bf16 input, read once), added with
+one `_foreach_add_`; the Gram matrices of the experts' down_proj inputs as one batched product.
+The reduction over the stacked inputs may round a sum's last bit otherwise than the expert's own
+reduction.
 """
 
 from __future__ import annotations
@@ -64,10 +65,12 @@ def register_calibration_hooks(modifier: Any) -> None:
             for i, (module, hook) in enumerate(pairs):
                 hook(module, (inputs[i],), None if outputs is None else outputs[i])
             return
+        # the sums of |x| in fp32 as one reduction that reads the bf16 input once (abs, then an
+        # fp32 copy, then the sum, took three passes over [n, tokens, in])
         if inputs.stride(0) == 0:  # every expert's input is the same tensor: one sum
-            sums = [inputs[0].abs().float().sum(dim=0)] * len(pairs)
+            sums = [torch.linalg.vector_norm(inputs[0], 1, dim=0, dtype=torch.float32)] * len(pairs)
         else:
-            sums = list(inputs.abs().float().sum(dim=1).unbind(0))
+            sums = list(torch.linalg.vector_norm(inputs, 1, dim=1, dtype=torch.float32).unbind(0))
         rows = inputs.shape[1]
         for name, new_sum in zip(names, sums):
             if name not in stats:

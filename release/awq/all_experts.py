@@ -216,20 +216,20 @@ def all_experts_forward(
     # top-k gives each token k distinct experts, so the chunks write every (token, slot) once
     routed = torch.empty(n_tok, k, hid, dtype=final.dtype, device=hidden.device)
     inter = down_w.shape[-1]
-    per_expert = n_tok * (5 * inter + hid) * hidden.element_size()  # gate_up twice (product, per expert), act, down
+    per_expert = n_tok * (5 * inter + hid) * hidden.element_size()  # gate_up (and torch's gate's copy), act, down
     chunk = max(1, CHUNK_BYTES // per_expert)
     args = (hidden,)
     use_plan = batched_hooks and _hooks_enabled()
     for first in range(0, n_exp, chunk):
         last = min(n_exp, first + chunk)
-        # one product of every token with the chunk's gate and up rows, then per expert
+        # one product of every token with the chunk's gate and up rows, read per expert as a
+        # strided [E, tokens, 2 x inter] view (the gate kernel reads it so; no copy)
         gate_up = (
             torch.mm(hidden, gate_up_w[first:last].reshape(-1, hid).T)
             .view(n_tok, last - first, 2 * inter)
             .transpose(0, 1)
-            .contiguous()
         )
-        act = kernels.gate(experts, gate_up)
+        act = kernels.gate(experts, gate_up).contiguous()  # [E, tokens, inter] (torch's gate may keep the view's order)
         plan = _hook_plan(experts, first, last) if use_plan else None
         # the chunk's routed rows: (expert, slot, token), by expert
         rows = where[starts[first] : starts[last]]

@@ -121,12 +121,13 @@ def _gate_kernel() -> Any:
     from triton.language.extra import libdevice
 
     @triton.jit
-    def silu_and_mul_kernel(x_ptr, out_ptr, inter, row_stride, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+    def silu_and_mul_kernel(x_ptr, out_ptr, inter, rows_inner, outer_stride, inner_stride, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # the output's row: (outer, inner) of the input's two row axes
+        start = (row // rows_inner) * outer_stride + (row % rows_inner) * inner_stride
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < inter
-        gate = tl.load(x_ptr + row * row_stride + cols, mask=inside, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + row * row_stride + inter + cols, mask=inside, other=0.0)
+        gate = tl.load(x_ptr + start + cols, mask=inside, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + start + inter + cols, mask=inside, other=0.0)
         act = tl.math.div_rn(gate, 1.0 + libdevice.exp(-gate)).to(up.dtype)
         tl.store(out_ptr + row * inter + cols, (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype), mask=inside)
 
@@ -134,15 +135,22 @@ def _gate_kernel() -> Any:
 
 
 def silu_and_mul_fused(gate_up: Any, block: int = 1024) -> Any:
-    """silu(gate) * up of `gate_up` [..., 2 x inter] (rows with a unit last stride), as one kernel."""
+    """silu(gate) * up of `gate_up` [..., 2 x inter] (a unit last stride), as one kernel, into a
+    new contiguous tensor. Two leading axes are read through their strides, so the experts'
+    [E, tokens, 2 x inter] view of one [tokens, E x 2 x inter] product needs no copy first."""
     import triton
 
     two_inter = gate_up.shape[-1]
-    rows = gate_up.reshape(-1, two_inter)  # a view where the leading axes allow it
+    if gate_up.dim() == 3 and gate_up.stride(2) == 1:
+        rows = gate_up
+        inner, outer_stride, inner_stride = gate_up.shape[1], gate_up.stride(0), gate_up.stride(1)
+    else:
+        rows = gate_up.reshape(-1, two_inter)  # a view where the leading axes allow it
+        inner, outer_stride, inner_stride = max(1, rows.shape[0]), 0, rows.stride(0)
     out = gate_up.new_empty(*gate_up.shape[:-1], two_inter // 2)
-    if rows.shape[0]:
-        grid = (rows.shape[0], triton.cdiv(two_inter // 2, block))
-        _gate_kernel()[grid](rows, out, two_inter // 2, rows.stride(0), BLOCK=block)
+    if out.numel():
+        grid = (out.numel() // (two_inter // 2), triton.cdiv(two_inter // 2, block))
+        _gate_kernel()[grid](rows, out, two_inter // 2, inner, outer_stride, inner_stride, BLOCK=block)
     return out
 
 
@@ -174,10 +182,15 @@ def gate_kernel_works(like: Any) -> bool:
         gate, up = x.chunk(2, dim=-1)
         ref = torch.nn.functional.silu(gate) * up
         fused = silu_and_mul_fused(x)
+        # the experts' layout: [tokens, E x 2 x inter] read as [E, tokens, 2 x inter]
+        by_expert = x.view(67, 2, 1100).transpose(0, 1)
+        g, u = by_expert.chunk(2, dim=-1)
+        ref_by_expert = torch.nn.functional.silu(g) * u
+        fused_by_expert = silu_and_mul_fused(by_expert)
         torch.cuda.synchronize(like.device)
     except Exception:  # a Triton or driver that cannot build it: torch's ops instead
         return False
-    return bool(torch.equal(fused, ref))
+    return bool(torch.equal(fused, ref) and torch.equal(fused_by_expert, ref_by_expert))
 
 
 @dataclass(frozen=True)
