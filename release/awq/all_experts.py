@@ -204,9 +204,12 @@ def all_experts_forward(
     # stock's routing: per expert, torch.where over its [k, tokens] mask, row-major; all experts
     # at once is the same (expert, slot, token) order, with one synchronization
     mask = torch.nn.functional.one_hot(top_k_index, n_exp).permute(2, 1, 0)
-    where = mask.nonzero()
-    counts = torch.bincount(where[:, 0], minlength=n_exp).tolist()
+    # one row per (token, slot): its size is known, so no synchronization to learn it
+    where = torch.nonzero_static(mask, size=top_k_index.numel())
+    by_expert = torch.bincount(where[:, 0], minlength=n_exp)
+    counts = by_expert.tolist()  # the call's one synchronization
     starts = [0, *itertools.accumulate(counts)]  # each expert's first row in `where`
+    ends = by_expert.cumsum(0).to(torch.int32)  # the same on the device, for the grouped product's offsets
     # each (token, slot)'s place among the token's experts in ascending order: the loop adds a
     # token's expert outputs in that order
     k = top_k_index.shape[1]
@@ -236,7 +239,7 @@ def all_experts_forward(
         experts_of, slots, tokens = rows[:, 0] - first, rows[:, 1], rows[:, 2]
         if plan is not None and grouped and not _reads_outputs(plan):
             down = None
-            offs = torch.tensor(starts[first + 1 : last + 1], dtype=torch.int32, device=hidden.device) - starts[first]
+            offs = ends[first:last] - starts[first]  # (no copy from host memory: that would synchronize)
             picked = act.view(-1, inter)[experts_of * n_tok + tokens]
             if picked.shape[0]:
                 routed_out = torch._grouped_mm(picked, down_w[first:last].transpose(1, 2), offs=offs)
