@@ -68,21 +68,6 @@ def deduplicate_batch(cache: Any, batch_index: int) -> tuple[int, int]:
     return values, saved
 
 
-def _stacked_grams(caches: list[Any]) -> Any:
-    """The [n, in, in] tensor whose matrices are the caches' Gram sums in order (each a view of
-    it, as the batched hooks' first product leaves them), or None."""
-    first = caches[0].gram
-    base = getattr(first, "_base", None)
-    if base is None or base.dim() != 3 or base.shape[0] != len(caches) or not base.is_contiguous():
-        return None
-    size = first.numel()
-    for i, c in enumerate(caches):
-        g = c.gram
-        if g is None or g._base is not base or g.storage_offset() != base.storage_offset() + i * size:
-            return None
-    return base
-
-
 def _give_back(ledger: Ledger, held: list[int]) -> None:
     ledger.used -= held[0]
 
@@ -434,31 +419,12 @@ def cache_classes() -> tuple[Any, Any, Any]:
             """`append` for each cache of `caches` with its input `inputs[i]` ([n, tokens, in]),
             the Gram matrices as one batched product (all_experts.py's batched hooks)."""
             _no_loss_masks()
-            stacked = _stacked_grams(caches)
-            if stacked is not None and inputs.is_cuda and caches[0].engine.gram_accumulate is not False:
-                # the product added into the stacked sums by the GEMM itself (C = X^T X + C, fp32):
-                # no [n, in, in] temporary written, read back and added
-                engine = caches[0].engine
-                accumulated = True
-                try:
-                    torch.baddbmm(stacked, inputs.transpose(1, 2), inputs, out_dtype=torch.float32, out=stacked)
-                except (TypeError, RuntimeError, NotImplementedError):  # a torch without it: the sum below
-                    accumulated = False
-                engine.gram_accumulate = accumulated
-                engine.stats.gpu_kernels.setdefault(str(inputs.device), {})["gram_accumulate"] = accumulated
-                if accumulated:
-                    for c in caches:
-                        c._count(inputs.shape[1])
-                    return
             grams = gram_matrices(inputs)
-            if all(c.gram is None for c in caches):  # the first: each cache's sum a view of one stack
-                for c, g in zip(caches, grams.unbind(0)):
-                    c._first(g)
-            else:
-                adding = [(c, g) for c, g in zip(caches, grams.unbind(0)) if c.gram is not None]
-                for c, g in zip(caches, grams.unbind(0)):
-                    if c.gram is None:
-                        c._first(g.clone())
+            adding = [(c, g) for c, g in zip(caches, grams.unbind(0)) if c.gram is not None]
+            for c, g in zip(caches, grams.unbind(0)):
+                if c.gram is None:
+                    c._first(g.clone())
+            if adding:
                 torch._foreach_add_([c.gram for c, _ in adding], [g for _, g in adding])
             for c in caches:
                 c._count(inputs.shape[1])
