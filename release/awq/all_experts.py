@@ -205,7 +205,10 @@ def all_experts_forward(
     # at once is the same (expert, slot, token) order, with one synchronization
     mask = torch.nn.functional.one_hot(top_k_index, n_exp).permute(2, 1, 0)
     # one row per (token, slot): its size is known, so no synchronization to learn it
-    where = torch.nonzero_static(mask, size=top_k_index.numel())
+    try:
+        where = torch.nonzero_static(mask, size=top_k_index.numel())
+    except (NotImplementedError, RuntimeError):  # a device without it: the same rows, one more synchronization
+        where = mask.nonzero()
     by_expert = torch.bincount(where[:, 0], minlength=n_exp)
     counts = by_expert.tolist()  # the call's one synchronization
     starts = [0, *itertools.accumulate(counts)]  # each expert's first row in `where`
