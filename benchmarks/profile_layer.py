@@ -30,8 +30,9 @@ config made by `benchmarks.synthetic`, twice in this process's children:
 llm-compressor's progress bar counts them; with `--layers 1 --dense 0` the MoE layer's is 2): the
 profiler starts at its first batch and stops after its last, the GPU synchronized, so the kernels'
 sum against that window's wall is how busy the GPU was in it. `--stacks` adds, for that window,
-the operators by the Python lines that called them (`by_stack`: which line made a copy or waited
-on the GPU).
+the operators grouped by their calling operator and Python functions (`by_stack`: what made a
+copy or waited on the GPU). Where the profiler records no Python frames (the H100's torch 2.11
+in session 32's record) only the calling operator is named.
 
 `--h2d-samples N` adds a run that counts the host-to-device copies from unpinned memory by the
 line that made them (`H2DSources`).
@@ -500,7 +501,7 @@ def main() -> None:
     ap.add_argument(
         "--stacks",
         action="store_true",
-        help="with --profile-calibrating: the operators by the Python lines that called them (slower)",
+        help="with --profile-calibrating: the operators by their callers (slower)",
     )
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)

@@ -599,6 +599,26 @@ CITED = [
         lambda r: (w := r["timed"]["side_grid"]["if_windowed"]["2"], round(100 * w["loss_excess_max"], 2)),
         "{0[0][same_choice]} of {0[0][searches]} choices equal to the\n  whole grid's, the others' loss {0[1]} % at most",
     ),
+    *[
+        (doc, f"2026-12-06-profile-calibration-pass/{f}", _moe_calibration_s, "{:.2f} s")
+        for doc in (DOCS, RESULTS.parent / "2026-12-06-profile-calibration-pass" / "README.md")
+        for f in ("call1/base.json", "call2/base-512.json", "call2/new-512.json")
+    ],
+    *[
+        (
+            RESULTS.parent / "2026-12-06-profile-calibration-pass" / "README.md",
+            f"2026-12-06-profile-calibration-pass/{f}",
+            get,
+            fmt,
+        )
+        for f, get, fmt in (
+            ("call1/base.json", _one("profile", "profiled_wall_s"), "wall {} s"),
+            ("call1/base.json", _one("profile", "kernel_s"), "GPU kernels {} s"),
+            ("call1/base.json", _one("timed", "oneshot_s"), "oneshot {} s"),
+            ("call2/base-512.json", _one("timed", "oneshot_s"), "| oneshot | {} s"),
+            ("call2/new-512.json", _one("timed", "oneshot_s"), "| {} s |"),
+        )
+    ],
     (
         RESULTS.parent / "2026-11-30-cpu-demo-single-pass" / "README.md",
         "2026-11-30-cpu-demo-single-pass/record.json",
