@@ -44,9 +44,10 @@ bench-scale: $(STAMP)
 
 ## test: run the test suite in two worker processes (pytest-xdist): one process leaves a core
 ## idle much of the time (imports, Python-bound steps). tests/conftest.py makes idle OpenMP
-## threads sleep, so two workers' torch threads do not spin against each other.
+## threads sleep, so two workers' torch threads do not spin against each other. A file's tests
+## go to one worker (--dist loadfile), so a module's fixture is built once, not on both.
 test: $(STAMP) git-lfs
-	$(BIN)/python -m pytest -q -n 2 --durations=12
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12
 
 ## vllm-env: vLLM (the release glmrel's serving rules are read from) in an environment of its own
 VLLM_VERSION := 0.33.0
