@@ -368,10 +368,11 @@ def run(
 
 
 def by_stack(prof: Any, n: int = 30, depth: int = 6) -> dict[str, list[dict[str, Any]]]:
-    """The operators by the Python functions that called them (a profile taken `with_stack`):
-    the top `n` by their own GPU time and by their own host time (a synchronization's wait is
-    host time), each with the nearest operator above it and its first `depth` callers outside
-    torch, innermost first (the profiler names a function by the line it starts on)."""
+    """The operators by their callers (a profile taken `with_stack`): the top `n` by their own
+    GPU time and by their own host time (a synchronization's wait is host time), each with its
+    first `depth` callers outside torch, innermost first: the operator that called it (where one
+    did before any Python function), then Python functions (the profiler names a function by
+    the line it starts on)."""
     import re
 
     python = re.compile(r"\.py\(\d+\): ")
@@ -413,7 +414,7 @@ def by_stack(prof: Any, n: int = 30, depth: int = 6) -> dict[str, list[dict[str,
 
 def profile_figures(prof: Any, wall_s: float, tables: Path | None, stacks: bool = False) -> dict[str, Any]:
     """The profile's totals and top entries (and, with `tables`, torch's own tables as text);
-    `stacks` (a profile taken `with_stack`): the operators by the lines that called them."""
+    `stacks` (a profile taken `with_stack`): the operators by their callers (`by_stack`)."""
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type.name == "CUDA"]
     kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6

@@ -1110,7 +1110,7 @@ def test_the_calibrating_window_profiles_one_pass_only(monkeypatch):
     assert any(row["name"] == "aten::mm" and row["calls"] == 3 for row in figures["top_ops_by_calls"]), figures
     assert "by_stack" not in figures
 
-    # --stacks: the same window's operators by the line that called them (here, `batches` above)
+    # --stacks: the same window's operators by their callers (here, the function `batches` above)
     with CalibratingWindow(2, stacks=True) as window:
         list(pipeline._get_batches(None, None, None, "(2/2): Calibrating"))
     rows = profile_figures(window.prof, window.wall_s, None, stacks=True)["by_stack"]["by_cpu"]
