@@ -37,6 +37,10 @@ in session 32's record) only the calling operator is named.
 `--h2d-samples N` adds a run that counts the host-to-device copies from unpinned memory by the
 line that made them (`H2DSources`).
 
+`--sync-samples N` adds a run that counts, by Python call site, the calls that made the host
+wait for the GPU in subgraph K's calibration pass (`--profile-calibrating K`, 2 where not given;
+torch's sync debug mode, `SyncSites`).
+
 `--awq KEY=VALUE` sets an `awq:` option for both runs (e.g. `fused_gpu_experts=false`, the
 experts' per-expert loop); `--scales FILE` saves the timed run's chosen scales, and `--compare A B`
 prints two such files' agreement per kind of mapping.
@@ -190,6 +194,72 @@ class CalibratingWindow:
         self.module._get_batches = self.stock
 
 
+class SyncSites:
+    """Where the host waits for the GPU in one subgraph's calibration pass: torch's sync debug
+    mode (`torch.cuda.set_sync_debug_mode("warn")`) on from that pass's first batch to its last,
+    each synchronizing call counted by its Python call site (the first frames outside torch).
+    A wait leaves the GPU idle until the host has issued the next kernels."""
+
+    def __init__(self, subgraph: int) -> None:
+        self.prefix = f"({subgraph}/"
+        self.sites: dict[str, int] = {}
+        self.ran = False
+
+    def _note(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        import traceback
+
+        if "synchroniz" not in str(message):
+            return self.show(message, *args, **kwargs)
+        frames = [
+            f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename
+        ]
+        site = " < ".join(
+            f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in reversed(frames[-3:])
+        )
+        self.sites[site] = self.sites.get(site, 0) + 1
+        return None
+
+    def __enter__(self) -> SyncSites:
+        import warnings
+
+        from llmcompressor.pipelines.sequential import pipeline
+
+        self.module, self.stock, self.show = pipeline, pipeline._get_batches, warnings.showwarning
+        window = self
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            import torch
+
+            desc = args[3] if len(args) > 3 else kwargs.get("desc", "")
+            if window.ran or not (desc.startswith(window.prefix) and "Calibrating" in desc):
+                yield from window.stock(*args, **kwargs)
+                return
+            window.ran = True
+            if not torch.cuda.is_available():  # nothing to wait for
+                yield from window.stock(*args, **kwargs)
+                return
+            filters = warnings.filters[:]
+            warnings.simplefilter("always")
+            warnings.showwarning = window._note
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield from window.stock(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                warnings.showwarning = window.show
+                warnings.filters[:] = filters
+
+        pipeline._get_batches = watched
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.module._get_batches = self.stock
+
+    def top(self, n: int = 20) -> list[dict[str, Any]]:
+        rows = sorted(self.sites.items(), key=lambda kv: -kv[1])[:n]
+        return [{"site": k, "waits": v} for k, v in rows]
+
+
 class H2DSources:
     """Where the host-to-device copies from unpinned (pageable) memory come from: wraps
     `Tensor.to`, `Tensor.cuda` and `Tensor.copy_` while a calibration runs and counts, per call
@@ -259,6 +329,7 @@ def run(
     one_pass: bool = False,
     calibrating: int = 0,
     stacks: bool = False,
+    syncs: bool = False,
 ) -> dict[str, Any]:
     """One calibration of the config's first branch in this process (with `scales`, every
     chosen scale vector saved there as a dict of tensors); `one_pass`: the config's other
@@ -325,6 +396,13 @@ def run(
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         out.update(profile_figures(prof, time.perf_counter() - t0, tables))
+        layers = [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in result.stats.layers]
+    elif syncs:
+        with SyncSites(calibrating or 2) as sites:
+            result = calibrate(job, echo, options)
+        out["window"] = f"subgraph {calibrating or 2}'s calibration pass"
+        out["sync_sites"] = sites.top()
+        out["syncs_total"] = sum(sites.sites.values())
         layers = [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in result.stats.layers]
     elif h2d:
         with H2DSources() as sources:
@@ -504,6 +582,13 @@ def main() -> None:
         action="store_true",
         help="with --profile-calibrating: the operators by their callers (slower)",
     )
+    ap.add_argument(
+        "--sync-samples",
+        type=int,
+        default=0,
+        help="a run at N samples counting the host's waits for the GPU by call site, in subgraph "
+        "--profile-calibrating's calibration pass (2 where not given)",
+    )
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--tables", type=Path, default=None, help="torch.profiler's own tables, as text")
@@ -532,13 +617,15 @@ def main() -> None:
             a.one_pass,
             a.profile_calibrating,
             a.stacks,
+            mode == "syncs",
         )
         print("RECORD " + json.dumps(record), flush=True)
         return
     if a.config is None:
         ap.error("--config is required")
     records = {}
-    for mode, n in (("h2d", a.h2d_samples), ("profile", a.profile_samples), ("timed", a.samples)):  # short first
+    runs = (("syncs", a.sync_samples), ("h2d", a.h2d_samples), ("profile", a.profile_samples), ("timed", a.samples))
+    for mode, n in runs:  # short first
         if not n:
             continue
         cmd = [
@@ -555,6 +642,8 @@ def main() -> None:
             cmd += ["--scales", str(a.scales)]
         if a.one_pass:
             cmd += ["--one-pass"]
+        if a.profile_calibrating and mode == "syncs":
+            cmd += ["--profile-calibrating", str(a.profile_calibrating)]
         if a.profile_calibrating and mode == "profile":
             cmd += ["--profile-calibrating", str(a.profile_calibrating)] + (["--stacks"] if a.stacks else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)

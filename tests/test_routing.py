@@ -76,3 +76,16 @@ def test_a_reuse_that_would_differ_turns_reuse_off():
     assert torch.equal(out[0], _stock(router, other)[0])
     _pass(memo, parent, router, [other])
     assert memo.reused == 0
+
+
+def test_expert_counts_are_bincounts_without_a_wait():
+    """The counts the fused experts and the coverage hook take (expert_counts) are bincount's,
+    for any shape of top-k index, including experts no token chose."""
+    from release.awq.routing import expert_counts
+
+    gen = torch.Generator().manual_seed(0)
+    for n, shape in ((160, (2048, 8)), (7, (5, 2)), (4, (0, 2))):
+        index = torch.randint(0, max(1, n - 2), shape, generator=gen)  # the last experts unchosen
+        counts = expert_counts(index, n)
+        assert counts.dtype == torch.long and counts.shape == (n,)
+        assert torch.equal(counts, torch.bincount(index.reshape(-1), minlength=n))

@@ -44,6 +44,7 @@ from typing import Any
 
 from .experts import batchable, effective_weight
 from .kernels import TORCH_OPS, Kernels
+from .routing import expert_counts
 from .state import RunState
 
 CHUNK_BYTES = 4 * 2**30  # the batched products' temporaries per chunk of experts
@@ -209,7 +210,7 @@ def all_experts_forward(
         where = torch.nonzero_static(mask, size=top_k_index.numel())
     except NotImplementedError:  # a backend without it: the same rows, one more synchronization
         where = mask.nonzero()
-    by_expert = torch.bincount(where[:, 0], minlength=n_exp)
+    by_expert = expert_counts(where[:, 0], n_exp)  # (torch.bincount would synchronize here too)
     counts = by_expert.tolist()  # the call's one synchronization
     starts = [0, *itertools.accumulate(counts)]  # each expert's first row in `where`
     ends = by_expert.cumsum(0).to(torch.int32)  # the same on the device, for the grouped product's offsets

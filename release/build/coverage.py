@@ -98,8 +98,11 @@ def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = 
             batched[key].setdefault(batch, counts)
 
     def router_hook(mod, _inp, out, layer):
-        # left on the device until the end: a .tolist() here would stall the GPU once per MoE call
-        record(("routed", layer, -1), out[2].reshape(-1).bincount(minlength=num_experts))
+        # left on the device until the end: a .tolist() here (or CUDA's bincount, which reads the
+        # input's maximum back first) would stall the GPU once per MoE call
+        from release.awq.routing import expert_counts
+
+        record(("routed", layer, -1), expert_counts(out[2], num_experts))
 
     def expert_hook(mod, inp, _out, layer, expert):
         record(("calibrated", layer, expert), [inp[0].numel() // inp[0].shape[-1]])
