@@ -619,6 +619,35 @@ CITED = [
             ("call2/new-512.json", _one("timed", "oneshot_s"), "| {} s |"),
         )
     ],
+    *[
+        (doc, f"2026-12-07-calibration-pass-waits/{f}", _pass_s(name), "{:.3f} s")
+        for doc in (DOCS, ACCOUNT, RESULTS.parent / "2026-12-07-calibration-pass-waits" / "README.md")
+        for f in ("call1/new-256.json", "call1/base-256.json", "call1/new2-256.json")
+        for name in ("(2/2): Calibrating", "(2/2): Propagating")
+    ],
+    *[
+        (
+            RESULTS.parent / "2026-12-07-calibration-pass-waits" / "README.md",
+            f"2026-12-07-calibration-pass-waits/{f}",
+            get,
+            fmt,
+        )
+        for f in ("call2/base-256.json", "call2/new-256.json", "call2/base2-256.json")
+        for get, fmt in ((_pass_s("(2/2): Calibrating"), "{:.3f} s"), (_pass_s("(2/2): Propagating"), "{:.3f} s"))
+    ],
+    *[
+        (
+            RESULTS.parent / "2026-12-07-calibration-pass-waits" / "README.md",
+            f"2026-12-07-calibration-pass-waits/call1/{f}",
+            get,
+            fmt,
+        )
+        for f in ("new-256.json", "base-256.json", "new2-256.json")
+        for get, fmt in (
+            (_one("timed", "oneshot_s"), "{:.2f} s"),
+            (_one("timed", "layers", 0, "gpu_util_calib_pct"), "{:.1f} %"),
+        )
+    ],
     (
         RESULTS.parent / "2026-11-30-cpu-demo-single-pass" / "README.md",
         "2026-11-30-cpu-demo-single-pass/record.json",
