@@ -204,6 +204,7 @@ class SyncSites:
         self.prefix = f"({subgraph}/"
         self.sites: dict[str, int] = {}
         self.ran = False
+        self.skipped: str | None = None  # why nothing was counted
 
     def _note(self, message: Any, *args: Any, **kwargs: Any) -> None:
         import traceback
@@ -236,6 +237,7 @@ class SyncSites:
                 return
             window.ran = True
             if not torch.cuda.is_available():  # nothing to wait for
+                window.skipped = "no CUDA device: the host waits for no GPU"
                 yield from window.stock(*args, **kwargs)
                 return
             filters = warnings.filters[:]
@@ -401,8 +403,13 @@ def run(
         with SyncSites(calibrating or 2) as sites:
             result = calibrate(job, echo, options)
         out["window"] = f"subgraph {calibrating or 2}'s calibration pass"
-        out["sync_sites"] = sites.top()
-        out["syncs_total"] = sum(sites.sites.values())
+        if not sites.ran:
+            raise SystemExit(f"no calibration pass of subgraph {calibrating or 2} ran")
+        if sites.skipped:
+            out["sync_sites"] = f"skipped: {sites.skipped}"
+        else:
+            out["sync_sites"] = sites.top()
+            out["syncs_total"] = sum(sites.sites.values())
         layers = [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in result.stats.layers]
     elif h2d:
         with H2DSources() as sources:

@@ -1147,6 +1147,48 @@ def test_the_calibrating_window_profiles_one_pass_only(monkeypatch):
     assert sum(r["calls"] for r in mm if any(": batches" in f for f in r["stack"])) == 3, rows
 
 
+def test_sync_sites_count_the_waits_of_one_pass_by_call_site(monkeypatch):
+    """profile_layer --sync-samples: torch's sync debug mode over subgraph K's calibration pass
+    only, each wait it reports counted by the line that made it; other warnings pass through,
+    the debug mode and the pipeline's iterator are put back, and without a CUDA device the
+    record says it was skipped instead of counting none."""
+    import warnings
+
+    import torch
+    from llmcompressor.pipelines.sequential import pipeline
+
+    from benchmarks.profile_layer import SyncSites
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    passed = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: passed.append(str(message)))
+
+    def batches(model, loader, names, desc):
+        for i in range(3):
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # what torch says at each wait
+            if i == 0:
+                warnings.warn("something else", stacklevel=1)
+            yield i, None
+
+    monkeypatch.setattr(pipeline, "_get_batches", batches)
+    with SyncSites(2) as sites:
+        list(pipeline._get_batches(None, None, None, "(1/2): Calibrating"))
+        list(pipeline._get_batches(None, None, None, "(2/2): Propagating"))
+        assert not sites.sites and not sites.ran, "another pass is not watched"
+        list(pipeline._get_batches(None, None, None, "(2/2): Calibrating"))
+    assert pipeline._get_batches is batches and modes == ["warn", "default"]
+    (row,) = sites.top()
+    assert row["waits"] == 3 and "batches" in row["site"].split(" < ")[0], row
+    assert passed == ["something else"], "in the window a warning that is not a wait is shown as before"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with SyncSites(2) as sites:
+        list(pipeline._get_batches(None, None, None, "(2/2): Calibrating"))
+    assert sites.ran and sites.skipped and not sites.sites
+
+
 def test_search_forward_times_each_parent_on_the_tiny_preset(tmp_path):
     """benchmarks.search_forward on the CPU at the tiny preset: every parent timed and projected,
     the grid points' forwards equal to the reference (the weights do not change there, so a
