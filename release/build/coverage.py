@@ -84,6 +84,8 @@ def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = 
     propagation pass call it again); elsewhere the first `calls_per_module` calls. Yields a
     dict filled on exit with `routed` and `calibrated` ({layer: [tokens per expert]}).
     """
+    from release.awq.routing import expert_counts
+
     # per module: the counts of each batch the pipeline named (the first call of a batch), and
     # of the calls made outside a named batch, in order
     batched: dict[tuple[str, int, int], dict[int, Any]] = defaultdict(dict)  # counts: a list or a device tensor
@@ -100,8 +102,6 @@ def count_expert_tokens(model, num_experts: int, calls_per_module: int | None = 
     def router_hook(mod, _inp, out, layer):
         # left on the device until the end: a .tolist() here (or CUDA's bincount, which reads the
         # input's maximum back first) would stall the GPU once per MoE call
-        from release.awq.routing import expert_counts
-
         record(("routed", layer, -1), expert_counts(out[2], num_experts))
 
     def expert_hook(mod, inp, _out, layer, expert):
