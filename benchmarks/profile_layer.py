@@ -116,94 +116,106 @@ class Utilization:
         self.thread.join()
 
 
-class PassClock:
+class BatchesWrapper:
+    """llm-compressor's batch iterator (`pipeline._get_batches`) wrapped for this process while
+    in the `with` block: each pass over the calibration samples goes through `pass_(desc,
+    batches)`, which yields that pass's batches (`desc`: the pass's progress-bar text, e.g.
+    "(2/2): Calibrating")."""
+
+    def __enter__(self) -> Any:
+        from llmcompressor.pipelines.sequential import pipeline
+
+        self.module, self.stock = pipeline, pipeline._get_batches
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            desc = args[3] if len(args) > 3 else kwargs.get("desc", "")
+            yield from self.pass_(desc, self.stock(*args, **kwargs))
+
+        pipeline._get_batches = wrapped
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.module._get_batches = self.stock
+
+    def pass_(self, desc: str, batches: Any) -> Any:
+        yield from batches
+
+
+class PassClock(BatchesWrapper):
     """The sequential pipeline's passes over the calibration samples, timed: each layer's
     calibration pass (AWQ's statistics) and propagation pass (its outputs for the next layer),
-    from the first batch to the last one's end (the GPU synchronized). A benchmark's wrapper of
-    llm-compressor's batch iterator, for this process only."""
+    from the first batch to the last one's end (the GPU synchronized)."""
 
     def __init__(self) -> None:
         self.passes: list[dict[str, Any]] = []
 
-    def __enter__(self) -> PassClock:
-        from llmcompressor.pipelines.sequential import pipeline
+    def pass_(self, desc: str, batches: Any) -> Any:
+        import torch
 
-        self.module, self.stock = pipeline, pipeline._get_batches
-        clock = self
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            import torch
-
-            t = time.perf_counter()
-            yield from clock.stock(*args, **kwargs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            desc = args[3] if len(args) > 3 else kwargs.get("desc", "")
-            clock.passes.append({"pass": desc, "s": round(time.perf_counter() - t, 3)})
-
-        pipeline._get_batches = timed
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.module._get_batches = self.stock
+        t = time.perf_counter()
+        yield from batches
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.passes.append({"pass": desc, "s": round(time.perf_counter() - t, 3)})
 
 
-class CalibratingWindow:
-    """torch.profiler over one subgraph's calibration pass only: wraps llm-compressor's batch
-    iterator as `PassClock` does and runs the profiler from the pass's first batch to the end of
-    its last (the GPU synchronized at both ends)."""
+class OnePass(BatchesWrapper):
+    """A wrapper that acts on subgraph K's calibration pass only (the first such pass): `watch`
+    yields its batches; every other pass goes through untouched."""
+
+    def __init__(self, subgraph: int) -> None:
+        self.prefix = f"({subgraph}/"
+        self.ran = False
+
+    def pass_(self, desc: str, batches: Any) -> Any:
+        if self.ran or not (desc.startswith(self.prefix) and "Calibrating" in desc):
+            yield from batches
+            return
+        self.ran = True
+        yield from self.watch(batches)
+
+    def watch(self, batches: Any) -> Any:
+        yield from batches
+
+
+class CalibratingWindow(OnePass):
+    """torch.profiler over one subgraph's calibration pass only, from the pass's first batch to
+    the end of its last (the GPU synchronized at both ends)."""
 
     def __init__(self, subgraph: int, stacks: bool = False) -> None:
-        self.prefix = f"({subgraph}/"
+        super().__init__(subgraph)
         self.stacks = stacks
         self.prof: Any = None
         self.wall_s = 0.0
 
-    def __enter__(self) -> CalibratingWindow:
-        from llmcompressor.pipelines.sequential import pipeline
+    def watch(self, batches: Any) -> Any:
+        import torch
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
-        self.module, self.stock = pipeline, pipeline._get_batches
-        window = self
-
-        def profiled(*args: Any, **kwargs: Any) -> Any:
-            import torch
-            from torch.profiler import ProfilerActivity
-            from torch.profiler import profile as torch_profile
-
-            desc = args[3] if len(args) > 3 else kwargs.get("desc", "")
-            if window.prof is not None or not (desc.startswith(window.prefix) and "Calibrating" in desc):
-                yield from window.stock(*args, **kwargs)
-                return
-            cuda = torch.cuda.is_available()
-            if cuda:
-                torch.cuda.synchronize()
-            activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-            window.prof = torch_profile(activities=activities, with_stack=window.stacks)
-            window.prof.start()
-            t = time.perf_counter()
-            yield from window.stock(*args, **kwargs)
-            if cuda:
-                torch.cuda.synchronize()
-            window.wall_s = time.perf_counter() - t
-            window.prof.stop()
-
-        pipeline._get_batches = profiled
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.module._get_batches = self.stock
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+        activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+        self.prof = torch_profile(activities=activities, with_stack=self.stacks)
+        self.prof.start()
+        t = time.perf_counter()
+        yield from batches
+        if cuda:
+            torch.cuda.synchronize()
+        self.wall_s = time.perf_counter() - t
+        self.prof.stop()
 
 
-class SyncSites:
+class SyncSites(OnePass):
     """Where the host waits for the GPU in one subgraph's calibration pass: torch's sync debug
     mode (`torch.cuda.set_sync_debug_mode("warn")`) on from that pass's first batch to its last,
     each synchronizing call counted by its Python call site (the first frames outside torch).
     A wait leaves the GPU idle until the host has issued the next kernels."""
 
     def __init__(self, subgraph: int) -> None:
-        self.prefix = f"({subgraph}/"
+        super().__init__(subgraph)
         self.sites: dict[str, int] = {}
-        self.ran = False
         self.skipped: str | None = None  # why nothing was counted
 
     def _note(self, message: Any, *args: Any, **kwargs: Any) -> None:
@@ -220,42 +232,25 @@ class SyncSites:
         self.sites[site] = self.sites.get(site, 0) + 1
         return None
 
-    def __enter__(self) -> SyncSites:
+    def watch(self, batches: Any) -> Any:
         import warnings
 
-        from llmcompressor.pipelines.sequential import pipeline
+        import torch
 
-        self.module, self.stock, self.show = pipeline, pipeline._get_batches, warnings.showwarning
-        window = self
-
-        def watched(*args: Any, **kwargs: Any) -> Any:
-            import torch
-
-            desc = args[3] if len(args) > 3 else kwargs.get("desc", "")
-            if window.ran or not (desc.startswith(window.prefix) and "Calibrating" in desc):
-                yield from window.stock(*args, **kwargs)
-                return
-            window.ran = True
-            if not torch.cuda.is_available():  # nothing to wait for
-                window.skipped = "no CUDA device: the host waits for no GPU"
-                yield from window.stock(*args, **kwargs)
-                return
-            filters = warnings.filters[:]
-            warnings.simplefilter("always")
-            warnings.showwarning = window._note
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                yield from window.stock(*args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-                warnings.showwarning = window.show
-                warnings.filters[:] = filters
-
-        pipeline._get_batches = watched
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.module._get_batches = self.stock
+        if not torch.cuda.is_available():  # nothing to wait for
+            self.skipped = "no CUDA device: the host waits for no GPU"
+            yield from batches
+            return
+        filters, self.show = warnings.filters[:], warnings.showwarning
+        warnings.simplefilter("always")
+        warnings.showwarning = self._note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield from batches
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = self.show
+            warnings.filters[:] = filters
 
     def top(self, n: int = 20) -> list[dict[str, Any]]:
         rows = sorted(self.sites.items(), key=lambda kv: -kv[1])[:n]
@@ -400,11 +395,12 @@ def run(
         out.update(profile_figures(prof, time.perf_counter() - t0, tables))
         layers = [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in result.stats.layers]
     elif syncs:
-        with SyncSites(calibrating or 2) as sites:
+        subgraph = calibrating or 2
+        with SyncSites(subgraph) as sites:
             result = calibrate(job, echo, options)
-        out["window"] = f"subgraph {calibrating or 2}'s calibration pass"
+        out["window"] = f"subgraph {subgraph}'s calibration pass"
         if not sites.ran:
-            raise SystemExit(f"no calibration pass of subgraph {calibrating or 2} ran")
+            raise SystemExit(f"no calibration pass of subgraph {subgraph} ran")
         if sites.skipped:
             out["sync_sites"] = f"skipped: {sites.skipped}"
         else:
@@ -649,10 +645,10 @@ def main() -> None:
             cmd += ["--scales", str(a.scales)]
         if a.one_pass:
             cmd += ["--one-pass"]
-        if a.profile_calibrating and mode == "syncs":
+        if a.profile_calibrating and mode in ("syncs", "profile"):
             cmd += ["--profile-calibrating", str(a.profile_calibrating)]
-        if a.profile_calibrating and mode == "profile":
-            cmd += ["--profile-calibrating", str(a.profile_calibrating)] + (["--stacks"] if a.stacks else [])
+        if a.stacks and mode == "profile":
+            cmd += ["--stacks"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RECORD ")]
         if proc.returncode != 0 or not lines:
