@@ -298,7 +298,9 @@ def test_offloaded_base_weights_give_the_same_branch(demo_release, write_config,
     """`offload.cpu_gib`: the base model's weights beyond the cap live in safetensors files on
     disk while calibrating (compressed-tensors' disk offload). With a cap of ~2 MB, nearly all of
     the demo model is on disk; the branch is the in-RAM build bit for bit, the offload really
-    held weights, and its folder is gone afterwards."""
+    held weights, and its folder is gone afterwards. Each next layer's offloaded weights are
+    onloaded ahead by the helper thread (asked for the CPU here; a GPU's by default) and handed
+    over: the same bits."""
     import hashlib
 
     from release.awq import ScaleOptions
@@ -330,7 +332,7 @@ def test_offloaded_base_weights_give_the_same_branch(demo_release, write_config,
 
     monkeypatch.setattr(read_ahead, "advise", advise)
     # check_write_back: every smoothed weight's file read back after its layer's write-back
-    options = ScaleOptions(check_write_back=True)
+    options = ScaleOptions(check_write_back=True, onload_ahead=("cpu",))
     build = quantize.quantize_branch(cfg, "W4A16_GS128", echo=lambda s: None, scale_options=options)
     digest = hashlib.sha256((build.path / "model.safetensors").read_bytes()).hexdigest()
     assert digest == pinned(SEPARATE_DIGESTS_BY_VENDOR)["W4A16_GS128 model.safetensors"]
@@ -342,6 +344,11 @@ def test_offloaded_base_weights_give_the_same_branch(demo_release, write_config,
     # the next layer's offloaded weights were read ahead as each layer was smoothed: byte ranges
     # of the checkpoint (the weights no smoothing wrote yet) inside their files
     assert build.stats.read_ahead_layers >= 2 and build.stats.read_ahead_gib > 0
+    # ... and onloaded ahead while the layer before propagated (not the quantization parameters,
+    # which the calibration forward does not read), every copy taken and none stale
+    ahead = build.stats.onload_ahead
+    assert ahead["layers"] >= 2 and ahead["served"] == ahead["tensors"] > 0, ahead
+    assert ahead["stale"] == ahead["unused"] == 0 and ahead["failed"] is None, ahead
     # smoothed weights on disk are written once, at the end of their layer's smoothing, and each
     # file then holds what the layer used
     assert build.stats.disk_writes == build.stats.disk_writes_deferred > 50

@@ -46,3 +46,89 @@ def test_update_replaces_the_symlink_and_never_writes_the_checkpoint(tmp_path):
     assert torch.equal(load_file(link)["model.layers.0.w"], torch.full((4, 4), 2.0))
     assert ckpt.read_bytes() == before, "the base checkpoint is never written"
     assert sorted(p.name for p in folder.iterdir()) == [link.name], "no temporary file left"
+
+
+def _two_layers(tmp_path):
+    """A model whose `model.layers.1` is offloaded to disk (onloaded to the CPU), and its caches."""
+    from compressed_tensors.offload import offload_module
+
+    torch.manual_seed(0)
+    root = torch.nn.Module()
+    root.model = torch.nn.Module()
+    root.model.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)])
+    values = {k: v.clone() for k, v in root.model.layers[1].state_dict().items()}
+    folder = tmp_path / "offload"
+    folder.mkdir()
+    offload_module(root.model.layers[1], "cpu", "disk", offload_dir=str(folder))
+    return root, values
+
+
+def test_onload_ahead_hands_over_the_next_layers_weights_and_drops_what_changed(tmp_path):
+    from compressed_tensors.offload import disable_offloading
+    from compressed_tensors.offload.cache.disk import DiskCache
+
+    from release.awq import Patches
+    from release.awq.engine import stock_onload
+    from release.awq.read_ahead import OnloadAhead, asking_first, onloaded_ahead_entries
+
+    root, values = _two_layers(tmp_path)
+    layer = root.model.layers[1]
+    assert not onloaded_ahead_entries(layer, ("cuda",)), "nothing is onloaded to a GPU here"
+    ahead = OnloadAhead(stock_onload(), devices=("cpu",))
+    patches = Patches()
+    patches.hook("disk_onload", asking_first(DiskCache.onload, lambda: ahead))
+    try:
+        ahead.after(root, "model.layers.0")
+        assert ahead.layers == 1 and ahead.tensors == 2 and ahead.bytes == (64 + 8) * 4
+        with disable_offloading():
+            got = {"weight": layer.weight, "bias": layer.bias}
+        assert ahead.served == 2 and ahead.stale == 0 and ahead.failed is None
+        assert all(torch.equal(got[k], values[k]) for k in values), "the same weights as the stock onload"
+
+        # the weight rewritten after its copy was made: the copy is dropped, the new value onloaded
+        ahead.after(root, "model.layers.0")
+        layer._parameters.update_offload(layer._parameters.offloaded_values["weight"], torch.full((8, 8), 3.0))
+        with disable_offloading():
+            weight, bias = layer.weight, layer.bias
+        assert torch.equal(weight, torch.full((8, 8), 3.0)) and torch.equal(bias, values["bias"])
+        assert ahead.stale == 1 and ahead.served == 3
+        # the last layer has no next one; what the last layer left untaken is counted, not kept
+        ahead.after(root, "model.layers.0")
+        ahead.after(root, "model.layers.1")
+        assert ahead.unused == 2 and not ahead.ready
+    finally:
+        patches.undo()
+        ahead.close()
+
+
+def test_onload_ahead_turns_itself_off_when_a_copy_fails(tmp_path):
+    from release.awq.read_ahead import OnloadAhead
+
+    root, _values = _two_layers(tmp_path)
+    layer = root.model.layers[1]
+
+    def failing(cache, offloaded):
+        raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+
+    ahead = OnloadAhead(failing, devices=("cpu",))
+    try:
+        ahead.after(root, "model.layers.0")
+        offloaded = layer._parameters.offloaded_values["weight"]
+        assert ahead.take(layer._parameters, offloaded) is None, "the stock onload stands in"
+        assert ahead.failed is not None and "out of memory" in ahead.failed
+        ahead.after(root, "model.layers.0")
+        assert ahead.layers == 1 and ahead.pending is None, "off for the rest of the run"
+    finally:
+        ahead.close()
+
+
+def test_source_stamp_follows_in_place_writes_of_a_cpu_offload():
+    from compressed_tensors.offload.cache.cpu import CPUCache
+
+    from release.awq.read_ahead import source_stamp
+
+    cache = CPUCache.from_mapping({"w": torch.zeros(3)}, "cpu")
+    offloaded = cache.offloaded_values["w"]
+    before = source_stamp(cache, offloaded)
+    cache.update_offload(offloaded, torch.ones(3))
+    assert source_stamp(cache, offloaded) != before

@@ -18,7 +18,7 @@ from .hooks import HOOKS, Patches
 from .kernels import TORCH_OPS, Kernels
 from .options import TARGET_VERSION, ScaleOptions
 from .ranks import SharedSmoothFix, cpu_allreduce_sum
-from .read_ahead import ReadAhead
+from .read_ahead import OnloadAhead, ReadAhead, asking_first
 from .side import SideBranch, SideRun
 from .state import RunState
 from .stats import HostPeak, ScaleStats
@@ -67,6 +67,8 @@ class Engine:
         self.grouped_gemm: dict[str, bool] = {}  # device -> torch's grouped GEMM works there
         self.kernels: dict[str, Kernels] = {}  # device -> the kernels (kernels.py) that work there
         self.read_ahead = ReadAhead() if options.read_ahead else None  # read_ahead.py: offloaded weights
+        # ... and the next layer's onloaded by a helper thread (the run patches the onloads to ask it)
+        self.onload_ahead = OnloadAhead(stock_onload(), options.onload_ahead) if options.onload_ahead else None
 
     def recipe(self, recipe_text: str) -> Any:
         """The rendered recipe as llm-compressor reads it, each AWQModifier replaced by this
@@ -122,6 +124,20 @@ class Engine:
             ahead, self.read_ahead = self.read_ahead, None
             ahead.close()
             self.stats.read_ahead_layers, self.stats.read_ahead_gib = ahead.layers, ahead.advised_bytes / 2**30
+        if self.onload_ahead is not None:
+            onload, self.onload_ahead = self.onload_ahead, None
+            onload.close()
+            self.stats.onload_ahead = {
+                "layers": onload.layers,
+                "tensors": onload.tensors,
+                "gib": round(onload.bytes / 2**30, 3),
+                "served": onload.served,
+                "stale": onload.stale,
+                "unused": onload.unused,
+                "skipped_for_memory": onload.skipped,
+                "wait_s": round(onload.wait_s, 3),
+                "failed": onload.failed,
+            }
         if self.side_run is not None:
             self.stats.grid = self.run.grid.to_json()  # grid.py: what the side branches searched
             side, self.side_run = self.side_run, None
@@ -129,6 +145,20 @@ class Engine:
                 side.close()
             finally:
                 self.stats.side_store_wait_s = side.writer.waited_s
+
+
+def stock_onload() -> Callable[[Any, Any], Any]:
+    """compressed-tensors' own onload for an offload cache (disk or CPU), as the library has it
+    before the run patches it (read_ahead.py's helper thread calls this one)."""
+    from compressed_tensors.offload.cache.cpu import CPUCache
+    from compressed_tensors.offload.cache.disk import DiskCache
+
+    from_disk, from_cpu = DiskCache.onload, CPUCache.onload
+
+    def onload(cache: Any, offloaded: Any) -> Any:
+        return from_disk(cache, offloaded) if isinstance(cache, DiskCache) else from_cpu(cache, offloaded)
+
+    return onload
 
 
 @contextlib.contextmanager
@@ -299,6 +329,9 @@ def scaled_awq(
             patches.hook("router_forward", router_forward)
         if write_back is not None:
             patches.hook("offload_write", update_offload_parameter)
+        if engine.onload_ahead is not None:
+            for name in ("cpu_onload", "disk_onload"):
+                patches.hook(name, asking_first(getattr(*HOOKS[name].owner_and_name()), lambda: engine.onload_ahead))
         if engine.cpu_ranks:
             patches.hook("allreduce", cpu_allreduce_sum)
         elif awq_base.is_distributed() and torch.cuda.is_available():

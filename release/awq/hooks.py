@@ -91,6 +91,21 @@ HOOKS = {
         "inside the smoothing step the MoE block runs each expert on its routed tokens only (the block's output, "
         "what AWQ's loss compares, uses nothing else); the calibration statistics still see every token",
     ),
+    "cpu_onload": Hook(
+        "compressed_tensors.offload.cache.cpu:CPUCache.onload",
+        "run",
+        "awq.onload_ahead names the onload device's type",
+        True,
+        "a weight the helper thread onloaded ahead (read_ahead.py: the same onload, its source unchanged since) is "
+        "handed over instead of copied again",
+    ),
+    "disk_onload": Hook(
+        "compressed_tensors.offload.cache.disk:DiskCache.onload",
+        "run",
+        "awq.onload_ahead names the onload device's type",
+        True,
+        "as cpu_onload, for weights offloaded to disk",
+    ),
     "allreduce": Hook(
         f"{_AWQ}:_allreduce_data_sum",
         "run",

@@ -159,19 +159,21 @@ class MoeAWQModifier(AWQModifier):
             self.engine.read_ahead.after(model, layer_key(touched_modules(mappings)))
         if self.side_run is None or not mappings:
             self._record_layer(self._smooth_layer(model))
-            return
-        # the branch whose outputs propagate first, then the side branches from the layer's
-        # originals (side.py), each searching near the propagating branch's choices (grid.py)
-        timing: list[LayerTiming] = []
-        side = self.side_run.smooth_layer(
-            self,
-            model,
-            mappings,
-            lambda: timing.append(self._smooth_layer(model)),
-            lambda: self._smooth_layer(model, record=False),
-        )
-        if timing:
-            self._record_layer(timing[0], side)
+        else:
+            # the branch whose outputs propagate first, then the side branches from the layer's
+            # originals (side.py), each searching near the propagating branch's choices (grid.py)
+            timing: list[LayerTiming] = []
+            side = self.side_run.smooth_layer(
+                self,
+                model,
+                mappings,
+                lambda: timing.append(self._smooth_layer(model)),
+                lambda: self._smooth_layer(model, record=False),
+            )
+            if timing:
+                self._record_layer(timing[0], side)
+        if mappings and self.engine.onload_ahead is not None:  # the next layer's weights, while this one propagates
+            self.engine.onload_ahead.after(model, layer_key(touched_modules(mappings)))
 
     def _smooth_layer(self, model: Any, *, record: bool = True) -> LayerTiming:
         """The engine's smoothing of one layer (stock's loop with routed experts in the search,

@@ -68,6 +68,9 @@ class ScaleOptions:
     batched_expert_hooks: bool = _DEFAULT.batched_expert_hooks
     device_activation_sums: bool = True  # activations.py: AWQ's sums added on the device, same bits
     read_ahead: bool = True  # read_ahead.py: the next layer's disk-offloaded weights read ahead (a hint)
+    # read_ahead.py: the next layer's offloaded weights onloaded by a helper thread while the
+    # current layer's outputs propagate, where the onload device is of these types (same bytes)
+    onload_ahead: tuple[str, ...] = ("cuda",)
     check_write_back: bool = (
         False  # deferred write-back, benchmarks: compare every CPU copy with the GPU's after each layer
     )
@@ -102,6 +105,7 @@ class ScaleOptions:
             batched_expert_hooks=False,
             device_activation_sums=False,
             read_ahead=False,
+            onload_ahead=(),
             record_scales=record_scales,
         )
 

@@ -66,6 +66,7 @@ class ScaleStats:
     causal_search_forwards: int = 0  # causal.py: search batches whose causal mask was left out (SDPA's causal kernel)
     read_ahead_layers: int = 0  # read_ahead.py: layers whose disk-offloaded weights were read ahead
     read_ahead_gib: float = 0.0  # ... and their bytes
+    onload_ahead: dict[str, Any] = field(default_factory=dict)  # read_ahead.py: weights onloaded ahead, and their fate
     batched_expert_searches: int = 0  # batched expert search: expert mappings searched together
     expert_searches_run: int = 0  # ... of which this rank ran the grid search (its share, under Gram search)
     merged_forwards: dict[str, int] = field(default_factory=dict)  # merged batches: parent type -> merged forwards
@@ -124,6 +125,7 @@ class ScaleStats:
             "routing_reused": self.routing_reused,
             "routing_reuse_disabled": self.routing_reuse_disabled,
             "read_ahead": {"layers": self.read_ahead_layers, "gib": round(self.read_ahead_gib, 3)},
+            "onload_ahead": dict(self.onload_ahead),
             "merged_search_forwards": dict(self.merged_forwards),
             "batched_expert_searches": self.batched_expert_searches,
             "expert_searches_run": self.expert_searches_run,
