@@ -435,6 +435,8 @@ def run(
         out["search_phase_s"] = result.stats.to_json()["search_phase_s"]
     engine = result.stats.to_json()
     out["engine"] = {k: engine[k] for k in ENGINE_COUNTERS}
+    if engine.get("onload_ahead"):  # release/awq/read_ahead.py: the next layer's weights onloaded ahead
+        out["onload_ahead"] = engine["onload_ahead"]
     if engine.get("side_grid"):  # one pass: the side branches' grid searches (release/awq/grid.py)
         out["side_grid"] = engine["side_grid"]
     out["awq"] = cfg.awq.model_dump()
