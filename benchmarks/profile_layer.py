@@ -42,7 +42,8 @@ wait for the GPU in subgraph K's calibration pass (`--profile-calibrating K`, 2 
 torch's sync debug mode, `SyncSites`).
 
 `--awq KEY=VALUE` sets an `awq:` option for both runs (e.g. `fused_gpu_experts=false`, the
-experts' per-expert loop); `--scales FILE` saves the timed run's chosen scales, and `--compare A B`
+experts' per-expert loop), `--engine KEY=VALUE` an engine option no config sets (e.g.
+`onload_ahead=[]`, `gram_by_gemm=true`); `--scales FILE` saves the timed run's chosen scales, and `--compare A B`
 prints two such files' agreement per kind of mapping.
 
 Prints figures; asserts nothing.
@@ -317,6 +318,26 @@ class H2DSources:
         return [{"site": k, "copies": v["copies"], "gib": round(v["gib"], 3), "shapes": v["shapes"]} for k, v in rows]
 
 
+def engine_settings(items: list[str]) -> dict[str, Any]:
+    """`--engine KEY=VALUE` as ScaleOptions fields (VALUE read as YAML; a list becomes a tuple):
+    engine options a release config does not set, for a side-by-side in one tree."""
+    import dataclasses
+
+    import yaml
+
+    from release.awq import ScaleOptions
+
+    names = {f.name for f in dataclasses.fields(ScaleOptions)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in names:
+            raise SystemExit(f"--engine {item!r}: expected KEY=VALUE with KEY one of {sorted(names)}")
+        value = yaml.safe_load(raw)
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
 def run(
     config: Path,
     profile: bool,
@@ -327,6 +348,7 @@ def run(
     calibrating: int = 0,
     stacks: bool = False,
     syncs: bool = False,
+    engine_options: list[str] = (),
 ) -> dict[str, Any]:
     """One calibration of the config's first branch in this process (with `scales`, every
     chosen scale vector saved there as a dict of tensors); `one_pass`: the config's other
@@ -347,7 +369,9 @@ def run(
     cfg = load_config(config)
     branch = cfg.branches[0]
     job = prepare_branch(cfg, branch)
-    options = dataclasses.replace(ScaleOptions.from_spec(cfg.awq), record_scales=scales is not None)
+    options = dataclasses.replace(
+        ScaleOptions.from_spec(cfg.awq), record_scales=scales is not None, **engine_settings(engine_options)
+    )
     ends: list[float] = []
     stores: Path | None = None
     side: tuple[SideBranch, ...] = ()
@@ -437,6 +461,7 @@ def run(
     out["engine"] = {k: engine[k] for k in ENGINE_COUNTERS}
     if engine.get("onload_ahead"):  # release/awq/read_ahead.py: the next layer's weights onloaded ahead
         out["onload_ahead"] = engine["onload_ahead"]
+    out["gpu_kernels"] = engine.get("gpu_kernels")  # kernels.py's choices, and the Gram sums by the GEMM (caches.py)
     if engine.get("side_grid"):  # one pass: the side branches' grid searches (release/awq/grid.py)
         out["side_grid"] = engine["side_grid"]
     out["awq"] = cfg.awq.model_dump()
@@ -599,6 +624,13 @@ def main() -> None:
     ap.add_argument("--tables", type=Path, default=None, help="torch.profiler's own tables, as text")
     ap.add_argument("--awq", action="append", default=[], metavar="KEY=VALUE", help="an awq: setting for both runs")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument(
+        "--engine",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a ScaleOptions field for both runs (one the config has no key for, e.g. onload_ahead=[])",
+    )
     ap.add_argument("--scales", type=Path, default=None, help="the timed run's chosen scales, saved (torch.save)")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="two --scales files: agreement")
     ap.add_argument(
@@ -623,6 +655,7 @@ def main() -> None:
             a.profile_calibrating,
             a.stacks,
             mode == "syncs",
+            a.engine,
         )
         print("RECORD " + json.dumps(record), flush=True)
         return
@@ -651,6 +684,8 @@ def main() -> None:
             cmd += ["--profile-calibrating", str(a.profile_calibrating)]
         if a.stacks and mode == "profile":
             cmd += ["--stacks"]
+        for item in a.engine:
+            cmd += ["--engine", item]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RECORD ")]
         if proc.returncode != 0 or not lines:

@@ -247,7 +247,7 @@ class _Mapping:
         self.parent_name = "layers.0.mlp.experts.x.down_proj"
 
 
-def _hooked(experts, model):
+def _hooked(experts, model, gram_by_gemm=False):
     """glmrel's AWQ calibration hooks as a GLM-4-MoE layer has them on its experts (each
     expert's up_proj -> down_proj mapping, its parent the down_proj with a Gram cache; the MoE
     block's mapping hooked on expert 0's gate_proj), and the expert coverage."""
@@ -256,6 +256,7 @@ def _hooked(experts, model):
 
     from llmcompressor.modifiers.utils.hooks import HooksMixin
 
+    from release.awq import ScaleOptions
     from release.awq.activations import register_calibration_hooks
     from release.awq.caches import Ledger, cache_classes
 
@@ -269,7 +270,12 @@ def _hooked(experts, model):
         _Mapping(f"{e}.up_proj", [experts[e].down_proj], experts[e].down_proj) for e in range(experts.num_experts)
     ]
     register_calibration_hooks(modifier)
-    engine = SimpleNamespace(grams=Ledger(float("inf")), stats=SimpleNamespace(tokens_seen=0, tokens_kept=0))
+    engine = SimpleNamespace(
+        grams=Ledger(float("inf")),
+        stats=SimpleNamespace(tokens_seen=0, tokens_kept=0, gpu_kernels={}),
+        options=ScaleOptions(gram_by_gemm=gram_by_gemm),
+        gram_by_gemm=None,
+    )
     gram = cache_classes()[1]
     for e in range(experts.num_experts):
         modifier._parent_args_cache[experts[e].down_proj] = gram(engine, None)
@@ -291,7 +297,7 @@ def test_batched_hooks_leave_what_each_expert_hook_leaves():
     from release.awq.state import RunState
     from release.build.coverage import count_expert_tokens
 
-    variants = {"loop": (False, False), "batched": (True, False)}
+    variants = {"loop": (False, False), "batched": (True, False), "stacked grams": (True, False)}
     if grouped_gemm_works(torch.zeros(1, dtype=torch.bfloat16)):
         variants["routed down"] = (True, True)
     results = {}
@@ -301,7 +307,7 @@ def test_batched_hooks_leave_what_each_expert_hook_leaves():
         model.layers = torch.nn.ModuleList([torch.nn.Module()])
         model.layers[0].mlp = torch.nn.Module()
         model.layers[0].mlp.experts = experts
-        modifier = _hooked(experts, model)
+        modifier = _hooked(experts, model, gram_by_gemm=name == "stacked grams")
         stats = SimpleNamespace(batched_hook_chunks=0, per_expert_hook_chunks=0, routed_down_chunks=0)
         outputs = []
         with (
@@ -340,6 +346,11 @@ def test_batched_hooks_leave_what_each_expert_hook_leaves():
     assert ours["coverage"] == loop["coverage"] == {0: [80] * 6}
     assert all(torch.equal(a, b) for a, b in zip(ours["outputs"], loop["outputs"]))
     assert (loop["chunks"].per_expert_hook_chunks, ours["chunks"].batched_hook_chunks) == (2, 2)
+    # `gram_by_gemm` keeps a chunk's Gram sums as views of one stack (on a GPU the GEMM adds into
+    # it; on the CPU the same sum as without): the same matrices, bit for bit
+    stacked = results["stacked grams"]
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(stacked["grams"], ours["grams"]))
+    assert stacked["grams"][0][0]._base is not None and stacked["grams"][0][0]._base is stacked["grams"][1][0]._base
     if "routed down" not in results:
         return
     routed = results["routed down"]

@@ -68,6 +68,21 @@ def deduplicate_batch(cache: Any, batch_index: int) -> tuple[int, int]:
     return values, saved
 
 
+def _stacked_grams(caches: list[Any]) -> Any:
+    """The [n, in, in] tensor whose matrices are the caches' Gram sums in order (each a view of
+    it, as the batched hooks' first product leaves them with `gram_by_gemm`), or None."""
+    first = caches[0].gram
+    base = getattr(first, "_base", None)
+    if base is None or base.dim() != 3 or base.shape[0] != len(caches) or not base.is_contiguous():
+        return None
+    size = first.numel()
+    for i, c in enumerate(caches):
+        g = c.gram
+        if g is None or g._base is not base or g.storage_offset() != base.storage_offset() + i * size:
+            return None
+    return base
+
+
 def _give_back(ledger: Ledger, held: list[int]) -> None:
     ledger.used -= held[0]
 
@@ -419,13 +434,32 @@ def cache_classes() -> tuple[Any, Any, Any]:
             """`append` for each cache of `caches` with its input `inputs[i]` ([n, tokens, in]),
             the Gram matrices as one batched product (all_experts.py's batched hooks)."""
             _no_loss_masks()
+            engine = caches[0].engine
+            stacked = _stacked_grams(caches) if engine.options.gram_by_gemm and inputs.is_cuda else None
+            if stacked is not None and engine.gram_by_gemm is not False:
+                # the product added into the stacked sums by the GEMM itself (C = X^T X + C, fp32):
+                # no [n, in, in] temporary written, read back and added
+                try:
+                    torch.baddbmm(stacked, inputs.transpose(1, 2), inputs, out_dtype=torch.float32, out=stacked)
+                    engine.gram_by_gemm = True
+                except (TypeError, RuntimeError, NotImplementedError):  # a torch without it: the sum below
+                    engine.gram_by_gemm = False
+                engine.stats.gpu_kernels.setdefault(str(inputs.device), {})["gram_by_gemm"] = engine.gram_by_gemm
+                if engine.gram_by_gemm:
+                    for c in caches:
+                        c._count(inputs.shape[1])
+                    return
             grams = gram_matrices(inputs)
-            adding = [(c, g) for c, g in zip(caches, grams.unbind(0)) if c.gram is not None]
-            for c, g in zip(caches, grams.unbind(0)):
-                if c.gram is None:
-                    c._first(g.clone())
-            if adding:
-                torch._foreach_add_([c.gram for c, _ in adding], [g for _, g in adding])
+            if engine.options.gram_by_gemm and all(c.gram is None for c in caches):
+                for c, g in zip(caches, grams.unbind(0)):  # each cache's sum a view of one stack
+                    c._first(g)
+            else:
+                adding = [(c, g) for c, g in zip(caches, grams.unbind(0)) if c.gram is not None]
+                for c, g in zip(caches, grams.unbind(0)):
+                    if c.gram is None:
+                        c._first(g.clone())
+                if adding:
+                    torch._foreach_add_([c.gram for c, _ in adding], [g for _, g in adding])
             for c in caches:
                 c._count(inputs.shape[1])
 

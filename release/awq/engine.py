@@ -49,6 +49,7 @@ class Engine:
         self.deduplicating = options.resident_cache_gib != 0  # resident caches
         self.ledger = Ledger(resident_budget(options.resident_cache_gib) if self.deduplicating else 0)
         self.grams = Ledger(math.inf)  # the Gram search's Gram matrices
+        self.gram_by_gemm: bool | None = None  # caches.py: the batched hooks' Gram sums added by the GEMM (tried once)
         self.write_back = WriteBack(check=options.check_write_back) if options.deferred_write_back else None
         self.clock = {"last": time.perf_counter(), "mapping": time.perf_counter()}
         # ranks on CPU (the test of the data-parallel path) share their weights' memory

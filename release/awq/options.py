@@ -67,6 +67,10 @@ class ScaleOptions:
     # with the experts fused: each kind of hook once per chunk of experts (all_experts.py)
     batched_expert_hooks: bool = _DEFAULT.batched_expert_hooks
     device_activation_sums: bool = True  # activations.py: AWQ's sums added on the device, same bits
+    # caches.py, batched hooks on a GPU: each sample's Gram matrices of the experts' down_proj inputs
+    # added into their sums by the GEMM (baddbmm, fp32 out) instead of a temporary and a sum; off
+    # until a GPU side-by-side of the chosen scales (the GEMM may block the sum otherwise)
+    gram_by_gemm: bool = False
     read_ahead: bool = True  # read_ahead.py: the next layer's disk-offloaded weights read ahead (a hint)
     # read_ahead.py: the next layer's offloaded weights onloaded by a helper thread while the
     # current layer's outputs propagate, where the onload device is of these types (same bytes)
