@@ -130,10 +130,15 @@ the ScaleOptions field that turns it on):
    glmrel registers on the experts (AWQ's sums, the Gram matrices, the coverage counts) once per
    chunk of experts; down_proj then runs on the routed rows only, since no hook reads its output.
    The routed sum keeps the loop's order (same bits); the batched sums may round a last bit
-   otherwise (all_experts.py; measured at GLM-4.7 size: the same KL).
-14. **Read ahead** (`read_ahead`). With the base weights offloaded to disk, the next decoder
-   layer's byte ranges are asked into the page cache while a layer is smoothed (read_ahead.py):
-   a hint, the same weights.
+   otherwise (all_experts.py; measured at GLM-4.7 size: the same KL). With `gram_by_gemm` (off
+   by default) the GEMM adds each sample's Gram matrices into their sums (caches.py).
+14. **Read ahead** (`read_ahead`) **and onload ahead** (`onload_ahead`). With the base weights
+   offloaded to disk, the next decoder layer's byte ranges are asked into the page cache while a
+   layer is smoothed: a hint. Once a layer is smoothed, a helper thread onloads the next layer's
+   offloaded weights onto the GPU (compressed-tensors' own onload, on a stream of its own) while
+   the layer's outputs propagate, and the next calibration pass is handed each copy instead of
+   waiting on the upload; a copy whose source changed since is dropped (read_ahead.py). The same
+   weights.
 15. **Causal attention in the search** (`causal_search_attention`, on a GPU). A cached attention
    mask that is exactly the causal pattern (what eager attention's pipeline caches) is left out
    of the search's SDPA forwards, so SDPA runs its causal GQA kernel instead of adding the mask
