@@ -69,14 +69,14 @@ def test_onload_ahead_hands_over_the_next_layers_weights_and_drops_what_changed(
 
     from release.awq import Patches
     from release.awq.engine import stock_onload
-    from release.awq.read_ahead import OnloadAhead, asking_first, onloaded_ahead_entries
+    from release.awq.read_ahead import OnloadAhead, onloaded_ahead_entries, patch_onloads
 
     root, values = _two_layers(tmp_path)
     layer = root.model.layers[1]
     assert not onloaded_ahead_entries(layer, ("cuda",)), "nothing is onloaded to a GPU here"
     ahead = OnloadAhead(stock_onload(), devices=("cpu",))
     patches = Patches()
-    patches.hook("disk_onload", asking_first(DiskCache.onload, lambda: ahead))
+    patch_onloads(patches, lambda: ahead)
     try:
         ahead.after(root, "model.layers.0")
         assert ahead.layers == 1 and ahead.tensors == 2 and ahead.bytes == (64 + 8) * 4
@@ -85,13 +85,24 @@ def test_onload_ahead_hands_over_the_next_layers_weights_and_drops_what_changed(
         assert ahead.served == 2 and ahead.stale == 0 and ahead.failed is None
         assert all(torch.equal(got[k], values[k]) for k in values), "the same weights as the stock onload"
 
-        # the weight rewritten after its copy was made: the copy is dropped, the new value onloaded
+        # the weight rewritten in place after its copy was made (within the file clock's tick, so
+        # the file's stamp may not change): the update forgets the copy, the new value is onloaded
         ahead.after(root, "model.layers.0")
         layer._parameters.update_offload(layer._parameters.offloaded_values["weight"], torch.full((8, 8), 3.0))
         with disable_offloading():
             weight, bias = layer.weight, layer.bias
         assert torch.equal(weight, torch.full((8, 8), 3.0)) and torch.equal(bias, values["bias"])
         assert ahead.stale == 1 and ahead.served == 3
+        # the file replaced behind the run's back (a new inode, as the ranks' rename writes it):
+        # the stamp sees it
+        ahead.after(root, "model.layers.0")
+        path = DiskCache.index[layer._parameters.offloaded_values["bias"]]["safetensors_file"]
+        save_file({"weight": torch.full((8,), 5.0)}, path + ".new")
+        os.replace(path + ".new", path)
+        with disable_offloading():
+            assert torch.equal(layer.bias, torch.full((8,), 5.0))
+            assert torch.equal(layer.weight, torch.full((8, 8), 3.0))
+        assert ahead.stale == 2 and ahead.served == 4
         # the last layer has no next one; what the last layer left untaken is counted, not kept
         ahead.after(root, "model.layers.0")
         ahead.after(root, "model.layers.1")

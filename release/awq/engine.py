@@ -18,7 +18,7 @@ from .hooks import HOOKS, Patches
 from .kernels import TORCH_OPS, Kernels
 from .options import TARGET_VERSION, ScaleOptions
 from .ranks import SharedSmoothFix, cpu_allreduce_sum
-from .read_ahead import OnloadAhead, ReadAhead, asking_first
+from .read_ahead import OnloadAhead, ReadAhead, patch_onloads
 from .side import SideBranch, SideRun
 from .state import RunState
 from .stats import HostPeak, ScaleStats
@@ -331,8 +331,7 @@ def scaled_awq(
         if write_back is not None:
             patches.hook("offload_write", update_offload_parameter)
         if engine.onload_ahead is not None:
-            for name in ("cpu_onload", "disk_onload"):
-                patches.hook(name, asking_first(getattr(*HOOKS[name].owner_and_name()), lambda: engine.onload_ahead))
+            patch_onloads(patches, lambda: engine.onload_ahead)
         if engine.cpu_ranks:
             patches.hook("allreduce", cpu_allreduce_sum)
         elif awq_base.is_distributed() and torch.cuda.is_available():

@@ -106,6 +106,13 @@ HOOKS = {
         True,
         "as cpu_onload, for weights offloaded to disk",
     ),
+    "disk_update": Hook(
+        "compressed_tensors.offload.cache.disk:DiskCache.update_offload",
+        "run",
+        "awq.onload_ahead names the onload device's type",
+        True,
+        "a disk-offloaded weight rewritten in place drops the helper thread's copy of it first (read_ahead.py)",
+    ),
     "allreduce": Hook(
         f"{_AWQ}:_allreduce_data_sum",
         "run",

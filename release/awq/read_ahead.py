@@ -161,18 +161,40 @@ def source_stamp(cache: Any, offloaded: Any) -> Any:
     return (*sorted(info.items()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def asking_first(
+def patch_onloads(patches: Any, ahead: Callable[[], OnloadAhead | None]) -> None:
+    """Through `patches` (hooks.py's `Patches`): compressed-tensors' CPU and disk onloads ask for
+    `ahead()`'s copy first, and a disk offload's in-place update forgets the copy of what it
+    rewrites (a rewrite within one tick of the file clock leaves the file's stamp as it was; a
+    CPU offload's version counter and a file replaced by rename need no such help)."""
+    from .hooks import HOOKS
+
+    for name in ("cpu_onload", "disk_onload"):
+        stock = getattr(*HOOKS[name].owner_and_name())
+        patches.hook(name, _asking_first(stock, ahead))
+    patches.hook("disk_update", _forgetting_first(getattr(*HOOKS["disk_update"].owner_and_name()), ahead))
+
+
+def _asking_first(
     stock: Callable[[Any, Any], Any], ahead: Callable[[], OnloadAhead | None]
 ) -> Callable[[Any, Any], Any]:
-    """`stock` (an offload cache class's onload) that first asks for `ahead()`'s copy (the run's
-    patch of `CPUCache.onload` and `DiskCache.onload`)."""
-
     def onload(cache: Any, offloaded: Any) -> Any:
         helper = ahead()
         got = helper.take(cache, offloaded) if helper is not None and offloaded is not None else None
         return got if got is not None else stock(cache, offloaded)
 
     return onload
+
+
+def _forgetting_first(
+    stock: Callable[[Any, Any, Any], None], ahead: Callable[[], OnloadAhead | None]
+) -> Callable[[Any, Any, Any], None]:
+    def update_offload(cache: Any, offloaded: Any, data: Any) -> None:
+        helper = ahead()
+        if helper is not None:
+            helper.forget(offloaded)
+        stock(cache, offloaded, data)
+
+    return update_offload
 
 
 class OnloadAhead:
@@ -267,6 +289,13 @@ class OnloadAhead:
             onloaded.record_stream(current)  # made on the helper's stream, used and freed on this one
         self.served += 1
         return onloaded
+
+    def forget(self, offloaded: Any) -> None:
+        """Drop the copy of `offloaded` (its source is being rewritten)."""
+        self.wait()
+        entry = self.ready.pop(id(offloaded), None)
+        if entry is not None and entry[0] is offloaded:
+            self.stale += 1
 
     def drop(self) -> None:
         self.unused += len(self.ready)
