@@ -96,6 +96,7 @@ def test_onload_ahead_hands_over_the_next_layers_weights_and_drops_what_changed(
         # the file replaced behind the run's back (a new inode, as the ranks' rename writes it):
         # the stamp sees it
         ahead.after(root, "model.layers.0")
+        ahead.wait()  # the copies made (and stamped) before the file is replaced
         path = DiskCache.index[layer._parameters.offloaded_values["bias"]]["safetensors_file"]
         save_file({"weight": torch.full((8,), 5.0)}, path + ".new")
         os.replace(path + ".new", path)
