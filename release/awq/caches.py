@@ -1,6 +1,7 @@
 """Where cached calibration inputs live: sampled rows and Gram matrices of the routed experts' down_proj
-(sampled expert rows and the Gram search), resident and deduplicated parent inputs (resident caches), the GPU ledger, and the
-deferred write-back of smoothed weights (deferred write-back)."""
+(sampled expert rows and the Gram search), resident parent inputs (resident caches; what every
+sample shares is stored once: dedup.py), the GPU ledger, and the deferred write-back of smoothed
+weights (deferred write-back)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from .dedup import Source, deduplicate_batch, same_leaf
 from .ranks import rank_count
 
 if TYPE_CHECKING:
@@ -27,45 +29,6 @@ def _subsample_rows(x: Any, keep: int, salt: int) -> Any:
     offset = salt % max(1, n // keep)
     idx = (torch.arange(keep, device=flat.device) * n) // keep + offset
     return flat.index_select(0, idx.clamp_(max=n - 1)).unsqueeze(0)
-
-
-DEDUPLICATED_INPUTS = ("attention_mask", "position_embeddings", "position_ids")  # resident caches
-
-
-def _deduplicate(new: Any, prev: Any) -> int:
-    """Resident caches: point the tensors of IntermediateValue `new` (nested in tuples or lists) at
-    `prev`'s where they are equal; returns the bytes no longer held twice."""
-    import torch
-
-    a, b = new.value, prev.value
-    if isinstance(a, torch.Tensor):
-        if (
-            isinstance(b, torch.Tensor)
-            and a is not b
-            and (a.device, a.dtype, a.shape) == (b.device, b.dtype, b.shape)
-            and torch.equal(a, b)
-        ):
-            new.value = b
-            return a.nbytes
-        return 0
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
-        return sum(_deduplicate(x, y) for x, y in zip(a, b))
-    return 0
-
-
-def deduplicate_batch(cache: Any, batch_index: int) -> tuple[int, int]:
-    """Resident caches: store the DEDUPLICATED_INPUTS of batch `batch_index` once where they equal the
-    previous batch's; returns (values, bytes) saved."""
-    if batch_index < 1 or batch_index >= len(cache.batch_intermediates):
-        return 0, 0
-    new, prev = cache.batch_intermediates[batch_index], cache.batch_intermediates[batch_index - 1]
-    values = saved = 0
-    for key in DEDUPLICATED_INPUTS:
-        if key in new and key in prev:
-            n = _deduplicate(new[key], prev[key])
-            values += n > 0
-            saved += n
-    return values, saved
 
 
 def _stacked_grams(caches: list[Any]) -> Any:
@@ -488,8 +451,13 @@ def cache_classes() -> tuple[Any, Any, Any]:
             self.held = engine.ledger.holder(self)
 
         def update(self, batch_index: int, values: dict[str, Any]) -> None:
-            nbytes = sum(v.nbytes for v in tree_leaves(values) if isinstance(v, torch.Tensor))
             engine = self.engine
+            same = self._same_as_before(batch_index, values)
+            if same:  # the very tensors the previous sample brought: its stored values, no copy, no compare
+                self.batch_intermediates[batch_index].update(same)
+                engine.stats.deduplicated_values += len(same)
+                values = {k: v for k, v in values.items() if k not in same}
+            nbytes = sum(v.nbytes for v in tree_leaves(values) if isinstance(v, torch.Tensor))
             resident = self.offload_device is not None and engine.ledger.take(nbytes, self.held)
             if resident:
                 # copied: a resident cache must not share memory with anything the model may
@@ -505,6 +473,29 @@ def cache_classes() -> tuple[Any, Any, Any]:
             engine.stats.deduplicated_values += count
             if resident:
                 engine.ledger.give(saved_bytes, self.held)
+
+        def _same_as_before(self, batch_index: int, values: dict[str, Any]) -> dict[str, Any]:
+            """The previous batch's stored values of the keys whose tensors are this batch's very
+            tensors (the pipeline's cache hands every sample the same causal mask and rotary
+            tables once it stores them once: deduplicate_batch), and every other leaf equal;
+            the sources of this batch remembered (weakly) for the next."""
+            sources = self.__dict__.setdefault("_sources", {})
+            last, sources["batch"] = sources.get("batch"), batch_index
+            same = {}
+            prev = self.batch_intermediates[batch_index - 1] if 0 < batch_index <= len(self.batch_intermediates) else {}
+            for key, value in values.items():
+                leaves = [Source(v) if isinstance(v, torch.Tensor) else v for v in tree_leaves(value)]
+                before, sources[key] = sources.get(key), leaves
+                if (
+                    last == batch_index - 1
+                    and key in prev
+                    and before is not None
+                    and len(before) == len(leaves)
+                    and any(isinstance(x, Source) for x in leaves)
+                    and all(same_leaf(x, y) for x, y in zip(before, leaves))
+                ):
+                    same[key] = prev[key]
+            return same
 
         def pin_memory(self, batch_index: int, input_names: Any = None) -> None:
             """Stock pins each batch's values one by one: a value stored once for several

@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .all_experts import all_experts_forward, fusable, hooks_silent
-from .caches import Ledger, WriteBack, deduplicate_batch, resident_budget
+from .caches import Ledger, WriteBack, resident_budget
+from .dedup import deduplicate_batch
 from .experts import batchable, grouped_experts_forward, grouped_gemm_works
 from .hooks import HOOKS, Patches
 from .kernels import TORCH_OPS, Kernels
