@@ -231,6 +231,8 @@ class OnloadAhead:
         nbytes = sum(t.numel() * t.element_size() for _, t in entries)
         stream = None
         if device.type == "cuda":
+            if device.index is None:  # "cuda": the copies land on the current device, as the onload's
+                device = torch.device("cuda", torch.cuda.current_device())
             free, _total = torch.cuda.mem_get_info(device)
             room = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
             if room < 2 * nbytes:  # the propagation pass runs beside the copies
@@ -285,7 +287,9 @@ class OnloadAhead:
             import torch
 
             current = torch.cuda.current_stream(onloaded.device)
-            current.wait_stream(self.streams[str(onloaded.device)])
+            helper = self.streams.get(str(onloaded.device))
+            if helper is not None:  # (its copies are complete: the helper synchronized its stream)
+                current.wait_stream(helper)
             onloaded.record_stream(current)  # made on the helper's stream, used and freed on this one
         self.served += 1
         return onloaded
