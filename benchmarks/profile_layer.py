@@ -459,8 +459,8 @@ def run(
         out["search_phase_s"] = result.stats.to_json()["search_phase_s"]
     engine = result.stats.to_json()
     out["engine"] = {k: engine[k] for k in ENGINE_COUNTERS}
-    if engine.get("onload_ahead"):  # release/awq/read_ahead.py: the next layer's weights onloaded ahead
-        out["onload_ahead"] = engine["onload_ahead"]
+    if engine.get("onload_ahead_counts"):  # release/awq/read_ahead.py: the next layer's weights onloaded ahead
+        out["onload_ahead"] = engine["onload_ahead_counts"]
     out["resident_cache"] = engine.get("resident_cache")  # caches.py, dedup.py: what stayed on the GPU, stored once
     out["gpu_kernels"] = engine.get("gpu_kernels")  # kernels.py's choices, and the Gram sums by the GEMM (caches.py)
     if engine.get("side_grid"):  # one pass: the side branches' grid searches (release/awq/grid.py)

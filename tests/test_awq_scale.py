@@ -725,3 +725,19 @@ def test_resident_budget_defaults_to_35_percent_of_the_gpu(monkeypatch):
     card = types.SimpleNamespace(total_memory=81559 * 2**20)  # what nvidia-smi lists for an H100 80GB
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: card)
     assert round(resident_budget(None) / 2**30, 1) == 27.9
+
+
+def test_the_engine_description_states_the_options_not_a_runs_counters():
+    """calibrate.py merges the engine's options and its counters into one record, and the card and
+    provenance state the options from it (`engine_description`): a counter under an option's name
+    would put a run's counts and times (onload-ahead's waits) into the published bytes."""
+    from release.awq import ScaleOptions, ScaleStats
+    from release.build.branch_folder import engine_description
+
+    options, stats = ScaleOptions(), ScaleStats()
+    stats.onload_ahead = {"layers": 3, "wait_s": 0.123}
+    stats.read_ahead_layers = 2
+    assert not set(options.to_json()) & set(stats.to_json())
+    described = engine_description({"awq_engine": {"engine": "glmrel", **options.to_json(), **stats.to_json()}})
+    assert described["onload_ahead"] == ("cuda",) and described["read_ahead"] is True
+    assert described == {"engine": "glmrel", **options.to_json()}

@@ -124,8 +124,10 @@ class ScaleStats:
             "gpu_kernels": dict(self.gpu_kernels),
             "routing_reused": self.routing_reused,
             "routing_reuse_disabled": self.routing_reuse_disabled,
-            "read_ahead": {"layers": self.read_ahead_layers, "gib": round(self.read_ahead_gib, 3)},
-            "onload_ahead": dict(self.onload_ahead),
+            # (not the options' names: calibrate.py merges these with ScaleOptions.to_json, and the
+            # card and provenance state the options, never a run's counters or times)
+            "read_ahead_counts": {"layers": self.read_ahead_layers, "gib": round(self.read_ahead_gib, 3)},
+            "onload_ahead_counts": dict(self.onload_ahead),
             "merged_search_forwards": dict(self.merged_forwards),
             "batched_expert_searches": self.batched_expert_searches,
             "expert_searches_run": self.expert_searches_run,
