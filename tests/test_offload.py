@@ -68,8 +68,7 @@ def test_onload_ahead_hands_over_the_next_layers_weights_and_drops_what_changed(
     from compressed_tensors.offload.cache.disk import DiskCache
 
     from release.awq import Patches
-    from release.awq.engine import stock_onload
-    from release.awq.read_ahead import OnloadAhead, onloaded_ahead_entries, patch_onloads
+    from release.awq.read_ahead import OnloadAhead, onloaded_ahead_entries, patch_onloads, stock_onload
 
     root, values = _two_layers(tmp_path)
     layer = root.model.layers[1]

@@ -19,7 +19,7 @@ from .hooks import HOOKS, Patches
 from .kernels import TORCH_OPS, Kernels
 from .options import TARGET_VERSION, ScaleOptions
 from .ranks import SharedSmoothFix, cpu_allreduce_sum
-from .read_ahead import OnloadAhead, ReadAhead, patch_onloads
+from .read_ahead import OnloadAhead, ReadAhead, patch_onloads, stock_onload
 from .side import SideBranch, SideRun
 from .state import RunState
 from .stats import HostPeak, ScaleStats
@@ -129,17 +129,7 @@ class Engine:
         if self.onload_ahead is not None:
             onload, self.onload_ahead = self.onload_ahead, None
             onload.close()
-            self.stats.onload_ahead = {
-                "layers": onload.layers,
-                "tensors": onload.tensors,
-                "gib": round(onload.bytes / 2**30, 3),
-                "served": onload.served,
-                "stale": onload.stale,
-                "unused": onload.unused,
-                "skipped_for_memory": onload.skipped,
-                "wait_s": round(onload.wait_s, 3),
-                "failed": onload.failed,
-            }
+            self.stats.onload_ahead = onload.counts()
         if self.side_run is not None:
             self.stats.grid = self.run.grid.to_json()  # grid.py: what the side branches searched
             side, self.side_run = self.side_run, None
@@ -147,20 +137,6 @@ class Engine:
                 side.close()
             finally:
                 self.stats.side_store_wait_s = side.writer.waited_s
-
-
-def stock_onload() -> Callable[[Any, Any], Any]:
-    """compressed-tensors' own onload for an offload cache (disk or CPU), as the library has it
-    before the run patches it (read_ahead.py's helper thread calls this one)."""
-    from compressed_tensors.offload.cache.cpu import CPUCache
-    from compressed_tensors.offload.cache.disk import DiskCache
-
-    from_disk, from_cpu = DiskCache.onload, CPUCache.onload
-
-    def onload(cache: Any, offloaded: Any) -> Any:
-        return from_disk(cache, offloaded) if isinstance(cache, DiskCache) else from_cpu(cache, offloaded)
-
-    return onload
 
 
 @contextlib.contextmanager

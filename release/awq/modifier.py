@@ -155,8 +155,9 @@ class MoeAWQModifier(AWQModifier):
 
     def _apply_smoothing_engine(self, model: Any) -> None:
         mappings = [m for m in self._resolved_mappings if m.smooth_name in self._smooth_activation_stats]
-        if mappings and self.engine.read_ahead is not None:  # the next layer's offloaded weights, meanwhile
-            self.engine.read_ahead.after(model, layer_key(touched_modules(mappings)))
+        key = layer_key(touched_modules(mappings)) if mappings else None
+        if key is not None and self.engine.read_ahead is not None:  # the next layer's offloaded weights, meanwhile
+            self.engine.read_ahead.after(model, key)
         if self.side_run is None or not mappings:
             self._record_layer(self._smooth_layer(model))
         else:
@@ -172,8 +173,10 @@ class MoeAWQModifier(AWQModifier):
             )
             if timing:
                 self._record_layer(timing[0], side)
-        if mappings and self.engine.onload_ahead is not None:  # the next layer's weights, while this one propagates
-            self.engine.onload_ahead.after(model, layer_key(touched_modules(mappings)))
+        if (
+            key is not None and self.engine.onload_ahead is not None
+        ):  # the next layer's weights, while this one propagates
+            self.engine.onload_ahead.after(model, key)
 
     def _smooth_layer(self, model: Any, *, record: bool = True) -> LayerTiming:
         """The engine's smoothing of one layer (stock's loop with routed experts in the search,

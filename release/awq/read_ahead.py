@@ -161,6 +161,22 @@ def source_stamp(cache: Any, offloaded: Any) -> Any:
     return (*sorted(info.items()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def stock_onload() -> Callable[[Any, Any], Any]:
+    """compressed-tensors' own onload for an offload cache (disk or CPU), as the library has it
+    before `patch_onloads` patches it (the helper thread calls this one)."""
+    from compressed_tensors.offload.cache.disk import DiskCache
+
+    from .hooks import HOOKS
+
+    from_disk = getattr(*HOOKS["disk_onload"].owner_and_name())
+    from_cpu = getattr(*HOOKS["cpu_onload"].owner_and_name())
+
+    def onload(cache: Any, offloaded: Any) -> Any:
+        return from_disk(cache, offloaded) if isinstance(cache, DiskCache) else from_cpu(cache, offloaded)
+
+    return onload
+
+
 def patch_onloads(patches: Any, ahead: Callable[[], OnloadAhead | None]) -> None:
     """Through `patches` (hooks.py's `Patches`): compressed-tensors' CPU and disk onloads ask for
     `ahead()`'s copy first, and a disk offload's in-place update forgets the copy of what it
@@ -300,6 +316,20 @@ class OnloadAhead:
         entry = self.ready.pop(id(offloaded), None)
         if entry is not None and entry[0] is offloaded:
             self.stale += 1
+
+    def counts(self) -> dict[str, Any]:
+        """What was onloaded ahead and what became of it (the run's ScaleStats)."""
+        return {
+            "layers": self.layers,
+            "tensors": self.tensors,
+            "gib": round(self.bytes / 2**30, 3),
+            "served": self.served,
+            "stale": self.stale,
+            "unused": self.unused,
+            "skipped_for_memory": self.skipped,
+            "wait_s": round(self.wait_s, 3),
+            "failed": self.failed,
+        }
 
     def drop(self) -> None:
         self.unused += len(self.ready)
