@@ -662,6 +662,7 @@ def main() -> None:
         return
     if a.config is None:
         ap.error("--config is required")
+    engine_settings(a.engine)  # a bad KEY=VALUE fails here, before any child loads the model
     records = {}
     runs = (("syncs", a.sync_samples), ("h2d", a.h2d_samples), ("profile", a.profile_samples), ("timed", a.samples))
     for mode, n in runs:  # short first

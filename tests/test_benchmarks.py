@@ -929,6 +929,23 @@ def test_profile_layer_one_pass_on_the_tiny_model(tmp_path):
     assert "dense layer on one GPU" in printed and "measured; side branches measured" in printed
 
 
+def test_profile_layer_refuses_an_unknown_engine_option_before_loading_anything(tmp_path):
+    """`profile_layer --engine KEY=VALUE` with a KEY ScaleOptions lacks fails at once, naming the
+    known keys, before any child process loads a model (it used to fail in each child, after the load)."""
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_layer", "--config", str(tmp_path / "absent.yaml")]
+        + ["--engine", "onload_ahed=[]"],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "--engine 'onload_ahed=[]'" in proc.stderr and "onload_ahead" in proc.stderr
+    assert "RECORD" not in proc.stdout
+
+
 def test_the_performance_page_states_the_estimate_its_record_gives():
     """docs/performance.md's full-release figures are benchmarks.release_estimate's on the H200
     one-pass record of the engine's latest dense and MoE layers (run, not copied)."""
