@@ -194,6 +194,29 @@ def test_symlink_pointing_out(branch, tmp_path):
     assert f"[files] notes.txt is a symbolic link (to {outside}); a branch holds regular files only" in msgs
 
 
+def test_linked_config_files_are_refused_once_and_never_followed(branch, tmp_path):
+    """config.json and tokenizer_config.json replaced by links to files outside the branch (the
+    same bytes): each is one failure, not also "missing", and neither target is read: no config
+    check runs on the outside file, and its chat template does not count as the branch's."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("config.json", "tokenizer_config.json"):
+        shutil.move(branch / name, outside / name)
+        os.symlink(outside / name, branch / name)
+    tok = json.loads((outside / "tokenizer_config.json").read_text())
+    tok["chat_template"] = "{{ messages }}"
+    (outside / "tokenizer_config.json").write_text(json.dumps(tok))
+    (branch / "chat_template.jinja").unlink(missing_ok=True)
+    report = check_branch(branch, no_hash=True)
+    msgs = [f"[{i.check}] {i.message}" for i in report.failures]
+    for name in ("config.json", "tokenizer_config.json"):
+        said = [m for m in msgs if m.startswith(f"[files] {name} ")]
+        assert said == [f"[files] {name} is a symbolic link (to {outside / name}); a branch holds regular files only"]
+    assert not any("is missing" in m for m in msgs), msgs
+    assert "[files] no chat template (chat_template.jinja or tokenizer_config.json's chat_template)" in msgs
+    assert not [i for i in report.items if i.check == "config"], "the linked config.json was read"
+
+
 def test_symlinked_shard_is_one_failure_not_a_flood(branch, tmp_path):
     """A shard replaced by a link (even to its own bytes) is refused once; the tensors the index
     maps to it are said not to be checked, once, instead of missing one line each."""

@@ -35,6 +35,8 @@ def check_source(report: CheckReport, source: BranchSource, third_party: bool) -
     names = source.files(report)
 
     def tokenizer_config() -> dict:
+        if "tokenizer_config.json" not in names:  # absent, or refused (a link is never followed)
+            return {}
         try:
             return dict(source.json("tokenizer_config.json"))
         except (OSError, ValueError, TypeError):
@@ -66,6 +68,8 @@ def check_source(report: CheckReport, source: BranchSource, third_party: bool) -
         check_verification(report, record, manifest, source.label)
         check_evaluation(report, source, names, manifest)
     found, unreadable = read_all_shards(report, [(s, source.header(s)) for s in shards])
+    if "config.json" not in names:  # missing or refused (a link is never followed): said under files
+        return report
     try:
         cfg = source.json("config.json")
     except (OSError, ValueError) as e:

@@ -174,7 +174,7 @@ def check_required(
     report: CheckReport, names: set[str], tokenizer_config: Callable[[], dict], third_party: bool = False
 ) -> None:
     for req in MODEL_FILES if third_party else REQUIRED_FILES:
-        if req not in names:
+        if req not in names and req not in report.rejected:  # a refused one (a link...) was said
             report.fail("files", f"required file {req} is missing")
     if third_party:
         report.skip("records", f"{', '.join(RECORD_FILES)}: glmrel's build records (--third-party)")
