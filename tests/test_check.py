@@ -417,6 +417,32 @@ def test_committed_manifests_pass_and_a_mislabelled_one_fails(tmp_path):
     assert "[quantization] group_size is 64, but the branch is GS32" in res.output
 
 
+def test_check_manifest_refuses_a_linked_manifest_and_entries_outside_the_branch(tmp_path):
+    """CI's light job reads the committed manifests: one that is a link is refused unread (it
+    would have CI read whatever it points to), and an entry that names a path (../../etc/passwd)
+    or a hidden file is said to be no file of the branch."""
+    repo = Path(__file__).resolve().parent.parent
+    outside = tmp_path / "outside.json"
+    outside.write_text((repo / "manifests" / "demo" / "W4A16_GS64.json").read_text())
+    link = tmp_path / "W4A16_GS64.json"
+    link.symlink_to(outside)
+    res = CliRunner().invoke(cli, ["check-manifest", str(link)])
+    assert res.exit_code == 1
+    assert f"[manifest] {link} is a symbolic link (to {outside}); commit the manifest file itself" in res.output
+    assert "[quantization]" not in res.output, "the link's target was read"
+    data = json.loads(outside.read_text())
+    entry = data["files"].pop("README.md")
+    data["files"]["../../etc/passwd"] = entry
+    data["files"][".hidden"] = entry
+    bad = tmp_path / "bad" / "W4A16_GS64.json"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps(data))
+    res = CliRunner().invoke(cli, ["check-manifest", str(bad)])
+    assert res.exit_code == 1
+    for name in ("../../etc/passwd", ".hidden"):
+        assert f"[manifest] entry {name!r} is not a file of the branch folder (a path or a hidden name)" in res.output
+
+
 def test_fused_experts_are_diagnosed_before_the_missing_tensors(branch):
     """Experts stored fused (transformers' in-memory layout): one diagnosis first, then a
     count of the per-expert tensors it explains, not 50 lines of symptoms."""

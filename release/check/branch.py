@@ -150,6 +150,9 @@ def check_remote(
 def check_manifest_file(path: Path, group_size: int | None = None) -> CheckReport:
     """CI's light check of a committed manifest: schema, required files, quantization metadata."""
     report = CheckReport(str(path), group_size)
+    if Path(path).is_symlink():  # a committed link would have CI read whatever it points to
+        report.fail("manifest", f"{path} is a symbolic link (to {os.readlink(path)}); commit the manifest file itself")
+        return report
     try:
         m = Manifest.load(Path(path))
     except ReleaseError as e:
@@ -163,8 +166,10 @@ def check_manifest_file(path: Path, group_size: int | None = None) -> CheckRepor
     if not any(n.endswith(".safetensors") for n in m.files):
         report.fail("manifest", "no *.safetensors shard is listed")
     for name, entry in m.files.items():
-        if "/" in name or name.startswith(".") or not SHA256_HEX.fullmatch(entry.sha256) or entry.size < 0:
-            report.fail("manifest", f"entry {name!r} is malformed (name, size or sha256)")
+        if "/" in name or "\\" in name or name.startswith("."):
+            report.fail("manifest", f"entry {name!r} is not a file of the branch folder (a path or a hidden name)")
+        elif not SHA256_HEX.fullmatch(entry.sha256) or entry.size < 0:
+            report.fail("manifest", f"entry {name!r} is malformed (size or sha256)")
     q = m.quantization
     want = {
         "quant_method": "compressed-tensors",
