@@ -355,7 +355,9 @@ def sealed_changes(folder: Path) -> list[str]:
     records written after verification (verify.json, the card, its plots) may change; an
     unreadable manifest is itself a change. Empty: the content is what was sealed."""
     path = folder / MANIFEST_FILE
-    if not path.is_file() or path.is_symlink():
+    if path.is_symlink():  # never followed: its target is not the branch's
+        return [f"{MANIFEST_FILE} is a symbolic link (to {os.readlink(path)}), not the manifest sealed"]
+    if not path.is_file():
         return [f"{MANIFEST_FILE} is missing"]
     try:
         sealed = Manifest.load(path).files

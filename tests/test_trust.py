@@ -140,6 +140,19 @@ def test_a_byte_flipped_with_its_mtime_restored_is_still_a_change(tmp_path):
     ]
 
 
+def test_a_manifest_replaced_by_a_link_is_named_a_link_and_not_followed(tmp_path):
+    """A sealed branch whose manifest.json became a link (even to the very manifest sealed) is a
+    change: the link is named as such, its target never read as the branch's seal."""
+    folder = tmp_path / "W4A16_GS64"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\0" * 4096)
+    write_manifest(folder)
+    outside = tmp_path / "manifest.json"
+    (folder / MANIFEST_FILE).rename(outside)
+    (folder / MANIFEST_FILE).symlink_to(outside)
+    assert sealed_changes(folder) == [f"manifest.json is a symbolic link (to {outside}), not the manifest sealed"]
+
+
 def test_a_change_in_the_same_clock_tick_as_the_hash_is_still_a_change(tmp_path, monkeypatch):
     """Where timestamps are coarse (a jiffy on older kernels), a byte changed in the same tick
     as the hash keeps size, mtime, inode and ctime: the hash cache must not vouch for the old
