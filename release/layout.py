@@ -48,10 +48,11 @@ def mtp_ignore_entry(layer: int) -> str:
 # ---------------------------------------------------------------- index and shard headers
 
 
-def shard_in_folder(shard: Any) -> bool:
-    """An index's shard name names a file of the branch's own folder: a plain file name, not a
-    path, not hidden, no backslash (what Windows or a careless tool would read as a folder)."""
-    return isinstance(shard, str) and Path(shard).name == shard and "\\" not in shard and not shard.startswith(".")
+def name_in_folder(name: Any) -> bool:
+    """A name (an index's shard, a manifest's entry) names a file of the branch's own folder: a
+    plain file name, not a path, not hidden, no backslash (what Windows or a careless tool would
+    read as a folder)."""
+    return isinstance(name, str) and Path(name).name == name and "\\" not in name and not name.startswith(".")
 
 
 def read_weight_map(folder: Path) -> dict[str, str]:
@@ -76,7 +77,7 @@ def read_weight_map(folder: Path) -> dict[str, str]:
             raise ReleaseError(f"{shards[0]} cannot be read as safetensors: {problems[0]}", hint=hint)
         weight_map = dict.fromkeys(meta.tensors, shards[0].name)
     for name, shard in weight_map.items():
-        if not shard_in_folder(shard):
+        if not name_in_folder(shard):
             raise ReleaseError(f"{index} maps {name} to {shard!r}, not a file of {folder.name}", hint=hint)
     return dict(weight_map)
 

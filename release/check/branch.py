@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ReleaseError
 from ..evaluation.records import record_problems
-from ..layout import INDEX_FILE
+from ..layout import INDEX_FILE, name_in_folder
 from ..manifest import EVAL_FILE, MANIFEST_FILE, SHA256_HEX, VERIFY_FILE, Manifest
 from .report import CheckReport
 from .rules import (
@@ -166,7 +166,7 @@ def check_manifest_file(path: Path, group_size: int | None = None) -> CheckRepor
     if not any(n.endswith(".safetensors") for n in m.files):
         report.fail("manifest", "no *.safetensors shard is listed")
     for name, entry in m.files.items():
-        if "/" in name or "\\" in name or name.startswith("."):
+        if not name_in_folder(name):
             report.fail("manifest", f"entry {name!r} is not a file of the branch folder (a path or a hidden name)")
         elif not SHA256_HEX.fullmatch(entry.sha256) or entry.size < 0:
             report.fail("manifest", f"entry {name!r} is malformed (size or sha256)")

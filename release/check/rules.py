@@ -25,7 +25,7 @@ from ..layout import (
     expected_inventory,
     group_size_from_scales,
     mtp_prefix,
-    shard_in_folder,
+    name_in_folder,
 )
 from ..manifest import MANIFEST_FILE, VERIFY_FILE, Manifest
 from ..serving.rules import serve_verdicts
@@ -218,7 +218,7 @@ def check_index(
     shards: list[str] = []
     unread: dict[str, str] = {}
     for shard in referenced:
-        if not shard_in_folder(shard):
+        if not name_in_folder(shard):
             report.fail("files", f"{INDEX_FILE} names shard {shard!r} outside the branch folder")
             unread[shard] = "it is outside the branch folder"
         elif shard in report.rejected:
