@@ -11,6 +11,11 @@ from typing import Any
 DEDUPLICATED_INPUTS = ("attention_mask", "position_embeddings", "position_ids")  # resident caches
 
 
+def _same_plain(a: Any, b: Any) -> bool:
+    """The same object, or equal plain values of one type (None, a number, a string)."""
+    return a is b or (type(a) is type(b) and isinstance(a, (int, float, bool, str)) and a == b)
+
+
 def _deduplicate(new: Any, prev: Any) -> int | None:
     """Resident caches: point the tensors of IntermediateValue `new` (nested in tuples or lists) at
     `prev`'s where they are equal; returns the bytes no longer held twice, or None where some
@@ -32,9 +37,7 @@ def _deduplicate(new: Any, prev: Any) -> int | None:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
         parts = [_deduplicate(x, y) for x, y in zip(a, b)]
         return None if None in parts else sum(p for p in parts if p is not None)
-    if a is b or (type(a) is type(b) and isinstance(a, (int, float, bool, str)) and a == b):
-        return 0
-    return None
+    return 0 if _same_plain(a, b) else None
 
 
 class Source:
@@ -58,7 +61,7 @@ def same_leaf(before: Any, now: Any) -> bool:
         if tensor is None or tensor is not now.ref():
             return False
         return bool(getattr(tensor, "_version", None) == before.version)
-    return before is now or (type(before) is type(now) and isinstance(now, (int, float, bool, str)) and before == now)
+    return _same_plain(before, now)
 
 
 def deduplicate_batch(cache: Any, batch_index: int) -> tuple[int, int]:
