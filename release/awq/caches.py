@@ -449,6 +449,8 @@ def cache_classes() -> tuple[Any, Any, Any]:
             super().__init__(None, offload_device)
             self.engine = engine
             self.held = engine.ledger.holder(self)
+            # _same_as_before: the last batch given, and per key its leaves (tensors weakly held)
+            self._sources: dict[str, Any] = {}
 
         def update(self, batch_index: int, values: dict[str, Any]) -> None:
             engine = self.engine
@@ -479,7 +481,7 @@ def cache_classes() -> tuple[Any, Any, Any]:
             tensors (the pipeline's cache hands every sample the same causal mask and rotary
             tables once it stores them once: deduplicate_batch), and every other leaf equal;
             the sources of this batch remembered (weakly) for the next."""
-            sources = self.__dict__.setdefault("_sources", {})
+            sources = self._sources
             last, sources["batch"] = sources.get("batch"), batch_index
             same = {}
             prev = self.batch_intermediates[batch_index - 1] if 0 < batch_index <= len(self.batch_intermediates) else {}
