@@ -362,17 +362,18 @@ def manifest(path: Path, export: Path | None) -> None:
     not hashed again. A branch glmrel built whose weights or config changed since it was
     sealed is refused: a manifest never vouches for content other than what was built.
     """
-    from .manifest import refresh_manifest
-    from .owned import require_writable_folder
+    from .manifest import folder_branch, refresh_manifest
+    from .owned import require_plain_file_or_nothing, require_writable_folder
 
-    if export:  # checked first: a bad --export writes nothing at all
+    target = export / f"{folder_branch(path)}.json" if export else None
+    if export and target:  # checked first: a bad --export writes nothing at all
         require_writable_folder(export, "--export")
+        require_plain_file_or_nothing(target, "--export")
     m = refresh_manifest(path)
     click.echo(f"{path}/manifest.json: {len(m.files)} files, {m.total_bytes} bytes")
-    if export:
-        export.mkdir(parents=True, exist_ok=True)
-        m.write(export / f"{m.branch}.json")
-        click.echo(f"exported to {export / (m.branch + '.json')}")
+    if target:
+        m.write(target)
+        click.echo(f"exported to {target}")
 
 
 @cli.command()

@@ -121,9 +121,13 @@ def write_if_changed(path: Path, text: str | bytes) -> bool:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)  # a leftover (or a planted link) is never written through
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-written is left beside the record
+        raise
     return True
 
 
@@ -334,13 +338,19 @@ class HashCache:
         return out, todo
 
 
+def folder_branch(folder: Path) -> str:
+    """The branch a folder holds, by its name as the path spells it once made absolute: `.` in
+    out/demo/W4A16_GS64 is W4A16_GS64, never the empty name."""
+    return Path(os.path.abspath(folder)).name
+
+
 def build_manifest(folder: Path, branch: str | None = None) -> Manifest:
     """Describe `folder`: every file's size and sha256 (from the hash cache where it vouches)."""
     entries = {
         name: FileEntry(size, digest)
         for name, (size, digest) in HashCache(folder).hashes(release_files(folder)).items()
     }
-    return Manifest(MANIFEST_SCHEMA, branch or folder.name, entries, quantization_summary(folder))
+    return Manifest(MANIFEST_SCHEMA, branch or folder_branch(folder), entries, quantization_summary(folder))
 
 
 def write_manifest(folder: Path, branch: str | None = None) -> Manifest:
@@ -409,7 +419,7 @@ def refresh_manifest(folder: Path, branch: str | None = None) -> Manifest:
     """The manifest again after records were written (verify.json, the card): only those may
     change. A built branch whose content changed since it was sealed is refused
     (`require_sealed`), so a refresh never re-approves changed weights."""
-    require_sealed(folder, branch or folder.name)
+    require_sealed(folder, branch or folder_branch(folder))
     return write_manifest(folder, branch)
 
 

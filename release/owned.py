@@ -100,6 +100,18 @@ def require_replaceable(path: Path, what: str) -> None:
         )
 
 
+def require_plain_file_or_nothing(path: Path, what: str) -> None:
+    """Refuse, before any work, to write over `path` when it is a link or a folder: a file
+    written there would replace the link (or fail on the folder) instead of being written
+    where the user looks; a plain file (an earlier export) is replaced."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        kind = "a link" if path.is_symlink() else "a folder" if _is_real_dir(path) else "not a plain file"
+        raise ReleaseError(
+            f"{path} is {kind}; {what} writes a plain file there and glmrel does not replace what it did not make",
+            hint=f"move {path} away, or set {what} to another folder",
+        )
+
+
 def require_writable_folder(path: Path, what: str) -> None:
     """`path` is (or can be made) a folder this process can write in: checked before any work,
     so a build does not calibrate for minutes and then fail on where it writes."""

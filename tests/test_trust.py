@@ -570,3 +570,32 @@ def test_an_atomic_write_never_writes_through_a_planted_link(tmp_path):
     os.symlink(outside, target.with_name(f".{target.name}.tmp-{os.getpid()}"))
     assert write_if_changed(target, "{}")
     assert outside.read_text() == "keep" and target.read_text() == "{}" and not target.is_symlink()
+
+
+def test_manifest_export_never_replaces_a_link_or_a_folder(tmp_path):
+    folder = tmp_path / "W4A16_GS64"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    export = tmp_path / "exported"
+    export.mkdir()
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text("their file")
+    (export / "W4A16_GS64.json").symlink_to(theirs)
+    refused(run("manifest", str(folder), "--export", str(export)), "is a link", "move")
+    assert (export / "W4A16_GS64.json").is_symlink() and theirs.read_text() == "their file"
+    assert not (folder / MANIFEST_FILE).exists()
+    (export / "W4A16_GS64.json").unlink()
+    (export / "W4A16_GS64.json").mkdir()
+    refused(run("manifest", str(folder), "--export", str(export)), "is a folder")
+    assert not (folder / MANIFEST_FILE).exists() and sorted(p.name for p in export.iterdir()) == ["W4A16_GS64.json"]
+
+
+def test_manifest_of_dot_names_the_folder_it_is_in(tmp_path, monkeypatch):
+    folder = tmp_path / "W4A16_GS64"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    monkeypatch.chdir(folder)
+    res = run("manifest", ".", "--export", str(tmp_path / "exported"))
+    assert res.exit_code == 0, res.output
+    assert json.loads((folder / MANIFEST_FILE).read_text())["branch"] == "W4A16_GS64"
+    assert [p.name for p in (tmp_path / "exported").iterdir()] == ["W4A16_GS64.json"]
