@@ -474,7 +474,8 @@ def load_config(path: str | Path) -> ReleaseConfig:
             f"config {source} is a folder, not a file", hint="pass --config PATH to a release YAML file in it"
         )
     if not source.is_file():
-        raise ReleaseError(f"config file {source} does not exist", hint="pass --config PATH to a release YAML")
+        what = "is not a regular file" if source.exists() else "does not exist"
+        raise ReleaseError(f"config file {source} {what}", hint="pass --config PATH to a release YAML")
     try:
         raw = yaml.safe_load(source.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:

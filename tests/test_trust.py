@@ -332,6 +332,8 @@ def test_config_that_is_not_utf8_or_is_a_folder(tmp_path):
     bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
     refused(run("build-all", "--config", str(bad)), "is not UTF-8 text")
     refused(run("build-all", "--config", str(tmp_path)), f"config {tmp_path} is a folder, not a file")
+    refused(run("build-all", "--config", os.devnull), f"config file {os.devnull} is not a regular file")
+    refused(run("build-all", "--config", str(tmp_path / "none.yaml")), "does not exist")
 
 
 def test_manifest_export_under_a_file_writes_nothing(tmp_path):
