@@ -451,6 +451,7 @@ def cache_classes() -> tuple[Any, Any, Any]:
             self.held = engine.ledger.holder(self)
             # _same_as_before: the last batch given, and per key its leaves (tensors weakly held)
             self._sources: dict[str, Any] = {}
+            self._unequal: set[str] = set()  # deduplicate_batch: keys whose values differ by sample
 
         def update(self, batch_index: int, values: dict[str, Any]) -> None:
             engine = self.engine
@@ -471,7 +472,7 @@ def cache_classes() -> tuple[Any, Any, Any]:
             else:
                 engine.stock_update(self, batch_index, values)
                 engine.stats.offloaded_batches += 1
-            count, saved_bytes = deduplicate_batch(self, batch_index)
+            count, saved_bytes = deduplicate_batch(self, batch_index, self._unequal)
             engine.stats.deduplicated_values += count
             if resident:
                 engine.ledger.give(saved_bytes, self.held)

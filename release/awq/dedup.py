@@ -64,10 +64,11 @@ def same_leaf(before: Any, now: Any) -> bool:
     return _same_plain(before, now)
 
 
-def deduplicate_batch(cache: Any, batch_index: int) -> tuple[int, int]:
+def deduplicate_batch(cache: Any, batch_index: int, unequal: set[str]) -> tuple[int, int]:
     """Resident caches: store the values of batch `batch_index` once where they equal the
     previous batch's; returns (values, bytes) saved. The DEDUPLICATED_INPUTS are compared at
-    every batch; any other key only until its values first differ (the cache remembers it): the
+    every batch; any other key only until its values first differ (added to `unequal`, the
+    cache's set of such keys, which its owner keeps from batch to batch): the
     pipeline's own cache names its inputs by the traced graph's names (the causal mask and the
     rotary tables of every sample under `wrapped_N` and `model_rotary_emb`), which are equal
     for every sample of one length, while a layer's hidden states differ at the first compare.
@@ -76,7 +77,6 @@ def deduplicate_batch(cache: Any, batch_index: int) -> tuple[int, int]:
     if batch_index < 1 or batch_index >= len(cache.batch_intermediates):
         return 0, 0
     new, prev = cache.batch_intermediates[batch_index], cache.batch_intermediates[batch_index - 1]
-    unequal = cache.__dict__.setdefault("_glmrel_unequal", set())
     values = saved = 0
     for key in new.keys() & prev.keys():
         if key in unequal:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,6 +51,8 @@ class Engine:
         self.deduplicating = options.resident_cache_gib != 0  # resident caches
         self.ledger = Ledger(resident_budget(options.resident_cache_gib) if self.deduplicating else 0)
         self.grams = Ledger(math.inf)  # the Gram search's Gram matrices
+        # deduplicate_batch: per stock cache (the pipeline's), the keys whose values differ by sample
+        self._unequal: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
         self.gram_by_gemm: bool | None = None  # caches.py: the batched hooks' Gram sums added by the GEMM (tried once)
         self.write_back = WriteBack(check=options.check_write_back) if options.deferred_write_back else None
         self.clock = {"last": time.perf_counter(), "mapping": time.perf_counter()}
@@ -71,6 +74,11 @@ class Engine:
         self.read_ahead = ReadAhead() if options.read_ahead else None  # read_ahead.py: offloaded weights
         # ... and the next layer's onloaded by a helper thread (the run patches the onloads to ask it)
         self.onload_ahead = OnloadAhead(stock_onload(), options.onload_ahead) if options.onload_ahead else None
+
+    def unequal_keys(self, cache: Any) -> set[str]:
+        """deduplicate_batch's set, for a stock cache, of the keys whose values differ by sample:
+        kept here for the run (weakly: it ends with the cache), not on llm-compressor's object."""
+        return self._unequal.setdefault(cache, set())
 
     def recipe(self, recipe_text: str) -> Any:
         """The rendered recipe as llm-compressor reads it, each AWQModifier replaced by this
@@ -178,7 +186,7 @@ def scaled_awq(
         """Resident caches, every cache the engine does not replace (the pipeline's layer inputs among
         them): stock, then values equal to the previous sample's stored once."""
         engine.stock_update(self, batch_index, values)
-        stats.deduplicated_values += deduplicate_batch(self, batch_index)[0]
+        stats.deduplicated_values += deduplicate_batch(self, batch_index, engine.unequal_keys(self))[0]
 
     def timed_allreduce(data: list[Any]) -> list[Any]:
         """Stock's all-reduce, timed from when this rank's GPU work is done: the time this rank
