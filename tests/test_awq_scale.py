@@ -688,6 +688,10 @@ def test_merged_attention_forward_equals_one_per_sample():
     assert torch.allclose(outs[1], separate[3], atol=1e-6) and torch.allclose(outs[2], separate[4], atol=1e-6)
     # the token budget splits groups
     assert [m["hidden_states"].shape[0] for m in merged_batches(iter(batches[:3]), False, 24, {}, "a")] == [2, 1]
+    # ... counted by the hidden states' rows whatever key comes first (a resident cache puts the
+    # values it stores once, position_ids among them, first)
+    reordered = [{"position_ids": b["position_ids"], **b} for b in batches[:3]]
+    assert [m["hidden_states"].shape[0] for m in merged_batches(iter(reordered), False, 24, {}, "a")] == [2, 1]
 
 
 def test_merged_moe_block_forward_equals_one_per_sample():

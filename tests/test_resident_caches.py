@@ -86,3 +86,5 @@ def test_a_parent_cache_handed_the_same_tensors_neither_copies_nor_compares_them
     assert torch.equal(stored[3]["wrapped_0"].value, mask) and not torch.equal(stored[0]["wrapped_0"].value, mask)
     assert stored[3]["model_rotary_emb"] is stored[0]["model_rotary_emb"]
     assert engine.ledger.used - held == stored[3]["hidden_states"].value.nbytes + mask.nbytes
+    # every sample's values keep the order the sample brought them in, those stored once among them
+    assert all(list(b) == list(stored[0]) for b in stored), [list(b) for b in stored]

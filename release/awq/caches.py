@@ -455,6 +455,7 @@ def cache_classes() -> tuple[Any, Any, Any]:
 
         def update(self, batch_index: int, values: dict[str, Any]) -> None:
             engine = self.engine
+            order = list(values)
             same = self._same_as_before(batch_index, values)
             if same:  # the very tensors the previous sample brought: its stored values, no copy, no compare
                 self.batch_intermediates[batch_index].update(same)
@@ -472,6 +473,10 @@ def cache_classes() -> tuple[Any, Any, Any]:
             else:
                 engine.stock_update(self, batch_index, values)
                 engine.stats.offloaded_batches += 1
+            if same:  # the batch's keys in the order it brought them, as the stock cache keeps them
+                stored = self.batch_intermediates[batch_index]
+                for key in order:
+                    stored[key] = stored.pop(key)
             count, saved_bytes = deduplicate_batch(self, batch_index, self._unequal)
             engine.stats.deduplicated_values += count
             if resident:

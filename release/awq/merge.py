@@ -9,10 +9,15 @@ TOKEN_WISE_PARENTS = ("Linear", "Glm4MoeMLP", "Glm4MoeMoE")  # output row t depe
 
 
 def _tokens(batch: dict[str, Any]) -> int:
+    """The batch's tokens: the most rows any of its tensors of two or more dimensions has (the
+    hidden states'), whatever the order of its keys: a cache may hand `position_ids`, one row
+    of a sample's positions, first (a resident cache's values stored once come first), and
+    counting that as one token let a whole layer's samples merge into one forward."""
     import torch
 
-    x = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
-    return 0 if x is None else x.numel() // x.shape[-1]
+    return max(
+        (v.numel() // v.shape[-1] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() >= 2), default=0
+    )
 
 
 def _mergeable(a: dict[str, Any], b: dict[str, Any], token_wise: bool) -> bool:
