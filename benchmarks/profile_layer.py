@@ -145,10 +145,13 @@ class BatchesWrapper:
 class PassClock(BatchesWrapper):
     """The sequential pipeline's passes over the calibration samples, timed: each layer's
     calibration pass (AWQ's statistics) and propagation pass (its outputs for the next layer),
-    from the first batch to the last one's end (the GPU synchronized)."""
+    from the first batch to the last one's end (the GPU synchronized). `start_s`: when each pass
+    began, from the clock's start, so the time between passes (the smoothing, the engine's work
+    between a propagation pass and the next calibration pass) reads off the record."""
 
     def __init__(self) -> None:
         self.passes: list[dict[str, Any]] = []
+        self.t0 = time.perf_counter()
 
     def pass_(self, desc: str, batches: Any) -> Any:
         import torch
@@ -157,7 +160,7 @@ class PassClock(BatchesWrapper):
         yield from batches
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.passes.append({"pass": desc, "s": round(time.perf_counter() - t, 3)})
+        self.passes.append({"pass": desc, "s": round(time.perf_counter() - t, 3), "start_s": round(t - self.t0, 3)})
 
 
 class OnePass(BatchesWrapper):

@@ -1130,6 +1130,34 @@ def test_h2d_sources_counts_unpinned_copies_by_call_site_and_restores_torch():
     assert (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_) == originals
 
 
+def test_the_pass_clock_places_each_pass_so_the_time_between_them_reads_off(monkeypatch):
+    """profile_layer's PassClock: each pass's seconds and its start from the clock's start, so the
+    time spent between a propagation pass and the next calibration pass (the engine's work, or a
+    wait) is the next pass's start minus this one's start and seconds."""
+    import time
+
+    from llmcompressor.pipelines.sequential import pipeline
+
+    from benchmarks.profile_layer import PassClock
+
+    def batches(model, loader, names, desc):
+        for i in range(2):
+            time.sleep(0.01)
+            yield i, None
+
+    monkeypatch.setattr(pipeline, "_get_batches", batches)
+    with PassClock() as clock:
+        list(pipeline._get_batches(None, None, None, "(1/2): Propagating"))
+        time.sleep(0.05)  # work between the passes
+        list(pipeline._get_batches(None, None, None, "(2/2): Calibrating"))
+    assert pipeline._get_batches is batches
+    first, second = clock.passes
+    assert [first["pass"], second["pass"]] == ["(1/2): Propagating", "(2/2): Calibrating"]
+    assert first["s"] >= 0.02 and second["s"] >= 0.02
+    between = second["start_s"] - first["start_s"] - first["s"]
+    assert 0.05 <= between < 0.5, clock.passes
+
+
 def test_the_calibrating_window_profiles_one_pass_only(monkeypatch):
     """profile_layer --profile-calibrating K: the profiler runs over subgraph K's calibration
     pass, from its first batch to its last, and over nothing else; the pipeline's iterator is

@@ -230,9 +230,18 @@ class OnloadAhead:
         self.layers = self.tensors = self.served = self.stale = self.unused = self.skipped = 0
         self.bytes = 0
         self.wait_s = 0.0  # the main thread's wait for a layer's copies to finish
+        self.after_s = 0.0  # the main thread's time in `after` (finding the entries, queuing them)
+        self.copy_s = 0.0  # the helper's time making the copies, all layers
 
     def after(self, model: Any, key: str) -> None:
         """Onload the decoder layer after `key`'s offloaded weights, on the helper thread."""
+        t = time.perf_counter()
+        try:
+            self._after(model, key)
+        finally:
+            self.after_s += time.perf_counter() - t
+
+    def _after(self, model: Any, key: str) -> None:
         import torch
 
         if self.failed is not None:
@@ -265,12 +274,16 @@ class OnloadAhead:
 
         import torch
 
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for cache, offloaded in entries:
-                stamp = source_stamp(cache, offloaded)
-                self.ready[id(offloaded)] = (offloaded, stamp, self.stock_onload(cache, offloaded))
-        if stream is not None:
-            stream.synchronize()
+        t = time.perf_counter()
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for cache, offloaded in entries:
+                    stamp = source_stamp(cache, offloaded)
+                    self.ready[id(offloaded)] = (offloaded, stamp, self.stock_onload(cache, offloaded))
+            if stream is not None:
+                stream.synchronize()
+        finally:  # read by the main thread only after `wait`
+            self.copy_s += time.perf_counter() - t
 
     def wait(self) -> None:
         """The helper's copies finished (a failure turns onload-ahead off and drops them)."""
@@ -328,6 +341,8 @@ class OnloadAhead:
             "unused": self.unused,
             "skipped_for_memory": self.skipped,
             "wait_s": round(self.wait_s, 3),
+            "after_s": round(self.after_s, 3),
+            "copy_s": round(self.copy_s, 3),
             "failed": self.failed,
         }
 
