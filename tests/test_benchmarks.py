@@ -648,6 +648,33 @@ CITED = [
             (_one("timed", "layers", 0, "gpu_util_calib_pct"), "{:.1f} %"),
         )
     ],
+    *[
+        (doc, f"2026-12-07-h100-onload-ahead/{f}", _pass_s("(3/3): Calibrating"), "{:.3f} s")
+        for doc in (DOCS, ACCOUNT, RESULTS.parent / "2026-12-07-h100-onload-ahead" / "README.md")
+        for f in ("call1/new-256.json", "call2/new2-256.json", "call1/off-256.json", "call2/off2-256.json")
+    ],
+    *[
+        (RESULTS.parent / "2026-12-07-h100-onload-ahead" / "README.md", f"2026-12-07-h100-onload-ahead/{f}", get, fmt)
+        for f in (
+            "call1/base-256.json",
+            "call1/off-256.json",
+            "call2/off2-256.json",
+            "call1/new-256.json",
+            "call2/new2-256.json",
+        )
+        for get, fmt in (
+            (_pass_s("(2/3): Calibrating"), "{:.3f} s"),
+            (_pass_s("(3/3): Calibrating"), "{:.3f} s"),
+            (_one("timed", "oneshot_s"), "{:.2f} s"),
+            (_one("timed", "layers", 1, "calib_s"), "{:.3f} s"),
+            (lambda r: [row["peak_gpu_gib"] for row in r["timed"]["layers"]], "{0[0]} / {0[1]} GiB"),
+        )
+    ],
+    *[
+        (doc, "2026-12-07-h100-onload-ahead/call3/offload-128.json", _run(i, "wall_s"), "{:.1f} s")
+        for doc in (DOCS, ACCOUNT, RESULTS.parent / "2026-12-07-h100-onload-ahead" / "README.md")
+        for i in (0, 1)
+    ],
     (
         RESULTS.parent / "2026-11-30-cpu-demo-single-pass" / "README.md",
         "2026-11-30-cpu-demo-single-pass/record.json",
