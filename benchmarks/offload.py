@@ -126,7 +126,8 @@ def run_mode(
         return rec
     out = work / "branches" / branch
     timings = read_build_log(out.parent, branch).get("quantize", {}).get("timings_s", {})
-    rec["timings_s"] = {k: timings.get(k) for k in ("load", "oneshot", "save", "peak_gpu_gib")}
+    phases = ("prepare", "calibration_data", "load", "oneshot", "save", "seal", "peak_gpu_gib")
+    rec["timings_s"] = {k: timings.get(k) for k in phases}
     rec["weights_sha256"] = _weights_digest(out)
     return rec
 

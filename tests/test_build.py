@@ -198,7 +198,8 @@ def test_provenance_records_inputs(demo_release):
     assert side["timings_s"]["calibration_pass"]["oneshot"] > 0
     assert side["inputs_fingerprint"] == prov["inputs_fingerprint"] and side["pid"] > 0
     lead = read_build_log(cfg.output_dir, "W4A16_GS32")["quantize"]
-    assert set(lead["timings_s"]) >= {"load", "oneshot", "save", "calibration_pass_s"}
+    assert set(lead["timings_s"]) >= {"load", "oneshot", "save", "calibration_pass_s", "seal"}
+    assert side["timings_s"]["seal"] > 0 and lead["timings_s"]["seal"] > 0, "the records and the manifest's hashing"
     assert read_build_log(cfg.output_dir, "W4A16_GS32")["verify"]["seconds"] > 0
 
 
@@ -354,6 +355,9 @@ def test_offloaded_base_weights_give_the_same_branch(demo_release, write_config,
     assert build.stats.disk_writes == build.stats.disk_writes_deferred > 50
     assert build.stats.write_back_checked >= build.stats.disk_writes_deferred
     assert build.stats.write_back_mismatches == 0
+    # the build log splits the build's time: fingerprints, load, calibration, save, sealing
+    timings = read_build_log(cfg.output_dir, "W4A16_GS128")["quantize"]["timings_s"]
+    assert all(timings[k] > 0 for k in ("prepare", "load", "oneshot", "save", "seal")), timings
     checkpoint = str((demo_release["config"].base_model.path / "model.safetensors").resolve())
     assert any(path == checkpoint for path, *_ in advised)
     assert all(0 < length and offset + length <= size for _, offset, length, size in advised)

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -325,6 +326,7 @@ def seal_folder(job: BranchJob, tmp: Path, timings: dict[str, Any], calibration_
     """A built branch's records (provenance.json, manifest.json) into `tmp`, then `tmp` swapped
     in as the branch's folder: an interrupted run leaves a hidden .partial, never a branch.
     `calibration_pass`: the branches of the pass that made it, the propagating one first."""
+    t = time.time()
     cfg, fingerprint, out_dir = job.cfg, job.sealed_fingerprint(calibration_pass), job.out_dir
     provenance = {
         "schema": PROVENANCE_SCHEMA,
@@ -353,6 +355,7 @@ def seal_folder(job: BranchJob, tmp: Path, timings: dict[str, Any], calibration_
     (tmp / ".calibration.json").unlink()
     (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     write_manifest(tmp, job.name)
+    timings["seal"] = round(time.time() - t, 2)  # the records and the manifest's hashes of every file
     # how this run went (timings, peaks, the engine's counters) is local: the branch holds
     # only what its inputs decide, so a rebuild from the same inputs gives the same bytes
     write_build_log(cfg.output_dir, job.name, "quantize", {"inputs_fingerprint": fingerprint, "timings_s": timings})

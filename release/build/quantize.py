@@ -44,6 +44,7 @@ def quantize_branch(
     out_dir = cfg.output_dir / branch.name
     t_start = time.time()
     job = prepare_branch(cfg, branch)
+    prepare_s = round(time.time() - t_start, 2)  # the base model's and the data's fingerprints
     fingerprint = job.fingerprint
     if distributed.rank() == 0:
         remove_stale_partials(cfg.output_dir, branch.name, echo)
@@ -68,6 +69,7 @@ def quantize_branch(
     failed = True
     try:
         timings, run = run_oneshot(job, tmp, echo, scale_options)
+        timings["prepare"] = prepare_s
         seal_folder(job, tmp, timings, [branch.name])
         failed = False
     finally:
