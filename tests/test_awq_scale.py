@@ -72,6 +72,8 @@ def builds(tmp_path_factory, demo_assets):
         ),
         # the config's engine with the experts fused on this CPU as they are on a GPU (all_experts.py)
         "fused": "fused",
+        # ... and each chunk's routed rows taken under a mask, no count read back (sync_free_routing)
+        "fused sync free": "fused",
     }
     out = {}
     for name, options in runs.items():
@@ -86,7 +88,12 @@ def builds(tmp_path_factory, demo_assets):
         if options is None:  # the config's own choice, with the scales recorded for the tests
             options = dataclasses.replace(ScaleOptions.from_spec(cfg.awq), record_scales=True)
         elif options == "fused":
-            options = dataclasses.replace(ScaleOptions.from_spec(cfg.awq), record_scales=True, fused_on_cpu=True)
+            options = dataclasses.replace(
+                ScaleOptions.from_spec(cfg.awq),
+                record_scales=True,
+                fused_on_cpu=True,
+                sync_free_routing=name == "fused sync free",
+            )
         onload = mock.patch.object(CPUCache, "onload", _onload_as_a_copy) if name == "memory" else nullcontext()
         with onload:
             build = quantize_branch(cfg, BRANCH, echo=lambda s: None, scale_options=options)
@@ -431,6 +438,20 @@ def test_fused_experts_stay_with_the_loop(builds):
     assert len(differ) <= len(s) // 18, differ
     assert cos > 0.99
     assert abs(kl_fused - kl_loop) <= 0.01 * kl_loop
+
+
+@pytest.mark.slow
+def test_sync_free_routing_chooses_the_same_scales_and_weights(builds):
+    """`sync_free_routing`: the fused calibration forward takes each chunk's routed rows under a
+    mask instead of a slice whose bounds the host reads back: selections of the same values, so
+    every chosen scale and the branch's weights are the fused run's, bit for bit."""
+    fused, free = builds["fused"], builds["fused sync free"]
+    assert free["stats"].fused_calibration_calls == fused["stats"].fused_calibration_calls > 0
+    s, f = fused["stats"].scales, free["stats"].scales
+    assert s.keys() == f.keys() and s
+    assert all(torch.equal(s[k], f[k]) for k in s), [k for k in s if not torch.equal(s[k], f[k])]
+    weights = [(d / "model.safetensors").read_bytes() for d in (fused["dir"], free["dir"])]
+    assert weights[0] == weights[1]
 
 
 def test_gram_loss_equals_the_loss_over_rows():

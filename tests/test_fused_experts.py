@@ -234,10 +234,19 @@ def test_the_routed_sum_keeps_the_loops_order_and_bits():
         per_expert = 40 * (5 * 16 + 32) * hidden.element_size()
         for chunk_bytes in (4 * 2**30, 2 * per_expert):
             for batched in (True, False):
-                with pytest.MonkeyPatch.context() as mp:
-                    mp.setattr(all_experts, "CHUNK_BYTES", chunk_bytes)
-                    ours = all_experts.all_experts_forward(experts, hidden, idx, weights, RunState(), batched)
-                assert torch.equal(ours, ref), (chunk_bytes, batched)
+                for sync_free in (False, True):
+                    with pytest.MonkeyPatch.context() as mp:
+                        mp.setattr(all_experts, "CHUNK_BYTES", chunk_bytes)
+                        if sync_free:  # no count read back to the host: no wait for the GPU
+                            mp.setattr(torch.Tensor, "tolist", _no_wait)
+                        ours = all_experts.all_experts_forward(
+                            experts, hidden, idx, weights, RunState(), batched, sync_free=sync_free
+                        )
+                    assert torch.equal(ours, ref), (chunk_bytes, batched, sync_free)
+
+
+def _no_wait(self):
+    raise AssertionError("a tensor read back to the host (the host would wait for the GPU)")
 
 
 class _Mapping:
@@ -297,11 +306,18 @@ def test_batched_hooks_leave_what_each_expert_hook_leaves():
     from release.awq.state import RunState
     from release.build.coverage import count_expert_tokens
 
-    variants = {"loop": (False, False), "batched": (True, False), "stacked grams": (True, False)}
+    variants = {
+        "loop": (False, False),
+        "batched": (True, False),
+        "stacked grams": (True, False),
+        "batched, sync free": (True, False),
+    }
     if grouped_gemm_works(torch.zeros(1, dtype=torch.bfloat16)):
         variants["routed down"] = (True, True)
+        variants["routed down, sync free"] = (True, True)
     results = {}
     for name, (batched, grouped) in variants.items():
+        sync_free = name.endswith("sync free")
         experts = _experts(dtype=torch.bfloat16)
         model = torch.nn.Module()
         model.layers = torch.nn.ModuleList([torch.nn.Module()])
@@ -324,7 +340,9 @@ def test_batched_hooks_leave_what_each_expert_hook_leaves():
                 hidden = torch.randn(40, 32, generator=g).to(torch.bfloat16)
                 idx, weights = _routing(40, experts.num_experts)
                 outputs.append(
-                    all_experts.all_experts_forward(experts, hidden, idx, weights, RunState(), batched, stats, grouped)
+                    all_experts.all_experts_forward(
+                        experts, hidden, idx, weights, RunState(), batched, stats, grouped, sync_free=sync_free
+                    )
                 )
         modifier.remove_hooks()
         caches = modifier._parent_args_cache
@@ -348,6 +366,15 @@ def test_batched_hooks_leave_what_each_expert_hook_leaves():
     assert (loop["chunks"].per_expert_hook_chunks, ours["chunks"].batched_hook_chunks) == (2, 2)
     # `gram_by_gemm` keeps a chunk's Gram sums as views of one stack (on a GPU the GEMM adds into
     # it; on the CPU the same sum as without): the same matrices, bit for bit
+    # `sync_free`: the chunks' rows taken under masks instead of slices, the same values
+    for plain, free in (("batched", "batched, sync free"), ("routed down", "routed down, sync free")):
+        if free not in results:
+            continue
+        a, b = results[plain], results[free]
+        assert all(torch.equal(x, y) for x, y in zip(a["outputs"], b["outputs"])), free
+        assert all(torch.equal(a["stats"][k][0], b["stats"][k][0]) for k in a["stats"]), free
+        assert all(torch.equal(x[0], y[0]) for x, y in zip(a["grams"], b["grams"])), free
+        assert a["coverage"] == b["coverage"] and a["chunks"] == b["chunks"], free
     stacked = results["stacked grams"]
     assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(stacked["grams"], ours["grams"]))
     assert stacked["grams"][0][0]._base is not None and stacked["grams"][0][0]._base is stacked["grams"][1][0]._base

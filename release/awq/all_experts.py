@@ -35,6 +35,15 @@ view, stride 0 on its first dimension, where every expert has the same input), `
 hooks are on, each kind runs once per chunk; otherwise every hook is called per expert as before.
 The routed rows go to each token's slot in ascending expert order, then k `index_add_` calls add
 them in that order: the loop's additions, the same bits.
+
+Without a wait (`ScaleOptions.sync_free_routing`, off until a GPU side-by-side). A chunk's
+routed rows are a slice of the rows sorted by expert, and its bounds are the experts' counts,
+copied to the host once a call (`tolist`): the host waits for the GPU there once a sample, and
+the GPU then idles while the host queues the chunk's work (the per-sample pageable copies that
+carried the host's waits in the H100 profile of 2026-12-07). With `sync_free`, every chunk takes
+all rows under a mask of its experts instead (`_RowsInPlace`), and the routed-down product is
+one grouped GEMM over every expert after the chunks: selections of the same values, so the
+same output, with no count on the host.
 """
 
 from __future__ import annotations
@@ -181,6 +190,49 @@ def _hooks_enabled() -> bool:
     return not HooksMixin._HOOKS_DISABLED
 
 
+class _RowsInPlace:
+    """`all_experts_forward(sync_free=True)`: every routed row of `where` (expert, slot, token, by
+    expert) taken from its chunk's products under a mask of the chunk's experts, in place of the
+    chunk's slice of `where`, whose bounds are counts the host would wait for. Dense chunks give
+    their rows of down_proj's output at once; routed-down chunks give their rows of its input, and
+    `finish` makes their product as one grouped GEMM over every expert (the same rows and offsets,
+    `ends`, as the chunks' own products). Selection only: the same values as the slices'."""
+
+    def __init__(self, where: Any, hidden: Any, inter: int) -> None:
+        self.experts, self.tokens = where[:, 0], where[:, 2]
+        self.n_tok, self.inter = hidden.shape[0], inter
+        self.rows = hidden.new_empty(where.shape[0], hidden.shape[1])  # down_proj's output, by row
+        self.picked: Any = None  # down_proj's input of the routed-down chunks' rows
+        self.from_picked: Any = None  # which rows those are
+
+    def take_chunk(self, first: int, last: int, act: Any, down_w: Any, routed_down: bool) -> Any:
+        """Chunk [first, last)'s rows; returns down_proj's dense output for the hooks (None where
+        its product waits for `finish`)."""
+        import torch
+
+        in_chunk = ((self.experts >= first) & (self.experts < last)).unsqueeze(1)
+        index = (self.experts - first).clamp(0, last - first - 1) * self.n_tok + self.tokens  # in range for all
+        if routed_down:
+            if self.picked is None:
+                self.picked = act.new_zeros(self.experts.shape[0], self.inter)
+                self.from_picked = torch.zeros_like(in_chunk)
+            self.picked = torch.where(in_chunk, act.view(-1, self.inter)[index], self.picked)
+            self.from_picked |= in_chunk
+            return None
+        down = torch.bmm(act, down_w[first:last].transpose(1, 2))
+        self.rows = torch.where(in_chunk, down.view(-1, down.shape[-1])[index], self.rows)
+        return down
+
+    def finish(self, down_w: Any, ends: Any) -> Any:
+        """Every row's down_proj output."""
+        import torch
+
+        if self.picked is None:
+            return self.rows
+        out = torch._grouped_mm(self.picked, down_w.transpose(1, 2), offs=ends)
+        return torch.where(self.from_picked, out, self.rows)
+
+
 def all_experts_forward(
     experts: Any,
     hidden: Any,
@@ -191,13 +243,14 @@ def all_experts_forward(
     stats: Any = None,
     grouped: bool = False,
     kernels: Kernels = TORCH_OPS,
+    sync_free: bool = False,
 ) -> Any:
     """`LinearExperts2D.forward` under `moe_calibrate_all_experts`, batched (module docstring);
     `stats` (a ScaleStats) counts the chunks whose hooks ran batched and per expert. `grouped`
     (torch's grouped GEMM works here): where no hook of a chunk reads a down_proj's or an
     expert's output, down_proj runs on the routed rows only (1/20 of its product at GLM-4.7's
     top-8 of 160), as the propagation pass runs it. `kernels`: the gate as one kernel where it was
-    checked (kernels.py)."""
+    checked (kernels.py). `sync_free`: no synchronization (module docstring, "Without a wait")."""
     import torch
 
     n_exp = experts.num_experts
@@ -211,9 +264,10 @@ def all_experts_forward(
     except NotImplementedError:  # a backend without it: the same rows, one more synchronization
         where = mask.nonzero()
     by_expert = expert_counts(where[:, 0], n_exp)  # (torch.bincount would synchronize here too)
-    counts = by_expert.tolist()  # the call's one synchronization
-    starts = [0, *itertools.accumulate(counts)]  # each expert's first row in `where`
-    ends = by_expert.cumsum(0).to(torch.int32)  # the same on the device, for the grouped product's offsets
+    ends = by_expert.cumsum(0).to(torch.int32)  # each expert's end in `where`, for the grouped product's offsets
+    if not sync_free:
+        counts = by_expert.tolist()  # the call's one synchronization
+        starts = [0, *itertools.accumulate(counts)]  # each expert's first row in `where`
     # each (token, slot)'s place among the token's experts in ascending order: the loop adds a
     # token's expert outputs in that order
     k = top_k_index.shape[1]
@@ -225,6 +279,7 @@ def all_experts_forward(
     inter = down_w.shape[-1]
     per_expert = n_tok * (5 * inter + hid) * hidden.element_size()  # gate_up (and torch's gate's copy), act, down
     chunk = max(1, CHUNK_BYTES // per_expert)
+    by_row = _RowsInPlace(where, hidden, inter) if sync_free else None
     args = (hidden,)
     use_plan = batched_hooks and _hooks_enabled()
     for first in range(0, n_exp, chunk):
@@ -238,24 +293,28 @@ def all_experts_forward(
         )
         act = kernels.gate(experts, gate_up).contiguous()  # [E, tokens, inter] (torch's gate may keep the view's order)
         plan = _hook_plan(experts, first, last) if use_plan else None
-        # the chunk's routed rows: (expert, slot, token), by expert
-        rows = where[starts[first] : starts[last]]
-        experts_of, slots, tokens = rows[:, 0] - first, rows[:, 1], rows[:, 2]
-        if plan is not None and grouped and not _reads_outputs(plan):
-            down = None
-            offs = ends[first:last] - starts[first]  # (no copy from host memory: that would synchronize)
-            picked = act.view(-1, inter)[experts_of * n_tok + tokens]
-            if picked.shape[0]:
-                routed_out = torch._grouped_mm(picked, down_w[first:last].transpose(1, 2), offs=offs)
-            else:  # no token routed to the chunk's experts
-                routed_out = hidden.new_empty(0, hid)
-            del picked
-            if stats is not None:
-                stats.routed_down_chunks += 1
+        routed_down = plan is not None and grouped and not _reads_outputs(plan)
+        routed_out = None
+        if by_row is not None:  # the chunk's rows taken into place under a mask
+            down = by_row.take_chunk(first, last, act, down_w, routed_down)
         else:
-            down = torch.bmm(act, down_w[first:last].transpose(1, 2))
-            routed_out = down.view(-1, hid)[experts_of * n_tok + tokens]
+            # the chunk's routed rows: (expert, slot, token), by expert
+            rows = where[starts[first] : starts[last]]
+            experts_of, slots, tokens = rows[:, 0] - first, rows[:, 1], rows[:, 2]
+            if routed_down:
+                down = None
+                offs = ends[first:last] - starts[first]  # (no copy from host memory: that would synchronize)
+                picked = act.view(-1, inter)[experts_of * n_tok + tokens]
+                if picked.shape[0]:
+                    routed_out = torch._grouped_mm(picked, down_w[first:last].transpose(1, 2), offs=offs)
+                else:  # no token routed to the chunk's experts
+                    routed_out = hidden.new_empty(0, hid)
+                del picked
+            else:
+                down = torch.bmm(act, down_w[first:last].transpose(1, 2))
+                routed_out = down.view(-1, hid)[experts_of * n_tok + tokens]
         if stats is not None:
+            stats.routed_down_chunks += routed_down
             stats.batched_hook_chunks += plan is not None
             stats.per_expert_hook_chunks += plan is None
         if plan is not None:
@@ -281,10 +340,17 @@ def all_experts_forward(
                 _call_pre_hooks(down_proj, (act[i],))
                 _call_hooks(down_proj, (act[i],), down[i])
                 _call_hooks(expert, args, down[i])
-        # the chunk's routed rows, weighted as the loop weights them, into each token's slot
-        weighted = routed_out * top_k_weights[tokens, slots, None]
-        routed[tokens, rank[tokens, slots]] = weighted.to(final.dtype)
-        del gate_up, act, down, routed_out, weighted
+        if routed_out is not None:
+            # the chunk's routed rows, weighted as the loop weights them, into each token's slot
+            weighted = routed_out * top_k_weights[tokens, slots, None]
+            routed[tokens, rank[tokens, slots]] = weighted.to(final.dtype)
+            del weighted
+        del gate_up, act, down, routed_out
+    if by_row is not None:  # every row at once, weighted as the loop weights them, into each token's slot
+        rows_out = by_row.finish(down_w, ends)
+        slots, tokens = where[:, 1], where[:, 2]
+        routed[tokens, rank[tokens, slots]] = (rows_out * top_k_weights[tokens, slots, None]).to(final.dtype)
+        del rows_out
     every = torch.arange(n_tok, device=hidden.device)
     for r in range(k):  # a token's experts in ascending order, as the loop's index_add_ calls add them
         final.index_add_(0, every, routed[:, r])

@@ -261,6 +261,7 @@ def scaled_awq(
                     stats,
                     grouped_gemm(hidden_states),
                     kernels(hidden_states),
+                    sync_free=options.sync_free_routing,
                 )
             return stock_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         if not (options.batched_experts and stats.batched_experts_disabled is None):

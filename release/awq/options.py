@@ -71,6 +71,10 @@ class ScaleOptions:
     # added into their sums by the GEMM (baddbmm, fp32 out) instead of a temporary and a sum; off
     # until a GPU side-by-side of the chosen scales (the GEMM may block the sum otherwise)
     gram_by_gemm: bool = False
+    # all_experts.py, the fused calibration forward: each chunk's routed rows taken under a mask
+    # instead of a slice whose bounds the host reads from the GPU (one wait a sample); off until a
+    # GPU side-by-side of the chosen scales (one grouped GEMM over every expert for the chunks')
+    sync_free_routing: bool = False
     read_ahead: bool = True  # read_ahead.py: the next layer's disk-offloaded weights read ahead (a hint)
     # read_ahead.py: the next layer's offloaded weights onloaded by a helper thread while the
     # current layer's outputs propagate, where the onload device is of these types (same bytes)
