@@ -52,16 +52,20 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk-bytes", type=int, default=None, help="the chunks' budget (default: the engine's)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
     import torch
 
-    from release.awq.all_experts import CHUNK_BYTES, all_experts_forward
+    from release.awq import all_experts
+    from release.awq.all_experts import all_experts_forward
     from release.awq.experts import grouped_gemm_works
     from release.awq.kernels import TORCH_OPS
     from release.awq.state import RunState
 
+    if a.chunk_bytes:
+        all_experts.CHUNK_BYTES = a.chunk_bytes
     dtype = torch.bfloat16
     t0 = time.perf_counter()
     experts = experts_module(a.experts, a.hidden, a.inter, a.top_k, a.device, dtype)
@@ -99,7 +103,7 @@ def main() -> None:
     record = {
         "device": torch.cuda.get_device_name() if hidden.is_cuda else "cpu",
         "shape": {k: getattr(a, k) for k in ("experts", "top_k", "hidden", "inter", "tokens")},
-        "chunks": -(-a.experts // max(1, CHUNK_BYTES // per_expert)),
+        "chunks": -(-a.experts // max(1, all_experts.CHUNK_BYTES // per_expert)),
         "grouped_gemm": grouped,
         "bit_equal": equal,
         "max_abs_diff": max_diff,

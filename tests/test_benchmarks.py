@@ -290,6 +290,29 @@ def test_balance_quantization_benchmark_on_cpu():
     assert "ms per grid point" in proc.stdout and "bit for bit: True" in proc.stdout
 
 
+def test_sync_free_routing_benchmark_on_cpu(tmp_path):
+    """benchmarks.sync_free_routing at toy size, across a chunk seam: the masked rows give the
+    sliced rows' output bit for bit, and each mode is timed."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "record.json"
+    args = ["--experts", "6", "--top-k", "2", "--hidden", "64", "--inter", "32", "--tokens", "48"]
+    args += ["--chunk-bytes", str(2 * 48 * (5 * 32 + 64) * 2)]  # two experts a chunk: three chunks
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sync_free_routing", *args, "--iters", "1", "--repeats", "1"]
+        + ["--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["chunks"] == 3 and record["bit_equal"] is True and record["max_abs_diff"] == 0.0
+    assert all(len(v) == 1 and v[0] > 0 for v in record["ms_per_call"].values())
+
+
 def test_report_of_the_512_sample_scaling_runs():
     """Runs P and Q (the figures benchmarks/results/README.md quotes): the recipe's 512 x 2048 on 1, 2 and 4 GPUs of
     one 4xH200 machine; one H100 80GB with a 28 GiB resident cache."""

@@ -5,6 +5,8 @@ loop's inputs and outputs. (On a GPU these run by default; here the CPU is asked
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -222,6 +224,7 @@ def test_the_routed_sum_keeps_the_loops_order_and_bits():
     from llmcompressor.modeling.moe.context import moe_calibration_context
 
     from release.awq import all_experts
+    from release.awq.experts import grouped_gemm_works
     from release.awq.state import RunState
 
     experts, hidden = _exact_experts()
@@ -232,17 +235,18 @@ def test_the_routed_sum_keeps_the_loops_order_and_bits():
     with moe_calibration_context(), torch.no_grad():
         ref = stock(experts, hidden, idx, weights)
         per_expert = 40 * (5 * 16 + 32) * hidden.element_size()
+        # (grouped: down_proj on the routed rows only, by torch's grouped GEMM, where it runs here)
+        groupeds = (False, True) if grouped_gemm_works(hidden) else (False,)
         for chunk_bytes in (4 * 2**30, 2 * per_expert):
-            for batched in (True, False):
-                for sync_free in (False, True):
-                    with pytest.MonkeyPatch.context() as mp:
-                        mp.setattr(all_experts, "CHUNK_BYTES", chunk_bytes)
-                        if sync_free:  # no count read back to the host: no wait for the GPU
-                            mp.setattr(torch.Tensor, "tolist", _no_wait)
-                        ours = all_experts.all_experts_forward(
-                            experts, hidden, idx, weights, RunState(), batched, sync_free=sync_free
-                        )
-                    assert torch.equal(ours, ref), (chunk_bytes, batched, sync_free)
+            for batched, grouped, sync_free in itertools.product((True, False), groupeds, (False, True)):
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(all_experts, "CHUNK_BYTES", chunk_bytes)
+                    if sync_free:  # no count read back to the host: no wait for the GPU
+                        mp.setattr(torch.Tensor, "tolist", _no_wait)
+                    ours = all_experts.all_experts_forward(
+                        experts, hidden, idx, weights, RunState(), batched, None, grouped, sync_free=sync_free
+                    )
+                assert torch.equal(ours, ref), (chunk_bytes, batched, grouped, sync_free)
 
 
 def _no_wait(self):
