@@ -82,8 +82,9 @@ def test_onload_ahead_hands_over_the_next_layers_weights_and_drops_what_changed(
         with disable_offloading():
             got = {"weight": layer.weight, "bias": layer.bias}
         assert ahead.served == 2 and ahead.stale == 0 and ahead.failed is None
-        counts = ahead.counts()  # the helper's copy time and the main thread's own, for a profile to place
-        assert counts["copy_s"] > 0 and counts["after_s"] > 0 and counts["wait_s"] >= 0
+        # the helper's copy time and the main thread's own, for a profile to place (the record rounds
+        # them to milliseconds: a toy layer's copies take less)
+        assert ahead.copy_s > 0 and ahead.after_s > 0 and {"copy_s", "after_s", "wait_s"} <= ahead.counts().keys()
         assert all(torch.equal(got[k], values[k]) for k in values), "the same weights as the stock onload"
 
         # the weight rewritten in place after its copy was made (within the file clock's tick, so
