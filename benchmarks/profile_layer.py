@@ -149,9 +149,9 @@ class PassClock(BatchesWrapper):
     began, from the clock's start, so the time between passes (the smoothing, the engine's work
     between a propagation pass and the next calibration pass) reads off the record."""
 
-    def __init__(self) -> None:
+    def __init__(self, origin: float | None = None) -> None:
         self.passes: list[dict[str, Any]] = []
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() if origin is None else origin  # start_s counts from here
 
     def pass_(self, desc: str, batches: Any) -> Any:
         import torch
@@ -440,7 +440,7 @@ def run(
         out["h2d_pageable_sources"] = sources.top()
         layers = [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in result.stats.layers]
     else:
-        with Utilization() as util, PassClock() as clock:
+        with Utilization() as util, PassClock(t0) as clock:
             result = calibrate(job, echo, options)
         out["passes"] = clock.passes
         layers = []
@@ -463,7 +463,10 @@ def run(
     engine = result.stats.to_json()
     out["engine"] = {k: engine[k] for k in ENGINE_COUNTERS}
     if engine.get("onload_ahead_counts"):  # release/awq/read_ahead.py: the next layer's weights onloaded ahead
-        out["onload_ahead"] = engine["onload_ahead_counts"]
+        ahead = dict(engine["onload_ahead_counts"])
+        # when `after` and the helper's copies ran, from the run's start, as the passes' start_s
+        ahead["spans"] = [(kind, round(a - t0, 3), round(b - t0, 3)) for kind, a, b in ahead.get("spans", [])]
+        out["onload_ahead"] = ahead
     out["resident_cache"] = engine.get("resident_cache")  # caches.py, dedup.py: what stayed on the GPU, stored once
     out["gpu_kernels"] = engine.get("gpu_kernels")  # kernels.py's choices, and the Gram sums by the GEMM (caches.py)
     if engine.get("side_grid"):  # one pass: the side branches' grid searches (release/awq/grid.py)

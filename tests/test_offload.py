@@ -85,6 +85,9 @@ def test_onload_ahead_hands_over_the_next_layers_weights_and_drops_what_changed(
         # the helper's copy time and the main thread's own, for a profile to place (the record rounds
         # them to milliseconds: a toy layer's copies take less)
         assert ahead.copy_s > 0 and ahead.after_s > 0 and {"copy_s", "after_s", "wait_s"} <= ahead.counts().keys()
+        # ... and when each ran, to line them up with the pipeline's passes
+        (after, a0, a1), (copies, c0, c1) = sorted(ahead.spans, key=lambda span: span[0])
+        assert (after, copies) == ("after", "copies") and a0 <= a1 and a0 <= c0 <= c1
         assert all(torch.equal(got[k], values[k]) for k in values), "the same weights as the stock onload"
 
         # the weight rewritten in place after its copy was made (within the file clock's tick, so

@@ -232,6 +232,9 @@ class OnloadAhead:
         self.wait_s = 0.0  # the main thread's wait for a layer's copies to finish
         self.after_s = 0.0  # the main thread's time in `after` (finding the entries, queuing them)
         self.copy_s = 0.0  # the helper's time making the copies, all layers
+        # when (time.perf_counter) each `after` and each layer's copies ran: a profile lines them up
+        # with the pipeline's passes (benchmarks/profile_layer.py)
+        self.spans: list[tuple[str, float, float]] = []
 
     def after(self, model: Any, key: str) -> None:
         """Onload the decoder layer after `key`'s offloaded weights, on the helper thread."""
@@ -239,7 +242,9 @@ class OnloadAhead:
         try:
             self._after(model, key)
         finally:
-            self.after_s += time.perf_counter() - t
+            end = time.perf_counter()
+            self.after_s += end - t
+            self.spans.append(("after", t, end))
 
     def _after(self, model: Any, key: str) -> None:
         import torch
@@ -283,7 +288,9 @@ class OnloadAhead:
             if stream is not None:
                 stream.synchronize()
         finally:  # read by the main thread only after `wait`
-            self.copy_s += time.perf_counter() - t
+            end = time.perf_counter()
+            self.copy_s += end - t
+            self.spans.append(("copies", t, end))
 
     def wait(self) -> None:
         """The helper's copies finished (a failure turns onload-ahead off and drops them)."""
@@ -343,6 +350,7 @@ class OnloadAhead:
             "wait_s": round(self.wait_s, 3),
             "after_s": round(self.after_s, 3),
             "copy_s": round(self.copy_s, 3),
+            "spans": list(self.spans),
             "failed": self.failed,
         }
 
