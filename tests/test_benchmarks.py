@@ -313,6 +313,38 @@ def test_sync_free_routing_benchmark_on_cpu(tmp_path):
     assert all(len(v) == 1 and v[0] > 0 for v in record["ms_per_call"].values())
 
 
+def test_engine_ab_times_each_variant_and_compares_its_scales(tmp_path):
+    """benchmarks/engine_ab.sh on the CPU at toy size: a synthetic model made once, each variant
+    of the engine's options timed by profile_layer, and each variant's chosen scales compared with
+    the first's (the fused experts with sync_free_routing choose the same as without)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # python3: this suite's
+        "VARIANTS": "fused_on_cpu=true fused_on_cpu=true,sync_free_routing=true",
+        **{"N": "2", "SEQ": "32", "PRESET": "tiny", "LAYERS": "2", "DENSE": "1", "DEVICE": "cpu"},
+        **{"SYN": str(tmp_path / "syn"), "LIMIT": "500", "MIN_RUN_S": "5"},
+    }
+    proc = subprocess.run(
+        ["bash", "benchmarks/engine_ab.sh", str(tmp_path / "ab")],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "run 1 (fused_on_cpu=true): exit 0" in proc.stdout and "run 2 (" in proc.stdout, proc.stdout
+    records = sorted((tmp_path / "ab").glob("[0-9][0-9]-*.json"))
+    assert len(records) == 2 and all(json.loads(r.read_text())["timed"]["oneshot_s"] > 0 for r in records)
+    kinds = json.loads(next((tmp_path / "ab").glob("02-*-vs-first.txt")).read_text())
+    assert all(k["equal"] == k["mappings"] > 0 for k in kinds.values()), kinds
+
+
 def test_report_of_the_512_sample_scaling_runs():
     """Runs P and Q (the figures benchmarks/results/README.md quotes): the recipe's 512 x 2048 on 1, 2 and 4 GPUs of
     one 4xH200 machine; one H100 80GB with a 28 GiB resident cache."""
