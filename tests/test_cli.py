@@ -261,10 +261,13 @@ def test_a_torchrun_rank_starts_the_worker_not_the_cli(tmp_path, monkeypatch):
 
     seen = {}
     with monkeypatch.context() as m:  # subprocess.run is the module's own: patched only for the launch
-        m.setattr(distributed.subprocess, "run", lambda cmd, env: seen.setdefault("cmd", cmd) and _Done())
+        m.delenv("PYTHONFAULTHANDLER", raising=False)
+        m.setattr(distributed.subprocess, "run", lambda cmd, env: seen.update(cmd=cmd, env=env) or _Done())
         distributed.launch(2, Path("c.yaml"), "W4A16_GS64")
     assert seen["cmd"][-6:] == ["-m", "release.build.worker", "--config", "c.yaml", "--branch", "W4A16_GS64"]
     assert "--nproc-per-node=2" in seen["cmd"]
+    # a rank that dies by a signal leaves its threads' Python stacks in its log
+    assert seen["env"]["PYTHONFAULTHANDLER"] == "1" and seen["env"]["PYTHONUNBUFFERED"] == "1"
 
     proc = subprocess.run(
         [

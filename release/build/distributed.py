@@ -95,7 +95,10 @@ def launch(gpus: int, config: Path, branch: str | list[str], force: bool = True)
         *[arg for name in branches for arg in ("--branch", name)],
         *(["--force"] if force and len(branches) > 1 else []),
     ]
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # a rank killed by a signal (an abort in a library's C++) prints every thread's Python stack
+    # to its log, so the log says where it was
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": os.environ.get("PYTHONFAULTHANDLER", "1")}
+    proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise ReleaseError(
             f"the {gpus}-GPU run failed (torchrun exit {proc.returncode}); no branch was written",
