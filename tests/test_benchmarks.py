@@ -1006,7 +1006,7 @@ def test_profile_layer_one_pass_on_the_tiny_model(tmp_path):
     # onload-ahead's times (on a GPU only: here each layer's `after` finds nothing to copy), from
     # the run's start as the passes' are
     spans = timed["onload_ahead"]["spans"]
-    assert spans and all(k == "after" and 0 <= a <= b <= timed["wall_s"] for k, a, b in spans), spans
+    assert spans and all(k == "after" and 0 <= a <= b <= timed["wall_s"] + 0.1 for k, a, b in spans), spans
     assert all(p["start_s"] >= 0 for p in timed["passes"])
     assert [row["mappings"] for row in timed["layers"]] == [3, 11]
     assert all(row["side_s"] > 0 for row in timed["layers"])
