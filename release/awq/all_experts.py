@@ -205,23 +205,21 @@ class _RowsInPlace:
         self.picked: Any = None  # down_proj's input of the routed-down chunks' rows
         self.from_picked: Any = None  # which rows those are
 
-    def take_chunk(self, first: int, last: int, act: Any, down_w: Any, routed_down: bool) -> Any:
-        """Chunk [first, last)'s rows; returns down_proj's dense output for the hooks (None where
-        its product waits for `finish`)."""
+    def take_chunk(self, first: int, last: int, act: Any, down: Any) -> None:
+        """Chunk [first, last)'s rows: of down_proj's dense output `down`, or (None: the routed
+        rows only) of its input `act`, whose product waits for `finish`."""
         import torch
 
         in_chunk = ((self.experts >= first) & (self.experts < last)).unsqueeze(1)
         index = (self.experts - first).clamp(0, last - first - 1) * self.n_tok + self.tokens  # in range for all
-        if routed_down:
-            if self.picked is None:
-                self.picked = act.new_zeros(self.experts.shape[0], self.inter)
-                self.from_picked = torch.zeros_like(in_chunk)
-            self.picked = torch.where(in_chunk, act.view(-1, self.inter)[index], self.picked)
-            self.from_picked |= in_chunk
-            return None
-        down = torch.bmm(act, down_w[first:last].transpose(1, 2))
-        self.rows = torch.where(in_chunk, down.view(-1, down.shape[-1])[index], self.rows)
-        return down
+        if down is not None:
+            self.rows = torch.where(in_chunk, down.view(-1, down.shape[-1])[index], self.rows)
+            return
+        if self.picked is None:
+            self.picked = act.new_zeros(self.experts.shape[0], self.inter)
+            self.from_picked = torch.zeros_like(in_chunk)
+        self.picked = torch.where(in_chunk, act.view(-1, self.inter)[index], self.picked)
+        self.from_picked |= in_chunk
 
     def finish(self, down_w: Any, ends: Any) -> Any:
         """Every row's down_proj output."""
@@ -280,6 +278,11 @@ def all_experts_forward(
     per_expert = n_tok * (5 * inter + hid) * hidden.element_size()  # gate_up (and torch's gate's copy), act, down
     chunk = max(1, CHUNK_BYTES // per_expert)
     by_row = _RowsInPlace(where, hidden, inter) if sync_free else None
+
+    def into_slots(rows_out: Any, tokens: Any, slots: Any) -> None:
+        """Routed rows, weighted as the loop weights them, into each token's slot."""
+        routed[tokens, rank[tokens, slots]] = (rows_out * top_k_weights[tokens, slots, None]).to(final.dtype)
+
     args = (hidden,)
     use_plan = batched_hooks and _hooks_enabled()
     for first in range(0, n_exp, chunk):
@@ -294,15 +297,18 @@ def all_experts_forward(
         act = kernels.gate(experts, gate_up).contiguous()  # [E, tokens, inter] (torch's gate may keep the view's order)
         plan = _hook_plan(experts, first, last) if use_plan else None
         routed_down = plan is not None and grouped and not _reads_outputs(plan)
+        # down_proj for every token (None: on the routed rows only, below or in `finish`)
+        down = None if routed_down else torch.bmm(act, down_w[first:last].transpose(1, 2))
         routed_out = None
         if by_row is not None:  # the chunk's rows taken into place under a mask
-            down = by_row.take_chunk(first, last, act, down_w, routed_down)
+            by_row.take_chunk(first, last, act, down)
         else:
             # the chunk's routed rows: (expert, slot, token), by expert
             rows = where[starts[first] : starts[last]]
             experts_of, slots, tokens = rows[:, 0] - first, rows[:, 1], rows[:, 2]
-            if routed_down:
-                down = None
+            if down is not None:
+                routed_out = down.view(-1, hid)[experts_of * n_tok + tokens]
+            else:
                 offs = ends[first:last] - starts[first]  # (no copy from host memory: that would synchronize)
                 picked = act.view(-1, inter)[experts_of * n_tok + tokens]
                 if picked.shape[0]:
@@ -310,9 +316,6 @@ def all_experts_forward(
                 else:  # no token routed to the chunk's experts
                     routed_out = hidden.new_empty(0, hid)
                 del picked
-            else:
-                down = torch.bmm(act, down_w[first:last].transpose(1, 2))
-                routed_out = down.view(-1, hid)[experts_of * n_tok + tokens]
         if stats is not None:
             stats.routed_down_chunks += routed_down
             stats.batched_hook_chunks += plan is not None
@@ -340,17 +343,11 @@ def all_experts_forward(
                 _call_pre_hooks(down_proj, (act[i],))
                 _call_hooks(down_proj, (act[i],), down[i])
                 _call_hooks(expert, args, down[i])
-        if routed_out is not None:
-            # the chunk's routed rows, weighted as the loop weights them, into each token's slot
-            weighted = routed_out * top_k_weights[tokens, slots, None]
-            routed[tokens, rank[tokens, slots]] = weighted.to(final.dtype)
-            del weighted
+        if routed_out is not None:  # the chunk's routed rows into their slots
+            into_slots(routed_out, tokens, slots)
         del gate_up, act, down, routed_out
-    if by_row is not None:  # every row at once, weighted as the loop weights them, into each token's slot
-        rows_out = by_row.finish(down_w, ends)
-        slots, tokens = where[:, 1], where[:, 2]
-        routed[tokens, rank[tokens, slots]] = (rows_out * top_k_weights[tokens, slots, None]).to(final.dtype)
-        del rows_out
+    if by_row is not None:  # every routed row at once
+        into_slots(by_row.finish(down_w, ends), where[:, 2], where[:, 1])
     every = torch.arange(n_tok, device=hidden.device)
     for r in range(k):  # a token's experts in ascending order, as the loop's index_add_ calls add them
         final.index_add_(0, every, routed[:, r])
