@@ -230,10 +230,8 @@ class OnloadAhead:
         self.layers = self.tensors = self.served = self.stale = self.unused = self.skipped = 0
         self.bytes = 0
         self.wait_s = 0.0  # the main thread's wait for a layer's copies to finish
-        self.after_s = 0.0  # the main thread's time in `after` (finding the entries, queuing them)
-        self.copy_s = 0.0  # the helper's time making the copies, all layers
-        # when (time.perf_counter) each `after` and each layer's copies ran: a profile lines them up
-        # with the pipeline's passes (benchmarks/profile_layer.py)
+        # when (time.perf_counter) each `after` (the main thread's) and each layer's copies (the
+        # helper's) ran: a profile lines them up with the pipeline's passes (profile_layer.py)
         self.spans: list[tuple[str, float, float]] = []
 
     def after(self, model: Any, key: str) -> None:
@@ -242,9 +240,7 @@ class OnloadAhead:
         try:
             self._after(model, key)
         finally:
-            end = time.perf_counter()
-            self.after_s += end - t
-            self.spans.append(("after", t, end))
+            self.spans.append(("after", t, time.perf_counter()))
 
     def _after(self, model: Any, key: str) -> None:
         import torch
@@ -288,9 +284,17 @@ class OnloadAhead:
             if stream is not None:
                 stream.synchronize()
         finally:  # read by the main thread only after `wait`
-            end = time.perf_counter()
-            self.copy_s += end - t
-            self.spans.append(("copies", t, end))
+            self.spans.append(("copies", t, time.perf_counter()))
+
+    @property
+    def after_s(self) -> float:
+        """The main thread's time in `after` (finding the entries, queuing them)."""
+        return sum(end - start for kind, start, end in self.spans if kind == "after")
+
+    @property
+    def copy_s(self) -> float:
+        """The helper's time making the copies, all layers."""
+        return sum(end - start for kind, start, end in self.spans if kind == "copies")
 
     def wait(self) -> None:
         """The helper's copies finished (a failure turns onload-ahead off and drops them)."""
