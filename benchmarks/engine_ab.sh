@@ -26,7 +26,9 @@ if ! python3 -c "import llmcompressor" 2>/dev/null && ls .whl/*.whl >/dev/null 2
 else
   site=
 fi
-export PYTHONUNBUFFERED=1 PYTHONPATH=$site$here
+# The caller's PYTHONPATH (where it already holds llm-compressor, say) is kept, after this tree's.
+rest=${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$site$here$rest
 syn=${SYN:-/dev/shm/syn}
 n=${N:-512}
 (git rev-parse --short HEAD 2>/dev/null; date; nvidia-smi 2>/dev/null | head -12) > "$out/machine.txt"
@@ -48,7 +50,7 @@ for v in ${VARIANTS:-default}; do
     *) IFS=, read -ra sets <<< "$v"; for s in "${sets[@]}"; do args+=(--engine "$s"); done ;;
   esac
   name=$(printf '%02d-%s' $i "$(echo "$v" | tr -c 'A-Za-z0-9_.=-' '_' | cut -c1-40)")
-  (cd "$tree" && PYTHONPATH=$site$tree timeout "$(left)" python3 -m benchmarks.profile_layer --config "$syn/release.yaml" \
+  (cd "$tree" && PYTHONPATH=$site$tree$rest timeout "$(left)" python3 -m benchmarks.profile_layer --config "$syn/release.yaml" \
     --samples "$n" --profile-samples 0 "${args[@]}" --scales "$out/$name-scales.pt" --json "$out/$name.json") > "$out/$name.log" 2>&1
   echo "run $i ($v): exit $? at $(( $(date +%s) - t0 )) s"
   [ -z "$first" ] && first=$name
