@@ -162,3 +162,88 @@ def test_the_load_report_counts_folded_rows_and_names_what_is_not_the_mtp_layer(
     assert any(
         s.startswith("warning:") and "model.layers.1.mlp.experts.{5, 6}.down_proj.weight (MISSING)" in s for s in said
     ), said
+
+
+# ---------------------------------------------------------------- the MTP layer's copy
+
+
+def _saved_branch(folder: Path) -> Path:
+    """A stand-in for llm-compressor's save: one shard and a config with quantization_config."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file({"model.norm.weight": torch.ones(4)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {"ignore": ["lm_head"]}}, indent=2))
+    return folder
+
+
+def test_the_mtp_layer_is_copied_from_the_base_pages_to_the_bytes_compressed_tensors_wrote(demo_assets, tmp_path):
+    """`_carry_mtp_layers` writes the shard, index and config that compressed-tensors'
+    `save_mtp_tensors_to_checkpoint` (with glmrel's exact ignore entry in place of its loose one)
+    wrote before, byte for byte; its tensors are views of the base shard's mmap, not copies."""
+    import json
+
+    import torch
+    from compressed_tensors.utils import save_mtp_tensors_to_checkpoint
+    from safetensors import safe_open
+
+    from release.architecture import Glm4MoeArch
+    from release.build.calibrate import _carry_mtp_layers
+    from release.layout import mapped_tensors, mtp_ignore_entry, mtp_prefix
+
+    arch = Glm4MoeArch.from_dir(demo_assets.model)
+    (layer,) = arch.mtp_layers
+    old, new = _saved_branch(tmp_path / "old"), _saved_branch(tmp_path / "new")
+    save_mtp_tensors_to_checkpoint(
+        str(demo_assets.model), str(old), mtp_prefix=mtp_prefix(layer), shard_name=f"model-mtp-{layer}.safetensors"
+    )
+    cfg = json.loads((old / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    qc["ignore"] = [mtp_ignore_entry(layer) if x == f"re:^{mtp_prefix(layer)}.*" else x for x in qc["ignore"]]
+    (old / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    _carry_mtp_layers(demo_assets.model, new, arch)
+    files = sorted(p.name for p in old.iterdir())
+    assert files == sorted(p.name for p in new.iterdir()) and f"model-mtp-{layer}.safetensors" in files
+    assert all((old / f).read_bytes() == (new / f).read_bytes() for f in files), files
+    assert json.loads((new / "config.json").read_text())["quantization_config"]["ignore"][-1] == mtp_ignore_entry(layer)
+
+    shard = demo_assets.model / "model.safetensors"
+    views = mapped_tensors(demo_assets.model, mtp_prefix(layer))
+    assert len(views) > 20
+    storages = {t.untyped_storage().data_ptr() for t in views.values()}
+    assert len(storages) == 1 and next(iter(views.values())).untyped_storage().nbytes() == shard.stat().st_size
+    with safe_open(str(shard), framework="pt") as fh:
+        assert all(torch.equal(t, fh.get_tensor(n)) and t.dtype == fh.get_tensor(n).dtype for n, t in views.items())
+
+
+def test_a_base_shard_that_lies_about_the_mtp_layer_is_refused_before_anything_is_written(demo_assets, tmp_path):
+    """A truncated base shard, or an index that places an MTP tensor in a shard whose header
+    lacks it: one error naming the file, and no MTP shard left half-written."""
+    import json
+
+    from release.architecture import Glm4MoeArch
+    from release.build.calibrate import _carry_mtp_layers
+
+    arch = Glm4MoeArch.from_dir(demo_assets.model)
+    base = tmp_path / "base"
+    shutil.copytree(demo_assets.model, base)
+    data = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(data[: len(data) - 64])
+    out = _saved_branch(tmp_path / "out")
+    with pytest.raises(ReleaseError, match="model.safetensors is not a valid safetensors shard") as e:
+        _carry_mtp_layers(base, out, arch)
+    assert "glmrel check" in e.value.hint
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+    (base / "model.safetensors").write_bytes(data)
+    extra = f"model.layers.{arch.mtp_layers[0]}.made_up.weight"
+    from release.layout import read_weight_map
+
+    weight_map = {**read_weight_map(base), extra: "model.safetensors"}
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ReleaseError, match=f"places {extra} in model.safetensors, whose header lacks it"):
+        _carry_mtp_layers(base, out, arch)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
