@@ -144,53 +144,6 @@ def validate_layout(fname: str, meta: SafetensorsFileMetadata, data_size: int) -
     return errors
 
 
-ST_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
-
-
-def mapped_tensors(folder: Path, prefix: str) -> dict[str, Any]:
-    """Every tensor of the checkpoint in `folder` whose name starts with `prefix`, each a view of
-    its file's pages (a private read-only mmap), not a copy: safetensors' `save_file` then writes
-    each byte once, straight from the page cache, and no anonymous memory holds them. Reading them
-    with `get_tensor` first (compressed-tensors' MTP copy) held GLM-4.7's 7.6 GiB MTP layer in
-    process memory, where a build under a memory cap has none to spare. Each shard's header is
-    validated against its size before anything is mapped."""
-    import torch
-
-    by_shard: dict[str, list[str]] = {}
-    for name, shard in read_weight_map(folder).items():
-        if name.startswith(prefix):
-            by_shard.setdefault(shard, []).append(name)
-    hint = f"run `glmrel check` on the base model in {folder}, or download it again"
-    tensors: dict[str, Any] = {}
-    for shard, names in sorted(by_shard.items()):
-        path = folder / shard
-        meta, problems = read_shard(path)
-        if meta is None or problems:
-            raise ReleaseError(f"{path} is not a valid safetensors shard: {(problems or ['?'])[0]}", hint=hint)
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            start = 8 + int.from_bytes(f.read(8), "little")  # the data region, after the header
-        storage = torch.UntypedStorage.from_file(str(path), False, size)
-        for name in names:
-            info = meta.tensors.get(name)
-            if info is None:
-                raise ReleaseError(f"{folder / INDEX_FILE} places {name} in {shard}, whose header lacks it", hint=hint)
-            dtype = getattr(torch, ST_TO_TORCH[info.dtype])
-            begin = start + info.data_offsets[0]
-            itemsize = DTYPE_BYTES[info.dtype]
-            if begin % itemsize:  # unaligned (safetensors' own writer never does this): a copy
-                from safetensors import safe_open
-
-                with safe_open(str(path), framework="pt") as fh:
-                    tensors[name] = fh.get_tensor(name)
-                continue
-            view = torch.empty(0, dtype=dtype)
-            view.set_(storage, begin // itemsize, tuple(info.shape))  # type: ignore[call-overload]
-            tensors[name] = view
-    return tensors
-
-
 # ---------------------------------------------------------------- expected inventory
 
 Expect = tuple[frozenset[str], tuple[int, ...]]

@@ -20,7 +20,7 @@ from ..awq import ScaleOptions, ScaleStats, SideBranch
 from ..config import ReleaseConfig
 from ..console import load_report
 from ..errors import ReleaseError
-from ..layout import experts_per_expert, mapped_tensors, mtp_ignore_entry, mtp_prefix, read_weight_map
+from ..layout import experts_per_expert, mtp_ignore_entry, mtp_prefix, read_weight_map
 from ..manifest import CACHE_DIR
 from ..owned import create_owned, remove_owned
 from . import distributed
@@ -364,34 +364,24 @@ def write_branch_files(job: BranchJob, out: Path, run: Calibrated) -> None:
 
 def _carry_mtp_layers(base_dir: Path, out: Path, arch: Glm4MoeArch) -> None:
     """Put GLM's MTP layer(s) back: transformers does not model them, so llm-compressor's save
-    drops `model.layers.{num_hidden_layers}.*`. Each is copied unquantized into a shard of its
-    own, straight from the base checkpoint's pages (`mapped_tensors`: compressed-tensors'
-    `save_mtp_tensors_to_checkpoint` read all of it into memory first, 7.6 GiB for GLM-4.7), added
-    to the index, and listed in `ignore` by an exact entry (compressed-tensors' own leaves the
-    dots unescaped). The same bytes as compressed-tensors' copy."""
-    import os
-
-    from compressed_tensors.utils import get_weight_mappings, update_safetensors_index
-    from safetensors.torch import save_file
+    drops `model.layers.{num_hidden_layers}.*`. compressed-tensors copies them unquantized and
+    lists them in `ignore`; its ignore entry leaves the dots unescaped, so glmrel writes an exact one."""
+    from compressed_tensors.utils import save_mtp_tensors_to_checkpoint
 
     for layer in arch.mtp_layers:
         prefix = mtp_prefix(layer)
-        tensors = mapped_tensors(base_dir, prefix)
-        if not tensors:
+        save_mtp_tensors_to_checkpoint(
+            str(base_dir), str(out), mtp_prefix=prefix, shard_name=f"model-mtp-{layer}.safetensors"
+        )
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        qc = cfg["quantization_config"]
+        loose = f"re:^{prefix}.*"
+        exact = mtp_ignore_entry(layer)
+        qc["ignore"] = [exact if x == loose else x for x in qc.get("ignore", [])]
+        if exact not in qc["ignore"]:
             raise ReleaseError(
                 f"MTP layer {layer} was not found in {base_dir}",
                 hint="the base checkpoint lacks model.layers.{N}.* tensors named by num_nextn_predict_layers",
             )
-        shard = f"model-mtp-{layer}.safetensors"
-        save_file(tensors, str(out / shard))
-        names = list(tensors)
-        del tensors  # the base's pages are unmapped
-        weight_map = {k: os.path.basename(v) for k, v in get_weight_mappings(str(out)).items()}
-        weight_map.update(dict.fromkeys(names, shard))
-        update_safetensors_index(str(out), sum((out / s).stat().st_size for s in set(weight_map.values())), weight_map)
-        cfg_path = out / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        ignore = cfg["quantization_config"].setdefault("ignore", [])
-        if mtp_ignore_entry(layer) not in ignore:
-            ignore.append(mtp_ignore_entry(layer))
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
