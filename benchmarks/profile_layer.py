@@ -472,6 +472,10 @@ def run(
     if engine.get("side_grid"):  # one pass: the side branches' grid searches (release/awq/grid.py)
         out["side_grid"] = engine["side_grid"]
     out["awq"] = cfg.awq.model_dump()
+    # the --engine overrides (session 37's records lacked them: their variant is only in the file names)
+    out["engine_options"] = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in engine_settings(engine_options).items()
+    }
     if scales is not None:
         torch.save(result.stats.scales, scales)
     out["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -341,6 +341,10 @@ def test_engine_ab_times_each_variant_and_compares_its_scales(tmp_path):
     assert "run 1 (fused_on_cpu=true): exit 0" in proc.stdout and "run 2 (" in proc.stdout, proc.stdout
     records = sorted((tmp_path / "ab").glob("[0-9][0-9]-*.json"))
     assert len(records) == 2 and all(json.loads(r.read_text())["timed"]["oneshot_s"] > 0 for r in records)
+    assert [json.loads(r.read_text())["timed"]["engine_options"] for r in records] == [
+        {"fused_on_cpu": True},
+        {"fused_on_cpu": True, "sync_free_routing": True},
+    ]
     kinds = json.loads(next((tmp_path / "ab").glob("02-*-vs-first.txt")).read_text())
     assert all(k["equal"] == k["mappings"] > 0 for k in kinds.values()), kinds
 
@@ -520,6 +524,15 @@ def _pass_s(name):
     return lambda r: next(p["s"] for p in r["timed"]["passes"] if p["pass"] == name)
 
 
+SYNC_FREE_README = RESULTS.parent / "2026-12-07-h100-sync-free-routing" / "README.md"
+SYNC_FREE_RUNS = (
+    "call1/01-default.json",
+    "call1/02-sync-free.json",
+    "call1/03-default.json",
+    "call2/01-sync-free.json",
+    "call2/02-default.json",
+    "call2/03-sync-free.json",
+)
 DOCS = RESULTS.parent.parent.parent / "docs" / "performance.md"  # the figures users read
 ACCOUNT = RESULTS.parent / "README.md"  # the run-by-run account docs/performance.md links to
 # Every figure a document quotes from a committed record: (document, record, how to read the
@@ -729,6 +742,30 @@ CITED = [
         (doc, "2026-12-07-h100-onload-ahead/call3/offload-128.json", _run(i, "wall_s"), "{:.1f} s")
         for doc in (DOCS, ACCOUNT, RESULTS.parent / "2026-12-07-h100-onload-ahead" / "README.md")
         for i in (0, 1)
+    ],
+    *[
+        (doc, f"2026-12-07-h100-sync-free-routing/{f}", _pass_s("(3/3): Calibrating"), "{:.3f}")
+        for doc in (DOCS, ACCOUNT)
+        for f in SYNC_FREE_RUNS
+    ],
+    *[
+        (SYNC_FREE_README, f"2026-12-07-h100-sync-free-routing/{f}", get, fmt)
+        for f in SYNC_FREE_RUNS
+        for get, fmt in (
+            (_pass_s("(2/3): Calibrating"), "{:.3f} s"),
+            (_pass_s("(3/3): Calibrating"), "{:.3f} s"),
+            (_one("timed", "layers", 1, "calib_s"), "{:.3f} s"),
+            (_one("timed", "oneshot_s"), "{:.2f} s"),
+        )
+    ],
+    *[
+        (
+            SYNC_FREE_README,
+            "2026-12-07-h100-sync-free-routing/call1/sync-free-routing-micro.json",
+            lambda r, mode=mode: r["ms_per_call"][mode],
+            "{0[0]:.3f}, {0[1]:.3f} and {0[2]:.3f} ms",
+        )
+        for mode in ("sliced", "masked")
     ],
     (
         RESULTS.parent / "2026-11-30-cpu-demo-single-pass" / "README.md",
@@ -1379,3 +1416,23 @@ def test_the_glm47_preset_has_glm47s_own_dimensions():
     preset = PRESETS["glm47"]
     dims = {k: v for k, v in preset.items() if k != "layers"}
     assert dims == {k: config[k] for k in dims}, {k: (v, config.get(k)) for k, v in dims.items()}
+
+
+def test_sync_free_record_keeps_the_scales_and_places_the_onload_ahead_copies():
+    """The 2026-12-07 H100 record: every later run of a call chose its first run's scales for
+    every mapping (the masked and the sliced routed rows alike), and its README quotes, run by
+    run, the helper's copies and how long after them the propagation pass began."""
+    folder = RESULTS.parent / "2026-12-07-h100-sync-free-routing"
+    text = SYNC_FREE_README.read_text()
+    for f in SYNC_FREE_RUNS:
+        record = json.loads((folder / f).read_text())["timed"]
+        compared = folder / f.replace(".json", "-vs-first.json")
+        if not f.split("/")[1].startswith("01-"):
+            kinds = json.loads(compared.read_text())
+            assert sum(k["mappings"] for k in kinds.values()) == 326
+            assert all(k["equal"] == k["mappings"] for k in kinds.values()), (f, kinds)
+        (after, a0, _a1), (copies, c0, c1) = record["onload_ahead"]["spans"][:2]
+        assert (after, copies) == ("after", "copies") and a0 <= c0 <= c1
+        start = next(p["start_s"] for p in record["passes"] if p["pass"] == "(2/3): Propagating")
+        row = f"| {a0:.3f} s | {c0:.3f}–{c1:.3f} s ({record['onload_ahead']['copy_s']:.3f} s) | {start:.3f} s | {start - c1:.3f} s |"
+        assert row in text, row
