@@ -496,7 +496,11 @@ def load_config(path: str | Path) -> ReleaseConfig:
             "configs/glm-4.7.yaml is a full example",
         ) from e
     if not isinstance(raw, dict):
-        raise ReleaseError(f"config {source} must be a YAML mapping at the top level")
+        raise ReleaseError(
+            f"config {source} must be a YAML mapping at the top level, not {type(raw).__name__ if raw is not None else 'empty'}",
+            hint="a release config maps its sections (base_model:, branches:, calibration:, ...); "
+            "configs/glm-4.7.yaml is a full example",
+        )
     raw = resolve_paths(raw, source.resolve().parent)
     try:
         return ReleaseConfig.model_validate(raw)

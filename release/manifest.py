@@ -97,10 +97,38 @@ class Manifest:
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
+        """The manifest at `path`. Anything but a regular file of UTF-8 JSON is refused by name,
+        before it is read (a FIFO would block the read for ever)."""
+        rebuild = "rebuild it with `glmrel manifest BRANCH_FOLDER`"
         try:
-            return cls.from_json(json.loads(path.read_text()), str(path))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ReleaseError(f"cannot read manifest {path}: {e}") from e
+            mode = path.stat().st_mode
+        except FileNotFoundError as e:
+            raise ReleaseError(
+                f"manifest {path} does not exist", hint="write it with `glmrel manifest BRANCH_FOLDER`"
+            ) from e
+        except OSError as e:
+            raise ReleaseError(f"cannot read manifest {path}: {e.strerror or e}", hint="check its permissions") from e
+        if stat.S_ISDIR(mode):
+            raise ReleaseError(
+                f"manifest {path} is a folder, not a manifest file",
+                hint="pass the manifest's JSON file (e.g. manifests/W4A16_GS64.json); `glmrel check` takes a branch folder",
+            )
+        if not stat.S_ISREG(mode):
+            raise ReleaseError(f"manifest {path} is not a regular file", hint=rebuild)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ReleaseError(
+                f"manifest {path} is not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r})",
+                hint=rebuild,
+            ) from e
+        except json.JSONDecodeError as e:
+            raise ReleaseError(
+                f"manifest {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})", hint=rebuild
+            ) from e
+        except OSError as e:
+            raise ReleaseError(f"cannot read manifest {path}: {e.strerror or e}", hint="check its permissions") from e
+        return cls.from_json(data, str(path))
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"

@@ -443,6 +443,34 @@ def test_check_manifest_refuses_a_linked_manifest_and_entries_outside_the_branch
         assert f"[manifest] entry {name!r} is not a file of the branch folder (a path or a hidden name)" in res.output
 
 
+def test_check_manifest_names_an_unreadable_manifest_and_its_fix(tmp_path):
+    """A manifest that is binary, broken JSON, missing, a folder or a FIFO: one FAIL line each
+    that names the problem and the fix, exit 1, and no hang on the FIFO (it is never opened).
+    Binary bytes used to end in "unexpected UnicodeDecodeError"."""
+    import os
+
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(bytes([0xBA, 0x00, 0xFF]) * 20)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"schema":\n')
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    cases = {
+        binary: "is not UTF-8 text (byte 0 is b'\\xba'); rebuild it with `glmrel manifest BRANCH_FOLDER`",
+        broken: "is not valid JSON (line 2, column 1: Expecting value); rebuild it with",
+        tmp_path / "nope.json": "does not exist; write it with `glmrel manifest BRANCH_FOLDER`",
+        folder: "is a folder, not a manifest file; pass the manifest's JSON file",
+        fifo: "is not a regular file; rebuild it with",
+    }
+    for path, expected in cases.items():
+        res = CliRunner().invoke(cli, ["check-manifest", str(path)])
+        assert res.exit_code == 1, res.output
+        assert f"FAIL [manifest] manifest {path} {expected}" in res.output, res.output
+        assert "unexpected" not in res.output
+
+
 def test_fused_experts_are_diagnosed_before_the_missing_tensors(branch):
     """Experts stored fused (transformers' in-memory layout): one diagnosis first, then a
     count of the per-expert tensors it explains, not 50 lines of symptoms."""

@@ -60,8 +60,13 @@ def test_missing_and_non_mapping_configs(tmp_path):
         load_config(tmp_path / "nope.yaml")
     p = tmp_path / "list.yaml"
     p.write_text("- 1\n- 2\n")
-    with pytest.raises(ReleaseError, match="YAML mapping"):
+    with pytest.raises(ReleaseError, match="YAML mapping at the top level, not list") as e:
         load_config(p)
+    assert "configs/glm-4.7.yaml" in e.value.hint
+    p.write_text("")
+    with pytest.raises(ReleaseError, match="YAML mapping at the top level, not empty") as e:
+        load_config(p)
+    assert e.value.hint
     p.write_text("name: [unclosed\n")
     with pytest.raises(ReleaseError, match="not valid YAML"):
         load_config(p)

@@ -155,8 +155,8 @@ def check_manifest_file(path: Path, group_size: int | None = None) -> CheckRepor
         return report
     try:
         m = Manifest.load(Path(path))
-    except ReleaseError as e:
-        report.fail("manifest", e.message)
+    except ReleaseError as e:  # the report has no hint line: the fix goes with the problem
+        report.fail("manifest", f"{e.message}; {e.hint}" if e.hint else e.message)
         return report
     gs = group_size if group_size is not None else expected_group_size(Path(m.branch), None)
     report.group_size = gs
