@@ -75,8 +75,11 @@ class Glm4MoeArch:
             )
         try:
             cfg = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ReleaseError(f"{path} is not readable JSON: {e}") from e
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+            raise ReleaseError(
+                f"{path} is not readable JSON: {e}",
+                hint="base_model.path must be a Hugging Face model folder; download the model again",
+            ) from e
         return cls.from_config(cfg, str(path))
 
     @property

@@ -239,7 +239,7 @@ def release_files(folder: Path, *, what: str = "branch") -> list[Path]:
 def quantization_summary(folder: Path) -> dict[str, Any]:
     try:
         qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # ValueError: not JSON, or not UTF-8
         return {}
     w = (qc.get("config_groups") or {}).get("group_0", {}).get("weights") or {}
     return {

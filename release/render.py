@@ -114,8 +114,10 @@ def load_changelog(path: Path | None, version: str | None) -> tuple[str, list[di
         )
     try:
         raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ReleaseError(f"cannot read changelog {path}: {e}", hint="fix the YAML of the release changelog") from e
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8
+        raise ReleaseError(
+            f"cannot read changelog {path}: {e}", hint="the release changelog is a UTF-8 YAML list; fix it"
+        ) from e
     if not isinstance(raw, list) or not raw:
         raise ReleaseError(
             f"changelog {path} must be a non-empty YAML list of entries",
@@ -150,8 +152,10 @@ def _read_json(folder: Path, name: str, required: bool = True) -> dict[str, Any]
         return None
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ReleaseError(f"{path} is not valid JSON: {e}") from e
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ReleaseError(
+            f"{path} is not readable JSON: {e}", hint="build the branch again: `glmrel build-all --force`"
+        ) from e
 
 
 def awq_engine_text(prov: dict[str, Any]) -> str | None:

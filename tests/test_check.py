@@ -541,3 +541,44 @@ def test_a_third_party_branch_is_checked_for_what_applies(branch):
         assert any(skipped in line for line in lines), (skipped, res.output)
     doc = json.loads(run_check(branch, "--third-party", "--json").output)
     assert doc["passed"] and len(doc["skipped"]) == 4
+
+
+def test_binary_bytes_in_a_branch_record_are_named_not_unexpected(branch, demo_assets, tmp_path):
+    """Bytes that are not UTF-8 where a JSON record belongs (the index, the base's config, a
+    branch record render reads, the held-out texts): each named as unreadable, with a hint, or
+    taken as absent where an absent record is already handled (rebuilt, re-verified); never
+    "unexpected UnicodeDecodeError", which check's index reading raised."""
+    from release.build.branch_folder import branch_is_current, recorded_pass
+    from release.build.pipeline import _verification_of_this_content
+    from release.errors import ReleaseError
+    from release.layout import INDEX_FILE as INDEX
+    from release.manifest import quantization_summary
+    from release.render import _read_json
+
+    junk = bytes([0xBA, 0xE8, 0xFF, 0x00]) * 25
+    (branch / INDEX).write_bytes(junk)
+    res = run_check(branch)
+    assert res.exit_code == 1 and "unexpected" not in res.output
+    assert f"FAIL [files] {INDEX} is unreadable or has no weight_map (UnicodeDecodeError: " in res.output
+
+    for name in ("provenance.json", "verify.json", "config.json"):
+        (branch / name).write_bytes(junk)
+    assert recorded_pass(branch) is None and branch_is_current(branch, "any") is False
+    assert _verification_of_this_content(branch) is None and quantization_summary(branch) == {}
+    with pytest.raises(ReleaseError, match="verify.json is not readable JSON") as e:
+        _read_json(branch, "verify.json")
+    assert "build-all --force" in e.value.hint
+    with pytest.raises(ReleaseError, match="config.json is not readable JSON") as e:
+        Glm4MoeArch.from_dir(branch)
+    assert e.value.hint
+
+    from release.config import load_config
+    from release.verify.branch import load_heldout
+
+    heldout = tmp_path / "heldout.json"
+    heldout.write_bytes(junk)
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
+    cfg = cfg.model_copy(update={"verify": cfg.verify.model_copy(update={"heldout": heldout})})
+    with pytest.raises(ReleaseError, match="is not a readable JSON list") as e:
+        load_heldout(cfg)
+    assert "UTF-8 JSON list" in e.value.hint

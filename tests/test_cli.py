@@ -289,3 +289,29 @@ def test_a_torchrun_rank_starts_the_worker_not_the_cli(tmp_path, monkeypatch):
 
 class _Done:
     returncode = 0
+
+
+def test_a_changelog_or_recipe_that_is_not_utf8_is_named_with_its_fix(write_config, tmp_path):
+    """Binary bytes in the release changelog (render, publish) or the recipe template
+    (quantize): one Error naming the file and a Hint, exit 1; both ended in "unexpected
+    UnicodeDecodeError" before."""
+    junk = bytes([0xBA, 0xE8, 0xFF, 0x00]) * 25
+    log = tmp_path / "changelog.yaml"
+    log.write_bytes(junk)
+    res = run("render", "--config", write_config({"changelog": str(log)}))
+    assert res.exit_code == 1 and "unexpected" not in res.output
+    assert f"Error: cannot read changelog {log}: 'utf-8' codec can't decode byte 0xba" in res.output
+    assert "Hint: the release changelog is a UTF-8 YAML list" in res.output
+
+    from release.architecture import Glm4MoeArch
+    from release.build.recipe import render_recipe
+    from release.config import AwqSpec, BranchSpec
+    from release.errors import ReleaseError
+    from tests.test_architecture import GLM47
+
+    recipe = tmp_path / "recipe.yaml.j2"
+    for content, problem in ((junk, "cannot read recipe template"), (b"{% if %}", "failed to render")):
+        recipe.write_bytes(content)
+        with pytest.raises(ReleaseError, match=problem) as e:
+            render_recipe(recipe, Glm4MoeArch.from_config(GLM47), BranchSpec(name="B", group_size=64), AwqSpec())
+        assert "recipes/glm4moe_awq_w4a16.yaml.j2" in e.value.hint

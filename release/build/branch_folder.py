@@ -214,7 +214,7 @@ def recorded_pass(out_dir: Path) -> list[str] | None:
     """The branches of the calibration pass that built `out_dir` (its provenance), if recorded."""
     try:
         value = json.loads((out_dir / PROVENANCE_FILE).read_text()).get("calibration_pass", {}).get("branches")
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # ValueError: not JSON, or not UTF-8
         return None
     return [str(n) for n in value] if isinstance(value, list) and value else None
 
@@ -251,7 +251,7 @@ def branch_is_current(out_dir: Path, fingerprint: str) -> bool:
         return False
     try:
         return json.loads(prov.read_text()).get("inputs_fingerprint") == fingerprint
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # not JSON, or not UTF-8: not this build's
         return False
 
 

@@ -55,7 +55,7 @@ def _verification_of_this_content(folder: Path) -> QualityReport | None:
     missing, unreadable, or about other content (then the branch is verified again)."""
     try:
         record = json.loads((folder / VERIFY_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return None
     if not isinstance(record, dict) or record.get("content_sha256") != folder_content_digest(folder):
         return None

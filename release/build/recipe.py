@@ -17,8 +17,13 @@ def render_recipe(template: Path, arch: Glm4MoeArch, branch: BranchSpec, awq: Aw
     if not template.is_file():
         raise ReleaseError(f"recipe template {template} does not exist", hint="set recipe: to a file in recipes/")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    hint = "recipes/glm4moe_awq_w4a16.yaml.j2 is the recipe glmrel ships; start from it"
     try:
-        text = env.from_string(template.read_text()).render(
+        source = template.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8
+        raise ReleaseError(f"cannot read recipe template {template}: {e}", hint=hint) from e
+    try:
+        text = env.from_string(source).render(
             group_size=branch.group_size,
             n_grid=awq.n_grid,
             duo_scaling=str(awq.duo_scaling),
@@ -26,13 +31,13 @@ def render_recipe(template: Path, arch: Glm4MoeArch, branch: BranchSpec, awq: Aw
             moe_layers=arch.moe_layers,
         )
     except jinja2.TemplateError as e:
-        raise ReleaseError(f"recipe template {template} failed to render: {e}") from e
+        raise ReleaseError(f"recipe template {template} failed to render: {e}", hint=hint) from e
     try:
         parsed = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ReleaseError(f"recipe rendered from {template} is not valid YAML: {e}") from e
+        raise ReleaseError(f"recipe rendered from {template} is not valid YAML: {e}", hint=hint) from e
     if not isinstance(parsed, dict):
-        raise ReleaseError(f"recipe rendered from {template} is not a YAML mapping")
+        raise ReleaseError(f"recipe rendered from {template} is not a YAML mapping", hint=hint)
     return text
 
 

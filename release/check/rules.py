@@ -6,7 +6,6 @@ item of the report naming the file or tensor; nothing raises for a bad branch.""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -211,8 +210,8 @@ def check_index(
     try:
         weight_map = read_index()["weight_map"]
         assert isinstance(weight_map, dict)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
-        report.fail("files", f"{INDEX_FILE} is unreadable or has no weight_map ({e!r})")
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:  # ValueError: not JSON, not UTF-8
+        report.fail("files", f"{INDEX_FILE} is unreadable or has no weight_map ({type(e).__name__}: {str(e)[:200]})")
         weight_map = {}
     referenced = sorted(set(weight_map.values()))
     shards: list[str] = []

@@ -77,16 +77,19 @@ class QualityReport:
         )
 
 
+HELDOUT_HINT = 'verify.heldout is a UTF-8 JSON list of texts, e.g. ["The first text.", "The second."]'
+
+
 def load_heldout(cfg: ReleaseConfig) -> list[str]:
     path = cfg.verify.heldout
     if path is None:
         raise ReleaseError("verify.heldout is not set", hint="point verify.heldout at a JSON list of held-out texts")
     try:
         texts = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ReleaseError(f"held-out text {path} is not a readable JSON list: {e}") from e
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ReleaseError(f"held-out text {path} is not a readable JSON list: {e}", hint=HELDOUT_HINT) from e
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
-        raise ReleaseError(f"held-out text {path} must be a non-empty JSON list of strings")
+        raise ReleaseError(f"held-out text {path} must be a non-empty JSON list of strings", hint=HELDOUT_HINT)
     return texts
 
 
