@@ -166,6 +166,7 @@ def ablate_cmd(
     from .evaluation.harness import evaluate
     from .evaluation.records import BASE_EVAL_FILE
     from .manifest import VERIFY_FILE
+    from .serving.external import vllm_python
 
     out = json_mode(as_json)
     cfg = load(config_path)
@@ -179,13 +180,19 @@ def ablate_cmd(
     quiet_libraries(cfg, "ablate", as_json)
     base = resolve_base_model(cfg)
     fingerprint = base_model_fingerprint(base)
-    paths = [variant_config(config_path, branch_name, n, o, work) for n, o in parsed]  # all checked first
+    configs = [variant_config(config_path, branch_name, n, o, work) for n, o in parsed]  # all checked first
     rows = []
     folder = cfg.output_dir / branch_name
     if not (folder / VERIFY_FILE).is_file():
         raise ReleaseError(
             f"the release's {branch_name} is not built and verified", hint="run `glmrel build-all` first"
         )
+    vllm_python(python or cfg.eval.python)  # before anything is written under --work
+    paths = []
+    for path, text in configs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        paths.append(path)
     rows.append(_ablation_row(BASELINE, {}, folder, evaluate(cfg, base, fingerprint, [branch_name], python, echo=echo)))
     for (name, overrides), path in zip(parsed, paths):
         echo(f"[{name}] building {branch_name} with {overrides} in {path.parent}")

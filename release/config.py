@@ -455,7 +455,7 @@ def is_network_url(remote: str) -> bool:
     return re.match(r"^[a-z+]+://|^[^/]+@", remote) is not None
 
 
-def _format_validation_error(err: ValidationError, source: Path) -> str:
+def format_validation_error(err: ValidationError, source: Path) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -506,7 +506,7 @@ def load_config(path: str | Path) -> ReleaseConfig:
         return ReleaseConfig.model_validate(raw)
     except ValidationError as e:
         raise ReleaseError(
-            _format_validation_error(e, source),
+            format_validation_error(e, source),
             hint="fix the fields above; see configs/glm-4.7.yaml for a full example",
         ) from e
 

@@ -261,12 +261,15 @@ def test_a_variant_is_a_name_and_config_overrides(tmp_path):
         {"calibration.moe_calibrate_all_experts": False},
     )
     assert parse_variant("g:awq.n_grid=10,awq.duo_scaling=false") == ("g", {"awq.n_grid": 10, "awq.duo_scaling": False})
-    for bad in ("no-colon", "x:novalue", "x:Bad.Key=1", "release:awq.n_grid=2", ":awq.n_grid=2"):
+    for bad in ("no-colon", "x:novalue", "x:Bad.Key=1", "release:awq.n_grid=2", ":awq.n_grid=2", "x:a.b=1,a.b=2"):
         with pytest.raises(ReleaseError) as e:
             parse_variant(bad)
         assert e.value.hint
     config = REPO / "configs" / "demo.yaml"
-    path = variant_config(config, "W4A16_GS64", "g", {"awq.n_grid": 10}, tmp_path)
+    path, text = variant_config(config, "W4A16_GS64", "g", {"awq.n_grid": 10}, tmp_path)
+    assert path == tmp_path / "g" / "release.yaml" and not path.parent.exists(), "checked, not written"
+    path.parent.mkdir()
+    path.write_text(text)
     cfg = load_config(path)
     assert [b.name for b in cfg.branches] == ["W4A16_GS64"] and cfg.awq.n_grid == 10
     assert cfg.output_dir == tmp_path / "g" / "out" and cfg.publish_remote is None and cfg.changelog is None
@@ -310,8 +313,22 @@ def test_ablate_refuses_a_bad_variant_before_building_anything(release_copy, tmp
         + ["--variant", "ok:awq.n_grid=4", "--variant", "bad:awq.n_gird=4", "--python", str(fake_python(tmp_path))],
     )
     assert res.exit_code == 1 and "variant bad" in res.output and "Hint:" in res.output
-    assert not list(work.glob("*/out")), "nothing was built"
+    assert not work.exists(), "nothing was written, not even the good variant's config"
     assert scored(tmp_path) == 0
+
+
+def test_ablate_without_a_vllm_environment_writes_nothing(release_copy, tmp_path):
+    """The vLLM environment is looked for before any variant's config is written under --work:
+    a refused run leaves no half-made ablation behind."""
+    work = tmp_path / "ablation"
+    res = CliRunner().invoke(
+        cli,
+        ["ablate", "--config", str(release_copy), "--branch", "W4A16_GS64", "--work", str(work)]
+        + ["--variant", "ok:awq.n_grid=4", "--python", str(tmp_path / "no-such-python")],
+    )
+    assert res.exit_code == 1 and f"no vLLM environment at {tmp_path / 'no-such-python'}" in res.output
+    assert "Hint: `make vllm-cpu-env` builds one" in res.output
+    assert not work.exists()
 
 
 @pytest.mark.slow

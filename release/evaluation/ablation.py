@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from ..config import load_config, resolve_paths
+from ..config import ReleaseConfig, format_validation_error, resolve_paths
 from ..errors import ReleaseError
 
 VARIANT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*):(.+)$")
@@ -41,12 +42,18 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
         key, sep, value = part.partition("=")
         if not sep or not re.fullmatch(r"[a-z_]+(\.[a-z_]+)*", key.strip()):
             raise ReleaseError(f"variant {name}: {part!r} is not KEY=VALUE with a dotted config key", hint=hint)
+        if key.strip() in overrides:
+            raise ReleaseError(f"variant {name} sets {key.strip()} twice", hint="give each key one value")
         overrides[key.strip()] = yaml.safe_load(value)
     return name, overrides
 
 
-def variant_config(config_path: Path, branch: str, name: str, overrides: dict[str, Any], work: Path) -> Path:
-    """Write the variant's config under `work/<name>/` and validate it; returns its path."""
+def variant_config(
+    config_path: Path, branch: str, name: str, overrides: dict[str, Any], work: Path
+) -> tuple[Path, str]:
+    """The variant's config, validated: where it goes (`work/<name>/release.yaml`) and its text.
+    Nothing is written: the caller writes every variant's once all of them, and the run's other
+    preconditions, have passed."""
     raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
     raw = resolve_paths(raw, Path(config_path).resolve().parent)
     branches = [b for b in raw.get("branches") or [] if isinstance(b, dict) and b.get("name") == branch]
@@ -67,14 +74,14 @@ def variant_config(config_path: Path, branch: str, name: str, overrides: dict[st
                 raise ReleaseError(f"variant {name}: {key} does not name a config field", hint="see docs/config.md")
             node = node.setdefault(k, {})
         node[leaf] = value
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "release.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     try:
-        load_config(path)
-    except ReleaseError as e:
-        raise ReleaseError(f"variant {name}: {e.message}", hint=e.hint or "see docs/config.md") from e
-    return path
+        ReleaseConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ReleaseError(
+            f"variant {name}: {format_validation_error(e, path)}", hint="fix the override; see docs/config.md"
+        ) from e
+    return path, yaml.safe_dump(raw, sort_keys=False)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
