@@ -68,7 +68,10 @@ class Checkpoint:
         try:
             self.config = json.loads((self.folder / "config.json").read_text())
         except (OSError, ValueError) as e:
-            raise ReleaseError(f"{self.folder}/config.json is unreadable: {e}") from e
+            raise ReleaseError(
+                f"{self.folder}/config.json is unreadable: {e}",
+                hint="a checkpoint's config.json is UTF-8 JSON; rebuild the branch, or download the model again",
+            ) from e
 
     def read(self, prefix: str, device: Any) -> dict[str, Any]:
         """Every tensor whose name starts with `prefix`, read from its shard into host memory:
