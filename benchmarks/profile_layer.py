@@ -41,6 +41,10 @@ line that made them (`H2DSources`).
 wait for the GPU in subgraph K's calibration pass (`--profile-calibrating K`, 2 where not given;
 torch's sync debug mode, `SyncSites`).
 
+The timed run also records where the main thread was while onload-ahead's helper copied the
+next layer's weights (`main_thread_during_copies`: its call sites, sampled every 20 ms;
+thread_sampler.py): session 37 found it held for the copies' whole length.
+
 `--awq KEY=VALUE` sets an `awq:` option for both runs (e.g. `fused_gpu_experts=false`, the
 experts' per-expert loop), `--engine KEY=VALUE` an engine option no config sets (e.g.
 `onload_ahead=[]`, `gram_by_gemm=true`); `--scales FILE` saves the timed run's chosen scales, and `--compare A B`
@@ -60,6 +64,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.thread_sampler import CopiesSampler
 
 
 def _config(release_yaml: Path, samples: int, seq: int | None, awq: list[str] = (), sets: list[str] = ()) -> Path:
@@ -440,9 +446,12 @@ def run(
         out["h2d_pageable_sources"] = sources.top()
         layers = [{"calib_s": r.calib_s, "smooth_s": r.smooth_s} for r in result.stats.layers]
     else:
-        with Utilization() as util, PassClock(t0) as clock:
+        with Utilization() as util, PassClock(t0) as clock, CopiesSampler() as sampler:
             result = calibrate(job, echo, options)
         out["passes"] = clock.passes
+        # where the main thread was while onload-ahead's helper copied (thread_sampler.py)
+        sampled = {"samples": sampler.samples, "copies_s": round(sampler.active_s, 3), "sites": sampler.top()}
+        out["main_thread_during_copies"] = sampled
         layers = []
         for r, end in zip(result.stats.layers, ends):
             smooth_start = end - r.smooth_s

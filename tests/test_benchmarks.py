@@ -341,6 +341,8 @@ def test_engine_ab_times_each_variant_and_compares_its_scales(tmp_path):
     assert "run 1 (fused_on_cpu=true): exit 0" in proc.stdout and "run 2 (" in proc.stdout, proc.stdout
     records = sorted((tmp_path / "ab").glob("[0-9][0-9]-*.json"))
     assert len(records) == 2 and all(json.loads(r.read_text())["timed"]["oneshot_s"] > 0 for r in records)
+    # no copies ahead on the CPU (onload-ahead copies to a GPU), so nothing sampled, but recorded
+    assert all(json.loads(r.read_text())["timed"]["main_thread_during_copies"]["samples"] == 0 for r in records)
     assert [json.loads(r.read_text())["timed"]["engine_options"] for r in records] == [
         {"fused_on_cpu": True},
         {"fused_on_cpu": True, "sync_free_routing": True},
@@ -1436,3 +1438,35 @@ def test_sync_free_record_keeps_the_scales_and_places_the_onload_ahead_copies():
         start = next(p["start_s"] for p in record["passes"] if p["pass"] == "(2/3): Propagating")
         row = f"| {a0:.3f} s | {c0:.3f}–{c1:.3f} s ({record['onload_ahead']['copy_s']:.3f} s) | {start:.3f} s | {start - c1:.3f} s |"
         assert row in text, row
+
+
+def test_the_copies_sampler_names_where_the_main_thread_is_while_the_helper_copies(monkeypatch):
+    """benchmarks/thread_sampler.py: while `OnloadAhead._onload` runs (the helper's copies), the
+    main thread's call sites are sampled; outside it nothing is; the patch is undone on exit."""
+    import threading
+    import time
+
+    from benchmarks.thread_sampler import CopiesSampler
+    from release.awq.read_ahead import OnloadAhead
+
+    seen: list[bool] = []
+
+    def fake_onload(self, *args):  # the stock copies, as the helper thread runs them
+        seen.append(sampler.active.is_set())
+        time.sleep(0.3)
+
+    monkeypatch.setattr(OnloadAhead, "_onload", fake_onload)
+
+    def held_here():  # the main thread, waiting while the helper copies
+        helper = threading.Thread(target=OnloadAhead._onload, args=(None,))
+        helper.start()
+        helper.join()
+
+    with CopiesSampler(period=0.01) as sampler:
+        time.sleep(0.15)  # no copies: not sampled
+        assert sampler.samples == 0
+        held_here()
+        assert OnloadAhead._onload is not fake_onload
+    assert OnloadAhead._onload is fake_onload and seen == [True]
+    assert sampler.samples >= 3 and sampler.active_s > 0.1, (sampler.samples, sampler.active_s)
+    assert any("held_here" in row["site"] for row in sampler.top()), sampler.top()
