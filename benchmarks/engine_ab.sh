@@ -31,7 +31,13 @@ rest=${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$site$here$rest
 syn=${SYN:-/dev/shm/syn}
 n=${N:-512}
-(git rev-parse --short HEAD 2>/dev/null; date; nvidia-smi 2>/dev/null | head -12) > "$out/machine.txt"
+# The code that ran, by content: a copy of a working tree may carry an older .git (session 37's
+# device copy named a commit four behind its files), so HEAD alone does not say what ran.
+# `find release benchmarks -name '*.py' | LC_ALL=C sort | xargs sha256sum | sha256sum` in a checkout gives
+# the same digest for the same files.
+(echo "HEAD $(git rev-parse --short HEAD 2>/dev/null), $(git status --porcelain 2>/dev/null | wc -l) paths differ from it"
+ echo "code $(find release benchmarks -name '*.py' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)"
+ date; nvidia-smi 2>/dev/null | head -12) > "$out/machine.txt"
 if [ ! -f "$syn/release.yaml" ]; then
   python3 -m benchmarks.synthetic --preset "${PRESET:-glm47}" --layers "${LAYERS:-2}" --dense "${DENSE:-0}" \
     --device "${DEVICE:-cuda}" --out "$syn" --group-size 128 --samples "$n" --seq "${SEQ:-2048}" > "$out/synthetic.log" 2>&1 \

@@ -341,6 +341,13 @@ def test_engine_ab_times_each_variant_and_compares_its_scales(tmp_path):
     assert "run 1 (fused_on_cpu=true): exit 0" in proc.stdout and "run 2 (" in proc.stdout, proc.stdout
     records = sorted((tmp_path / "ab").glob("[0-9][0-9]-*.json"))
     assert len(records) == 2 and all(json.loads(r.read_text())["timed"]["oneshot_s"] > 0 for r in records)
+    # the code that ran, named by its files' content (a device copy's .git may be older than its files)
+    import hashlib
+
+    files = sorted(str(p.relative_to(repo)) for d in ("release", "benchmarks") for p in (repo / d).rglob("*.py"))
+    listing = "".join(f"{hashlib.sha256((repo / f).read_bytes()).hexdigest()}  {f}\n" for f in files)
+    digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
+    assert f"code {digest}" in (tmp_path / "ab" / "machine.txt").read_text()
     # no copies ahead on the CPU (onload-ahead copies to a GPU), so nothing sampled, but recorded
     assert all(json.loads(r.read_text())["timed"]["main_thread_during_copies"]["samples"] == 0 for r in records)
     assert [json.loads(r.read_text())["timed"]["engine_options"] for r in records] == [
