@@ -378,9 +378,8 @@ def run(
     cfg = load_config(config)
     branch = cfg.branches[0]
     job = prepare_branch(cfg, branch)
-    options = dataclasses.replace(
-        ScaleOptions.from_spec(cfg.awq), record_scales=scales is not None, **engine_settings(engine_options)
-    )
+    overrides = engine_settings(engine_options)  # --engine KEY=VALUE, read once
+    options = dataclasses.replace(ScaleOptions.from_spec(cfg.awq), record_scales=scales is not None, **overrides)
     ends: list[float] = []
     stores: Path | None = None
     side: tuple[SideBranch, ...] = ()
@@ -450,8 +449,8 @@ def run(
             result = calibrate(job, echo, options)
         out["passes"] = clock.passes
         # where the main thread was while onload-ahead's helper copied (thread_sampler.py)
-        sampled = {"samples": sampler.samples, "copies_s": round(sampler.active_s, 3), "sites": sampler.top()}
-        out["main_thread_during_copies"] = sampled
+        # (how long the copies ran is onload_ahead's copy_s)
+        out["main_thread_during_copies"] = {"samples": sampler.samples, "sites": sampler.top()}
         layers = []
         for r, end in zip(result.stats.layers, ends):
             smooth_start = end - r.smooth_s
@@ -482,9 +481,7 @@ def run(
         out["side_grid"] = engine["side_grid"]
     out["awq"] = cfg.awq.model_dump()
     # the --engine overrides (session 37's records lacked them: their variant is only in the file names)
-    out["engine_options"] = {
-        k: list(v) if isinstance(v, tuple) else v for k, v in engine_settings(engine_options).items()
-    }
+    out["engine_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
     if scales is not None:
         torch.save(result.stats.scales, scales)
     out["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -34,7 +34,6 @@ class CopiesSampler:
         self.stop = threading.Event()
         self.sites: dict[str, int] = {}
         self.samples = 0
-        self.active_s = 0.0  # how long the copies ran, as the sampler saw them
         self.thread = threading.Thread(target=self._run, name="glmrel-copies-sampler", daemon=True)
         self.patched: tuple[Any, Any] | None = None
 
@@ -42,7 +41,6 @@ class CopiesSampler:
         while not self.stop.is_set():
             if not self.active.wait(0.1) or self.stop.is_set():
                 continue
-            t = time.perf_counter()
             frame = sys._current_frames().get(self.main)
             if frame is not None:
                 stack = traceback.extract_stack(frame)[-self.depth :]
@@ -50,8 +48,6 @@ class CopiesSampler:
                 self.sites[site] = self.sites.get(site, 0) + 1
                 self.samples += 1
             time.sleep(self.period)
-            if self.active.is_set():
-                self.active_s += time.perf_counter() - t
 
     def __enter__(self) -> CopiesSampler:
         from release.awq.read_ahead import OnloadAhead

@@ -1475,5 +1475,5 @@ def test_the_copies_sampler_names_where_the_main_thread_is_while_the_helper_copi
         held_here()
         assert OnloadAhead._onload is not fake_onload
     assert OnloadAhead._onload is fake_onload and seen == [True]
-    assert sampler.samples >= 3 and sampler.active_s > 0.1, (sampler.samples, sampler.active_s)
+    assert sampler.samples >= 3, sampler.samples
     assert any("held_here" in row["site"] for row in sampler.top()), sampler.top()
