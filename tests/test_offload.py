@@ -149,3 +149,38 @@ def test_source_stamp_follows_in_place_writes_of_a_cpu_offload():
     before = source_stamp(cache, offloaded)
     cache.update_offload(offloaded, torch.ones(3))
     assert source_stamp(cache, offloaded) != before
+
+
+def test_pinned_stages_copy_the_same_bytes_and_keep_the_sources_class():
+    """read_ahead.PinnedStages (onload-ahead's copy of a CPU offload to the GPU): tensors larger
+    than a stage, smaller, empty and of other dtypes come out with the same bytes, and a Parameter
+    stays one with its attributes, as compressed-tensors' own onload (`send_tensors`) makes it.
+    On the CPU the stages are unpinned and the copies synchronous; the GPU's DMA is exercised by
+    the engine A/B (benchmarks/engine_ab.sh) that compares the chosen scales bit for bit."""
+    from release.awq.read_ahead import PinnedStages
+
+    stages = PinnedStages(stage_bytes=48, pin=False)
+    weight = torch.nn.Parameter(torch.randn(7, 5), requires_grad=False)
+    weight.marker = "kept"
+    sources = [weight, torch.arange(3, dtype=torch.int32), torch.zeros(0), torch.tensor(2.5, dtype=torch.bfloat16)]
+    for src in sources:
+        got = stages.copy(src, torch.device("cpu"))
+        assert got is not src and type(got) is type(src)
+        assert got.numel() == 0 or got.data_ptr() != src.data_ptr()
+        assert got.dtype == src.dtype and got.shape == src.shape and torch.equal(got, src)
+    assert getattr(stages.copy(weight, torch.device("cpu")), "marker", None) == "kept"
+    assert stages.turn in (0, 1)
+
+
+def test_only_a_cpu_offloads_plain_tensor_is_staged(tmp_path):
+    from compressed_tensors.offload.cache.cpu import CPUCache
+
+    from release.awq.read_ahead import stageable
+
+    cache = CPUCache(onload_device="cpu")
+    assert stageable(cache, torch.zeros(4, 4))
+    assert not stageable(cache, torch.zeros(4, 4).t()), "strided views take the stock onload"
+    assert not stageable(cache, torch.zeros(4, 4).to_sparse())
+    root, _values = _two_layers(tmp_path)
+    disk = root.model.layers[1]._parameters
+    assert not stageable(disk, disk.offloaded_values["weight"]), "disk offloads take the stock onload"

@@ -73,7 +73,11 @@ class Engine:
         self.kernels: dict[str, Kernels] = {}  # device -> the kernels (kernels.py) that work there
         self.read_ahead = ReadAhead() if options.read_ahead else None  # read_ahead.py: offloaded weights
         # ... and the next layer's onloaded by a helper thread (the run patches the onloads to ask it)
-        self.onload_ahead = OnloadAhead(stock_onload(), options.onload_ahead) if options.onload_ahead else None
+        self.onload_ahead = (
+            OnloadAhead(stock_onload(), options.onload_ahead, pinned=options.onload_ahead_pinned)
+            if options.onload_ahead
+            else None
+        )
 
     def unequal_keys(self, cache: Any) -> set[str]:
         """deduplicate_batch's set, for a stock cache, of the keys whose values differ by sample:

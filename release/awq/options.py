@@ -79,6 +79,9 @@ class ScaleOptions:
     # read_ahead.py: the next layer's offloaded weights onloaded by a helper thread while the
     # current layer's outputs propagate, where the onload device is of these types (same bytes)
     onload_ahead: tuple[str, ...] = ("cuda",)
+    # ... a CPU offload's weights through two pinned staging buffers (read_ahead.PinnedStages), not
+    # the driver's own staging of a pageable copy, which held the main thread's kernel launches
+    onload_ahead_pinned: bool = True
     check_write_back: bool = (
         False  # deferred write-back, benchmarks: compare every CPU copy with the GPU's after each layer
     )
