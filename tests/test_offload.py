@@ -184,3 +184,36 @@ def test_only_a_cpu_offloads_plain_tensor_is_staged(tmp_path):
     root, _values = _two_layers(tmp_path)
     disk = root.model.layers[1]._parameters
     assert not stageable(disk, disk.offloaded_values["weight"]), "disk offloads take the stock onload"
+
+
+def test_an_onload_of_what_the_helper_was_not_given_does_not_wait_for_its_copies(tmp_path):
+    """The observers read the current layer's quantization parameters (onloads) before the
+    propagation pass; those are not the next layer's weights, so they must not wait for the
+    helper's copies (session 38's H100 run: 0.63 s a layer waited there)."""
+    import threading
+
+    from release.awq.read_ahead import OnloadAhead, stock_onload
+
+    root, values = _two_layers(tmp_path)
+    layer = root.model.layers[1]
+    release = threading.Event()
+    stock = stock_onload()
+
+    def held(cache, offloaded):
+        assert release.wait(10)
+        return stock(cache, offloaded)
+
+    ahead = OnloadAhead(held, devices=("cpu",))
+    try:
+        ahead.after(root, "model.layers.0")
+        other = torch.zeros(3)
+        assert ahead.take(layer._parameters, other) is None and ahead.pending is not None, "no wait"
+        ahead.forget(other)
+        assert ahead.pending is not None, "nor does a rewrite of something else"
+        release.set()
+        offloaded = layer._parameters.offloaded_values["weight"]
+        assert torch.equal(ahead.take(layer._parameters, offloaded), values["weight"])
+        assert ahead.pending is None and ahead.served == 1
+    finally:
+        release.set()
+        ahead.close()

@@ -230,6 +230,10 @@ class OnloadAhead:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmrel-onload-ahead")
         self.pending: Future[None] | None = None
         self.ready: dict[int, tuple[Any, Any, Any]] = {}  # id(offloaded) -> (offloaded, stamp, onloaded)
+        # id(offloaded) of what the helper was given: an onload of anything else (the current
+        # layer's quantization parameters, read by the observers before the propagation pass)
+        # does not wait for the copies
+        self.queued: set[int] = set()
         self.streams: dict[str, Any] = {}  # device -> the helper's CUDA stream
         self.failed: str | None = None  # why it turned itself off (a failed copy)
         self.layers = self.tensors = self.served = self.stale = self.unused = self.skipped = 0
@@ -272,6 +276,7 @@ class OnloadAhead:
             stream = self.streams.setdefault(str(device), torch.cuda.Stream(device))
         self.layers += 1
         self.tensors += len(entries)
+        self.queued = {id(t) for _, t in entries}
         self.bytes += nbytes
         if stream is not None and self.stages is None and self.pinned:
             self.stages = PinnedStages()
@@ -325,7 +330,7 @@ class OnloadAhead:
     def take(self, cache: Any, offloaded: Any) -> Any | None:
         """The copy made ahead of `offloaded`'s onload, if one was made and its source has not
         changed since; None otherwise (the caller onloads)."""
-        if self.pending is None and not self.ready:
+        if id(offloaded) not in self.queued:
             return None
         self.wait()
         entry = self.ready.pop(id(offloaded), None)
@@ -348,6 +353,8 @@ class OnloadAhead:
 
     def forget(self, offloaded: Any) -> None:
         """Drop the copy of `offloaded` (its source is being rewritten)."""
+        if id(offloaded) not in self.queued:
+            return
         self.wait()
         entry = self.ready.pop(id(offloaded), None)
         if entry is not None and entry[0] is offloaded:
@@ -374,6 +381,7 @@ class OnloadAhead:
     def drop(self) -> None:
         self.unused += len(self.ready)
         self.ready.clear()
+        self.queued = set()
 
     def close(self) -> None:
         try:
