@@ -27,7 +27,7 @@ class CopiesSampler:
     """The main thread's call sites, sampled while the helper copies (see the module docstring).
     `active` may also be set by hand (a test)."""
 
-    def __init__(self, period: float = 0.02, depth: int = 4) -> None:
+    def __init__(self, period: float = 0.02, depth: int = 8) -> None:
         self.period, self.depth = period, depth
         self.main = threading.main_thread().ident
         self.active = threading.Event()
