@@ -542,6 +542,8 @@ SYNC_FREE_RUNS = (
     "call2/02-default.json",
     "call2/03-sync-free.json",
 )
+PINNED_README = RESULTS.parent / "2026-12-07-h100-pinned-onload-ahead" / "README.md"
+PINNED_RUNS = ("call1/01-default.json", "call2/01-pinned.json", "call2/02-pageable.json")
 DOCS = RESULTS.parent.parent.parent / "docs" / "performance.md"  # the figures users read
 ACCOUNT = RESULTS.parent / "README.md"  # the run-by-run account docs/performance.md links to
 # Every figure a document quotes from a committed record: (document, record, how to read the
@@ -775,6 +777,20 @@ CITED = [
             "{0[0]:.3f}, {0[1]:.3f} and {0[2]:.3f} ms",
         )
         for mode in ("sliced", "masked")
+    ],
+    *[
+        (PINNED_README, f"2026-12-07-h100-pinned-onload-ahead/{f}", get, fmt)
+        for f in PINNED_RUNS
+        for get, fmt in (
+            (_pass_s("(2/3): Calibrating"), "{:.3f} s"),
+            (_pass_s("(3/3): Calibrating"), "{:.3f} s"),
+            (_one("timed", "oneshot_s"), "{:.2f} s"),
+            (_one("timed", "onload_ahead", "copy_s"), "{:.3f} s"),
+        )
+    ],
+    *[
+        (doc, "2026-12-07-h100-pinned-onload-ahead/call1/01-default.json", _pass_s("(3/3): Calibrating"), "{:.3f} s")
+        for doc in (DOCS, ACCOUNT)
     ],
     (
         RESULTS.parent / "2026-11-30-cpu-demo-single-pass" / "README.md",
@@ -1445,6 +1461,32 @@ def test_sync_free_record_keeps_the_scales_and_places_the_onload_ahead_copies():
         start = next(p["start_s"] for p in record["passes"] if p["pass"] == "(2/3): Propagating")
         row = f"| {a0:.3f} s | {c0:.3f}–{c1:.3f} s ({record['onload_ahead']['copy_s']:.3f} s) | {start:.3f} s | {start - c1:.3f} s |"
         assert row in text, row
+
+
+def test_pinned_record_keeps_the_scales_and_places_the_main_thread():
+    """The 2026-12-07 pinned onload-ahead record: the pinned and the pageable copies chose the
+    same scales for every mapping; its README's timeline (end of smoothing, the copies, the
+    propagation pass) and the sampler's counts are the records'."""
+    folder = RESULTS.parent / "2026-12-07-h100-pinned-onload-ahead"
+    text = PINNED_README.read_text()
+    kinds = json.loads((folder / "call2/02-pageable-vs-first.json").read_text())
+    assert sum(k["mappings"] for k in kinds.values()) == 326
+    assert all(k["equal"] == k["mappings"] for k in kinds.values()), kinds
+    for f, staged in (("call2/01-pinned.json", 496), ("call2/02-pageable.json", 0)):
+        record = json.loads((folder / f).read_text())["timed"]
+        ahead = record["onload_ahead"]
+        assert ahead["staged"] == staged and ahead["served"] == ahead["tensors"] == 496
+        (after, a0, _a1), (copies, c0, c1) = ahead["spans"][:2]
+        assert (after, copies) == ("after", "copies")
+        start = next(p["start_s"] for p in record["passes"] if p["pass"] == "(2/3): Propagating")
+        assert f"{c0:.3f}–{c1:.3f} s" in text and f"{a0:.3f} → {start:.3f} s: **{start - a0:.3f} s**" in text
+        sampled = record["main_thread_during_copies"]
+        assert f"of {sampled['samples']} in" in text
+    call1 = json.loads((folder / "call1/01-default.json").read_text())["timed"]
+    counts = {row["site"].split(" < ")[0]: row["samples"] for row in call1["main_thread_during_copies"]["sites"]}
+    assert counts["/tmp/site/llmcompressor/observers/min_max.py:71 _get_min_max"] == 49
+    assert counts["/tmp/site/llmcompressor/observers/min_max.py:72 _get_min_max"] == 36
+    assert call1["main_thread_during_copies"]["samples"] == 88
 
 
 def test_the_copies_sampler_names_where_the_main_thread_is_while_the_helper_copies(monkeypatch):
