@@ -172,18 +172,30 @@ def test_pinned_stages_copy_the_same_bytes_and_keep_the_sources_class():
     assert stages.turn in (0, 1)
 
 
-def test_only_a_cpu_offloads_plain_tensor_is_staged(tmp_path):
+def test_pinned_stages_onload_what_the_stock_onload_gives_or_leave_it_to_it(tmp_path):
+    """PinnedStages.onload: a CPU offload's plain tensor and a disk offload's weight come out as
+    compressed-tensors' own onload makes them (values, dtype, class, attributes); a strided view,
+    a sparse tensor and a weight the disk index does not know are left to the stock onload."""
     from compressed_tensors.offload.cache.cpu import CPUCache
 
-    from release.awq.read_ahead import stageable
+    from release.awq.read_ahead import PinnedStages
 
+    stages = PinnedStages(stage_bytes=64, pin=False)
+    cpu = torch.device("cpu")
     cache = CPUCache(onload_device="cpu")
-    assert stageable(cache, torch.zeros(4, 4))
-    assert not stageable(cache, torch.zeros(4, 4).t()), "strided views take the stock onload"
-    assert not stageable(cache, torch.zeros(4, 4).to_sparse())
-    root, _values = _two_layers(tmp_path)
+    plain = torch.randn(4, 4)
+    assert torch.equal(stages.onload(cache, plain, cpu), plain)
+    assert stages.onload(cache, plain.t(), cpu) is None, "strided views take the stock onload"
+    assert stages.onload(cache, plain.to_sparse(), cpu) is None
+    root, values = _two_layers(tmp_path)
     disk = root.model.layers[1]._parameters
-    assert not stageable(disk, disk.offloaded_values["weight"]), "disk offloads take the stock onload"
+    for name in ("weight", "bias"):
+        offloaded = disk.offloaded_values[name]
+        stock, staged = disk.onload(offloaded), stages.onload(disk, offloaded, cpu)
+        assert staged is not None and type(staged) is type(stock) and staged.dtype == stock.dtype
+        assert torch.equal(staged, stock) and torch.equal(staged, values[name])
+        assert staged.requires_grad == stock.requires_grad and staged.__dict__ == stock.__dict__
+    assert stages.onload(disk, torch.zeros(2), cpu) is None, "not in the disk index"
 
 
 def test_an_onload_of_what_the_helper_was_not_given_does_not_wait_for_its_copies(tmp_path):

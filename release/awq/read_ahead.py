@@ -13,8 +13,10 @@ the weights are the same; nothing is held but the kernel's reclaimable page cach
 
 `OnloadAhead` does the onload itself ahead. When a layer's smoothing is done (its side branches'
 too), a helper thread onloads the next layer's offloaded weights onto the GPU on a stream of its
-own, with compressed-tensors' own `onload`, while the current layer's outputs propagate (the
-pipeline's second pass over the samples). The next layer's calibration pass then finds each
+own, while the current layer's outputs propagate (the pipeline's second pass over the samples):
+read as compressed-tensors' own `onload` reads them, copied through two pinned staging buffers
+(`PinnedStages`; the driver's own staging of a pageable copy held the main thread's kernel
+launches, session 38). The next layer's calibration pass then finds each
 weight onloaded (the run's patch of `CPUCache.onload` and `DiskCache.onload` hands over the
 copy) instead of waiting on one copy per weight from pageable memory: at GLM-4.7 size 7.5 GiB,
 1.1-1.7 s a MoE layer on an H100 (record 2026-12-07-calibration-pass-waits). The same onload of
@@ -292,10 +294,11 @@ class OnloadAhead:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 for cache, offloaded in entries:
                     stamp = source_stamp(cache, offloaded)
-                    if stream is not None and self.stages is not None and stageable(cache, offloaded):
-                        onloaded = self.stages.copy(offloaded, device)
-                        self.staged += 1
-                    else:
+                    onloaded = None
+                    if stream is not None and self.stages is not None:
+                        onloaded = self.stages.onload(cache, offloaded, device)
+                        self.staged += onloaded is not None
+                    if onloaded is None:
                         onloaded = self.stock_onload(cache, offloaded)
                     self.ready[id(offloaded)] = (offloaded, stamp, onloaded)
             if stream is not None:
@@ -396,18 +399,15 @@ class OnloadAhead:
 STAGE_BYTES = 32 << 20
 
 
-def stageable(cache: Any, offloaded: Any) -> bool:
-    """A CPU offload's plain tensor (strided, contiguous, in pageable memory): what `PinnedStages`
-    copies. The rest (disk offloads, pinned or strided sources) takes the stock onload."""
+def plain(tensor: Any) -> bool:
+    """A tensor `PinnedStages` copies: in host memory, strided, contiguous, not already pinned."""
     import torch
-    from compressed_tensors.offload.cache.cpu import CPUCache
 
     return (
-        isinstance(cache, CPUCache)
-        and offloaded.device.type == "cpu"
-        and offloaded.layout is torch.strided
-        and offloaded.is_contiguous()
-        and not offloaded.is_pinned()
+        tensor.device.type == "cpu"
+        and tensor.layout is torch.strided
+        and tensor.is_contiguous()
+        and not tensor.is_pinned()
     )
 
 
@@ -418,7 +418,7 @@ class PinnedStages:
     A copy from pageable memory (compressed-tensors' onload, `Tensor.to`) is staged by the CUDA
     driver itself, which held the main thread's kernel launches for its whole length: session 38
     sampled the main thread during onload-ahead's copies on an H100 (1.8 s for 7.3 GiB) and found
-    it in the quantization observers' `amin`/`amax` launches, in all 88 samples, the propagation
+    it in the quantization observers' `amin`/`amax` launches in 85 of 88 samples, the propagation
     pass waiting behind them. Here the host copy is plain memory traffic and the GPU's copy an
     asynchronous DMA from pinned memory. The result is what `send_tensors` makes of the stock
     copy (the source's class and attributes on the device tensor): the same bytes."""
@@ -431,6 +431,35 @@ class PinnedStages:
         self.buffers = [torch.empty(stage_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self.done: list[Any] = [None, None]  # the event after each buffer's last DMA
         self.turn = 0
+
+    def onload(self, cache: Any, offloaded: Any, device: Any) -> Any | None:
+        """What `cache`'s stock onload makes of `offloaded`, copied through the stages; None where
+        the stock onload must make it: a source that is not a plain tensor (strided, contiguous,
+        pageable), or a disk offload's weight stored in another dtype than it onloads in.
+
+        A CPU offload's tensor is copied as is. A disk offload's weight is read as compressed-tensors
+        reads it (`DiskCache.onload`: its file and name in `DiskCache.index`), but into host
+        memory (safetensors maps the file) rather than straight to the GPU, then copied: the
+        helper thread reads the page cache or the disk, and the GPU's copy is a DMA."""
+        import torch
+        from compressed_tensors.offload.cache.cpu import CPUCache
+        from compressed_tensors.offload.cache.disk import DiskCache
+
+        if isinstance(cache, DiskCache):
+            from compressed_tensors.offload.utils import to_tensor
+            from safetensors import safe_open
+
+            info = DiskCache.index.get(offloaded)
+            if info is None:
+                return None
+            with safe_open(info["safetensors_file"], framework="pt", device="cpu") as f:
+                host = f.get_tensor(info["weight_name"])
+            if host.dtype != getattr(torch, info["dtype"]) or not plain(host):
+                return None
+            return to_tensor(self.copy(host, device), offloaded)
+        if isinstance(cache, CPUCache) and plain(offloaded):
+            return self.copy(offloaded, device)
+        return None
 
     def copy(self, src: Any, device: Any) -> Any:
         import torch
