@@ -789,6 +789,10 @@ CITED = [
         )
     ],
     *[
+        (PINNED_README, f"2026-12-07-h100-pinned-onload-ahead/{f}", _pass_s("(1/3): Propagating"), "{:.3f} s")
+        for f in PINNED_RUNS[:2]
+    ],
+    *[
         (doc, "2026-12-07-h100-pinned-onload-ahead/call1/01-default.json", _pass_s("(3/3): Calibrating"), "{:.3f} s")
         for doc in (DOCS, ACCOUNT)
     ],
