@@ -76,16 +76,17 @@ def build(
     dense: int = 1,
 ) -> Path:
     import torch
-    from transformers import AutoTokenizer, Glm4MoeConfig, Glm4MoeForCausalLM
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
-    from release.tiny import GLM4MOE_FEATURES, _append_mtp_layer, ensure_demo_assets
+    from release.tiny import GLM4MOE_FEATURES, _append_mtp_layer, demo_texts
 
     out = out.resolve()  # the release config holds these paths, and reads them relative to itself
-    assets = ensure_demo_assets(log=print)
+    # the demo's tokenizer and texts, not its trained model: a fresh GPU machine spent a minute
+    # or more of each call's device time training a model this benchmark does not use
+    tok, assets = demo_texts(out / "texts")
     p = dict(PRESETS[preset])
     n_layers = layers or p.pop("layers")
     p.pop("layers", None)
-    tok = AutoTokenizer.from_pretrained(assets.model)
     vocab = p.pop("vocab_size") or len(tok)
     cfg = Glm4MoeConfig(
         vocab_size=vocab,

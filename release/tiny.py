@@ -274,6 +274,11 @@ def _build(assets: DemoAssets, log) -> None:
     tok.save_pretrained(assets.model)
     _append_mtp_layer(assets.model, cfg, load_file, save_file)
 
+    _write_texts(assets, train_text, heldout_text)
+
+
+def _write_texts(assets: DemoAssets, train_text: list[str], heldout_text: list[str]) -> None:
+    """The demo's calibration conversations and held-out texts, from the corpus's halves."""
     rng = random.Random(1)
     questions = _chunks(train_text, N_CALIBRATION, rng, 80, 200)
     answers = _chunks(train_text, N_CALIBRATION, rng, 200, 600)
@@ -285,6 +290,18 @@ def _build(assets: DemoAssets, log) -> None:
             ]
             f.write(json.dumps({"messages": msgs}) + "\n")
     assets.heldout.write_text(json.dumps([t[:2000] for t in heldout_text[:N_HELDOUT]], indent=0))
+
+
+def demo_texts(folder: Path) -> tuple[Any, DemoAssets]:
+    """The demo's tokenizer, calibration file and held-out texts without its model, for a
+    benchmark that brings a model of its own (benchmarks/synthetic.py): the files
+    `ensure_demo_assets` writes, in seconds where its model takes a minute or more of training on
+    each fresh machine. Returns the tokenizer and `folder` as assets (no `model` there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train_text, heldout_text = corpus_texts()
+    assets = DemoAssets(folder)
+    _write_texts(assets, train_text, heldout_text)
+    return _train_tokenizer(train_text), assets
 
 
 def _append_mtp_layer(model_dir: Path, cfg, load_file, save_file) -> None:

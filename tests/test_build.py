@@ -368,3 +368,22 @@ def test_offloaded_base_weights_give_the_same_branch(demo_release, write_config,
     # how the weights were held is not an input: the in-RAM branch counts as current
     same = load_config(write_config({"offload.cpu_gib": None}))
     assert quantize.quantize_branch(same, "W4A16_GS128", echo=lambda s: None).skipped
+
+
+def test_demo_texts_without_the_model_are_the_demos(tmp_path, demo_assets):
+    """release.tiny.demo_texts (benchmarks.synthetic's tokenizer and texts, with no model trained):
+    the same calibration and held-out bytes as the demo's assets, and a tokenizer that encodes a
+    conversation as the demo model's does."""
+    from transformers import AutoTokenizer
+
+    from release.manifest import sha256_file
+    from release.tiny import demo_texts
+
+    tok, texts = demo_texts(tmp_path / "texts")
+    assert not texts.model.exists()
+    for name in ("calibration", "heldout"):
+        assert sha256_file(getattr(texts, name)) == sha256_file(getattr(demo_assets, name)), name
+    demo = AutoTokenizer.from_pretrained(demo_assets.model)
+    chat = json.loads(texts.calibration.read_text().splitlines()[0])["messages"]
+    assert len(tok) == len(demo) and tok.eos_token_id == demo.eos_token_id
+    assert tok.apply_chat_template(chat, tokenize=True) == demo.apply_chat_template(chat, tokenize=True)
