@@ -106,3 +106,38 @@ def test_eager_attention_keeps_its_mask():
     attn.is_causal = False
     attn.config._attn_implementation = "sdpa"
     assert not causal_sdpa(attn)
+
+
+def test_the_passes_causal_attention_takes_only_the_causal_pattern(monkeypatch):
+    """causal.calibration_attention (`causal_calibration_attention`): eager attention's function
+    replaced so that a call whose mask is exactly the causal pattern runs SDPA's causal kernel,
+    the same attention to fp32 rounding; a padded mask, a non-causal module and a call asking for
+    attention weights stay eager."""
+    from transformers.models.glm4_moe import modeling_glm4_moe
+
+    from release.awq.causal import calibration_attention
+
+    attn, rope = _tiny_attention("eager")
+    h = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(3))
+    args = {"hidden_states": h, "position_embeddings": rope(h, torch.arange(10)[None])}
+    padded = _eager(10).clone()
+    padded[..., :2] = torch.finfo(torch.float32).min  # the first two keys are padding
+    with torch.no_grad():
+        eager = {name: attn(**args, attention_mask=m)[0] for name, m in (("causal", _eager(10)), ("padded", padded))}
+    stock = modeling_glm4_moe.eager_attention_forward
+    stats = SimpleNamespace(causal_calibration_forwards=0)
+    monkeypatch.setattr(
+        modeling_glm4_moe, "eager_attention_forward", calibration_attention(stock, CausalMasks(), stats)
+    )
+    with torch.no_grad():
+        causal = attn(**args, attention_mask=_eager(10))[0]
+        assert stats.causal_calibration_forwards == 1
+        assert torch.allclose(causal, eager["causal"], atol=1e-6, rtol=1e-5) and not torch.equal(
+            causal, eager["padded"]
+        )
+        assert torch.equal(attn(**args, attention_mask=padded)[0], eager["padded"]), "padding keeps eager"
+        _out, weights = attn(**args, attention_mask=_eager(10), output_attentions=True)
+        assert weights is not None, "attention weights asked for: eager"
+        attn.is_causal = False
+        assert torch.equal(attn(**args, attention_mask=_eager(10))[0], eager["causal"])
+    assert stats.causal_calibration_forwards == 1

@@ -135,15 +135,19 @@ the ScaleOptions field that turns it on):
 14. **Read ahead** (`read_ahead`) **and onload ahead** (`onload_ahead`). With the base weights
    offloaded to disk, the next decoder layer's byte ranges are asked into the page cache while a
    layer is smoothed: a hint. Once a layer is smoothed, a helper thread onloads the next layer's
-   offloaded weights onto the GPU (compressed-tensors' own onload, on a stream of its own) while
-   the layer's outputs propagate, and the next calibration pass is handed each copy instead of
+   offloaded weights onto the GPU (read as compressed-tensors' own onload reads them, copied
+   through two pinned staging buffers on a stream of its own: `onload_ahead_pinned`) while the
+   layer's outputs propagate, and the next calibration pass is handed each copy instead of
    waiting on the upload; a copy whose source changed since is dropped (read_ahead.py). The same
    weights.
 15. **Causal attention in the search** (`causal_search_attention`, on a GPU). A cached attention
    mask that is exactly the causal pattern (what eager attention's pipeline caches) is left out
    of the search's SDPA forwards, so SDPA runs its causal GQA kernel instead of adding the mask
    to every score with the key/value heads repeated (causal.py). The last bits of attention's
-   output may differ; the reference and every grid point take the same path.
+   output may differ; the reference and every grid point take the same path. With
+   `causal_calibration_attention` (off by default: it changes the last bits of what the
+   statistics and the next layer see, and has not run on a GPU) the calibration and propagation
+   passes' eager attention does the same.
 16. **Routing reuse** (`reuse_routing`). Inside a MoE block's search the router's outputs of the
    reference forward answer the grid points' calls in the same order (routing.py): its weight
    has no scheme the search quantizes and its input is the cached one. Same bits; the first

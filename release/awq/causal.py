@@ -13,6 +13,13 @@ reference output and every grid point take the same path, so the loss compares l
 A mask is dropped only when it is exactly that pattern (queries = keys, every batch row the
 same, 0 on and below the diagonal, -inf or the dtype's minimum above it, or the equivalent
 boolean mask); padding, sliding windows or a cache offset keep their mask.
+
+`causal_calibration_attention` (off by default) does the same in the pipeline's calibration and
+propagation passes, which llm-compressor runs under eager attention: eager's function is
+replaced, for the run, by one that hands a call whose mask is exactly the causal pattern to
+transformers' SDPA attention without the mask (its causal GQA kernel), and every other call to
+eager. Unlike the search, this changes the last bits of what the statistics and the next layer
+see, so it waits for a GPU side-by-side of the chosen scales.
 """
 
 from __future__ import annotations
@@ -81,3 +88,25 @@ class CausalMasks:
                 yield {**batch, MASK_KEY: None}
             else:
                 yield batch
+
+
+def calibration_attention(stock: Any, masks: CausalMasks, stats: Any) -> Any:
+    """Eager attention's replacement under `causal_calibration_attention` (module docstring):
+    `stock` (eager) unless the call is a causal attention over its own keys (no cache offset)
+    whose mask is exactly the causal pattern and no attention weights are asked for; those run
+    SDPA's causal kernel, counted in `stats.causal_calibration_forwards`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+        if (
+            attention_mask is None
+            or kwargs.get("output_attentions")
+            or getattr(module, "is_causal", False) is not True
+            or query.shape[-2] != key.shape[-2]
+            or not masks.causal(attention_mask)
+        ):
+            return stock(module, query, key, value, attention_mask, **kwargs)
+        stats.causal_calibration_forwards += 1
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+    return attention

@@ -14,6 +14,7 @@ from typing import Any
 
 from .all_experts import all_experts_forward, fusable, hooks_silent
 from .caches import Ledger, WriteBack, resident_budget
+from .causal import calibration_attention
 from .dedup import deduplicate_batch
 from .experts import batchable, grouped_experts_forward, grouped_gemm_works
 from .hooks import HOOKS, Patches
@@ -318,6 +319,9 @@ def scaled_awq(
             patches.hook("forward_context", search_forward_context)
         if options.reuse_routing:
             patches.hook("router_forward", router_forward)
+        if options.causal_calibration_attention:
+            eager = getattr(*HOOKS["calibration_attention"].owner_and_name())
+            patches.hook("calibration_attention", calibration_attention(eager, run.causal_masks, stats))
         if write_back is not None:
             patches.hook("offload_write", update_offload_parameter)
         if engine.onload_ahead is not None:

@@ -60,6 +60,14 @@ HOOKS = {
         False,
         "inside the smoothing step attention runs through SDPA instead of the eager attention forced for calibration",
     ),
+    "calibration_attention": Hook(
+        "transformers.models.glm4_moe.modeling_glm4_moe:eager_attention_forward",
+        "run",
+        "causal_calibration_attention",
+        False,
+        "in the calibration and propagation passes a causal attention whose mask is exactly the causal pattern "
+        "runs SDPA's causal kernel instead of eager attention (causal.py)",
+    ),
     "router_forward": Hook(
         "transformers.models.glm4_moe.modeling_glm4_moe:Glm4MoeTopkRouter.forward",
         "run",

@@ -75,6 +75,11 @@ class ScaleOptions:
     # instead of a slice whose bounds the host reads from the GPU (one wait a sample); off until a
     # GPU side-by-side of the chosen scales (one grouped GEMM over every expert for the chunks')
     sync_free_routing: bool = False
+    # causal.py: the calibration and propagation passes' attention through SDPA's causal kernel
+    # where the pipeline's cached mask is exactly the causal pattern, instead of the eager
+    # attention llm-compressor forces there (fp32 scores of every head); the last bits of what
+    # the next layer sees change, so off until a GPU side-by-side of the chosen scales and KL
+    causal_calibration_attention: bool = False
     read_ahead: bool = True  # read_ahead.py: the next layer's disk-offloaded weights read ahead (a hint)
     # read_ahead.py: the next layer's offloaded weights onloaded by a helper thread while the
     # current layer's outputs propagate, where the onload device is of these types (same bytes)
