@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ReleaseError
+from .errors import ReleaseError, not_utf8
 from .layout import SUPPORTED_GROUP_SIZES
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -480,7 +480,7 @@ def load_config(path: str | Path) -> ReleaseConfig:
         raw = yaml.safe_load(source.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise ReleaseError(
-            f"config {source} is not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r})",
+            not_utf8(f"config {source}", e),
             hint="save the config as UTF-8 YAML; configs/glm-4.7.yaml is a full example",
         ) from e
     except OSError as e:

@@ -19,6 +19,12 @@ class ReleaseError(Exception):
         return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
 
 
+def not_utf8(what: str, e: UnicodeDecodeError) -> str:
+    """The message for a file that is not UTF-8 text: `what` (e.g. "manifest PATH") and the
+    first byte that is not, with its offset."""
+    return f"{what} is not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r})"
+
+
 HUB_STATUS = {
     401: (
         "the Hub rejected the token (401 Unauthorized)",

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from .errors import ReleaseError
+from .errors import ReleaseError, not_utf8
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a sha256 as hexdigest() writes it
 
@@ -119,7 +119,7 @@ class Manifest:
             data = json.loads(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise ReleaseError(
-                f"manifest {path} is not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r})",
+                not_utf8(f"manifest {path}", e),
                 hint=rebuild,
             ) from e
         except json.JSONDecodeError as e:

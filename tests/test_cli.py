@@ -291,6 +291,19 @@ class _Done:
     returncode = 0
 
 
+def test_a_calibration_file_that_is_not_utf8_names_its_first_bad_byte(write_config, tmp_path):
+    """Binary bytes in the calibration file: the file, the offset and the byte, with the fix, as
+    a config or a manifest that is not UTF-8 (errors.not_utf8)."""
+    bad = tmp_path / "binary.jsonl"
+    bad.write_bytes(json.dumps(GOOD).encode() + b"\n" + b"\xba\xe8\xff\x00" * 25)
+    res = run("build-all", "--config", write_config({"calibration.path": str(bad)}))
+    offset = len(json.dumps(GOOD)) + 1
+    _assert_clean_failure(
+        res, f"calibration file {bad} is not UTF-8 text (byte {offset} is b'\\xba')", tmp_path / "out"
+    )
+    assert "Hint: write the .jsonl file as UTF-8" in res.output
+
+
 def test_a_changelog_or_recipe_that_is_not_utf8_is_named_with_its_fix(write_config, tmp_path):
     """Binary bytes in the release changelog (render, publish) or the recipe template
     (quantize): one Error naming the file and a Hint, exit 1; both ended in "unexpected

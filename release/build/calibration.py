@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CalibrationSpec
-from ..errors import ReleaseError
+from ..errors import ReleaseError, not_utf8
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def _scan_jsonl(path: Path, column: str) -> None:
                     raise _bad_row(f"file {path} line {n}", column, problem)
         except UnicodeDecodeError as e:
             raise ReleaseError(
-                f"calibration file {path} is not UTF-8 text ({e.reason} at byte {e.start})",
+                not_utf8(f"calibration file {path}", e),
                 hint="write the .jsonl file as UTF-8",
             ) from e
 
