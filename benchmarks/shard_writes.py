@@ -11,7 +11,10 @@ too).
 
     python -m benchmarks.shard_writes --branch /dev/shm/out/W4A16_GS32 --out /dev/shm/copy --json OUT.json
 
-Prints seconds and GiB/s per run; asserts nothing but equal bytes.
+`--via save_file` loads each shard's tensors and writes them with safetensors' `save_file` (what
+glmrel did before `layout.copy_tensors`), for a side-by-side: run each in its own process, so that
+the peak RSS printed is that mode's. Prints seconds and GiB/s per run, the shards' digest and
+the process's peak RSS; asserts nothing but equal bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
 import time
@@ -57,7 +61,19 @@ def _resharded(weight_map: dict[str, str], branch: Path, shard_gib: float) -> di
     return by_shard
 
 
-def measure(branch: Path, out: Path, writers: int, repeat: int, shard_gib: float | None = None) -> dict[str, Any]:
+def measure(
+    branch: Path, out: Path, writers: int, repeat: int, shard_gib: float | None = None, via: str = "copy"
+) -> dict[str, Any]:
+    """`via`: "copy" (layout.copy_tensors' byte copies, what a build does) or "save_file" (each
+    shard's tensors loaded and written by safetensors' `save_file`, copy_tensors' fallback and
+    what glmrel did before it)."""
+    if via == "save_file":
+        from unittest import mock
+
+        from release import layout
+
+        with mock.patch.object(layout, "_library_order", lambda entries, metadata: None):
+            return measure(branch, out, writers, repeat, shard_gib)
     weight_map = {n: s for n, s in read_weight_map(branch).items() if not s.startswith("model-mtp")}
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
@@ -92,6 +108,8 @@ def measure(branch: Path, out: Path, writers: int, repeat: int, shard_gib: float
         "median_s": {str(w): statistics.median(v) for w, v in per.items()},
         "speedup": round(statistics.median(per[1]) / statistics.median(per[writers]), 2),
         "same_bytes": True,
+        "digest": digest,
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
 
 
@@ -102,12 +120,18 @@ def main() -> None:
     ap.add_argument("--writers", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--shard-gib", type=float, default=None, help="re-cut into shards of this size (default: as built)")
+    ap.add_argument(
+        "--via",
+        choices=("copy", "save_file"),
+        default="copy",
+        help="copy: the tensors' bytes copied (what a build does); save_file: loaded and written by safetensors",
+    )
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
-    rec = measure(a.branch, a.out, a.writers, a.repeat, a.shard_gib)
+    rec = {"via": a.via, **measure(a.branch, a.out, a.writers, a.repeat, a.shard_gib, a.via)}
     for r in rec["runs"]:
         print(f"writers {r['writers']}: {r['s']} s, {r['gib_s']} GiB/s ({rec['gib']} GiB in {rec['shards']} shards)")
-    print(f"median: {rec['median_s']} s; {a.writers} writers {rec['speedup']}x one")
+    print(f"median: {rec['median_s']} s; {a.writers} writers {rec['speedup']}x one; peak RSS {rec['peak_rss_gib']} GiB")
     if a.json:
         a.json.write_text(json.dumps(rec, indent=1) + "\n")
 

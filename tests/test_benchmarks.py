@@ -542,6 +542,7 @@ SYNC_FREE_RUNS = (
     "call2/02-default.json",
     "call2/03-sync-free.json",
 )
+COPY_README = RESULTS.parent / "2026-12-07-cpu-copy-tensors" / "README.md"
 PINNED_README = RESULTS.parent / "2026-12-07-h100-pinned-onload-ahead" / "README.md"
 PINNED_RUNS = ("call1/01-default.json", "call2/01-pinned.json", "call2/02-pageable.json")
 DOCS = RESULTS.parent.parent.parent / "docs" / "performance.md"  # the figures users read
@@ -795,6 +796,24 @@ CITED = [
     *[
         (doc, "2026-12-07-h100-pinned-onload-ahead/call1/01-default.json", _pass_s("(3/3): Calibrating"), "{:.3f} s")
         for doc in (DOCS, ACCOUNT)
+    ],
+    *[
+        (
+            COPY_README,
+            "2026-12-07-cpu-copy-tensors/mtp-carry.json",
+            lambda r, mode=mode: [x["s"] for x in r["runs"] if x["mode"] == mode],
+            "{0[0]}, {0[1]}, {0[2]}, {0[3]}",
+        )
+        for mode in ("compressed-tensors", "glmrel")
+    ],
+    *[
+        (COPY_README, f"2026-12-07-cpu-copy-tensors/shard-writes-{via}.json", get, fmt)
+        for via in ("save-file", "copy")
+        for get, fmt in (
+            (_one("peak_rss_gib"), "**{} GiB**"),
+            (lambda r: [x["s"] for x in r["runs"]], "{0[0]}, {0[1]}, {0[2]}, {0[3]}"),
+            (lambda r: r["digest"][:16], "{}…"),
+        )
     ],
     (
         RESULTS.parent / "2026-11-30-cpu-demo-single-pass" / "README.md",
@@ -1465,6 +1484,20 @@ def test_sync_free_record_keeps_the_scales_and_places_the_onload_ahead_copies():
         start = next(p["start_s"] for p in record["passes"] if p["pass"] == "(2/3): Propagating")
         row = f"| {a0:.3f} s | {c0:.3f}–{c1:.3f} s ({record['onload_ahead']['copy_s']:.3f} s) | {start:.3f} s | {start - c1:.3f} s |"
         assert row in text, row
+
+
+def test_copy_record_wrote_the_same_bytes_without_the_tensors_in_memory():
+    """The 2026-12-07 CPU record of layout.copy_tensors: both modes wrote the same MTP shard and
+    index and the same side-branch shards; the copy's peak RSS grew by none of the layer."""
+    folder = RESULTS.parent / "2026-12-07-cpu-copy-tensors"
+    carry = json.loads((folder / "mtp-carry.json").read_text())
+    assert carry["same_bytes"] is True
+    growth = {
+        m: {x["rss_growth_gib"] for x in carry["runs"] if x["mode"] == m} for m in ("compressed-tensors", "glmrel")
+    }
+    assert max(growth["glmrel"]) < 0.1 < carry["gib"] - 0.1 < min(growth["compressed-tensors"])
+    writes = [json.loads((folder / f"shard-writes-{via}.json").read_text()) for via in ("save-file", "copy")]
+    assert writes[0]["digest"] == writes[1]["digest"] and writes[1]["peak_rss_gib"] < writes[0]["peak_rss_gib"] - 1
 
 
 def test_pinned_record_keeps_the_scales_and_places_the_main_thread():

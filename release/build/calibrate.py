@@ -20,7 +20,7 @@ from ..awq import ScaleOptions, ScaleStats, SideBranch
 from ..config import ReleaseConfig
 from ..console import load_report
 from ..errors import ReleaseError
-from ..layout import experts_per_expert, mtp_ignore_entry, mtp_prefix, read_weight_map
+from ..layout import copy_tensors, experts_per_expert, mtp_ignore_entry, mtp_prefix, read_weight_map
 from ..manifest import CACHE_DIR
 from ..owned import create_owned, remove_owned
 from . import distributed
@@ -364,24 +364,36 @@ def write_branch_files(job: BranchJob, out: Path, run: Calibrated) -> None:
 
 def _carry_mtp_layers(base_dir: Path, out: Path, arch: Glm4MoeArch) -> None:
     """Put GLM's MTP layer(s) back: transformers does not model them, so llm-compressor's save
-    drops `model.layers.{num_hidden_layers}.*`. compressed-tensors copies them unquantized and
-    lists them in `ignore`; its ignore entry leaves the dots unescaped, so glmrel writes an exact one."""
-    from compressed_tensors.utils import save_mtp_tensors_to_checkpoint
+    drops `model.layers.{num_hidden_layers}.*`. As compressed-tensors' `save_mtp_tensors_to_checkpoint`
+    does, each layer's tensors go unquantized into a shard of their own, the index (its
+    `update_safetensors_index`) names them and `ignore` lists them, but the shard is a copy of
+    their bytes (`layout.copy_tensors`: the same file), not the layer loaded into memory whole
+    (7.6 GiB at GLM-4.7 size, once per branch, two side branches at a time), and the ignore
+    entry is exact (the library's leaves the dots unescaped)."""
+    import os
 
+    from compressed_tensors.utils import get_weight_mappings, update_safetensors_index
+
+    base_map = read_weight_map(base_dir)
     for layer in arch.mtp_layers:
         prefix = mtp_prefix(layer)
-        save_mtp_tensors_to_checkpoint(
-            str(base_dir), str(out), mtp_prefix=prefix, shard_name=f"model-mtp-{layer}.safetensors"
-        )
-        cfg_path = out / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        qc = cfg["quantization_config"]
-        loose = f"re:^{prefix}.*"
-        exact = mtp_ignore_entry(layer)
-        qc["ignore"] = [exact if x == loose else x for x in qc.get("ignore", [])]
-        if exact not in qc["ignore"]:
+        names = [n for n in base_map if n.startswith(prefix)]
+        if not names:
             raise ReleaseError(
                 f"MTP layer {layer} was not found in {base_dir}",
                 hint="the base checkpoint lacks model.layers.{N}.* tensors named by num_nextn_predict_layers",
             )
+        shard = f"model-mtp-{layer}.safetensors"
+        copy_tensors(out / shard, names, {n: base_dir / base_map[n] for n in names}, None)
+        weight_map = {k: os.path.basename(v) for k, v in get_weight_mappings(str(out)).items()}
+        weight_map.update(dict.fromkeys(names, shard))
+        total = sum((out / f).stat().st_size for f in set(weight_map.values()))
+        update_safetensors_index(str(out), total, weight_map)
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        qc = cfg["quantization_config"]
+        ignore = qc.get("ignore") or []
+        if mtp_ignore_entry(layer) not in ignore:
+            ignore.append(mtp_ignore_entry(layer))
+        qc["ignore"] = ignore
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
