@@ -359,6 +359,19 @@ def copy_tensors(dest: Path, names: list[str], source: dict[str, Path], metadata
         save_file({n: files.get(n) for n in names}, str(dest), metadata=metadata)
         return
     sizes = {n: info[n].data_offsets[1] - info[n].data_offsets[0] for n in names}
+    for n in names:  # what safetensors checks when it loads a tensor: its bytes fit its shape and the file
+        start, end = headers[source[n]][0] + info[n].data_offsets[0], headers[source[n]][0] + info[n].data_offsets[1]
+        per = DTYPE_BYTES.get(info[n].dtype)
+        if (
+            (per is not None and sizes[n] != per * _count(info[n].shape))
+            or end > source[n].stat().st_size
+            or start > end
+        ):
+            raise ReleaseError(
+                f"{source[n]}: {n}'s bytes do not match its shape {list(info[n].shape)} and dtype {info[n].dtype}, "
+                "or run past the file's end: it was truncated or changed after it was written",
+                hint="build again; make sure nothing else writes there",
+            )
     header = _st_header([(n, info[n].dtype, list(info[n].shape), sizes[n]) for n in order], metadata)
     handles: dict[Path, Any] = {}
     try:
@@ -370,9 +383,19 @@ def copy_tensors(dest: Path, names: list[str], source: dict[str, Path], metadata
                 if path not in handles:
                     handles[path] = path.open("rb")
                 _copy_range(handles[path], out, headers[path][0] + info[n].data_offsets[0], sizes[n])
+    except BaseException:
+        dest.unlink(missing_ok=True)  # no half-written file left behind
+        raise
     finally:
         for handle in handles.values():
             handle.close()
+
+
+def _count(shape: Any) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _copy_range(src: Any, dst: Any, offset: int, length: int) -> None:

@@ -84,15 +84,44 @@ def test_copies_between_file_systems_and_without_the_kernel_call_are_the_same(tm
     assert (tmp_path / "kernel.safetensors").read_bytes() == (tmp_path / "buffered.safetensors").read_bytes()
 
 
-def test_a_source_cut_short_while_copying_is_named(tmp_path):
+def test_a_truncated_or_tampered_source_is_refused_before_a_byte_is_copied(tmp_path):
+    """What safetensors checks when it loads a tensor: its bytes fit its shape and dtype and the
+    file. A source cut short, or whose header says another shape, is named with the fix."""
+    import json
+
     tensors, source = _sources(tmp_path)
     path = tmp_path / "b.safetensors"
     data = path.read_bytes()
     names = [n for n in tensors if source[n] == path]
     path.write_bytes(data[: len(data) - 1000])  # the header still names the last bytes
-    with pytest.raises(ReleaseError, match="ended before its tensors' bytes") as e:
+    with pytest.raises(ReleaseError, match="run past the file's end") as e:
         copy_tensors(tmp_path / "copy.safetensors", names, source, None)
-    assert "build again" in e.value.hint
+    assert "build again" in e.value.hint and not (tmp_path / "copy.safetensors").exists()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["model.layers.4.hnorm.weight"]["shape"] = [7]  # 6 bf16 values stored, 7 claimed
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+    with pytest.raises(ReleaseError, match=r"hnorm.weight's bytes do not match its shape \[7\] and dtype BF16"):
+        copy_tensors(tmp_path / "copy.safetensors", names, source, None)
+
+
+def test_a_source_cut_short_while_copying_is_named(tmp_path, monkeypatch):
+    """A source that ends early while its bytes are copied (another process truncating it)."""
+    import os
+
+    tensors, source = _sources(tmp_path)
+    names = sorted(tensors)
+
+    def refused(*args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    monkeypatch.setattr(os, "pread", lambda fd, n, offset: b"")
+    with pytest.raises(ReleaseError, match="ended before its tensors' bytes"):
+        copy_tensors(tmp_path / "copy.safetensors", names, source, None)
+    assert not (tmp_path / "copy.safetensors").exists(), "nothing half-written is left"
 
 
 def test_the_copy_holds_no_tensor_in_memory(tmp_path):

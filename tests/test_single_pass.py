@@ -304,8 +304,9 @@ def test_a_tampered_store_is_refused_by_name(tmp_path):
 
 def test_shards_are_written_on_threads_with_the_same_bytes_and_a_failing_one_raises(tmp_path, monkeypatch):
     """`write_shards` (how a side branch's shards are written): several shards at once, each on
-    a writer thread of its own handles, byte for byte what one writer makes; a tensor whose
-    file is gone fails the write with safetensors' error."""
+    a writer thread with handles of its own, byte for byte what one writer makes and what
+    safetensors' `save_file` makes of the same tensors; a tensor whose file is gone fails the
+    write with the system's error."""
     import threading
 
     from safetensors.torch import save_file
@@ -324,16 +325,16 @@ def test_shards_are_written_on_threads_with_the_same_bytes_and_a_failing_one_rai
     threads: set[str] = set()
     # set for the three-writer call: each writer's first read waits for the others
     together: list[threading.Barrier] = []
-    real = layout.TensorFiles.get
+    real = layout._copy_range
 
-    def get(self, name):
+    def copy_range(*args):  # each tensor's bytes, copied by its shard's writer
         thread = threading.current_thread().name
         if thread not in threads and together:
             together[0].wait()  # broken (an error) unless three writers are busy at once
         threads.add(thread)
-        return real(self, name)
+        return real(*args)
 
-    monkeypatch.setattr(layout.TensorFiles, "get", get)
+    monkeypatch.setattr(layout, "_copy_range", copy_range)
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     one, three = tmp_path / "one", tmp_path / "three"
     one.mkdir(), three.mkdir()
@@ -343,8 +344,11 @@ def test_shards_are_written_on_threads_with_the_same_bytes_and_a_failing_one_rai
     write_shards(three, by_shard, source, writers=3)
     assert len(threads) == 3 and all(t.startswith("glmrel-shard-write") for t in threads)
     together.clear()
-    for shard in by_shard:
+    tensors = {**a, **b}
+    for shard, names in by_shard.items():
         assert (one / shard).read_bytes() == (three / shard).read_bytes(), shard
+        save_file({n: tensors[n] for n in names}, str(tmp_path / "library.safetensors"), metadata={"format": "pt"})
+        assert (one / shard).read_bytes() == (tmp_path / "library.safetensors").read_bytes(), shard
     (src / "b.safetensors").unlink()
     with pytest.raises(Exception, match="No such file"):
         write_shards(tmp_path, by_shard, source, writers=3)
