@@ -226,15 +226,15 @@ class OnloadAhead:
     ) -> None:
         self.stock_onload = stock_onload
         self.devices = devices
-        self.pinned = pinned  # CPU-offloaded weights copied through pinned stages (PinnedStages)
+        self.pinned = pinned  # offloaded weights (CPU and disk) copied through pinned stages (PinnedStages)
         self.stages: PinnedStages | None = None
         self.staged = 0  # tensors copied through the stages (the rest: the stock onload's copy)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmrel-onload-ahead")
         self.pending: Future[None] | None = None
         self.ready: dict[int, tuple[Any, Any, Any]] = {}  # id(offloaded) -> (offloaded, stamp, onloaded)
-        # id(offloaded) of what the helper was given: an onload of anything else (the current
-        # layer's quantization parameters, read by the observers before the propagation pass)
-        # does not wait for the copies
+        # id(offloaded) of what the helper was given: an onload of anything else (session 38 found
+        # one waiting for the copies while the observers updated the layer's quantization
+        # parameters, before the propagation pass) does not wait for them
         self.queued: set[int] = set()
         self.streams: dict[str, Any] = {}  # device -> the helper's CUDA stream
         self.failed: str | None = None  # why it turned itself off (a failed copy)
