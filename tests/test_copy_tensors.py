@@ -142,3 +142,45 @@ def test_the_copy_holds_no_tensor_in_memory(tmp_path):
     from release.manifest import sha256_file
 
     assert sha256_file(copy) == sha256_file(big), "one tensor, no metadata: the library's file is the source's"
+
+
+def test_the_mtp_carry_writes_what_compressed_tensors_writes(tmp_path):
+    """calibrate._carry_mtp_layers (a byte copy) against compressed-tensors'
+    `save_mtp_tensors_to_checkpoint` (the layer loaded and saved), on a two-shard base whose MTP
+    layer shares a shard with another layer: the same MTP shard and index, byte for byte; the
+    configs differ only in the ignore entry, glmrel's exact where the library's leaves the dots
+    unescaped. A base without the layer is refused, as before."""
+    import json
+    from types import SimpleNamespace
+
+    from compressed_tensors.utils import save_mtp_tensors_to_checkpoint
+
+    from release.build.calibrate import _carry_mtp_layers
+    from release.layout import mtp_ignore_entry
+
+    tensors, source = _sources(tmp_path)
+    base = tmp_path / "base"
+    base.mkdir()
+    for path in set(source.values()):
+        (base / path.name).write_bytes(path.read_bytes())
+    weight_map = {name: path.name for name, path in source.items()}
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    folders = {}
+    for who in ("library", "glmrel"):
+        out = tmp_path / who
+        out.mkdir()
+        save_file({"model.embed_tokens.weight": torch.ones(4, 2)}, str(out / "model.safetensors"))
+        (out / "config.json").write_text(json.dumps({"quantization_config": {"ignore": ["lm_head"]}}, indent=2))
+        folders[who] = out
+    save_mtp_tensors_to_checkpoint(
+        str(base), str(folders["library"]), mtp_prefix="model.layers.4.", shard_name="model-mtp-4.safetensors"
+    )
+    _carry_mtp_layers(base, folders["glmrel"], SimpleNamespace(mtp_layers=(4,)))
+    for f in ("model-mtp-4.safetensors", "model.safetensors.index.json"):
+        assert (folders["glmrel"] / f).read_bytes() == (folders["library"] / f).read_bytes(), f
+    ignores = {
+        who: json.loads((o / "config.json").read_text())["quantization_config"]["ignore"] for who, o in folders.items()
+    }
+    assert ignores == {"library": ["lm_head", "re:^model.layers.4..*"], "glmrel": ["lm_head", mtp_ignore_entry(4)]}
+    with pytest.raises(ReleaseError, match="MTP layer 7 was not found"):
+        _carry_mtp_layers(base, folders["glmrel"], SimpleNamespace(mtp_layers=(7,)))
