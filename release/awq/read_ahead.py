@@ -41,7 +41,8 @@ LAYER_INDEX = re.compile(r"^(.*\.layers\.)(\d+)$")
 def disk_ranges(module: Any) -> list[tuple[str, int, int]]:
     """(file, offset, length) of every weight of `module` that compressed-tensors keeps on disk."""
     from compressed_tensors.offload.cache.disk import DiskCache
-    from huggingface_hub import parse_local_safetensors_file_metadata
+
+    from ..layout import data_start_and_header
 
     headers: dict[str, tuple[int, Any]] = {}
     out = []
@@ -55,9 +56,7 @@ def disk_ranges(module: Any) -> list[tuple[str, int, int]]:
                 continue
             path = os.path.realpath(info["safetensors_file"])
             if path not in headers:
-                with open(path, "rb") as f:
-                    n = int.from_bytes(f.read(8), "little")
-                headers[path] = (8 + n, parse_local_safetensors_file_metadata(path))
+                headers[path] = data_start_and_header(path)
             start, meta = headers[path]
             begin, end = meta.tensors[info["weight_name"]].data_offsets
             out.append((path, start + begin, end - begin))
