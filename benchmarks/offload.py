@@ -128,8 +128,19 @@ def run_mode(
     timings = read_build_log(out.parent, branch).get("quantize", {}).get("timings_s", {})
     phases = ("prepare", "calibration_data", "load", "oneshot", "save", "seal", "peak_gpu_gib")
     rec["timings_s"] = {k: timings.get(k) for k in phases}
+    rec.update(engine_figures(timings))
     rec["weights_sha256"] = _weights_digest(out)
     return rec
+
+
+def engine_figures(timings: dict[str, Any]) -> dict[str, Any]:
+    """What the engine read and onloaded ahead in a build (its build log's `awq_engine`), so that a
+    record says whether the offloaded weights went through onload-ahead's pinned stages, how many
+    and how long the copies took, not only the build's wall (the spans' clock is not the record's).
+    A side branch's engine sits under its calibration pass, as `engine_description` reads it."""
+    engine = timings.get("awq_engine") or (timings.get("calibration_pass") or {}).get("awq_engine") or {}
+    ahead = {k: v for k, v in (engine.get("onload_ahead_counts") or {}).items() if k != "spans"}
+    return {"onload_ahead": ahead or None, "read_ahead": engine.get("read_ahead_counts")}
 
 
 def main() -> None:

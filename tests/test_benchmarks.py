@@ -1556,3 +1556,20 @@ def test_the_copies_sampler_names_where_the_main_thread_is_while_the_helper_copi
     assert OnloadAhead._onload is fake_onload and seen == [True]
     assert sampler.samples >= 3, sampler.samples
     assert any("held_here" in row["site"] for row in sampler.top()), sampler.top()
+
+
+def test_offload_record_says_what_onload_ahead_did():
+    """benchmarks.offload keeps the engine's onload-ahead and read-ahead counts from the build
+    log, without the spans (their clock is the build's, not the record's), and None where the
+    engine onloaded nothing ahead (a CPU build, or the option off)."""
+    from benchmarks.offload import engine_figures
+
+    counts = {"tensors": 496, "staged": 496, "copy_s": 0.7, "wait_s": 0.0, "spans": [["copies", 1.0, 1.7]]}
+    engine = {"onload_ahead_counts": counts, "read_ahead_counts": {"layers": 1, "gib": 7.3}}
+    figures = engine_figures({"awq_engine": engine, "load": 1.0})
+    assert figures == {
+        "onload_ahead": {"tensors": 496, "staged": 496, "copy_s": 0.7, "wait_s": 0.0},
+        "read_ahead": {"layers": 1, "gib": 7.3},
+    }
+    assert engine_figures({"awq_engine": {"onload_ahead_counts": {}}}) == {"onload_ahead": None, "read_ahead": None}
+    assert engine_figures({}) == {"onload_ahead": None, "read_ahead": None}
