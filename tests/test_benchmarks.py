@@ -545,6 +545,9 @@ SYNC_FREE_RUNS = (
 COPY_README = RESULTS.parent / "2026-12-07-cpu-copy-tensors" / "README.md"
 PINNED_README = RESULTS.parent / "2026-12-07-h100-pinned-onload-ahead" / "README.md"
 PINNED_RUNS = ("call1/01-default.json", "call2/01-pinned.json", "call2/02-pageable.json")
+CAUSAL = "2026-12-07-h100-causal-calibration-attention-and-offload"
+CAUSAL_README = RESULTS.parent / CAUSAL / "README.md"
+CAUSAL_RUNS = ("run1-default.json", "run2-causal.json", "run3-default.json")
 DOCS = RESULTS.parent.parent.parent / "docs" / "performance.md"  # the figures users read
 ACCOUNT = RESULTS.parent / "README.md"  # the run-by-run account docs/performance.md links to
 # Every figure a document quotes from a committed record: (document, record, how to read the
@@ -814,6 +817,39 @@ CITED = [
             (lambda r: [x["s"] for x in r["runs"]], "{0[0]}, {0[1]}, {0[2]}, {0[3]}"),
             (lambda r: r["digest"][:16], "{}…"),
         )
+    ],
+    *[
+        (doc, f"{CAUSAL}/{f}", _pass_s("(3/3): Calibrating"), "{:.3f}")
+        for doc in (DOCS, ACCOUNT, CAUSAL_README)
+        for f in CAUSAL_RUNS
+    ],
+    *[
+        (CAUSAL_README, f"{CAUSAL}/{f}", get, fmt)
+        for f in CAUSAL_RUNS
+        for get, fmt in (
+            (_pass_s("(2/3): Calibrating"), "{:.3f} s"),
+            (_pass_s("(3/3): Calibrating"), "**{:.3f} s**"),
+            (_pass_s("(2/3): Propagating"), "{:.3f} s"),
+            (_pass_s("(3/3): Propagating"), "{:.3f} s"),
+            (_one("timed", "oneshot_s"), "{:.2f} s"),
+            (_one("timed", "onload_ahead", "copy_s"), "{:.3f} s"),
+            (lambda r: [row["smooth_s"] for row in r["timed"]["layers"]], "{0[0]:.3f} / {0[1]:.3f} s"),
+        )
+    ],
+    *[
+        (doc, f"{CAUSAL}/offload/offload-128.json", _run(i, "wall_s"), "{:.1f} s")
+        for doc in (DOCS, ACCOUNT, CAUSAL_README)
+        for i in (0, 1)
+    ],
+    *[
+        (
+            CAUSAL_README,
+            f"{CAUSAL}/offload/offload-128.json",
+            lambda r, k=k: [x["timings_s"][k] for x in r["runs"]],
+            fmt,
+        )
+        for k in ("load", "oneshot", "save", "seal")
+        for fmt in ("| {0[0]} s | {0[1]} s |",)
     ],
     (
         RESULTS.parent / "2026-11-30-cpu-demo-single-pass" / "README.md",
@@ -1573,3 +1609,31 @@ def test_offload_record_says_what_onload_ahead_did():
     }
     assert engine_figures({"awq_engine": {"onload_ahead_counts": {}}}) == {"onload_ahead": None, "read_ahead": None}
     assert engine_figures({}) == {"onload_ahead": None, "read_ahead": None}
+
+
+def test_causal_record_keeps_its_scales_and_its_timeline():
+    """Session 39's record: the two default runs chose the same scales bit for bit; the causal
+    run kept 1 of 326 (all within 0.19 %), as its README says; `take` never waited; the
+    README's end-of-smoothing-to-propagation windows are the records'; and the offloaded build
+    wrote the in-RAM build's weights under a cap below the model's size."""
+    folder = RESULTS.parent / CAUSAL
+    text = CAUSAL_README.read_text()
+    same = json.loads((folder / "compare-run3-run1.txt").read_text())
+    assert sum(k["mappings"] for k in same.values()) == 326
+    assert all(k["equal"] == k["mappings"] and k["max_rel"] == 0.0 for k in same.values()), same
+    causal = json.loads((folder / "compare-run2-run1.txt").read_text())
+    assert sum(k["mappings"] for k in causal.values()) == 326 and sum(k["equal"] for k in causal.values()) == 1
+    assert max(k["max_rel"] for k in causal.values()) < 0.0019 and "1 of 326" in text
+    for f, forwards in zip(CAUSAL_RUNS, (0, 2048, 0)):
+        record = json.loads((folder / f).read_text())["timed"]
+        assert record["engine"]["causal_calibration_forwards"] == forwards
+        ahead = record["onload_ahead"]
+        assert ahead["wait_s"] == 0.0 and ahead["staged"] == ahead["served"] == 496
+        after = ahead["spans"][0][1]
+        start = next(p["start_s"] for p in record["passes"] if p["pass"] == "(2/3): Propagating")
+        assert f"{after:.3f} → {start:.3f} s: {start - after:.3f} s" in text
+    offload = json.loads((folder / "offload/offload-128.json").read_text())["runs"]
+    assert [r["mode"] for r in offload] == ["ram", "offload"]
+    assert offload[0]["weights_sha256"] == offload[1]["weights_sha256"]
+    assert offload[1]["cgroup_memory_peak_gib"] < offload[1]["model_gib"]
+    assert f"**{offload[1]['wall_s'] / offload[0]['wall_s']:.2f}x**" in text
