@@ -126,7 +126,17 @@ def run_mode(
         return rec
     out = work / "branches" / branch
     timings = read_build_log(out.parent, branch).get("quantize", {}).get("timings_s", {})
-    phases = ("prepare", "calibration_data", "load", "oneshot", "save", "seal", "peak_gpu_gib")
+    phases = (
+        "prepare",
+        "calibration_data",
+        "load",
+        "oneshot",
+        "save",
+        "save_weights",
+        "save_mtp",
+        "seal",
+        "peak_gpu_gib",
+    )
     rec["timings_s"] = {k: timings.get(k) for k in phases}
     rec.update(engine_figures(timings))
     rec["weights_sha256"] = _weights_digest(out)

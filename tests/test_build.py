@@ -199,6 +199,10 @@ def test_provenance_records_inputs(demo_release):
     assert side["inputs_fingerprint"] == prov["inputs_fingerprint"] and side["pid"] > 0
     lead = read_build_log(cfg.output_dir, "W4A16_GS32")["quantize"]
     assert set(lead["timings_s"]) >= {"load", "oneshot", "save", "calibration_pass_s", "seal"}
+    # the save split: the calibrated weights, and the MTP layer copied from the base checkpoint
+    for t in (lead["timings_s"], side["timings_s"]):
+        assert 0 <= t["save_mtp"] <= t["save"]
+    assert lead["timings_s"]["save_weights"] + lead["timings_s"]["save_mtp"] <= lead["timings_s"]["save"] + 0.02
     assert side["timings_s"]["seal"] > 0 and lead["timings_s"]["seal"] > 0, "the records and the manifest's hashing"
     assert read_build_log(cfg.output_dir, "W4A16_GS32")["verify"]["seconds"] > 0
 

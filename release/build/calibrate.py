@@ -331,9 +331,10 @@ def run_oneshot(
         t = time.time()
         if out is not None:
             run.model.save_pretrained(out, save_compressed=True, max_shard_size=SHARD_SIZE)
+            timings["save_weights"] = round(time.time() - t, 2)
         run.model = None  # the calibrated model is written: nothing of this branch keeps it alive
     if out is not None:
-        write_branch_files(job, out, run)
+        timings["save_mtp"] = write_branch_files(job, out, run)
     timings["save"] = round(time.time() - t, 2)
     timings.update(resource_peaks())
     if "peak_gpu_gib" in timings:  # the AWQ records reset the device's peak counter per layer
@@ -341,16 +342,20 @@ def run_oneshot(
     return timings, run
 
 
-def write_branch_files(job: BranchJob, out: Path, run: Calibrated) -> None:
+def write_branch_files(job: BranchJob, out: Path, run: Calibrated) -> float:
     """Beside the saved weights: tokenizer, generation config, the MTP layer, the recipe, the
-    expert coverage and the calibration record (folded into provenance.json by `seal_folder`)."""
+    expert coverage and the calibration record (folded into provenance.json by `seal_folder`).
+    Returns the seconds the MTP layer's copy took (the build log's `save_mtp`): the part of a
+    branch's save that reads the base checkpoint, not the calibrated model."""
     from .coverage import ExpertCoverage
 
     run.tokenizer.save_pretrained(out)
     for name in ("generation_config.json",):
         if (job.base_dir / name).is_file() and not (out / name).exists():
             shutil.copy2(job.base_dir / name, out / name)
+    t = time.time()
     _carry_mtp_layers(job.base_dir, out, job.arch)
+    mtp_s = round(time.time() - t, 2)
     (out / RECIPE_FILE).write_text(job.recipe)
     coverage = ExpertCoverage(
         total_tokens=run.calibration.total_tokens,
@@ -360,6 +365,7 @@ def write_branch_files(job: BranchJob, out: Path, run: Calibrated) -> None:
     )
     (out / COVERAGE_FILE).write_text(json.dumps(coverage.to_json(), indent=1) + "\n")
     (out / ".calibration.json").write_text(json.dumps(run.calibration.to_json()))
+    return mtp_s
 
 
 def _carry_mtp_layers(base_dir: Path, out: Path, arch: Glm4MoeArch) -> None:

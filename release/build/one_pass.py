@@ -294,7 +294,7 @@ def finish_side_branch(
             shutil.copy2(lead_dir / name, out / name)
     timings["finish"] = {"from_store": stored, "seconds": round(time.time() - t, 2)}  # no model is loaded
     t = time.time()
-    write_branch_files(job, out, run)
+    timings["save_mtp"] = write_branch_files(job, out, run)
     timings["save"] = round(time.time() - t, 2)
     timings.update(resource_peaks())
     return timings
