@@ -15,6 +15,10 @@ offload. This isolates the two parents whose forwards the grid search repeats:
   attention builds) or none (`--mask none`: SDPA's own causal flag);
 - `mlp` (with `--parts`): a dense layer's `Glm4MoeMLP`.
 
+`--rope stock,fused` times attention with transformers' rotary embedding and with the engine's
+kernel (release/awq/rope.py, patched in as the engine's run does), and checks that one batch's
+attention output is the same bits both ways.
+
   python -m benchmarks.search_forward --preset glm47 --device cuda --batches 8 --grid 3 --profile
 
 Weights are random (std 0.02) and each grid point bumps the run's weight generation, so the
@@ -156,6 +160,26 @@ def _search(forward: Any, batches: list[Any], grid: int, run: Any, device: str) 
         return (time.perf_counter() - t) / grid, total
 
 
+@contextlib.contextmanager
+def _rope(kind: str) -> Any:
+    """transformers' rotary embedding (`stock`), or the engine's kernel patched in for the block
+    (`fused`), as the engine's run patches it; yields the stats that count the kernel's calls."""
+    from release.awq.hooks import HOOKS, Patches
+    from release.awq.rope import RopeKernel
+    from release.awq.stats import ScaleStats
+
+    stats = ScaleStats()
+    patches = Patches()
+    if kind == "fused":
+        patches.hook("rotary_embedding", RopeKernel(getattr(*HOOKS["rotary_embedding"].owner_and_name()), stats))
+    elif kind != "stock":
+        raise SystemExit(f"--rope {kind!r}: stock or fused")
+    try:
+        yield stats
+    finally:
+        patches.undo()
+
+
 def _table(prof: Any, rows: int) -> str:
     return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
 
@@ -184,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--mask", default="eager,none", help="attention masks to time: eager and/or none")
     ap.add_argument("--experts-module", help="another copy of release/awq/experts.py to run")
     ap.add_argument("--torch-ops", action="store_true", help="torch's ops for the gate and the sum, not kernels.py")
+    ap.add_argument("--rope", default="stock", help="attention's rotary embedding: stock and/or fused (rope.py)")
     ap.add_argument("--label", default="")
     ap.add_argument("--project-samples", type=int, default=512)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one grid point")
@@ -261,7 +286,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             def forward(x: Any, mask: Any = mask) -> Any:
                 return attn(x, position_embeddings=cos_sin, attention_mask=mask)[0]
 
-            timed(f"attention_mask_{kind}", forward, batches, None)
+            for rope_kind in args.rope.split(","):
+                name = f"attention_mask_{kind}" + ("_fused_rope" if rope_kind == "fused" else "")
+                with _rope(rope_kind) as stats:
+                    part = timed(name, forward, batches, None)
+                    with torch.no_grad():
+                        first = forward(batches[0])
+                if rope_kind == "fused":
+                    with torch.no_grad():
+                        stock = forward(batches[0])
+                    part["fused_rope_calls"] = stats.fused_rope_calls
+                    part["equal_to_stock"] = bool(torch.equal(first, stock))
+                    print(
+                        f"{name}: {stats.fused_rope_calls} kernel calls, output equal to stock's: "
+                        f"{part['equal_to_stock']}",
+                        flush=True,
+                    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1) + "\n")

@@ -22,6 +22,7 @@ from .kernels import TORCH_OPS, Kernels
 from .options import TARGET_VERSION, ScaleOptions
 from .ranks import SharedSmoothFix, cpu_allreduce_sum
 from .read_ahead import OnloadAhead, ReadAhead, patch_onloads, stock_onload
+from .rope import RopeKernel
 from .side import SideBranch, SideRun
 from .state import RunState
 from .stats import HostPeak, ScaleStats
@@ -319,6 +320,9 @@ def scaled_awq(
             patches.hook("forward_context", search_forward_context)
         if options.reuse_routing:
             patches.hook("router_forward", router_forward)
+        if options.triton_kernels and options.fused_rope:  # CPU tensors take transformers' function
+            stock_rope = getattr(*HOOKS["rotary_embedding"].owner_and_name())
+            patches.hook("rotary_embedding", RopeKernel(stock_rope, stats))
         if options.causal_calibration_attention:
             eager = getattr(*HOOKS["calibration_attention"].owner_and_name())
             patches.hook("calibration_attention", calibration_attention(eager, run.causal_masks, stats))

@@ -68,6 +68,14 @@ HOOKS = {
         "in the calibration and propagation passes a causal attention whose mask is exactly the causal pattern "
         "runs SDPA's causal kernel instead of eager attention (causal.py)",
     ),
+    "rotary_embedding": Hook(
+        "transformers.models.glm4_moe.modeling_glm4_moe:apply_rotary_pos_emb",
+        "run",
+        "triton_kernels and fused_rope (a call on CPU tensors is transformers' own)",
+        True,
+        "GLM's rotary embedding of q and k as one kernel each instead of about ten passes of torch's ops, where the "
+        "kernel gave transformers' bits on the device (rope.py)",
+    ),
     "router_forward": Hook(
         "transformers.models.glm4_moe.modeling_glm4_moe:Glm4MoeTopkRouter.forward",
         "run",

@@ -80,6 +80,10 @@ class ScaleOptions:
     # attention llm-compressor forces there (fp32 scores of every head); the last bits of what
     # the next layer sees change, so off until a GPU side-by-side of the chosen scales and KL
     causal_calibration_attention: bool = False
+    # rope.py, with triton_kernels on a GPU: GLM's rotary embedding of q and k as one kernel each,
+    # checked against transformers' function on the device first (same bits), in every pass; off
+    # until a GPU has run and timed it (benchmarks.search_forward --rope stock,fused)
+    fused_rope: bool = False
     read_ahead: bool = True  # read_ahead.py: the next layer's disk-offloaded weights read ahead (a hint)
     # read_ahead.py: the next layer's offloaded weights onloaded by a helper thread while the
     # current layer's outputs propagate, where the onload device is of these types (same bytes)
@@ -111,6 +115,7 @@ class ScaleOptions:
             causal_search_attention=False,
             reuse_routing=False,
             triton_kernels=False,
+            fused_rope=False,
             side_grid_window=None,
             search_batch_tokens=None,
             expert_search="sampled",  # with max_expert_tokens None: every token, as stock

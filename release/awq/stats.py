@@ -43,6 +43,7 @@ ENGINE_COUNTERS = (
     "routed_down_chunks",
     "causal_search_forwards",
     "causal_calibration_forwards",
+    "fused_rope_calls",
     "fused_sum_calls",
     "routing_reused",
 )
@@ -66,6 +67,7 @@ class ScaleStats:
     fused_sum_calls: int = 0  # kernels.py: search calls whose routed rows were summed by the one kernel
     causal_search_forwards: int = 0  # causal.py: search batches whose causal mask was left out (SDPA's causal kernel)
     causal_calibration_forwards: int = 0  # causal.py: attention calls of the pipeline's passes on SDPA's causal kernel
+    fused_rope_calls: int = 0  # rope.py: attention calls whose q and k were rotated by the one kernel
     read_ahead_layers: int = 0  # read_ahead.py: layers whose disk-offloaded weights were read ahead
     read_ahead_gib: float = 0.0  # ... and their bytes
     onload_ahead: dict[str, Any] = field(default_factory=dict)  # read_ahead.py: weights onloaded ahead, and their fate
@@ -123,6 +125,7 @@ class ScaleStats:
             "routed_down_chunks": self.routed_down_chunks,
             "causal_search_forwards": self.causal_search_forwards,
             "causal_calibration_forwards": self.causal_calibration_forwards,
+            "fused_rope_calls": self.fused_rope_calls,
             "fused_sum_calls": self.fused_sum_calls,
             "gpu_kernels": dict(self.gpu_kernels),
             "routing_reused": self.routing_reused,
