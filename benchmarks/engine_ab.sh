@@ -10,7 +10,9 @@
 # profile_layer --engine; e.g. onload_ahead=[]), or tree:PATH (the glmrel tree at PATH, e.g. a
 # `git archive` of a base commit unpacked there). A variant named twice is timed twice: the
 # second run's figures say how noisy the first's are. LIMIT (seconds) stops starting a run that
-# could not finish; the model is made once in SYN (default /dev/shm/syn) and reused.
+# could not finish; the model is made once in SYN (default /dev/shm/syn) and reused. BASE_SCALES
+# (a run's NN-<variant>-scales.pt from an earlier call on the same model, e.g. while the machine is
+# still warm) is compared with every run's scales too, into NN-<variant>-vs-base.txt.
 # Where python3 lacks llm-compressor and wheels are in .whl (carried to a GPU machine), they are
 # installed first. Prints each run's passes and layers, and the scales' agreement; writes each
 # run's record to OUT_DIR. Asserts nothing.
@@ -55,13 +57,16 @@ for v in ${VARIANTS:-default}; do
     tree:*) tree=${v#tree:} ;;
     *) IFS=, read -ra sets <<< "$v"; for s in "${sets[@]}"; do args+=(--engine "$s"); done ;;
   esac
-  name=$(printf '%02d-%s' $i "$(echo "$v" | tr -c 'A-Za-z0-9_.=-' '_' | cut -c1-40)")
+  name=$(printf '%02d-%s' $i "$(printf '%s' "$v" | tr -c 'A-Za-z0-9_.=-' '_' | cut -c1-40)")
   (cd "$tree" && PYTHONPATH=$site$tree$rest timeout "$(left)" python3 -m benchmarks.profile_layer --config "$syn/release.yaml" \
     --samples "$n" --profile-samples 0 "${args[@]}" --scales "$out/$name-scales.pt" --json "$out/$name.json") > "$out/$name.log" 2>&1
   echo "run $i ($v): exit $? at $(( $(date +%s) - t0 )) s"
   [ -z "$first" ] && first=$name
   if [ -f "$out/$first-scales.pt" ] && [ -f "$out/$name-scales.pt" ] && [ "$name" != "$first" ]; then
     python3 -m benchmarks.profile_layer --compare "$out/$first-scales.pt" "$out/$name-scales.pt" > "$out/$name-vs-first.txt" 2>&1
+  fi
+  if [ -n "${BASE_SCALES:-}" ] && [ -f "$out/$name-scales.pt" ]; then
+    python3 -m benchmarks.profile_layer --compare "$BASE_SCALES" "$out/$name-scales.pt" > "$out/$name-vs-base.txt" 2>&1
   fi
 done
 python3 - "$out" <<'PY'
@@ -73,11 +78,12 @@ for f in sorted(glob.glob(os.path.join(out, "[0-9][0-9]-*.json"))):
     layers = [(row["calib_s"], row["smooth_s"]) for row in timed.get("layers", [])]
     print(os.path.basename(f)[:-5], "oneshot", timed.get("oneshot_s"), "layers (calib, smooth)", layers)
     print("   passes", passes)
-    cmp = f[:-5] + "-vs-first.txt"
-    if os.path.exists(cmp):
-        try:
-            kinds = json.load(open(cmp))
-            print("   scales vs first:", {k: f"{v['equal']}/{v['mappings']} equal" for k, v in kinds.items()})
-        except ValueError:
-            print("   scales vs first: unreadable", open(cmp).read()[-300:])
+    for against in ("first", "base"):
+        cmp = f[:-5] + f"-vs-{against}.txt"
+        if os.path.exists(cmp):
+            try:
+                kinds = json.load(open(cmp))
+                print(f"   scales vs {against}:", {k: f"{v['equal']}/{v['mappings']} equal" for k, v in kinds.items()})
+            except ValueError:
+                print(f"   scales vs {against}: unreadable", open(cmp).read()[-300:])
 PY

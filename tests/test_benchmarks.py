@@ -356,6 +356,24 @@ def test_engine_ab_times_each_variant_and_compares_its_scales(tmp_path):
     ]
     kinds = json.loads(next((tmp_path / "ab").glob("02-*-vs-first.txt")).read_text())
     assert all(k["equal"] == k["mappings"] > 0 for k in kinds.values()), kinds
+    # a run's name is its variant's, nothing appended; BASE_SCALES: a later call against an earlier run
+    assert [r.name for r in records] == [
+        "01-fused_on_cpu=true.json",
+        "02-fused_on_cpu=true_sync_free_routing=true.json",
+    ]
+    base = tmp_path / "ab" / "02-fused_on_cpu=true_sync_free_routing=true-scales.pt"
+    env |= {"VARIANTS": "fused_on_cpu=true", "BASE_SCALES": str(base)}
+    proc = subprocess.run(
+        ["bash", "benchmarks/engine_ab.sh", str(tmp_path / "ab2")],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "scales vs base:" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    kinds = json.loads((tmp_path / "ab2" / "01-fused_on_cpu=true-vs-base.txt").read_text())
+    assert all(k["equal"] == k["mappings"] > 0 for k in kinds.values()), kinds
 
 
 def test_report_of_the_512_sample_scaling_runs():
