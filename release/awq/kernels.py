@@ -78,7 +78,7 @@ def weighted_slot_sum_fused(y: Any, weights: Any, back: Any, n_tok: int, k: int,
     return out
 
 
-def _triton_on(like: Any) -> bool:
+def triton_on(like: Any) -> bool:
     """A CUDA tensor and an importable Triton (CPU builds of torch ship none)."""
     if not like.is_cuda:
         return False
@@ -94,7 +94,7 @@ def fused_sum_works(like: Any) -> bool:
     torch's ops on a small case with uneven routing (tried once per caller's cache)."""
     import torch
 
-    if not _triton_on(like):
+    if not triton_on(like):
         return False
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -174,7 +174,7 @@ def gate_kernel_works(like: Any) -> bool:
     (odd widths, a partial column block, values across SiLU's range)."""
     import torch
 
-    if not _triton_on(like):
+    if not triton_on(like):
         return False
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)

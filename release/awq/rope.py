@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from .kernels import triton_on
+
 
 @functools.cache
 def _rope_kernel() -> Any:
@@ -163,9 +165,7 @@ def kernel_gives_stock_bits(stock: Any, like: Any) -> bool:
     both signs and magnitudes."""
     import torch
 
-    from .kernels import _triton_on
-
-    if not _triton_on(like):
+    if not triton_on(like):
         return False
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
