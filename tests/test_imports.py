@@ -5,6 +5,7 @@ and no module past 600 lines."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 RELEASE = Path(__file__).resolve().parent.parent / "release"
@@ -135,3 +136,16 @@ def test_stages_import_only_what_their_folders_allow():
                     if any(target == b or target.startswith(b + ".") for b in banned):
                         offences.append(f"{path.relative_to(RELEASE.parent)}:{line} imports {target}")
     assert not offences, "\n".join(offences)
+
+
+def test_the_layout_page_names_every_engine_module_and_benchmark():
+    """docs/layout.md, the repository's map: every module of release/awq and every benchmark
+    (a .py or .sh in benchmarks/) is named there, so a new one cannot be left off the map."""
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "layout.md").read_text()
+    modules = [p.stem for p in (root / "release" / "awq").glob("*.py") if p.stem != "__init__"]
+    benchmarks = [
+        p.stem for p in (root / "benchmarks").iterdir() if p.suffix in (".py", ".sh") and p.stem != "__init__"
+    ]
+    missing = [name for name in modules + benchmarks if not re.search(rf"\b{re.escape(name)}\b", page)]
+    assert not missing, f"docs/layout.md does not name {missing}"
