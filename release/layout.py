@@ -365,13 +365,13 @@ def copy_tensors(dest: Path, names: list[str], source: dict[str, Path], metadata
         save_file({n: files.get(n) for n in names}, str(dest), metadata=metadata)
         return
     sizes = {n: info[n].data_offsets[1] - info[n].data_offsets[0] for n in names}
+    starts = {n: headers[source[n]][0] + info[n].data_offsets[0] for n in names}  # in the source file
     for n in names:  # what safetensors checks when it loads a tensor: its bytes fit its shape and the file
-        start, end = headers[source[n]][0] + info[n].data_offsets[0], headers[source[n]][0] + info[n].data_offsets[1]
         per = DTYPE_BYTES.get(info[n].dtype)
         if (
             (per is not None and sizes[n] != per * math.prod(info[n].shape))
-            or end > file_size[source[n]]
-            or start > end
+            or starts[n] + sizes[n] > file_size[source[n]]
+            or sizes[n] < 0
         ):
             raise ReleaseError(
                 f"{source[n]}: {n}'s bytes do not match its shape {list(info[n].shape)} and dtype {info[n].dtype}, "
@@ -388,7 +388,7 @@ def copy_tensors(dest: Path, names: list[str], source: dict[str, Path], metadata
                 path = source[n]
                 if path not in handles:
                     handles[path] = path.open("rb")
-                _copy_range(handles[path], out, headers[path][0] + info[n].data_offsets[0], sizes[n])
+                _copy_range(handles[path], out, starts[n], sizes[n])
     except BaseException:
         dest.unlink(missing_ok=True)  # no half-written file left behind
         raise
