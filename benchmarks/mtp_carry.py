@@ -17,7 +17,6 @@ leaves the dots unescaped). Asserts nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from release.manifest import sha256_file
 
 LAYER = 4  # the MTP layer's index: model.layers.4.* after 4 decoder layers
 
@@ -86,14 +87,6 @@ def branch_folder(out: Path) -> None:
     (out / "config.json").write_text(json.dumps({"quantization_config": {"ignore": ["lm_head"]}}, indent=2))
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(64 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="a scratch folder (the base model is kept there)")
@@ -123,7 +116,7 @@ def main() -> None:
             runs.append(row)
             print(f"{mode}: {row['s']} s, peak RSS +{row['rss_growth_gib']} GiB ({gib} GiB MTP layer)")
             written[mode] = {
-                f: _digest(out / f) for f in (f"model-mtp-{LAYER}.safetensors", "model.safetensors.index.json")
+                f: sha256_file(out / f) for f in (f"model-mtp-{LAYER}.safetensors", "model.safetensors.index.json")
             }
     same = written["compressed-tensors"] == written["glmrel"]
     median = {m: statistics.median(r["s"] for r in runs if r["mode"] == m) for m in written}
