@@ -10,9 +10,10 @@
 # profile_layer --engine; e.g. onload_ahead=[]), or tree:PATH (the glmrel tree at PATH, e.g. a
 # `git archive` of a base commit unpacked there). A variant named twice is timed twice: the
 # second run's figures say how noisy the first's are. LIMIT (seconds) stops starting a run that
-# could not finish; the model is made once in SYN (default /dev/shm/syn) and reused. BASE_SCALES
-# (a run's NN-<variant>-scales.pt from an earlier call on the same model, e.g. while the machine is
-# still warm) is compared with every run's scales too, into NN-<variant>-vs-base.txt.
+# could not finish; the model is made once in SYN (default /dev/shm/syn) and reused. A run's files
+# are named NN-<variant>, its `=` written `-`. BASE_SCALES (a run's NN-<variant>-scales.pt from an
+# earlier call on the same model, e.g. while the machine is still warm) is compared with every
+# run's scales too, into NN-<variant>-vs-base.txt.
 # Where python3 lacks llm-compressor and wheels are in .whl (carried to a GPU machine), they are
 # installed first. Prints each run's passes and layers, and the scales' agreement; writes each
 # run's record to OUT_DIR. Asserts nothing.
@@ -57,7 +58,8 @@ for v in ${VARIANTS:-default}; do
     tree:*) tree=${v#tree:} ;;
     *) IFS=, read -ra sets <<< "$v"; for s in "${sets[@]}"; do args+=(--engine "$s"); done ;;
   esac
-  name=$(printf '%02d-%s' $i "$(printf '%s' "$v" | tr -c 'A-Za-z0-9_.=-' '_' | cut -c1-40)")
+  # `=` becomes `-`: the device tool brings back no file whose name holds one (session 40 lost a run's record so)
+  name=$(printf '%02d-%s' $i "$(printf '%s' "$v" | tr '=' '-' | tr -c 'A-Za-z0-9_.-' '_' | cut -c1-40)")
   (cd "$tree" && PYTHONPATH=$site$tree$rest timeout "$(left)" python3 -m benchmarks.profile_layer --config "$syn/release.yaml" \
     --samples "$n" --profile-samples 0 "${args[@]}" --scales "$out/$name-scales.pt" --json "$out/$name.json") > "$out/$name.log" 2>&1
   echo "run $i ($v): exit $? at $(( $(date +%s) - t0 )) s"

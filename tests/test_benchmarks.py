@@ -328,7 +328,7 @@ def test_engine_ab_times_each_variant_and_compares_its_scales(tmp_path):
         "VARIANTS": "fused_on_cpu=true fused_on_cpu=true,sync_free_routing=true",
         **{"N": "2", "SEQ": "32", "PRESET": "tiny", "LAYERS": "2", "DENSE": "1", "DEVICE": "cpu"},
         **{"SYN": str(tmp_path / "syn"), "LIMIT": "500", "MIN_RUN_S": "5"},
-        "BASE_SCALES": str(tmp_path / "ab" / "01-fused_on_cpu=true-scales.pt"),
+        "BASE_SCALES": str(tmp_path / "ab" / "01-fused_on_cpu-true-scales.pt"),
     }
     proc = subprocess.run(
         ["bash", "benchmarks/engine_ab.sh", str(tmp_path / "ab")],
@@ -357,13 +357,14 @@ def test_engine_ab_times_each_variant_and_compares_its_scales(tmp_path):
     ]
     kinds = json.loads(next((tmp_path / "ab").glob("02-*-vs-first.txt")).read_text())
     assert all(k["equal"] == k["mappings"] > 0 for k in kinds.values()), kinds
-    # a run's name is its variant's, nothing appended
+    # a run's name is its variant's, nothing appended, `=` written `-` (the device tool brings back
+    # no file whose name holds an `=`)
     assert [r.name for r in records] == [
-        "01-fused_on_cpu=true.json",
-        "02-fused_on_cpu=true_sync_free_routing=true.json",
+        "01-fused_on_cpu-true.json",
+        "02-fused_on_cpu-true_sync_free_routing-true.json",
     ]
     # BASE_SCALES (a run of an earlier call): here run 1's own file, compared once it exists
-    kinds = json.loads((tmp_path / "ab" / "02-fused_on_cpu=true_sync_free_routing=true-vs-base.txt").read_text())
+    kinds = json.loads((tmp_path / "ab" / "02-fused_on_cpu-true_sync_free_routing-true-vs-base.txt").read_text())
     assert all(k["equal"] == k["mappings"] > 0 for k in kinds.values()) and "scales vs base:" in proc.stdout, kinds
 
 
