@@ -593,7 +593,7 @@ def test_every_patch_is_undone_even_after_a_failure(monkeypatch):
         del targets["cache_pin"]
     stock = {name: getattr(owner, attr) for name, (owner, attr) in (targets | untouched).items()}
     monkeypatch.setattr(base, "is_distributed", lambda: True)  # ranks on CPU: the all-reduce is replaced too
-    # every patch on, the resident caches, the passes' causal attention and the rotary kernel (off by default) included
+    # every patch on, the resident caches and the passes' causal attention (off by default) included
     options = ScaleOptions(resident_cache_gib=1.0, causal_calibration_attention=True, fused_rope=True)
     for fail in (False, True):
         with contextlib.suppress(RuntimeError):

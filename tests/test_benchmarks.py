@@ -558,6 +558,8 @@ PINNED_RUNS = ("call1/01-default.json", "call2/01-pinned.json", "call2/02-pageab
 CAUSAL = "2026-12-07-h100-causal-calibration-attention-and-offload"
 CAUSAL_README = RESULTS.parent / CAUSAL / "README.md"
 CAUSAL_RUNS = ("run1-default.json", "run2-causal.json", "run3-default.json")
+ROPE = "2026-12-07-h100-fused-rope-and-offload-save-split"
+ROPE_README = RESULTS.parent / ROPE / "README.md"
 DOCS = RESULTS.parent.parent.parent / "docs" / "performance.md"  # the figures users read
 ACCOUNT = RESULTS.parent / "README.md"  # the run-by-run account docs/performance.md links to
 # Every figure a document quotes from a committed record: (document, record, how to read the
@@ -859,6 +861,29 @@ CITED = [
             fmt,
         )
         for k in ("load", "oneshot", "save", "seal")
+        for fmt in ("| {0[0]} s | {0[1]} s |",)
+    ],
+    *[
+        (doc, f"{ROPE}/ab/01-default.json", lambda r: [row["smooth_s"] for row in r["timed"]["layers"]], fmt)
+        for doc, fmt in ((DOCS, "{0[0]:.3f} / {0[1]:.3f} s"), (ROPE_README, "| {0[0]:.3f} / {0[1]:.3f} s |"))
+    ],
+    *[
+        (ROPE_README, f"{ROPE}/ab/01-default.json", get, fmt)
+        for get, fmt in (
+            (_pass_s("(2/3): Calibrating"), "| {:.3f} s |"),
+            (_pass_s("(3/3): Calibrating"), "| {:.3f} s |"),
+            (_one("timed", "oneshot_s"), "| {} s |"),
+        )
+    ],
+    (DOCS, f"{ROPE}/ab/01-default.json", _pass_s("(3/3): Calibrating"), "calibration pass {:.3f} →"),
+    *[
+        (doc, f"{ROPE}/offload/offload-128.json", _run(i, "wall_s"), "{:.1f} s")
+        for doc in (DOCS, ACCOUNT, ROPE_README)
+        for i in (0, 1)
+    ],
+    *[
+        (ROPE_README, f"{ROPE}/offload/offload-128.json", lambda r, k=k: [x["timings_s"][k] for x in r["runs"]], fmt)
+        for k in ("load", "oneshot", "save_weights", "save_mtp", "seal")
         for fmt in ("| {0[0]} s | {0[1]} s |",)
     ],
     (
@@ -1646,4 +1671,45 @@ def test_causal_record_keeps_its_scales_and_its_timeline():
     assert [r["mode"] for r in offload] == ["ram", "offload"]
     assert offload[0]["weights_sha256"] == offload[1]["weights_sha256"]
     assert offload[1]["cgroup_memory_peak_gib"] < offload[1]["model_gib"]
+    assert f"**{offload[1]['wall_s'] / offload[0]['wall_s']:.2f}x**" in text
+
+
+def test_fused_rope_record_keeps_its_bits_its_times_and_its_offload():
+    """Session 40's record: the rotary kernel's GPU test passed; in both timed pairs the
+    attention forward was faster with the kernel and gave transformers' output bits; the
+    profile's totals are the README's; the engine A/B's printed summary agrees with run 1's
+    kept record, and run 2 chose all 326 scales bit for bit; the offloaded build wrote the in-RAM
+    build's weights under a cap below the model's size and its ratio is the README's."""
+    folder = RESULTS.parent / ROPE
+    text = ROPE_README.read_text()
+    assert "3 passed" in (folder / "rope/test_rope.log").read_text()
+    log = (folder / "rope/rope.log").read_text()
+    stock = re.findall(r"^attention_mask_none: ([\d.]+) ms", log, re.M)
+    fused = re.findall(r"^attention_mask_none_fused_rope: ([\d.]+) ms", log, re.M)
+    assert len(stock) == len(fused) == 2 and all(float(f) < float(s) for s, f in zip(stock, fused))
+    assert log.count("output equal to stock's: True") == 2 and "False" not in log
+    assert f"| first pair, per merged batch | {stock[0]} ms | {fused[0]} ms |" in text
+    assert f"| second pair | {stock[1]} ms | {fused[1]} ms |" in text
+    parts = json.loads((folder / "rope/rope.json").read_text())["parts"]
+    assert parts["attention_mask_none_fused_rope"]["equal_to_stock"] is True
+    totals = re.findall(r"Self CUDA time total: ([\d.]+)ms", (folder / "rope/rope-profile.log").read_text())
+    assert len(totals) == 2 and all(f"{t} ms" in text for t in totals)
+    summary = (folder / "ab/engine_ab-output.txt").read_text()
+    runs = re.findall(r"^(\S+) oneshot ([\d.]+) layers \(calib, smooth\) (\[.*\])$", summary, re.M)
+    assert [r[0] for r in runs] == ["01-default", "02-fused_rope=true"]
+    one = json.loads((folder / "ab/01-default.json").read_text())["timed"]
+    layers = [[row["calib_s"], row["smooth_s"]] for row in one["layers"]]
+    assert (
+        float(runs[0][1]) == one["oneshot_s"] and json.loads(runs[0][2].replace("(", "[").replace(")", "]")) == layers
+    )
+    fused_layers = json.loads(runs[1][2].replace("(", "[").replace(")", "]"))
+    assert f"**{fused_layers[0][1]:.3f} / {fused_layers[1][1]:.3f} s**" in text
+    assert all(f[1] < d[1] for f, d in zip(fused_layers, layers)), "the kernel's smoothing was the faster"
+    equal = re.findall(r"'(\d+)/(\d+) equal'", summary.split("scales vs first:")[1])
+    assert sum(int(a) for a, _ in equal) == sum(int(b) for _, b in equal) == 326 and "326 of 326" in text
+    offload = json.loads((folder / "offload/offload-128.json").read_text())["runs"]
+    assert [r["mode"] for r in offload] == ["ram", "offload"]
+    assert offload[0]["weights_sha256"] == offload[1]["weights_sha256"]
+    assert offload[1]["cgroup_memory_peak_gib"] < offload[1]["model_gib"]
+    assert offload[1]["onload_ahead"]["staged"] == 495 and offload[1]["read_ahead"]["layers"] == 1
     assert f"**{offload[1]['wall_s'] / offload[0]['wall_s']:.2f}x**" in text

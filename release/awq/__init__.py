@@ -155,8 +155,8 @@ the ScaleOptions field that turns it on):
 17. **Triton kernels** (`triton_kernels`, on a GPU). The routed rows' weighted sum (with the
    gather back to token order and the fp32 sum) and the experts' SiLU gate as single kernels
    (kernels.py), each checked against torch's ops on the device before use; the gate may differ
-   from torch's in the last bit of a few elements. With `fused_rope` (off by default until a GPU
-   has timed it) GLM's rotary embedding of q and k runs as one kernel each instead of about ten
+   from torch's in the last bit of a few elements. With `fused_rope` (on by default) GLM's
+   rotary embedding of q and k runs as one kernel each instead of about ten
    passes of torch's ops (rope.py), in every pass, where it gave transformers' bits on the
    device: the same values.
 """
