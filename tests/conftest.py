@@ -126,7 +126,12 @@ def _build_demo_release(root: Path, assets) -> None:
     finally:
         manifest_mod.hash_files = real_hash_files
     out = cfg.output_dir
-    record = {"result": result, "logs": logs, "hashed": [str(p.relative_to(out)) for p in hashed]}
+    # within the release: relative to it, so each worker's copy names its own files
+    record = {
+        "result": result,
+        "logs": logs,
+        "hashed": [str(p.relative_to(out) if p.is_relative_to(out) else p) for p in hashed],
+    }
     (root / "built.pickle.tmp").write_bytes(pickle.dumps(record))
     (root / "built.pickle.tmp").rename(root / "built.pickle")
 
