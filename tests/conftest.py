@@ -100,6 +100,13 @@ def _demo_release_config(root: Path, assets) -> Path:
     return path
 
 
+def _copy_demo_release(out: Path, root: Path, assets) -> Path:
+    """A built demo release's folder `out` copied to `root/out` (a publish's cache left behind),
+    with a config of its own there (a fresh remote path); returns the config's path."""
+    shutil.copytree(out, root / "out", ignore=shutil.ignore_patterns(".publish-cache.git"))
+    return _demo_release_config(root, assets)
+
+
 def _build_demo_release(root: Path, assets) -> None:
     """Build the demo release into `root` and record what the build did (`built.pickle`,
     written last: a build that failed leaves none, and the next caller builds again)."""
@@ -157,25 +164,16 @@ def demo_release(tmp_path_factory, demo_assets):
         if not (shared / "built.pickle").exists():
             _build_demo_release(shared, demo_assets)
     built = pickle.loads((shared / "built.pickle").read_bytes())
-    root = tmp_path_factory.mktemp("demo_release")
-    shutil.copytree(shared / "out", root / "out", symlinks=True)
-    path = _demo_release_config(root, demo_assets)
+    path = _copy_demo_release(shared / "out", tmp_path_factory.mktemp("demo_release"), demo_assets)
     cfg = load_config(path)
     hashed = [cfg.output_dir / rel for rel in built["hashed"]]
     return {"config_path": path, "config": cfg, "result": built["result"], "logs": built["logs"], "hashed": hashed}
 
 
 @pytest.fixture()
-def release_copy(demo_release, tmp_path):
+def release_copy(demo_release, tmp_path, demo_assets):
     """The demo build copied (so a test may change it), with a fresh remote path."""
-    out = tmp_path / "out"
-    shutil.copytree(demo_release["config"].output_dir, out, ignore=shutil.ignore_patterns(".publish-cache.git"))
-    raw = yaml.safe_load(demo_release["config_path"].read_text())
-    raw["output_dir"] = str(out)
-    raw["publish_remote"] = str(tmp_path / "remote.git")
-    path = tmp_path / "release.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return _copy_demo_release(demo_release["config"].output_dir, tmp_path, demo_assets)
 
 
 def refs(remote: Path) -> dict[str, str]:

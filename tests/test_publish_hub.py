@@ -86,16 +86,12 @@ def test_double_rejects_what_the_hub_rejects(hub, tmp_path):
 
 
 @pytest.fixture()
-def hub_release(demo_release, tmp_path, hub):
+def hub_release(release_copy, hub):
     """The demo build copied (so a test may change it) with publish_remote on the double."""
-    out = tmp_path / "out"
-    shutil.copytree(demo_release["config"].output_dir, out, ignore=shutil.ignore_patterns(".publish-cache.git"))
-    raw = yaml.safe_load(demo_release["config_path"].read_text())
-    raw["output_dir"] = str(out)
+    raw = yaml.safe_load(release_copy.read_text())
     raw["publish_remote"] = f"hf://{REPO}"
-    path = tmp_path / "release.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    release_copy.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return release_copy
 
 
 def publish(config, *extra):
