@@ -228,7 +228,9 @@ def test_side_branches_from_offloaded_base_weights_and_in_many_shards_are_the_in
     """Base weights larger than RAM, saved in many shards (as GLM-4.7's are): with nearly all
     of the demo model offloaded to disk, shards of 1 MB and a side run quantizing one Linear at
     a time, the pass's side branch (made in the propagating branch's shard layout) and the
-    propagating one are the in-RAM, one-shard pass's bit for bit."""
+    propagating one are the in-RAM, one-shard pass's bit for bit (`two_ways`' pass of the three
+    branches: a side branch is made from the propagating branch's inputs alone, whatever other
+    side branches the pass has)."""
     from release.awq import side
 
     cfg = load_config(_config(tmp_path, demo_assets, offload={"cpu_gib": 0.002}))
@@ -241,11 +243,10 @@ def test_side_branches_from_offloaded_base_weights_and_in_many_shards_are_the_in
             json.loads((cfg.output_dir / name / "model.safetensors.index.json").read_text())["weight_map"].values()
         )
         assert len(shards) > 3 and shards == {p.name for p in (cfg.output_dir / name).glob("*.safetensors")}, name
-    ram = load_config(_config(tmp_path / "ram", demo_assets))
-    quantize.build_branches(ram, ["W4A16_GS32", "W4A16_GS128"], 1, None, echo=lambda s: None)
+    ram = two_ways["one"]["cfg"]
     for name in ("W4A16_GS32", "W4A16_GS128"):
         a, b = _tensors(cfg.output_dir / name), _tensors(ram.output_dir / name)
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert not calibrate.offload_folder(cfg).exists()
 
 

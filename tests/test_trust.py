@@ -220,15 +220,50 @@ def test_the_hash_clock_is_the_filesystems_and_waits_for_it_to_pass_the_files(tm
     assert not list((tmp_path / CACHE_DIR).rglob(".clock-*"))
 
 
+SMALL_CALIBRATION = {"num_samples": 4, "max_seq_length": 64}
+
+
+@pytest.fixture(scope="module")
+def small_release(tmp_path_factory, demo_assets) -> Path:
+    """The demo release calibrated on 4 samples of 64 tokens, built once for this module's
+    rebuild tests (each rebuilds a copy): a rebuild's bytes are compared with this build's, so
+    the demo's own calibration (a pass of about 75 s on a 2-core AMD EPYC, per rebuild) adds
+    nothing to what they check. Returns its output folder."""
+    from conftest import demo_raw_config
+
+    from release.build.pipeline import build_all
+
+    root = tmp_path_factory.mktemp("small_release")
+    raw = demo_raw_config(demo_assets)
+    raw["calibration"].update(SMALL_CALIBRATION)
+    raw.update(output_dir=str(root / "out"), publish_remote=str(root / "remote.git"))
+    (root / "release.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = load_config(root / "release.yaml")
+    build_all(cfg, echo=lambda s: None)
+    return cfg.output_dir
+
+
+def small_copy(small_release: Path, root: Path) -> Path:
+    """`small_release` copied into `root` with a config of its own there; returns the config."""
+    import shutil
+
+    shutil.copytree(small_release, root / "out")
+    raw = yaml.safe_load((small_release.parent / "release.yaml").read_text())
+    raw.update(output_dir=str(root / "out"), publish_remote=str(root / "remote.git"))
+    (root / "release.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return root / "release.yaml"
+
+
 @pytest.mark.slow
-def test_changed_weights_are_rebuilt_never_approved_again(release_copy, demo_release):
+def test_changed_weights_are_rebuilt_never_approved_again(small_release, tmp_path):
     """A byte flipped in a built branch: verify, render and manifest refuse it by name, and
     build-all rebuilds that branch (not 'up to date'), to the same bytes as before."""
     from release.build.pipeline import build_all
 
+    release_copy = small_copy(small_release, tmp_path)
     cfg = load_config(release_copy)
     folder = cfg.output_dir / "W4A16_GS64"
-    original = tree(demo_release["config"].output_dir / "W4A16_GS64")
+    original = tree(small_release / "W4A16_GS64")
     weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -265,7 +300,7 @@ def test_changed_weights_are_rebuilt_never_approved_again(release_copy, demo_rel
         }
         fresh = [
             content_digest({f.name: sha256_file(f) for f in release_files(d)})
-            for d in (demo_release["config"].output_dir / "W4A16_GS64", folder)
+            for d in (small_release / "W4A16_GS64", folder)
         ]
         pytest.fail(
             f"verify.json of the same weights differs after the rebuild: {differ}; manifest: {entries}; "
@@ -509,15 +544,14 @@ def published_tree(output_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_a_forced_rebuild_gives_byte_identical_published_files(write_config):
+def test_a_forced_rebuild_gives_byte_identical_published_files(small_release, tmp_path):
     """build-all --force with unchanged inputs: every published file (weights, config, records,
     cards, manifests, plots) is the same bytes; what differs from run to run (timings, host,
     process) is in the local build log only."""
     from release.build.pipeline import build_all
     from release.build_log import read_build_log
 
-    cfg = load_config(write_config({"calibration.num_samples": 4, "calibration.max_seq_length": 64}))
-    build_all(cfg, echo=lambda s: None)
+    cfg = load_config(small_copy(small_release, tmp_path))
     first = published_tree(cfg.output_dir)
     pid_first = read_build_log(cfg.output_dir, "W4A16_GS32")["quantize"]["finished_unix"]
     result = build_all(cfg, force=True, echo=lambda s: None)
