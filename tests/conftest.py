@@ -91,20 +91,33 @@ def DELETE():
     return _DELETE
 
 
-def _demo_release_config(root: Path, assets) -> Path:
-    raw = demo_raw_config(assets)
-    raw["output_dir"] = str(root / "out")
-    raw["publish_remote"] = str(root / "remote.git")
+# what the rebuild tests calibrate on (tests/test_trust.py, test_integrity.py): a release's
+# bytes are compared with a rebuild's, which a small calibration shows as well as the demo's
+SMALL_CALIBRATION = {"num_samples": 4, "max_seq_length": 64}
+
+
+def release_config(root: Path, raw: dict) -> Path:
+    """The release config `raw` written to `root/release.yaml`, its output in `root/out` and its
+    remote at `root/remote.git`; returns the config's path."""
+    raw = {**raw, "output_dir": str(root / "out"), "publish_remote": str(root / "remote.git")}
     path = root / "release.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
-def _copy_demo_release(out: Path, root: Path, assets) -> Path:
-    """A built demo release's folder `out` copied to `root/out` (a publish's cache left behind),
-    with a config of its own there (a fresh remote path); returns the config's path."""
+def _demo_release_config(root: Path, assets) -> Path:
+    return release_config(root, demo_raw_config(assets))
+
+
+def copy_release(out: Path, root: Path, raw: dict) -> Path:
+    """A built release's folder `out` copied to `root/out` (a publish's cache left behind),
+    with the config `raw` of its own there (a fresh remote path); returns the config's path."""
     shutil.copytree(out, root / "out", ignore=shutil.ignore_patterns(".publish-cache.git"))
-    return _demo_release_config(root, assets)
+    return release_config(root, raw)
+
+
+def _copy_demo_release(out: Path, root: Path, assets) -> Path:
+    return copy_release(out, root, demo_raw_config(assets))
 
 
 def _build_demo_release(root: Path, assets) -> None:

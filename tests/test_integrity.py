@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import refs
+from conftest import SMALL_CALIBRATION, refs
 
 from release.build.pipeline import build_all
 from release.cli import cli
@@ -276,7 +276,7 @@ def test_a_killed_quantize_leaves_a_partial_that_the_next_run_removes(release_co
 
     cfg = load_config(release_copy)
     small = yaml.safe_load(release_copy.read_text())
-    small["calibration"].update(num_samples=4, max_seq_length=64)
+    small["calibration"].update(SMALL_CALIBRATION)
     killed = release_copy.with_name("small.yaml")
     killed.write_text(yaml.safe_dump(small, sort_keys=False))
 

@@ -220,38 +220,28 @@ def test_the_hash_clock_is_the_filesystems_and_waits_for_it_to_pass_the_files(tm
     assert not list((tmp_path / CACHE_DIR).rglob(".clock-*"))
 
 
-SMALL_CALIBRATION = {"num_samples": 4, "max_seq_length": 64}
-
-
 @pytest.fixture(scope="module")
 def small_release(tmp_path_factory, demo_assets) -> Path:
     """The demo release calibrated on 4 samples of 64 tokens, built once for this module's
     rebuild tests (each rebuilds a copy): a rebuild's bytes are compared with this build's, so
     the demo's own calibration (a pass of about 75 s on a 2-core AMD EPYC, per rebuild) adds
     nothing to what they check. Returns its output folder."""
-    from conftest import demo_raw_config
+    from conftest import SMALL_CALIBRATION, demo_raw_config, release_config
 
     from release.build.pipeline import build_all
 
-    root = tmp_path_factory.mktemp("small_release")
     raw = demo_raw_config(demo_assets)
     raw["calibration"].update(SMALL_CALIBRATION)
-    raw.update(output_dir=str(root / "out"), publish_remote=str(root / "remote.git"))
-    (root / "release.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    cfg = load_config(root / "release.yaml")
+    cfg = load_config(release_config(tmp_path_factory.mktemp("small_release"), raw))
     build_all(cfg, echo=lambda s: None)
     return cfg.output_dir
 
 
 def small_copy(small_release: Path, root: Path) -> Path:
     """`small_release` copied into `root` with a config of its own there; returns the config."""
-    import shutil
+    from conftest import copy_release
 
-    shutil.copytree(small_release, root / "out")
-    raw = yaml.safe_load((small_release.parent / "release.yaml").read_text())
-    raw.update(output_dir=str(root / "out"), publish_remote=str(root / "remote.git"))
-    (root / "release.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    return root / "release.yaml"
+    return copy_release(small_release, root, yaml.safe_load((small_release.parent / "release.yaml").read_text()))
 
 
 @pytest.mark.slow
@@ -473,14 +463,12 @@ def test_build_all_json_is_one_document_and_the_console_is_glmrels(demo_assets, 
     """A real build under --json: stdout is one JSON document (llm-compressor's logger wrote
     300+ lines there), the libraries' logs are in the log file, and the console says what the
     MTP load report means instead of listing its 46 tensors (8 experts) as UNEXPECTED."""
-    from conftest import demo_raw_config
+    from conftest import SMALL_CALIBRATION, demo_raw_config, release_config
 
     raw = demo_raw_config(demo_assets)
-    raw.update(output_dir=str(tmp_path / "out"), publish_remote=str(tmp_path / "remote.git"))
     raw["branches"] = [b for b in raw["branches"] if b["group_size"] == 128]
-    raw["calibration"].update(num_samples=4, max_seq_length=64)
-    config = tmp_path / "release.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    raw["calibration"].update(SMALL_CALIBRATION)
+    config = release_config(tmp_path, raw)
     proc = subprocess.run(
         [sys.executable, "-m", "release.cli", "build-all", "--config", str(config), "--json"],
         capture_output=True,
